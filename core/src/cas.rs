@@ -1,0 +1,422 @@
+//! Content-addressed storage: the [`Cas`] trait and the local-filesystem backend.
+//!
+//! A CAS root is a repository storage directory as CVMFS lays it out (cvmfs-formats.md §1.3):
+//! `data/00` … `data/ff` hold objects named `data/XX/<rest><suffix>`, `data/txn` holds objects
+//! being written, and root files (`.cvmfspublished`, `.cvmfswhitelist`, …) sit beside `data/`.
+//! Objects come in either whole (`put_bytes`) or streamed ([`Cas::begin`], name known only at the
+//! end). Nobody can ever observe a partial object: bytes go to a temporary file, are fsynced, and
+//! are renamed into place; the directory is fsynced so the rename survives a crash. Putting an
+//! object that exists is a no-op that reports [`PutOutcome::AlreadyPresent`] (dedup).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::hash::ObjectId;
+
+/// Errors of a CAS backend.
+#[derive(Debug, thiserror::Error)]
+pub enum CasError {
+    #[error("object {0} not found")]
+    NotFound(String),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid root file name '{0}'")]
+    BadName(String),
+}
+
+impl CasError {
+    fn io(op: &'static str, path: &Path, source: io::Error) -> CasError {
+        CasError::Io {
+            op,
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            CasError::Io { source, .. } => !matches!(
+                source.kind(),
+                io::ErrorKind::PermissionDenied | io::ErrorKind::InvalidInput
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// What a put did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    Stored,
+    AlreadyPresent,
+}
+
+/// An object being streamed into the CAS whose name is known only after the last byte.
+pub trait PendingObject: Write + Send {
+    /// Makes the written bytes visible under `id` (or drops them if `id` already exists).
+    fn commit(self: Box<Self>, id: &ObjectId) -> Result<PutOutcome, CasError>;
+}
+
+/// A content-addressed store. Implementations must be safe to share between threads.
+pub trait Cas: Send + Sync {
+    /// Whether the object exists.
+    fn exists(&self, id: &ObjectId) -> Result<bool, CasError>;
+    /// Stores a whole object.
+    fn put_bytes(&self, id: &ObjectId, data: &[u8]) -> Result<PutOutcome, CasError>;
+    /// Starts a streamed put.
+    fn begin(&self) -> Result<Box<dyn PendingObject>, CasError>;
+    /// Opens an object for reading.
+    fn get(&self, id: &ObjectId) -> Result<Box<dyn Read + Send>, CasError>;
+    /// Stored size in bytes.
+    fn size(&self, id: &ObjectId) -> Result<u64, CasError>;
+    /// Every object in the store.
+    fn list(&self) -> Result<Vec<ObjectId>, CasError>;
+    /// Writes a root file such as `.cvmfspublished` atomically.
+    fn put_root_file(&self, name: &str, data: &[u8]) -> Result<(), CasError>;
+    /// Reads a root file; `None` if absent.
+    fn get_root_file(&self, name: &str) -> Result<Option<Vec<u8>>, CasError>;
+    /// Human-readable location, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Reads a whole object into memory (metadata objects).
+pub fn get_all(cas: &dyn Cas, id: &ObjectId) -> Result<Vec<u8>, CasError> {
+    let mut r = cas.get(id)?;
+    let mut v = Vec::new();
+    r.read_to_end(&mut v)
+        .map_err(|e| CasError::Io {
+            op: "read",
+            path: id.path(),
+            source: e,
+        })?;
+    Ok(v)
+}
+
+/// The local filesystem backend.
+#[derive(Debug)]
+pub struct LocalCas {
+    root: PathBuf,
+    /// Whether to fsync objects and directories. Always on in production; tests may turn it off.
+    durable: bool,
+}
+
+static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+fn temp_name() -> String {
+    format!(
+        ".tmp.{}.{}",
+        std::process::id(),
+        TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl LocalCas {
+    /// Opens a storage directory, creating `data/00`…`data/ff` and `data/txn` if needed.
+    pub fn create(root: &Path) -> Result<LocalCas, CasError> {
+        let data = root.join("data");
+        for i in 0..=255u8 {
+            let d = data.join(format!("{i:02x}"));
+            fs::create_dir_all(&d).map_err(|e| CasError::io("mkdir", &d, e))?;
+        }
+        let txn = data.join("txn");
+        fs::create_dir_all(&txn).map_err(|e| CasError::io("mkdir", &txn, e))?;
+        Ok(LocalCas {
+            root: root.to_path_buf(),
+            durable: true,
+        })
+    }
+
+    /// Opens an existing storage directory without creating anything.
+    pub fn open(root: &Path) -> Result<LocalCas, CasError> {
+        let data = root.join("data");
+        if !data.is_dir() {
+            return Err(CasError::io(
+                "open",
+                &data,
+                io::Error::new(io::ErrorKind::NotFound, "not a repository storage (no data/)"),
+            ));
+        }
+        Ok(LocalCas {
+            root: root.to_path_buf(),
+            durable: true,
+        })
+    }
+
+    /// Turns fsync off (tests and benchmarks on tmpfs-like scratch space only).
+    pub fn without_fsync(mut self) -> Self {
+        self.durable = false;
+        self
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn object_path(&self, id: &ObjectId) -> PathBuf {
+        self.root.join(id.path())
+    }
+
+    /// Durable placement: the temp file is fsynced before the rename so the name never points at
+    /// unwritten blocks after a crash, and the directory is fsynced after so the rename itself
+    /// survives. `no_clobber` keeps an existing object (objects are immutable).
+    fn place(&self, tmp: &Path, dest: &Path, no_clobber: bool) -> Result<PutOutcome, CasError> {
+        if no_clobber && dest.exists() {
+            let _ = fs::remove_file(tmp);
+            return Ok(PutOutcome::AlreadyPresent);
+        }
+        fs::rename(tmp, dest).map_err(|e| {
+            let _ = fs::remove_file(tmp);
+            CasError::io("rename", dest, e)
+        })?;
+        if self.durable {
+            if let Some(dir) = dest.parent() {
+                sync_dir(dir)?;
+            }
+        }
+        Ok(PutOutcome::Stored)
+    }
+
+    fn write_temp(&self, dir: &Path, data: &[u8]) -> Result<PathBuf, CasError> {
+        let tmp = dir.join(temp_name());
+        let mut f = File::create(&tmp).map_err(|e| CasError::io("create", &tmp, e))?;
+        let res = f.write_all(data).and_then(|_| {
+            if self.durable {
+                f.sync_all()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            return Err(CasError::io("write", &tmp, e));
+        }
+        Ok(tmp)
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), CasError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| CasError::io("fsync", dir, e))
+}
+
+fn valid_root_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.contains('/')
+        && name != "."
+        && name != ".."
+        && !name.starts_with(".tmp.")
+}
+
+struct LocalPending {
+    file: Option<File>,
+    tmp: PathBuf,
+    cas_root: PathBuf,
+    durable: bool,
+}
+
+impl Write for LocalPending {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.file.as_mut() {
+            Some(f) => f.write(buf),
+            None => Err(io::Error::other("pending object already closed")),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LocalPending {
+    fn drop(&mut self) {
+        // An abandoned put leaves nothing behind.
+        if self.file.take().is_some() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+impl PendingObject for LocalPending {
+    fn commit(mut self: Box<Self>, id: &ObjectId) -> Result<PutOutcome, CasError> {
+        let Some(f) = self.file.take() else {
+            return Err(CasError::BadName("pending object committed twice".into()));
+        };
+        let cas = LocalCas {
+            root: self.cas_root.clone(),
+            durable: self.durable,
+        };
+        let dest = cas.object_path(id);
+        if dest.exists() {
+            drop(f);
+            let _ = fs::remove_file(&self.tmp);
+            return Ok(PutOutcome::AlreadyPresent);
+        }
+        if self.durable {
+            if let Err(e) = f.sync_all() {
+                let _ = fs::remove_file(&self.tmp);
+                return Err(CasError::io("fsync", &self.tmp, e));
+            }
+        }
+        drop(f);
+        // data/txn and data/XX are on the same filesystem, so the rename is atomic.
+        cas.place(&self.tmp, &dest, true)
+    }
+}
+
+impl Cas for LocalCas {
+    fn exists(&self, id: &ObjectId) -> Result<bool, CasError> {
+        Ok(self.object_path(id).exists())
+    }
+
+    fn put_bytes(&self, id: &ObjectId, data: &[u8]) -> Result<PutOutcome, CasError> {
+        let dest = self.object_path(id);
+        if dest.exists() {
+            return Ok(PutOutcome::AlreadyPresent);
+        }
+        let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
+        let tmp = self.write_temp(&dir, data)?;
+        self.place(&tmp, &dest, true)
+    }
+
+    fn begin(&self) -> Result<Box<dyn PendingObject>, CasError> {
+        let txn = self.root.join("data").join("txn");
+        let tmp = txn.join(temp_name());
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| CasError::io("create", &tmp, e))?;
+        Ok(Box::new(LocalPending {
+            file: Some(file),
+            tmp,
+            cas_root: self.root.clone(),
+            durable: self.durable,
+        }))
+    }
+
+    fn get(&self, id: &ObjectId) -> Result<Box<dyn Read + Send>, CasError> {
+        let p = self.object_path(id);
+        match File::open(&p) {
+            Ok(f) => Ok(Box::new(io::BufReader::with_capacity(256 * 1024, f))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(CasError::NotFound(id.to_string())),
+            Err(e) => Err(CasError::io("open", &p, e)),
+        }
+    }
+
+    fn size(&self, id: &ObjectId) -> Result<u64, CasError> {
+        let p = self.object_path(id);
+        match fs::metadata(&p) {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(CasError::NotFound(id.to_string())),
+            Err(e) => Err(CasError::io("stat", &p, e)),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<ObjectId>, CasError> {
+        let mut out = Vec::new();
+        for i in 0..=255u8 {
+            let shard = format!("{i:02x}");
+            let d = self.root.join("data").join(&shard);
+            let rd = match fs::read_dir(&d) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(CasError::io("list", &d, e)),
+            };
+            for ent in rd {
+                let ent = ent.map_err(|e| CasError::io("list", &d, e))?;
+                let name = ent.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if let Some(id) = ObjectId::from_path(&format!("data/{shard}/{name}")) {
+                    out.push(id);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn put_root_file(&self, name: &str, data: &[u8]) -> Result<(), CasError> {
+        if !valid_root_name(name) {
+            return Err(CasError::BadName(name.to_string()));
+        }
+        let tmp = self.write_temp(&self.root, data)?;
+        self.place(&tmp, &self.root.join(name), false)?;
+        Ok(())
+    }
+
+    fn get_root_file(&self, name: &str) -> Result<Option<Vec<u8>>, CasError> {
+        if !valid_root_name(name) {
+            return Err(CasError::BadName(name.to_string()));
+        }
+        let p = self.root.join(name);
+        match fs::read(&p) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(CasError::io("read", &p, e)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("local storage {}", self.root.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hash::{Digest20, Suffix};
+
+    #[test]
+    fn put_get_exists_list_and_dedup() {
+        let dir = tempfile::tempdir().unwrap();
+        let cas = LocalCas::create(dir.path()).unwrap();
+        let id = ObjectId::new(Digest20::of(b"x"), Suffix::Partial);
+        assert!(!cas.exists(&id).unwrap());
+        assert_eq!(cas.put_bytes(&id, b"x").unwrap(), PutOutcome::Stored);
+        assert_eq!(cas.put_bytes(&id, b"x").unwrap(), PutOutcome::AlreadyPresent);
+        assert!(cas.exists(&id).unwrap());
+        assert_eq!(cas.size(&id).unwrap(), 1);
+        assert_eq!(get_all(&cas, &id).unwrap(), b"x");
+        assert_eq!(cas.list().unwrap(), vec![id]);
+        assert!(dir.path().join(id.path()).is_file());
+        assert!(matches!(
+            cas.get(&ObjectId::new(Digest20::of(b"y"), Suffix::None)),
+            Err(CasError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn abandoned_stream_leaves_no_trace_and_commit_is_atomic() {
+        let dir = tempfile::tempdir().unwrap();
+        let cas = LocalCas::create(dir.path()).unwrap();
+        {
+            let mut p = cas.begin().unwrap();
+            p.write_all(b"partial").unwrap();
+        }
+        assert_eq!(fs::read_dir(dir.path().join("data/txn")).unwrap().count(), 0);
+        assert!(cas.list().unwrap().is_empty());
+        let mut p = cas.begin().unwrap();
+        p.write_all(b"whole").unwrap();
+        let id = ObjectId::new(Digest20::of(b"whole"), Suffix::None);
+        assert_eq!(p.commit(&id).unwrap(), PutOutcome::Stored);
+        assert_eq!(fs::read(dir.path().join(id.path())).unwrap(), b"whole");
+        assert_eq!(fs::read_dir(dir.path().join("data/txn")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn root_files_are_confined_to_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let cas = LocalCas::create(dir.path()).unwrap();
+        cas.put_root_file(".cvmfspublished", b"m").unwrap();
+        assert_eq!(cas.get_root_file(".cvmfspublished").unwrap().unwrap(), b"m");
+        assert!(cas.get_root_file(".cvmfswhitelist").unwrap().is_none());
+        assert!(matches!(cas.put_root_file("../evil", b""), Err(CasError::BadName(_))));
+    }
+}

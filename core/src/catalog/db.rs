@@ -1,0 +1,804 @@
+//! One catalog database file: schema creation, row I/O, properties, statistics.
+//!
+//! Owns a SQLite connection to an *uncompressed* catalog file on local scratch disk. Catalogs are
+//! created as schema 2.5 revision 7 with every table, index, property and counter upstream has
+//! (cvmfs-formats.md §3.1, §3.9, §3.10). Existing catalogs of revision 6 (what released servers
+//! write) and 7 are read; opening one for writing upgrades r6 to r7 by adding `mtimens`, as
+//! upstream does. Catalogs stay in rollback-journal mode because clients refuse WAL (§3.12).
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use super::{flags, Counters, Entry, Statistics, Xattrs, COUNTER_NAMES};
+use crate::hash::{path_key, Digest20, ObjectId, Suffix};
+use crate::object::FileChunk;
+
+/// Latest schema we write.
+pub const SCHEMA_VERSION: f64 = 2.5;
+pub const SCHEMA_REVISION: i64 = 7;
+/// Default catalog TTL in seconds (upstream `kDefaultTTL`).
+pub const DEFAULT_TTL: i64 = 240;
+
+/// Errors of the catalog database layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog {file}: {source}")]
+    Sql {
+        file: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("catalog {file}: unsupported schema {schema} revision {revision} (supported: 2.5 revisions 6 and 7)")]
+    Unsupported {
+        file: String,
+        schema: String,
+        revision: i64,
+    },
+    #[error("catalog {file}: {msg}")]
+    Invalid { file: String, msg: String },
+}
+
+/// An open catalog database.
+pub struct CatalogDb {
+    conn: Connection,
+    file: PathBuf,
+    revision_schema: i64,
+}
+
+const DDL: &str = "
+CREATE TABLE properties (key TEXT, value TEXT, CONSTRAINT pk_properties PRIMARY KEY (key));
+CREATE TABLE catalog (md5path_1 INTEGER, md5path_2 INTEGER, parent_1 INTEGER, parent_2 INTEGER,
+  hardlinks INTEGER, hash BLOB, size INTEGER, mode INTEGER, mtime INTEGER, mtimens INTEGER,
+  flags INTEGER, name TEXT, symlink TEXT, uid INTEGER, gid INTEGER, xattr BLOB,
+  CONSTRAINT pk_catalog PRIMARY KEY (md5path_1, md5path_2));
+CREATE INDEX idx_catalog_parent ON catalog (parent_1, parent_2);
+CREATE TABLE chunks (md5path_1 INTEGER, md5path_2 INTEGER, offset INTEGER, size INTEGER, hash BLOB,
+  CONSTRAINT pk_chunks PRIMARY KEY (md5path_1, md5path_2, offset, size),
+  FOREIGN KEY (md5path_1, md5path_2) REFERENCES catalog(md5path_1, md5path_2));
+CREATE TABLE nested_catalogs (path TEXT, sha1 TEXT, size INTEGER,
+  CONSTRAINT pk_nested_catalogs PRIMARY KEY (path));
+CREATE TABLE bind_mountpoints (path TEXT, sha1 TEXT, size INTEGER,
+  CONSTRAINT pk_bind_mountpoints PRIMARY KEY (path));
+CREATE TABLE statistics (counter TEXT, value INTEGER, CONSTRAINT pk_statistics PRIMARY KEY (counter));
+";
+
+/// A `nested_catalogs` row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NestedRef {
+    pub path: String,
+    pub hash: Option<ObjectId>,
+    pub size: u64,
+}
+
+impl CatalogDb {
+    fn err(&self, source: rusqlite::Error) -> CatalogError {
+        CatalogError::Sql {
+            file: self.file.display().to_string(),
+            source,
+        }
+    }
+
+    fn invalid(&self, msg: impl Into<String>) -> CatalogError {
+        CatalogError::Invalid {
+            file: self.file.display().to_string(),
+            msg: msg.into(),
+        }
+    }
+
+    /// Creates a new catalog file whose root entry is `root` at `root_path` (`""` for the
+    /// repository root catalog, the mountpoint path for a nested catalog).
+    pub fn create(file: &Path, root_path: &str, root: &Entry) -> Result<CatalogDb, CatalogError> {
+        let _ = std::fs::remove_file(file);
+        let conn = Connection::open(file).map_err(|source| CatalogError::Sql {
+            file: file.display().to_string(),
+            source,
+        })?;
+        let db = CatalogDb {
+            conn,
+            file: file.to_path_buf(),
+            revision_schema: SCHEMA_REVISION,
+        };
+        db.conn.execute_batch(DDL).map_err(|e| db.err(e))?;
+        db.conn
+            .execute(
+                "INSERT INTO properties (key, value) VALUES ('schema', ?1)",
+                params![SCHEMA_VERSION],
+            )
+            .map_err(|e| db.err(e))?;
+        db.set_property("schema_revision", &SCHEMA_REVISION.to_string())?;
+        db.set_property("revision", "0")?;
+        if !root_path.is_empty() {
+            db.set_property("root_prefix", root_path)?;
+        }
+        for (i, name) in COUNTER_NAMES.iter().enumerate() {
+            let _ = i;
+            for half in ["self_", "subtree_"] {
+                db.conn
+                    .execute(
+                        "INSERT INTO statistics (counter, value) VALUES (?1, 0)",
+                        params![format!("{half}{name}")],
+                    )
+                    .map_err(|e| db.err(e))?;
+            }
+        }
+        db.conn
+            .execute("UPDATE statistics SET value = 1 WHERE counter = 'self_dir'", [])
+            .map_err(|e| db.err(e))?;
+        // The root entry of the root catalog has an all-zero parent (§3.2).
+        let parent = if root_path.is_empty() {
+            (0, 0)
+        } else {
+            path_key(super::split_path(root_path).0)
+        };
+        db.insert_row(path_key(root_path), parent, root)?;
+        Ok(db)
+    }
+
+    /// Opens an existing catalog file. `writable` upgrades an r6 catalog to r7.
+    pub fn open(file: &Path, writable: bool) -> Result<CatalogDb, CatalogError> {
+        let flags = if writable {
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+        };
+        let conn = Connection::open_with_flags(file, flags).map_err(|source| CatalogError::Sql {
+            file: file.display().to_string(),
+            source,
+        })?;
+        let mut db = CatalogDb {
+            conn,
+            file: file.to_path_buf(),
+            revision_schema: 0,
+        };
+        let schema = db.property("schema")?.unwrap_or_default();
+        let rev: i64 = db
+            .property("schema_revision")?
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let schema_ok = schema
+            .trim()
+            .parse::<f64>()
+            .map(|v| (v - SCHEMA_VERSION).abs() < 0.01)
+            .unwrap_or(false);
+        if !schema_ok || !(6..=7).contains(&rev) {
+            return Err(CatalogError::Unsupported {
+                file: file.display().to_string(),
+                schema,
+                revision: rev,
+            });
+        }
+        db.revision_schema = rev;
+        if writable && rev == 6 {
+            db.conn
+                .execute_batch("ALTER TABLE catalog ADD mtimens INTEGER;")
+                .map_err(|e| db.err(e))?;
+            db.set_property("schema_revision", "7")?;
+            db.revision_schema = 7;
+        }
+        Ok(db)
+    }
+
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    /// The catalog's `schema_revision` (6 or 7).
+    pub fn schema_revision(&self) -> i64 {
+        self.revision_schema
+    }
+
+    pub fn begin(&self) -> Result<(), CatalogError> {
+        self.conn.execute_batch("BEGIN").map_err(|e| self.err(e))
+    }
+
+    pub fn commit(&self) -> Result<(), CatalogError> {
+        self.conn.execute_batch("COMMIT").map_err(|e| self.err(e))
+    }
+
+    pub fn property(&self, key: &str) -> Result<Option<String>, CatalogError> {
+        self.conn
+            .query_row(
+                "SELECT CAST(value AS TEXT) FROM properties WHERE key = ?1",
+                params![key],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()
+            .map(|o| o.flatten())
+            .map_err(|e| self.err(e))
+    }
+
+    pub fn set_property(&self, key: &str, value: &str) -> Result<(), CatalogError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO properties (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub fn remove_property(&self, key: &str) -> Result<(), CatalogError> {
+        self.conn
+            .execute("DELETE FROM properties WHERE key = ?1", params![key])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The `revision` property.
+    pub fn revision(&self) -> Result<u64, CatalogError> {
+        Ok(self
+            .property("revision")?
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// The `root_prefix` property (`""` for the root catalog).
+    pub fn root_prefix(&self) -> Result<String, CatalogError> {
+        Ok(self.property("root_prefix")?.unwrap_or_default())
+    }
+
+    fn columns(&self) -> &'static str {
+        if self.revision_schema >= 7 {
+            "hardlinks, hash, size, mode, mtime, mtimens, flags, name, symlink, uid, gid, xattr, md5path_1, md5path_2, parent_1, parent_2"
+        } else {
+            "hardlinks, hash, size, mode, mtime, NULL, flags, name, symlink, uid, gid, xattr, md5path_1, md5path_2, parent_1, parent_2"
+        }
+    }
+
+    fn row_to_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<(Entry, RowKeys)> {
+        let hardlinks: i64 = r.get(0)?;
+        let hash: Option<Vec<u8>> = r.get(1)?;
+        let xattr: Option<Vec<u8>> = r.get(11)?;
+        let e = Entry {
+            hardlink_group: (hardlinks >> 32) as u32,
+            linkcount: (hardlinks & 0xFFFF_FFFF) as u32,
+            hash: hash.and_then(|h| Digest20::from_slice(&h).ok()),
+            size: r.get::<_, i64>(2)? as u64,
+            mode: r.get::<_, i64>(3)? as u32,
+            mtime: r.get(4)?,
+            mtimens: r.get(5)?,
+            flags: r.get(6)?,
+            name: r.get::<_, Option<String>>(7)?.unwrap_or_default(),
+            symlink: r.get::<_, Option<String>>(8)?.unwrap_or_default(),
+            uid: r.get::<_, i64>(9)? as u64,
+            gid: r.get::<_, i64>(10)? as u64,
+            xattrs: xattr.and_then(|b| Xattrs::deserialize(&b).ok()),
+            chunks: Vec::new(),
+        };
+        let keys = RowKeys {
+            path: (r.get(12)?, r.get(13)?),
+            parent: (r.get(14)?, r.get(15)?),
+            xattr_corrupt: false,
+        };
+        Ok((e, keys))
+    }
+
+    /// Looks up the entry at `path`, with its chunk list.
+    pub fn lookup(&self, path: &str) -> Result<Option<Entry>, CatalogError> {
+        self.lookup_key(path_key(path))
+    }
+
+    /// Looks up by path key.
+    pub fn lookup_key(&self, key: (i64, i64)) -> Result<Option<Entry>, CatalogError> {
+        let sql = format!(
+            "SELECT {} FROM catalog WHERE md5path_1 = ?1 AND md5path_2 = ?2",
+            self.columns()
+        );
+        let found = self
+            .conn
+            .query_row(&sql, params![key.0, key.1], Self::row_to_entry)
+            .optional()
+            .map_err(|e| self.err(e))?;
+        match found {
+            None => Ok(None),
+            Some((mut e, _)) => {
+                if e.is_chunked() {
+                    e.chunks = self.chunks(key)?;
+                }
+                Ok(Some(e))
+            }
+        }
+    }
+
+    /// Chunk rows of the file with path key `key`, by offset.
+    pub fn chunks(&self, key: (i64, i64)) -> Result<Vec<FileChunk>, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT offset, size, hash FROM chunks WHERE md5path_1 = ?1 AND md5path_2 = ?2 ORDER BY offset ASC",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![key.0, key.1], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<Vec<u8>>>(2)?))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (off, size, hash) = row.map_err(|e| self.err(e))?;
+            let digest = hash
+                .as_deref()
+                .and_then(|h| Digest20::from_slice(h).ok())
+                .ok_or_else(|| self.invalid(format!("chunk at offset {off} has no valid hash")))?;
+            out.push(FileChunk {
+                offset: off as u64,
+                size: size as u64,
+                id: ObjectId::new(digest, Suffix::Partial),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Children of the directory at `path` (rows whose parent key is the path's key), sorted by name.
+    pub fn list(&self, path: &str) -> Result<Vec<Entry>, CatalogError> {
+        Ok(self
+            .list_with_keys(path_key(path))?
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect())
+    }
+
+    /// Children of the row keyed `parent`, with their stored keys.
+    pub fn list_with_keys(&self, parent: (i64, i64)) -> Result<Vec<(Entry, RowKeys)>, CatalogError> {
+        let sql = format!(
+            "SELECT {} FROM catalog WHERE parent_1 = ?1 AND parent_2 = ?2",
+            self.columns()
+        );
+        let mut st = self.conn.prepare_cached(&sql).map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map(params![parent.0, parent.1], Self::row_to_entry)
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for r in rows {
+            let (mut e, k) = r.map_err(|e| self.err(e))?;
+            if e.is_chunked() {
+                e.chunks = self.chunks(k.path)?;
+            }
+            out.push((e, k));
+        }
+        out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        Ok(out)
+    }
+
+    /// Every row with its keys (for checks and copies).
+    pub fn all_rows(&self) -> Result<Vec<(Entry, RowKeys)>, CatalogError> {
+        let sql = format!("SELECT {} FROM catalog ORDER BY rowid", self.columns());
+        let mut st = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
+        let rows = st.query_map([], Self::row_to_entry).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for r in rows {
+            out.push(r.map_err(|e| self.err(e))?);
+        }
+        // Flag blobs that did not parse so `check` can report them.
+        let mut st = self
+            .conn
+            .prepare("SELECT md5path_1, md5path_2, xattr FROM catalog WHERE xattr IS NOT NULL")
+            .map_err(|e| self.err(e))?;
+        let bad: Vec<(i64, i64)> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, Vec<u8>>(2)?)))
+            .map_err(|e| self.err(e))?
+            .filter_map(|r| r.ok())
+            .filter(|(_, _, b)| Xattrs::deserialize(b).is_err())
+            .map(|(a, b, _)| (a, b))
+            .collect();
+        for (_, k) in out.iter_mut() {
+            if bad.contains(&k.path) {
+                k.xattr_corrupt = true;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Inserts a row under explicit keys (used when rows move between catalogs).
+    pub fn insert_row(
+        &self,
+        key: (i64, i64),
+        parent: (i64, i64),
+        e: &Entry,
+    ) -> Result<(), CatalogError> {
+        let xattr = e.xattrs.as_ref().filter(|x| !x.is_empty()).map(|x| x.serialize());
+        let hash = e.hash.map(|h| h.0.to_vec());
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "INSERT INTO catalog (md5path_1, md5path_2, parent_1, parent_2, hardlinks, hash, size, mode, mtime, mtimens, flags, name, symlink, uid, gid, xattr)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+            )
+            .map_err(|e| self.err(e))?;
+        st.execute(params![
+            key.0,
+            key.1,
+            parent.0,
+            parent.1,
+            e.hardlinks_column(),
+            hash,
+            e.size as i64,
+            e.mode as i64,
+            e.mtime,
+            e.mtimens,
+            e.normalized_flags(),
+            e.name,
+            e.symlink,
+            e.uid as i64,
+            e.gid as i64,
+            xattr
+        ])
+        .map_err(|err| self.err(err))?;
+        for c in &e.chunks {
+            self.conn
+                .prepare_cached(
+                    "INSERT INTO chunks (md5path_1, md5path_2, offset, size, hash) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(|err| self.err(err))?
+                .execute(params![key.0, key.1, c.offset as i64, c.size as i64, c.id.digest.0.to_vec()])
+                .map_err(|err| self.err(err))?;
+        }
+        Ok(())
+    }
+
+    /// Inserts the entry at `path` (its parent row must exist in this catalog or be its root).
+    pub fn insert(&self, path: &str, e: &Entry) -> Result<(), CatalogError> {
+        if e.kind() == super::Kind::Regular && e.hash.is_none() && e.chunks.is_empty() {
+            return Err(self.invalid(format!("regular file {path} has neither hash nor chunks")));
+        }
+        self.insert_row(path_key(path), path_key(super::split_path(path).0), e)
+    }
+
+    /// Rewrites the row at `path` with `e` (chunks replaced too).
+    pub fn update(&self, path: &str, e: &Entry) -> Result<(), CatalogError> {
+        let key = path_key(path);
+        let parent: (i64, i64) = self
+            .conn
+            .query_row(
+                "SELECT parent_1, parent_2 FROM catalog WHERE md5path_1 = ?1 AND md5path_2 = ?2",
+                params![key.0, key.1],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|err| self.err(err))?;
+        self.delete_key(key)?;
+        self.insert_row(key, parent, e)
+    }
+
+    fn delete_key(&self, key: (i64, i64)) -> Result<(), CatalogError> {
+        self.conn
+            .prepare_cached("DELETE FROM chunks WHERE md5path_1 = ?1 AND md5path_2 = ?2")
+            .map_err(|e| self.err(e))?
+            .execute(params![key.0, key.1])
+            .map_err(|e| self.err(e))?;
+        self.conn
+            .prepare_cached("DELETE FROM catalog WHERE md5path_1 = ?1 AND md5path_2 = ?2")
+            .map_err(|e| self.err(e))?
+            .execute(params![key.0, key.1])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Deletes the row at `path` and its chunks.
+    pub fn delete(&self, path: &str) -> Result<(), CatalogError> {
+        self.delete_key(path_key(path))
+    }
+
+    /// Adds `delta` to the link count of the row at `path` (directories gaining or losing a
+    /// subdirectory).
+    pub fn adjust_linkcount(&self, path: &str, delta: i64) -> Result<(), CatalogError> {
+        let key = path_key(path);
+        self.conn
+            .prepare_cached(
+                "UPDATE catalog SET hardlinks = hardlinks + ?3 WHERE md5path_1 = ?1 AND md5path_2 = ?2",
+            )
+            .map_err(|e| self.err(e))?
+            .execute(params![key.0, key.1, delta])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Adds `delta` to the link count of every member of hardlink group `group`.
+    pub fn adjust_group_linkcount(&self, group: u32, delta: i64) -> Result<(), CatalogError> {
+        self.conn
+            .execute(
+                "UPDATE catalog SET hardlinks = hardlinks + ?2 WHERE (hardlinks >> 32) = ?1",
+                params![group as i64, delta],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Largest hardlink group id in use.
+    pub fn max_hardlink_group(&self) -> Result<u32, CatalogError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row("SELECT MAX(hardlinks >> 32) FROM catalog", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        Ok(v.unwrap_or(0) as u32)
+    }
+
+    /// The `nested_catalogs` rows.
+    pub fn nested(&self) -> Result<Vec<NestedRef>, CatalogError> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT path, sha1, size FROM nested_catalogs ORDER BY path")
+            .map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                ))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (path, sha1, size) = row.map_err(|e| self.err(e))?;
+            let hash = match sha1.as_deref() {
+                None | Some("") => None,
+                Some(h) => Some(ObjectId::new(
+                    Digest20::from_hex(h).map_err(|e| self.invalid(e.to_string()))?,
+                    Suffix::Catalog,
+                )),
+            };
+            out.push(NestedRef {
+                path,
+                hash,
+                size: size.unwrap_or(0) as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Whether `path` is registered in `nested_catalogs`.
+    pub fn has_nested(&self, path: &str) -> Result<bool, CatalogError> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM nested_catalogs WHERE path = ?1")
+            .map_err(|e| self.err(e))?
+            .exists(params![path])
+            .map_err(|e| self.err(e))
+    }
+
+    /// Inserts or updates a `nested_catalogs` row (hash text without the `C`, §3.8).
+    pub fn set_nested(&self, path: &str, hash: Option<&Digest20>, size: u64) -> Result<(), CatalogError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO nested_catalogs (path, sha1, size) VALUES (?1, ?2, ?3)",
+                params![path, hash.map(|h| h.hex()).unwrap_or_default(), size as i64],
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub fn remove_nested(&self, path: &str) -> Result<(), CatalogError> {
+        self.conn
+            .execute("DELETE FROM nested_catalogs WHERE path = ?1", params![path])
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Counts this catalog's own rows the way upstream's counters define them (§3.9).
+    pub fn compute_self_counters(&self) -> Result<Counters, CatalogError> {
+        let q = |sql: &str| -> Result<i64, CatalogError> {
+            self.conn
+                .query_row(sql, [], |r| r.get::<_, Option<i64>>(0))
+                .map(|v| v.unwrap_or(0))
+                .map_err(|e| self.err(e))
+        };
+        let reg = format!(
+            "(mode & {}) = {}",
+            super::mode::S_IFMT,
+            super::mode::S_IFREG
+        );
+        let mut c = Counters::default();
+        c.0[0] = q(&format!("SELECT COUNT(*) FROM catalog WHERE {reg}"))?;
+        c.0[1] = q(&format!(
+            "SELECT COUNT(*) FROM catalog WHERE (mode & {}) = {}",
+            super::mode::S_IFMT,
+            super::mode::S_IFLNK
+        ))?;
+        c.0[2] = q(&format!(
+            "SELECT COUNT(*) FROM catalog WHERE (mode & {m}) NOT IN ({d}, {r}, {l})",
+            m = super::mode::S_IFMT,
+            d = super::mode::S_IFDIR,
+            r = super::mode::S_IFREG,
+            l = super::mode::S_IFLNK
+        ))?;
+        c.0[3] = q(&format!(
+            "SELECT COUNT(*) FROM catalog WHERE (mode & {}) = {}",
+            super::mode::S_IFMT,
+            super::mode::S_IFDIR
+        ))?;
+        c.0[4] = q("SELECT COUNT(*) FROM nested_catalogs")?;
+        c.0[5] = q(&format!(
+            "SELECT COUNT(*) FROM catalog WHERE {reg} AND (flags & {}) != 0",
+            flags::FILE_CHUNK
+        ))?;
+        c.0[6] = q("SELECT COUNT(*) FROM chunks")?;
+        c.0[7] = q(&format!("SELECT SUM(size) FROM catalog WHERE {reg}"))?;
+        c.0[8] = q(&format!(
+            "SELECT SUM(size) FROM catalog WHERE {reg} AND (flags & {}) != 0",
+            flags::FILE_CHUNK
+        ))?;
+        c.0[9] = q("SELECT COUNT(*) FROM catalog WHERE xattr IS NOT NULL")?;
+        c.0[10] = q(&format!(
+            "SELECT COUNT(*) FROM catalog WHERE {reg} AND (flags & {}) != 0",
+            flags::FILE_EXTERNAL
+        ))?;
+        c.0[11] = q(&format!(
+            "SELECT SUM(size) FROM catalog WHERE {reg} AND (flags & {}) != 0",
+            flags::FILE_EXTERNAL
+        ))?;
+        Ok(c)
+    }
+
+    /// Reads the statistics table. All 24 counters must exist (r >= 5 readers require them).
+    pub fn read_statistics(&self) -> Result<Statistics, CatalogError> {
+        let mut s = Statistics::default();
+        for (i, name) in COUNTER_NAMES.iter().enumerate() {
+            for (half, dst) in [("self_", &mut s.self_), ("subtree_", &mut s.subtree)] {
+                let counter = format!("{half}{name}");
+                let v: Option<i64> = self
+                    .conn
+                    .query_row(
+                        "SELECT value FROM statistics WHERE counter = ?1",
+                        params![counter],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(|e| self.err(e))?;
+                dst.0[i] = v.ok_or_else(|| self.invalid(format!("statistics counter {counter} is missing")))?;
+            }
+        }
+        Ok(s)
+    }
+
+    pub fn write_statistics(&self, s: &Statistics) -> Result<(), CatalogError> {
+        for (i, name) in COUNTER_NAMES.iter().enumerate() {
+            for (half, src) in [("self_", &s.self_), ("subtree_", &s.subtree)] {
+                self.conn
+                    .execute(
+                        "INSERT OR REPLACE INTO statistics (counter, value) VALUES (?1, ?2)",
+                        params![format!("{half}{name}"), src.0[i]],
+                    )
+                    .map_err(|e| self.err(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of rows in `catalog`.
+    pub fn row_count(&self) -> Result<i64, CatalogError> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM catalog", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Makes the file compact before it is published: clients give every catalog `MAX(rowid)`
+    /// inodes, so sparse rowids after many deletes waste inode space (§3.12). Like upstream, the
+    /// table is rebuilt when more than 25 % of rowids are unused, then the file is vacuumed when
+    /// more than 20 % of its pages are free.
+    pub fn compact(&self) -> Result<(), CatalogError> {
+        let (max_rowid, count): (Option<i64>, i64) = self
+            .conn
+            .query_row("SELECT MAX(rowid), COUNT(*) FROM catalog", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(|e| self.err(e))?;
+        let max_rowid = max_rowid.unwrap_or(0);
+        if max_rowid > 0 && (max_rowid - count) * 4 > max_rowid {
+            self.conn
+                .execute_batch(
+                    "BEGIN;
+                     CREATE TEMPORARY TABLE defrag AS SELECT * FROM catalog ORDER BY rowid;
+                     DELETE FROM catalog;
+                     INSERT INTO catalog SELECT * FROM defrag;
+                     DROP TABLE defrag;
+                     COMMIT;",
+                )
+                .map_err(|e| self.err(e))?;
+        }
+        let (pages, free): (i64, i64) = self
+            .conn
+            .query_row(
+                "SELECT (SELECT page_count FROM pragma_page_count()), (SELECT freelist_count FROM pragma_freelist_count())",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| self.err(e))?;
+        if pages > 0 && free * 5 > pages {
+            self.conn.execute_batch("VACUUM").map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Closes the connection, making sure the file is complete and journal-free.
+    pub fn close(self) -> Result<PathBuf, CatalogError> {
+        let file = self.file.clone();
+        self.conn.close().map_err(|(_, source)| CatalogError::Sql {
+            file: file.display().to_string(),
+            source,
+        })?;
+        Ok(file)
+    }
+}
+
+/// The stored path keys of a row (used by `check` to detect wrong md5path values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowKeys {
+    pub path: (i64, i64),
+    pub parent: (i64, i64),
+    pub xattr_corrupt: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_catalog_has_full_schema_and_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.db");
+        let db = CatalogDb::create(&f, "", &Entry::directory("", 0o755, 0, 0, 1)).unwrap();
+        assert_eq!(db.property("schema").unwrap().as_deref(), Some("2.5"));
+        assert_eq!(db.property("schema_revision").unwrap().as_deref(), Some("7"));
+        assert_eq!(db.property("root_prefix").unwrap(), None);
+        let s = db.read_statistics().unwrap();
+        assert_eq!(s.self_.get("dir"), 1);
+        assert_eq!(db.compute_self_counters().unwrap(), s.self_);
+        let n: i64 = db
+            .conn
+            .query_row("SELECT COUNT(*) FROM statistics", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(n, 24);
+        let root = db.lookup("").unwrap().unwrap();
+        assert_eq!(root.linkcount, 2);
+        assert_eq!(root.flags, flags::DIR);
+        let parent: (i64, i64) = db
+            .conn
+            .query_row("SELECT parent_1, parent_2 FROM catalog", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap();
+        assert_eq!(parent, (0, 0));
+    }
+
+    #[test]
+    fn r6_catalog_is_read_and_upgraded_on_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("r6.db");
+        {
+            let c = Connection::open(&f).unwrap();
+            c.execute_batch(&DDL.replace("mtime INTEGER, mtimens INTEGER,", "mtime INTEGER,"))
+                .unwrap();
+            c.execute_batch(
+                "INSERT INTO properties VALUES ('schema', '2.5'), ('schema_revision', '6'), ('revision', '3');",
+            )
+            .unwrap();
+            let (a, b) = path_key("");
+            c.execute(
+                "INSERT INTO catalog (md5path_1, md5path_2, parent_1, parent_2, hardlinks, hash, size, mode, mtime, flags, name, symlink, uid, gid, xattr) VALUES (?1, ?2, 0, 0, 2, NULL, 4096, 16877, 5, 1, '', '', 0, 0, NULL)",
+                params![a, b],
+            )
+            .unwrap();
+        }
+        let ro = CatalogDb::open(&f, false).unwrap();
+        assert_eq!(ro.schema_revision(), 6);
+        assert_eq!(ro.lookup("").unwrap().unwrap().mtime, 5);
+        assert_eq!(ro.revision().unwrap(), 3);
+        drop(ro);
+        let rw = CatalogDb::open(&f, true).unwrap();
+        assert_eq!(rw.schema_revision(), 7);
+        assert_eq!(rw.property("schema_revision").unwrap().as_deref(), Some("7"));
+        assert_eq!(rw.lookup("").unwrap().unwrap().mtimens, None);
+    }
+
+    #[test]
+    fn unsupported_revision_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("old.db");
+        {
+            let c = Connection::open(&f).unwrap();
+            c.execute_batch("CREATE TABLE properties (key TEXT, value TEXT); INSERT INTO properties VALUES ('schema','2.5'),('schema_revision','3');").unwrap();
+        }
+        assert!(matches!(
+            CatalogDb::open(&f, false),
+            Err(CatalogError::Unsupported { revision: 3, .. })
+        ));
+    }
+}

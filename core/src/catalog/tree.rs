@@ -1,0 +1,617 @@
+//! Editing a repository's tree of catalogs.
+//!
+//! [`CatalogTree`] opens the root catalog of an existing revision (or starts an empty one) and
+//! loads nested catalogs lazily, only along the paths a change touches. Edits — add, replace and
+//! remove entries, whole subtrees, nested-catalog creation and removal — are applied to scratch
+//! copies of the affected catalogs. [`CatalogTree::commit`] then writes new catalogs for exactly
+//! the chain that changed, bottom-up (children are hashed before their parents record them, as
+//! upstream's `SnapshotCatalogs` does), with revisions bumped, `previous_revision` set, counters
+//! recomputed, and untouched nested catalogs reused by hash.
+//!
+//! Counter bookkeeping: a catalog's `self_*` counters are recounted from its rows. Its
+//! `subtree_*` counters start from the stored values and are corrected for every child catalog
+//! that was loaded (which includes every child that was added, removed, moved or changed):
+//! minus what the child contributed when loaded, plus what it contributes now. Children that
+//! were never loaded are unchanged and already counted.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::db::{CatalogDb, CatalogError, NestedRef};
+use super::{flags, is_under, split_path, Counters, Entry, Statistics};
+use crate::cas::{Cas, CasError};
+use crate::hash::{ObjectId, Suffix};
+use crate::object::{compress_metadata, decode_object, DecodeError};
+
+/// Errors of catalog editing.
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Cas(#[from] CasError),
+    #[error("catalog object {0} is corrupt: {1}")]
+    CorruptCatalog(ObjectId, DecodeError),
+    #[error("scratch file {0}: {1}")]
+    Scratch(String, std::io::Error),
+    #[error("{path}: parent directory does not exist")]
+    NoParent { path: String },
+    #[error("{path}: parent '{parent}' is not a directory")]
+    ParentNotDir { path: String, parent: String },
+    #[error("{path}: already exists")]
+    Exists { path: String },
+    #[error("{path}: does not exist")]
+    Missing { path: String },
+    #[error("{path}: {msg}")]
+    Invalid { path: String, msg: String },
+}
+
+struct Loaded {
+    mountpoint: String,
+    db: Option<CatalogDb>,
+    orig_hash: Option<ObjectId>,
+    orig_stats: Statistics,
+    orig_revision: u64,
+    /// The catalog it was loaded from (None for the root and for new catalogs).
+    orig_parent: Option<usize>,
+    /// The catalog whose `nested_catalogs` currently lists it.
+    parent: Option<usize>,
+    new_total: Option<Counters>,
+    dirty: bool,
+    removed: bool,
+}
+
+/// What a commit produced.
+#[derive(Debug, Clone)]
+pub struct CommitResult {
+    pub root: ObjectId,
+    /// Uncompressed size of the root catalog (manifest `B`).
+    pub root_size: u64,
+    /// New root catalog revision (manifest `S`).
+    pub revision: u64,
+    /// The root catalog's `last_modified`.
+    pub last_modified: i64,
+    /// TTL property of the root catalog (manifest `D`).
+    pub ttl: i64,
+    /// Every catalog object written (root last).
+    pub written: Vec<ObjectId>,
+}
+
+/// A writable view of a repository's catalogs.
+pub struct CatalogTree<'a> {
+    cas: &'a dyn Cas,
+    scratch: PathBuf,
+    cats: Vec<Loaded>,
+    by_mount: HashMap<String, usize>,
+    next_file: u64,
+}
+
+impl<'a> CatalogTree<'a> {
+    /// Starts a brand-new repository whose root directory is `root`.
+    pub fn create(cas: &'a dyn Cas, scratch: &Path, root: &Entry) -> Result<Self, TreeError> {
+        let mut t = CatalogTree {
+            cas,
+            scratch: scratch.to_path_buf(),
+            cats: Vec::new(),
+            by_mount: HashMap::new(),
+            next_file: 0,
+        };
+        let file = t.scratch_file();
+        let db = CatalogDb::create(&file, "", root)?;
+        t.push(Loaded {
+            mountpoint: String::new(),
+            db: Some(db),
+            orig_hash: None,
+            orig_stats: Statistics::default(),
+            orig_revision: 0,
+            orig_parent: None,
+            parent: None,
+            new_total: None,
+            dirty: true,
+            removed: false,
+        });
+        Ok(t)
+    }
+
+    /// Opens the catalog tree whose root catalog is `root`.
+    pub fn open(cas: &'a dyn Cas, scratch: &Path, root: &ObjectId) -> Result<Self, TreeError> {
+        let mut t = CatalogTree {
+            cas,
+            scratch: scratch.to_path_buf(),
+            cats: Vec::new(),
+            by_mount: HashMap::new(),
+            next_file: 0,
+        };
+        let db = t.fetch(root)?;
+        let prefix = db.root_prefix()?;
+        if !prefix.is_empty() {
+            return Err(TreeError::Invalid {
+                path: String::new(),
+                msg: format!("catalog {root} is a nested catalog (root_prefix {prefix}), not a root catalog"),
+            });
+        }
+        t.push(Loaded {
+            mountpoint: String::new(),
+            orig_stats: db.read_statistics()?,
+            orig_revision: db.revision()?,
+            db: Some(db),
+            orig_hash: Some(*root),
+            orig_parent: None,
+            parent: None,
+            new_total: None,
+            dirty: false,
+            removed: false,
+        });
+        Ok(t)
+    }
+
+    fn push(&mut self, l: Loaded) -> usize {
+        let i = self.cats.len();
+        self.by_mount.insert(l.mountpoint.clone(), i);
+        self.cats.push(l);
+        i
+    }
+
+    fn scratch_file(&mut self) -> PathBuf {
+        self.next_file += 1;
+        self.scratch.join(format!("catalog-{}.db", self.next_file))
+    }
+
+    /// Downloads, verifies and decompresses a catalog object into a scratch file and opens it.
+    fn fetch(&mut self, id: &ObjectId) -> Result<CatalogDb, TreeError> {
+        let file = self.scratch_file();
+        let mut out = fs::File::create(&file)
+            .map_err(|e| TreeError::Scratch(file.display().to_string(), e))?;
+        let reader = self.cas.get(id)?;
+        decode_object(id, reader, true, &mut out).map_err(|e| TreeError::CorruptCatalog(*id, e))?;
+        drop(out);
+        Ok(CatalogDb::open(&file, true)?)
+    }
+
+    fn db(&self, i: usize) -> &CatalogDb {
+        // Every non-removed loaded catalog keeps its connection until commit.
+        self.cats[i].db.as_ref().expect("catalog connection present before commit")
+    }
+
+    /// Loads the nested catalog mounted at `mp`, listed in catalog `parent`.
+    fn load_child(&mut self, parent: usize, mp: &str) -> Result<usize, TreeError> {
+        if let Some(&i) = self.by_mount.get(mp) {
+            if !self.cats[i].removed {
+                return Ok(i);
+            }
+        }
+        let nested: Option<NestedRef> = self
+            .db(parent)
+            .nested()?
+            .into_iter()
+            .find(|n| n.path == mp);
+        let Some(nested) = nested else {
+            return Err(TreeError::Invalid {
+                path: mp.to_string(),
+                msg: "nested catalog is not registered in its parent".into(),
+            });
+        };
+        let Some(hash) = nested.hash else {
+            return Err(TreeError::Invalid {
+                path: mp.to_string(),
+                msg: "nested catalog has no hash".into(),
+            });
+        };
+        let db = self.fetch(&hash)?;
+        let prefix = db.root_prefix()?;
+        if prefix != mp {
+            return Err(TreeError::Invalid {
+                path: mp.to_string(),
+                msg: format!("nested catalog {hash} has root_prefix '{prefix}'"),
+            });
+        }
+        let l = Loaded {
+            mountpoint: mp.to_string(),
+            orig_stats: db.read_statistics()?,
+            orig_revision: db.revision()?,
+            db: Some(db),
+            orig_hash: Some(hash),
+            orig_parent: Some(parent),
+            parent: Some(parent),
+            new_total: None,
+            dirty: false,
+            removed: false,
+        };
+        Ok(self.push(l))
+    }
+
+    /// Index of the catalog that holds the entry at `path` (for a mountpoint: the nested
+    /// catalog, whose root entry it is).
+    fn catalog_for(&mut self, path: &str) -> Result<usize, TreeError> {
+        let mut cur = 0usize;
+        loop {
+            let base = self.cats[cur].mountpoint.clone();
+            // Candidate mountpoints are the ancestors of `path` below `base`, nearest first.
+            let mut found = None;
+            let mut probe = path.to_string();
+            while probe.len() > base.len() && is_under(&probe, &base) {
+                if self.has_nested(cur, &probe)? {
+                    found = Some(probe.clone());
+                }
+                probe = split_path(&probe).0.to_string();
+            }
+            match found {
+                // `found` is the shallowest registered mountpoint on the way down.
+                Some(mp) => cur = self.load_child(cur, &mp)?,
+                None => return Ok(cur),
+            }
+        }
+    }
+
+    fn has_nested(&self, cat: usize, path: &str) -> Result<bool, TreeError> {
+        Ok(self.db(cat).has_nested(path)?)
+    }
+
+    /// The entry at `path`, if any.
+    pub fn lookup(&mut self, path: &str) -> Result<Option<Entry>, TreeError> {
+        let c = self.catalog_for(path)?;
+        Ok(self.db(c).lookup(path)?)
+    }
+
+    /// The children of the directory at `path`.
+    pub fn list(&mut self, path: &str) -> Result<Vec<Entry>, TreeError> {
+        let c = self.catalog_for(path)?;
+        Ok(self.db(c).list(path)?)
+    }
+
+    /// Applies `f` to the link count of directory `dir` in every catalog holding a row for it.
+    fn adjust_dir_links(&mut self, dir: &str, delta: i64) -> Result<(), TreeError> {
+        let c = self.catalog_for(dir)?;
+        self.db(c).adjust_linkcount(dir, delta)?;
+        self.cats[c].dirty = true;
+        if self.cats[c].mountpoint == dir && !dir.is_empty() {
+            if let Some(p) = self.cats[c].parent {
+                self.db(p).adjust_linkcount(dir, delta)?;
+                self.cats[p].dirty = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// A fresh hardlink group id for the catalog that will hold entries of directory `dir`.
+    pub fn alloc_hardlink_group(&mut self, dir: &str) -> Result<u32, TreeError> {
+        let c = self.catalog_for(dir)?;
+        Ok(self.db(c).max_hardlink_group()? + 1)
+    }
+
+    /// Adds a new entry at `path`. The parent must exist and be a directory.
+    pub fn add(&mut self, path: &str, entry: &Entry) -> Result<(), TreeError> {
+        if path.is_empty() {
+            return Err(TreeError::Exists { path: "/".into() });
+        }
+        let (parent, name) = split_path(path);
+        if name != entry.name {
+            return Err(TreeError::Invalid {
+                path: path.to_string(),
+                msg: format!("entry name '{}' does not match the path", entry.name),
+            });
+        }
+        let c = self.catalog_for(parent)?;
+        match self.db(c).lookup(parent)? {
+            None => return Err(TreeError::NoParent { path: path.into() }),
+            Some(p) if !p.is_dir() => {
+                return Err(TreeError::ParentNotDir {
+                    path: path.into(),
+                    parent: parent.into(),
+                })
+            }
+            Some(_) => {}
+        }
+        if self.db(c).lookup(path)?.is_some() {
+            return Err(TreeError::Exists { path: path.into() });
+        }
+        let mut e = entry.clone();
+        e.flags &= !(flags::DIR_NESTED_MOUNTPOINT | flags::DIR_NESTED_ROOT);
+        if e.is_dir() {
+            e.linkcount = 2;
+            e.hardlink_group = 0;
+        }
+        self.db(c).insert(path, &e)?;
+        self.cats[c].dirty = true;
+        if e.is_dir() {
+            self.adjust_dir_links(parent, 1)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the metadata of the existing directory at `path`, keeping its children, link
+    /// count and nested-catalog flags (in both catalogs if it is a mountpoint).
+    pub fn touch_dir(&mut self, path: &str, meta: &Entry) -> Result<(), TreeError> {
+        let c = self.catalog_for(path)?;
+        let Some(old) = self.db(c).lookup(path)? else {
+            return Err(TreeError::Missing { path: path.into() });
+        };
+        let apply = |old: &Entry| {
+            let mut e = old.clone();
+            e.mode = meta.mode;
+            e.uid = meta.uid;
+            e.gid = meta.gid;
+            e.mtime = meta.mtime;
+            e.mtimens = meta.mtimens;
+            e.xattrs = meta.xattrs.clone();
+            e
+        };
+        self.db(c).update(path, &apply(&old))?;
+        self.cats[c].dirty = true;
+        if self.cats[c].mountpoint == path && !path.is_empty() {
+            if let Some(p) = self.cats[c].parent {
+                if let Some(mp) = self.db(p).lookup(path)? {
+                    self.db(p).update(path, &apply(&mp))?;
+                    self.cats[p].dirty = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the entry at `path` and everything below it. Returns whether anything existed.
+    pub fn remove(&mut self, path: &str) -> Result<bool, TreeError> {
+        if path.is_empty() {
+            return Err(TreeError::Invalid {
+                path: "/".into(),
+                msg: "the repository root cannot be removed".into(),
+            });
+        }
+        let c = self.catalog_for(path)?;
+        let Some(e) = self.db(c).lookup(path)? else {
+            return Ok(false);
+        };
+        if self.cats[c].mountpoint == path {
+            // A nested catalog root: the whole catalog (and everything nested in it) goes.
+            for l in self.cats.iter_mut() {
+                if is_under(&l.mountpoint, path) {
+                    l.removed = true;
+                }
+            }
+            let Some(p) = self.cats[c].parent else {
+                return Err(TreeError::Invalid {
+                    path: path.into(),
+                    msg: "nested catalog without parent".into(),
+                });
+            };
+            self.db(p).delete(path)?;
+            self.db(p).remove_nested(path)?;
+            self.cats[p].dirty = true;
+            self.adjust_dir_links(split_path(path).0, -1)?;
+            return Ok(true);
+        }
+        if e.is_dir() {
+            let children = self.db(c).list(path)?;
+            for ch in children {
+                self.remove(&format!("{path}/{}", ch.name))?;
+            }
+        }
+        self.db(c).delete(path)?;
+        if e.hardlink_group > 0 && e.linkcount > 1 {
+            self.db(c).adjust_group_linkcount(e.hardlink_group, -1)?;
+        }
+        self.cats[c].dirty = true;
+        if e.is_dir() {
+            self.adjust_dir_links(split_path(path).0, -1)?;
+        }
+        Ok(true)
+    }
+
+    /// Whether `path` is the root of a nested catalog.
+    pub fn is_nested_root(&mut self, path: &str) -> Result<bool, TreeError> {
+        let c = self.catalog_for(path)?;
+        Ok(!path.is_empty() && self.cats[c].mountpoint == path)
+    }
+
+    /// Turns the existing directory at `path` into the root of a new nested catalog, moving its
+    /// subtree (rows, chunks and nested catalogs below it) out of the catalog that holds it.
+    pub fn make_nested(&mut self, path: &str) -> Result<(), TreeError> {
+        if path.is_empty() {
+            return Err(TreeError::Invalid {
+                path: "/".into(),
+                msg: "the repository root is already the root catalog".into(),
+            });
+        }
+        let c = self.catalog_for(path)?;
+        if self.cats[c].mountpoint == path {
+            return Ok(());
+        }
+        let Some(dir) = self.db(c).lookup(path)? else {
+            return Err(TreeError::Missing { path: path.into() });
+        };
+        if !dir.is_dir() {
+            return Err(TreeError::Invalid {
+                path: path.into(),
+                msg: "only directories can hold a nested catalog".into(),
+            });
+        }
+        let mut root = dir.clone();
+        root.flags = (root.flags & !flags::DIR_NESTED_MOUNTPOINT) | flags::DIR_NESTED_ROOT;
+        let file = self.scratch_file();
+        let ndb = CatalogDb::create(&file, path, &root)?;
+        ndb.begin()?;
+        let n = self.push(Loaded {
+            mountpoint: path.to_string(),
+            db: Some(ndb),
+            orig_hash: None,
+            orig_stats: Statistics::default(),
+            orig_revision: 0,
+            orig_parent: None,
+            parent: Some(c),
+            new_total: None,
+            dirty: true,
+            removed: false,
+        });
+        let mut stack = vec![path.to_string()];
+        while let Some(p) = stack.pop() {
+            let children = self.db(c).list_with_keys(crate::hash::path_key(&p))?;
+            for (child, keys) in children {
+                let cp = format!("{p}/{}", child.name);
+                if child.is_nested_mountpoint() {
+                    let nref = self
+                        .db(c)
+                        .nested()?
+                        .into_iter()
+                        .find(|r| r.path == cp);
+                    if let Some(r) = nref {
+                        let g = self.load_child(c, &cp)?;
+                        self.cats[g].parent = Some(n);
+                        self.db(n).set_nested(&cp, r.hash.as_ref().map(|h| &h.digest), r.size)?;
+                        self.db(c).remove_nested(&cp)?;
+                    }
+                } else if child.is_dir() {
+                    stack.push(cp.clone());
+                }
+                self.db(n).insert_row(keys.path, keys.parent, &child)?;
+                self.db(c).delete(&cp)?;
+            }
+        }
+        self.db(n).commit()?;
+        let mut mp = dir;
+        mp.flags = (mp.flags & !flags::DIR_NESTED_ROOT) | flags::DIR_NESTED_MOUNTPOINT;
+        self.db(c).update(path, &mp)?;
+        self.db(c).set_nested(path, None, 0)?;
+        self.cats[c].dirty = true;
+        Ok(())
+    }
+
+    /// Merges the nested catalog rooted at `path` back into its parent catalog.
+    pub fn remove_nested(&mut self, path: &str) -> Result<(), TreeError> {
+        let n = self.catalog_for(path)?;
+        if path.is_empty() || self.cats[n].mountpoint != path {
+            return Ok(());
+        }
+        let Some(c) = self.cats[n].parent else {
+            return Ok(());
+        };
+        for r in self.db(n).nested()? {
+            let g = self.load_child(n, &r.path)?;
+            self.cats[g].parent = Some(c);
+            self.db(c).set_nested(&r.path, r.hash.as_ref().map(|h| &h.digest), r.size)?;
+        }
+        let offset = self.db(c).max_hardlink_group()?;
+        let root_key = crate::hash::path_key(path);
+        for (mut e, keys) in self.db(n).all_rows()? {
+            if keys.path == root_key {
+                continue;
+            }
+            if e.is_chunked() {
+                e.chunks = self.db(n).chunks(keys.path)?;
+            }
+            if e.hardlink_group > 0 {
+                e.hardlink_group += offset;
+            }
+            self.db(c).insert_row(keys.path, keys.parent, &e)?;
+        }
+        if let Some(mut mp) = self.db(c).lookup(path)? {
+            mp.flags &= !(flags::DIR_NESTED_MOUNTPOINT | flags::DIR_NESTED_ROOT);
+            self.db(c).update(path, &mp)?;
+        }
+        self.db(c).remove_nested(path)?;
+        self.cats[n].removed = true;
+        self.cats[c].dirty = true;
+        Ok(())
+    }
+
+    /// Writes every changed catalog bottom-up and returns the new root. The root catalog is
+    /// always rewritten, so every commit is a new revision.
+    pub fn commit(mut self, now: i64) -> Result<CommitResult, TreeError> {
+        self.cats[0].dirty = true;
+        let mut order: Vec<usize> = (0..self.cats.len())
+            .filter(|&i| !self.cats[i].removed)
+            .collect();
+        let depth = |m: &str| m.matches('/').count();
+        order.sort_by_key(|&i| std::cmp::Reverse(depth(&self.cats[i].mountpoint)));
+        let mut written = Vec::new();
+        let mut result = None;
+        for i in order {
+            if !self.cats[i].dirty {
+                self.cats[i].new_total = Some(self.cats[i].orig_stats.total());
+                continue;
+            }
+            let mut subtree = self.cats[i].orig_stats.subtree;
+            for (j, ch) in self.cats.iter().enumerate() {
+                if j == i {
+                    continue;
+                }
+                if ch.orig_parent == Some(i) {
+                    subtree = subtree.sub(&ch.orig_stats.total());
+                }
+                if !ch.removed && ch.parent == Some(i) {
+                    let t = ch.new_total.unwrap_or_else(|| ch.orig_stats.total());
+                    subtree = subtree.add(&t);
+                }
+            }
+            let db = self.cats[i].db.take().expect("catalog present at commit");
+            let self_c = db.compute_self_counters()?;
+            let stats = Statistics {
+                self_: self_c,
+                subtree,
+            };
+            db.write_statistics(&stats)?;
+            let revision = self.cats[i].orig_revision + 1;
+            db.set_property("revision", &revision.to_string())?;
+            db.set_property("last_modified", &now.to_string())?;
+            match self.cats[i].orig_hash {
+                Some(h) => db.set_property("previous_revision", &h.digest.hex())?,
+                None => db.remove_property("previous_revision")?,
+            }
+            let ttl: i64 = db
+                .property("TTL")?
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(super::db::DEFAULT_TTL);
+            db.compact()?;
+            let file = db.close()?;
+            let bytes =
+                fs::read(&file).map_err(|e| TreeError::Scratch(file.display().to_string(), e))?;
+            let (id, stored) = compress_metadata(&bytes, Suffix::Catalog);
+            self.cas.put_bytes(&id, &stored)?;
+            let _ = fs::remove_file(&file);
+            written.push(id);
+            self.cats[i].new_total = Some(stats.total());
+            match self.cats[i].parent {
+                Some(p) => {
+                    let mp = self.cats[i].mountpoint.clone();
+                    self.db(p).set_nested(&mp, Some(&id.digest), bytes.len() as u64)?;
+                    self.cats[p].dirty = true;
+                }
+                None => {
+                    result = Some(CommitResult {
+                        root: id,
+                        root_size: bytes.len() as u64,
+                        revision,
+                        last_modified: now,
+                        ttl,
+                        written: Vec::new(),
+                    });
+                }
+            }
+        }
+        for l in self.cats.iter_mut() {
+            if let Some(db) = l.db.take() {
+                if let Ok(f) = db.close() {
+                    let _ = fs::remove_file(f);
+                }
+            }
+        }
+        let mut r = result.ok_or_else(|| TreeError::Invalid {
+            path: "/".into(),
+            msg: "root catalog was not written".into(),
+        })?;
+        r.written = written;
+        Ok(r)
+    }
+}
+
+impl Drop for CatalogTree<'_> {
+    fn drop(&mut self) {
+        for l in self.cats.iter_mut() {
+            if let Some(db) = l.db.take() {
+                if let Ok(f) = db.close() {
+                    let _ = fs::remove_file(f);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! prepub-core: the CVMFS repository formats, content-addressed storage and publish pipeline of
+//! cvmfs-prepub, as plain synchronous Rust. Nothing here knows about actix or async; the daemon's
+//! actors are thin shells around these types.
+
+pub mod cas;
+pub mod chunker;
+pub mod hash;
+pub mod history;
+pub mod keys;
+pub mod manifest;
+pub mod catalog;
+pub mod object;
+pub mod timefmt;
