@@ -3,11 +3,14 @@
 //! actors are thin shells around these types.
 
 pub mod cas;
+pub mod check;
 pub mod chunker;
 pub mod hash;
 pub mod history;
+pub mod intake;
 pub mod keys;
 pub mod manifest;
 pub mod catalog;
 pub mod object;
+pub mod repo;
 pub mod timefmt;

@@ -1,0 +1,586 @@
+//! A repository storage as a whole: create it, publish change sets as new signed revisions,
+//! and read its current state.
+//!
+//! In: a [`Cas`] holding the storage, the repository keys, change sets from tar intake.
+//! Out: new catalogs, history, reflog, certificate object, and finally the signed
+//! `.cvmfspublished` — always written last, so a crash at any point leaves the previous
+//! revision intact and readable (everything written before it is unreferenced content).
+//! A lock file serialises publishers on one storage.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::cas::{get_all, Cas, CasError};
+use crate::catalog::tree::{CatalogTree, CommitResult, TreeError};
+use crate::catalog::{split_path, Entry, Kind};
+use crate::hash::{Digest20, ObjectId, Suffix};
+use crate::history::{valid_tag_name, History, HistoryError, RefType, Reflog, Tag};
+use crate::intake::ChangeSet;
+use crate::keys::RepoKeys;
+use crate::manifest::{make_whitelist, verify_manifest, Manifest, ManifestError, Whitelist};
+use crate::object::{compress_metadata, decode_to_vec, encode_file, DecodeError, EncodeParams, FileContent};
+
+pub const MANIFEST: &str = ".cvmfspublished";
+pub const WHITELIST: &str = ".cvmfswhitelist";
+pub const REFLOG: &str = ".cvmfsreflog";
+pub const MASTER_REPLICA: &str = ".cvmfs_master_replica";
+/// Default whitelist validity (upstream: 30 days with a master key).
+pub const WHITELIST_DAYS: i64 = 30;
+
+/// Errors of repository operations.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(transparent)]
+    Cas(#[from] CasError),
+    #[error(transparent)]
+    Tree(#[from] TreeError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    History(#[from] HistoryError),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("scratch space: {0}")]
+    Scratch(#[from] std::io::Error),
+}
+
+/// How a change set is applied at its target path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApplyMode {
+    /// Everything under the target is replaced by the change set.
+    Replace,
+    /// Entries of the change set are added or overwrite existing ones; others stay.
+    Merge,
+}
+
+/// A named tag to add with a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagRequest {
+    pub name: String,
+    pub description: String,
+}
+
+/// The outcome of a publish.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub manifest: Manifest,
+    pub commit: CommitResult,
+}
+
+/// Normalises a repository path given by a user (`/a/b/`, `a/b`) to catalog form (`/a/b`,
+/// `""` for the root), refusing `..`, `.` and NUL.
+pub fn normalize_repo_path(p: &str) -> Result<String, RepoError> {
+    let mut out = String::new();
+    for c in p.split('/') {
+        match c {
+            "" => continue,
+            "." | ".." => return Err(RepoError::Invalid(format!("path '{p}' contains '{c}'"))),
+            c if c.contains('\0') => return Err(RepoError::Invalid(format!("path '{p}' contains NUL"))),
+            c => {
+                out.push('/');
+                out.push_str(c);
+            }
+        }
+    }
+    if out == "/.cvmfs" || out.starts_with("/.cvmfs/") {
+        return Err(RepoError::Invalid(format!("path '{p}' is reserved by CVMFS")));
+    }
+    Ok(out)
+}
+
+/// Joins a catalog path and a relative path.
+pub fn join(base: &str, rel: &str) -> String {
+    if rel.is_empty() {
+        base.to_string()
+    } else {
+        format!("{base}/{rel}")
+    }
+}
+
+/// Holds the publish lock of a storage for its lifetime.
+pub struct PublishLock {
+    _file: fs::File,
+}
+
+/// Takes the exclusive publish lock (`.cvmfs_prepub.lock` beside `data/`), failing at once if
+/// another publisher holds it.
+pub fn lock_storage(root: &Path) -> Result<PublishLock, RepoError> {
+    let p = root.join(".cvmfs_prepub.lock");
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)?;
+    match f.try_lock() {
+        Ok(()) => Ok(PublishLock { _file: f }),
+        Err(_) => Err(RepoError::Invalid(format!(
+            "another publish holds {}; try again when it finishes",
+            p.display()
+        ))),
+    }
+}
+
+/// Reads and verifies the current manifest (signature checked against the stored certificate).
+pub fn current_manifest(cas: &dyn Cas) -> Result<Option<(Manifest, String)>, RepoError> {
+    let Some(bytes) = cas.get_root_file(MANIFEST)? else {
+        return Ok(None);
+    };
+    let (m, block) = Manifest::parse(&bytes)?;
+    let block = block.ok_or_else(|| RepoError::Invalid("manifest is not signed".into()))?;
+    let cert_id = m
+        .certificate
+        .ok_or_else(|| RepoError::Invalid("manifest names no certificate".into()))?;
+    let pem_bytes = decode_to_vec(&cert_id, &get_all(cas, &cert_id)?, true)?;
+    let pem = String::from_utf8(pem_bytes).map_err(|_| RepoError::Invalid("certificate is not PEM text".into()))?;
+    verify_manifest(&block, &pem)?;
+    Ok(Some((m, pem)))
+}
+
+fn scratch() -> Result<tempfile::TempDir, RepoError> {
+    Ok(tempfile::Builder::new().prefix("cvmfs-prepub-").tempdir()?)
+}
+
+/// Creates an empty, signed repository in `cas` (revision 1, tag `trunk`).
+pub fn init(cas: &dyn Cas, keys: &RepoKeys, uid: u64, gid: u64, now: i64) -> Result<Published, RepoError> {
+    if cas.get_root_file(MANIFEST)?.is_some() {
+        return Err(RepoError::Invalid(format!("{} already holds a repository", cas.describe())));
+    }
+    let tmp = scratch()?;
+    let root = Entry::directory("", 0o755, uid, gid, now);
+    let tree = CatalogTree::create(cas, tmp.path(), &root)?;
+    let commit = tree.commit(now)?;
+    cas.put_root_file(WHITELIST, &make_whitelist(keys, now, WHITELIST_DAYS)?)?;
+    cas.put_root_file(MASTER_REPLICA, b"")?;
+    finish_publish(cas, keys, None, commit, Some(&TagRequest {
+        name: "trunk".into(),
+        description: "empty repository".into(),
+    }), tmp.path(), now)
+}
+
+/// Publishes a new revision: `edit` changes the catalog tree, then catalogs, history, reflog and
+/// the signed manifest are written.
+pub fn publish<F>(cas: &dyn Cas, keys: &RepoKeys, tag: Option<&TagRequest>, now: i64, edit: F) -> Result<Published, RepoError>
+where
+    F: FnOnce(&mut CatalogTree<'_>) -> Result<(), RepoError>,
+{
+    let (old, _) = current_manifest(cas)?
+        .ok_or_else(|| RepoError::Invalid(format!("{} holds no repository (run repo init)", cas.describe())))?;
+    if old.name != keys.name {
+        return Err(RepoError::Invalid(format!(
+            "storage holds repository '{}', keys are for '{}'",
+            old.name, keys.name
+        )));
+    }
+    if let Some(t) = tag {
+        if !valid_tag_name(&t.name) || t.name == "trunk" || t.name == "trunk-previous" {
+            return Err(RepoError::Invalid(format!("tag name '{}' is invalid or reserved", t.name)));
+        }
+    }
+    let tmp = scratch()?;
+    let mut tree = CatalogTree::open(cas, tmp.path(), &old.root_catalog)?;
+    edit(&mut tree)?;
+    // Catalog timestamps must not run behind the previous manifest (client ordering, §1.5).
+    let now = now.max(old.timestamp);
+    let commit = tree.commit(now)?;
+    finish_publish(cas, keys, Some(&old), commit, tag, tmp.path(), now)
+}
+
+fn finish_publish(
+    cas: &dyn Cas,
+    keys: &RepoKeys,
+    old: Option<&Manifest>,
+    commit: CommitResult,
+    tag: Option<&TagRequest>,
+    scratch: &Path,
+    now: i64,
+) -> Result<Published, RepoError> {
+    // Certificate object (idempotent).
+    let (cert_id, cert_bytes) = compress_metadata(keys.certificate_pem.as_bytes(), Suffix::Certificate);
+    cas.put_bytes(&cert_id, &cert_bytes)?;
+
+    // History: previous database or a fresh one.
+    let hist_file = scratch.join("history.db");
+    let history = match old.and_then(|m| m.history) {
+        Some(h) => {
+            fs::write(&hist_file, decode_to_vec(&h, &get_all(cas, &h)?, true)?)?;
+            History::open(&hist_file)?
+        }
+        None => History::create(&hist_file, &keys.name)?,
+    };
+    let trunk = Tag {
+        name: "trunk".into(),
+        hash: commit.root.digest.hex(),
+        revision: commit.revision,
+        timestamp: now,
+        description: "latest published revision".into(),
+        size: commit.root_size,
+    };
+    let named = tag.filter(|t| t.name != "trunk").map(|t| Tag {
+        name: t.name.clone(),
+        description: t.description.clone(),
+        ..trunk.clone()
+    });
+    history.record_publish(&trunk, named.as_ref())?;
+    history.close()?;
+    let (hist_id, hist_bytes) = compress_metadata(&fs::read(&hist_file)?, Suffix::History);
+    cas.put_bytes(&hist_id, &hist_bytes)?;
+
+    // Reflog.
+    let reflog_file = scratch.join("reflog.db");
+    if let Some(b) = cas.get_root_file(REFLOG)? {
+        fs::write(&reflog_file, b)?;
+    }
+    let reflog = Reflog::open_or_create(&reflog_file, &keys.name)?;
+    reflog.add(&commit.root, RefType::Catalog, now)?;
+    reflog.add(&cert_id, RefType::Certificate, now)?;
+    reflog.add(&hist_id, RefType::History, now)?;
+    reflog.close()?;
+    let reflog_bytes = fs::read(&reflog_file)?;
+    cas.put_root_file(REFLOG, &reflog_bytes)?;
+
+    let manifest = Manifest {
+        root_catalog: commit.root,
+        root_size: commit.root_size,
+        ttl: commit.ttl,
+        revision: commit.revision,
+        garbage_collectable: false,
+        alt_paths: false,
+        name: keys.name.clone(),
+        certificate: Some(cert_id),
+        history: Some(hist_id),
+        timestamp: now.max(old.map(|m| m.timestamp).unwrap_or(0)),
+        metainfo: None,
+        reflog: Some(Digest20::of(&reflog_bytes)),
+    };
+    refresh_whitelist(cas, keys, now)?;
+    // The manifest goes last: until it is replaced, readers see the previous revision.
+    cas.put_root_file(MANIFEST, &manifest.sign(keys))?;
+    Ok(Published { manifest, commit })
+}
+
+/// Re-signs the whitelist when it expires within 7 days and the master key is at hand.
+fn refresh_whitelist(cas: &dyn Cas, keys: &RepoKeys, now: i64) -> Result<(), RepoError> {
+    let Some(_) = &keys.master else { return Ok(()) };
+    let fresh = match cas.get_root_file(WHITELIST)? {
+        Some(b) => Whitelist::parse(&b)
+            .map(|w| w.expires > now + 7 * 86_400 && w.lists(&keys.fingerprint().unwrap_or_default()))
+            .unwrap_or(false),
+        None => false,
+    };
+    if !fresh {
+        cas.put_root_file(WHITELIST, &make_whitelist(keys, now, WHITELIST_DAYS)?)?;
+    }
+    Ok(())
+}
+
+/// Dirtab rules (`/.cvmfsdirtab`): which directories get a nested catalog.
+#[derive(Debug, Clone, Default)]
+pub struct Dirtab {
+    rules: Vec<(bool, Vec<String>, bool)>,
+}
+
+fn glob(pat: &str, s: &str) -> bool {
+    // `*` and `?` within one component; wildcards never match a leading dot (hidden dirs).
+    if s.starts_with('.') && !pat.starts_with('.') {
+        return false;
+    }
+    fn m(p: &[u8], s: &[u8]) -> bool {
+        match (p.first(), s.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => m(&p[1..], s) || (!s.is_empty() && m(p, &s[1..])),
+            (Some(b'?'), Some(_)) => m(&p[1..], &s[1..]),
+            (Some(a), Some(b)) if a == b => m(&p[1..], &s[1..]),
+            _ => false,
+        }
+    }
+    m(pat.as_bytes(), s.as_bytes())
+}
+
+impl Dirtab {
+    /// Parses dirtab text: one path pattern per line, `#` comments, `!` negation; absolute
+    /// patterns match the whole path, relative ones match trailing components.
+    pub fn parse(text: &str) -> Dirtab {
+        let mut rules = Vec::new();
+        for line in text.lines() {
+            let l = line.split('#').next().unwrap_or("").trim();
+            if l.is_empty() {
+                continue;
+            }
+            let (neg, l) = match l.strip_prefix('!') {
+                Some(r) => (true, r.trim()),
+                None => (false, l),
+            };
+            let abs = l.starts_with('/');
+            let comps: Vec<String> = l.split('/').filter(|c| !c.is_empty()).map(String::from).collect();
+            if !comps.is_empty() {
+                rules.push((neg, comps, abs));
+            }
+        }
+        Dirtab { rules }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Whether the directory at catalog path `path` should be a nested catalog root.
+    pub fn matches(&self, path: &str) -> bool {
+        let comps: Vec<&str> = path.split('/').filter(|c| !c.is_empty()).collect();
+        let hit = |pat: &Vec<String>, abs: bool| {
+            if abs {
+                pat.len() == comps.len() && pat.iter().zip(&comps).all(|(p, c)| glob(p, c))
+            } else {
+                pat.len() <= comps.len()
+                    && pat.iter().zip(&comps[comps.len() - pat.len()..]).all(|(p, c)| glob(p, c))
+            }
+        };
+        let mut positive = false;
+        for (neg, pat, abs) in &self.rules {
+            if hit(pat, *abs) {
+                if *neg {
+                    return false;
+                }
+                positive = true;
+            }
+        }
+        positive
+    }
+}
+
+/// Reads the current content of a regular file from the tree (small files such as the dirtab).
+fn read_small_file(cas: &dyn Cas, e: &Entry) -> Result<Vec<u8>, RepoError> {
+    let mut out = Vec::new();
+    let compressed = !e.is_uncompressed();
+    if let Some(h) = e.hash {
+        let id = ObjectId::new(h, Suffix::None);
+        out = decode_to_vec(&id, &get_all(cas, &id)?, compressed)?;
+    } else {
+        for c in &e.chunks {
+            out.extend(decode_to_vec(&c.id, &get_all(cas, &c.id)?, compressed)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Applies a change set at `target` (catalog form). Missing ancestors of the target are created
+/// as directories; markers and dirtab rules create nested catalogs; hard links inside one
+/// directory become a hardlink group, across directories independent copies (as upstream's
+/// ingest does).
+pub fn apply_changeset(
+    tree: &mut CatalogTree<'_>,
+    cas: &dyn Cas,
+    cs: &ChangeSet,
+    target: &str,
+    mode: ApplyMode,
+    params: &EncodeParams,
+    now: i64,
+) -> Result<(), RepoError> {
+    // Ancestors of the target.
+    let mut prefix = String::new();
+    for comp in target.split('/').filter(|c| !c.is_empty()) {
+        let parent = prefix.clone();
+        prefix = format!("{prefix}/{comp}");
+        if prefix == target {
+            break;
+        }
+        match tree.lookup(&prefix)? {
+            Some(e) if e.is_dir() => {}
+            Some(_) => {
+                return Err(RepoError::Invalid(format!(
+                    "cannot publish under {target}: {prefix} exists and is not a directory"
+                )))
+            }
+            None => {
+                let _ = parent;
+                tree.add(&prefix, &Entry::directory(comp, 0o755, 0, 0, now))?;
+            }
+        }
+    }
+
+    // The target itself.
+    if mode == ApplyMode::Replace {
+        if target.is_empty() {
+            for ch in tree.list("")? {
+                if ch.name != ".cvmfs" {
+                    tree.remove(&format!("/{}", ch.name))?;
+                }
+            }
+        } else {
+            tree.remove(target)?;
+        }
+    }
+    if target.is_empty() {
+        if let Some(meta) = &cs.root {
+            tree.touch_dir("", meta)?;
+        }
+    } else {
+        match tree.lookup(target)? {
+            Some(e) if e.is_dir() => {
+                if let Some(meta) = &cs.root {
+                    tree.touch_dir(target, meta)?;
+                }
+            }
+            existing => {
+                if existing.is_some() {
+                    tree.remove(target)?;
+                }
+                let name = split_path(target).1;
+                let mut meta = cs
+                    .root
+                    .clone()
+                    .unwrap_or_else(|| Entry::directory(name, 0o755, 0, 0, now));
+                meta.name = name.to_string();
+                tree.add(target, &meta)?;
+            }
+        }
+    }
+
+    // Dirtab: from the change set if it brings one at the repository root, else the tree.
+    let dirtab_rel = if target.is_empty() { Some(".cvmfsdirtab") } else { None };
+    let dirtab = match dirtab_rel.and_then(|r| cs.nodes.get(r)) {
+        Some(n) => Dirtab::parse(&String::from_utf8_lossy(&read_small_file(cas, &n.entry)?)),
+        None => match tree.lookup("/.cvmfsdirtab")? {
+            Some(e) if e.kind() == Kind::Regular => {
+                Dirtab::parse(&String::from_utf8_lossy(&read_small_file(cas, &e)?))
+            }
+            _ => Dirtab::default(),
+        },
+    };
+    let mut empty_marker: Option<crate::object::EncodedFile> = None;
+    let mut nest = |tree: &mut CatalogTree<'_>, dir: &str, marker_in_cs: bool| -> Result<(), RepoError> {
+        if !marker_in_cs {
+            // Dirtab-created catalogs get an empty `.cvmfscatalog`, as upstream's dirtab does.
+            let marker_path = format!("{dir}/.cvmfscatalog");
+            if tree.lookup(&marker_path)?.is_none() {
+                let enc = match &empty_marker {
+                    Some(e) => e.clone(),
+                    None => {
+                        let e = encode_file(&b""[..], params, cas)
+                            .map_err(|e| RepoError::Invalid(e.to_string()))?;
+                        empty_marker = Some(e.clone());
+                        e
+                    }
+                };
+                let owner = tree.lookup(dir)?.unwrap_or_else(|| Entry::directory("", 0o755, 0, 0, now));
+                let mut m = Entry::directory(".cvmfscatalog", 0o644, owner.uid, owner.gid, now);
+                m.mode = crate::catalog::mode::S_IFREG | 0o644;
+                m.size = 0;
+                m.linkcount = 1;
+                m.flags = enc.compression.flag_value() << crate::catalog::flags::COMPRESSION_SHIFT;
+                if let FileContent::Whole(id) = enc.content {
+                    m.hash = Some(id.digest);
+                }
+                tree.add(&marker_path, &m)?;
+            }
+        }
+        tree.make_nested(dir)?;
+        Ok(())
+    };
+    if !target.is_empty() && (cs.markers.contains("") || (!dirtab.is_empty() && dirtab.matches(target))) {
+        nest(tree, target, cs.markers.contains(""))?;
+    }
+
+    // Hardlink groups: members of one group that share a directory keep the group.
+    let mut members: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (rel, node) in &cs.nodes {
+        if let Some(root) = &node.hardlink_of {
+            members.entry(root.as_str()).or_default().push(rel.as_str());
+        }
+    }
+    let mut group_of: HashMap<&str, (u32, u32)> = HashMap::new();
+    let mut groups_pending: HashMap<&str, u32> = HashMap::new();
+    for (root, links) in &members {
+        let dir = crate::catalog::split_path(root).0;
+        let same_dir = links.iter().all(|l| split_path(l).0 == dir);
+        if same_dir {
+            groups_pending.insert(root, links.len() as u32 + 1);
+        }
+    }
+
+    for (rel, node) in &cs.nodes {
+        let path = join(target, rel);
+        let existing = tree.lookup(&path)?;
+        if node.entry.is_dir() {
+            match existing {
+                Some(e) if e.is_dir() => {
+                    if !node.synthesized {
+                        tree.touch_dir(&path, &node.entry)?;
+                    }
+                }
+                Some(_) => {
+                    tree.remove(&path)?;
+                    tree.add(&path, &node.entry)?;
+                }
+                None => tree.add(&path, &node.entry)?,
+            }
+            let marked = cs.markers.contains(rel.as_str());
+            if marked || (!dirtab.is_empty() && dirtab.matches(&path)) {
+                nest(tree, &path, marked)?;
+            }
+            continue;
+        }
+        if existing.is_some() {
+            tree.remove(&path)?;
+        }
+        let mut e = node.entry.clone();
+        let group_root = node.hardlink_of.as_deref().unwrap_or(rel.as_str());
+        if let Some(&count) = groups_pending.get(group_root) {
+            let (gid, _) = match group_of.get(group_root) {
+                Some(g) => *g,
+                None => {
+                    let g = tree.alloc_hardlink_group(split_path(&path).0)?;
+                    group_of.insert(group_root, (g, count));
+                    (g, count)
+                }
+            };
+            e.hardlink_group = gid;
+            e.linkcount = count;
+        } else {
+            e.hardlink_group = 0;
+            e.linkcount = 1;
+        }
+        tree.add(&path, &e)?;
+    }
+    Ok(())
+}
+
+/// A directory listing line for `repo ls`.
+pub fn describe_entry(e: &Entry) -> String {
+    let t = match e.kind() {
+        Kind::Directory => 'd',
+        Kind::Regular => '-',
+        Kind::Symlink => 'l',
+        Kind::Special => 'c',
+    };
+    let mut s = format!("{t}{:04o} {:>6} {:>6} {:>12} {}", e.mode & 0o7777, e.uid, e.gid, e.size, e.name);
+    if e.kind() == Kind::Symlink {
+        s.push_str(&format!(" -> {}", e.symlink));
+    }
+    if e.is_nested_mountpoint() || e.is_nested_root() {
+        s.push_str("  [nested catalog]");
+    }
+    s
+}
+
+/// Opens the current tree read-only (for `ls`); edits made through it are never committed.
+pub fn with_current_tree<T>(cas: &dyn Cas, f: impl FnOnce(&mut CatalogTree<'_>) -> Result<T, RepoError>) -> Result<T, RepoError> {
+    let (m, _) = current_manifest(cas)?.ok_or_else(|| RepoError::Invalid("no repository here".into()))?;
+    let tmp = scratch()?;
+    let mut tree = CatalogTree::open(cas, tmp.path(), &m.root_catalog)?;
+    f(&mut tree)
+}
+
+/// The default keys directory for a storage: a sibling `<storage>.keys`, never inside the
+/// served storage.
+pub fn default_keys_dir(storage: &Path) -> PathBuf {
+    let name = storage
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "repo".into());
+    storage.with_file_name(format!("{name}.keys"))
+}

@@ -1,0 +1,270 @@
+//! The `cvmfs-prepub repo ...` operator commands: init, ingest, check, ls.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use prepub_core::cas::{Cas, LocalCas};
+use prepub_core::chunker::ChunkParams;
+use prepub_core::intake::{read_tar, IntakeLimits};
+use prepub_core::keys::RepoKeys;
+use prepub_core::object::{Compression, EncodeParams};
+use prepub_core::repo::{self, ApplyMode, TagRequest};
+use prepub_core::timefmt;
+
+use crate::http_store::HttpStore;
+
+#[derive(Subcommand, Debug)]
+pub enum RepoCmd {
+    /// Create a new, empty, signed repository in a storage directory.
+    Init(InitArgs),
+    /// Publish a tar (.tar or .tar.gz) into a repository as a new signed revision.
+    Ingest(IngestArgs),
+    /// Verify signatures, whitelist, catalogs and every object of a repository.
+    Check(CheckArgs),
+    /// List a directory of the current revision.
+    Ls(LsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Repository storage directory (will hold .cvmfspublished and data/).
+    #[arg(long)]
+    repo_dir: PathBuf,
+    /// Fully qualified repository name, e.g. software.cern.ch.
+    #[arg(long)]
+    name: String,
+    /// Keys directory; keys are taken from it if present, else generated into it.
+    /// Default: <repo-dir>.keys next to (never inside) the storage.
+    #[arg(long)]
+    keys_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct IngestArgs {
+    /// The tar to publish (.tar or .tar.gz, detected by content); `-` for standard input.
+    tar: String,
+    #[arg(long)]
+    repo_dir: PathBuf,
+    /// Target path inside the repository, e.g. /sw/1.0 (`/` for the root).
+    #[arg(long)]
+    path: String,
+    /// Named tag for the new revision.
+    #[arg(long)]
+    tag: Option<String>,
+    #[arg(long, default_value = "")]
+    tag_description: String,
+    #[arg(long)]
+    keys_dir: Option<PathBuf>,
+    /// Keep existing entries under the path that the tar does not contain (default: replace).
+    #[arg(long)]
+    merge: bool,
+    /// zlib, zlib:1..9 or none.
+    #[arg(long, default_value = "zlib")]
+    compression: String,
+    /// Turn content-defined chunking off.
+    #[arg(long)]
+    no_chunking: bool,
+    /// Chunk sizes in bytes: min,avg,max.
+    #[arg(long, default_value = "4194304,8388608,16777216")]
+    chunk_sizes: String,
+    /// Drop device nodes and FIFOs instead of failing.
+    #[arg(long)]
+    skip_special: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CheckArgs {
+    #[arg(long, conflicts_with = "url", required_unless_present = "url")]
+    repo_dir: Option<PathBuf>,
+    /// Check a repository over HTTP instead.
+    #[arg(long)]
+    url: Option<String>,
+    /// Master public key (<repo>.pub) to verify the whitelist signature.
+    #[arg(long)]
+    master_pub: Option<PathBuf>,
+    /// Keys directory to take the master public key from (default: <repo-dir>.keys if present).
+    #[arg(long)]
+    keys_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    #[arg(long)]
+    repo_dir: PathBuf,
+    /// Directory to list (default /).
+    #[arg(default_value = "/")]
+    path: String,
+}
+
+pub fn run(cmd: RepoCmd) -> anyhow::Result<()> {
+    match cmd {
+        RepoCmd::Init(a) => init(a),
+        RepoCmd::Ingest(a) => ingest(a),
+        RepoCmd::Check(a) => check(a),
+        RepoCmd::Ls(a) => ls(a),
+    }
+}
+
+fn keys_dir(repo_dir: &Path, given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| repo::default_keys_dir(repo_dir))
+}
+
+fn repo_name(cas: &dyn Cas) -> anyhow::Result<String> {
+    let (m, _) = repo::current_manifest(cas)?.context("no repository in this storage (run repo init)")?;
+    Ok(m.name)
+}
+
+fn init(a: InitArgs) -> anyhow::Result<()> {
+    if a.name.is_empty() || a.name.contains('/') || a.name.contains(char::is_whitespace) {
+        bail!("repository name '{}' is invalid", a.name);
+    }
+    let kdir = keys_dir(&a.repo_dir, a.keys_dir);
+    let repo_abs = std::path::absolute(&a.repo_dir)?;
+    let kdir_abs = std::path::absolute(&kdir)?;
+    if kdir_abs.starts_with(&repo_abs) {
+        bail!("keys directory {} lies inside the served storage {}", kdir.display(), a.repo_dir.display());
+    }
+    let keys = if RepoKeys::present(&kdir, &a.name) {
+        RepoKeys::load(&kdir, &a.name)?
+    } else {
+        let k = RepoKeys::generate(&a.name, 365)?;
+        k.save(&kdir)?;
+        eprintln!("generated keys for {} in {}", a.name, kdir.display());
+        k
+    };
+    let cas = LocalCas::create(&a.repo_dir)?;
+    let _lock = repo::lock_storage(&a.repo_dir)?;
+    let p = repo::init(&cas, &keys, current_uid(), current_gid(), timefmt::now())?;
+    println!("created {} revision {} root catalog {}", a.name, p.manifest.revision, p.commit.root);
+    Ok(())
+}
+
+fn current_uid() -> u64 {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) as u64).unwrap_or(0)
+}
+
+fn current_gid() -> u64 {
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::gid(&m) as u64).unwrap_or(0)
+}
+
+fn parse_chunks(s: &str, off: bool) -> anyhow::Result<ChunkParams> {
+    let v: Vec<u64> = s
+        .split(',')
+        .map(|x| x.trim().parse::<u64>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--chunk-sizes '{s}' is not min,avg,max in bytes"))?;
+    if v.len() != 3 {
+        bail!("--chunk-sizes '{s}' needs exactly three numbers");
+    }
+    let p = ChunkParams { enabled: !off, min: v[0], avg: v[1], max: v[2] };
+    p.validate().map_err(anyhow::Error::msg)?;
+    Ok(p)
+}
+
+fn ingest(a: IngestArgs) -> anyhow::Result<()> {
+    let cas = LocalCas::open(&a.repo_dir)?;
+    let name = repo_name(&cas)?;
+    let keys = RepoKeys::load(&keys_dir(&a.repo_dir, a.keys_dir), &name)?;
+    let target = repo::normalize_repo_path(&a.path)?;
+    let params = EncodeParams {
+        chunking: parse_chunks(&a.chunk_sizes, a.no_chunking)?,
+        compression: Compression::parse(&a.compression).map_err(anyhow::Error::msg)?,
+    };
+    let limits = IntakeLimits { skip_special: a.skip_special, ..IntakeLimits::default() };
+    let _lock = repo::lock_storage(&a.repo_dir)?;
+    let now = timefmt::now();
+    // The heavy part (unpack, compress, hash, store) happens before the catalogs are touched.
+    let cs = if a.tar == "-" {
+        read_tar(std::io::stdin().lock(), target.is_empty(), &params, &limits, &cas, now)?
+    } else {
+        let f = File::open(&a.tar).with_context(|| format!("opening {}", a.tar))?;
+        read_tar(f, target.is_empty(), &params, &limits, &cas, now)?
+    };
+    let tag = a.tag.map(|name| TagRequest { name, description: a.tag_description.clone() });
+    let mode = if a.merge { ApplyMode::Merge } else { ApplyMode::Replace };
+    let p = repo::publish(&cas, &keys, tag.as_ref(), now, |tree| {
+        repo::apply_changeset(tree, &cas, &cs, &target, mode, &params, now)
+    })?;
+    println!(
+        "published {} revision {} root catalog {}: {} entries, {} files, {} bytes in, {} new objects ({} bytes), {} deduplicated",
+        name,
+        p.manifest.revision,
+        p.commit.root,
+        cs.stats.entries,
+        cs.stats.files,
+        cs.stats.bytes_in,
+        cs.stats.new_objects,
+        cs.stats.new_bytes,
+        cs.stats.dedup_hits
+    );
+    Ok(())
+}
+
+fn check(a: CheckArgs) -> anyhow::Result<()> {
+    let cas: Box<dyn Cas> = match (&a.repo_dir, &a.url) {
+        (Some(d), _) => Box::new(LocalCas::open(d)?),
+        (None, Some(u)) => Box::new(HttpStore::new(u)?),
+        _ => bail!("give --repo-dir or --url"),
+    };
+    let master = match (&a.master_pub, &a.keys_dir, &a.repo_dir) {
+        (Some(p), _, _) => Some(read_pub(p)?),
+        (None, kd, rd) => {
+            let dir = kd.clone().or_else(|| rd.as_ref().map(|d| repo::default_keys_dir(d)));
+            match (dir, repo::current_manifest(cas.as_ref()).ok().flatten()) {
+                (Some(dir), Some((m, _))) => {
+                    let p = dir.join(format!("{}.pub", m.name));
+                    if p.is_file() { Some(read_pub(&p)?) } else { None }
+                }
+                _ => None,
+            }
+        }
+    };
+    let r = prepub_core::check::check(cas.as_ref(), master.as_ref(), timefmt::now());
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    for f in &r.findings {
+        println!("FINDING: {f}");
+    }
+    println!(
+        "{}: {} catalogs, {} entries, {} objects checked, {} findings",
+        cas.describe(),
+        r.catalogs,
+        r.entries,
+        r.objects,
+        r.findings.len()
+    );
+    if !r.ok() {
+        bail!("repository check failed with {} findings", r.findings.len());
+    }
+    Ok(())
+}
+
+fn read_pub(p: &Path) -> anyhow::Result<rsa::RsaPublicKey> {
+    use rsa::pkcs1::DecodeRsaPublicKey;
+    use rsa::pkcs8::DecodePublicKey;
+    let pem = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+    rsa::RsaPublicKey::from_public_key_pem(&pem)
+        .or_else(|_| rsa::RsaPublicKey::from_pkcs1_pem(&pem))
+        .with_context(|| format!("{} is not an RSA public key", p.display()))
+}
+
+fn ls(a: LsArgs) -> anyhow::Result<()> {
+    let cas = LocalCas::open(&a.repo_dir)?;
+    let path = repo::normalize_repo_path(&a.path)?;
+    let lines = repo::with_current_tree(&cas, |t| {
+        let Some(e) = t.lookup(&path)? else {
+            return Err(repo::RepoError::Invalid(format!("{}: no such path", a.path)));
+        };
+        if !e.is_dir() {
+            return Ok(vec![repo::describe_entry(&e)]);
+        }
+        Ok(t.list(&path)?.iter().map(repo::describe_entry).collect())
+    })?;
+    for l in lines {
+        println!("{l}");
+    }
+    Ok(())
+}
