@@ -346,6 +346,7 @@ pub fn decode_object<R: Read>(
     let mut buf = vec![0u8; 256 * 1024];
     let mut inflater = flate2::write::ZlibDecoder::new(CountingWriter { inner: out, count: 0 });
     let mut plain_count = 0u64;
+    let mut inflate_err: Option<io::Error> = None;
     loop {
         let n = match stored.read(&mut buf) {
             Ok(0) => break,
@@ -355,9 +356,12 @@ pub fn decode_object<R: Read>(
         };
         sha.update(&buf[..n]);
         if compressed {
-            inflater
-                .write_all(&buf[..n])
-                .map_err(|source| DecodeError::Corrupt { id: *id, source })?;
+            // Keep hashing after a zlib error: a wrong hash is the finding that matters most.
+            if inflate_err.is_none() {
+                if let Err(e) = inflater.write_all(&buf[..n]) {
+                    inflate_err = Some(e);
+                }
+            }
         } else {
             inflater
                 .get_mut()
@@ -369,6 +373,9 @@ pub fn decode_object<R: Read>(
     let actual = Digest20(sha.finalize().into());
     if actual != id.digest {
         return Err(DecodeError::HashMismatch { id: *id, actual });
+    }
+    if let Some(source) = inflate_err {
+        return Err(DecodeError::Corrupt { id: *id, source });
     }
     if compressed {
         let w = inflater
