@@ -59,8 +59,26 @@ impl Cas for NullCas {
 /// Software-like bytes: text with repetition plus incompressible stretches (~2.5:1 with zlib).
 fn corpus(n: usize) -> Vec<u8> {
     let words = [
-        "static ", "inline ", "return ", "struct ", "void ", "int ", "(x, y)", "{\n", "}\n", "const ", "char *",
-        "for (i = 0; i < n; ++i) ", "if (", ") ", "= ", "+ ", "->next", "NULL", "0x7fff", ";\n",
+        "static ",
+        "inline ",
+        "return ",
+        "struct ",
+        "void ",
+        "int ",
+        "(x, y)",
+        "{\n",
+        "}\n",
+        "const ",
+        "char *",
+        "for (i = 0; i < n; ++i) ",
+        "if (",
+        ") ",
+        "= ",
+        "+ ",
+        "->next",
+        "NULL",
+        "0x7fff",
+        ";\n",
     ];
     let mut v = Vec::with_capacity(n);
     let mut x: u64 = 0x9E3779B97F4A7C15;
@@ -68,7 +86,7 @@ fn corpus(n: usize) -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 16 == 0 {
+        if x.is_multiple_of(16) {
             v.extend_from_slice(&x.to_le_bytes());
             v.extend_from_slice(&x.rotate_left(17).to_le_bytes());
         } else {
@@ -96,11 +114,17 @@ fn main() {
     let mb = size as f64 / (1 << 20) as f64;
 
     let (raw_t, raw_len) = best_of(3, || {
-        let mut z = flate2::write::ZlibEncoder::new(Vec::with_capacity(size / 2), flate2::Compression::new(6));
+        let mut z = flate2::write::ZlibEncoder::new(
+            Vec::with_capacity(size / 2),
+            flate2::Compression::new(6),
+        );
         z.write_all(&data).unwrap();
         z.finish().unwrap().len()
     });
-    let params = EncodeParams { chunking: ChunkParams::default(), compression: Compression::Zlib(6) };
+    let params = EncodeParams {
+        chunking: ChunkParams::default(),
+        compression: Compression::Zlib(6),
+    };
     let (enc_t, _) = best_of(3, || {
         let e = encode_file(&data[..], &params, &NullCas).unwrap();
         e.size as usize
@@ -116,8 +140,22 @@ fn main() {
         encode_file(&data[..], &params, &cas).unwrap().size as usize
     });
     drop(cas);
-    println!("input: {mb:.0} MiB software-like bytes, zlib ratio {:.2}", size as f64 / raw_len as f64);
-    println!("raw stock zlib level 6 (one core):      {:8.1} MiB/s", mb / raw_t);
-    println!("encoder: chunk+zlib+SHA-1, null sink:    {:8.1} MiB/s  ratio to raw zlib {:.3}", mb / enc_t, raw_t / enc_t);
-    println!("encoder into local CAS (fsync):         {:8.1} MiB/s  ratio to raw zlib {:.3}", mb / disk_t, raw_t / disk_t);
+    println!(
+        "input: {mb:.0} MiB software-like bytes, zlib ratio {:.2}",
+        size as f64 / raw_len as f64
+    );
+    println!(
+        "raw stock zlib level 6 (one core):      {:8.1} MiB/s",
+        mb / raw_t
+    );
+    println!(
+        "encoder: chunk+zlib+SHA-1, null sink:    {:8.1} MiB/s  ratio to raw zlib {:.3}",
+        mb / enc_t,
+        raw_t / enc_t
+    );
+    println!(
+        "encoder into local CAS (fsync):         {:8.1} MiB/s  ratio to raw zlib {:.3}",
+        mb / disk_t,
+        raw_t / disk_t
+    );
 }

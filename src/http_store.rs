@@ -30,7 +30,11 @@ impl HttpStore {
             path: url.clone(),
             source: std::io::Error::other(e),
         };
-        let resp = self.client.get(&url).send().map_err(|e| io(e.to_string()))?;
+        let resp = self
+            .client
+            .get(&url)
+            .send()
+            .map_err(|e| io(e.to_string()))?;
         match resp.status().as_u16() {
             200 => Ok(Some(resp)),
             404 => Ok(None),
@@ -88,11 +92,14 @@ impl Cas for HttpStore {
     fn get_root_file(&self, name: &str) -> Result<Option<Vec<u8>>, CasError> {
         match self.fetch(name)? {
             None => Ok(None),
-            Some(r) => r.bytes().map(|b| Some(b.to_vec())).map_err(|e| CasError::Io {
-                op: "GET",
-                path: name.into(),
-                source: std::io::Error::other(e.to_string()),
-            }),
+            Some(r) => r
+                .bytes()
+                .map(|b| Some(b.to_vec()))
+                .map_err(|e| CasError::Io {
+                    op: "GET",
+                    path: name.into(),
+                    source: std::io::Error::other(e.to_string()),
+                }),
         }
     }
     fn describe(&self) -> String {

@@ -9,7 +9,11 @@ mod repo_cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "cvmfs-prepub", version, about = "Pre-publisher for CernVM-FS repositories")]
+#[command(
+    name = "cvmfs-prepub",
+    version,
+    about = "Pre-publisher for CernVM-FS repositories"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -72,6 +72,10 @@ pub struct IngestArgs {
     /// Drop device nodes and FIFOs instead of failing.
     #[arg(long)]
     skip_special: bool,
+    /// Remove this path (relative to --path) before applying the tar; repeatable; implies --merge.
+    /// Removing a `.cvmfscatalog` marker merges that nested catalog into its parent.
+    #[arg(long = "remove")]
+    remove: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -112,7 +116,8 @@ fn keys_dir(repo_dir: &Path, given: Option<PathBuf>) -> PathBuf {
 }
 
 fn repo_name(cas: &dyn Cas) -> anyhow::Result<String> {
-    let (m, _) = repo::current_manifest(cas)?.context("no repository in this storage (run repo init)")?;
+    let (m, _) =
+        repo::current_manifest(cas)?.context("no repository in this storage (run repo init)")?;
     Ok(m.name)
 }
 
@@ -124,7 +129,11 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
     let repo_abs = std::path::absolute(&a.repo_dir)?;
     let kdir_abs = std::path::absolute(&kdir)?;
     if kdir_abs.starts_with(&repo_abs) {
-        bail!("keys directory {} lies inside the served storage {}", kdir.display(), a.repo_dir.display());
+        bail!(
+            "keys directory {} lies inside the served storage {}",
+            kdir.display(),
+            a.repo_dir.display()
+        );
     }
     let keys = if RepoKeys::present(&kdir, &a.name) {
         RepoKeys::load(&kdir, &a.name)?
@@ -137,16 +146,23 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
     let cas = LocalCas::create(&a.repo_dir)?;
     let _lock = repo::lock_storage(&a.repo_dir)?;
     let p = repo::init(&cas, &keys, current_uid(), current_gid(), timefmt::now())?;
-    println!("created {} revision {} root catalog {}", a.name, p.manifest.revision, p.commit.root);
+    println!(
+        "created {} revision {} root catalog {}",
+        a.name, p.manifest.revision, p.commit.root
+    );
     Ok(())
 }
 
 fn current_uid() -> u64 {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) as u64).unwrap_or(0)
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) as u64)
+        .unwrap_or(0)
 }
 
 fn current_gid() -> u64 {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::gid(&m) as u64).unwrap_or(0)
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::gid(&m) as u64)
+        .unwrap_or(0)
 }
 
 fn parse_chunks(s: &str, off: bool) -> anyhow::Result<ChunkParams> {
@@ -158,7 +174,12 @@ fn parse_chunks(s: &str, off: bool) -> anyhow::Result<ChunkParams> {
     if v.len() != 3 {
         bail!("--chunk-sizes '{s}' needs exactly three numbers");
     }
-    let p = ChunkParams { enabled: !off, min: v[0], avg: v[1], max: v[2] };
+    let p = ChunkParams {
+        enabled: !off,
+        min: v[0],
+        avg: v[1],
+        max: v[2],
+    };
     p.validate().map_err(anyhow::Error::msg)?;
     Ok(p)
 }
@@ -172,18 +193,39 @@ fn ingest(a: IngestArgs) -> anyhow::Result<()> {
         chunking: parse_chunks(&a.chunk_sizes, a.no_chunking)?,
         compression: Compression::parse(&a.compression).map_err(anyhow::Error::msg)?,
     };
-    let limits = IntakeLimits { skip_special: a.skip_special, ..IntakeLimits::default() };
+    let limits = IntakeLimits {
+        skip_special: a.skip_special,
+        ..IntakeLimits::default()
+    };
     let _lock = repo::lock_storage(&a.repo_dir)?;
     let now = timefmt::now();
     // The heavy part (unpack, compress, hash, store) happens before the catalogs are touched.
-    let cs = if a.tar == "-" {
-        read_tar(std::io::stdin().lock(), target.is_empty(), &params, &limits, &cas, now)?
+    let mut cs = if a.tar == "-" {
+        read_tar(
+            std::io::stdin().lock(),
+            target.is_empty(),
+            &params,
+            &limits,
+            &cas,
+            now,
+        )?
     } else {
         let f = File::open(&a.tar).with_context(|| format!("opening {}", a.tar))?;
         read_tar(f, target.is_empty(), &params, &limits, &cas, now)?
     };
-    let tag = a.tag.map(|name| TagRequest { name, description: a.tag_description.clone() });
-    let mode = if a.merge { ApplyMode::Merge } else { ApplyMode::Replace };
+    for r in &a.remove {
+        let rel = repo::normalize_repo_path(r)?;
+        cs.removals.push(rel.trim_start_matches('/').to_string());
+    }
+    let tag = a.tag.map(|name| TagRequest {
+        name,
+        description: a.tag_description.clone(),
+    });
+    let mode = if a.merge || !a.remove.is_empty() {
+        ApplyMode::Merge
+    } else {
+        ApplyMode::Replace
+    };
     let p = repo::publish(&cas, &keys, tag.as_ref(), now, |tree| {
         repo::apply_changeset(tree, &cas, &cs, &target, mode, &params, now)
     })?;
@@ -211,11 +253,17 @@ fn check(a: CheckArgs) -> anyhow::Result<()> {
     let master = match (&a.master_pub, &a.keys_dir, &a.repo_dir) {
         (Some(p), _, _) => Some(read_pub(p)?),
         (None, kd, rd) => {
-            let dir = kd.clone().or_else(|| rd.as_ref().map(|d| repo::default_keys_dir(d)));
+            let dir = kd
+                .clone()
+                .or_else(|| rd.as_ref().map(|d| repo::default_keys_dir(d)));
             match (dir, repo::current_manifest(cas.as_ref()).ok().flatten()) {
                 (Some(dir), Some((m, _))) => {
                     let p = dir.join(format!("{}.pub", m.name));
-                    if p.is_file() { Some(read_pub(&p)?) } else { None }
+                    if p.is_file() {
+                        Some(read_pub(&p)?)
+                    } else {
+                        None
+                    }
                 }
                 _ => None,
             }
@@ -256,7 +304,10 @@ fn ls(a: LsArgs) -> anyhow::Result<()> {
     let path = repo::normalize_repo_path(&a.path)?;
     let lines = repo::with_current_tree(&cas, |t| {
         let Some(e) = t.lookup(&path)? else {
-            return Err(repo::RepoError::Invalid(format!("{}: no such path", a.path)));
+            return Err(repo::RepoError::Invalid(format!(
+                "{}: no such path",
+                a.path
+            )));
         };
         if !e.is_dir() {
             return Ok(vec![repo::describe_entry(&e)]);

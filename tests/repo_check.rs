@@ -22,36 +22,75 @@ fn good_repo() -> Repo {
     let dir = tempfile::tempdir().unwrap();
     let storage = dir.path().join("storage");
     let st = storage.to_str().unwrap();
-    ok(&["repo", "init", "--repo-dir", st, "--name", "check.example.org"]);
+    ok(&[
+        "repo",
+        "init",
+        "--repo-dir",
+        st,
+        "--name",
+        "check.example.org",
+    ]);
     let specs = vec![
         Spec::Dir("tool", 0o755),
-        Spec::File { path: "tool/bin", mode: 0o755, data: b"binary".to_vec(), xattrs: vec![] },
-        Spec::File { path: "tool/big", mode: 0o644, data: pseudo_random(9 << 20, 3), xattrs: vec![] },
+        Spec::File {
+            path: "tool/bin",
+            mode: 0o755,
+            data: b"binary".to_vec(),
+            xattrs: vec![],
+        },
+        Spec::File {
+            path: "tool/big",
+            mode: 0o644,
+            data: pseudo_random(9 << 20, 3),
+            xattrs: vec![],
+        },
     ];
     let tar = dir.path().join("t.tar");
     write_tar(&specs, &tar);
-    ok(&["repo", "ingest", tar.to_str().unwrap(), "--repo-dir", st, "--path", "/x"]);
+    ok(&[
+        "repo",
+        "ingest",
+        tar.to_str().unwrap(),
+        "--repo-dir",
+        st,
+        "--path",
+        "/x",
+    ]);
     ok(&["repo", "check", "--repo-dir", st]);
     let keys = RepoKeys::load(&dir.path().join("storage.keys"), "check.example.org").unwrap();
-    Repo { _dir: dir, storage, keys }
+    Repo {
+        _dir: dir,
+        storage,
+        keys,
+    }
 }
 
 fn check_fails(storage: &Path, expect: &str) {
     let (success, out, err) = prepub(&["repo", "check", "--repo-dir", storage.to_str().unwrap()]);
     assert!(!success, "check should fail; output:\n{out}\n{err}");
-    assert!(out.contains(expect), "expected a finding containing {expect:?}, got:\n{out}\n{err}");
+    assert!(
+        out.contains(expect),
+        "expected a finding containing {expect:?}, got:\n{out}\n{err}"
+    );
     assert!(err.contains("repository check failed"), "stderr: {err}");
 }
 
 fn manifest(storage: &Path) -> Manifest {
-    Manifest::parse(&std::fs::read(storage.join(".cvmfspublished")).unwrap()).unwrap().0
+    Manifest::parse(&std::fs::read(storage.join(".cvmfspublished")).unwrap())
+        .unwrap()
+        .0
 }
 
 /// Rewrites the root catalog with `sql`, stores it, and re-signs a manifest pointing at it.
 fn edit_root_catalog(r: &Repo, sql: &str) {
     let cas = LocalCas::open(&r.storage).unwrap();
     let mut m = manifest(&r.storage);
-    let bytes = decode_to_vec(&m.root_catalog, &get_all(&cas, &m.root_catalog).unwrap(), true).unwrap();
+    let bytes = decode_to_vec(
+        &m.root_catalog,
+        &get_all(&cas, &m.root_catalog).unwrap(),
+        true,
+    )
+    .unwrap();
     let tmp = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(tmp.path(), &bytes).unwrap();
     {
@@ -63,7 +102,8 @@ fn edit_root_catalog(r: &Repo, sql: &str) {
     cas.put_bytes(&id, &stored).unwrap();
     m.root_catalog = id;
     m.root_size = new.len() as u64;
-    cas.put_root_file(".cvmfspublished", &m.sign(&r.keys)).unwrap();
+    cas.put_root_file(".cvmfspublished", &m.sign(&r.keys))
+        .unwrap();
 }
 
 fn some_data_object(storage: &Path) -> PathBuf {
@@ -98,14 +138,20 @@ fn catches_missing_object() {
 #[test]
 fn catches_wrong_counter() {
     let r = good_repo();
-    edit_root_catalog(&r, "UPDATE statistics SET value = value + 1 WHERE counter = 'self_dir';");
+    edit_root_catalog(
+        &r,
+        "UPDATE statistics SET value = value + 1 WHERE counter = 'self_dir';",
+    );
     check_fails(&r.storage, "counter self_dir is");
 }
 
 #[test]
 fn catches_wrong_md5path() {
     let r = good_repo();
-    edit_root_catalog(&r, "UPDATE catalog SET md5path_1 = md5path_1 + 1 WHERE name = 'bin';");
+    edit_root_catalog(
+        &r,
+        "UPDATE catalog SET md5path_1 = md5path_1 + 1 WHERE name = 'bin';",
+    );
     check_fails(&r.storage, "/x/tool/bin: wrong md5path");
 }
 
@@ -136,7 +182,10 @@ fn catches_whitelist_signed_by_another_master_key() {
     other.certificate_pem = r.keys.certificate_pem.clone();
     let w = make_whitelist(&other, prepub_core::timefmt::now(), 30).unwrap();
     std::fs::write(r.storage.join(".cvmfswhitelist"), w).unwrap();
-    check_fails(&r.storage, "signature does not verify with the master public key");
+    check_fails(
+        &r.storage,
+        "signature does not verify with the master public key",
+    );
 }
 
 #[test]
@@ -147,6 +196,10 @@ fn object_names_are_verified_not_trusted() {
     let ids = cas.list().unwrap();
     let chunks: Vec<&ObjectId> = ids.iter().filter(|i| i.suffix == Suffix::Partial).collect();
     assert!(chunks.len() >= 2);
-    std::fs::copy(r.storage.join(chunks[0].path()), r.storage.join(chunks[1].path())).unwrap();
+    std::fs::copy(
+        r.storage.join(chunks[0].path()),
+        r.storage.join(chunks[1].path()),
+    )
+    .unwrap();
     check_fails(&r.storage, "content hash is");
 }

@@ -24,24 +24,64 @@ fn tree_v1() -> Vec<Spec> {
         Spec::Hardlink("pkg/bin/tool2", "pkg/bin/tool"),
         Spec::Symlink("pkg/bin/rel", "../lib/libfive.so"),
         Spec::Symlink("pkg/abs", "/cvmfs/other.example.org/x"),
-        Spec::File { path: "pkg/empty.txt", mode: 0o644, data: vec![], xattrs: vec![] },
+        Spec::File {
+            path: "pkg/empty.txt",
+            mode: 0o644,
+            data: vec![],
+            xattrs: vec![],
+        },
         Spec::Dir("pkg/share/empty", 0o700),
         Spec::Dir("pkg/lib", 0o755),
-        Spec::File { path: "pkg/lib/.cvmfscatalog", mode: 0o644, data: vec![], xattrs: vec![] },
-        Spec::File { path: "pkg/lib/libfive.so", mode: 0o755, data: pseudo_random(5 << 20, 5), xattrs: vec![] },
-        Spec::File { path: "pkg/data/forty.bin", mode: 0o644, data: pseudo_random(40 << 20, 40), xattrs: vec![] },
+        Spec::File {
+            path: "pkg/lib/.cvmfscatalog",
+            mode: 0o644,
+            data: vec![],
+            xattrs: vec![],
+        },
+        Spec::File {
+            path: "pkg/lib/libfive.so",
+            mode: 0o755,
+            data: pseudo_random(5 << 20, 5),
+            xattrs: vec![],
+        },
+        Spec::File {
+            path: "pkg/data/forty.bin",
+            mode: 0o644,
+            data: pseudo_random(40 << 20, 40),
+            xattrs: vec![],
+        },
     ]
 }
 
 fn tree_v2_bin() -> Vec<Spec> {
     vec![
-        Spec::File { path: "tool", mode: 0o755, data: b"#!/bin/sh\necho v2\n".to_vec(), xattrs: vec![] },
-        Spec::File { path: "newfile", mode: 0o640, data: pseudo_random(1000, 9), xattrs: vec![] },
+        Spec::File {
+            path: "tool",
+            mode: 0o755,
+            data: b"#!/bin/sh\necho v2\n".to_vec(),
+            xattrs: vec![],
+        },
+        Spec::File {
+            path: "newfile",
+            mode: 0o640,
+            data: pseudo_random(1000, 9),
+            xattrs: vec![],
+        },
     ]
 }
 
 fn read_all(repo: &Repository, path: &str) -> Vec<u8> {
-    let f = repo.get_file(path).unwrap_or_else(|e| panic!("get_file {path}: {e:?}"));
+    // cvmfs 0.4.2 prefetches chunks on background threads that write cache files
+    // non-atomically, racing the reading thread (which then sees a short file). Fetch every
+    // chunk into the cache first, one after the other, so no download races a read.
+    let e = repo.lookup_with_chunks(path).unwrap();
+    for c in &e.chunks {
+        repo.retrieve_object_with_suffix(&c.content_hash_string(), "P")
+            .unwrap();
+    }
+    let f = repo
+        .get_file(path)
+        .unwrap_or_else(|e| panic!("get_file {path}: {e:?}"));
     let mut out = vec![0u8; f.file_size() as usize];
     let mut off = 0;
     while off < out.len() {
@@ -68,15 +108,29 @@ fn verify(repo: &Repository, base: &str, specs: &[Spec]) {
                 let rel = if rel == "." { "" } else { rel };
                 let path = format!("{base}/{rel}");
                 let path = path.trim_end_matches('/');
-                let e = repo.lookup(path).unwrap_or_else(|e| panic!("lookup {path}: {e:?}"));
+                let e = repo
+                    .lookup(path)
+                    .unwrap_or_else(|e| panic!("lookup {path}: {e:?}"));
                 assert!(e.is_directory(), "{path} is not a directory");
                 assert_eq!(e.mode as u32 & 0o7777, *mode, "mode of {path}");
-                repo.list_directory(path).unwrap_or_else(|e| panic!("list {path}: {e:?}"));
+                repo.list_directory(path)
+                    .unwrap_or_else(|e| panic!("list {path}: {e:?}"));
             }
-            Spec::File { path: p, mode, data, .. } => {
+            Spec::File {
+                path: p,
+                mode,
+                data,
+                ..
+            } => {
                 let path = format!("{base}/{p}");
-                let e = repo.lookup(&path).unwrap_or_else(|e| panic!("lookup {path}: {e:?}"));
-                assert_eq!(e.mode as u32 & S_IFMT, 0o100000, "{path} is not a regular file");
+                let e = repo
+                    .lookup(&path)
+                    .unwrap_or_else(|e| panic!("lookup {path}: {e:?}"));
+                assert_eq!(
+                    e.mode as u32 & S_IFMT,
+                    0o100000,
+                    "{path} is not a regular file"
+                );
                 assert_eq!(e.mode as u32 & 0o7777, *mode, "mode of {path}");
                 assert_eq!(e.size as usize, data.len(), "size of {path}");
                 assert!(read_all(repo, &path) == *data, "content of {path} differs");
@@ -89,11 +143,16 @@ fn verify(repo: &Repository, base: &str, specs: &[Spec]) {
             }
             Spec::Hardlink(p, target) => {
                 let path = format!("{base}/{p}");
-                let Spec::File { data, mode, .. } = files[target] else { unreachable!() };
+                let Spec::File { data, mode, .. } = files[target] else {
+                    unreachable!()
+                };
                 let e = repo.lookup(&path).unwrap();
                 assert_eq!(e.mode as u32 & 0o7777, *mode, "mode of {path}");
                 assert_eq!(e.nlink(), 2, "link count of {path}");
-                assert!(read_all(repo, &path) == *data, "content of hard link {path}");
+                assert!(
+                    read_all(repo, &path) == *data,
+                    "content of hard link {path}"
+                );
             }
         }
     }
@@ -104,14 +163,34 @@ fn independent_reader_reads_both_revisions() {
     let dir = tempfile::tempdir().unwrap();
     let storage = dir.path().join("storage");
     let st = storage.to_str().unwrap();
-    ok(&["repo", "init", "--repo-dir", st, "--name", "test.example.org"]);
-    assert!(dir.path().join("storage.keys/test.example.org.masterkey").is_file());
+    ok(&[
+        "repo",
+        "init",
+        "--repo-dir",
+        st,
+        "--name",
+        "test.example.org",
+    ]);
+    assert!(dir
+        .path()
+        .join("storage.keys/test.example.org.masterkey")
+        .is_file());
     assert!(!storage.join("test.example.org.key").exists());
 
     let v1 = tree_v1();
     let tar1 = dir.path().join("v1.tar");
     write_tar(&v1, &tar1);
-    ok(&["repo", "ingest", tar1.to_str().unwrap(), "--repo-dir", st, "--path", "/sw/1.0", "--tag", "v1"]);
+    ok(&[
+        "repo",
+        "ingest",
+        tar1.to_str().unwrap(),
+        "--repo-dir",
+        st,
+        "--path",
+        "/sw/1.0",
+        "--tag",
+        "v1",
+    ]);
     ok(&["repo", "check", "--repo-dir", st]);
 
     let url = serve(storage.clone());
@@ -124,30 +203,82 @@ fn independent_reader_reads_both_revisions() {
     assert_eq!(repo.fqrn, "test.example.org");
     assert_eq!(repo.get_revision_number().unwrap(), 2);
     verify(&repo, "/sw/1.0", &v1);
-    let top: Vec<String> = repo.list_directory("/").unwrap().into_iter().map(|e| e.name).collect();
+    let top: Vec<String> = repo
+        .list_directory("/")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
     assert_eq!(top, vec!["sw".to_string()]);
     let stats = repo.get_statistics().unwrap();
     let _ = stats;
+    // xattrs and the setuid bit as stored (the crate does not expose xattrs, so read our catalog).
+    let cas = prepub_core::cas::LocalCas::open(&storage).unwrap();
+    let tool =
+        prepub_core::repo::with_current_tree(&cas, |t| Ok(t.lookup("/sw/1.0/pkg/bin/tool")?))
+            .unwrap()
+            .unwrap();
+    let x = tool.xattrs.expect("xattrs recorded");
+    assert_eq!(
+        x.0.get(&b"user.origin"[..]).map(|v| v.as_slice()),
+        Some(&b"builder"[..])
+    );
+    assert_eq!(tool.mode & 0o7777, 0o4755);
+    assert_eq!((tool.linkcount, tool.hardlink_group > 0), (2, true));
     // The 40 MiB file is chunked and the 5 MiB file sits in the nested catalog.
-    let forty = repo.lookup_with_chunks("/sw/1.0/pkg/data/forty.bin").unwrap();
+    let forty = repo
+        .lookup_with_chunks("/sw/1.0/pkg/data/forty.bin")
+        .unwrap();
     assert!(forty.has_chunks(), "40 MiB file should be chunked");
-    assert!(repo.lookup("/sw/1.0/pkg/lib").unwrap().is_nested_catalog_mountpoint() || repo.lookup("/sw/1.0/pkg/lib").unwrap().is_nested_catalog_root());
+    assert!(
+        repo.lookup("/sw/1.0/pkg/lib")
+            .unwrap()
+            .is_nested_catalog_mountpoint()
+            || repo
+                .lookup("/sw/1.0/pkg/lib")
+                .unwrap()
+                .is_nested_catalog_root()
+    );
     drop(repo);
 
     // Revision 3: replace /sw/1.0/pkg/bin (tool replaced, newfile added, tool2 and rel removed).
     let v2 = tree_v2_bin();
     let tar2 = dir.path().join("v2.tar");
     write_tar(&v2, &tar2);
-    ok(&["repo", "ingest", tar2.to_str().unwrap(), "--repo-dir", st, "--path", "/sw/1.0/pkg/bin"]);
+    ok(&[
+        "repo",
+        "ingest",
+        tar2.to_str().unwrap(),
+        "--repo-dir",
+        st,
+        "--path",
+        "/sw/1.0/pkg/bin",
+    ]);
     ok(&["repo", "check", "--repo-dir", st]);
-    ok(&["repo", "check", "--url", &url, "--master-pub", dir.path().join("storage.keys/test.example.org.pub").to_str().unwrap()]);
+    ok(&[
+        "repo",
+        "check",
+        "--url",
+        &url,
+        "--master-pub",
+        dir.path()
+            .join("storage.keys/test.example.org.pub")
+            .to_str()
+            .unwrap(),
+    ]);
 
     let _ = std::fs::remove_dir_all(&cache);
     let repo = open();
     assert_eq!(repo.get_revision_number().unwrap(), 3);
     verify(&repo, "/sw/1.0/pkg/bin", &v2);
-    assert!(repo.lookup("/sw/1.0/pkg/bin/tool2").is_err(), "tool2 should be gone");
-    assert!(repo.lookup("/sw/1.0/pkg/bin/rel").is_err(), "rel should be gone");
+    assert!(
+        repo.lookup("/sw/1.0/pkg/bin/tool2").is_err(),
+        "tool2 should be gone"
+    );
+    assert!(
+        repo.lookup("/sw/1.0/pkg/bin/rel").is_err(),
+        "rel should be gone"
+    );
     // Untouched parts are unchanged.
     let unchanged: Vec<Spec> = v1
         .iter()

@@ -28,11 +28,17 @@ fn object_names_match_python_zlib() {
     let mut n_checked = 0;
     for line in vectors.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
-        let (n, level, want): (usize, u32, &str) = (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2]);
+        let (n, level, want): (usize, u32, &str) =
+            (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2]);
         let data: Vec<u8> = (0..n).map(|i| ((i * 7 + i / 251) % 256) as u8).collect();
-        let params = EncodeParams { chunking: ChunkParams::disabled(), compression: Compression::Zlib(level) };
+        let params = EncodeParams {
+            chunking: ChunkParams::disabled(),
+            compression: Compression::Zlib(level),
+        };
         let enc = encode_file(Dribble(&data, 1), &params, &cas).unwrap();
-        let FileContent::Whole(id) = enc.content else { panic!("unexpected chunks") };
+        let FileContent::Whole(id) = enc.content else {
+            panic!("unexpected chunks")
+        };
         assert_eq!(id.digest.hex(), want, "length {n} level {level}");
         n_checked += 1;
     }

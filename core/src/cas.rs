@@ -91,12 +91,11 @@ pub trait Cas: Send + Sync {
 pub fn get_all(cas: &dyn Cas, id: &ObjectId) -> Result<Vec<u8>, CasError> {
     let mut r = cas.get(id)?;
     let mut v = Vec::new();
-    r.read_to_end(&mut v)
-        .map_err(|e| CasError::Io {
-            op: "read",
-            path: id.path(),
-            source: e,
-        })?;
+    r.read_to_end(&mut v).map_err(|e| CasError::Io {
+        op: "read",
+        path: id.path(),
+        source: e,
+    })?;
     Ok(v)
 }
 
@@ -141,7 +140,10 @@ impl LocalCas {
             return Err(CasError::io(
                 "open",
                 &data,
-                io::Error::new(io::ErrorKind::NotFound, "not a repository storage (no data/)"),
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    "not a repository storage (no data/)",
+                ),
             ));
         }
         Ok(LocalCas {
@@ -187,13 +189,9 @@ impl LocalCas {
     fn write_temp(&self, dir: &Path, data: &[u8]) -> Result<PathBuf, CasError> {
         let tmp = dir.join(temp_name());
         let mut f = File::create(&tmp).map_err(|e| CasError::io("create", &tmp, e))?;
-        let res = f.write_all(data).and_then(|_| {
-            if self.durable {
-                f.sync_all()
-            } else {
-                Ok(())
-            }
-        });
+        let res = f
+            .write_all(data)
+            .and_then(|_| if self.durable { f.sync_all() } else { Ok(()) });
         if let Err(e) = res {
             let _ = fs::remove_file(&tmp);
             return Err(CasError::io("write", &tmp, e));
@@ -306,7 +304,9 @@ impl Cas for LocalCas {
         let p = self.object_path(id);
         match File::open(&p) {
             Ok(f) => Ok(Box::new(io::BufReader::with_capacity(256 * 1024, f))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(CasError::NotFound(id.to_string())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(CasError::NotFound(id.to_string()))
+            }
             Err(e) => Err(CasError::io("open", &p, e)),
         }
     }
@@ -315,7 +315,9 @@ impl Cas for LocalCas {
         let p = self.object_path(id);
         match fs::metadata(&p) {
             Ok(m) => Ok(m.len()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(CasError::NotFound(id.to_string())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(CasError::NotFound(id.to_string()))
+            }
             Err(e) => Err(CasError::io("stat", &p, e)),
         }
     }
@@ -380,7 +382,10 @@ mod tests {
         let id = ObjectId::new(Digest20::of(b"x"), Suffix::Partial);
         assert!(!cas.exists(&id).unwrap());
         assert_eq!(cas.put_bytes(&id, b"x").unwrap(), PutOutcome::Stored);
-        assert_eq!(cas.put_bytes(&id, b"x").unwrap(), PutOutcome::AlreadyPresent);
+        assert_eq!(
+            cas.put_bytes(&id, b"x").unwrap(),
+            PutOutcome::AlreadyPresent
+        );
         assert!(cas.exists(&id).unwrap());
         assert_eq!(cas.size(&id).unwrap(), 1);
         assert_eq!(get_all(&cas, &id).unwrap(), b"x");
@@ -400,14 +405,20 @@ mod tests {
             let mut p = cas.begin().unwrap();
             p.write_all(b"partial").unwrap();
         }
-        assert_eq!(fs::read_dir(dir.path().join("data/txn")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(dir.path().join("data/txn")).unwrap().count(),
+            0
+        );
         assert!(cas.list().unwrap().is_empty());
         let mut p = cas.begin().unwrap();
         p.write_all(b"whole").unwrap();
         let id = ObjectId::new(Digest20::of(b"whole"), Suffix::None);
         assert_eq!(p.commit(&id).unwrap(), PutOutcome::Stored);
         assert_eq!(fs::read(dir.path().join(id.path())).unwrap(), b"whole");
-        assert_eq!(fs::read_dir(dir.path().join("data/txn")).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_dir(dir.path().join("data/txn")).unwrap().count(),
+            0
+        );
     }
 
     #[test]
@@ -417,6 +428,9 @@ mod tests {
         cas.put_root_file(".cvmfspublished", b"m").unwrap();
         assert_eq!(cas.get_root_file(".cvmfspublished").unwrap().unwrap(), b"m");
         assert!(cas.get_root_file(".cvmfswhitelist").unwrap().is_none());
-        assert!(matches!(cas.put_root_file("../evil", b""), Err(CasError::BadName(_))));
+        assert!(matches!(
+            cas.put_root_file("../evil", b""),
+            Err(CasError::BadName(_))
+        ));
     }
 }

@@ -95,7 +95,10 @@ pub fn check(cas: &dyn Cas, master: Option<&rsa::RsaPublicKey>, now: i64) -> Rep
         Ok(Some(b)) => match Whitelist::parse(&b) {
             Ok(w) => {
                 if w.name != m.name {
-                    r.bad(format!("whitelist is for '{}', manifest for '{}'", w.name, m.name));
+                    r.bad(format!(
+                        "whitelist is for '{}', manifest for '{}'",
+                        w.name, m.name
+                    ));
                 }
                 if w.expires <= now {
                     r.bad(format!(
@@ -105,7 +108,9 @@ pub fn check(cas: &dyn Cas, master: Option<&rsa::RsaPublicKey>, now: i64) -> Rep
                 }
                 if let Some(pem) = &cert_pem {
                     match crate::keys::certificate_fingerprint(pem) {
-                        Ok(fp) if !w.lists(&fp) => r.bad("whitelist does not list the repository certificate"),
+                        Ok(fp) if !w.lists(&fp) => {
+                            r.bad("whitelist does not list the repository certificate")
+                        }
                         Err(e) => r.bad(format!("certificate: {e}")),
                         _ => {}
                     }
@@ -116,9 +121,9 @@ pub fn check(cas: &dyn Cas, master: Option<&rsa::RsaPublicKey>, now: i64) -> Rep
                             r.bad(e.to_string());
                         }
                     }
-                    None => r
-                        .warnings
-                        .push("whitelist signature not verified: no master public key given".into()),
+                    None => r.warnings.push(
+                        "whitelist signature not verified: no master public key given".into(),
+                    ),
                 }
             }
             Err(e) => r.bad(e.to_string()),
@@ -128,7 +133,9 @@ pub fn check(cas: &dyn Cas, master: Option<&rsa::RsaPublicKey>, now: i64) -> Rep
     }
     // History.
     match m.history {
-        None => r.warnings.push("manifest has no history database (H)".into()),
+        None => r
+            .warnings
+            .push("manifest has no history database (H)".into()),
         Some(h) => match get_all(cas, &h)
             .map_err(|e| e.to_string())
             .and_then(|b| decode_to_vec(&h, &b, true).map_err(|e| e.to_string()))
@@ -141,13 +148,18 @@ pub fn check(cas: &dyn Cas, master: Option<&rsa::RsaPublicKey>, now: i64) -> Rep
                     let hist = History::open(tmp.path()).map_err(|e| e.to_string())?;
                     match hist.tag("trunk").map_err(|e| e.to_string())? {
                         None => Err("history has no 'trunk' tag".into()),
-                        Some(t) if t.hash != m.root_catalog.digest.hex() || t.revision != m.revision => Err(format!(
-                            "history tag trunk points at {} r{}, manifest at {} r{}",
-                            t.hash,
-                            t.revision,
-                            m.root_catalog.digest.hex(),
-                            m.revision
-                        )),
+                        Some(t)
+                            if t.hash != m.root_catalog.digest.hex()
+                                || t.revision != m.revision =>
+                        {
+                            Err(format!(
+                                "history tag trunk points at {} r{}, manifest at {} r{}",
+                                t.hash,
+                                t.revision,
+                                m.root_catalog.digest.hex(),
+                                m.revision
+                            ))
+                        }
                         Some(_) => Ok(()),
                     }
                 })();
@@ -161,12 +173,15 @@ pub fn check(cas: &dyn Cas, master: Option<&rsa::RsaPublicKey>, now: i64) -> Rep
     if let Ok(Some(b)) = cas.get_root_file(REFLOG) {
         match m.reflog {
             None => r.bad(".cvmfsreflog exists but the manifest has no reflog hash (Y)"),
-            Some(y) if y != Digest20::of(&b) => r.bad("reflog hash in the manifest does not match .cvmfsreflog"),
+            Some(y) if y != Digest20::of(&b) => {
+                r.bad("reflog hash in the manifest does not match .cvmfsreflog")
+            }
             Some(_) => {
                 let res = (|| -> Result<Vec<String>, String> {
                     let tmp = tempfile::NamedTempFile::new().map_err(|e| e.to_string())?;
                     std::fs::write(tmp.path(), &b).map_err(|e| e.to_string())?;
-                    let rl = Reflog::open_or_create(tmp.path(), &m.name).map_err(|e| e.to_string())?;
+                    let rl =
+                        Reflog::open_or_create(tmp.path(), &m.name).map_err(|e| e.to_string())?;
                     let mut missing = Vec::new();
                     let mut want = vec![(m.root_catalog, RefType::Catalog)];
                     want.extend(m.certificate.map(|x| (x, RefType::Certificate)));
@@ -187,7 +202,16 @@ pub fn check(cas: &dyn Cas, master: Option<&rsa::RsaPublicKey>, now: i64) -> Rep
     }
     // Catalogs and objects.
     let mut objects: HashMap<ObjectId, (bool, u64, String)> = HashMap::new();
-    let root_stats = check_catalog(cas, &m.root_catalog, "", Some(m.root_size), None, &mut r, &mut objects, Some(m.revision));
+    let root_stats = check_catalog(
+        cas,
+        &m.root_catalog,
+        "",
+        Some(m.root_size),
+        None,
+        &mut r,
+        &mut objects,
+        Some(m.revision),
+    );
     let _ = root_stats;
     for (id, (compressed, size, path)) in objects {
         r.objects += 1;
@@ -218,8 +242,15 @@ fn check_catalog(
     objects: &mut HashMap<ObjectId, (bool, u64, String)>,
     expected_revision: Option<u64>,
 ) -> Option<Counters> {
-    let where_ = if mountpoint.is_empty() { "root catalog".to_string() } else { format!("catalog of {mountpoint}") };
-    let bytes = match get_all(cas, id).map_err(|e| e.to_string()).and_then(|b| decode_to_vec(id, &b, true).map_err(|e| e.to_string())) {
+    let where_ = if mountpoint.is_empty() {
+        "root catalog".to_string()
+    } else {
+        format!("catalog of {mountpoint}")
+    };
+    let bytes = match get_all(cas, id)
+        .map_err(|e| e.to_string())
+        .and_then(|b| decode_to_vec(id, &b, true).map_err(|e| e.to_string()))
+    {
         Ok(b) => b,
         Err(e) => {
             r.bad(format!("{where_} {id}: {e}"));
@@ -229,7 +260,10 @@ fn check_catalog(
     r.catalogs += 1;
     if let Some(s) = expected_size {
         if s != bytes.len() as u64 {
-            r.bad(format!("{where_} {id}: size is {} bytes, its parent (or manifest B) says {s}", bytes.len()));
+            r.bad(format!(
+                "{where_} {id}: size is {} bytes, its parent (or manifest B) says {s}",
+                bytes.len()
+            ));
         }
     }
     let tmp = match tempfile::NamedTempFile::new() {
@@ -288,7 +322,9 @@ fn check_catalog(
             e
         };
         if strip(mp) != strip(&root) {
-            bad(format!("transition point {mountpoint} differs between parent and nested root"));
+            bad(format!(
+                "transition point {mountpoint} differs between parent and nested root"
+            ));
         }
     }
     let nested: HashMap<String, (Option<ObjectId>, u64)> = match db.nested() {
@@ -316,7 +352,12 @@ fn check_catalog(
         let dir_entry = db.lookup_key(key).ok().flatten();
         if let Some(de) = &dir_entry {
             if !de.is_nested_mountpoint() && de.linkcount != subdirs + 2 {
-                bad(format!("{}: directory link count {} but {} subdirectories", if dir.is_empty() { "/" } else { &dir }, de.linkcount, subdirs));
+                bad(format!(
+                    "{}: directory link count {} but {} subdirectories",
+                    if dir.is_empty() { "/" } else { &dir },
+                    de.linkcount,
+                    subdirs
+                ));
             }
         }
         for (e, keys) in children {
@@ -327,7 +368,9 @@ fn check_catalog(
                 bad(format!("{dir}: entry with empty name"));
             }
             if keys.path != path_key(&path) {
-                bad(format!("{path}: wrong md5path (stored key does not hash the path)"));
+                bad(format!(
+                    "{path}: wrong md5path (stored key does not hash the path)"
+                ));
             }
             if keys.xattr_corrupt {
                 bad(format!("{path}: malformed xattr blob"));
@@ -345,10 +388,14 @@ fn check_catalog(
                     }
                     if e.is_nested_mountpoint() {
                         if !nested.contains_key(&path) {
-                            bad(format!("{path}: nested mountpoint not registered in nested_catalogs"));
+                            bad(format!(
+                                "{path}: nested mountpoint not registered in nested_catalogs"
+                            ));
                         }
                         match db.list_with_keys(keys.path) {
-                            Ok(c) if !c.is_empty() => bad(format!("{path}: nested catalog mountpoint is not empty in the parent")),
+                            Ok(c) if !c.is_empty() => bad(format!(
+                                "{path}: nested catalog mountpoint is not empty in the parent"
+                            )),
                             _ => {}
                         }
                         found_mountpoints.push((path.clone(), e.clone()));
@@ -360,7 +407,8 @@ fn check_catalog(
                     let compressed = !e.is_uncompressed();
                     if e.is_chunked() {
                         if e.hash.is_some() {
-                            r.warnings.push(format!("{path}: chunked file carries a bulk hash"));
+                            r.warnings
+                                .push(format!("{path}: chunked file carries a bulk hash"));
                         }
                         let mut off = 0u64;
                         if e.chunks.is_empty() {
@@ -368,27 +416,45 @@ fn check_catalog(
                         }
                         for c in &e.chunks {
                             if c.offset != off {
-                                bad(format!("{path}: chunk list has a gap or overlap at offset {}", c.offset));
+                                bad(format!(
+                                    "{path}: chunk list has a gap or overlap at offset {}",
+                                    c.offset
+                                ));
                             }
                             off = c.offset + c.size;
-                            objects.entry(c.id).or_insert((compressed, c.size, path.clone()));
+                            objects
+                                .entry(c.id)
+                                .or_insert((compressed, c.size, path.clone()));
                         }
                         if off != e.size {
-                            bad(format!("{path}: chunks cover {off} bytes, file size is {}", e.size));
+                            bad(format!(
+                                "{path}: chunks cover {off} bytes, file size is {}",
+                                e.size
+                            ));
                         }
                     } else {
                         match e.hash {
                             None => bad(format!("{path}: regular file without content hash")),
                             Some(h) => {
-                                objects.entry(ObjectId::new(h, Suffix::None)).or_insert((compressed, e.size, path.clone()));
+                                objects.entry(ObjectId::new(h, Suffix::None)).or_insert((
+                                    compressed,
+                                    e.size,
+                                    path.clone(),
+                                ));
                             }
                         }
                     }
                     if e.hardlink_group > 0 {
-                        let g = groups.entry(e.hardlink_group).or_insert((0, e.linkcount, dir.clone()));
+                        let g =
+                            groups
+                                .entry(e.hardlink_group)
+                                .or_insert((0, e.linkcount, dir.clone()));
                         g.0 += 1;
                         if g.1 != e.linkcount || g.2 != dir {
-                            bad(format!("{path}: inconsistent hardlink group {}", e.hardlink_group));
+                            bad(format!(
+                                "{path}: inconsistent hardlink group {}",
+                                e.hardlink_group
+                            ));
                         }
                     }
                 }
@@ -407,20 +473,29 @@ fn check_catalog(
     }
     for (g, (count, linkcount, dir)) in &groups {
         if count != linkcount {
-            bad(format!("{dir}: hardlink group {g} has {count} members but link count {linkcount}"));
+            bad(format!(
+                "{dir}: hardlink group {g} has {count} members but link count {linkcount}"
+            ));
         }
     }
     if !mountpoint.is_empty() && !marker_seen {
-        r.warnings.push(format!("{where_}: nested catalog without .cvmfscatalog marker"));
+        r.warnings.push(format!(
+            "{where_}: nested catalog without .cvmfscatalog marker"
+        ));
     }
     match db.row_count() {
-        Ok(n) if n != visited => bad(format!("{} dangling rows (rows not reachable from the root entry)", n - visited)),
+        Ok(n) if n != visited => bad(format!(
+            "{} dangling rows (rows not reachable from the root entry)",
+            n - visited
+        )),
         Err(e) => bad(e.to_string()),
         _ => {}
     }
     for p in nested.keys() {
         if !found_mountpoints.iter().any(|(mp, _)| mp == p) {
-            bad(format!("nested catalog {p} registered but its mountpoint entry is missing"));
+            bad(format!(
+                "nested catalog {p} registered but its mountpoint entry is missing"
+            ));
         }
     }
     // Counters.
@@ -430,25 +505,38 @@ fn check_catalog(
     for (mp, mp_entry) in &found_mountpoints {
         if let Some((Some(h), size)) = nested.get(mp) {
             if *size == 0 {
-                r.findings.push(format!("{where_}: nested catalog {mp} has size 0"));
+                r.findings
+                    .push(format!("{where_}: nested catalog {mp} has size 0"));
             }
-            if let Some(t) = check_catalog(cas, h, mp, Some(*size), Some(mp_entry), r, objects, None) {
+            if let Some(t) =
+                check_catalog(cas, h, mp, Some(*size), Some(mp_entry), r, objects, None)
+            {
                 subtree = subtree.add(&t);
             }
         } else {
-            r.findings.push(format!("{where_}: nested catalog {mp} has no hash"));
+            r.findings
+                .push(format!("{where_}: nested catalog {mp} has no hash"));
         }
     }
     let mut bad = |s: String| r.findings.push(format!("{where_}: {s}"));
     match (stored, self_c) {
         (Ok(stored), Ok(self_c)) => {
-            let computed = Statistics { self_: self_c, subtree };
+            let computed = Statistics {
+                self_: self_c,
+                subtree,
+            };
             for (i, name) in crate::catalog::COUNTER_NAMES.iter().enumerate() {
                 if stored.self_.0[i] != computed.self_.0[i] {
-                    bad(format!("counter self_{name} is {} but the rows give {}", stored.self_.0[i], computed.self_.0[i]));
+                    bad(format!(
+                        "counter self_{name} is {} but the rows give {}",
+                        stored.self_.0[i], computed.self_.0[i]
+                    ));
                 }
                 if stored.subtree.0[i] != computed.subtree.0[i] {
-                    bad(format!("counter subtree_{name} is {} but nested catalogs give {}", stored.subtree.0[i], computed.subtree.0[i]));
+                    bad(format!(
+                        "counter subtree_{name} is {} but nested catalogs give {}",
+                        stored.subtree.0[i], computed.subtree.0[i]
+                    ));
                 }
             }
             Some(computed.total())

@@ -74,11 +74,7 @@ pub struct Xor32Detector {
 
 impl Xor32Detector {
     pub fn new(params: ChunkParams) -> Self {
-        let threshold = if params.avg > 0 {
-            (u32::MAX as u64 / params.avg) as i32
-        } else {
-            0
-        };
+        let threshold = (u32::MAX as u64).checked_div(params.avg).unwrap_or(0) as i32;
         Xor32Detector {
             params,
             threshold,
@@ -187,7 +183,11 @@ mod tests {
     fn chunks_cover_file_and_respect_bounds() {
         let data = pseudo_random(200_000, 7);
         let chunks = cut_all(&data, small());
-        assert!(chunks.len() > 20, "expected many chunks, got {}", chunks.len());
+        assert!(
+            chunks.len() > 20,
+            "expected many chunks, got {}",
+            chunks.len()
+        );
         let mut off = 0;
         for (i, (o, l)) in chunks.iter().enumerate() {
             assert_eq!(*o, off);
@@ -232,9 +232,16 @@ mod tests {
         let mut shifted = vec![0xAAu8; 100];
         shifted.extend_from_slice(&data);
         let a: Vec<u64> = cut_all(&data, small()).iter().map(|c| c.0).collect();
-        let b: Vec<u64> = cut_all(&shifted, small()).iter().map(|c| c.0 - 100.min(c.0)).collect();
+        let b: Vec<u64> = cut_all(&shifted, small())
+            .iter()
+            .map(|c| c.0 - 100.min(c.0))
+            .collect();
         let common = a.iter().filter(|x| b.contains(x)).count();
-        assert!(common * 2 > a.len(), "only {common} of {} cuts realigned", a.len());
+        assert!(
+            common * 2 > a.len(),
+            "only {common} of {} cuts realigned",
+            a.len()
+        );
     }
 
     #[test]
@@ -251,7 +258,12 @@ mod tests {
         assert_eq!(cut_all(&[1, 2, 3], small()), vec![(0, 3)]);
         assert!(ChunkParams::default().validate().is_ok());
         assert!(ChunkParams { min: 16, ..small() }.validate().is_err());
-        assert!(ChunkParams { avg: 9000, ..small() }.validate().is_err());
+        assert!(ChunkParams {
+            avg: 9000,
+            ..small()
+        }
+        .validate()
+        .is_err());
         // threshold of the upstream defaults (cvmfs-formats.md §2.2)
         assert_eq!(Xor32Detector::new(ChunkParams::default()).threshold, 511);
     }

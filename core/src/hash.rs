@@ -93,9 +93,7 @@ impl Digest20 {
 
     /// Builds from a raw 20-byte blob (as stored in catalog `hash` columns).
     pub fn from_slice(b: &[u8]) -> Result<Self, HashError> {
-        let arr: [u8; DIGEST_LEN] = b
-            .try_into()
-            .map_err(|_| HashError::BadBlob(b.len()))?;
+        let arr: [u8; DIGEST_LEN] = b.try_into().map_err(|_| HashError::BadBlob(b.len()))?;
         Ok(Digest20(arr))
     }
 }
@@ -115,7 +113,9 @@ impl fmt::Display for Digest20 {
 /// Errors from parsing hash text.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HashError {
-    #[error("hash '{0}' has the wrong length for SHA-1 (40 hex characters plus an optional suffix)")]
+    #[error(
+        "hash '{0}' has the wrong length for SHA-1 (40 hex characters plus an optional suffix)"
+    )]
     BadLength(String),
     #[error("hash '{0}' is not hexadecimal")]
     NotHex(String),
@@ -162,7 +162,8 @@ impl ObjectId {
             40 => Ok(ObjectId::new(Digest20::from_hex(s)?, Suffix::None)),
             41 => {
                 let c = s[40..].chars().next().unwrap_or(' ');
-                let suffix = Suffix::from_char(c).ok_or_else(|| HashError::BadSuffix(s.to_string()))?;
+                let suffix =
+                    Suffix::from_char(c).ok_or_else(|| HashError::BadSuffix(s.to_string()))?;
                 Ok(ObjectId::new(Digest20::from_hex(&s[..40])?, suffix))
             }
             _ => Err(HashError::BadLength(s.to_string())),
@@ -234,7 +235,10 @@ mod tests {
     fn md5_split_matches_upstream_examples() {
         // cvmfs-formats.md §3.2
         assert_eq!(path_key(""), (338333539836370388, 9098107892288553193));
-        assert_eq!(path_key("/foo"), (5745132282796244766, -5819618580357280866));
+        assert_eq!(
+            path_key("/foo"),
+            (5745132282796244766, -5819618580357280866)
+        );
     }
 
     #[test]
@@ -254,7 +258,10 @@ mod tests {
             ObjectId::parse("28d94b83b7229b331fc601362b8e272e02665122-shake128"),
             Err(HashError::UnsupportedAlgorithm(_))
         ));
-        assert!(matches!(ObjectId::parse("abc"), Err(HashError::BadLength(_))));
+        assert!(matches!(
+            ObjectId::parse("abc"),
+            Err(HashError::BadLength(_))
+        ));
         assert!(matches!(
             ObjectId::parse("e8ec3d88b62ebf526e4e5a4ff6162a3aa48a6b78Q"),
             Err(HashError::BadSuffix(_))

@@ -39,7 +39,9 @@ pub enum HistoryError {
 pub fn valid_tag_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 255
-        && !name.chars().any(|c| c.is_whitespace() || c == '/' || c.is_control())
+        && !name
+            .chars()
+            .any(|c| c.is_whitespace() || c == '/' || c.is_control())
 }
 
 /// A history database file on scratch disk.
@@ -62,9 +64,18 @@ impl History {
              CREATE TABLE recycle_bin (hash TEXT, flags INTEGER, CONSTRAINT pk_hash PRIMARY KEY (hash));
              INSERT INTO branches (branch, parent, initial_revision) VALUES ('', NULL, 0);",
         )?;
-        conn.execute("INSERT INTO properties (key, value) VALUES ('schema', ?1)", params![1.0f64])?;
-        conn.execute("INSERT INTO properties (key, value) VALUES ('schema_revision', 3)", [])?;
-        conn.execute("INSERT INTO properties (key, value) VALUES ('fqrn', ?1)", params![fqrn])?;
+        conn.execute(
+            "INSERT INTO properties (key, value) VALUES ('schema', ?1)",
+            params![1.0f64],
+        )?;
+        conn.execute(
+            "INSERT INTO properties (key, value) VALUES ('schema_revision', 3)",
+            [],
+        )?;
+        conn.execute(
+            "INSERT INTO properties (key, value) VALUES ('fqrn', ?1)",
+            params![fqrn],
+        )?;
         Ok(History { conn })
     }
 
@@ -153,9 +164,18 @@ impl Reflog {
                  CREATE TABLE refs (hash TEXT, type INTEGER, timestamp INTEGER,
                    CONSTRAINT pk_refs PRIMARY KEY (type, hash));",
             )?;
-            conn.execute("INSERT INTO properties (key, value) VALUES ('schema', ?1)", params![1.0f64])?;
-            conn.execute("INSERT INTO properties (key, value) VALUES ('schema_revision', 0)", [])?;
-            conn.execute("INSERT INTO properties (key, value) VALUES ('fqrn', ?1)", params![fqrn])?;
+            conn.execute(
+                "INSERT INTO properties (key, value) VALUES ('schema', ?1)",
+                params![1.0f64],
+            )?;
+            conn.execute(
+                "INSERT INTO properties (key, value) VALUES ('schema_revision', 0)",
+                [],
+            )?;
+            conn.execute(
+                "INSERT INTO properties (key, value) VALUES ('fqrn', ?1)",
+                params![fqrn],
+            )?;
         }
         Ok(Reflog { conn })
     }
@@ -177,7 +197,9 @@ impl Reflog {
 
     /// Every root catalog ever published.
     pub fn catalogs(&self) -> Result<Vec<String>, HistoryError> {
-        let mut st = self.conn.prepare("SELECT hash FROM refs WHERE type = 0 ORDER BY timestamp")?;
+        let mut st = self
+            .conn
+            .prepare("SELECT hash FROM refs WHERE type = 0 ORDER BY timestamp")?;
         let rows = st.query_map([], |r| r.get::<_, String>(0))?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }

@@ -67,7 +67,11 @@ pub enum IntakeError {
     #[error("entry '{entry}': unsupported tar entry type {kind}")]
     Unsupported { entry: String, kind: String },
     #[error("entry '{entry}': {size} bytes exceeds the per-entry limit of {limit}")]
-    EntryTooLarge { entry: String, size: u64, limit: u64 },
+    EntryTooLarge {
+        entry: String,
+        size: u64,
+        limit: u64,
+    },
     #[error("entry '{entry}': archive content exceeds the total limit of {limit} bytes")]
     TotalTooLarge { entry: String, limit: u64 },
     #[error("archive has more than {0} entries")]
@@ -121,6 +125,8 @@ pub struct ChangeSet {
     pub nodes: BTreeMap<String, Node>,
     /// Relative directories that hold a `.cvmfscatalog` marker (`""` = the target itself).
     pub markers: BTreeSet<String>,
+    /// Relative paths to remove before the entries are applied (merge mode).
+    pub removals: Vec<String>,
     pub stats: IntakeStats,
 }
 
@@ -224,7 +230,13 @@ pub fn read_tar<R: Read>(
         let raw = ent.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
         let et = ent.header().entry_type();
-        if matches!(et, EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink) {
+        if matches!(
+            et,
+            EntryType::XGlobalHeader
+                | EntryType::XHeader
+                | EntryType::GNULongName
+                | EntryType::GNULongLink
+        ) {
             continue;
         }
         let rel = normalize(&raw)?;
@@ -249,8 +261,18 @@ pub fn read_tar<R: Read>(
         }
         let h = ent.header().clone();
         let perm = h.mode().map_err(IntakeError::Read)? & 0o7777;
-        let uid = h.uid().map_err(IntakeError::Read)?;
-        let gid = h.gid().map_err(IntakeError::Read)?;
+        // Some writers leave owner fields blank; like GNU tar, read blank as 0.
+        let blank = |f: &[u8]| f.iter().all(|&b| b == 0 || b == b' ');
+        let uid = match h.uid() {
+            Ok(v) => v,
+            Err(_) if blank(&h.as_old().uid) => 0,
+            Err(e) => return Err(IntakeError::Read(e)),
+        };
+        let gid = match h.gid() {
+            Ok(v) => v,
+            Err(_) if blank(&h.as_old().gid) => 0,
+            Err(e) => return Err(IntakeError::Read(e)),
+        };
         let mut mtime = h.mtime().map_err(IntakeError::Read)? as i64;
         let mut mtimens = None;
         let mut xattrs = Xattrs::default();
@@ -281,7 +303,11 @@ pub fn read_tar<R: Read>(
         }
         let mut entry = Entry::directory(name_of(&rel), perm, uid, gid, mtime);
         entry.mtimens = mtimens;
-        entry.xattrs = if xattrs.is_empty() { None } else { Some(xattrs) };
+        entry.xattrs = if xattrs.is_empty() {
+            None
+        } else {
+            Some(xattrs)
+        };
         let mut hardlink_of = None;
         match et {
             EntryType::Directory => {}
@@ -312,7 +338,8 @@ pub fn read_tar<R: Read>(
                 entry.mode = mode::S_IFREG | perm;
                 entry.size = enc.size;
                 entry.linkcount = 1;
-                entry.flags = enc.compression.flag_value() << crate::catalog::flags::COMPRESSION_SHIFT;
+                entry.flags =
+                    enc.compression.flag_value() << crate::catalog::flags::COMPRESSION_SHIFT;
                 match enc.content {
                     FileContent::Whole(id) => entry.hash = Some(id.digest),
                     FileContent::Chunked(chunks) => entry.chunks = chunks,
@@ -332,7 +359,8 @@ pub fn read_tar<R: Read>(
                 if target.contains(&0) {
                     return Err(IntakeError::Nul(shown));
                 }
-                let t = String::from_utf8(target).map_err(|_| IntakeError::NotUtf8(shown.clone()))?;
+                let t =
+                    String::from_utf8(target).map_err(|_| IntakeError::NotUtf8(shown.clone()))?;
                 entry.mode = mode::S_IFLNK | 0o777;
                 // Upstream stores the target length; readers take the length from the text.
                 entry.size = t.len() as u64;
@@ -345,7 +373,11 @@ pub fn read_tar<R: Read>(
                     .map(|b| b.into_owned())
                     .unwrap_or_default();
                 let target = normalize(&target_raw)?;
-                let Some(orig) = cs.nodes.get(&target).filter(|n| n.entry.kind() == crate::catalog::Kind::Regular) else {
+                let Some(orig) = cs
+                    .nodes
+                    .get(&target)
+                    .filter(|n| n.entry.kind() == crate::catalog::Kind::Regular)
+                else {
                     return Err(IntakeError::BadHardlink {
                         entry: shown,
                         target: String::from_utf8_lossy(&target_raw).into_owned(),
@@ -396,7 +428,12 @@ pub fn read_tar<R: Read>(
         }
         if !entry.is_dir() {
             let prefix = format!("{rel}/");
-            if cs.nodes.range(prefix.clone()..).next().is_some_and(|(k, _)| k.starts_with(&prefix)) {
+            if cs
+                .nodes
+                .range(prefix.clone()..)
+                .next()
+                .is_some_and(|(k, _)| k.starts_with(&prefix))
+            {
                 return Err(IntakeError::NotADirectory(shown));
             }
         }
@@ -525,12 +562,18 @@ mod tests {
 
     #[test]
     fn rejects_absolute_names() {
-        assert_eq!(err(&T::new().file("/etc/passwd", b"x").done()), "entry '/etc/passwd': absolute paths are not allowed");
+        assert_eq!(
+            err(&T::new().file("/etc/passwd", b"x").done()),
+            "entry '/etc/passwd': absolute paths are not allowed"
+        );
     }
 
     #[test]
     fn rejects_dotdot() {
-        assert_eq!(err(&T::new().file("a/../../x", b"x").done()), "entry 'a/../../x': '..' components are not allowed");
+        assert_eq!(
+            err(&T::new().file("a/../../x", b"x").done()),
+            "entry 'a/../../x': '..' components are not allowed"
+        );
     }
 
     #[test]
@@ -543,17 +586,26 @@ mod tests {
 
     #[test]
     fn rejects_duplicates_after_normalisation() {
-        assert_eq!(err(&T::new().file("a", b"1").file("./a", b"2").done()), "entry './a': appears more than once in the archive");
+        assert_eq!(
+            err(&T::new().file("a", b"1").file("./a", b"2").done()),
+            "entry './a': appears more than once in the archive"
+        );
     }
 
     #[test]
     fn rejects_hardlinks_to_missing_or_later_entries() {
         assert_eq!(
-            err(&T::new().raw(b"h", EntryType::Link, b"", b"later").file("later", b"x").done()),
+            err(&T::new()
+                .raw(b"h", EntryType::Link, b"", b"later")
+                .file("later", b"x")
+                .done()),
             "entry 'h': hard link target 'later' is not an earlier regular file of this archive"
         );
         assert_eq!(
-            err(&T::new().dir("d").raw(b"h", EntryType::Link, b"", b"d").done()),
+            err(&T::new()
+                .dir("d")
+                .raw(b"h", EntryType::Link, b"", b"d")
+                .done()),
             "entry 'h': hard link target 'd' is not an earlier regular file of this archive"
         );
     }
@@ -570,14 +622,27 @@ mod tests {
     #[test]
     fn rejects_file_that_already_has_children() {
         let t = T::new().file("a/b", b"x").file("a", b"y").done();
-        assert_eq!(err(&t), "entry 'a': is not a directory but earlier entries lie inside it");
+        assert_eq!(
+            err(&t),
+            "entry 'a': is not a directory but earlier entries lie inside it"
+        );
     }
 
     #[test]
     fn special_files_rejected_or_skipped() {
-        let t = T::new().raw(b"dev/null", EntryType::Char, b"", b"").raw(b"fifo", EntryType::Fifo, b"", b"").done();
+        let t = T::new()
+            .raw(b"dev/null", EntryType::Char, b"", b"")
+            .raw(b"fifo", EntryType::Fifo, b"", b"")
+            .done();
         assert_eq!(err(&t), "entry 'dev/null': character device entries are not allowed (set skip_special to drop them)");
-        let cs = run(&t, IntakeLimits { skip_special: true, ..IntakeLimits::default() }).unwrap();
+        let cs = run(
+            &t,
+            IntakeLimits {
+                skip_special: true,
+                ..IntakeLimits::default()
+            },
+        )
+        .unwrap();
         assert_eq!(cs.stats.skipped_special, 2);
         assert!(!cs.nodes.contains_key("fifo"));
     }
@@ -585,14 +650,35 @@ mod tests {
     #[test]
     fn size_limits_fail_fast() {
         let t = T::new().file("big", &[7u8; 2000]).done();
-        let lim = IntakeLimits { max_entry_size: 1000, ..IntakeLimits::default() };
-        assert_eq!(run(&t, lim).unwrap_err().to_string(), "entry 'big': 2000 bytes exceeds the per-entry limit of 1000");
-        let t = T::new().file("a", &[1u8; 600]).file("b", &[2u8; 600]).done();
-        let lim = IntakeLimits { max_total_size: 1000, ..IntakeLimits::default() };
-        assert_eq!(run(&t, lim).unwrap_err().to_string(), "entry 'b': archive content exceeds the total limit of 1000 bytes");
+        let lim = IntakeLimits {
+            max_entry_size: 1000,
+            ..IntakeLimits::default()
+        };
+        assert_eq!(
+            run(&t, lim).unwrap_err().to_string(),
+            "entry 'big': 2000 bytes exceeds the per-entry limit of 1000"
+        );
+        let t = T::new()
+            .file("a", &[1u8; 600])
+            .file("b", &[2u8; 600])
+            .done();
+        let lim = IntakeLimits {
+            max_total_size: 1000,
+            ..IntakeLimits::default()
+        };
+        assert_eq!(
+            run(&t, lim).unwrap_err().to_string(),
+            "entry 'b': archive content exceeds the total limit of 1000 bytes"
+        );
         let t = T::new().file("a", b"").file("b", b"").file("c", b"").done();
-        let lim = IntakeLimits { max_entries: 2, ..IntakeLimits::default() };
-        assert_eq!(run(&t, lim).unwrap_err().to_string(), "archive has more than 2 entries");
+        let lim = IntakeLimits {
+            max_entries: 2,
+            ..IntakeLimits::default()
+        };
+        assert_eq!(
+            run(&t, lim).unwrap_err().to_string(),
+            "archive has more than 2 entries"
+        );
     }
 
     #[test]
@@ -603,7 +689,11 @@ mod tests {
         std::io::Write::write_all(&mut gz, &t).unwrap();
         let gz = gz.finish().unwrap();
         assert!(gz.len() < 1 << 20);
-        let lim = IntakeLimits { max_total_size: 1 << 20, max_entries: 10, ..IntakeLimits::default() };
+        let lim = IntakeLimits {
+            max_total_size: 1 << 20,
+            max_entries: 10,
+            ..IntakeLimits::default()
+        };
         assert_eq!(
             run(&gz, lim).unwrap_err().to_string(),
             "entry 'bomb': archive content exceeds the total limit of 1048576 bytes"
@@ -616,11 +706,20 @@ mod tests {
         let cas = LocalCas::create(dir.path()).unwrap().without_fsync();
         let t = T::new().file(".cvmfs/x", b"").done();
         let e = read_tar(&t[..], true, &params(), &IntakeLimits::default(), &cas, 0).unwrap_err();
-        assert_eq!(e.to_string(), "entry '.cvmfs/x': the name is reserved by CVMFS");
+        assert_eq!(
+            e.to_string(),
+            "entry '.cvmfs/x': the name is reserved by CVMFS"
+        );
         let t = T::new().file(".cvmfscatalog", b"").done();
         let e = read_tar(&t[..], true, &params(), &IntakeLimits::default(), &cas, 0).unwrap_err();
-        assert_eq!(e.to_string(), "entry '.cvmfscatalog': a '.cvmfscatalog' marker in the repository root is not allowed");
+        assert_eq!(
+            e.to_string(),
+            "entry '.cvmfscatalog': a '.cvmfscatalog' marker in the repository root is not allowed"
+        );
         let t = T::new().dir("d/.cvmfscatalog").done();
-        assert_eq!(err(&t), "entry 'd/.cvmfscatalog': '.cvmfscatalog' must be a regular file");
+        assert_eq!(
+            err(&t),
+            "entry 'd/.cvmfscatalog': '.cvmfscatalog' must be a regular file"
+        );
     }
 }

@@ -62,7 +62,9 @@ pub struct RepoKeys {
 impl std::fmt::Debug for RepoKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print key material.
-        f.debug_struct("RepoKeys").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("RepoKeys")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -102,13 +104,16 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), KeyError> {
         .mode(mode)
         .open(&tmp)
         .map_err(|e| file_err(&tmp, e))?;
-    f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| file_err(&tmp, e))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| file_err(&tmp, e))?;
     fs::rename(&tmp, path).map_err(|e| file_err(path, e))
 }
 
 /// Public key of a PEM certificate.
 pub fn certificate_public_key(pem: &str) -> Result<RsaPublicKey, KeyError> {
-    let cert = Certificate::from_pem(pem.as_bytes()).map_err(|e| KeyError::Certificate(e.to_string()))?;
+    let cert =
+        Certificate::from_pem(pem.as_bytes()).map_err(|e| KeyError::Certificate(e.to_string()))?;
     let spki = cert
         .tbs_certificate
         .subject_public_key_info
@@ -120,19 +125,31 @@ pub fn certificate_public_key(pem: &str) -> Result<RsaPublicKey, KeyError> {
 /// The whitelist fingerprint of a PEM certificate: SHA-1 of its DER encoding as uppercase hex
 /// pairs joined by `:` (upstream `FingerprintCertificate`).
 pub fn certificate_fingerprint(pem: &str) -> Result<String, KeyError> {
-    let cert = Certificate::from_pem(pem.as_bytes()).map_err(|e| KeyError::Certificate(e.to_string()))?;
-    let der = cert.to_der().map_err(|e| KeyError::Certificate(e.to_string()))?;
+    let cert =
+        Certificate::from_pem(pem.as_bytes()).map_err(|e| KeyError::Certificate(e.to_string()))?;
+    let der = cert
+        .to_der()
+        .map_err(|e| KeyError::Certificate(e.to_string()))?;
     let d = Sha1::digest(&der);
-    Ok(d.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":"))
+    Ok(d.iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":"))
 }
 
 /// Verifies a manifest signature (PKCS#1 v1.5, SHA-1 DigestInfo) over `hash_text`.
-pub fn verify_manifest_signature(cert_pem: &str, hash_text: &[u8], sig: &[u8]) -> Result<bool, KeyError> {
+pub fn verify_manifest_signature(
+    cert_pem: &str,
+    hash_text: &[u8],
+    sig: &[u8],
+) -> Result<bool, KeyError> {
     let key = certificate_public_key(cert_pem)?;
     let Ok(sig) = Signature::try_from(sig) else {
         return Ok(false);
     };
-    Ok(VerifyingKey::<Sha1>::new(key).verify(hash_text, &sig).is_ok())
+    Ok(VerifyingKey::<Sha1>::new(key)
+        .verify(hash_text, &sig)
+        .is_ok())
 }
 
 /// Verifies a whitelist signature (raw PKCS#1 v1.5 of the hash text) with a master public key.
@@ -146,8 +163,10 @@ impl RepoKeys {
     /// Generates a fresh key set and a self-signed certificate valid for `validity_days`.
     pub fn generate(name: &str, validity_days: u64) -> Result<RepoKeys, KeyError> {
         let mut rng = rand::thread_rng();
-        let key = RsaPrivateKey::new(&mut rng, 2048).map_err(|e| KeyError::Generate(e.to_string()))?;
-        let master = RsaPrivateKey::new(&mut rng, 2048).map_err(|e| KeyError::Generate(e.to_string()))?;
+        let key =
+            RsaPrivateKey::new(&mut rng, 2048).map_err(|e| KeyError::Generate(e.to_string()))?;
+        let master =
+            RsaPrivateKey::new(&mut rng, 2048).map_err(|e| KeyError::Generate(e.to_string()))?;
         let certificate_pem = self_signed_certificate(name, &key, validity_days)?;
         Ok(RepoKeys {
             name: name.to_string(),
@@ -171,7 +190,10 @@ impl RepoKeys {
         let certificate_pem = fs::read_to_string(&crt_p).map_err(|e| file_err(&crt_p, e))?;
         let cert_key = certificate_public_key(&certificate_pem).map_err(|e| file_err(&crt_p, e))?;
         if cert_key != key.to_public_key() {
-            return Err(file_err(&crt_p, format!("certificate does not belong to {}", key_p.display())));
+            return Err(file_err(
+                &crt_p,
+                format!("certificate does not belong to {}", key_p.display()),
+            ));
         }
         let master = if master_p.is_file() {
             Some(read_private(&master_p)?)
@@ -219,15 +241,19 @@ impl RepoKeys {
 
     /// Signs a manifest hash line.
     pub fn sign_manifest(&self, hash_text: &[u8]) -> Vec<u8> {
-        SigningKey::<Sha1>::new(self.key.clone()).sign(hash_text).to_vec()
+        SigningKey::<Sha1>::new(self.key.clone())
+            .sign(hash_text)
+            .to_vec()
     }
 
     /// Signs a whitelist hash line with the master key.
     pub fn sign_whitelist(&self, hash_text: &[u8]) -> Result<Vec<u8>, KeyError> {
-        let m = self
-            .master
-            .as_ref()
-            .ok_or_else(|| KeyError::Sign(format!("no master key for {} (<repo>.masterkey)", self.name)))?;
+        let m = self.master.as_ref().ok_or_else(|| {
+            KeyError::Sign(format!(
+                "no master key for {} (<repo>.masterkey)",
+                self.name
+            ))
+        })?;
         m.sign(Pkcs1v15Sign::new_unprefixed(), hash_text)
             .map_err(|e| KeyError::Sign(e.to_string()))
     }
@@ -274,7 +300,11 @@ mod tests {
         k.save(dir.path()).unwrap();
         let mode = |n: &str| {
             use std::os::unix::fs::PermissionsExt;
-            fs::metadata(dir.path().join(n)).unwrap().permissions().mode() & 0o777
+            fs::metadata(dir.path().join(n))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
         };
         assert_eq!(mode("test.example.org.key"), 0o600);
         assert_eq!(mode("test.example.org.masterkey"), 0o600);
@@ -283,14 +313,26 @@ mod tests {
         assert!(l.certificate_pem.starts_with("-----BEGIN CERTIFICATE-----"));
         let sig = l.sign_manifest(b"0123456789abcdef0123456789abcdef01234567");
         assert_eq!(sig.len(), 256);
-        assert!(verify_manifest_signature(&l.certificate_pem, b"0123456789abcdef0123456789abcdef01234567", &sig).unwrap());
-        assert!(!verify_manifest_signature(&l.certificate_pem, b"1123456789abcdef0123456789abcdef01234567", &sig).unwrap());
+        assert!(verify_manifest_signature(
+            &l.certificate_pem,
+            b"0123456789abcdef0123456789abcdef01234567",
+            &sig
+        )
+        .unwrap());
+        assert!(!verify_manifest_signature(
+            &l.certificate_pem,
+            b"1123456789abcdef0123456789abcdef01234567",
+            &sig
+        )
+        .unwrap());
         let wsig = l.sign_whitelist(b"abc").unwrap();
         assert!(verify_whitelist_signature(&l.master_pub, b"abc", &wsig));
         assert!(!verify_whitelist_signature(&l.master_pub, b"abd", &wsig));
         let fp = l.fingerprint().unwrap();
         assert_eq!(fp.len(), 59);
-        assert!(fp.chars().all(|c| c == ':' || c.is_ascii_hexdigit() && !c.is_ascii_lowercase()));
+        assert!(fp
+            .chars()
+            .all(|c| c == ':' || c.is_ascii_hexdigit() && !c.is_ascii_lowercase()));
         assert!(format!("{l:?}").find("PRIVATE").is_none());
     }
 }

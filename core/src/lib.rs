@@ -1,8 +1,13 @@
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 //! prepub-core: the CVMFS repository formats, content-addressed storage and publish pipeline of
 //! cvmfs-prepub, as plain synchronous Rust. Nothing here knows about actix or async; the daemon's
 //! actors are thin shells around these types.
 
 pub mod cas;
+pub mod catalog;
 pub mod check;
 pub mod chunker;
 pub mod hash;
@@ -10,7 +15,6 @@ pub mod history;
 pub mod intake;
 pub mod keys;
 pub mod manifest;
-pub mod catalog;
 pub mod object;
 pub mod repo;
 pub mod timefmt;

@@ -143,7 +143,9 @@ impl Manifest {
         };
         let r = need('R')?;
         if r != ROOT_PATH_MD5 {
-            return Err(ManifestError::Malformed(format!("root path hash R{r} is not the MD5 of \"\"")));
+            return Err(ManifestError::Malformed(format!(
+                "root path hash R{r} is not the MD5 of \"\""
+            )));
         }
         let m = Manifest {
             root_catalog: obj('C', Suffix::Catalog)?
@@ -161,7 +163,8 @@ impl Manifest {
             reflog: match kv.get(&'Y') {
                 None => None,
                 Some(v) => Some(
-                    Digest20::from_hex(v).map_err(|e| ManifestError::Malformed(format!("key Y: {e}")))?,
+                    Digest20::from_hex(v)
+                        .map_err(|e| ManifestError::Malformed(format!("key Y: {e}")))?,
                 ),
             },
         };
@@ -198,7 +201,11 @@ pub struct Whitelist {
 }
 
 /// Creates and signs a whitelist for `keys`' certificate.
-pub fn make_whitelist(keys: &RepoKeys, now: i64, valid_days: i64) -> Result<Vec<u8>, ManifestError> {
+pub fn make_whitelist(
+    keys: &RepoKeys,
+    now: i64,
+    valid_days: i64,
+) -> Result<Vec<u8>, ManifestError> {
     let body = format!(
         "{}\nE{}\nN{}\n{}\n",
         timefmt::stamp(now),
@@ -218,7 +225,8 @@ pub fn make_whitelist(keys: &RepoKeys, now: i64, valid_days: i64) -> Result<Vec<
 
 impl Whitelist {
     pub fn parse(bytes: &[u8]) -> Result<Whitelist, ManifestError> {
-        let block = split_letter(bytes).ok_or_else(|| ManifestError::BadWhitelist("no signature block".into()))?;
+        let block = split_letter(bytes)
+            .ok_or_else(|| ManifestError::BadWhitelist("no signature block".into()))?;
         let text = std::str::from_utf8(&block.body)
             .map_err(|_| ManifestError::BadWhitelist("not UTF-8".into()))?;
         let mut lines = text.lines();
@@ -238,12 +246,7 @@ impl Whitelist {
             .to_string();
         let fingerprints = lines
             .filter(|l| !l.is_empty() && !l.starts_with('V') && !l.starts_with('W'))
-            .map(|l| {
-                l.split([' ', '\t', '#'])
-                    .next()
-                    .unwrap_or("")
-                    .to_string()
-            })
+            .map(|l| l.split([' ', '\t', '#']).next().unwrap_or("").to_string())
             .filter(|l| !l.is_empty())
             .collect();
         Ok(Whitelist {
@@ -271,7 +274,11 @@ impl Whitelist {
                 self.block.hash_text
             )));
         }
-        if !keys::verify_whitelist_signature(master, self.block.hash_text.as_bytes(), &self.block.signature) {
+        if !keys::verify_whitelist_signature(
+            master,
+            self.block.hash_text.as_bytes(),
+            &self.block.signature,
+        ) {
             return Err(ManifestError::BadWhitelist(
                 "signature does not verify with the master public key".into(),
             ));

@@ -344,7 +344,10 @@ pub fn decode_object<R: Read>(
 ) -> Result<u64, DecodeError> {
     let mut sha = Sha1::new();
     let mut buf = vec![0u8; 256 * 1024];
-    let mut inflater = flate2::write::ZlibDecoder::new(CountingWriter { inner: out, count: 0 });
+    let mut inflater = flate2::write::ZlibDecoder::new(CountingWriter {
+        inner: out,
+        count: 0,
+    });
     let mut plain_count = 0u64;
     let mut inflate_err: Option<io::Error> = None;
     loop {
@@ -388,7 +391,11 @@ pub fn decode_object<R: Read>(
 }
 
 /// Convenience: verify and decompress an object fully into memory (small metadata objects).
-pub fn decode_to_vec(id: &ObjectId, stored: &[u8], compressed: bool) -> Result<Vec<u8>, DecodeError> {
+pub fn decode_to_vec(
+    id: &ObjectId,
+    stored: &[u8],
+    compressed: bool,
+) -> Result<Vec<u8>, DecodeError> {
     let mut out = Vec::new();
     decode_object(id, stored, compressed, &mut out)?;
     Ok(out)
@@ -434,10 +441,16 @@ mod tests {
         let e = encode_file(&b""[..], &EncodeParams::default(), &cas).unwrap();
         assert_eq!(
             e.content,
-            FileContent::Whole(ObjectId::parse("e8ec3d88b62ebf526e4e5a4ff6162a3aa48a6b78").unwrap())
+            FileContent::Whole(
+                ObjectId::parse("e8ec3d88b62ebf526e4e5a4ff6162a3aa48a6b78").unwrap()
+            )
         );
         assert_eq!(e.size, 0);
-        let stored = std::fs::read(dir.path().join("data/e8/ec3d88b62ebf526e4e5a4ff6162a3aa48a6b78")).unwrap();
+        let stored = std::fs::read(
+            dir.path()
+                .join("data/e8/ec3d88b62ebf526e4e5a4ff6162a3aa48a6b78"),
+        )
+        .unwrap();
         assert_eq!(stored, [0x78, 0x9c, 0x03, 0, 0, 0, 0, 1]);
     }
 
@@ -445,7 +458,9 @@ mod tests {
     fn chunked_file_round_trips_and_dedups() {
         let dir = tempfile::tempdir().unwrap();
         let cas = LocalCas::create(dir.path()).unwrap();
-        let data: Vec<u8> = (0..50_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let data: Vec<u8> = (0..50_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let e = encode_file(&data[..], &params_small(), &cas).unwrap();
         let FileContent::Chunked(chunks) = &e.content else {
             panic!("expected chunks, got {:?}", e.content)
@@ -476,7 +491,10 @@ mod tests {
             compression: Compression::None,
         };
         let e = encode_file(&b"hello"[..], &p, &cas).unwrap();
-        assert_eq!(e.content, FileContent::Whole(ObjectId::new(Digest20::of(b"hello"), Suffix::None)));
+        assert_eq!(
+            e.content,
+            FileContent::Whole(ObjectId::new(Digest20::of(b"hello"), Suffix::None))
+        );
     }
 
     #[test]

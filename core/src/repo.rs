@@ -19,7 +19,9 @@ use crate::history::{valid_tag_name, History, HistoryError, RefType, Reflog, Tag
 use crate::intake::ChangeSet;
 use crate::keys::RepoKeys;
 use crate::manifest::{make_whitelist, verify_manifest, Manifest, ManifestError, Whitelist};
-use crate::object::{compress_metadata, decode_to_vec, encode_file, DecodeError, EncodeParams, FileContent};
+use crate::object::{
+    compress_metadata, decode_to_vec, encode_file, DecodeError, EncodeParams, FileContent,
+};
 
 pub const MANIFEST: &str = ".cvmfspublished";
 pub const WHITELIST: &str = ".cvmfswhitelist";
@@ -80,7 +82,9 @@ pub fn normalize_repo_path(p: &str) -> Result<String, RepoError> {
         match c {
             "" => continue,
             "." | ".." => return Err(RepoError::Invalid(format!("path '{p}' contains '{c}'"))),
-            c if c.contains('\0') => return Err(RepoError::Invalid(format!("path '{p}' contains NUL"))),
+            c if c.contains('\0') => {
+                return Err(RepoError::Invalid(format!("path '{p}' contains NUL")))
+            }
             c => {
                 out.push('/');
                 out.push_str(c);
@@ -88,7 +92,9 @@ pub fn normalize_repo_path(p: &str) -> Result<String, RepoError> {
         }
     }
     if out == "/.cvmfs" || out.starts_with("/.cvmfs/") {
-        return Err(RepoError::Invalid(format!("path '{p}' is reserved by CVMFS")));
+        return Err(RepoError::Invalid(format!(
+            "path '{p}' is reserved by CVMFS"
+        )));
     }
     Ok(out)
 }
@@ -136,7 +142,8 @@ pub fn current_manifest(cas: &dyn Cas) -> Result<Option<(Manifest, String)>, Rep
         .certificate
         .ok_or_else(|| RepoError::Invalid("manifest names no certificate".into()))?;
     let pem_bytes = decode_to_vec(&cert_id, &get_all(cas, &cert_id)?, true)?;
-    let pem = String::from_utf8(pem_bytes).map_err(|_| RepoError::Invalid("certificate is not PEM text".into()))?;
+    let pem = String::from_utf8(pem_bytes)
+        .map_err(|_| RepoError::Invalid("certificate is not PEM text".into()))?;
     verify_manifest(&block, &pem)?;
     Ok(Some((m, pem)))
 }
@@ -146,9 +153,18 @@ fn scratch() -> Result<tempfile::TempDir, RepoError> {
 }
 
 /// Creates an empty, signed repository in `cas` (revision 1, tag `trunk`).
-pub fn init(cas: &dyn Cas, keys: &RepoKeys, uid: u64, gid: u64, now: i64) -> Result<Published, RepoError> {
+pub fn init(
+    cas: &dyn Cas,
+    keys: &RepoKeys,
+    uid: u64,
+    gid: u64,
+    now: i64,
+) -> Result<Published, RepoError> {
     if cas.get_root_file(MANIFEST)?.is_some() {
-        return Err(RepoError::Invalid(format!("{} already holds a repository", cas.describe())));
+        return Err(RepoError::Invalid(format!(
+            "{} already holds a repository",
+            cas.describe()
+        )));
     }
     let tmp = scratch()?;
     let root = Entry::directory("", 0o755, uid, gid, now);
@@ -156,20 +172,38 @@ pub fn init(cas: &dyn Cas, keys: &RepoKeys, uid: u64, gid: u64, now: i64) -> Res
     let commit = tree.commit(now)?;
     cas.put_root_file(WHITELIST, &make_whitelist(keys, now, WHITELIST_DAYS)?)?;
     cas.put_root_file(MASTER_REPLICA, b"")?;
-    finish_publish(cas, keys, None, commit, Some(&TagRequest {
-        name: "trunk".into(),
-        description: "empty repository".into(),
-    }), tmp.path(), now)
+    finish_publish(
+        cas,
+        keys,
+        None,
+        commit,
+        Some(&TagRequest {
+            name: "trunk".into(),
+            description: "empty repository".into(),
+        }),
+        tmp.path(),
+        now,
+    )
 }
 
 /// Publishes a new revision: `edit` changes the catalog tree, then catalogs, history, reflog and
 /// the signed manifest are written.
-pub fn publish<F>(cas: &dyn Cas, keys: &RepoKeys, tag: Option<&TagRequest>, now: i64, edit: F) -> Result<Published, RepoError>
+pub fn publish<F>(
+    cas: &dyn Cas,
+    keys: &RepoKeys,
+    tag: Option<&TagRequest>,
+    now: i64,
+    edit: F,
+) -> Result<Published, RepoError>
 where
     F: FnOnce(&mut CatalogTree<'_>) -> Result<(), RepoError>,
 {
-    let (old, _) = current_manifest(cas)?
-        .ok_or_else(|| RepoError::Invalid(format!("{} holds no repository (run repo init)", cas.describe())))?;
+    let (old, _) = current_manifest(cas)?.ok_or_else(|| {
+        RepoError::Invalid(format!(
+            "{} holds no repository (run repo init)",
+            cas.describe()
+        ))
+    })?;
     if old.name != keys.name {
         return Err(RepoError::Invalid(format!(
             "storage holds repository '{}', keys are for '{}'",
@@ -178,7 +212,10 @@ where
     }
     if let Some(t) = tag {
         if !valid_tag_name(&t.name) || t.name == "trunk" || t.name == "trunk-previous" {
-            return Err(RepoError::Invalid(format!("tag name '{}' is invalid or reserved", t.name)));
+            return Err(RepoError::Invalid(format!(
+                "tag name '{}' is invalid or reserved",
+                t.name
+            )));
         }
     }
     let tmp = scratch()?;
@@ -200,7 +237,8 @@ fn finish_publish(
     now: i64,
 ) -> Result<Published, RepoError> {
     // Certificate object (idempotent).
-    let (cert_id, cert_bytes) = compress_metadata(keys.certificate_pem.as_bytes(), Suffix::Certificate);
+    let (cert_id, cert_bytes) =
+        compress_metadata(keys.certificate_pem.as_bytes(), Suffix::Certificate);
     cas.put_bytes(&cert_id, &cert_bytes)?;
 
     // History: previous database or a fresh one.
@@ -268,7 +306,9 @@ fn refresh_whitelist(cas: &dyn Cas, keys: &RepoKeys, now: i64) -> Result<(), Rep
     let Some(_) = &keys.master else { return Ok(()) };
     let fresh = match cas.get_root_file(WHITELIST)? {
         Some(b) => Whitelist::parse(&b)
-            .map(|w| w.expires > now + 7 * 86_400 && w.lists(&keys.fingerprint().unwrap_or_default()))
+            .map(|w| {
+                w.expires > now + 7 * 86_400 && w.lists(&keys.fingerprint().unwrap_or_default())
+            })
             .unwrap_or(false),
         None => false,
     };
@@ -316,7 +356,11 @@ impl Dirtab {
                 None => (false, l),
             };
             let abs = l.starts_with('/');
-            let comps: Vec<String> = l.split('/').filter(|c| !c.is_empty()).map(String::from).collect();
+            let comps: Vec<String> = l
+                .split('/')
+                .filter(|c| !c.is_empty())
+                .map(String::from)
+                .collect();
             if !comps.is_empty() {
                 rules.push((neg, comps, abs));
             }
@@ -336,7 +380,10 @@ impl Dirtab {
                 pat.len() == comps.len() && pat.iter().zip(&comps).all(|(p, c)| glob(p, c))
             } else {
                 pat.len() <= comps.len()
-                    && pat.iter().zip(&comps[comps.len() - pat.len()..]).all(|(p, c)| glob(p, c))
+                    && pat
+                        .iter()
+                        .zip(&comps[comps.len() - pat.len()..])
+                        .all(|(p, c)| glob(p, c))
             }
         };
         let mut positive = false;
@@ -440,8 +487,27 @@ pub fn apply_changeset(
         }
     }
 
+    // Explicit removals. Removing the marker of a nested catalog merges it back into its parent.
+    for rel in &cs.removals {
+        let path = join(target, rel);
+        if path.is_empty() {
+            return Err(RepoError::Invalid(
+                "the repository root cannot be removed".into(),
+            ));
+        }
+        let (parent, name) = split_path(&path);
+        tree.remove(&path)?;
+        if name == ".cvmfscatalog" && tree.is_nested_root(parent)? {
+            tree.remove_nested(parent)?;
+        }
+    }
+
     // Dirtab: from the change set if it brings one at the repository root, else the tree.
-    let dirtab_rel = if target.is_empty() { Some(".cvmfsdirtab") } else { None };
+    let dirtab_rel = if target.is_empty() {
+        Some(".cvmfsdirtab")
+    } else {
+        None
+    };
     let dirtab = match dirtab_rel.and_then(|r| cs.nodes.get(r)) {
         Some(n) => Dirtab::parse(&String::from_utf8_lossy(&read_small_file(cas, &n.entry)?)),
         None => match tree.lookup("/.cvmfsdirtab")? {
@@ -452,36 +518,42 @@ pub fn apply_changeset(
         },
     };
     let mut empty_marker: Option<crate::object::EncodedFile> = None;
-    let mut nest = |tree: &mut CatalogTree<'_>, dir: &str, marker_in_cs: bool| -> Result<(), RepoError> {
-        if !marker_in_cs {
-            // Dirtab-created catalogs get an empty `.cvmfscatalog`, as upstream's dirtab does.
-            let marker_path = format!("{dir}/.cvmfscatalog");
-            if tree.lookup(&marker_path)?.is_none() {
-                let enc = match &empty_marker {
-                    Some(e) => e.clone(),
-                    None => {
-                        let e = encode_file(&b""[..], params, cas)
-                            .map_err(|e| RepoError::Invalid(e.to_string()))?;
-                        empty_marker = Some(e.clone());
-                        e
+    let mut nest =
+        |tree: &mut CatalogTree<'_>, dir: &str, marker_in_cs: bool| -> Result<(), RepoError> {
+            if !marker_in_cs {
+                // Dirtab-created catalogs get an empty `.cvmfscatalog`, as upstream's dirtab does.
+                let marker_path = format!("{dir}/.cvmfscatalog");
+                if tree.lookup(&marker_path)?.is_none() {
+                    let enc = match &empty_marker {
+                        Some(e) => e.clone(),
+                        None => {
+                            let e = encode_file(&b""[..], params, cas)
+                                .map_err(|e| RepoError::Invalid(e.to_string()))?;
+                            empty_marker = Some(e.clone());
+                            e
+                        }
+                    };
+                    let owner = tree
+                        .lookup(dir)?
+                        .unwrap_or_else(|| Entry::directory("", 0o755, 0, 0, now));
+                    let mut m = Entry::directory(".cvmfscatalog", 0o644, owner.uid, owner.gid, now);
+                    m.mode = crate::catalog::mode::S_IFREG | 0o644;
+                    m.size = 0;
+                    m.linkcount = 1;
+                    m.flags =
+                        enc.compression.flag_value() << crate::catalog::flags::COMPRESSION_SHIFT;
+                    if let FileContent::Whole(id) = enc.content {
+                        m.hash = Some(id.digest);
                     }
-                };
-                let owner = tree.lookup(dir)?.unwrap_or_else(|| Entry::directory("", 0o755, 0, 0, now));
-                let mut m = Entry::directory(".cvmfscatalog", 0o644, owner.uid, owner.gid, now);
-                m.mode = crate::catalog::mode::S_IFREG | 0o644;
-                m.size = 0;
-                m.linkcount = 1;
-                m.flags = enc.compression.flag_value() << crate::catalog::flags::COMPRESSION_SHIFT;
-                if let FileContent::Whole(id) = enc.content {
-                    m.hash = Some(id.digest);
+                    tree.add(&marker_path, &m)?;
                 }
-                tree.add(&marker_path, &m)?;
             }
-        }
-        tree.make_nested(dir)?;
-        Ok(())
-    };
-    if !target.is_empty() && (cs.markers.contains("") || (!dirtab.is_empty() && dirtab.matches(target))) {
+            tree.make_nested(dir)?;
+            Ok(())
+        };
+    if !target.is_empty()
+        && (cs.markers.contains("") || (!dirtab.is_empty() && dirtab.matches(target)))
+    {
         nest(tree, target, cs.markers.contains(""))?;
     }
 
@@ -557,7 +629,14 @@ pub fn describe_entry(e: &Entry) -> String {
         Kind::Symlink => 'l',
         Kind::Special => 'c',
     };
-    let mut s = format!("{t}{:04o} {:>6} {:>6} {:>12} {}", e.mode & 0o7777, e.uid, e.gid, e.size, e.name);
+    let mut s = format!(
+        "{t}{:04o} {:>6} {:>6} {:>12} {}",
+        e.mode & 0o7777,
+        e.uid,
+        e.gid,
+        e.size,
+        e.name
+    );
     if e.kind() == Kind::Symlink {
         s.push_str(&format!(" -> {}", e.symlink));
     }
@@ -568,8 +647,12 @@ pub fn describe_entry(e: &Entry) -> String {
 }
 
 /// Opens the current tree read-only (for `ls`); edits made through it are never committed.
-pub fn with_current_tree<T>(cas: &dyn Cas, f: impl FnOnce(&mut CatalogTree<'_>) -> Result<T, RepoError>) -> Result<T, RepoError> {
-    let (m, _) = current_manifest(cas)?.ok_or_else(|| RepoError::Invalid("no repository here".into()))?;
+pub fn with_current_tree<T>(
+    cas: &dyn Cas,
+    f: impl FnOnce(&mut CatalogTree<'_>) -> Result<T, RepoError>,
+) -> Result<T, RepoError> {
+    let (m, _) =
+        current_manifest(cas)?.ok_or_else(|| RepoError::Invalid("no repository here".into()))?;
     let tmp = scratch()?;
     let mut tree = CatalogTree::open(cas, tmp.path(), &m.root_catalog)?;
     f(&mut tree)
@@ -583,4 +666,361 @@ pub fn default_keys_dir(storage: &Path) -> PathBuf {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "repo".into());
     storage.with_file_name(format!("{name}.keys"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cas::LocalCas;
+    use crate::catalog::db::CatalogDb;
+    use crate::chunker::ChunkParams;
+    use crate::intake::{read_tar, IntakeLimits};
+    use crate::object::Compression;
+
+    fn params() -> EncodeParams {
+        EncodeParams {
+            chunking: ChunkParams::disabled(),
+            compression: Compression::Zlib(6),
+        }
+    }
+
+    /// A tar of directories (`None`) and files (`Some(content)`).
+    fn tar_of(items: &[(&str, Option<&[u8]>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (p, body) in items {
+            let mut h = tar::Header::new_gnu();
+            h.set_path(p).unwrap();
+            h.set_mtime(1_700_000_000);
+            match body {
+                None => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(0o755);
+                    h.set_size(0);
+                    h.set_cksum();
+                    b.append(&h, &[][..]).unwrap();
+                }
+                Some(d) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_mode(0o644);
+                    h.set_size(d.len() as u64);
+                    h.set_cksum();
+                    b.append(&h, *d).unwrap();
+                }
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        cas: LocalCas,
+        keys: RepoKeys,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let cas = LocalCas::create(dir.path()).unwrap().without_fsync();
+        let keys = RepoKeys::generate("unit.example.org", 30).unwrap();
+        init(&cas, &keys, 0, 0, 1_700_000_000).unwrap();
+        Fixture {
+            _dir: dir,
+            cas,
+            keys,
+        }
+    }
+
+    fn ingest(
+        f: &Fixture,
+        target: &str,
+        tar: &[u8],
+        mode: ApplyMode,
+        removals: &[&str],
+    ) -> Published {
+        let target = normalize_repo_path(target).unwrap();
+        let mut cs = read_tar(
+            tar,
+            target.is_empty(),
+            &params(),
+            &IntakeLimits::default(),
+            &f.cas,
+            1,
+        )
+        .unwrap();
+        cs.removals = removals.iter().map(|s| s.to_string()).collect();
+        let p = publish(&f.cas, &f.keys, None, 1_700_000_100, |t| {
+            apply_changeset(t, &f.cas, &cs, &target, mode, &params(), 1_700_000_100)
+        })
+        .unwrap();
+        let report = crate::check::check(&f.cas, Some(&f.keys.master_pub), 1_700_000_200);
+        assert!(report.ok(), "check findings: {:#?}", report.findings);
+        p
+    }
+
+    fn nested_of(f: &Fixture, root: &ObjectId) -> Vec<(String, Option<ObjectId>)> {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("c.db");
+        std::fs::write(
+            &file,
+            decode_to_vec(root, &get_all(&f.cas, root).unwrap(), true).unwrap(),
+        )
+        .unwrap();
+        let db = CatalogDb::open(&file, false).unwrap();
+        db.nested()
+            .unwrap()
+            .into_iter()
+            .map(|n| (n.path, n.hash))
+            .collect()
+    }
+
+    fn stats_of(f: &Fixture, id: &ObjectId) -> crate::catalog::Statistics {
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("c.db");
+        std::fs::write(
+            &file,
+            decode_to_vec(id, &get_all(&f.cas, id).unwrap(), true).unwrap(),
+        )
+        .unwrap();
+        CatalogDb::open(&file, false)
+            .unwrap()
+            .read_statistics()
+            .unwrap()
+    }
+
+    #[test]
+    fn markers_create_nested_catalogs_and_untouched_ones_are_reused() {
+        let f = fixture();
+        let t = tar_of(&[
+            ("y/.cvmfscatalog", Some(b"")),
+            ("y/f", Some(b"1")),
+            ("y/d/g", Some(b"22")),
+        ]);
+        let p1 = ingest(&f, "/", &t, ApplyMode::Replace, &[]);
+        let n1 = nested_of(&f, &p1.commit.root);
+        assert_eq!(n1.len(), 1);
+        assert_eq!(n1[0].0, "/y");
+        let root_stats = stats_of(&f, &p1.commit.root);
+        assert_eq!(root_stats.self_.get("nested"), 1);
+        assert_eq!(root_stats.subtree.get("regular"), 3);
+        assert_eq!(root_stats.subtree.get("dir"), 2);
+        // A change elsewhere keeps /y's catalog object as it was.
+        let p2 = ingest(
+            &f,
+            "/x",
+            &tar_of(&[("z", Some(b"333"))]),
+            ApplyMode::Replace,
+            &[],
+        );
+        assert_eq!(nested_of(&f, &p2.commit.root), n1);
+        assert_eq!(
+            p2.commit.written.len(),
+            1,
+            "only the root catalog is rewritten"
+        );
+        // A change inside /y rewrites exactly /y and the root.
+        let p3 = ingest(
+            &f,
+            "/y/d",
+            &tar_of(&[("h", Some(b"4444"))]),
+            ApplyMode::Merge,
+            &[],
+        );
+        assert_eq!(p3.commit.written.len(), 2);
+        assert_ne!(nested_of(&f, &p3.commit.root), n1);
+        let s3 = stats_of(&f, &p3.commit.root);
+        assert_eq!(s3.self_.get("regular"), 1);
+        assert_eq!(s3.subtree.get("regular"), 4);
+        assert_eq!(s3.subtree.get("file_size"), 1 + 2 + 4);
+    }
+
+    #[test]
+    fn marker_added_to_existing_directory_moves_its_subtree_and_removal_merges_back() {
+        let f = fixture();
+        let t = tar_of(&[
+            ("a/b/.cvmfscatalog", Some(b"")),
+            ("a/b/f", Some(b"x")),
+            ("a/c/g", Some(b"yy")),
+        ]);
+        ingest(&f, "/", &t, ApplyMode::Replace, &[]);
+        // /a becomes a nested catalog; /a/b (already nested) moves under it.
+        let p = ingest(
+            &f,
+            "/a",
+            &tar_of(&[(".cvmfscatalog", Some(b""))]),
+            ApplyMode::Merge,
+            &[],
+        );
+        let n = nested_of(&f, &p.commit.root);
+        assert_eq!(
+            n.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
+            vec!["/a"]
+        );
+        let a = n[0].1.unwrap();
+        assert_eq!(
+            nested_of(&f, &a)
+                .iter()
+                .map(|x| x.0.clone())
+                .collect::<Vec<_>>(),
+            vec!["/a/b".to_string()]
+        );
+        let root = stats_of(&f, &p.commit.root);
+        assert_eq!(root.subtree.get("regular"), 4); // f, g and two markers
+                                                    // Removing the marker merges /a back into the root; /a/b stays nested, now under the root.
+        let p = ingest(&f, "/a", &tar_of(&[]), ApplyMode::Merge, &[".cvmfscatalog"]);
+        let n = nested_of(&f, &p.commit.root);
+        assert_eq!(
+            n.iter().map(|x| x.0.as_str()).collect::<Vec<_>>(),
+            vec!["/a/b"]
+        );
+        // Removing a whole nested subtree drops its catalog.
+        let p = ingest(&f, "/", &tar_of(&[]), ApplyMode::Merge, &["a/b"]);
+        assert!(nested_of(&f, &p.commit.root).is_empty());
+        assert_eq!(
+            stats_of(&f, &p.commit.root).subtree,
+            crate::catalog::Counters::default()
+        );
+    }
+
+    #[test]
+    fn dirtab_rules_make_nested_catalogs_with_markers() {
+        let f = fixture();
+        ingest(
+            &f,
+            "/",
+            &tar_of(&[(".cvmfsdirtab", Some(b"# releases\n/sw/*\n!/sw/skip\n"))]),
+            ApplyMode::Merge,
+            &[],
+        );
+        let t = tar_of(&[
+            ("1.0/bin/t", Some(b"a")),
+            ("skip/x", Some(b"b")),
+            ("2.0", None),
+        ]);
+        let p = ingest(&f, "/sw", &t, ApplyMode::Replace, &[]);
+        let n: Vec<String> = nested_of(&f, &p.commit.root)
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
+        assert_eq!(n, vec!["/sw/1.0".to_string(), "/sw/2.0".to_string()]);
+        let marker = with_current_tree(&f.cas, |t| Ok(t.lookup("/sw/1.0/.cvmfscatalog")?)).unwrap();
+        assert_eq!(marker.unwrap().size, 0);
+        let d = Dirtab::parse("/a/*/c\nlib\n!*/tmp\n");
+        assert!(d.matches("/a/b/c"));
+        assert!(!d.matches("/a/.hidden/c"));
+        assert!(d.matches("/x/y/lib"));
+        assert!(!d.matches("/a/b"));
+        assert!(!d.matches("/q/tmp"));
+    }
+
+    #[test]
+    fn revision_6_catalogs_are_upgraded_when_edited() {
+        let f = fixture();
+        ingest(
+            &f,
+            "/",
+            &tar_of(&[("keep/f", Some(b"1"))]),
+            ApplyMode::Replace,
+            &[],
+        );
+        // Turn the current root catalog into what a 2.11 server writes: revision 6, no mtimens.
+        let (mut m, _) = current_manifest(&f.cas).unwrap().unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("r6.db");
+        std::fs::write(
+            &file,
+            decode_to_vec(
+                &m.root_catalog,
+                &get_all(&f.cas, &m.root_catalog).unwrap(),
+                true,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        {
+            let c = rusqlite::Connection::open(&file).unwrap();
+            c.execute_batch("ALTER TABLE catalog DROP COLUMN mtimens; UPDATE properties SET value = '6' WHERE key = 'schema_revision';").unwrap();
+        }
+        let bytes = std::fs::read(&file).unwrap();
+        let (id, stored) = compress_metadata(&bytes, Suffix::Catalog);
+        f.cas.put_bytes(&id, &stored).unwrap();
+        m.root_catalog = id;
+        m.root_size = bytes.len() as u64;
+        f.cas.put_root_file(MANIFEST, &m.sign(&f.keys)).unwrap();
+        let listing = with_current_tree(&f.cas, |t| Ok(t.list("/keep")?)).unwrap();
+        assert_eq!(listing.len(), 1);
+        let p = ingest(
+            &f,
+            "/new",
+            &tar_of(&[("g", Some(b"2"))]),
+            ApplyMode::Replace,
+            &[],
+        );
+        let tmp2 = tempfile::tempdir().unwrap();
+        let f2 = tmp2.path().join("c.db");
+        std::fs::write(
+            &f2,
+            decode_to_vec(
+                &p.commit.root,
+                &get_all(&f.cas, &p.commit.root).unwrap(),
+                true,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let db = CatalogDb::open(&f2, false).unwrap();
+        assert_eq!(db.schema_revision(), 7);
+        assert!(db.lookup("/keep/f").unwrap().is_some());
+    }
+
+    #[test]
+    fn publish_refuses_foreign_keys_and_bad_paths() {
+        let f = fixture();
+        let other = RepoKeys::generate("other.example.org", 1).unwrap();
+        let e = publish(&f.cas, &other, None, 1, |_| Ok(())).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("storage holds repository 'unit.example.org'"),
+            "{e}"
+        );
+        assert!(normalize_repo_path("/a/../b").is_err());
+        assert!(normalize_repo_path("/.cvmfs/x").is_err());
+        assert_eq!(normalize_repo_path("a//b/").unwrap(), "/a/b");
+        assert_eq!(normalize_repo_path("/").unwrap(), "");
+    }
+
+    #[test]
+    fn publishing_under_a_file_is_refused() {
+        let f = fixture();
+        ingest(
+            &f,
+            "/",
+            &tar_of(&[("file", Some(b"1"))]),
+            ApplyMode::Replace,
+            &[],
+        );
+        let cs = read_tar(
+            &tar_of(&[("x", Some(b"2"))])[..],
+            false,
+            &params(),
+            &IntakeLimits::default(),
+            &f.cas,
+            1,
+        )
+        .unwrap();
+        let e = publish(&f.cas, &f.keys, None, 5, |t| {
+            apply_changeset(
+                t,
+                &f.cas,
+                &cs,
+                "/file/sub",
+                ApplyMode::Replace,
+                &params(),
+                5,
+            )
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cannot publish under /file/sub: /file exists and is not a directory"
+        );
+    }
 }

@@ -11,7 +11,12 @@ use std::process::Command;
 #[derive(Clone, Debug)]
 pub enum Spec {
     Dir(&'static str, u32),
-    File { path: &'static str, mode: u32, data: Vec<u8>, xattrs: Vec<(&'static str, &'static str)> },
+    File {
+        path: &'static str,
+        mode: u32,
+        data: Vec<u8>,
+        xattrs: Vec<(&'static str, &'static str)>,
+    },
     Symlink(&'static str, &'static str),
     Hardlink(&'static str, &'static str),
 }
@@ -52,7 +57,12 @@ pub fn write_tar(specs: &[Spec], out: &Path) {
                 h.set_cksum();
                 b.append(&h, &[][..]).unwrap();
             }
-            Spec::File { path, mode, data, xattrs } => {
+            Spec::File {
+                path,
+                mode,
+                data,
+                xattrs,
+            } => {
                 if !xattrs.is_empty() {
                     let mut pax = Vec::new();
                     for (k, v) in xattrs {
@@ -63,7 +73,12 @@ pub fn write_tar(specs: &[Spec], out: &Path) {
                         }
                         pax.extend_from_slice(format!("{len}{rec}").as_bytes());
                     }
-                    let mut h = header("././@PaxHeader", tar::EntryType::XHeader, 0o644, pax.len() as u64);
+                    let mut h = header(
+                        "././@PaxHeader",
+                        tar::EntryType::XHeader,
+                        0o644,
+                        pax.len() as u64,
+                    );
                     h.set_cksum();
                     b.append(&h, &pax[..]).unwrap();
                 }
@@ -134,7 +149,10 @@ pub fn serve(root: PathBuf) -> String {
 
 /// Runs the cvmfs-prepub binary; returns (success, stdout, stderr).
 pub fn prepub(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -123,7 +123,10 @@ impl CatalogDb {
             }
         }
         db.conn
-            .execute("UPDATE statistics SET value = 1 WHERE counter = 'self_dir'", [])
+            .execute(
+                "UPDATE statistics SET value = 1 WHERE counter = 'self_dir'",
+                [],
+            )
             .map_err(|e| db.err(e))?;
         // The root entry of the root catalog has an all-zero parent (§3.2).
         let parent = if root_path.is_empty() {
@@ -142,10 +145,11 @@ impl CatalogDb {
         } else {
             OpenFlags::SQLITE_OPEN_READ_ONLY
         };
-        let conn = Connection::open_with_flags(file, flags).map_err(|source| CatalogError::Sql {
-            file: file.display().to_string(),
-            source,
-        })?;
+        let conn =
+            Connection::open_with_flags(file, flags).map_err(|source| CatalogError::Sql {
+                file: file.display().to_string(),
+                source,
+            })?;
         let mut db = CatalogDb {
             conn,
             file: file.to_path_buf(),
@@ -311,7 +315,11 @@ impl CatalogDb {
             .map_err(|e| self.err(e))?;
         let rows = st
             .query_map(params![key.0, key.1], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<Vec<u8>>>(2)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<Vec<u8>>>(2)?,
+                ))
             })
             .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
@@ -340,7 +348,10 @@ impl CatalogDb {
     }
 
     /// Children of the row keyed `parent`, with their stored keys.
-    pub fn list_with_keys(&self, parent: (i64, i64)) -> Result<Vec<(Entry, RowKeys)>, CatalogError> {
+    pub fn list_with_keys(
+        &self,
+        parent: (i64, i64),
+    ) -> Result<Vec<(Entry, RowKeys)>, CatalogError> {
         let sql = format!(
             "SELECT {} FROM catalog WHERE parent_1 = ?1 AND parent_2 = ?2",
             self.columns()
@@ -365,7 +376,9 @@ impl CatalogDb {
     pub fn all_rows(&self) -> Result<Vec<(Entry, RowKeys)>, CatalogError> {
         let sql = format!("SELECT {} FROM catalog ORDER BY rowid", self.columns());
         let mut st = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
-        let rows = st.query_map([], Self::row_to_entry).map_err(|e| self.err(e))?;
+        let rows = st
+            .query_map([], Self::row_to_entry)
+            .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
         for r in rows {
             out.push(r.map_err(|e| self.err(e))?);
@@ -397,7 +410,11 @@ impl CatalogDb {
         parent: (i64, i64),
         e: &Entry,
     ) -> Result<(), CatalogError> {
-        let xattr = e.xattrs.as_ref().filter(|x| !x.is_empty()).map(|x| x.serialize());
+        let xattr = e
+            .xattrs
+            .as_ref()
+            .filter(|x| !x.is_empty())
+            .map(|x| x.serialize());
         let hash = e.hash.map(|h| h.0.to_vec());
         let mut st = self
             .conn
@@ -557,7 +574,12 @@ impl CatalogDb {
     }
 
     /// Inserts or updates a `nested_catalogs` row (hash text without the `C`, §3.8).
-    pub fn set_nested(&self, path: &str, hash: Option<&Digest20>, size: u64) -> Result<(), CatalogError> {
+    pub fn set_nested(
+        &self,
+        path: &str,
+        hash: Option<&Digest20>,
+        size: u64,
+    ) -> Result<(), CatalogError> {
         self.conn
             .execute(
                 "INSERT OR REPLACE INTO nested_catalogs (path, sha1, size) VALUES (?1, ?2, ?3)",
@@ -644,7 +666,9 @@ impl CatalogDb {
                     )
                     .optional()
                     .map_err(|e| self.err(e))?;
-                dst.0[i] = v.ok_or_else(|| self.invalid(format!("statistics counter {counter} is missing")))?;
+                dst.0[i] = v.ok_or_else(|| {
+                    self.invalid(format!("statistics counter {counter} is missing"))
+                })?;
             }
         }
         Ok(s)
@@ -738,7 +762,10 @@ mod tests {
         let f = dir.path().join("c.db");
         let db = CatalogDb::create(&f, "", &Entry::directory("", 0o755, 0, 0, 1)).unwrap();
         assert_eq!(db.property("schema").unwrap().as_deref(), Some("2.5"));
-        assert_eq!(db.property("schema_revision").unwrap().as_deref(), Some("7"));
+        assert_eq!(
+            db.property("schema_revision").unwrap().as_deref(),
+            Some("7")
+        );
         assert_eq!(db.property("root_prefix").unwrap(), None);
         let s = db.read_statistics().unwrap();
         assert_eq!(s.self_.get("dir"), 1);
@@ -753,7 +780,9 @@ mod tests {
         assert_eq!(root.flags, flags::DIR);
         let parent: (i64, i64) = db
             .conn
-            .query_row("SELECT parent_1, parent_2 FROM catalog", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row("SELECT parent_1, parent_2 FROM catalog", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .unwrap();
         assert_eq!(parent, (0, 0));
     }
@@ -784,7 +813,10 @@ mod tests {
         drop(ro);
         let rw = CatalogDb::open(&f, true).unwrap();
         assert_eq!(rw.schema_revision(), 7);
-        assert_eq!(rw.property("schema_revision").unwrap().as_deref(), Some("7"));
+        assert_eq!(
+            rw.property("schema_revision").unwrap().as_deref(),
+            Some("7")
+        );
         assert_eq!(rw.lookup("").unwrap().unwrap().mtimens, None);
     }
 

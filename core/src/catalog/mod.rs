@@ -144,7 +144,10 @@ impl Entry {
                 | flags::FILE_EXTERNAL
                 | flags::COMPRESSION_MASK);
         let mut f = match self.kind() {
-            Kind::Directory => flags::DIR | (keep & !(flags::COMPRESSION_MASK | flags::FILE_EXTERNAL | flags::DIRECT_IO)),
+            Kind::Directory => {
+                flags::DIR
+                    | (keep & !(flags::COMPRESSION_MASK | flags::FILE_EXTERNAL | flags::DIRECT_IO))
+            }
             Kind::Regular => {
                 flags::FILE
                     | (keep

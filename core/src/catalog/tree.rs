@@ -128,7 +128,9 @@ impl<'a> CatalogTree<'a> {
         if !prefix.is_empty() {
             return Err(TreeError::Invalid {
                 path: String::new(),
-                msg: format!("catalog {root} is a nested catalog (root_prefix {prefix}), not a root catalog"),
+                msg: format!(
+                    "catalog {root} is a nested catalog (root_prefix {prefix}), not a root catalog"
+                ),
             });
         }
         t.push(Loaded {
@@ -169,9 +171,12 @@ impl<'a> CatalogTree<'a> {
         Ok(CatalogDb::open(&file, true)?)
     }
 
-    fn db(&self, i: usize) -> &CatalogDb {
-        // Every non-removed loaded catalog keeps its connection until commit.
-        self.cats[i].db.as_ref().expect("catalog connection present before commit")
+    fn db(&self, i: usize) -> Result<&CatalogDb, TreeError> {
+        // Every loaded catalog keeps its connection until commit closes it.
+        self.cats[i].db.as_ref().ok_or_else(|| TreeError::Invalid {
+            path: self.cats[i].mountpoint.clone(),
+            msg: "catalog already closed".into(),
+        })
     }
 
     /// Loads the nested catalog mounted at `mp`, listed in catalog `parent`.
@@ -182,7 +187,7 @@ impl<'a> CatalogTree<'a> {
             }
         }
         let nested: Option<NestedRef> = self
-            .db(parent)
+            .db(parent)?
             .nested()?
             .into_iter()
             .find(|n| n.path == mp);
@@ -245,29 +250,29 @@ impl<'a> CatalogTree<'a> {
     }
 
     fn has_nested(&self, cat: usize, path: &str) -> Result<bool, TreeError> {
-        Ok(self.db(cat).has_nested(path)?)
+        Ok(self.db(cat)?.has_nested(path)?)
     }
 
     /// The entry at `path`, if any.
     pub fn lookup(&mut self, path: &str) -> Result<Option<Entry>, TreeError> {
         let c = self.catalog_for(path)?;
-        Ok(self.db(c).lookup(path)?)
+        Ok(self.db(c)?.lookup(path)?)
     }
 
     /// The children of the directory at `path`.
     pub fn list(&mut self, path: &str) -> Result<Vec<Entry>, TreeError> {
         let c = self.catalog_for(path)?;
-        Ok(self.db(c).list(path)?)
+        Ok(self.db(c)?.list(path)?)
     }
 
     /// Applies `f` to the link count of directory `dir` in every catalog holding a row for it.
     fn adjust_dir_links(&mut self, dir: &str, delta: i64) -> Result<(), TreeError> {
         let c = self.catalog_for(dir)?;
-        self.db(c).adjust_linkcount(dir, delta)?;
+        self.db(c)?.adjust_linkcount(dir, delta)?;
         self.cats[c].dirty = true;
         if self.cats[c].mountpoint == dir && !dir.is_empty() {
             if let Some(p) = self.cats[c].parent {
-                self.db(p).adjust_linkcount(dir, delta)?;
+                self.db(p)?.adjust_linkcount(dir, delta)?;
                 self.cats[p].dirty = true;
             }
         }
@@ -277,7 +282,7 @@ impl<'a> CatalogTree<'a> {
     /// A fresh hardlink group id for the catalog that will hold entries of directory `dir`.
     pub fn alloc_hardlink_group(&mut self, dir: &str) -> Result<u32, TreeError> {
         let c = self.catalog_for(dir)?;
-        Ok(self.db(c).max_hardlink_group()? + 1)
+        Ok(self.db(c)?.max_hardlink_group()? + 1)
     }
 
     /// Adds a new entry at `path`. The parent must exist and be a directory.
@@ -293,7 +298,7 @@ impl<'a> CatalogTree<'a> {
             });
         }
         let c = self.catalog_for(parent)?;
-        match self.db(c).lookup(parent)? {
+        match self.db(c)?.lookup(parent)? {
             None => return Err(TreeError::NoParent { path: path.into() }),
             Some(p) if !p.is_dir() => {
                 return Err(TreeError::ParentNotDir {
@@ -303,7 +308,7 @@ impl<'a> CatalogTree<'a> {
             }
             Some(_) => {}
         }
-        if self.db(c).lookup(path)?.is_some() {
+        if self.db(c)?.lookup(path)?.is_some() {
             return Err(TreeError::Exists { path: path.into() });
         }
         let mut e = entry.clone();
@@ -312,7 +317,7 @@ impl<'a> CatalogTree<'a> {
             e.linkcount = 2;
             e.hardlink_group = 0;
         }
-        self.db(c).insert(path, &e)?;
+        self.db(c)?.insert(path, &e)?;
         self.cats[c].dirty = true;
         if e.is_dir() {
             self.adjust_dir_links(parent, 1)?;
@@ -324,7 +329,7 @@ impl<'a> CatalogTree<'a> {
     /// count and nested-catalog flags (in both catalogs if it is a mountpoint).
     pub fn touch_dir(&mut self, path: &str, meta: &Entry) -> Result<(), TreeError> {
         let c = self.catalog_for(path)?;
-        let Some(old) = self.db(c).lookup(path)? else {
+        let Some(old) = self.db(c)?.lookup(path)? else {
             return Err(TreeError::Missing { path: path.into() });
         };
         let apply = |old: &Entry| {
@@ -337,12 +342,12 @@ impl<'a> CatalogTree<'a> {
             e.xattrs = meta.xattrs.clone();
             e
         };
-        self.db(c).update(path, &apply(&old))?;
+        self.db(c)?.update(path, &apply(&old))?;
         self.cats[c].dirty = true;
         if self.cats[c].mountpoint == path && !path.is_empty() {
             if let Some(p) = self.cats[c].parent {
-                if let Some(mp) = self.db(p).lookup(path)? {
-                    self.db(p).update(path, &apply(&mp))?;
+                if let Some(mp) = self.db(p)?.lookup(path)? {
+                    self.db(p)?.update(path, &apply(&mp))?;
                     self.cats[p].dirty = true;
                 }
             }
@@ -359,7 +364,7 @@ impl<'a> CatalogTree<'a> {
             });
         }
         let c = self.catalog_for(path)?;
-        let Some(e) = self.db(c).lookup(path)? else {
+        let Some(e) = self.db(c)?.lookup(path)? else {
             return Ok(false);
         };
         if self.cats[c].mountpoint == path {
@@ -375,21 +380,21 @@ impl<'a> CatalogTree<'a> {
                     msg: "nested catalog without parent".into(),
                 });
             };
-            self.db(p).delete(path)?;
-            self.db(p).remove_nested(path)?;
+            self.db(p)?.delete(path)?;
+            self.db(p)?.remove_nested(path)?;
             self.cats[p].dirty = true;
             self.adjust_dir_links(split_path(path).0, -1)?;
             return Ok(true);
         }
         if e.is_dir() {
-            let children = self.db(c).list(path)?;
+            let children = self.db(c)?.list(path)?;
             for ch in children {
                 self.remove(&format!("{path}/{}", ch.name))?;
             }
         }
-        self.db(c).delete(path)?;
+        self.db(c)?.delete(path)?;
         if e.hardlink_group > 0 && e.linkcount > 1 {
-            self.db(c).adjust_group_linkcount(e.hardlink_group, -1)?;
+            self.db(c)?.adjust_group_linkcount(e.hardlink_group, -1)?;
         }
         self.cats[c].dirty = true;
         if e.is_dir() {
@@ -417,7 +422,7 @@ impl<'a> CatalogTree<'a> {
         if self.cats[c].mountpoint == path {
             return Ok(());
         }
-        let Some(dir) = self.db(c).lookup(path)? else {
+        let Some(dir) = self.db(c)?.lookup(path)? else {
             return Err(TreeError::Missing { path: path.into() });
         };
         if !dir.is_dir() {
@@ -445,33 +450,30 @@ impl<'a> CatalogTree<'a> {
         });
         let mut stack = vec![path.to_string()];
         while let Some(p) = stack.pop() {
-            let children = self.db(c).list_with_keys(crate::hash::path_key(&p))?;
+            let children = self.db(c)?.list_with_keys(crate::hash::path_key(&p))?;
             for (child, keys) in children {
                 let cp = format!("{p}/{}", child.name);
                 if child.is_nested_mountpoint() {
-                    let nref = self
-                        .db(c)
-                        .nested()?
-                        .into_iter()
-                        .find(|r| r.path == cp);
+                    let nref = self.db(c)?.nested()?.into_iter().find(|r| r.path == cp);
                     if let Some(r) = nref {
                         let g = self.load_child(c, &cp)?;
                         self.cats[g].parent = Some(n);
-                        self.db(n).set_nested(&cp, r.hash.as_ref().map(|h| &h.digest), r.size)?;
-                        self.db(c).remove_nested(&cp)?;
+                        self.db(n)?
+                            .set_nested(&cp, r.hash.as_ref().map(|h| &h.digest), r.size)?;
+                        self.db(c)?.remove_nested(&cp)?;
                     }
                 } else if child.is_dir() {
                     stack.push(cp.clone());
                 }
-                self.db(n).insert_row(keys.path, keys.parent, &child)?;
-                self.db(c).delete(&cp)?;
+                self.db(n)?.insert_row(keys.path, keys.parent, &child)?;
+                self.db(c)?.delete(&cp)?;
             }
         }
-        self.db(n).commit()?;
+        self.db(n)?.commit()?;
         let mut mp = dir;
         mp.flags = (mp.flags & !flags::DIR_NESTED_ROOT) | flags::DIR_NESTED_MOUNTPOINT;
-        self.db(c).update(path, &mp)?;
-        self.db(c).set_nested(path, None, 0)?;
+        self.db(c)?.update(path, &mp)?;
+        self.db(c)?.set_nested(path, None, 0)?;
         self.cats[c].dirty = true;
         Ok(())
     }
@@ -485,30 +487,31 @@ impl<'a> CatalogTree<'a> {
         let Some(c) = self.cats[n].parent else {
             return Ok(());
         };
-        for r in self.db(n).nested()? {
+        for r in self.db(n)?.nested()? {
             let g = self.load_child(n, &r.path)?;
             self.cats[g].parent = Some(c);
-            self.db(c).set_nested(&r.path, r.hash.as_ref().map(|h| &h.digest), r.size)?;
+            self.db(c)?
+                .set_nested(&r.path, r.hash.as_ref().map(|h| &h.digest), r.size)?;
         }
-        let offset = self.db(c).max_hardlink_group()?;
+        let offset = self.db(c)?.max_hardlink_group()?;
         let root_key = crate::hash::path_key(path);
-        for (mut e, keys) in self.db(n).all_rows()? {
+        for (mut e, keys) in self.db(n)?.all_rows()? {
             if keys.path == root_key {
                 continue;
             }
             if e.is_chunked() {
-                e.chunks = self.db(n).chunks(keys.path)?;
+                e.chunks = self.db(n)?.chunks(keys.path)?;
             }
             if e.hardlink_group > 0 {
                 e.hardlink_group += offset;
             }
-            self.db(c).insert_row(keys.path, keys.parent, &e)?;
+            self.db(c)?.insert_row(keys.path, keys.parent, &e)?;
         }
-        if let Some(mut mp) = self.db(c).lookup(path)? {
+        if let Some(mut mp) = self.db(c)?.lookup(path)? {
             mp.flags &= !(flags::DIR_NESTED_MOUNTPOINT | flags::DIR_NESTED_ROOT);
-            self.db(c).update(path, &mp)?;
+            self.db(c)?.update(path, &mp)?;
         }
-        self.db(c).remove_nested(path)?;
+        self.db(c)?.remove_nested(path)?;
         self.cats[n].removed = true;
         self.cats[c].dirty = true;
         Ok(())
@@ -543,7 +546,10 @@ impl<'a> CatalogTree<'a> {
                     subtree = subtree.add(&t);
                 }
             }
-            let db = self.cats[i].db.take().expect("catalog present at commit");
+            let db = self.cats[i].db.take().ok_or_else(|| TreeError::Invalid {
+                path: self.cats[i].mountpoint.clone(),
+                msg: "catalog closed twice".into(),
+            })?;
             let self_c = db.compute_self_counters()?;
             let stats = Statistics {
                 self_: self_c,
@@ -573,7 +579,8 @@ impl<'a> CatalogTree<'a> {
             match self.cats[i].parent {
                 Some(p) => {
                     let mp = self.cats[i].mountpoint.clone();
-                    self.db(p).set_nested(&mp, Some(&id.digest), bytes.len() as u64)?;
+                    self.db(p)?
+                        .set_nested(&mp, Some(&id.digest), bytes.len() as u64)?;
                     self.cats[p].dirty = true;
                 }
                 None => {

@@ -80,7 +80,10 @@ impl Xattrs {
             if pos + kl + vl > b.len() || kl == 0 {
                 return Err(XattrError::Malformed);
             }
-            map.insert(b[pos..pos + kl].to_vec(), b[pos + kl..pos + kl + vl].to_vec());
+            map.insert(
+                b[pos..pos + kl].to_vec(),
+                b[pos + kl..pos + kl + vl].to_vec(),
+            );
             pos += kl + vl;
         }
         if pos != b.len() {
@@ -102,13 +105,7 @@ mod tests {
         let blob = x.serialize();
         assert_eq!(
             blob,
-            [
-                &[1u8, 2, 6, 2][..],
-                b"user.axy",
-                &[6, 1],
-                b"user.b2"
-            ]
-            .concat()
+            [&[1u8, 2, 6, 2][..], b"user.axy", &[6, 1], b"user.b2"].concat()
         );
         assert_eq!(Xattrs::deserialize(&blob).unwrap(), x);
     }
@@ -118,7 +115,10 @@ mod tests {
         let mut x = Xattrs::default();
         assert!(matches!(x.insert(b"", b""), Err(XattrError::BadKey(_))));
         assert!(matches!(x.insert(b"a\0b", b""), Err(XattrError::BadKey(_))));
-        assert!(matches!(x.insert(b"k", &[0u8; 256]), Err(XattrError::ValueTooLong(_))));
+        assert!(matches!(
+            x.insert(b"k", &[0u8; 256]),
+            Err(XattrError::ValueTooLong(_))
+        ));
         assert_eq!(Xattrs::deserialize(&[1, 1, 3]), Err(XattrError::Malformed));
         assert_eq!(Xattrs::deserialize(&[2, 0]), Err(XattrError::Malformed));
     }
