@@ -1,0 +1,28 @@
+# cvmfs-prepub build targets.
+CARGO ?= cargo
+
+.PHONY: build test lint bench demo clean
+
+## build: release binaries into target/release (cvmfs-prepub)
+build:
+	$(CARGO) build --release --workspace
+
+## test: every unit and integration test of the workspace
+test:
+	$(CARGO) test --workspace
+
+## lint: formatting and clippy with warnings as errors
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## bench: encoder throughput against raw zlib on this machine
+bench:
+	$(CARGO) bench --bench encoder
+
+## demo: create a repository, publish a sample tar into it, and check it
+demo: build
+	scripts/demo-publish.sh
+
+clean:
+	$(CARGO) clean
