@@ -1,12 +1,13 @@
 //! cvmfs-prepub: publishes software builds into CernVM-FS repositories.
 //!
-//! This binary hosts the operator commands (`repo ...`); the publisher daemon and receiver
-//! modes build on the same core library.
+//! Without a subcommand it runs the publisher daemon from `--config`; `repo ...` runs the
+//! operator commands on a repository storage directly.
 
-mod http_store;
-mod repo_cmd;
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use cvmfs_prepub::config::{FileConfig, Overrides};
+use cvmfs_prepub::{repo_cmd, server};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -15,8 +16,23 @@ use clap::{Parser, Subcommand};
     about = "Pre-publisher for CernVM-FS repositories"
 )]
 struct Cli {
+    /// Configuration file (YAML).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Listen address, overrides server.listen (e.g. :8080, 127.0.0.1:8080).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Spool directory, overrides server.spool_root.
+    #[arg(long)]
+    spool_root: Option<PathBuf>,
+    /// Publish mode, overrides server.publish_mode (standalone).
+    #[arg(long)]
+    publish_mode: Option<String>,
+    /// Daemon mode, overrides mode (publisher).
+    #[arg(long)]
+    mode: Option<String>,
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -26,10 +42,27 @@ enum Cmd {
     Repo(repo_cmd::RepoCmd),
 }
 
+fn daemon(cli: Cli) -> anyhow::Result<()> {
+    let file = match &cli.config {
+        Some(p) => FileConfig::load(p)?,
+        None => anyhow::bail!("--config is required to run the daemon"),
+    };
+    let o = Overrides {
+        listen: cli.listen,
+        spool_root: cli.spool_root,
+        publish_mode: cli.publish_mode,
+        mode: cli.mode,
+    };
+    let cfg = file.validate(&o)?;
+    let log = server::logging::logger(cfg.log_json);
+    server::run(cfg, log)
+}
+
 fn main() {
-    let cli = Cli::parse();
-    let res = match cli.cmd {
-        Cmd::Repo(c) => repo_cmd::run(c),
+    let mut cli = Cli::parse();
+    let res = match cli.cmd.take() {
+        Some(Cmd::Repo(c)) => repo_cmd::run(c),
+        None => daemon(cli),
     };
     if let Err(e) = res {
         // One line, the whole cause chain.

@@ -1,6 +1,13 @@
-//! prepub-actors: the supervised actix actors of the cvmfs-prepub daemon (`JobManager`,
-//! `SpoolJournal`, `CompressorPool`, `CasWriter`, `GatewayLease`, `S1Distributor`,
-//! `MqttBridge`, `ReceiverAgent`). Each is a thin shell around a plain struct of
-//! [`prepub_core`]; the daemon that starts them arrives with the REST API.
+//! prepub-actors: the supervised actix actors of the cvmfs-prepub daemon. Each is a thin shell
+//! around plain structs of [`prepub_core`]: `JobManager` (job table, scheduling, retries),
+//! `SpoolJournal` (the spool and its write-ahead journal), `CompressorPool` (CPU work on OS
+//! threads fed by crossbeam channels) and `Publisher` (the standalone publish backend with one
+//! commit queue per repository).
+
+pub mod compressor_pool;
+pub mod job_manager;
+pub mod metrics;
+pub mod publisher;
+pub mod spool_journal;
 
 pub use prepub_core;

@@ -95,7 +95,7 @@ pub enum IntakeError {
 }
 
 /// One entry of the change set.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Node {
     pub entry: Entry,
     /// For hard links: the relative path of the first entry of the link group.
@@ -105,7 +105,7 @@ pub struct Node {
 }
 
 /// Counters of one intake.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IntakeStats {
     pub entries: u64,
     pub files: u64,
@@ -117,7 +117,7 @@ pub struct IntakeStats {
 }
 
 /// The content of a tar, relative to a target path.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct ChangeSet {
     /// Metadata for the target directory itself (the tar's `.` entry), if given.
     pub root: Option<Entry>,

@@ -69,7 +69,7 @@ impl Default for EncodeParams {
 }
 
 /// One chunk of a chunked file: uncompressed offset and size, and its `P` object.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileChunk {
     pub offset: u64,
     pub size: u64,

@@ -49,6 +49,21 @@ pub enum RepoError {
     Invalid(String),
     #[error("scratch space: {0}")]
     Scratch(#[from] std::io::Error),
+    #[error("publish cancelled before the manifest was written")]
+    Cancelled,
+}
+
+impl RepoError {
+    /// Whether the same publish may succeed if retried (storage trouble, not bad content).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            RepoError::Cas(e) => e.is_retryable(),
+            RepoError::Scratch(_) => true,
+            RepoError::Tree(TreeError::Cas(e)) => e.is_retryable(),
+            RepoError::Tree(TreeError::Scratch(..)) => true,
+            _ => false,
+        }
+    }
 }
 
 /// How a change set is applied at its target path.
@@ -183,6 +198,7 @@ pub fn init(
         }),
         tmp.path(),
         now,
+        &|| true,
     )
 }
 
@@ -193,6 +209,23 @@ pub fn publish<F>(
     keys: &RepoKeys,
     tag: Option<&TagRequest>,
     now: i64,
+    edit: F,
+) -> Result<Published, RepoError>
+where
+    F: FnOnce(&mut CatalogTree<'_>) -> Result<(), RepoError>,
+{
+    publish_guarded(cas, keys, tag, now, &|| true, edit)
+}
+
+/// Like [`publish`], but asks `proceed` just before the manifest is replaced; if it answers
+/// `false` nothing is published (what was written so far is unreferenced content) and
+/// [`RepoError::Cancelled`] is returned.
+pub fn publish_guarded<F>(
+    cas: &dyn Cas,
+    keys: &RepoKeys,
+    tag: Option<&TagRequest>,
+    now: i64,
+    proceed: &dyn Fn() -> bool,
     edit: F,
 ) -> Result<Published, RepoError>
 where
@@ -224,9 +257,10 @@ where
     // Catalog timestamps must not run behind the previous manifest (client ordering, §1.5).
     let now = now.max(old.timestamp);
     let commit = tree.commit(now)?;
-    finish_publish(cas, keys, Some(&old), commit, tag, tmp.path(), now)
+    finish_publish(cas, keys, Some(&old), commit, tag, tmp.path(), now, proceed)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn finish_publish(
     cas: &dyn Cas,
     keys: &RepoKeys,
@@ -235,6 +269,7 @@ fn finish_publish(
     tag: Option<&TagRequest>,
     scratch: &Path,
     now: i64,
+    proceed: &dyn Fn() -> bool,
 ) -> Result<Published, RepoError> {
     // Certificate object (idempotent).
     let (cert_id, cert_bytes) =
@@ -296,6 +331,9 @@ fn finish_publish(
         reflog: Some(Digest20::of(&reflog_bytes)),
     };
     refresh_whitelist(cas, keys, now)?;
+    if !proceed() {
+        return Err(RepoError::Cancelled);
+    }
     // The manifest goes last: until it is replaced, readers see the previous revision.
     cas.put_root_file(MANIFEST, &manifest.sign(keys))?;
     Ok(Published { manifest, commit })

@@ -52,7 +52,7 @@ pub enum Kind {
 }
 
 /// One catalog row, decoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Entry {
     /// Last path component; `""` for the repository root.
     pub name: String,

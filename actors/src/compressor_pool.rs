@@ -1,0 +1,178 @@
+//! `CompressorPool`: the threads that do the CPU work of a job — unpacking the tar, cutting
+//! chunks, zlib, SHA-1 — and write the objects into the repository's CAS.
+//!
+//! The actor is a thin front: `ProcessJob` puts a task on a crossbeam channel read by
+//! `pipeline.workers` OS threads, so no CPU work ever runs on an async arbiter. Each task
+//! reports progress and its outcome back to the recipients given with it. Work is checked for
+//! abort between reads, so an aborted job stops within one read buffer.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use actix::prelude::*;
+use crossbeam_channel::{unbounded, Receiver, Sender};
+use prepub_core::cas::LocalCas;
+use prepub_core::intake::{read_tar, ChangeSet, IntakeError, IntakeLimits};
+use prepub_core::jobs::Progress;
+use prepub_core::object::EncodeParams;
+
+/// What finished processing reports.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Processed {
+    pub job_id: String,
+    pub outcome: Result<ChangeSet, ProcessError>,
+}
+
+/// A progress report while processing.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ProgressMade {
+    pub job_id: String,
+    pub progress: Progress,
+}
+
+/// Why processing failed.
+#[derive(Debug, Clone)]
+pub struct ProcessError {
+    pub code: &'static str,
+    pub message: String,
+    /// Worth retrying (I/O trouble) rather than a bad tar.
+    pub retryable: bool,
+}
+
+/// Processes one job's tar into its repository's CAS.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ProcessJob {
+    pub job_id: String,
+    pub tar: PathBuf,
+    pub storage: PathBuf,
+    pub top_level: bool,
+    pub params: EncodeParams,
+    pub limits: IntakeLimits,
+    pub abort: Arc<AtomicBool>,
+    pub done: Recipient<Processed>,
+    pub progress: Recipient<ProgressMade>,
+}
+
+pub struct CompressorPool {
+    tx: Sender<ProcessJob>,
+    workers: usize,
+}
+
+impl CompressorPool {
+    /// Starts `workers` threads (0 = one per core).
+    pub fn new(workers: usize) -> CompressorPool {
+        let n = if workers == 0 {
+            thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            workers
+        };
+        let (tx, rx) = unbounded::<ProcessJob>();
+        for i in 0..n {
+            let rx: Receiver<ProcessJob> = rx.clone();
+            let _ = thread::Builder::new()
+                .name(format!("compressor-{i}"))
+                .spawn(move || {
+                    while let Ok(task) = rx.recv() {
+                        run_task(task);
+                    }
+                });
+        }
+        CompressorPool { tx, workers: n }
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+}
+
+impl Actor for CompressorPool {
+    type Context = Context<Self>;
+}
+
+impl Handler<ProcessJob> for CompressorPool {
+    type Result = ();
+    fn handle(&mut self, m: ProcessJob, _: &mut Context<Self>) {
+        // The receiving threads live as long as the process; a send cannot fail while they do.
+        let _ = self.tx.send(m);
+    }
+}
+
+/// Counts bytes, reports progress now and then, and stops when the job is aborted.
+struct Watched<R> {
+    inner: R,
+    abort: Arc<AtomicBool>,
+    read: u64,
+    last_report: u64,
+    job_id: String,
+    progress: Recipient<ProgressMade>,
+}
+
+impl<R: Read> Read for Watched<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.abort.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("job aborted"));
+        }
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        if self.read - self.last_report >= 32 << 20 {
+            self.last_report = self.read;
+            self.progress.do_send(ProgressMade {
+                job_id: self.job_id.clone(),
+                progress: Progress {
+                    bytes_processed: self.read,
+                    ..Progress::default()
+                },
+            });
+        }
+        Ok(n)
+    }
+}
+
+fn run_task(t: ProcessJob) {
+    let outcome = (|| -> Result<ChangeSet, ProcessError> {
+        let io_err = |code: &'static str, e: String| ProcessError {
+            code,
+            message: e,
+            retryable: true,
+        };
+        let cas =
+            LocalCas::open(&t.storage).map_err(|e| io_err("cas-unavailable", e.to_string()))?;
+        let f = std::fs::File::open(&t.tar).map_err(|e| io_err("spool-read", e.to_string()))?;
+        let watched = Watched {
+            inner: std::io::BufReader::with_capacity(1 << 20, f),
+            abort: t.abort.clone(),
+            read: 0,
+            last_report: 0,
+            job_id: t.job_id.clone(),
+            progress: t.progress.clone(),
+        };
+        let now = prepub_core::timefmt::now();
+        read_tar(watched, t.top_level, &t.params, &t.limits, &cas, now).map_err(|e| {
+            if t.abort.load(Ordering::Relaxed) {
+                return ProcessError {
+                    code: "aborted",
+                    message: "job aborted".into(),
+                    retryable: false,
+                };
+            }
+            let retryable = matches!(&e, IntakeError::Encode { source: prepub_core::object::EncodeError::Cas(c), .. } if c.is_retryable());
+            ProcessError {
+                code: if retryable { "cas-write" } else { "bad-tar" },
+                message: e.to_string(),
+                retryable,
+            }
+        })
+    })();
+    t.done.do_send(Processed {
+        job_id: t.job_id,
+        outcome,
+    });
+}

@@ -1,0 +1,648 @@
+//! `JobManager`: the job table, scheduling, retries, aborts, and the hand-offs between the
+//! compressor pool and the per-repository commit queues.
+//!
+//! Every transition is sent to `SpoolJournal` first; the effect that depends on it (handing the
+//! job to the next stage, letting a commit proceed) happens only after the journal confirmed the
+//! record is on disk. On start — a new process or a supervisor restart — the table is rebuilt
+//! from the journal and every unfinished job resumes from its last durable step: a job with a
+//! saved change set is not unpacked again, and a job whose commit may have happened is checked
+//! against the repository before anything is committed (see `publisher`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use prepub_core::intake::{ChangeSet, IntakeLimits};
+use prepub_core::jobs::{now_ms, JobRecord, JobState, Progress};
+use prepub_core::object::EncodeParams;
+use prepub_core::spool::SpoolError;
+
+use crate::compressor_pool::{CompressorPool, ProcessJob, Processed, ProgressMade};
+use crate::metrics::Metrics;
+use crate::publisher::{CommitJob, CommitStarting, Committed, Publisher, RepoTarget};
+use crate::spool_journal::{AcceptJob, RecordJob, SaveChangeset, Snapshot, SpoolJournal};
+
+/// Static settings of the job manager.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub repos: HashMap<String, RepoTarget>,
+    pub params: EncodeParams,
+    pub limits: IntakeLimits,
+    pub max_attempts: u32,
+    pub retry_backoff: Duration,
+    pub tar_retention: Duration,
+    pub spool_root: PathBuf,
+}
+
+pub struct JobManager {
+    settings: Arc<Settings>,
+    jobs: BTreeMap<String, JobRecord>,
+    aborts: HashMap<String, Arc<AtomicBool>>,
+    started_at: HashMap<String, Instant>,
+    journal: Addr<SpoolJournal>,
+    pool: Addr<CompressorPool>,
+    publisher: Addr<Publisher>,
+    metrics: Metrics,
+    recovered_once: bool,
+}
+
+impl JobManager {
+    pub fn new(
+        settings: Arc<Settings>,
+        journal: Addr<SpoolJournal>,
+        pool: Addr<CompressorPool>,
+        publisher: Addr<Publisher>,
+        metrics: Metrics,
+    ) -> JobManager {
+        JobManager {
+            settings,
+            jobs: BTreeMap::new(),
+            aborts: HashMap::new(),
+            started_at: HashMap::new(),
+            journal,
+            pool,
+            publisher,
+            metrics,
+            recovered_once: false,
+        }
+    }
+
+    fn update_gauges(&self) {
+        for s in [
+            JobState::Queued,
+            JobState::Processing,
+            JobState::Uploading,
+            JobState::Distributing,
+            JobState::Committing,
+            JobState::Published,
+            JobState::Failed,
+            JobState::Aborted,
+        ] {
+            let n = self.jobs.values().filter(|j| j.state == s).count() as i64;
+            self.metrics
+                .jobs_in_state
+                .with_label_values(&[s.as_str()])
+                .set(n);
+        }
+    }
+
+    /// Journals `rec`, makes it the current record, then runs `then(ok)`.
+    fn save<F>(&mut self, rec: JobRecord, ctx: &mut Context<Self>, then: F)
+    where
+        F: FnOnce(&mut Self, &mut Context<Self>, bool) + 'static,
+    {
+        self.jobs.insert(rec.id.clone(), rec.clone());
+        self.update_gauges();
+        ctx.spawn(
+            self.journal
+                .send(RecordJob(rec))
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    let ok = matches!(res, Ok(Ok(())));
+                    then(act, ctx, ok)
+                }),
+        );
+    }
+
+    fn abort_flag(&mut self, id: &str) -> Arc<AtomicBool> {
+        self.aborts
+            .entry(id.to_string())
+            .or_insert_with(|| Arc::new(AtomicBool::new(false)))
+            .clone()
+    }
+
+    fn resume(&mut self, id: &str, ctx: &mut Context<Self>) {
+        let Some(job) = self.jobs.get(id).cloned() else {
+            return;
+        };
+        match job.state {
+            JobState::Queued | JobState::Processing => {
+                if job.state == JobState::Processing
+                    && prepub_core::spool::Spool::open_changeset_exists(
+                        &self.settings.spool_root,
+                        id,
+                    )
+                {
+                    self.after_saved_changeset(id.to_string(), ctx);
+                } else {
+                    self.start_processing(id.to_string(), ctx);
+                }
+            }
+            JobState::Uploading | JobState::Distributing => {
+                self.after_saved_changeset(id.to_string(), ctx)
+            }
+            JobState::Committing => self.start_commit(id.to_string(), ctx),
+            _ => {}
+        }
+    }
+
+    fn start_processing(&mut self, id: String, ctx: &mut Context<Self>) {
+        let Some(mut job) = self.jobs.get(&id).cloned() else {
+            return;
+        };
+        if job.state.is_terminal() {
+            return;
+        }
+        let Some(target) = self.settings.repos.get(&job.repo).cloned() else {
+            job.fail(
+                "unknown-repository",
+                format!("repository {} is not configured", job.repo),
+                now_ms(),
+            );
+            self.metrics
+                .job_failures_by_class_total
+                .with_label_values(&["permanent"])
+                .inc();
+            self.save(job, ctx, |_, _, _| {});
+            return;
+        };
+        job.attempts += 1;
+        job.transition(JobState::Processing, now_ms());
+        let abort = self.abort_flag(&id);
+        let tar = self
+            .settings
+            .spool_root
+            .join("jobs")
+            .join(&id)
+            .join("payload.tar");
+        let params = self.settings.params;
+        let limits = self.settings.limits;
+        let top_level = job.path.is_empty();
+        self.save(job, ctx, move |act, ctx, ok| {
+            if !ok {
+                return;
+            }
+            act.started_at.insert(id.clone(), Instant::now());
+            act.pool.do_send(ProcessJob {
+                job_id: id,
+                tar,
+                storage: target.storage,
+                top_level,
+                params,
+                limits,
+                abort,
+                done: ctx.address().recipient(),
+                progress: ctx.address().recipient(),
+            });
+        });
+    }
+
+    /// The change set is durable: walk uploading → distributing → committing, then queue the
+    /// commit. (The local CAS is the served storage, so objects are in place once processed;
+    /// with no Stratum 1 configured, distributing passes straight through.)
+    fn after_saved_changeset(&mut self, id: String, ctx: &mut Context<Self>) {
+        let Some(mut job) = self.jobs.get(&id).cloned() else {
+            return;
+        };
+        if job.state.is_terminal() {
+            return;
+        }
+        let next = match job.state {
+            JobState::Queued | JobState::Processing => JobState::Uploading,
+            JobState::Uploading => JobState::Distributing,
+            JobState::Distributing => JobState::Committing,
+            _ => {
+                self.start_commit(id, ctx);
+                return;
+            }
+        };
+        job.transition(next, now_ms());
+        self.save(job, ctx, move |act, ctx, ok| {
+            if ok {
+                act.after_saved_changeset(id, ctx);
+            }
+        });
+    }
+
+    fn start_commit(&mut self, id: String, ctx: &mut Context<Self>) {
+        let Some(job) = self.jobs.get(&id).cloned() else {
+            return;
+        };
+        if job.state != JobState::Committing {
+            return;
+        }
+        self.started_at
+            .entry(id.clone())
+            .or_insert_with(Instant::now);
+        let abort = self.abort_flag(&id);
+        self.publisher.do_send(CommitJob {
+            changeset: self
+                .settings
+                .spool_root
+                .join("jobs")
+                .join(&id)
+                .join("changeset.json"),
+            job,
+            params: self.settings.params,
+            abort,
+            starting: ctx.address().recipient(),
+            done: ctx.address().recipient(),
+        });
+    }
+
+    fn retry_or_fail(
+        &mut self,
+        id: String,
+        code: &str,
+        message: String,
+        retryable: bool,
+        ctx: &mut Context<Self>,
+        again: fn(&mut Self, String, &mut Context<Self>),
+    ) {
+        let Some(mut job) = self.jobs.get(&id).cloned() else {
+            return;
+        };
+        if retryable && job.attempts < self.settings.max_attempts {
+            let backoff =
+                self.settings.retry_backoff * 2u32.saturating_pow(job.attempts.saturating_sub(1));
+            ctx.run_later(backoff, move |act, ctx| again(act, id, ctx));
+            return;
+        }
+        job.fail(code, message, now_ms());
+        let class = if retryable { "transient" } else { "permanent" };
+        self.metrics
+            .job_failures_by_class_total
+            .with_label_values(&[class])
+            .inc();
+        self.save(job, ctx, |_, _, _| {});
+    }
+
+    fn cleanup_payloads(&mut self, ctx: &mut Context<Self>) {
+        let cutoff = now_ms() - self.settings.tar_retention.as_millis() as i64;
+        let expired: Vec<JobRecord> = self
+            .jobs
+            .values()
+            .filter(|j| j.state.is_terminal() && !j.tar_deleted && j.updated < cutoff)
+            .cloned()
+            .collect();
+        for mut j in expired {
+            j.tar_deleted = true;
+            self.save(j, ctx, |_, _, _| {});
+        }
+    }
+}
+
+impl Actor for JobManager {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        // Rebuild the table from the journal and resume unfinished jobs.
+        ctx.wait(
+            self.journal
+                .send(Snapshot)
+                .into_actor(self)
+                .map(|res, act, ctx| {
+                    let Ok(jobs) = res else { return };
+                    act.jobs = jobs;
+                    let unfinished: Vec<String> = act
+                        .jobs
+                        .values()
+                        .filter(|j| !j.state.is_terminal())
+                        .map(|j| j.id.clone())
+                        .collect();
+                    if !act.recovered_once {
+                        act.metrics
+                            .jobs_recovered_total
+                            .inc_by(unfinished.len() as u64);
+                    }
+                    act.recovered_once = true;
+                    act.update_gauges();
+                    for id in unfinished {
+                        act.resume(&id, ctx);
+                    }
+                }),
+        );
+        ctx.run_interval(Duration::from_secs(60), |act, ctx| {
+            act.cleanup_payloads(ctx)
+        });
+    }
+}
+
+impl Supervised for JobManager {
+    fn restarting(&mut self, _: &mut Context<Self>) {
+        // In-memory state is rebuilt from the journal in `started`.
+        self.jobs.clear();
+        self.started_at.clear();
+    }
+}
+
+/// Why a submission was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("spool: {0}")]
+    Spool(#[from] SpoolError),
+    #[error("job manager unavailable")]
+    Unavailable,
+}
+
+/// Accepts a spooled upload as a job.
+#[derive(Message)]
+#[rtype(result = "Result<JobRecord, SubmitError>")]
+pub struct SubmitJob {
+    pub record: JobRecord,
+    pub upload: PathBuf,
+}
+
+impl Handler<SubmitJob> for JobManager {
+    type Result = ResponseActFuture<Self, Result<JobRecord, SubmitError>>;
+    fn handle(&mut self, m: SubmitJob, _: &mut Context<Self>) -> Self::Result {
+        let rec = m.record.clone();
+        Box::pin(
+            self.journal
+                .send(AcceptJob {
+                    record: m.record,
+                    upload: m.upload,
+                })
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    match res {
+                        Err(_) => return Err(SubmitError::Unavailable),
+                        Ok(Err(e)) => return Err(SubmitError::Spool(e)),
+                        Ok(Ok(())) => {}
+                    }
+                    act.metrics
+                        .jobs_submitted_total
+                        .with_label_values(&[&rec.path])
+                        .inc();
+                    act.jobs.insert(rec.id.clone(), rec.clone());
+                    act.update_gauges();
+                    act.start_processing(rec.id.clone(), ctx);
+                    Ok(rec)
+                }),
+        )
+    }
+}
+
+/// One job's current record.
+#[derive(Message)]
+#[rtype(result = "Option<JobRecord>")]
+pub struct GetJob(pub String);
+
+impl Handler<GetJob> for JobManager {
+    type Result = Option<JobRecord>;
+    fn handle(&mut self, m: GetJob, _: &mut Context<Self>) -> Self::Result {
+        self.jobs.get(&m.0).cloned()
+    }
+}
+
+/// A page of jobs, newest first.
+#[derive(Message)]
+#[rtype(result = "(Vec<JobRecord>, usize)")]
+pub struct ListJobs {
+    pub state: Option<JobState>,
+    pub repo: Option<String>,
+    /// `Some(owner)`: only jobs of that scoped token.
+    pub owner: Option<String>,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+impl Handler<ListJobs> for JobManager {
+    type Result = MessageResult<ListJobs>;
+    fn handle(&mut self, m: ListJobs, _: &mut Context<Self>) -> Self::Result {
+        let mut all: Vec<&JobRecord> = self
+            .jobs
+            .values()
+            .filter(|j| m.state.is_none_or(|s| j.state == s))
+            .filter(|j| m.repo.as_ref().is_none_or(|r| &j.repo == r))
+            .filter(|j| m.owner.is_none() || j.owner == m.owner)
+            .collect();
+        all.sort_by(|a, b| b.created.cmp(&a.created).then(b.id.cmp(&a.id)));
+        let total = all.len();
+        MessageResult((
+            all.into_iter()
+                .skip(m.offset)
+                .take(m.limit)
+                .cloned()
+                .collect(),
+            total,
+        ))
+    }
+}
+
+/// Why an abort was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AbortError {
+    #[error("no such job")]
+    NotFound,
+    #[error("job already ended as {0}")]
+    Terminal(&'static str),
+}
+
+/// Aborts a job. Before its commit starts the job ends `aborted` at once; during the commit the
+/// request stops it before the manifest is written, unless that already happened.
+#[derive(Message)]
+#[rtype(result = "Result<JobRecord, AbortError>")]
+pub struct AbortJob(pub String);
+
+impl Handler<AbortJob> for JobManager {
+    type Result = Result<JobRecord, AbortError>;
+    fn handle(&mut self, m: AbortJob, ctx: &mut Context<Self>) -> Self::Result {
+        let Some(mut job) = self.jobs.get(&m.0).cloned() else {
+            return Err(AbortError::NotFound);
+        };
+        if job.state.is_terminal() {
+            return Err(AbortError::Terminal(job.state.as_str()));
+        }
+        self.abort_flag(&m.0).store(true, Ordering::SeqCst);
+        if job.state == JobState::Committing && job.base_root.is_some() {
+            // The commit thread is running; it reports the outcome.
+            return Ok(job);
+        }
+        job.transition(JobState::Aborted, now_ms());
+        self.save(job.clone(), ctx, |_, _, _| {});
+        Ok(job)
+    }
+}
+
+impl Handler<ProgressMade> for JobManager {
+    type Result = ();
+    fn handle(&mut self, m: ProgressMade, _: &mut Context<Self>) {
+        if let Some(j) = self.jobs.get_mut(&m.job_id) {
+            j.progress.bytes_processed = j.progress.bytes_processed.max(m.progress.bytes_processed);
+        }
+    }
+}
+
+impl Handler<Processed> for JobManager {
+    type Result = ();
+    fn handle(&mut self, m: Processed, ctx: &mut Context<Self>) {
+        let Some(job) = self.jobs.get(&m.job_id).cloned() else {
+            return;
+        };
+        if job.state != JobState::Processing {
+            return; // aborted meanwhile, or a duplicate report after a restart
+        }
+        if let Some(t) = self.started_at.get(&m.job_id) {
+            self.metrics
+                .cas_upload_duration_seconds
+                .observe(t.elapsed().as_secs_f64());
+        }
+        match m.outcome {
+            Ok(cs) => {
+                let mut job = job;
+                job.progress = progress_of(&cs);
+                self.metrics
+                    .pipeline_dedup_hits_total
+                    .with_label_values(&[&job.path])
+                    .inc_by(cs.stats.dedup_hits);
+                self.metrics
+                    .pipeline_objects_new_total
+                    .with_label_values(&[&job.path])
+                    .inc_by(cs.stats.new_objects);
+                self.metrics
+                    .pipeline_bytes_total
+                    .with_label_values(&[&job.path])
+                    .inc_by(cs.stats.bytes_in);
+                self.jobs.insert(job.id.clone(), job);
+                let id = m.job_id.clone();
+                ctx.spawn(
+                    self.journal
+                        .send(SaveChangeset {
+                            id: id.clone(),
+                            changeset: cs,
+                        })
+                        .into_actor(self)
+                        .map(move |res, act, ctx| match res {
+                            Ok(Ok(())) => act.after_saved_changeset(id, ctx),
+                            Ok(Err(e)) => act.retry_or_fail(
+                                id,
+                                "spool-write",
+                                e.to_string(),
+                                true,
+                                ctx,
+                                JobManager::start_processing,
+                            ),
+                            Err(_) => {}
+                        }),
+                );
+            }
+            Err(e) if e.code == "aborted" => {
+                let mut job = job;
+                job.transition(JobState::Aborted, now_ms());
+                self.save(job, ctx, |_, _, _| {});
+            }
+            Err(e) => self.retry_or_fail(
+                m.job_id,
+                e.code,
+                e.message,
+                e.retryable,
+                ctx,
+                JobManager::start_processing,
+            ),
+        }
+    }
+}
+
+fn progress_of(cs: &ChangeSet) -> Progress {
+    Progress {
+        entries: cs.stats.entries,
+        bytes_processed: cs.stats.bytes_in,
+        objects_new: cs.stats.new_objects,
+        objects_dedup: cs.stats.dedup_hits,
+        bytes_compressed: cs.stats.new_bytes,
+    }
+}
+
+impl Handler<CommitStarting> for JobManager {
+    type Result = ();
+    fn handle(&mut self, m: CommitStarting, ctx: &mut Context<Self>) {
+        let aborted = self
+            .aborts
+            .get(&m.job_id)
+            .is_some_and(|a| a.load(Ordering::SeqCst));
+        let Some(mut job) = self.jobs.get(&m.job_id).cloned() else {
+            let _ = m.ack.send(false);
+            return;
+        };
+        if aborted || job.state != JobState::Committing {
+            let _ = m.ack.send(false);
+            return;
+        }
+        job.base_root = Some(m.base_root);
+        job.updated = now_ms();
+        let ack = m.ack;
+        self.save(job, ctx, move |_, _, ok| {
+            let _ = ack.send(ok);
+        });
+    }
+}
+
+impl Handler<Committed> for JobManager {
+    type Result = ();
+    fn handle(&mut self, m: Committed, ctx: &mut Context<Self>) {
+        let Some(mut job) = self.jobs.get(&m.job_id).cloned() else {
+            return;
+        };
+        if job.state != JobState::Committing {
+            return;
+        }
+        match m.outcome {
+            Ok(result) => {
+                if let Some(t) = self.started_at.remove(&m.job_id) {
+                    self.metrics
+                        .commit_duration_seconds
+                        .observe(t.elapsed().as_secs_f64());
+                }
+                self.metrics
+                    .jobs_published_total
+                    .with_label_values(&[&job.path])
+                    .inc();
+                job.result = Some(result);
+                job.transition(JobState::Published, now_ms());
+                self.save(job, ctx, |_, _, _| {});
+            }
+            Err(e) if e.code == "aborted" => {
+                job.transition(JobState::Aborted, now_ms());
+                self.save(job, ctx, |_, _, _| {});
+            }
+            Err(e) => {
+                // A failed commit starts over from the (unchanged) base on retry.
+                job.base_root = None;
+                job.attempts += 1;
+                self.jobs.insert(job.id.clone(), job);
+                self.retry_or_fail(
+                    m.job_id,
+                    e.code,
+                    e.message,
+                    e.retryable,
+                    ctx,
+                    JobManager::start_commit,
+                );
+            }
+        }
+    }
+}
+
+/// Counts of jobs per state, for health and status.
+#[derive(Message)]
+#[rtype(result = "BTreeMap<String, usize>")]
+pub struct CountJobs;
+
+impl Handler<CountJobs> for JobManager {
+    type Result = MessageResult<CountJobs>;
+    fn handle(&mut self, _: CountJobs, _: &mut Context<Self>) -> Self::Result {
+        let mut m = BTreeMap::new();
+        for j in self.jobs.values() {
+            *m.entry(j.state.as_str().to_string()).or_insert(0) += 1;
+        }
+        MessageResult(m)
+    }
+}
+
+/// Test hook: makes the actor panic, to prove supervision restarts it from the journal.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Crash;
+
+impl Handler<Crash> for JobManager {
+    type Result = ();
+    fn handle(&mut self, _: Crash, ctx: &mut Context<Self>) {
+        // A supervised actor is restarted when it stops; stopping mid-flight loses the message
+        // being handled, exactly as a panic would.
+        ctx.stop();
+    }
+}

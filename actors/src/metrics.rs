@@ -1,0 +1,126 @@
+//! Prometheus metrics of the publisher, registered once, all named `cvmfs_prepub_*` (install
+//! guide §12.5), with a `path` label where the guide names one.
+
+use prometheus::{
+    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub jobs_submitted_total: IntCounterVec,
+    pub jobs_published_total: IntCounterVec,
+    pub job_failures_by_class_total: IntCounterVec,
+    pub jobs_recovered_total: IntCounter,
+    pub pipeline_dedup_hits_total: IntCounterVec,
+    pub pipeline_objects_new_total: IntCounterVec,
+    pub pipeline_bytes_total: IntCounterVec,
+    pub cas_upload_duration_seconds: Histogram,
+    pub commit_duration_seconds: Histogram,
+    pub jobs_in_state: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let cv = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(format!("cvmfs_prepub_{name}"), help), labels)
+                .expect("valid metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let jobs_submitted_total = cv(
+            "jobs_submitted_total",
+            "Jobs accepted, by publish path",
+            &["path"],
+        );
+        let jobs_published_total = cv(
+            "jobs_published_total",
+            "Jobs published, by publish path",
+            &["path"],
+        );
+        let job_failures_by_class_total = cv(
+            "job_failures_by_class_total",
+            "Failed jobs by class (permanent: bad input or configuration; transient: gave up after retries)",
+            &["class"],
+        );
+        let pipeline_dedup_hits_total = cv(
+            "pipeline_dedup_hits_total",
+            "Objects already present in the CAS, by publish path",
+            &["path"],
+        );
+        let pipeline_objects_new_total = cv(
+            "pipeline_objects_new_total",
+            "Objects written to the CAS, by publish path",
+            &["path"],
+        );
+        let pipeline_bytes_total = cv(
+            "pipeline_bytes_total",
+            "Uncompressed file bytes processed, by publish path",
+            &["path"],
+        );
+        let jobs_recovered_total = IntCounter::new(
+            "cvmfs_prepub_jobs_recovered_total",
+            "Unfinished jobs resumed after a restart",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(jobs_recovered_total.clone()))
+            .expect("metric registered once");
+        let hist = |name: &str, help: &str| {
+            let h = Histogram::with_opts(
+                HistogramOpts::new(format!("cvmfs_prepub_{name}"), help)
+                    .buckets(vec![0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0]),
+            )
+            .expect("valid metric definition");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("metric registered once");
+            h
+        };
+        let cas_upload_duration_seconds = hist(
+            "cas_upload_duration_seconds",
+            "Time to unpack, compress, hash and store one job's objects in the CAS",
+        );
+        let commit_duration_seconds = hist(
+            "commit_duration_seconds",
+            "Time from entering committing to published",
+        );
+        let jobs_in_state = IntGaugeVec::new(
+            Opts::new("cvmfs_prepub_jobs_in_state", "Jobs currently in each state"),
+            &["state"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(jobs_in_state.clone()))
+            .expect("metric registered once");
+        Metrics {
+            registry,
+            jobs_submitted_total,
+            jobs_published_total,
+            job_failures_by_class_total,
+            jobs_recovered_total,
+            pipeline_dedup_hits_total,
+            pipeline_objects_new_total,
+            pipeline_bytes_total,
+            cas_upload_duration_seconds,
+            commit_duration_seconds,
+            jobs_in_state,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let enc = prometheus::TextEncoder::new();
+        enc.encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,241 @@
+//! The publish backend. `Publisher` (standalone mode) is the writer of repositories whose storage
+//! and keys it holds: it applies a job's change set to the current revision, signs a new
+//! manifest and tags it.
+//!
+//! Commits are strictly serialised per repository: each repository has one commit thread fed by
+//! a crossbeam channel, so jobs commit in the order they became ready and a second job waits
+//! instead of failing. Before it changes anything, the thread reports the root catalog it starts
+//! from (`CommitStarting`) and waits until the job manager has journaled it; that is what lets a
+//! restarted daemon tell whether an interrupted commit already happened (current root differs
+//! and the job's tag is in the history) so that no job is ever committed twice.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use actix::prelude::*;
+use crossbeam_channel::{bounded, unbounded, Sender};
+use prepub_core::cas::{get_all, LocalCas};
+use prepub_core::history::History;
+use prepub_core::intake::ChangeSet;
+use prepub_core::jobs::{JobRecord, JobResult};
+use prepub_core::keys::RepoKeys;
+use prepub_core::object::{decode_to_vec, EncodeParams};
+use prepub_core::repo::{self, ApplyMode, RepoError, TagRequest};
+
+/// Where a repository lives.
+#[derive(Debug, Clone)]
+pub struct RepoTarget {
+    pub name: String,
+    pub storage: PathBuf,
+    pub keys_dir: PathBuf,
+}
+
+/// Sent by a commit thread before it changes the repository. The manager journals `base_root`
+/// and answers on `ack` whether to go on (false: the job was aborted meanwhile).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CommitStarting {
+    pub job_id: String,
+    pub base_root: String,
+    pub ack: Sender<bool>,
+}
+
+/// The outcome of a commit.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Committed {
+    pub job_id: String,
+    pub outcome: Result<JobResult, CommitError>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CommitError {
+    pub code: &'static str,
+    pub message: String,
+    pub retryable: bool,
+}
+
+/// Commits one job.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CommitJob {
+    pub job: JobRecord,
+    pub changeset: PathBuf,
+    pub params: EncodeParams,
+    pub abort: Arc<AtomicBool>,
+    pub starting: Recipient<CommitStarting>,
+    pub done: Recipient<Committed>,
+}
+
+pub struct Publisher {
+    queues: HashMap<String, Sender<CommitJob>>,
+}
+
+impl Publisher {
+    /// Starts one commit thread per repository.
+    pub fn new(targets: Vec<RepoTarget>) -> Publisher {
+        let mut queues = HashMap::new();
+        for t in targets {
+            let (tx, rx) = unbounded::<CommitJob>();
+            let name = t.name.clone();
+            let _ = thread::Builder::new()
+                .name(format!("commit-{name}"))
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        let id = job.job.id.clone();
+                        let done = job.done.clone();
+                        let outcome = commit(&t, job);
+                        done.do_send(Committed {
+                            job_id: id,
+                            outcome,
+                        });
+                    }
+                });
+            queues.insert(name, tx);
+        }
+        Publisher { queues }
+    }
+}
+
+impl Actor for Publisher {
+    type Context = Context<Self>;
+}
+
+impl Handler<CommitJob> for Publisher {
+    type Result = ();
+    fn handle(&mut self, m: CommitJob, _: &mut Context<Self>) {
+        match self.queues.get(&m.job.repo) {
+            Some(q) => {
+                let _ = q.send(m);
+            }
+            None => m.done.do_send(Committed {
+                job_id: m.job.id.clone(),
+                outcome: Err(CommitError {
+                    code: "unknown-repository",
+                    message: format!("repository {} is not configured", m.job.repo),
+                    retryable: false,
+                }),
+            }),
+        }
+    }
+}
+
+fn err(code: &'static str, e: impl ToString, retryable: bool) -> CommitError {
+    CommitError {
+        code,
+        message: e.to_string(),
+        retryable,
+    }
+}
+
+/// The tag a job's revision gets: the client's, or `prepub-<job id>`.
+pub fn job_tag(job: &JobRecord) -> TagRequest {
+    TagRequest {
+        name: job
+            .tag_name
+            .clone()
+            .unwrap_or_else(|| format!("prepub-{}", job.id)),
+        description: job
+            .tag_description
+            .clone()
+            .unwrap_or_else(|| format!("published by cvmfs-prepub job {}", job.id)),
+    }
+}
+
+/// Whether the job's commit is already in the repository (recovery after a crash).
+fn already_committed(cas: &LocalCas, job: &JobRecord) -> Result<Option<JobResult>, CommitError> {
+    let Some(base) = &job.base_root else {
+        return Ok(None);
+    };
+    let (m, _) = repo::current_manifest(cas)
+        .map_err(|e| err("repository-unreadable", e, true))?
+        .ok_or_else(|| err("repository-missing", "no repository in storage", false))?;
+    if &m.root_catalog.to_string() == base {
+        return Ok(None);
+    }
+    let Some(h) = m.history else { return Ok(None) };
+    let bytes = get_all(cas, &h)
+        .map_err(|e| err("repository-unreadable", e, true))
+        .and_then(|b| {
+            decode_to_vec(&h, &b, true).map_err(|e| err("repository-unreadable", e, true))
+        })?;
+    let tmp = tempfile::NamedTempFile::new().map_err(|e| err("scratch", e, true))?;
+    std::fs::write(tmp.path(), bytes).map_err(|e| err("scratch", e, true))?;
+    let hist = History::open(tmp.path()).map_err(|e| err("repository-unreadable", e, true))?;
+    let tag = job_tag(job);
+    let found = hist
+        .tag(&tag.name)
+        .map_err(|e| err("repository-unreadable", e, true))?;
+    Ok(found
+        .filter(|t| t.description == tag.description)
+        .map(|t| JobResult {
+            root_hash: format!("{}C", t.hash),
+            revision: t.revision,
+            tag: t.name,
+        }))
+}
+
+fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
+    let cas = LocalCas::open(&t.storage).map_err(|e| err("cas-unavailable", e, true))?;
+    let keys =
+        RepoKeys::load(&t.keys_dir, &t.name).map_err(|e| err("keys-unavailable", e, false))?;
+    let _lock = repo::lock_storage(&t.storage).map_err(|e| err("repository-locked", e, true))?;
+    if let Some(done) = already_committed(&cas, &job.job)? {
+        return Ok(done);
+    }
+    let data = std::fs::read(&job.changeset).map_err(|e| err("spool-read", e, true))?;
+    let cs: ChangeSet =
+        serde_json::from_slice(&data).map_err(|e| err("spool-corrupt", e, false))?;
+    let (m, _) = repo::current_manifest(&cas)
+        .map_err(|e| err("repository-unreadable", e, true))?
+        .ok_or_else(|| {
+            err(
+                "repository-missing",
+                "no repository in storage (run repo init)",
+                false,
+            )
+        })?;
+    let (ack_tx, ack_rx) = bounded(1);
+    job.starting.do_send(CommitStarting {
+        job_id: job.job.id.clone(),
+        base_root: m.root_catalog.to_string(),
+        ack: ack_tx,
+    });
+    if !ack_rx.recv().unwrap_or(false) {
+        return Err(err("aborted", "job aborted before its commit", false));
+    }
+    let tag = job_tag(&job.job);
+    let now = prepub_core::timefmt::now();
+    let abort = job.abort.clone();
+    let proceed = move || !abort.load(Ordering::SeqCst);
+    let p = repo::publish_guarded(&cas, &keys, Some(&tag), now, &proceed, |tree| {
+        repo::apply_changeset(
+            tree,
+            &cas,
+            &cs,
+            &job.job.path,
+            ApplyMode::Replace,
+            &job.params,
+            now,
+        )
+    })
+    .map_err(|e| match e {
+        RepoError::Cancelled => err(
+            "aborted",
+            "job aborted during its commit; nothing was published",
+            false,
+        ),
+        e => {
+            let r = e.is_retryable();
+            err(if r { "commit-io" } else { "commit-rejected" }, e, r)
+        }
+    })?;
+    Ok(JobResult {
+        root_hash: p.commit.root.to_string(),
+        revision: p.manifest.revision,
+        tag: tag.name,
+    })
+}

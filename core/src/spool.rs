@@ -1,0 +1,262 @@
+//! The spool: job directories on disk and the write-ahead journal of job records.
+//!
+//! Layout under the spool root:
+//! - `journal.wal` — one JSON job record per line, appended and fsynced before the transition it
+//!   describes is acted on. The last record of a job is its current state.
+//! - `jobs/<id>/job.json` — the job's current record (rewritten atomically after each journal
+//!   append), so an operator can see every job's state with `cat`.
+//! - `jobs/<id>/payload.tar` — the submitted tar (deleted after the retention period once the
+//!   job is terminal); `jobs/<id>/changeset.json` — the processed change set, so a restart after
+//!   processing does not unpack the tar again.
+//! - `incoming/` — uploads in progress; anything left there at start-up was never accepted and
+//!   is removed.
+//!
+//! On open the journal is replayed (a torn last line from a crash is ignored) and compacted to
+//! one record per job.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use crate::intake::ChangeSet;
+use crate::jobs::JobRecord;
+
+/// Errors of the spool.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("spool {path}: {msg}")]
+    Corrupt { path: String, msg: String },
+}
+
+fn ioe(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
+    move |source| SpoolError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes a file durably: temp name in the same directory, write, fsync, rename, fsync dir — so
+/// a crash leaves either the old or the new content, never a torn file.
+pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ));
+    let mut f = File::create(&tmp).map_err(ioe(&tmp))?;
+    f.write_all(data)
+        .and_then(|_| f.sync_all())
+        .map_err(ioe(&tmp))?;
+    fs::rename(&tmp, path).map_err(ioe(path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(ioe(dir))?;
+    Ok(())
+}
+
+/// The spool directory and its journal.
+pub struct Spool {
+    root: PathBuf,
+    wal: File,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool at `root`, replays the journal and returns every
+    /// known job's latest record.
+    pub fn open(root: &Path) -> Result<(Spool, BTreeMap<String, JobRecord>), SpoolError> {
+        for d in [root.to_path_buf(), root.join("jobs"), root.join("incoming")] {
+            fs::create_dir_all(&d).map_err(ioe(&d))?;
+        }
+        let wal_path = root.join("journal.wal");
+        let mut jobs: BTreeMap<String, JobRecord> = BTreeMap::new();
+        if wal_path.exists() {
+            let f = File::open(&wal_path).map_err(ioe(&wal_path))?;
+            for line in BufReader::new(f).split(b'\n') {
+                let line = line.map_err(ioe(&wal_path))?;
+                if line.is_empty() {
+                    continue;
+                }
+                // A torn final line (crash mid-append) was never acknowledged: skip it.
+                if let Ok(rec) = serde_json::from_slice::<JobRecord>(&line) {
+                    jobs.insert(rec.id.clone(), rec);
+                }
+            }
+        }
+        // Uploads that never became jobs.
+        let incoming = root.join("incoming");
+        if let Ok(rd) = fs::read_dir(&incoming) {
+            for e in rd.flatten() {
+                let _ = fs::remove_dir_all(e.path()).or_else(|_| fs::remove_file(e.path()));
+            }
+        }
+        // Job directories without a journal record were never accepted.
+        if let Ok(rd) = fs::read_dir(root.join("jobs")) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !jobs.contains_key(&name) {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        // Compact: one line per job, written atomically.
+        let mut compacted = Vec::new();
+        for rec in jobs.values() {
+            compacted.extend(serde_json::to_vec(rec).map_err(|e| SpoolError::Corrupt {
+                path: wal_path.display().to_string(),
+                msg: e.to_string(),
+            })?);
+            compacted.push(b'\n');
+        }
+        write_atomic(&wal_path, &compacted)?;
+        let wal = OpenOptions::new()
+            .append(true)
+            .open(&wal_path)
+            .map_err(ioe(&wal_path))?;
+        Ok((
+            Spool {
+                root: root.to_path_buf(),
+                wal,
+            },
+            jobs,
+        ))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn job_dir(&self, id: &str) -> PathBuf {
+        self.root.join("jobs").join(id)
+    }
+
+    pub fn tar_path(&self, id: &str) -> PathBuf {
+        self.job_dir(id).join("payload.tar")
+    }
+
+    pub fn changeset_path(&self, id: &str) -> PathBuf {
+        self.job_dir(id).join("changeset.json")
+    }
+
+    /// A fresh path for an upload in progress.
+    pub fn incoming_path(&self, id: &str) -> PathBuf {
+        self.root.join("incoming").join(format!("{id}.tar"))
+    }
+
+    /// Accepts an uploaded tar: moves it into the job directory (durably) and journals the
+    /// first record. Once this returns, the job is accepted and will not be lost.
+    pub fn accept(&mut self, rec: &JobRecord, upload: &Path) -> Result<(), SpoolError> {
+        let dir = self.job_dir(&rec.id);
+        fs::create_dir_all(&dir).map_err(ioe(&dir))?;
+        let dest = self.tar_path(&rec.id);
+        File::open(upload)
+            .and_then(|f| f.sync_all())
+            .map_err(ioe(upload))?;
+        fs::rename(upload, &dest).map_err(ioe(&dest))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(ioe(&dir))?;
+        self.record(rec)
+    }
+
+    /// Appends `rec` to the journal (fsynced) and refreshes `job.json`.
+    pub fn record(&mut self, rec: &JobRecord) -> Result<(), SpoolError> {
+        let wal_path = self.root.join("journal.wal");
+        let mut line = serde_json::to_vec(rec).map_err(|e| SpoolError::Corrupt {
+            path: wal_path.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        line.push(b'\n');
+        self.wal.write_all(&line).map_err(ioe(&wal_path))?;
+        self.wal.sync_data().map_err(ioe(&wal_path))?;
+        let dir = self.job_dir(&rec.id);
+        if dir.is_dir() {
+            let pretty = serde_json::to_vec_pretty(rec).unwrap_or_default();
+            write_atomic(&dir.join("job.json"), &pretty)?;
+        }
+        Ok(())
+    }
+
+    /// Stores a job's processed change set durably.
+    pub fn save_changeset(&self, id: &str, cs: &ChangeSet) -> Result<(), SpoolError> {
+        let p = self.changeset_path(id);
+        let data = serde_json::to_vec(cs).map_err(|e| SpoolError::Corrupt {
+            path: p.display().to_string(),
+            msg: e.to_string(),
+        })?;
+        write_atomic(&p, &data)
+    }
+
+    /// Loads a job's change set, if it was saved.
+    pub fn load_changeset(&self, id: &str) -> Result<Option<ChangeSet>, SpoolError> {
+        let p = self.changeset_path(id);
+        match fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| SpoolError::Corrupt {
+                    path: p.display().to_string(),
+                    msg: e.to_string(),
+                }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ioe(&p)(e)),
+        }
+    }
+
+    /// Whether a job's change set was saved (usable without an open spool).
+    pub fn open_changeset_exists(root: &Path, id: &str) -> bool {
+        root.join("jobs").join(id).join("changeset.json").is_file()
+    }
+
+    /// Deletes the tar and change set of a terminal job (its record stays).
+    pub fn delete_payload(&self, id: &str) {
+        let _ = fs::remove_file(self.tar_path(id));
+        let _ = fs::remove_file(self.changeset_path(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::JobState;
+
+    #[test]
+    fn journal_replays_latest_record_and_survives_torn_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sp, jobs) = Spool::open(dir.path()).unwrap();
+        assert!(jobs.is_empty());
+        let up = sp.incoming_path("j1");
+        fs::write(&up, b"tar").unwrap();
+        let mut rec = JobRecord::new("j1".into(), "r".into(), "/p".into(), 1);
+        sp.accept(&rec, &up).unwrap();
+        assert_eq!(fs::read(sp.tar_path("j1")).unwrap(), b"tar");
+        rec.transition(JobState::Processing, 2);
+        sp.record(&rec).unwrap();
+        let job_json: JobRecord =
+            serde_json::from_slice(&fs::read(sp.job_dir("j1").join("job.json")).unwrap()).unwrap();
+        assert_eq!(job_json.state, JobState::Processing);
+        // A half-written record, an orphan upload and an unaccepted job dir.
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("journal.wal"))
+            .unwrap();
+        f.write_all(b"{\"id\":\"j1\",\"sta").unwrap();
+        fs::write(dir.path().join("incoming/x.tar"), b"partial").unwrap();
+        fs::create_dir_all(dir.path().join("jobs/ghost")).unwrap();
+        drop(sp);
+        let (_sp, jobs) = Spool::open(dir.path()).unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs["j1"].state, JobState::Processing);
+        assert!(!dir.path().join("incoming/x.tar").exists());
+        assert!(!dir.path().join("jobs/ghost").exists());
+        let wal = fs::read_to_string(dir.path().join("journal.wal")).unwrap();
+        assert_eq!(wal.lines().count(), 1);
+    }
+}

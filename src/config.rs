@@ -1,0 +1,581 @@
+//! Daemon configuration: the YAML file of the install guide §4, parsed strictly (unknown keys are
+//! errors) into file structs, then validated into a runtime [`Config`] with messages naming the
+//! offending key. Command-line flags override file values; secrets come only from the
+//! environment (`PREPUB_API_TOKEN`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use prepub_core::chunker::ChunkParams;
+use prepub_core::intake::IntakeLimits;
+use prepub_core::object::{Compression, EncodeParams};
+use serde::Deserialize;
+
+use crate::units::{parse_duration, parse_size};
+
+/// The configuration file.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `publisher` (the default).
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub server: ServerFile,
+    #[serde(default)]
+    pub cas: CasFile,
+    #[serde(default)]
+    pub pipeline: PipelineFile,
+    #[serde(default)]
+    pub repositories: Vec<RepoFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    /// Listen address, `:8080` or `127.0.0.1:8080`.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// PEM certificate chain; with `tls_key`, the API is served over TLS (rustls).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Spool directory: job records, journal, uploaded tars.
+    #[serde(default = "default_spool")]
+    pub spool_root: PathBuf,
+    /// `standalone`: this service writes the repository itself.
+    #[serde(default = "default_publish_mode")]
+    pub publish_mode: String,
+    /// Largest accepted upload.
+    #[serde(default = "default_max_upload")]
+    pub max_upload_size: String,
+    /// How long a finished job keeps its tar in the spool.
+    #[serde(default = "default_retention")]
+    pub tar_retention: String,
+    /// Scoped API tokens (each limited to repository/path prefixes).
+    #[serde(default)]
+    pub api_tokens: Vec<TokenFile>,
+    /// `json` (for journald) or `text`.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+}
+
+impl Default for ServerFile {
+    fn default() -> Self {
+        ServerFile {
+            listen: default_listen(),
+            tls_cert: None,
+            tls_key: None,
+            spool_root: default_spool(),
+            publish_mode: default_publish_mode(),
+            max_upload_size: default_max_upload(),
+            tar_retention: default_retention(),
+            api_tokens: Vec::new(),
+            log_format: default_log_format(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    ":8080".into()
+}
+fn default_spool() -> PathBuf {
+    PathBuf::from("/var/spool/cvmfs-prepub")
+}
+fn default_publish_mode() -> String {
+    "standalone".into()
+}
+fn default_max_upload() -> String {
+    "50GiB".into()
+}
+fn default_retention() -> String {
+    "7d".into()
+}
+fn default_log_format() -> String {
+    "json".into()
+}
+
+/// A scoped token: only its SHA-256 digest is stored.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct TokenFile {
+    pub name: String,
+    /// Hex SHA-256 of the token (`printf %s "$TOKEN" | sha256sum`).
+    pub sha256: String,
+    /// `repo` or `repo/path` prefixes the token may publish under.
+    pub prefixes: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CasFile {
+    /// `localfs`.
+    #[serde(rename = "type", default = "default_cas_type")]
+    pub kind: String,
+    /// Parent directory of the repository storages (`<root>/<repo>` unless a repository says).
+    #[serde(default = "default_cas_root")]
+    pub root: PathBuf,
+}
+
+impl Default for CasFile {
+    fn default() -> Self {
+        CasFile {
+            kind: default_cas_type(),
+            root: default_cas_root(),
+        }
+    }
+}
+
+fn default_cas_type() -> String {
+    "localfs".into()
+}
+fn default_cas_root() -> PathBuf {
+    PathBuf::from("/srv/cvmfs")
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineFile {
+    /// Compressor threads; 0 = one per core.
+    #[serde(default)]
+    pub workers: usize,
+    /// `zlib`, `zlib:1`..`zlib:9`, or `none`.
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    /// Object puts in flight towards remote CAS backends (S3).
+    #[serde(default = "default_upload_concurrency")]
+    pub upload_concurrency: usize,
+    #[serde(default)]
+    pub chunking: ChunkingFile,
+    /// Attempts per job before a transient error fails it.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// First retry delay; doubles per attempt.
+    #[serde(default = "default_backoff")]
+    pub retry_backoff: String,
+    #[serde(default)]
+    pub limits: LimitsFile,
+}
+
+impl Default for PipelineFile {
+    fn default() -> Self {
+        PipelineFile {
+            workers: 0,
+            compression: default_compression(),
+            upload_concurrency: default_upload_concurrency(),
+            chunking: ChunkingFile::default(),
+            max_attempts: default_attempts(),
+            retry_backoff: default_backoff(),
+            limits: LimitsFile::default(),
+        }
+    }
+}
+
+fn default_compression() -> String {
+    "zlib".into()
+}
+fn default_upload_concurrency() -> usize {
+    16
+}
+fn default_attempts() -> u32 {
+    3
+}
+fn default_backoff() -> String {
+    "5s".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChunkingFile {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default = "chunk_min")]
+    pub min: String,
+    #[serde(default = "chunk_avg")]
+    pub avg: String,
+    #[serde(default = "chunk_max")]
+    pub max: String,
+}
+
+impl Default for ChunkingFile {
+    fn default() -> Self {
+        ChunkingFile {
+            enabled: true,
+            min: chunk_min(),
+            avg: chunk_avg(),
+            max: chunk_max(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn chunk_min() -> String {
+    "4MiB".into()
+}
+fn chunk_avg() -> String {
+    "8MiB".into()
+}
+fn chunk_max() -> String {
+    "16MiB".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    #[serde(default = "max_entry")]
+    pub max_entry_size: String,
+    #[serde(default = "max_total")]
+    pub max_total_size: String,
+    #[serde(default = "max_entries")]
+    pub max_entries: u64,
+    /// Drop device nodes and FIFOs instead of failing the job.
+    #[serde(default)]
+    pub skip_special: bool,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        LimitsFile {
+            max_entry_size: max_entry(),
+            max_total_size: max_total(),
+            max_entries: max_entries(),
+            skip_special: false,
+        }
+    }
+}
+
+fn max_entry() -> String {
+    "64GiB".into()
+}
+fn max_total() -> String {
+    "1TiB".into()
+}
+fn max_entries() -> u64 {
+    10_000_000
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RepoFile {
+    pub name: String,
+    /// Repository storage (the directory served as the Stratum 0); default `<cas.root>/<name>`.
+    pub storage: Option<PathBuf>,
+    /// Keys directory holding `<name>.key`, `.crt`, `.pub` (and `.masterkey` to re-sign the
+    /// whitelist); default `/etc/cvmfs/keys`.
+    pub keys_dir: Option<PathBuf>,
+}
+
+/// Flag overrides from the command line.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub spool_root: Option<PathBuf>,
+    pub publish_mode: Option<String>,
+    pub mode: Option<String>,
+}
+
+/// A scoped token, validated.
+#[derive(Debug, Clone)]
+pub struct ScopedToken {
+    pub name: String,
+    pub digest: [u8; 32],
+    /// `(repo, path-prefix in catalog form)`.
+    pub prefixes: Vec<(String, String)>,
+}
+
+/// One repository this daemon publishes.
+#[derive(Debug, Clone)]
+pub struct RepoConfig {
+    pub name: String,
+    pub storage: PathBuf,
+    pub keys_dir: PathBuf,
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub spool_root: PathBuf,
+    pub max_upload: u64,
+    pub tar_retention: Duration,
+    pub log_json: bool,
+    pub workers: usize,
+    pub upload_concurrency: usize,
+    pub params: EncodeParams,
+    pub limits: IntakeLimits,
+    pub max_attempts: u32,
+    pub retry_backoff: Duration,
+    pub repos: HashMap<String, RepoConfig>,
+    pub tokens: Vec<ScopedToken>,
+}
+
+/// A configuration error naming the key.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {msg}")]
+pub struct ConfigError {
+    pub key: String,
+    pub msg: String,
+}
+
+fn cerr(key: &str, msg: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        msg: msg.into(),
+    }
+}
+
+/// Parses a listen address; `:8080` means all interfaces.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let full = if s.starts_with(':') {
+        format!("0.0.0.0{s}")
+    } else {
+        s.to_string()
+    };
+    full.parse()
+        .map_err(|_| format!("'{s}' is not an address like :8080 or 127.0.0.1:8080"))
+}
+
+fn valid_repo_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 255
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+}
+
+impl FileConfig {
+    /// Reads and parses a file (strict: unknown keys are errors).
+    pub fn load(path: &Path) -> Result<FileConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| cerr("--config", format!("{}: {e}", path.display())))?;
+        serde_yaml::from_str(&text).map_err(|e| cerr(&path.display().to_string(), e.to_string()))
+    }
+
+    /// Validates into a runtime configuration.
+    pub fn validate(self, o: &Overrides) -> Result<Config, ConfigError> {
+        let mode = o
+            .mode
+            .clone()
+            .or(self.mode)
+            .unwrap_or_else(|| "publisher".into());
+        if mode != "publisher" {
+            return Err(cerr(
+                "mode",
+                format!("'{mode}' is not a mode of this daemon (publisher)"),
+            ));
+        }
+        let listen_s = o.listen.clone().unwrap_or(self.server.listen);
+        let listen = parse_listen(&listen_s).map_err(|m| cerr("server.listen", m))?;
+        let tls = match (self.server.tls_cert, self.server.tls_key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(cerr(
+                    "server.tls_cert",
+                    "tls_cert and tls_key must be set together",
+                ))
+            }
+        };
+        let publish_mode = o.publish_mode.clone().unwrap_or(self.server.publish_mode);
+        if publish_mode != "standalone" {
+            return Err(cerr(
+                "server.publish_mode",
+                format!("'{publish_mode}' is not a publish mode of this version (standalone)"),
+            ));
+        }
+        if self.cas.kind != "localfs" {
+            return Err(cerr(
+                "cas.type",
+                format!(
+                    "'{}' is not a CAS type of this version (localfs)",
+                    self.cas.kind
+                ),
+            ));
+        }
+        let max_upload = parse_size(&self.server.max_upload_size)
+            .map_err(|m| cerr("server.max_upload_size", m))?;
+        let tar_retention = parse_duration(&self.server.tar_retention)
+            .map_err(|m| cerr("server.tar_retention", m))?;
+        let log_json = match self.server.log_format.as_str() {
+            "json" => true,
+            "text" => false,
+            other => {
+                return Err(cerr(
+                    "server.log_format",
+                    format!("'{other}' is not json or text"),
+                ))
+            }
+        };
+        let p = &self.pipeline;
+        let compression =
+            Compression::parse(&p.compression).map_err(|m| cerr("pipeline.compression", m))?;
+        let chunking = ChunkParams {
+            enabled: p.chunking.enabled,
+            min: parse_size(&p.chunking.min).map_err(|m| cerr("pipeline.chunking.min", m))?,
+            avg: parse_size(&p.chunking.avg).map_err(|m| cerr("pipeline.chunking.avg", m))?,
+            max: parse_size(&p.chunking.max).map_err(|m| cerr("pipeline.chunking.max", m))?,
+        };
+        chunking
+            .validate()
+            .map_err(|m| cerr("pipeline.chunking", m))?;
+        if p.upload_concurrency == 0 {
+            return Err(cerr("pipeline.upload_concurrency", "must be at least 1"));
+        }
+        if p.max_attempts == 0 {
+            return Err(cerr("pipeline.max_attempts", "must be at least 1"));
+        }
+        let limits = IntakeLimits {
+            max_entry_size: parse_size(&p.limits.max_entry_size)
+                .map_err(|m| cerr("pipeline.limits.max_entry_size", m))?,
+            max_total_size: parse_size(&p.limits.max_total_size)
+                .map_err(|m| cerr("pipeline.limits.max_total_size", m))?,
+            max_entries: p.limits.max_entries,
+            skip_special: p.limits.skip_special,
+        };
+        let retry_backoff =
+            parse_duration(&p.retry_backoff).map_err(|m| cerr("pipeline.retry_backoff", m))?;
+        if self.repositories.is_empty() {
+            return Err(cerr("repositories", "at least one repository is needed"));
+        }
+        let mut repos = HashMap::new();
+        for (i, r) in self.repositories.iter().enumerate() {
+            if !valid_repo_name(&r.name) {
+                return Err(cerr(
+                    &format!("repositories[{i}].name"),
+                    format!("'{}' is not a repository name", r.name),
+                ));
+            }
+            let rc = RepoConfig {
+                name: r.name.clone(),
+                storage: r
+                    .storage
+                    .clone()
+                    .unwrap_or_else(|| self.cas.root.join(&r.name)),
+                keys_dir: r
+                    .keys_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("/etc/cvmfs/keys")),
+            };
+            if repos.insert(r.name.clone(), rc).is_some() {
+                return Err(cerr(
+                    &format!("repositories[{i}].name"),
+                    format!("'{}' is listed twice", r.name),
+                ));
+            }
+        }
+        let mut tokens = Vec::new();
+        for (i, t) in self.server.api_tokens.iter().enumerate() {
+            let key = format!("server.api_tokens[{i}]");
+            let mut digest = [0u8; 32];
+            hex::decode_to_slice(t.sha256.trim(), &mut digest).map_err(|_| {
+                cerr(
+                    &format!("{key}.sha256"),
+                    "must be 64 hex characters (the SHA-256 of the token)",
+                )
+            })?;
+            if t.prefixes.is_empty() {
+                return Err(cerr(
+                    &format!("{key}.prefixes"),
+                    "at least one repo/path prefix is needed",
+                ));
+            }
+            let mut prefixes = Vec::new();
+            for (j, pfx) in t.prefixes.iter().enumerate() {
+                let (repo, path) = pfx.split_once('/').unwrap_or((pfx.as_str(), ""));
+                if !repos.contains_key(repo) {
+                    return Err(cerr(
+                        &format!("{key}.prefixes[{j}]"),
+                        format!("repository '{repo}' is not configured"),
+                    ));
+                }
+                let path = prepub_core::repo::normalize_repo_path(path)
+                    .map_err(|e| cerr(&format!("{key}.prefixes[{j}]"), e.to_string()))?;
+                prefixes.push((repo.to_string(), path));
+            }
+            tokens.push(ScopedToken {
+                name: t.name.clone(),
+                digest,
+                prefixes,
+            });
+        }
+        Ok(Config {
+            listen,
+            tls,
+            spool_root: o.spool_root.clone().unwrap_or(self.server.spool_root),
+            max_upload,
+            tar_retention,
+            log_json,
+            workers: p.workers,
+            upload_concurrency: p.upload_concurrency,
+            params: EncodeParams {
+                chunking,
+                compression,
+            },
+            limits,
+            max_attempts: p.max_attempts,
+            retry_backoff,
+            repos,
+            tokens,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().and_then(|x| x.to_str()) != Some("yaml")
+                || p.file_name()
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .starts_with("receiver")
+            {
+                continue;
+            }
+            FileConfig::load(&p)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+                .validate(&Overrides::default())
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            n += 1;
+        }
+        assert!(n >= 2, "expected example configs in config/");
+    }
+
+    fn parse(y: &str) -> Result<Config, ConfigError> {
+        let f: FileConfig = serde_yaml::from_str(y).map_err(|e| cerr("yaml", e.to_string()))?;
+        f.validate(&Overrides::default())
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("repositories: [{name: a.org}]\nserver: {listen: 'nope'}").unwrap_err();
+        assert_eq!(e.key, "server.listen");
+        let e = parse("repositories: [{name: a.org}]\nbogus: 1").unwrap_err();
+        assert!(e.msg.contains("unknown field `bogus`"), "{e}");
+        let e = parse("repositories: [{name: a.org}]\npipeline: {compression: zstd}").unwrap_err();
+        assert_eq!(e.key, "pipeline.compression");
+        let e = parse("repositories: []").unwrap_err();
+        assert_eq!(e.key, "repositories");
+        let e = parse("repositories: [{name: a.org}]\nserver: {api_tokens: [{name: t, sha256: xyz, prefixes: [a.org]}]}").unwrap_err();
+        assert_eq!(e.key, "server.api_tokens[0].sha256");
+        let e = parse("repositories: [{name: a.org}]\nserver: {api_tokens: [{name: t, sha256: '0000000000000000000000000000000000000000000000000000000000000000', prefixes: [b.org/x]}]}").unwrap_err();
+        assert_eq!(e.key, "server.api_tokens[0].prefixes[0]");
+        let c = parse(
+            "repositories: [{name: a.org}]\nserver: {listen: ':9000', max_upload_size: 1GiB}",
+        )
+        .unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.max_upload, 1 << 30);
+        assert_eq!(c.repos["a.org"].storage, PathBuf::from("/srv/cvmfs/a.org"));
+    }
+}

@@ -1,0 +1,8 @@
+//! cvmfs-prepub: the daemon, the operator commands and the API types shared with `prepubctl`.
+
+pub mod api_types;
+pub mod config;
+pub mod http_store;
+pub mod repo_cmd;
+pub mod server;
+pub mod units;

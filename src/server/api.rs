@@ -1,0 +1,570 @@
+//! The REST API handlers. They authenticate, validate, stream uploads to the spool, and send
+//! messages to the job manager — nothing else. Errors are JSON `{"error":{"code","message"}}`
+//! with a stable kebab-case code.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use actix_web::http::header::{self, HeaderMap};
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use futures_util::StreamExt;
+use prepub_actors::job_manager::{
+    AbortError, AbortJob, CountJobs, GetJob, JobManager, ListJobs, SubmitJob,
+};
+use prepub_actors::metrics::Metrics;
+use prepub_core::jobs::{now_ms, valid_client_tag, JobRecord, JobState};
+use sha2::{Digest, Sha256};
+
+use super::auth::{Principal, Tokens};
+use crate::api_types::{Check, ErrorBody, ErrorDetail, Health, JobList, JobView, Submitted};
+use crate::config::Config;
+
+/// Shared state of the HTTP workers.
+pub struct AppState {
+    pub cfg: Arc<Config>,
+    pub tokens: Tokens,
+    pub jobs: Addr<JobManager>,
+    pub metrics: Metrics,
+    pub incoming: PathBuf,
+}
+
+/// API errors and their statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{1}")]
+    BadRequest(&'static str, String),
+    #[error("upload exceeds the limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not-found",
+            ApiError::BadRequest(c, _) => c,
+            ApiError::TooLarge(_) => "payload-too-large",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BadRequest(..) => StatusCode::BAD_REQUEST,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut r = HttpResponse::build(self.status_code());
+        if matches!(self, ApiError::Unauthorized) {
+            r.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        r.json(ErrorBody {
+            error: ErrorDetail {
+                code: self.code().into(),
+                message: self.to_string(),
+            },
+        })
+    }
+}
+
+fn bad(code: &'static str, msg: impl Into<String>) -> ApiError {
+    ApiError::BadRequest(code, msg.into())
+}
+
+fn auth(req: &HttpRequest, st: &AppState) -> Result<Principal, ApiError> {
+    let h = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    st.tokens.authenticate(h).ok_or(ApiError::Unauthorized)
+}
+
+/// Deletes an unaccepted upload when the request ends early.
+struct UploadGuard(Option<PathBuf>);
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+#[derive(Default, Debug)]
+struct Fields {
+    repo: Option<String>,
+    path: Option<String>,
+    tag_name: Option<String>,
+    tag_description: Option<String>,
+    tar_sha256: Option<String>,
+}
+
+/// Checks the submission fields; returns (repo, catalog path).
+fn validate(f: &Fields, st: &AppState, who: &Principal) -> Result<(String, String), ApiError> {
+    let repo = f.repo.clone().filter(|r| !r.is_empty()).ok_or_else(|| {
+        bad(
+            "missing-repo",
+            "field 'repo' (or header X-Cvmfs-Repo) is required",
+        )
+    })?;
+    if !st.cfg.repos.contains_key(&repo) {
+        return Err(bad(
+            "unknown-repository",
+            format!("repository '{repo}' is not served by this publisher"),
+        ));
+    }
+    let raw_path = f.path.clone().ok_or_else(|| {
+        bad(
+            "missing-path",
+            "field 'path' (or header X-Cvmfs-Path) is required",
+        )
+    })?;
+    let path = prepub_core::repo::normalize_repo_path(&raw_path)
+        .map_err(|e| bad("bad-path", e.to_string()))?;
+    if let Some(t) = &f.tag_name {
+        if !valid_client_tag(t) || t == "trunk" || t == "trunk-previous" {
+            return Err(bad("bad-tag", format!("tag name '{t}' must match ^[A-Za-z0-9._-]+$, be at most 255 characters and not be trunk or trunk-previous")));
+        }
+    }
+    if let Some(d) = &f.tag_description {
+        if d.len() > 4096 || d.contains('\0') {
+            return Err(bad(
+                "bad-tag",
+                "tag description must be at most 4096 bytes without NUL",
+            ));
+        }
+    }
+    if let Some(s) = &f.tar_sha256 {
+        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad("bad-checksum", "tar_sha256 must be 64 hex characters"));
+        }
+    }
+    if !who.may_publish(&repo, &path) {
+        return Err(ApiError::Forbidden(format!(
+            "this token may not publish to {repo}{path}"
+        )));
+    }
+    Ok((repo, path))
+}
+
+fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.to_string())
+}
+
+/// Streams one body into `file`, enforcing the size limit; returns (bytes, sha256 hex).
+async fn stream_to_file<S, E>(
+    mut body: S,
+    file: &mut std::fs::File,
+    limit: u64,
+) -> Result<(u64, String), ApiError>
+where
+    S: futures_util::Stream<Item = Result<web::Bytes, E>> + Unpin,
+    E: std::fmt::Display,
+{
+    let mut n = 0u64;
+    let mut sha = Sha256::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| bad("bad-upload", format!("reading the upload: {e}")))?;
+        n += chunk.len() as u64;
+        if n > limit {
+            return Err(ApiError::TooLarge(limit));
+        }
+        sha.update(&chunk);
+        file.write_all(&chunk)
+            .map_err(|e| ApiError::Unavailable(format!("spool write failed: {e}")))?;
+    }
+    Ok((n, hex::encode(sha.finalize())))
+}
+
+/// `POST /api/v1/jobs`.
+pub async fn submit(
+    req: HttpRequest,
+    payload: web::Payload,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let who = auth(&req, &st)?;
+    let limit = st.cfg.max_upload;
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        // Multipart framing adds a little; the tar itself is checked while streaming.
+        if len > limit.saturating_add(1 << 20) {
+            return Err(ApiError::TooLarge(limit));
+        }
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    let upload = st.incoming.join(format!("{id}.tar"));
+    let mut guard = UploadGuard(Some(upload.clone()));
+    let mut file =
+        std::fs::File::create(&upload).map_err(|e| ApiError::Unavailable(format!("spool: {e}")))?;
+    let ctype = header_str(req.headers(), "content-type").unwrap_or_default();
+    let mut f = Fields::default();
+    let (tar_bytes, digest);
+    if ctype.starts_with("multipart/form-data") {
+        let mut mp = actix_multipart::Multipart::new(req.headers(), payload);
+        let mut got_tar = None;
+        while let Some(field) = mp.next().await {
+            let mut field = field
+                .map_err(|e| bad("bad-multipart", format!("malformed multipart body: {e}")))?;
+            let name = field.name().unwrap_or("").to_string();
+            if name == "tar" {
+                if got_tar.is_some() {
+                    return Err(bad("bad-multipart", "more than one 'tar' field"));
+                }
+                got_tar = Some(stream_to_file(&mut field, &mut file, limit).await?);
+                continue;
+            }
+            let mut v = Vec::new();
+            while let Some(c) = field.next().await {
+                let c =
+                    c.map_err(|e| bad("bad-multipart", format!("malformed multipart body: {e}")))?;
+                v.extend_from_slice(&c);
+                if v.len() > 64 * 1024 {
+                    return Err(bad("bad-multipart", format!("field '{name}' is too long")));
+                }
+            }
+            let s = String::from_utf8(v)
+                .map_err(|_| bad("bad-multipart", format!("field '{name}' is not UTF-8")))?;
+            match name.as_str() {
+                "repo" => f.repo = Some(s),
+                "path" => f.path = Some(s),
+                "tag_name" => f.tag_name = Some(s).filter(|x| !x.is_empty()),
+                "tag_description" => f.tag_description = Some(s),
+                "tar_sha256" => {
+                    f.tar_sha256 = Some(s.trim().to_ascii_lowercase()).filter(|x| !x.is_empty())
+                }
+                other => return Err(bad("bad-multipart", format!("unknown field '{other}'"))),
+            }
+        }
+        let (n, d) = got_tar.ok_or_else(|| bad("missing-tar", "field 'tar' is required"))?;
+        tar_bytes = n;
+        digest = d;
+        validate(&f, &st, &who)?;
+    } else {
+        let h = req.headers();
+        f.repo = header_str(h, "x-cvmfs-repo");
+        f.path = header_str(h, "x-cvmfs-path");
+        f.tag_name = header_str(h, "x-cvmfs-tag-name").filter(|x| !x.is_empty());
+        f.tag_description = header_str(h, "x-cvmfs-tag-description");
+        f.tar_sha256 = header_str(h, "x-cvmfs-tar-sha256").map(|s| s.trim().to_ascii_lowercase());
+        // Refuse before reading a single body byte.
+        validate(&f, &st, &who)?;
+        let (n, d) = stream_to_file(payload, &mut file, limit).await?;
+        tar_bytes = n;
+        digest = d;
+    }
+    let (repo, path) = validate(&f, &st, &who)?;
+    if tar_bytes == 0 {
+        return Err(bad("missing-tar", "the tar is empty"));
+    }
+    if let Some(want) = &f.tar_sha256 {
+        if *want != digest {
+            return Err(bad(
+                "checksum-mismatch",
+                format!("tar SHA-256 is {digest}, tar_sha256 says {want}"),
+            ));
+        }
+    }
+    drop(file);
+    let mut rec = JobRecord::new(id.clone(), repo, path, now_ms());
+    rec.tag_name = f.tag_name;
+    rec.tag_description = f.tag_description;
+    rec.tar_sha256 = Some(digest);
+    rec.owner = who.owner();
+    rec.tar_bytes = tar_bytes;
+    let accepted = st
+        .jobs
+        .send(SubmitJob {
+            record: rec,
+            upload,
+        })
+        .await
+        .map_err(|_| ApiError::Unavailable("job manager unavailable".into()))?
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    guard.0 = None; // the spool owns it now
+    Ok(HttpResponse::Accepted().json(Submitted {
+        job_id: accepted.id,
+        state: accepted.state.as_str().into(),
+    }))
+}
+
+async fn visible_job(st: &AppState, who: &Principal, id: &str) -> Result<JobRecord, ApiError> {
+    let job = st
+        .jobs
+        .send(GetJob(id.to_string()))
+        .await
+        .map_err(|_| ApiError::Unavailable("job manager unavailable".into()))?;
+    match job {
+        Some(j) if who.may_see(&j.owner) => Ok(j),
+        _ => Err(ApiError::NotFound(format!("no job {id}"))),
+    }
+}
+
+/// `GET /api/v1/jobs/{id}`.
+pub async fn get_job(
+    req: HttpRequest,
+    id: web::Path<String>,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let who = auth(&req, &st)?;
+    let j = visible_job(&st, &who, &id).await?;
+    Ok(HttpResponse::Ok().json(JobView::from(&j)))
+}
+
+#[derive(serde::Deserialize)]
+pub struct ListQuery {
+    state: Option<String>,
+    repo: Option<String>,
+    offset: Option<usize>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/jobs?state=&repo=&offset=&limit=`.
+pub async fn list_jobs(
+    req: HttpRequest,
+    q: web::Query<ListQuery>,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let who = auth(&req, &st)?;
+    let state = match &q.state {
+        None => None,
+        Some(s) => Some(
+            JobState::parse(s)
+                .ok_or_else(|| bad("bad-state", format!("'{s}' is not a job state")))?,
+        ),
+    };
+    let offset = q.offset.unwrap_or(0);
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let (jobs, total) = st
+        .jobs
+        .send(ListJobs {
+            state,
+            repo: q.repo.clone(),
+            owner: who.owner(),
+            offset,
+            limit,
+        })
+        .await
+        .map_err(|_| ApiError::Unavailable("job manager unavailable".into()))?;
+    Ok(HttpResponse::Ok().json(JobList {
+        jobs: jobs.iter().map(JobView::from).collect(),
+        total,
+        offset,
+        limit,
+    }))
+}
+
+/// `POST /api/v1/jobs/{id}/abort`.
+pub async fn abort_job(
+    req: HttpRequest,
+    id: web::Path<String>,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let who = auth(&req, &st)?;
+    visible_job(&st, &who, &id).await?;
+    let r = st
+        .jobs
+        .send(AbortJob(id.to_string()))
+        .await
+        .map_err(|_| ApiError::Unavailable("job manager unavailable".into()))?;
+    match r {
+        Ok(j) => Ok(HttpResponse::Accepted().json(JobView::from(&j))),
+        Err(AbortError::NotFound) => Err(ApiError::NotFound(format!("no job {id}"))),
+        Err(AbortError::Terminal(s)) => {
+            Err(ApiError::Conflict(format!("job {id} already ended as {s}")))
+        }
+    }
+}
+
+/// `GET /api/v1/jobs/{id}/events`: server-sent events — the current record first, then every
+/// change, keep-alive comments every 15 s, and the stream ends after a terminal state.
+pub async fn job_events(
+    req: HttpRequest,
+    id: web::Path<String>,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let who = auth(&req, &st)?;
+    let first = visible_job(&st, &who, &id).await?;
+    let jobs = st.jobs.clone();
+    let id = id.into_inner();
+    struct S {
+        last: Option<JobRecord>,
+        since_keepalive: Duration,
+        done: bool,
+    }
+    let init = S {
+        last: None,
+        since_keepalive: Duration::ZERO,
+        done: false,
+    };
+    let first_clone = first.clone();
+    let stream =
+        futures_util::stream::unfold((init, Some(first_clone)), move |(mut s, pending)| {
+            let jobs = jobs.clone();
+            let id = id.clone();
+            async move {
+                if s.done {
+                    return None;
+                }
+                if let Some(j) = pending {
+                    let ev = event(&j);
+                    s.done = j.state.is_terminal();
+                    s.last = Some(j);
+                    return Some((Ok::<_, actix_web::Error>(ev), (s, None)));
+                }
+                let tick = Duration::from_millis(200);
+                loop {
+                    actix_rt::time::sleep(tick).await;
+                    s.since_keepalive += tick;
+                    let cur = jobs.send(GetJob(id.clone())).await.ok().flatten();
+                    match cur {
+                        None => return None,
+                        Some(j) if Some(&j) != s.last.as_ref() => {
+                            let ev = event(&j);
+                            s.done = j.state.is_terminal();
+                            s.last = Some(j);
+                            s.since_keepalive = Duration::ZERO;
+                            return Some((Ok(ev), (s, None)));
+                        }
+                        Some(_) if s.since_keepalive >= Duration::from_secs(15) => {
+                            s.since_keepalive = Duration::ZERO;
+                            return Some((
+                                Ok(web::Bytes::from_static(b": keep-alive\n\n")),
+                                (s, None),
+                            ));
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        });
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .streaming(stream))
+}
+
+fn event(j: &JobRecord) -> web::Bytes {
+    let data = serde_json::to_string(&JobView::from(j)).unwrap_or_default();
+    web::Bytes::from(format!("event: job\ndata: {data}\n\n"))
+}
+
+/// `GET /api/v1/health`: 200 when every check passes, 503 otherwise.
+pub async fn health(st: web::Data<AppState>) -> HttpResponse {
+    let cfg = st.cfg.clone();
+    let checks = web::block(move || {
+        let mut c = std::collections::BTreeMap::new();
+        let probe = cfg.spool_root.join("incoming").join(".health-probe");
+        let spool_ok = std::fs::write(&probe, b"ok").and_then(|_| std::fs::remove_file(&probe));
+        c.insert(
+            "spool".to_string(),
+            Check {
+                ok: spool_ok.is_ok(),
+                detail: match spool_ok {
+                    Ok(()) => format!("{} writable", cfg.spool_root.display()),
+                    Err(e) => format!("{}: {e}", cfg.spool_root.display()),
+                },
+            },
+        );
+        for (name, r) in &cfg.repos {
+            let res = (|| -> Result<String, String> {
+                let cas =
+                    prepub_core::cas::LocalCas::open(&r.storage).map_err(|e| e.to_string())?;
+                let (m, _) = prepub_core::repo::current_manifest(&cas)
+                    .map_err(|e| e.to_string())?
+                    .ok_or_else(|| format!("{} holds no repository", r.storage.display()))?;
+                if !prepub_core::keys::RepoKeys::present(&r.keys_dir, name) {
+                    return Err(format!(
+                        "keys for {name} missing in {}",
+                        r.keys_dir.display()
+                    ));
+                }
+                Ok(format!(
+                    "revision {} at {}",
+                    m.revision,
+                    r.storage.display()
+                ))
+            })();
+            c.insert(
+                format!("repository:{name}"),
+                Check {
+                    ok: res.is_ok(),
+                    detail: res.unwrap_or_else(|e| e),
+                },
+            );
+        }
+        c
+    })
+    .await
+    .unwrap_or_default();
+    let jobs = st.jobs.send(CountJobs).await;
+    let mut checks = checks;
+    checks.insert(
+        "job_manager".into(),
+        Check {
+            ok: jobs.is_ok(),
+            detail: if jobs.is_ok() {
+                "responding".into()
+            } else {
+                "not responding".into()
+            },
+        },
+    );
+    let ok = !checks.is_empty() && checks.values().all(|c| c.ok);
+    let body = Health {
+        status: if ok { "ok".into() } else { "degraded".into() },
+        version: env!("CARGO_PKG_VERSION").into(),
+        checks,
+        jobs: jobs.unwrap_or_default(),
+    };
+    if ok {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// `GET /api/v1/metrics`: Prometheus text format.
+pub async fn metrics(st: web::Data<AppState>) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/plain; version=0.0.4"))
+        .body(st.metrics.render())
+}
+
+/// Unknown routes: JSON 404.
+pub async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound("no such endpoint".into()))
+}

@@ -1,0 +1,133 @@
+//! The publisher daemon: starts the actors in dependency order (spool journal, compressor pool,
+//! publisher, job manager), then the HTTP API; stops in reverse when the process is told to.
+
+pub mod api;
+pub mod auth;
+pub mod logging;
+
+use std::sync::{Arc, Mutex};
+
+use actix::prelude::*;
+use actix_web::{middleware, web, App, HttpServer};
+use anyhow::{bail, Context as _};
+use prepub_actors::compressor_pool::CompressorPool;
+use prepub_actors::job_manager::{JobManager, Settings};
+use prepub_actors::metrics::Metrics;
+use prepub_actors::publisher::{Publisher, RepoTarget};
+use prepub_actors::spool_journal::SpoolJournal;
+use prepub_core::spool::Spool;
+use slog::{info, warn, Logger};
+
+use crate::config::Config;
+
+/// Loads the TLS server configuration from PEM files.
+fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<rustls::ServerConfig> {
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(cert).with_context(|| format!("server.tls_cert {}", cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("server.tls_cert {}", cert.display()))?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).with_context(|| format!("server.tls_key {}", key.display()))?,
+    ))
+    .with_context(|| format!("server.tls_key {}", key.display()))?
+    .with_context(|| format!("server.tls_key {}: no private key found", key.display()))?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?)
+}
+
+/// Runs the daemon until it is stopped (SIGINT/SIGTERM).
+pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
+    let admin = std::env::var("PREPUB_API_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    if admin.is_none() && cfg.tokens.is_empty() {
+        bail!("PREPUB_API_TOKEN is not set and no scoped tokens are configured: the API would accept nobody");
+    }
+    let tokens = auth::Tokens::new(admin.as_deref(), cfg.tokens.clone());
+    let cfg = Arc::new(cfg);
+    actix_rt::System::new().block_on(async move {
+        let (spool, jobs) = Spool::open(&cfg.spool_root).with_context(|| format!("server.spool_root {}", cfg.spool_root.display()))?;
+        info!(log, "spool opened"; "actor" => "SpoolJournal", "root" => %cfg.spool_root.display(), "jobs" => jobs.len());
+        let spool_slot = Mutex::new(Some((spool, jobs)));
+        let journal = SyncArbiter::start(1, move || {
+            let (s, j) = spool_slot
+                .lock()
+                .ok()
+                .and_then(|mut g| g.take())
+                .expect("the spool journal is started once, on one thread");
+            SpoolJournal::new(s, j)
+        });
+        let pool = CompressorPool::new(cfg.workers);
+        info!(log, "compressor pool started"; "actor" => "CompressorPool", "workers" => pool.workers());
+        let pool = pool.start();
+        let targets: Vec<RepoTarget> = cfg
+            .repos
+            .values()
+            .map(|r| RepoTarget {
+                name: r.name.clone(),
+                storage: r.storage.clone(),
+                keys_dir: r.keys_dir.clone(),
+            })
+            .collect();
+        for t in &targets {
+            if !t.storage.join(".cvmfspublished").is_file() {
+                warn!(log, "repository storage holds no repository yet (run cvmfs-prepub repo init)"; "repo" => &t.name, "storage" => %t.storage.display());
+            }
+        }
+        let publisher = Publisher::new(targets.clone()).start();
+        info!(log, "publisher started"; "actor" => "Publisher", "mode" => "standalone", "repositories" => targets.len());
+        let metrics = Metrics::new();
+        let settings = Arc::new(Settings {
+            repos: targets.into_iter().map(|t| (t.name.clone(), t)).collect(),
+            params: cfg.params,
+            limits: cfg.limits,
+            max_attempts: cfg.max_attempts,
+            retry_backoff: cfg.retry_backoff,
+            tar_retention: cfg.tar_retention,
+            spool_root: cfg.spool_root.clone(),
+        });
+        let m2 = metrics.clone();
+        let jobs = Supervisor::start(move |_| JobManager::new(settings.clone(), journal.clone(), pool.clone(), publisher.clone(), m2.clone()));
+        info!(log, "job manager started"; "actor" => "JobManager");
+
+        let state = web::Data::new(api::AppState {
+            cfg: cfg.clone(),
+            tokens,
+            jobs,
+            metrics,
+            incoming: cfg.spool_root.join("incoming"),
+        });
+        let http_log = log.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .wrap(logging::AccessLog(http_log.clone()))
+                .wrap(middleware::NormalizePath::trim())
+                .route("/api/v1/jobs", web::post().to(api::submit))
+                .route("/api/v1/jobs", web::get().to(api::list_jobs))
+                .route("/api/v1/jobs/{id}", web::get().to(api::get_job))
+                .route("/api/v1/jobs/{id}/abort", web::post().to(api::abort_job))
+                .route("/api/v1/jobs/{id}/events", web::get().to(api::job_events))
+                .route("/api/v1/health", web::get().to(api::health))
+                .route("/api/v1/metrics", web::get().to(api::metrics))
+                .default_service(web::to(api::not_found))
+        })
+        .shutdown_timeout(30);
+        let server = match &cfg.tls {
+            Some((c, k)) => server.bind_rustls_0_23(cfg.listen, tls_config(c, k)?)?,
+            None => server.bind(cfg.listen)?,
+        };
+        info!(log, "listening"; "addr" => %cfg.listen, "tls" => cfg.tls.is_some());
+        server.run().await?;
+        info!(log, "stopped");
+        System::current().stop();
+        Ok(())
+    })
+}
