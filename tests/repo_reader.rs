@@ -8,8 +8,6 @@ use common::*;
 use cvmfs::fetcher::Fetcher;
 use cvmfs::repository::Repository;
 
-const S_IFMT: u32 = 0o170000;
-
 fn tree_v1() -> Vec<Spec> {
     vec![
         Spec::Dir("./", 0o755),
@@ -68,94 +66,6 @@ fn tree_v2_bin() -> Vec<Spec> {
             xattrs: vec![],
         },
     ]
-}
-
-fn read_all(repo: &Repository, path: &str) -> Vec<u8> {
-    // cvmfs 0.4.2 prefetches chunks on background threads that write cache files
-    // non-atomically, racing the reading thread (which then sees a short file). Fetch every
-    // chunk into the cache first, one after the other, so no download races a read.
-    let e = repo.lookup_with_chunks(path).unwrap();
-    for c in &e.chunks {
-        repo.retrieve_object_with_suffix(&c.content_hash_string(), "P")
-            .unwrap();
-    }
-    let f = repo
-        .get_file(path)
-        .unwrap_or_else(|e| panic!("get_file {path}: {e:?}"));
-    let mut out = vec![0u8; f.file_size() as usize];
-    let mut off = 0;
-    while off < out.len() {
-        let n = f.read_at(off as u64, &mut out[off..]).unwrap();
-        assert!(n > 0, "short read of {path} at {off}");
-        off += n;
-    }
-    out
-}
-
-/// Checks every spec entry (below `base`) against the reader.
-fn verify(repo: &Repository, base: &str, specs: &[Spec]) {
-    let files: std::collections::HashMap<&str, &Spec> = specs
-        .iter()
-        .filter_map(|s| match s {
-            Spec::File { path, .. } => Some((*path, s)),
-            _ => None,
-        })
-        .collect();
-    for s in specs {
-        match s {
-            Spec::Dir(p, mode) => {
-                let rel = p.trim_end_matches('/');
-                let rel = if rel == "." { "" } else { rel };
-                let path = format!("{base}/{rel}");
-                let path = path.trim_end_matches('/');
-                let e = repo
-                    .lookup(path)
-                    .unwrap_or_else(|e| panic!("lookup {path}: {e:?}"));
-                assert!(e.is_directory(), "{path} is not a directory");
-                assert_eq!(e.mode as u32 & 0o7777, *mode, "mode of {path}");
-                repo.list_directory(path)
-                    .unwrap_or_else(|e| panic!("list {path}: {e:?}"));
-            }
-            Spec::File {
-                path: p,
-                mode,
-                data,
-                ..
-            } => {
-                let path = format!("{base}/{p}");
-                let e = repo
-                    .lookup(&path)
-                    .unwrap_or_else(|e| panic!("lookup {path}: {e:?}"));
-                assert_eq!(
-                    e.mode as u32 & S_IFMT,
-                    0o100000,
-                    "{path} is not a regular file"
-                );
-                assert_eq!(e.mode as u32 & 0o7777, *mode, "mode of {path}");
-                assert_eq!(e.size as usize, data.len(), "size of {path}");
-                assert!(read_all(repo, &path) == *data, "content of {path} differs");
-            }
-            Spec::Symlink(p, target) => {
-                let path = format!("{base}/{p}");
-                let e = repo.lookup(&path).unwrap();
-                assert!(e.is_symlink(), "{path} is not a symlink");
-                assert_eq!(e.symlink.as_deref(), Some(*target), "target of {path}");
-            }
-            Spec::Hardlink(p, target) => {
-                let path = format!("{base}/{p}");
-                let Spec::File { data, mode, .. } = files[target] else {
-                    unreachable!()
-                };
-                let e = repo.lookup(&path).unwrap();
-                assert_eq!(e.mode as u32 & 0o7777, *mode, "mode of {path}");
-                assert_eq!(e.nlink(), 2, "link count of {path}");
-                assert!(
-                    read_all(repo, &path) == *data,
-                    "content of hard link {path}"
-                );
-            }
-        }
-    }
 }
 
 #[test]

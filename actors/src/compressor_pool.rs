@@ -137,6 +137,7 @@ impl<R: Read> Read for Watched<R> {
 }
 
 fn run_task(t: ProcessJob) {
+    crate::testhook::point("processing");
     let outcome = (|| -> Result<ChangeSet, ProcessError> {
         let io_err = |code: &'static str, e: String| ProcessError {
             code,
@@ -171,6 +172,7 @@ fn run_task(t: ProcessJob) {
             }
         })
     })();
+    crate::testhook::point("processed");
     t.done.do_send(Processed {
         job_id: t.job_id,
         outcome,

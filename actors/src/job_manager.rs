@@ -175,6 +175,7 @@ impl JobManager {
             if !ok {
                 return;
             }
+            crate::testhook::point("processing-journaled");
             act.started_at.insert(id.clone(), Instant::now());
             act.pool.do_send(ProcessJob {
                 job_id: id,
@@ -212,6 +213,7 @@ impl JobManager {
         job.transition(next, now_ms());
         self.save(job, ctx, move |act, ctx, ok| {
             if ok {
+                crate::testhook::point(&format!("{}-journaled", next.as_str()));
                 act.after_saved_changeset(id, ctx);
             }
         });
@@ -363,6 +365,7 @@ impl Handler<SubmitJob> for JobManager {
                         Ok(Err(e)) => return Err(SubmitError::Spool(e)),
                         Ok(Ok(())) => {}
                     }
+                    crate::testhook::point("accepted");
                     act.metrics
                         .jobs_submitted_total
                         .with_label_values(&[&rec.path])
@@ -507,7 +510,10 @@ impl Handler<Processed> for JobManager {
                         })
                         .into_actor(self)
                         .map(move |res, act, ctx| match res {
-                            Ok(Ok(())) => act.after_saved_changeset(id, ctx),
+                            Ok(Ok(())) => {
+                                crate::testhook::point("changeset-saved");
+                                act.after_saved_changeset(id, ctx)
+                            }
                             Ok(Err(e)) => act.retry_or_fail(
                                 id,
                                 "spool-write",
@@ -593,7 +599,9 @@ impl Handler<Committed> for JobManager {
                     .inc();
                 job.result = Some(result);
                 job.transition(JobState::Published, now_ms());
-                self.save(job, ctx, |_, _, _| {});
+                self.save(job, ctx, |_, _, _| {
+                    crate::testhook::point("published-journaled")
+                });
             }
             Err(e) if e.code == "aborted" => {
                 job.transition(JobState::Aborted, now_ms());

@@ -9,5 +9,6 @@ pub mod job_manager;
 pub mod metrics;
 pub mod publisher;
 pub mod spool_journal;
+pub mod testhook;
 
 pub use prepub_core;

@@ -131,30 +131,30 @@ fn err(code: &'static str, e: impl ToString, retryable: bool) -> CommitError {
     }
 }
 
-/// The tag a job's revision gets: the client's, or `prepub-<job id>`.
+/// The tag a job's revision gets: the client's name, or `prepub-<job id>`. The description
+/// always ends with the job id, which is how a restarted daemon recognises its own commit.
 pub fn job_tag(job: &JobRecord) -> TagRequest {
+    let marker = format!("[cvmfs-prepub job {}]", job.id);
     TagRequest {
         name: job
             .tag_name
             .clone()
             .unwrap_or_else(|| format!("prepub-{}", job.id)),
-        description: job
-            .tag_description
-            .clone()
-            .unwrap_or_else(|| format!("published by cvmfs-prepub job {}", job.id)),
+        description: match job.tag_description.as_deref() {
+            Some(d) if !d.is_empty() => format!("{d} {marker}"),
+            _ => marker,
+        },
     }
 }
 
-/// Whether the job's commit is already in the repository (recovery after a crash).
+/// Whether the job's commit is already in the repository (recovery after a crash, or a commit
+/// request repeated by a restarted job manager): the current history holds the job's tag.
 fn already_committed(cas: &LocalCas, job: &JobRecord) -> Result<Option<JobResult>, CommitError> {
-    let Some(base) = &job.base_root else {
-        return Ok(None);
-    };
     let (m, _) = repo::current_manifest(cas)
         .map_err(|e| err("repository-unreadable", e, true))?
         .ok_or_else(|| err("repository-missing", "no repository in storage", false))?;
-    if &m.root_catalog.to_string() == base {
-        return Ok(None);
+    if job.base_root.as_deref() == Some(m.root_catalog.to_string().as_str()) {
+        return Ok(None); // nothing was published since this job's commit began
     }
     let Some(h) = m.history else { return Ok(None) };
     let bytes = get_all(cas, &h)
@@ -207,6 +207,7 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
     if !ack_rx.recv().unwrap_or(false) {
         return Err(err("aborted", "job aborted before its commit", false));
     }
+    crate::testhook::point("commit-started");
     let tag = job_tag(&job.job);
     let now = prepub_core::timefmt::now();
     let abort = job.abort.clone();
@@ -222,6 +223,7 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
             now,
         )
     })
+    .inspect(|_| crate::testhook::point("manifest-written"))
     .map_err(|e| match e {
         RepoError::Cancelled => err(
             "aborted",

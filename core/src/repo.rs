@@ -303,6 +303,10 @@ fn finish_publish(
     let (hist_id, hist_bytes) = compress_metadata(&fs::read(&hist_file)?, Suffix::History);
     cas.put_bytes(&hist_id, &hist_bytes)?;
 
+    // Last chance to cancel: nothing written so far is referenced by anything.
+    if !proceed() {
+        return Err(RepoError::Cancelled);
+    }
     // Reflog.
     let reflog_file = scratch.join("reflog.db");
     if let Some(b) = cas.get_root_file(REFLOG)? {
@@ -331,9 +335,6 @@ fn finish_publish(
         reflog: Some(Digest20::of(&reflog_bytes)),
     };
     refresh_whitelist(cas, keys, now)?;
-    if !proceed() {
-        return Err(RepoError::Cancelled);
-    }
     // The manifest goes last: until it is replaced, readers see the previous revision.
     cas.put_root_file(MANIFEST, &manifest.sign(keys))?;
     Ok(Published { manifest, commit })

@@ -165,3 +165,299 @@ pub fn ok(args: &[&str]) -> String {
     assert!(ok, "cvmfs-prepub {args:?} failed:\n{out}\n{err}");
     out
 }
+
+use cvmfs::repository::Repository;
+
+const S_IFMT: u32 = 0o170000;
+
+/// Opens the repository at `url` with the independent reader, with a fresh cache.
+pub fn open_reader(url: &str, cache: &Path) -> Repository {
+    let _ = std::fs::remove_dir_all(cache);
+    let f = cvmfs::fetcher::Fetcher::new(url, cache.to_str().unwrap(), true).unwrap();
+    Repository::new(f).unwrap()
+}
+
+pub fn read_all(repo: &Repository, path: &str) -> Vec<u8> {
+    // cvmfs 0.4.2 prefetches chunks on background threads that write cache files
+    // non-atomically, racing the reading thread (which then sees a short file). Fetch every
+    // chunk into the cache first, one after the other, so no download races a read.
+    let e = repo.lookup_with_chunks(path).unwrap();
+    for c in &e.chunks {
+        repo.retrieve_object_with_suffix(&c.content_hash_string(), "P")
+            .unwrap();
+    }
+    let f = repo
+        .get_file(path)
+        .unwrap_or_else(|e| panic!("get_file {path}: {e:?}"));
+    let mut out = vec![0u8; f.file_size() as usize];
+    let mut off = 0;
+    while off < out.len() {
+        let n = f.read_at(off as u64, &mut out[off..]).unwrap();
+        assert!(n > 0, "short read of {path} at {off}");
+        off += n;
+    }
+    out
+}
+
+/// Checks every spec entry (below `base`) against the reader.
+pub fn verify(repo: &Repository, base: &str, specs: &[Spec]) {
+    let files: std::collections::HashMap<&str, &Spec> = specs
+        .iter()
+        .filter_map(|s| match s {
+            Spec::File { path, .. } => Some((*path, s)),
+            _ => None,
+        })
+        .collect();
+    for s in specs {
+        match s {
+            Spec::Dir(p, mode) => {
+                let rel = p.trim_end_matches('/');
+                let rel = if rel == "." { "" } else { rel };
+                let path = format!("{base}/{rel}");
+                let path = path.trim_end_matches('/');
+                let e = repo
+                    .lookup(path)
+                    .unwrap_or_else(|e| panic!("lookup {path}: {e:?}"));
+                assert!(e.is_directory(), "{path} is not a directory");
+                assert_eq!(e.mode as u32 & 0o7777, *mode, "mode of {path}");
+                repo.list_directory(path)
+                    .unwrap_or_else(|e| panic!("list {path}: {e:?}"));
+            }
+            Spec::File {
+                path: p,
+                mode,
+                data,
+                ..
+            } => {
+                let path = format!("{base}/{p}");
+                let e = repo
+                    .lookup(&path)
+                    .unwrap_or_else(|e| panic!("lookup {path}: {e:?}"));
+                assert_eq!(
+                    e.mode as u32 & S_IFMT,
+                    0o100000,
+                    "{path} is not a regular file"
+                );
+                assert_eq!(e.mode as u32 & 0o7777, *mode, "mode of {path}");
+                assert_eq!(e.size as usize, data.len(), "size of {path}");
+                assert!(read_all(repo, &path) == *data, "content of {path} differs");
+            }
+            Spec::Symlink(p, target) => {
+                let path = format!("{base}/{p}");
+                let e = repo.lookup(&path).unwrap();
+                assert!(e.is_symlink(), "{path} is not a symlink");
+                assert_eq!(e.symlink.as_deref(), Some(*target), "target of {path}");
+            }
+            Spec::Hardlink(p, target) => {
+                let path = format!("{base}/{p}");
+                let Spec::File { data, mode, .. } = files[target] else {
+                    unreachable!()
+                };
+                let e = repo.lookup(&path).unwrap();
+                assert_eq!(e.mode as u32 & 0o7777, *mode, "mode of {path}");
+                assert_eq!(e.nlink(), 2, "link count of {path}");
+                assert!(
+                    read_all(repo, &path) == *data,
+                    "content of hard link {path}"
+                );
+            }
+        }
+    }
+}
+
+/// A daemon process started by a test, stopped (by PID) on drop.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub url: String,
+    pub dir: PathBuf,
+    pub storage: PathBuf,
+    pub log: PathBuf,
+}
+
+pub const REPO: &str = "daemon.example.org";
+pub const ADMIN: &str = "admin-token-for-tests";
+pub const SCOPED: &str = "scoped-token-for-tests";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Creates the repository and the config for a daemon under `dir`.
+pub fn prepare_daemon_dir(dir: &Path, extra_pipeline: &str, extra_server: &str) -> PathBuf {
+    let storage = dir.join("storage").join(REPO);
+    if !storage.join(".cvmfspublished").exists() {
+        ok(&[
+            "repo",
+            "init",
+            "--repo-dir",
+            storage.to_str().unwrap(),
+            "--name",
+            REPO,
+            "--keys-dir",
+            dir.join("keys").to_str().unwrap(),
+        ]);
+    }
+    use sha2::Digest;
+    let scoped_sha = hex::encode(sha2::Sha256::digest(SCOPED.as_bytes()));
+    let cfg = format!(
+        "server:\n  listen: \"127.0.0.1:0\"\n  spool_root: {spool}\n  log_format: text\n  api_tokens:\n    - name: scoped\n      sha256: \"{scoped_sha}\"\n      prefixes: [\"{REPO}/allowed\"]\n{extra_server}\ncas:\n  type: localfs\n  root: {root}\npipeline:\n  workers: 2\n  retry_backoff: 200ms\n{extra_pipeline}\nrepositories:\n  - name: {REPO}\n    keys_dir: {keys}\n",
+        spool = dir.join("spool").display(),
+        root = dir.join("storage").display(),
+        keys = dir.join("keys").display(),
+    );
+    let p = dir.join("config.yaml");
+    std::fs::write(&p, cfg).unwrap();
+    storage
+}
+
+impl Daemon {
+    /// Starts the daemon on a free port with `env` (test hooks) and waits for its health check.
+    pub fn start(dir: &Path, env: &[(&str, &str)]) -> Daemon {
+        let storage = dir.join("storage").join(REPO);
+        let port = free_port();
+        let log = dir.join(format!("daemon-{port}.log"));
+        let logf = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"));
+        cmd.args([
+            "--config",
+            dir.join("config.yaml").to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("PREPUB_API_TOKEN", ADMIN)
+        .env_remove("CVMFS_PREPUB_TEST_CRASH")
+        .env_remove("CVMFS_PREPUB_TEST_HOLD")
+        .stdout(logf.try_clone().unwrap())
+        .stderr(logf);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let d = Daemon {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            dir: dir.to_path_buf(),
+            storage,
+            log,
+        };
+        let c = client();
+        for _ in 0..200 {
+            if let Ok(r) = c.get(format!("{}/api/v1/health", d.url)).send() {
+                if r.status().as_u16() == 200 || r.status().as_u16() == 503 {
+                    return d;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "daemon did not come up; log:\n{}",
+            std::fs::read_to_string(&d.log).unwrap_or_default()
+        );
+    }
+
+    /// Waits for the process to end by itself (a crash hook), up to `secs`.
+    pub fn wait_exit(&mut self, secs: u64) -> bool {
+        for _ in 0..secs * 20 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn submit_raw(
+        &self,
+        token: &str,
+        path: &str,
+        tar: &[u8],
+        tag: Option<&str>,
+    ) -> reqwest::blocking::Response {
+        let mut r = client()
+            .post(format!("{}/api/v1/jobs", self.url))
+            .bearer_auth(token)
+            .header("X-Cvmfs-Repo", REPO)
+            .header("X-Cvmfs-Path", path)
+            .body(tar.to_vec());
+        if let Some(t) = tag {
+            r = r.header("X-Cvmfs-Tag-Name", t);
+        }
+        r.send().unwrap()
+    }
+
+    pub fn job(&self, id: &str) -> serde_json::Value {
+        client()
+            .get(format!("{}/api/v1/jobs/{id}", self.url))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    /// Polls until the job reaches a terminal state; returns its view.
+    pub fn wait_terminal(&self, id: &str, secs: u64) -> serde_json::Value {
+        for _ in 0..secs * 20 {
+            let j = self.job(id);
+            if matches!(
+                j["state"].as_str(),
+                Some("published" | "failed" | "aborted")
+            ) {
+                return j;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "job {id} did not finish: {}\nlog:\n{}",
+            self.job(id),
+            self.log_text()
+        );
+    }
+
+    /// Polls until the job is in `state`.
+    pub fn wait_state(&self, id: &str, state: &str, secs: u64) {
+        for _ in 0..secs * 50 {
+            if self.job(id)["state"].as_str() == Some(state) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("job {id} never reached {state}: {}", self.job(id));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Only the process this test started, by PID.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()
+        .unwrap()
+}
+
+/// Builds a tar in memory from specs (via a temp file).
+pub fn tar_bytes(specs: &[Spec]) -> Vec<u8> {
+    let t = tempfile::NamedTempFile::new().unwrap();
+    write_tar(specs, t.path());
+    std::fs::read(t.path()).unwrap()
+}
+
+pub fn gzip(b: &[u8]) -> Vec<u8> {
+    let mut g = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    g.write_all(b).unwrap();
+    g.finish().unwrap()
+}

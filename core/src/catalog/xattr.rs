@@ -93,6 +93,21 @@ impl Xattrs {
     }
 }
 
+// Serialised as the hex of the catalog blob (keys are bytes, which JSON maps cannot hold).
+impl serde::Serialize for Xattrs {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(self.serialize()))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Xattrs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <String as serde::Deserialize>::deserialize(d)?;
+        let b = hex::decode(s).map_err(serde::de::Error::custom)?;
+        Xattrs::deserialize(&b).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,20 +136,5 @@ mod tests {
         ));
         assert_eq!(Xattrs::deserialize(&[1, 1, 3]), Err(XattrError::Malformed));
         assert_eq!(Xattrs::deserialize(&[2, 0]), Err(XattrError::Malformed));
-    }
-}
-
-// Serialised as the hex of the catalog blob (keys are bytes, which JSON maps cannot hold).
-impl serde::Serialize for Xattrs {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(self.serialize()))
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Xattrs {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = <String as serde::Deserialize>::deserialize(d)?;
-        let b = hex::decode(s).map_err(serde::de::Error::custom)?;
-        Xattrs::deserialize(&b).map_err(serde::de::Error::custom)
     }
 }

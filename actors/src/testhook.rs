@@ -1,0 +1,43 @@
+//! Test-only fault injection, driven by environment variables that production never sets:
+//! `CVMFS_PREPUB_TEST_CRASH=<point>` aborts the process (like SIGKILL: no cleanup, no flush)
+//! when execution reaches `<point>`; `CVMFS_PREPUB_TEST_HOLD=<point>=<ms>,...` sleeps there, to
+//! hold a job in a state. Points are named after the journaled steps of a job.
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+fn holds() -> &'static HashMap<String, u64> {
+    static H: OnceLock<HashMap<String, u64>> = OnceLock::new();
+    H.get_or_init(|| {
+        std::env::var("CVMFS_PREPUB_TEST_HOLD")
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k.trim().to_string(), v.trim().parse().ok()?))
+            })
+            .collect()
+    })
+}
+
+fn crash_at() -> &'static Option<String> {
+    static C: OnceLock<Option<String>> = OnceLock::new();
+    C.get_or_init(|| {
+        std::env::var("CVMFS_PREPUB_TEST_CRASH")
+            .ok()
+            .filter(|s| !s.is_empty())
+    })
+}
+
+/// Marks a point: crashes or sleeps there if a test asked for it. Only call from blocking
+/// threads when a hold is possible (holds sleep the calling thread).
+pub fn point(name: &str) {
+    if crash_at().as_deref() == Some(name) {
+        eprintln!("test hook: crashing at {name}");
+        std::process::abort();
+    }
+    if let Some(ms) = holds().get(name) {
+        std::thread::sleep(Duration::from_millis(*ms));
+    }
+}

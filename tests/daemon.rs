@@ -1,0 +1,507 @@
+//! The publisher daemon over HTTP: publishing, ordering, validation and authentication, aborts,
+//! and crash recovery at every journaled step. The independent `cvmfs` reader checks the result.
+
+mod common;
+
+use common::*;
+
+fn job_id(r: reqwest::blocking::Response) -> String {
+    assert_eq!(
+        r.status().as_u16(),
+        202,
+        "submission refused: {}",
+        r.text().unwrap_or_default()
+    );
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["state"], "queued");
+    v["job_id"].as_str().unwrap().to_string()
+}
+
+fn small_tree(tag: &'static str) -> Vec<Spec> {
+    vec![
+        Spec::Dir("bin", 0o755),
+        Spec::File {
+            path: "bin/run",
+            mode: 0o755,
+            data: format!("#!/bin/sh\necho {tag}\n").into_bytes(),
+            xattrs: vec![],
+        },
+        Spec::Symlink("bin/link", "run"),
+        Spec::File {
+            path: "lib/data.bin",
+            mode: 0o644,
+            data: pseudo_random(300_000, tag.len() as u64),
+            xattrs: vec![],
+        },
+    ]
+}
+
+fn check_repo(storage: &std::path::Path) {
+    ok(&["repo", "check", "--repo-dir", storage.to_str().unwrap()]);
+}
+
+#[test]
+fn publishes_plain_and_gzip_tars_and_the_reader_agrees() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let d = Daemon::start(dir.path(), &[]);
+    let url = serve(d.storage.clone());
+    let cache = dir.path().join("cache");
+
+    // Plain tar, raw body.
+    let a = big_tree();
+    let id = job_id(d.submit_raw(ADMIN, "/sw/a", &tar_bytes(&a), Some("a-1")));
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(j["state"], "published", "{j}");
+    assert_eq!(j["revision"], 2);
+    assert_eq!(j["tag"], "a-1");
+    assert!(j["progress"]["entries"].as_u64().unwrap() >= 5);
+    let repo = open_reader(&url, &cache);
+    verify(&repo, "/sw/a", &a);
+    drop(repo);
+    check_repo(&d.storage);
+
+    // gzip tar, multipart.
+    let b = small_tree("b");
+    let form = reqwest::blocking::multipart::Form::new()
+        .text("repo", REPO)
+        .text("path", "sw/b")
+        .text("tag_name", "b-1")
+        .part(
+            "tar",
+            reqwest::blocking::multipart::Part::bytes(gzip(&tar_bytes(&b))).file_name("b.tar.gz"),
+        );
+    let r = client()
+        .post(format!("{}/api/v1/jobs", d.url))
+        .bearer_auth(ADMIN)
+        .multipart(form)
+        .send()
+        .unwrap();
+    let id = job_id(r);
+    assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
+    let repo = open_reader(&url, &cache);
+    verify(&repo, "/sw/b", &b);
+    verify(&repo, "/sw/a", &a);
+    drop(repo);
+
+    // The same path again replaces its content.
+    let a2 = small_tree("a2");
+    let id = job_id(d.submit_raw(ADMIN, "/sw/a", &gzip(&tar_bytes(&a2)), None));
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(j["state"], "published");
+    assert_eq!(j["revision"], 4);
+    assert_eq!(j["tag"], format!("prepub-{id}"));
+    let repo = open_reader(&url, &cache);
+    verify(&repo, "/sw/a", &a2);
+    verify(&repo, "/sw/b", &b);
+    assert!(
+        repo.lookup("/sw/a/pkg").is_err(),
+        "old content under /sw/a must be gone"
+    );
+    drop(repo);
+    check_repo(&d.storage);
+
+    // Health, metrics, listing.
+    let h: serde_json::Value = client()
+        .get(format!("{}/api/v1/health", d.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["jobs"]["published"], 3);
+    let m = client()
+        .get(format!("{}/api/v1/metrics", d.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        m.contains("cvmfs_prepub_jobs_submitted_total{path=\"/sw/a\"} 2"),
+        "{m}"
+    );
+    assert!(m.contains("cvmfs_prepub_pipeline_dedup_hits_total"));
+    assert!(m.contains("cvmfs_prepub_cas_upload_duration_seconds_count"));
+    let l: serde_json::Value = client()
+        .get(format!("{}/api/v1/jobs?state=published&limit=2", d.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(l["total"], 3);
+    assert_eq!(l["jobs"].as_array().unwrap().len(), 2);
+}
+
+fn big_tree() -> Vec<Spec> {
+    vec![
+        Spec::Dir("pkg", 0o755),
+        Spec::File {
+            path: "pkg/big.bin",
+            mode: 0o644,
+            data: pseudo_random(9 << 20, 77),
+            xattrs: vec![],
+        },
+        Spec::File {
+            path: "pkg/.cvmfscatalog",
+            mode: 0o644,
+            data: vec![],
+            xattrs: vec![],
+        },
+        Spec::File {
+            path: "pkg/tool",
+            mode: 0o4755,
+            data: b"tool".to_vec(),
+            xattrs: vec![("user.k", "v")],
+        },
+        Spec::Symlink("pkg/abs", "/cvmfs/elsewhere.org/x"),
+    ]
+}
+
+#[test]
+fn concurrent_submissions_all_publish_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let d = Daemon::start(dir.path(), &[]);
+    let n = 8;
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..n)
+            .map(|i| {
+                let d = &d;
+                s.spawn(move || {
+                    let t = tar_bytes(&[Spec::File {
+                        path: "f",
+                        mode: 0o644,
+                        data: format!("job {i}").into_bytes(),
+                        xattrs: vec![],
+                    }]);
+                    job_id(d.submit_raw(ADMIN, &format!("/c/{i}"), &t, None))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut revisions: Vec<(i64, u64)> = Vec::new();
+    for id in &ids {
+        let j = d.wait_terminal(id, 120);
+        assert_eq!(j["state"], "published", "{j}");
+        revisions.push((
+            j["state_times"]["published"].as_i64().unwrap(),
+            j["revision"].as_u64().unwrap(),
+        ));
+    }
+    revisions.sort();
+    let revs: Vec<u64> = revisions.iter().map(|r| r.1).collect();
+    assert_eq!(
+        revs,
+        (2..2 + n as u64).collect::<Vec<_>>(),
+        "each job its own revision, in commit order"
+    );
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    for i in 0..n {
+        assert_eq!(
+            read_all(&repo, &format!("/c/{i}/f")),
+            format!("job {i}").into_bytes()
+        );
+    }
+    drop(repo);
+    check_repo(&d.storage);
+}
+
+fn status_and_code(r: reqwest::blocking::Response) -> (u16, String) {
+    let s = r.status().as_u16();
+    let v: serde_json::Value = r.json().unwrap_or_default();
+    (s, v["error"]["code"].as_str().unwrap_or("").to_string())
+}
+
+#[test]
+fn authentication_and_validation_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "  max_upload_size: 1MiB\n");
+    let d = Daemon::start(dir.path(), &[]);
+    let t = tar_bytes(&small_tree("x"));
+    let post = || {
+        client()
+            .post(format!("{}/api/v1/jobs", d.url))
+            .header("X-Cvmfs-Repo", REPO)
+            .header("X-Cvmfs-Path", "/x")
+    };
+    assert_eq!(
+        status_and_code(post().body(t.clone()).send().unwrap()),
+        (401, "unauthorized".into())
+    );
+    assert_eq!(
+        status_and_code(post().bearer_auth("wrong").body(t.clone()).send().unwrap()),
+        (401, "unauthorized".into())
+    );
+    assert_eq!(
+        status_and_code(
+            client()
+                .get(format!("{}/api/v1/jobs", d.url))
+                .send()
+                .unwrap()
+        ),
+        (401, "unauthorized".into())
+    );
+    // Scoped token: only under its prefix, and only its own jobs.
+    assert_eq!(
+        status_and_code(d.submit_raw(SCOPED, "/x", &t, None)),
+        (403, "forbidden".into())
+    );
+    let mine = job_id(d.submit_raw(SCOPED, "/allowed/app", &t, None));
+    let admins = job_id(d.submit_raw(ADMIN, "/other", &t, None));
+    let get = |tok: &str, id: &str| {
+        client()
+            .get(format!("{}/api/v1/jobs/{id}", d.url))
+            .bearer_auth(tok)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(get(SCOPED, &mine), 200);
+    assert_eq!(get(SCOPED, &admins), 404);
+    assert_eq!(get(ADMIN, &mine), 200);
+    let listed: serde_json::Value = client()
+        .get(format!("{}/api/v1/jobs", d.url))
+        .bearer_auth(SCOPED)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(listed["total"], 1);
+    let abort = client()
+        .post(format!("{}/api/v1/jobs/{admins}/abort", d.url))
+        .bearer_auth(SCOPED)
+        .send()
+        .unwrap();
+    assert_eq!(abort.status().as_u16(), 404);
+    // Validation before anything is queued.
+    let sub = |repo: &str, path: &str, tag: Option<&str>| {
+        let mut r = client()
+            .post(format!("{}/api/v1/jobs", d.url))
+            .bearer_auth(ADMIN)
+            .header("X-Cvmfs-Repo", repo)
+            .header("X-Cvmfs-Path", path);
+        if let Some(tag) = tag {
+            r = r.header("X-Cvmfs-Tag-Name", tag);
+        }
+        status_and_code(r.body(t.clone()).send().unwrap())
+    };
+    assert_eq!(
+        sub("nope.org", "/x", None),
+        (400, "unknown-repository".into())
+    );
+    assert_eq!(sub(REPO, "/a/../b", None), (400, "bad-path".into()));
+    assert_eq!(sub(REPO, "/.cvmfs/x", None), (400, "bad-path".into()));
+    assert_eq!(sub(REPO, "/x", Some("bad tag")), (400, "bad-tag".into()));
+    assert_eq!(sub(REPO, "/x", Some("trunk")), (400, "bad-tag".into()));
+    // Oversize bodies: 413.
+    let big = vec![0u8; 2 << 20];
+    assert_eq!(
+        status_and_code(d.submit_raw(ADMIN, "/x", &big, None)),
+        (413, "payload-too-large".into())
+    );
+    // Malformed multipart: 400.
+    let r = client()
+        .post(format!("{}/api/v1/jobs", d.url))
+        .bearer_auth(ADMIN)
+        .header("Content-Type", "multipart/form-data; boundary=XYZ")
+        .body("--XYZ\r\nContent-Disposition: form-data; name=\"repo\"\r\n\r\nrepo-without-end")
+        .send()
+        .unwrap();
+    assert_eq!(status_and_code(r), (400, "bad-multipart".into()));
+    // Checksum mismatch: 400.
+    let form = reqwest::blocking::multipart::Form::new()
+        .text("repo", REPO)
+        .text("path", "/x")
+        .text("tar_sha256", "0".repeat(64))
+        .part("tar", reqwest::blocking::multipart::Part::bytes(t.clone()));
+    let r = client()
+        .post(format!("{}/api/v1/jobs", d.url))
+        .bearer_auth(ADMIN)
+        .multipart(form)
+        .send()
+        .unwrap();
+    assert_eq!(status_and_code(r), (400, "checksum-mismatch".into()));
+    // Nothing refused was queued; uploads left nothing in the spool.
+    let all: serde_json::Value = client()
+        .get(format!("{}/api/v1/jobs", d.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(all["total"], 2);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("spool/incoming"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // A bad tar is accepted (it is only read later) and fails with its reason.
+    let hostile = tar_bytes(&[
+        Spec::Symlink("l", "/etc"),
+        Spec::File {
+            path: "l/passwd",
+            mode: 0o644,
+            data: b"x".to_vec(),
+            xattrs: vec![],
+        },
+    ]);
+    let id = job_id(d.submit_raw(ADMIN, "/hostile", &hostile, None));
+    let j = d.wait_terminal(&id, 30);
+    assert_eq!(j["state"], "failed");
+    assert_eq!(j["error"]["code"], "bad-tar");
+    assert_eq!(j["error"]["state"], "processing");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("would be placed through 'l'"),
+        "{j}"
+    );
+}
+
+#[test]
+fn abort_while_queued_processing_and_committing() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    std::fs::write(
+        dir.path().join("config.yaml"),
+        std::fs::read_to_string(dir.path().join("config.yaml"))
+            .unwrap()
+            .replace("workers: 2", "workers: 1"),
+    )
+    .unwrap();
+    let d = Daemon::start(
+        dir.path(),
+        &[(
+            "CVMFS_PREPUB_TEST_HOLD",
+            "processing=1500,commit-started=2000",
+        )],
+    );
+    let t = tar_bytes(&small_tree("abort"));
+    let url = serve(d.storage.clone());
+    let manifest_before = std::fs::read(d.storage.join(".cvmfspublished")).unwrap();
+
+    let a = job_id(d.submit_raw(ADMIN, "/p/a", &t, None));
+    let b = job_id(d.submit_raw(ADMIN, "/p/b", &t, None));
+    d.wait_state(&a, "processing", 10);
+    // b waits for the only worker: it is queued (its processing record exists but the worker is busy).
+    let abort = |id: &str| {
+        client()
+            .post(format!("{}/api/v1/jobs/{id}/abort", d.url))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap()
+    };
+    assert_eq!(abort(&a).status().as_u16(), 202);
+    assert_eq!(abort(&b).status().as_u16(), 202);
+    assert_eq!(d.wait_terminal(&a, 30)["state"], "aborted");
+    assert_eq!(d.wait_terminal(&b, 30)["state"], "aborted");
+    assert_eq!(abort(&a).status().as_u16(), 409);
+
+    // Abort during the commit (held right after the commit started).
+    let c = job_id(d.submit_raw(ADMIN, "/p/c", &t, None));
+    for _ in 0..400 {
+        let j = d.job(&c);
+        if j["state"] == "committing" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(abort(&c).status().as_u16(), 202);
+    assert_eq!(d.wait_terminal(&c, 30)["state"], "aborted");
+    assert_eq!(
+        std::fs::read(d.storage.join(".cvmfspublished")).unwrap(),
+        manifest_before,
+        "nothing may be published"
+    );
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    assert!(repo.lookup("/p").is_err());
+    drop(repo);
+    check_repo(&d.storage);
+}
+
+/// Kills the daemon at `point` while it handles one job, restarts it, and checks the job is
+/// published exactly once.
+fn crash_and_recover(point: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let t = tar_bytes(&small_tree("crash"));
+    let mut d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_CRASH", point)]);
+    let r = client()
+        .post(format!("{}/api/v1/jobs", d.url))
+        .bearer_auth(ADMIN)
+        .header("X-Cvmfs-Repo", REPO)
+        .header("X-Cvmfs-Path", "/crash")
+        .body(t.clone())
+        .send();
+    let submitted = r.ok().filter(|r| r.status().as_u16() == 202).map(|r| {
+        r.json::<serde_json::Value>().unwrap()["job_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    });
+    assert!(
+        d.wait_exit(30),
+        "daemon did not crash at {point}; log:\n{}",
+        d.log_text()
+    );
+    drop(d);
+    let d = Daemon::start(dir.path(), &[]);
+    let all: serde_json::Value = client()
+        .get(format!("{}/api/v1/jobs", d.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        all["total"], 1,
+        "crash at {point}: the accepted job must survive: {all}"
+    );
+    let id = all["jobs"][0]["job_id"].as_str().unwrap().to_string();
+    if let Some(s) = submitted {
+        assert_eq!(s, id);
+    }
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(
+        j["state"],
+        "published",
+        "crash at {point}: {j}\n{}",
+        d.log_text()
+    );
+    assert_eq!(j["revision"], 2, "crash at {point}: committed exactly once");
+    let (m, _) = prepub_core::manifest::Manifest::parse(
+        &std::fs::read(d.storage.join(".cvmfspublished")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m.revision, 2, "crash at {point}: exactly one new revision");
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    verify(&repo, "/crash", &small_tree("crash"));
+    drop(repo);
+    check_repo(&d.storage);
+}
+
+#[test]
+fn crash_at_every_journaled_step_recovers_exactly_once() {
+    for point in [
+        "accepted",
+        "processing-journaled",
+        "processed",
+        "changeset-saved",
+        "uploading-journaled",
+        "distributing-journaled",
+        "committing-journaled",
+        "commit-started",
+        "manifest-written",
+        "published-journaled",
+    ] {
+        crash_and_recover(point);
+    }
+}
