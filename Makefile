@@ -1,7 +1,7 @@
 # cvmfs-prepub build targets.
 CARGO ?= cargo
 
-.PHONY: build test lint bench demo clean
+.PHONY: build test lint bench demo run-demo clean
 
 ## build: release binaries into target/release (cvmfs-prepub)
 build:
@@ -19,6 +19,10 @@ lint:
 ## bench: encoder throughput against raw zlib on this machine
 bench:
 	$(CARGO) bench --bench encoder
+
+## run-demo: start the daemon on config/demo.yaml, publish a sample tar, check it, stop
+run-demo: build
+	scripts/demo-daemon.sh
 
 ## demo: create a repository, publish a sample tar into it, and check it
 demo: build

@@ -1,6 +1,7 @@
 //! cvmfs-prepub: the daemon, the operator commands and the API types shared with `prepubctl`.
 
 pub mod api_types;
+pub mod client;
 pub mod config;
 pub mod http_store;
 pub mod repo_cmd;

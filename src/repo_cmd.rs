@@ -7,11 +7,13 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use prepub_core::cas::{Cas, LocalCas};
 use prepub_core::chunker::ChunkParams;
-use prepub_core::intake::{read_tar, IntakeLimits};
+use prepub_core::intake::{read_tar_parallel, IntakeLimits};
 use prepub_core::keys::RepoKeys;
 use prepub_core::object::{Compression, EncodeParams};
+use prepub_core::pipeline::Pipeline;
 use prepub_core::repo::{self, ApplyMode, TagRequest};
 use prepub_core::timefmt;
+use std::sync::Arc;
 
 use crate::http_store::HttpStore;
 
@@ -200,18 +202,16 @@ fn ingest(a: IngestArgs) -> anyhow::Result<()> {
     let _lock = repo::lock_storage(&a.repo_dir)?;
     let now = timefmt::now();
     // The heavy part (unpack, compress, hash, store) happens before the catalogs are touched.
+    // Encoding runs on every core, with 16 durable puts in flight.
+    let shared: Arc<dyn Cas> = Arc::new(LocalCas::open(&a.repo_dir)?.with_deferred_dir_sync());
+    let pipeline = Pipeline::new(0, 16, 256 << 20);
+    let top = target.is_empty();
     let mut cs = if a.tar == "-" {
-        read_tar(
-            std::io::stdin().lock(),
-            target.is_empty(),
-            &params,
-            &limits,
-            &cas,
-            now,
-        )?
+        let stdin = std::io::stdin().lock();
+        read_tar_parallel(stdin, top, &params, &limits, shared, &pipeline, now)?
     } else {
         let f = File::open(&a.tar).with_context(|| format!("opening {}", a.tar))?;
-        read_tar(f, target.is_empty(), &params, &limits, &cas, now)?
+        read_tar_parallel(f, top, &params, &limits, shared, &pipeline, now)?
     };
     for r in &a.remove {
         let rel = repo::normalize_repo_path(r)?;

@@ -505,3 +505,88 @@ fn crash_at_every_journaled_step_recovers_exactly_once() {
         crash_and_recover(point);
     }
 }
+
+#[test]
+fn finished_jobs_keep_their_record_and_lose_their_tar_after_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "  tar_retention: 2s\n");
+    let d = Daemon::start(dir.path(), &[]);
+    let id = job_id(d.submit_raw(ADMIN, "/r", &tar_bytes(&small_tree("r")), None));
+    assert_eq!(d.wait_terminal(&id, 30)["state"], "published");
+    let job_dir = dir.path().join("spool/jobs").join(&id);
+    assert!(job_dir.join("payload.tar").is_file());
+    let on_disk: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(job_dir.join("job.json")).unwrap()).unwrap();
+    assert_eq!(
+        on_disk["state"], "published",
+        "the job's state is visible on disk"
+    );
+    for _ in 0..100 {
+        if !job_dir.join("payload.tar").exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        !job_dir.join("payload.tar").exists(),
+        "tar must be deleted after the retention period"
+    );
+    assert!(!job_dir.join("changeset.json").exists());
+    assert_eq!(d.job(&id)["state"], "published", "the record stays");
+}
+
+#[test]
+fn serves_the_api_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = prepub_core::keys::RepoKeys::generate("localhost", 30).unwrap();
+    let tls = dir.path().join("tls");
+    k.save(&tls).unwrap();
+    let server = format!(
+        "  tls_cert: {}\n  tls_key: {}\n",
+        tls.join("localhost.crt").display(),
+        tls.join("localhost.key").display()
+    );
+    prepare_daemon_dir(dir.path(), "", &server);
+    // The harness polls health over plain HTTP; start by hand and poll over HTTPS instead.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
+        .args([
+            "--config",
+            dir.path().join("config.yaml").to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("PREPUB_API_TOKEN", ADMIN)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = reqwest::blocking::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let mut status = 0;
+    for _ in 0..100 {
+        if let Ok(r) = c
+            .get(format!("https://127.0.0.1:{port}/api/v1/health"))
+            .send()
+        {
+            status = r.status().as_u16();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let plain = client()
+        .get(format!("http://127.0.0.1:{port}/api/v1/health"))
+        .send();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(status, 200);
+    assert!(
+        plain.is_err() || plain.unwrap().status().as_u16() != 200,
+        "plain HTTP must not be served on a TLS listener"
+    );
+}

@@ -1,8 +1,10 @@
 //! `CompressorPool`: the threads that do the CPU work of a job — unpacking the tar, cutting
 //! chunks, zlib, SHA-1 — and write the objects into the repository's CAS.
 //!
-//! The actor is a thin front: `ProcessJob` puts a task on a crossbeam channel read by
-//! `pipeline.workers` OS threads, so no CPU work ever runs on an async arbiter. Each task
+//! The actor is a thin front: `ProcessJob` puts a task on a crossbeam channel read by tar-reader
+//! threads; each reader cuts files into whole-file and chunk tasks for the encode pipeline
+//! (`pipeline.workers` zlib/SHA-1 threads, `pipeline.upload_concurrency` store threads), so no
+//! CPU work ever runs on an async arbiter and one job uses every core. Each task
 //! reports progress and its outcome back to the recipients given with it. Work is checked for
 //! abort between reads, so an aborted job stops within one read buffer.
 
@@ -14,10 +16,11 @@ use std::thread;
 
 use actix::prelude::*;
 use crossbeam_channel::{unbounded, Receiver, Sender};
-use prepub_core::cas::LocalCas;
-use prepub_core::intake::{read_tar, ChangeSet, IntakeError, IntakeLimits};
+use prepub_core::cas::{Cas, LocalCas};
+use prepub_core::intake::{read_tar_parallel, ChangeSet, IntakeError, IntakeLimits};
 use prepub_core::jobs::Progress;
 use prepub_core::object::EncodeParams;
+use prepub_core::pipeline::Pipeline;
 
 /// What finished processing reports.
 #[derive(Message, Debug)]
@@ -64,24 +67,24 @@ pub struct CompressorPool {
     workers: usize,
 }
 
+/// Object bytes allowed in flight between the tar readers and the stored objects.
+const IN_FLIGHT_BYTES: usize = 256 << 20;
+
 impl CompressorPool {
-    /// Starts `workers` threads (0 = one per core).
-    pub fn new(workers: usize) -> CompressorPool {
-        let n = if workers == 0 {
-            thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        } else {
-            workers
-        };
+    /// Starts `workers` encoder threads (0 = one per core) with `upload_concurrency` store
+    /// threads behind them, and as many tar-reader threads as encoders (jobs processed at once).
+    pub fn new(workers: usize, upload_concurrency: usize) -> CompressorPool {
+        let pipeline = Pipeline::new(workers, upload_concurrency, IN_FLIGHT_BYTES);
+        let n = pipeline.cpu_workers();
         let (tx, rx) = unbounded::<ProcessJob>();
         for i in 0..n {
             let rx: Receiver<ProcessJob> = rx.clone();
+            let pipeline = pipeline.clone();
             let _ = thread::Builder::new()
-                .name(format!("compressor-{i}"))
+                .name(format!("tar-reader-{i}"))
                 .spawn(move || {
                     while let Ok(task) = rx.recv() {
-                        run_task(task);
+                        run_task(task, &pipeline);
                     }
                 });
         }
@@ -136,7 +139,7 @@ impl<R: Read> Read for Watched<R> {
     }
 }
 
-fn run_task(t: ProcessJob) {
+fn run_task(t: ProcessJob, pipeline: &Pipeline) {
     crate::testhook::point("processing");
     let outcome = (|| -> Result<ChangeSet, ProcessError> {
         let io_err = |code: &'static str, e: String| ProcessError {
@@ -144,8 +147,11 @@ fn run_task(t: ProcessJob) {
             message: e,
             retryable: true,
         };
-        let cas =
-            LocalCas::open(&t.storage).map_err(|e| io_err("cas-unavailable", e.to_string()))?;
+        let cas: Arc<dyn Cas> = Arc::new(
+            LocalCas::open(&t.storage)
+                .map_err(|e| io_err("cas-unavailable", e.to_string()))?
+                .with_deferred_dir_sync(),
+        );
         let f = std::fs::File::open(&t.tar).map_err(|e| io_err("spool-read", e.to_string()))?;
         let watched = Watched {
             inner: std::io::BufReader::with_capacity(1 << 20, f),
@@ -156,7 +162,7 @@ fn run_task(t: ProcessJob) {
             progress: t.progress.clone(),
         };
         let now = prepub_core::timefmt::now();
-        read_tar(watched, t.top_level, &t.params, &t.limits, &cas, now).map_err(|e| {
+        read_tar_parallel(watched, t.top_level, &t.params, &t.limits, cas, pipeline, now).map_err(|e| {
             if t.abort.load(Ordering::Relaxed) {
                 return ProcessError {
                     code: "aborted",

@@ -317,9 +317,10 @@ impl Actor for JobManager {
                     }
                 }),
         );
-        ctx.run_interval(Duration::from_secs(60), |act, ctx| {
-            act.cleanup_payloads(ctx)
-        });
+        // Check often enough that a tar outlives its retention by at most a quarter of it.
+        let every = (self.settings.tar_retention / 4)
+            .clamp(Duration::from_secs(1), Duration::from_secs(60));
+        ctx.run_interval(every, |act, ctx| act.cleanup_payloads(ctx));
     }
 }
 

@@ -13,9 +13,15 @@ use std::io::{self, BufRead, BufReader, Read};
 use flate2::read::GzDecoder;
 use tar::EntryType;
 
-use crate::cas::Cas;
+use std::sync::Arc;
+
+use crate::cas::{Cas, CasError, PutOutcome};
 use crate::catalog::{mode, Entry, Xattrs};
+use crate::chunker::Xor32Detector;
+use crate::hash::{ObjectId, Suffix};
+use crate::object::FileChunk;
 use crate::object::{encode_file, EncodeError, EncodeParams, FileContent};
+use crate::pipeline::{Pipeline, Task};
 
 /// Limits enforced while reading a tar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,6 +213,41 @@ pub fn read_tar<R: Read>(
     cas: &dyn Cas,
     now: i64,
 ) -> Result<ChangeSet, IntakeError> {
+    let mut sink = InlineSink { cas, params };
+    read_tar_with(input, top_level, limits, &mut sink, now)
+}
+
+/// Like [`read_tar`], but file contents are compressed, hashed and stored on `pipeline`'s
+/// threads while the archive is still being read (one reader, many encoders).
+pub fn read_tar_parallel<R: Read>(
+    input: R,
+    top_level: bool,
+    params: &EncodeParams,
+    limits: &IntakeLimits,
+    cas: Arc<dyn Cas>,
+    pipeline: &Pipeline,
+    now: i64,
+) -> Result<ChangeSet, IntakeError> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut sink = ParallelSink {
+        cas,
+        params: *params,
+        pipeline,
+        tx,
+        rx,
+        next_tag: 0,
+        files: Vec::new(),
+    };
+    read_tar_with(input, top_level, limits, &mut sink, now)
+}
+
+fn read_tar_with<R: Read>(
+    input: R,
+    top_level: bool,
+    limits: &IntakeLimits,
+    sink: &mut dyn FileSink,
+    now: i64,
+) -> Result<ChangeSet, IntakeError> {
     let stream = detect_compression(input)?;
     // Headers and padding add at most 1.5 KiB per entry on top of the bodies.
     let budget = Budget {
@@ -326,24 +367,10 @@ pub fn read_tar<R: Read>(
                         limit: limits.max_total_size,
                     });
                 }
-                let enc = encode_file(&mut ent, params, cas).map_err(|e| IntakeError::Encode {
-                    entry: shown.clone(),
-                    source: e,
-                })?;
-                cs.stats.files += 1;
-                cs.stats.bytes_in += enc.size;
-                cs.stats.new_objects += enc.new_objects;
-                cs.stats.new_bytes += enc.new_bytes;
-                cs.stats.dedup_hits += enc.dedup_hits;
                 entry.mode = mode::S_IFREG | perm;
-                entry.size = enc.size;
                 entry.linkcount = 1;
-                entry.flags =
-                    enc.compression.flag_value() << crate::catalog::flags::COMPRESSION_SHIFT;
-                match enc.content {
-                    FileContent::Whole(id) => entry.hash = Some(id.digest),
-                    FileContent::Chunked(chunks) => entry.chunks = chunks,
-                }
+                cs.stats.files += 1;
+                sink.file(&rel, &shown, size, &mut ent, &mut entry, &mut cs.stats)?;
             }
             EntryType::Symlink => {
                 let target = ent
@@ -463,7 +490,315 @@ pub fn read_tar<R: Read>(
             },
         );
     }
+    sink.finish(&mut cs)?;
     Ok(cs)
+}
+
+/// Where regular-file bodies go while the archive is read.
+trait FileSink {
+    /// Encodes the body of the file `rel` (declared `size` bytes) read from `body`, filling the
+    /// entry's size and content now or in [`FileSink::finish`].
+    fn file(
+        &mut self,
+        rel: &str,
+        shown: &str,
+        size: u64,
+        body: &mut dyn Read,
+        entry: &mut Entry,
+        stats: &mut IntakeStats,
+    ) -> Result<(), IntakeError>;
+
+    /// Completes pending entries (and the hard links copied from them).
+    fn finish(&mut self, cs: &mut ChangeSet) -> Result<(), IntakeError>;
+}
+
+/// Encodes on the reading thread.
+struct InlineSink<'a> {
+    cas: &'a dyn Cas,
+    params: &'a EncodeParams,
+}
+
+fn set_content(entry: &mut Entry, enc: crate::object::EncodedFile, stats: &mut IntakeStats) {
+    stats.bytes_in += enc.size;
+    stats.new_objects += enc.new_objects;
+    stats.new_bytes += enc.new_bytes;
+    stats.dedup_hits += enc.dedup_hits;
+    entry.size = enc.size;
+    entry.flags = enc.compression.flag_value() << crate::catalog::flags::COMPRESSION_SHIFT;
+    match enc.content {
+        FileContent::Whole(id) => entry.hash = Some(id.digest),
+        FileContent::Chunked(chunks) => entry.chunks = chunks,
+    }
+}
+
+impl FileSink for InlineSink<'_> {
+    fn file(
+        &mut self,
+        _rel: &str,
+        shown: &str,
+        _size: u64,
+        body: &mut dyn Read,
+        entry: &mut Entry,
+        stats: &mut IntakeStats,
+    ) -> Result<(), IntakeError> {
+        let enc = encode_file(body, self.params, self.cas).map_err(|e| IntakeError::Encode {
+            entry: shown.to_string(),
+            source: e,
+        })?;
+        set_content(entry, enc, stats);
+        Ok(())
+    }
+
+    fn finish(&mut self, _cs: &mut ChangeSet) -> Result<(), IntakeError> {
+        Ok(())
+    }
+}
+
+/// A file whose objects are still being encoded.
+struct PendingFile {
+    rel: String,
+    shown: String,
+    /// `(offset, size, tag)` of each chunk; a single whole-file object has one part at 0.
+    parts: Vec<(u64, u64, usize)>,
+    whole: bool,
+}
+
+/// Hands file bodies to the encode pipeline: small files whole, large ones as content-defined
+/// chunks cut here (cheap) and compressed there (expensive).
+struct ParallelSink<'a> {
+    cas: Arc<dyn Cas>,
+    params: EncodeParams,
+    pipeline: &'a Pipeline,
+    tx: crossbeam_channel::Sender<crate::pipeline::Encoded>,
+    rx: crossbeam_channel::Receiver<crate::pipeline::Encoded>,
+    next_tag: usize,
+    files: Vec<PendingFile>,
+}
+
+/// Files up to this size are read whole and encoded as one task when not chunked.
+const WHOLE_FILE_MAX: u64 = 16 << 20;
+
+impl ParallelSink<'_> {
+    fn submit(&mut self, data: Vec<u8>, suffix: Suffix) -> usize {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        self.pipeline.submit(Task {
+            tag,
+            data,
+            suffix,
+            compression: self.params.compression,
+            cas: self.cas.clone(),
+            reply: self.tx.clone(),
+        });
+        tag
+    }
+}
+
+fn read_full(body: &mut dyn Read, buf: &mut [u8]) -> Result<usize, io::Error> {
+    loop {
+        match body.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+impl FileSink for ParallelSink<'_> {
+    fn file(
+        &mut self,
+        rel: &str,
+        shown: &str,
+        size: u64,
+        body: &mut dyn Read,
+        entry: &mut Entry,
+        stats: &mut IntakeStats,
+    ) -> Result<(), IntakeError> {
+        let chunking = self.params.chunking;
+        entry.flags =
+            self.params.compression.flag_value() << crate::catalog::flags::COMPRESSION_SHIFT;
+        let read_err = |e: io::Error| IntakeError::Encode {
+            entry: shown.to_string(),
+            source: EncodeError::Read(e),
+        };
+        if !chunking.enabled || size <= chunking.min {
+            if size > WHOLE_FILE_MAX {
+                // Large and unchunked: stream it here rather than hold it in memory.
+                let enc = encode_file(body, &self.params, self.cas.as_ref()).map_err(|e| {
+                    IntakeError::Encode {
+                        entry: shown.to_string(),
+                        source: e,
+                    }
+                })?;
+                set_content(entry, enc, stats);
+                return Ok(());
+            }
+            let mut data = Vec::with_capacity(size as usize);
+            body.read_to_end(&mut data).map_err(read_err)?;
+            stats.bytes_in += data.len() as u64;
+            entry.size = data.len() as u64;
+            let n = data.len() as u64;
+            let tag = self.submit(data, Suffix::None);
+            self.files.push(PendingFile {
+                rel: rel.to_string(),
+                shown: shown.to_string(),
+                parts: vec![(0, n, tag)],
+                whole: true,
+            });
+            return Ok(());
+        }
+        let mut det = Xor32Detector::new(chunking);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut cur: Vec<u8> = Vec::with_capacity(chunking.avg as usize);
+        let mut parts = Vec::new();
+        let mut offset = 0u64;
+        loop {
+            let n = read_full(body, &mut buf).map_err(read_err)?;
+            if n == 0 {
+                break;
+            }
+            let mut piece = &buf[..n];
+            while !piece.is_empty() {
+                let cut = det.find_cut(piece);
+                let take = cut.unwrap_or(piece.len());
+                cur.extend_from_slice(&piece[..take]);
+                piece = &piece[take..];
+                if cut.is_some() {
+                    let len = cur.len() as u64;
+                    let data =
+                        std::mem::replace(&mut cur, Vec::with_capacity(chunking.avg as usize));
+                    let tag = self.submit(data, Suffix::Partial);
+                    parts.push((offset, len, tag));
+                    offset += len;
+                }
+            }
+        }
+        let whole = parts.is_empty();
+        if !cur.is_empty() || whole {
+            let len = cur.len() as u64;
+            let tag = self.submit(cur, if whole { Suffix::None } else { Suffix::Partial });
+            parts.push((offset, len, tag));
+            offset += len;
+        }
+        stats.bytes_in += offset;
+        entry.size = offset;
+        self.files.push(PendingFile {
+            rel: rel.to_string(),
+            shown: shown.to_string(),
+            parts,
+            whole,
+        });
+        Ok(())
+    }
+
+    fn finish(&mut self, cs: &mut ChangeSet) -> Result<(), IntakeError> {
+        let mut results: Vec<Option<(ObjectId, u64, PutOutcome)>> = vec![None; self.next_tag];
+        let mut failed: Option<(usize, CasError)> = None;
+        for _ in 0..self.next_tag {
+            let Ok(e) = self.rx.recv() else { break };
+            match e.result {
+                Ok(r) => {
+                    match r.2 {
+                        PutOutcome::Stored => {
+                            cs.stats.new_objects += 1;
+                            cs.stats.new_bytes += r.1;
+                        }
+                        PutOutcome::AlreadyPresent => cs.stats.dedup_hits += 1,
+                    }
+                    results[e.tag] = Some(r);
+                }
+                Err(err) => {
+                    if failed.is_none() {
+                        failed = Some((e.tag, err));
+                    }
+                }
+            }
+        }
+        if failed.is_none() {
+            // Objects must be durable before the change set that names them is relied on.
+            if let Err(e) = self.cas.flush() {
+                failed = Some((usize::MAX, e));
+            }
+        }
+        if let Some((tag, err)) = failed {
+            let shown = self
+                .files
+                .iter()
+                .find(|f| f.parts.iter().any(|p| p.2 == tag))
+                .map(|f| f.shown.clone())
+                .unwrap_or_default();
+            return Err(IntakeError::Encode {
+                entry: shown,
+                source: EncodeError::Cas(err),
+            });
+        }
+        for f in std::mem::take(&mut self.files) {
+            let Some(node) = cs.nodes.get_mut(&f.rel) else {
+                continue;
+            };
+            let get = |tag: usize| results.get(tag).copied().flatten();
+            if f.whole {
+                let (id, _, _) = get(f.parts[0].2).ok_or_else(|| lost(&f.shown))?;
+                node.entry.hash = Some(id.digest);
+            } else if f.parts.len() == 1 {
+                // Cut exactly at the end after one chunk: still a sole piece (upstream
+                // `IsSolePiece`), stored again under the whole-file name (same bytes).
+                let (id, _, _) = get(f.parts[0].2).ok_or_else(|| lost(&f.shown))?;
+                let bytes = crate::cas::get_all(self.cas.as_ref(), &id).map_err(|e| {
+                    IntakeError::Encode {
+                        entry: f.shown.clone(),
+                        source: EncodeError::Cas(e),
+                    }
+                })?;
+                let whole = ObjectId::new(id.digest, Suffix::None);
+                self.cas
+                    .put_bytes(&whole, &bytes)
+                    .map_err(|e| IntakeError::Encode {
+                        entry: f.shown.clone(),
+                        source: EncodeError::Cas(e),
+                    })?;
+                node.entry.hash = Some(id.digest);
+            } else {
+                let mut chunks = Vec::with_capacity(f.parts.len());
+                for (offset, size, tag) in &f.parts {
+                    let (id, _, _) = get(*tag).ok_or_else(|| lost(&f.shown))?;
+                    chunks.push(FileChunk {
+                        offset: *offset,
+                        size: *size,
+                        id,
+                    });
+                }
+                node.entry.chunks = chunks;
+            }
+        }
+        // Hard links were copied from entries that were still pending.
+        let links: Vec<(String, String)> = cs
+            .nodes
+            .iter()
+            .filter_map(|(rel, n)| n.hardlink_of.clone().map(|o| (rel.clone(), o)))
+            .collect();
+        for (rel, orig) in links {
+            let Some(src) = cs
+                .nodes
+                .get(&orig)
+                .map(|n| (n.entry.hash, n.entry.chunks.clone(), n.entry.size))
+            else {
+                continue;
+            };
+            if let Some(n) = cs.nodes.get_mut(&rel) {
+                n.entry.hash = src.0;
+                n.entry.chunks = src.1;
+                n.entry.size = src.2;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lost(shown: &str) -> IntakeError {
+    IntakeError::Encode {
+        entry: shown.to_string(),
+        source: EncodeError::Read(io::Error::other("an encoded object went missing")),
+    }
 }
 
 fn map_read_error(e: io::Error, _limits: &IntakeLimits) -> IntakeError {
@@ -721,5 +1056,74 @@ mod tests {
             err(&t),
             "entry 'd/.cvmfscatalog': '.cvmfscatalog' must be a regular file"
         );
+    }
+
+    #[test]
+    fn parallel_intake_matches_inline_intake() {
+        let mut big = Vec::new();
+        let mut x: u64 = 99;
+        while big.len() < 3 << 20 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            big.extend_from_slice(&x.to_le_bytes());
+        }
+        let t = T::new()
+            .dir("d")
+            .file("d/small", b"hello world")
+            .file("d/empty", b"")
+            .file("d/big", &big)
+            .raw(b"d/link", EntryType::Link, b"", b"d/big")
+            .raw(b"e/link2", EntryType::Link, b"", b"d/small")
+            .done();
+        let chunked = EncodeParams {
+            chunking: ChunkParams {
+                enabled: true,
+                min: 64 << 10,
+                avg: 256 << 10,
+                max: 1 << 20,
+            },
+            compression: Compression::Zlib(6),
+        };
+        let d1 = tempfile::tempdir().unwrap();
+        let inline_cas = LocalCas::create(d1.path()).unwrap().without_fsync();
+        let a = read_tar(
+            &t[..],
+            false,
+            &chunked,
+            &IntakeLimits::default(),
+            &inline_cas,
+            0,
+        )
+        .unwrap();
+        let d2 = tempfile::tempdir().unwrap();
+        let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(d2.path()).unwrap().without_fsync());
+        let pipe = Pipeline::new(2, 3, 1 << 20);
+        let b = read_tar_parallel(
+            &t[..],
+            false,
+            &chunked,
+            &IntakeLimits::default(),
+            cas.clone(),
+            &pipe,
+            0,
+        )
+        .unwrap();
+        assert_eq!(a.nodes, b.nodes);
+        assert!(b.nodes["d/big"].entry.chunks.len() > 3);
+        assert_eq!(
+            b.nodes["d/link"].entry.chunks,
+            b.nodes["d/big"].entry.chunks
+        );
+        assert_eq!(b.nodes["e/link2"].entry.hash, b.nodes["d/small"].entry.hash);
+        assert_eq!(
+            (a.stats.new_objects, a.stats.bytes_in),
+            (b.stats.new_objects, b.stats.bytes_in)
+        );
+        let mut la = inline_cas.list().unwrap();
+        let mut lb = cas.list().unwrap();
+        la.sort();
+        lb.sort();
+        assert_eq!(la, lb);
     }
 }

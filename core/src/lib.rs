@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod keys;
 pub mod manifest;
 pub mod object;
+pub mod pipeline;
 pub mod repo;
 pub mod spool;
 pub mod timefmt;

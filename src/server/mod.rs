@@ -64,8 +64,8 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 .expect("the spool journal is started once, on one thread");
             SpoolJournal::new(s, j)
         });
-        let pool = CompressorPool::new(cfg.workers);
-        info!(log, "compressor pool started"; "actor" => "CompressorPool", "workers" => pool.workers());
+        let pool = CompressorPool::new(cfg.workers, cfg.upload_concurrency);
+        info!(log, "compressor pool started"; "actor" => "CompressorPool", "workers" => pool.workers(), "upload_concurrency" => cfg.upload_concurrency);
         let pool = pool.start();
         let targets: Vec<RepoTarget> = cfg
             .repos

@@ -192,11 +192,24 @@ impl CatalogDb {
         self.revision_schema
     }
 
+    /// Working mode for scratch copies being edited: one transaction for all edits, no fsync and
+    /// an in-memory journal (the file is a private scratch copy until it is compressed and
+    /// stored; [`CatalogDb::commit`] ends the transaction before that).
+    pub fn scratch_mode(&self) -> Result<(), CatalogError> {
+        self.conn
+            .execute_batch("PRAGMA synchronous = OFF; PRAGMA journal_mode = MEMORY; BEGIN;")
+            .map_err(|e| self.err(e))
+    }
+
     pub fn begin(&self) -> Result<(), CatalogError> {
         self.conn.execute_batch("BEGIN").map_err(|e| self.err(e))
     }
 
+    /// Ends the open transaction, if any.
     pub fn commit(&self) -> Result<(), CatalogError> {
+        if self.conn.is_autocommit() {
+            return Ok(());
+        }
         self.conn.execute_batch("COMMIT").map_err(|e| self.err(e))
     }
 
@@ -736,6 +749,10 @@ impl CatalogDb {
     /// Closes the connection, making sure the file is complete and journal-free.
     pub fn close(self) -> Result<PathBuf, CatalogError> {
         let file = self.file.clone();
+        // Abandoned edits (a failed publish) are rolled back; the file is discarded anyway.
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
         self.conn.close().map_err(|(_, source)| CatalogError::Sql {
             file: file.display().to_string(),
             source,

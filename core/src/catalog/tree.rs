@@ -99,6 +99,7 @@ impl<'a> CatalogTree<'a> {
         };
         let file = t.scratch_file();
         let db = CatalogDb::create(&file, "", root)?;
+        db.scratch_mode()?;
         t.push(Loaded {
             mountpoint: String::new(),
             db: Some(db),
@@ -168,7 +169,9 @@ impl<'a> CatalogTree<'a> {
         let reader = self.cas.get(id)?;
         decode_object(id, reader, true, &mut out).map_err(|e| TreeError::CorruptCatalog(*id, e))?;
         drop(out);
-        Ok(CatalogDb::open(&file, true)?)
+        let db = CatalogDb::open(&file, true)?;
+        db.scratch_mode()?;
+        Ok(db)
     }
 
     fn db(&self, i: usize) -> Result<&CatalogDb, TreeError> {
@@ -435,7 +438,7 @@ impl<'a> CatalogTree<'a> {
         root.flags = (root.flags & !flags::DIR_NESTED_MOUNTPOINT) | flags::DIR_NESTED_ROOT;
         let file = self.scratch_file();
         let ndb = CatalogDb::create(&file, path, &root)?;
-        ndb.begin()?;
+        ndb.scratch_mode()?;
         let n = self.push(Loaded {
             mountpoint: path.to_string(),
             db: Some(ndb),
@@ -469,7 +472,6 @@ impl<'a> CatalogTree<'a> {
                 self.db(c)?.delete(&cp)?;
             }
         }
-        self.db(n)?.commit()?;
         let mut mp = dir;
         mp.flags = (mp.flags & !flags::DIR_NESTED_ROOT) | flags::DIR_NESTED_MOUNTPOINT;
         self.db(c)?.update(path, &mp)?;
@@ -567,6 +569,7 @@ impl<'a> CatalogTree<'a> {
                 .property("TTL")?
                 .and_then(|v| v.trim().parse().ok())
                 .unwrap_or(super::db::DEFAULT_TTL);
+            db.commit()?;
             db.compact()?;
             let file = db.close()?;
             let bytes =
