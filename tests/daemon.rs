@@ -590,3 +590,30 @@ fn serves_the_api_over_tls() {
         "plain HTTP must not be served on a TLS listener"
     );
 }
+
+#[test]
+fn job_events_stream_snapshot_then_changes_then_closes() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_HOLD", "processing=800")]);
+    let id = job_id(d.submit_raw(ADMIN, "/ev", &tar_bytes(&small_tree("ev")), None));
+    let r = client().get(format!("{}/api/v1/jobs/{id}/events", d.url)).bearer_auth(ADMIN).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let mut states = Vec::new();
+    for line in std::io::BufReader::new(r).lines() {
+        let line = line.unwrap();
+        if let Some(data) = line.strip_prefix("data: ") {
+            let v: serde_json::Value = serde_json::from_str(data).unwrap();
+            assert_eq!(v["job_id"], id.as_str());
+            states.push(v["state"].as_str().unwrap().to_string());
+        }
+    }
+    // The stream ended by itself after the terminal state.
+    assert_eq!(states.last().map(String::as_str), Some("published"), "{states:?}");
+    assert!(matches!(states[0].as_str(), "queued" | "processing"), "{states:?}");
+    assert!(states.len() >= 2, "{states:?}");
+    let unauth = client().get(format!("{}/api/v1/jobs/{id}/events", d.url)).send().unwrap();
+    assert_eq!(unauth.status().as_u16(), 401);
+}

@@ -194,7 +194,7 @@ mod tests {
                 reply: tx.clone(),
             });
         }
-        let mut seen = vec![false; 50];
+        let mut seen = [false; 50];
         for _ in 0..50 {
             let e = rx.recv().unwrap();
             let (id, _, outcome) = e.result.unwrap();
