@@ -598,9 +598,16 @@ fn job_events_stream_snapshot_then_changes_then_closes() {
     prepare_daemon_dir(dir.path(), "", "");
     let d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_HOLD", "processing=800")]);
     let id = job_id(d.submit_raw(ADMIN, "/ev", &tar_bytes(&small_tree("ev")), None));
-    let r = client().get(format!("{}/api/v1/jobs/{id}/events", d.url)).bearer_auth(ADMIN).send().unwrap();
+    let r = client()
+        .get(format!("{}/api/v1/jobs/{id}/events", d.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
     let mut states = Vec::new();
     for line in std::io::BufReader::new(r).lines() {
         let line = line.unwrap();
@@ -611,9 +618,19 @@ fn job_events_stream_snapshot_then_changes_then_closes() {
         }
     }
     // The stream ended by itself after the terminal state.
-    assert_eq!(states.last().map(String::as_str), Some("published"), "{states:?}");
-    assert!(matches!(states[0].as_str(), "queued" | "processing"), "{states:?}");
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("published"),
+        "{states:?}"
+    );
+    assert!(
+        matches!(states[0].as_str(), "queued" | "processing"),
+        "{states:?}"
+    );
     assert!(states.len() >= 2, "{states:?}");
-    let unauth = client().get(format!("{}/api/v1/jobs/{id}/events", d.url)).send().unwrap();
+    let unauth = client()
+        .get(format!("{}/api/v1/jobs/{id}/events", d.url))
+        .send()
+        .unwrap();
     assert_eq!(unauth.status().as_u16(), 401);
 }

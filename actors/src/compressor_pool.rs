@@ -20,7 +20,7 @@ use prepub_core::cas::{Cas, LocalCas};
 use prepub_core::intake::{read_tar_parallel, ChangeSet, IntakeError, IntakeLimits};
 use prepub_core::jobs::Progress;
 use prepub_core::object::EncodeParams;
-use prepub_core::pipeline::Pipeline;
+use prepub_core::pipeline::{Pipeline, StorePool};
 
 /// What finished processing reports.
 #[derive(Message, Debug)]
@@ -67,14 +67,11 @@ pub struct CompressorPool {
     workers: usize,
 }
 
-/// Object bytes allowed in flight between the tar readers and the stored objects.
-const IN_FLIGHT_BYTES: usize = 256 << 20;
-
 impl CompressorPool {
-    /// Starts `workers` encoder threads (0 = one per core) with `upload_concurrency` store
-    /// threads behind them, and as many tar-reader threads as encoders (jobs processed at once).
-    pub fn new(workers: usize, upload_concurrency: usize) -> CompressorPool {
-        let pipeline = Pipeline::new(workers, upload_concurrency, IN_FLIGHT_BYTES);
+    /// Starts `workers` encoder threads (0 = one per core) feeding `store` (the `CasWriter`'s
+    /// pool), and as many tar-reader threads as encoders (jobs processed at once).
+    pub fn new(workers: usize, store: &StorePool) -> CompressorPool {
+        let pipeline = Pipeline::with_store(workers, store);
         let n = pipeline.cpu_workers();
         let (tx, rx) = unbounded::<ProcessJob>();
         for i in 0..n {

@@ -1,9 +1,11 @@
 //! prepub-actors: the supervised actix actors of the cvmfs-prepub daemon. Each is a thin shell
 //! around plain structs of [`prepub_core`]: `JobManager` (job table, scheduling, retries),
-//! `SpoolJournal` (the spool and its write-ahead journal), `CompressorPool` (CPU work on OS
-//! threads fed by crossbeam channels) and `Publisher` (the standalone publish backend with one
+//! `SpoolJournal` (the spool and its write-ahead journal), `CompressorPool` (tar readers and the
+//! CPU work on OS threads fed by crossbeam channels), `CasWriter` (durable object puts, many in
+//! flight) and `Publisher` (the standalone publish backend with one
 //! commit queue per repository).
 
+pub mod cas_writer;
 pub mod compressor_pool;
 pub mod job_manager;
 pub mod metrics;

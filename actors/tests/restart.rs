@@ -46,7 +46,8 @@ async fn job_manager_restarts_from_the_journal() {
         let (s, j) = slot.lock().unwrap().take().unwrap();
         SpoolJournal::new(s, j)
     });
-    let pool = CompressorPool::new(1, 4).start();
+    let pool =
+        CompressorPool::new(1, &prepub_actors::cas_writer::CasWriter::new(4).store()).start();
     let target = RepoTarget {
         name: "restart.example.org".into(),
         storage: storage.clone(),

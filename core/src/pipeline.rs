@@ -5,7 +5,8 @@
 //! `intake`). Out: one [`Encoded`] per task on the reply channel the submitter gave. The CPU side
 //! runs `cpu_workers` threads (zlib, SHA-1); the I/O side runs `io_workers` threads, so that many
 //! durable puts (each fsynced) are in flight at once — a local disk completes concurrent flushes
-//! far faster than sequential ones. Memory is bounded by a byte budget that the submitter
+//! far faster than sequential ones. The I/O side is a [`StorePool`] of its own, shared by every
+//! job (the daemon's `CasWriter` actor owns it). Memory is bounded by a byte budget that the submitter
 //! acquires before handing bytes over and that is released once the object is stored.
 
 use std::sync::{Arc, Condvar, Mutex};
@@ -69,7 +70,85 @@ impl Budget {
     }
 }
 
-/// The CPU and I/O thread pools.
+/// Counters of a store pool.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    pub stored: std::sync::atomic::AtomicU64,
+    pub already_present: std::sync::atomic::AtomicU64,
+    pub bytes_stored: std::sync::atomic::AtomicU64,
+    pub errors: std::sync::atomic::AtomicU64,
+}
+
+/// The I/O side: threads that store encoded objects, `io_workers` puts in flight, skipping
+/// objects the store already has (dedup by existence).
+#[derive(Clone)]
+pub struct StorePool {
+    tx: Sender<Put>,
+    budget: Arc<Budget>,
+    workers: usize,
+    stats: Arc<StoreStats>,
+}
+
+impl StorePool {
+    /// Starts `io_workers` store threads; at most `budget_bytes` of object data may be in
+    /// flight between submission and storage.
+    pub fn new(io_workers: usize, budget_bytes: usize) -> StorePool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let io_workers = io_workers.max(1);
+        let budget = Arc::new(Budget {
+            used: Mutex::new(0),
+            freed: Condvar::new(),
+            limit: budget_bytes.max(32 << 20),
+        });
+        let stats = Arc::new(StoreStats::default());
+        let (io_tx, io_rx) = bounded::<Put>(io_workers * 2);
+        for i in 0..io_workers {
+            let rx: Receiver<Put> = io_rx.clone();
+            let budget = budget.clone();
+            let stats = stats.clone();
+            let _ = thread::Builder::new()
+                .name(format!("store-{i}"))
+                .spawn(move || {
+                    while let Ok(p) = rx.recv() {
+                        let result = p
+                            .cas
+                            .put_bytes(&p.id, &p.bytes)
+                            .map(|o| (p.id, p.bytes.len() as u64, o));
+                        match &result {
+                            Ok((_, n, PutOutcome::Stored)) => {
+                                stats.stored.fetch_add(1, Relaxed);
+                                stats.bytes_stored.fetch_add(*n, Relaxed);
+                            }
+                            Ok((_, _, PutOutcome::AlreadyPresent)) => {
+                                stats.already_present.fetch_add(1, Relaxed);
+                            }
+                            Err(_) => {
+                                stats.errors.fetch_add(1, Relaxed);
+                            }
+                        }
+                        budget.release(p.raw_len);
+                        let _ = p.reply.send(Encoded { tag: p.tag, result });
+                    }
+                });
+        }
+        StorePool {
+            tx: io_tx,
+            budget,
+            workers: io_workers,
+            stats,
+        }
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    pub fn stats(&self) -> &StoreStats {
+        &self.stats
+    }
+}
+
+/// The CPU side: threads that compress and hash, feeding a [`StorePool`].
 #[derive(Clone)]
 pub struct Pipeline {
     cpu: Sender<Task>,
@@ -85,9 +164,14 @@ fn encode(data: &[u8], c: Compression) -> Vec<u8> {
 }
 
 impl Pipeline {
-    /// Starts `cpu_workers` (0 = one per core) CPU threads and `io_workers` I/O threads, with
-    /// at most `budget_bytes` of object data in flight.
+    /// Starts `cpu_workers` (0 = one per core) CPU threads and a store pool of `io_workers`
+    /// threads, with at most `budget_bytes` of object data in flight.
     pub fn new(cpu_workers: usize, io_workers: usize, budget_bytes: usize) -> Pipeline {
+        Pipeline::with_store(cpu_workers, &StorePool::new(io_workers, budget_bytes))
+    }
+
+    /// Starts `cpu_workers` (0 = one per core) CPU threads feeding `store`.
+    pub fn with_store(cpu_workers: usize, store: &StorePool) -> Pipeline {
         let cpu_workers = if cpu_workers == 0 {
             thread::available_parallelism()
                 .map(|n| n.get())
@@ -95,17 +179,10 @@ impl Pipeline {
         } else {
             cpu_workers
         };
-        let io_workers = io_workers.max(1);
-        let budget = Arc::new(Budget {
-            used: Mutex::new(0),
-            freed: Condvar::new(),
-            limit: budget_bytes.max(32 << 20),
-        });
         let (cpu_tx, cpu_rx) = bounded::<Task>(cpu_workers * 2);
-        let (io_tx, io_rx) = bounded::<Put>(io_workers * 2);
         for i in 0..cpu_workers {
             let rx: Receiver<Task> = cpu_rx.clone();
-            let io_tx = io_tx.clone();
+            let io_tx = store.tx.clone();
             let _ = thread::Builder::new()
                 .name(format!("cpu-{i}"))
                 .spawn(move || {
@@ -126,25 +203,9 @@ impl Pipeline {
                     }
                 });
         }
-        for i in 0..io_workers {
-            let rx: Receiver<Put> = io_rx.clone();
-            let budget = budget.clone();
-            let _ = thread::Builder::new()
-                .name(format!("io-{i}"))
-                .spawn(move || {
-                    while let Ok(p) = rx.recv() {
-                        let result = p
-                            .cas
-                            .put_bytes(&p.id, &p.bytes)
-                            .map(|o| (p.id, p.bytes.len() as u64, o));
-                        budget.release(p.raw_len);
-                        let _ = p.reply.send(Encoded { tag: p.tag, result });
-                    }
-                });
-        }
         Pipeline {
             cpu: cpu_tx,
-            budget,
+            budget: store.budget.clone(),
             cpu_workers,
         }
     }

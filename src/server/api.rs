@@ -28,6 +28,7 @@ pub struct AppState {
     pub cfg: Arc<Config>,
     pub tokens: Tokens,
     pub jobs: Addr<JobManager>,
+    pub cas_writer: Addr<prepub_actors::cas_writer::CasWriter>,
     pub metrics: Metrics,
     pub incoming: PathBuf,
 }
@@ -540,6 +541,26 @@ pub async fn health(st: web::Data<AppState>) -> HttpResponse {
                 "responding".into()
             } else {
                 "not responding".into()
+            },
+        },
+    );
+    let cw = st
+        .cas_writer
+        .send(prepub_actors::cas_writer::GetCasWriterStatus)
+        .await;
+    checks.insert(
+        "cas_writer".into(),
+        match cw {
+            Ok(s) => Check {
+                ok: true,
+                detail: format!(
+                    "{} objects stored ({} bytes), {} already present, {} failed puts, up to {} in flight",
+                    s.stored, s.bytes_stored, s.already_present, s.errors, s.puts_in_flight_max
+                ),
+            },
+            Err(_) => Check {
+                ok: false,
+                detail: "not responding".into(),
             },
         },
     );

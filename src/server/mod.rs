@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use actix::prelude::*;
 use actix_web::{middleware, web, App, HttpServer};
 use anyhow::{bail, Context as _};
+use prepub_actors::cas_writer::CasWriter;
 use prepub_actors::compressor_pool::CompressorPool;
 use prepub_actors::job_manager::{JobManager, Settings};
 use prepub_actors::metrics::Metrics;
@@ -64,8 +65,12 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 .expect("the spool journal is started once, on one thread");
             SpoolJournal::new(s, j)
         });
-        let pool = CompressorPool::new(cfg.workers, cfg.upload_concurrency);
-        info!(log, "compressor pool started"; "actor" => "CompressorPool", "workers" => pool.workers(), "upload_concurrency" => cfg.upload_concurrency);
+        let cas_writer = CasWriter::new(cfg.upload_concurrency);
+        let store = cas_writer.store();
+        let cas_writer = cas_writer.start();
+        info!(log, "CAS writer started"; "actor" => "CasWriter", "upload_concurrency" => cfg.upload_concurrency);
+        let pool = CompressorPool::new(cfg.workers, &store);
+        info!(log, "compressor pool started"; "actor" => "CompressorPool", "workers" => pool.workers());
         let pool = pool.start();
         let targets: Vec<RepoTarget> = cfg
             .repos
@@ -101,6 +106,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
             cfg: cfg.clone(),
             tokens,
             jobs,
+            cas_writer,
             metrics,
             incoming: cfg.spool_root.join("incoming"),
         });
