@@ -226,7 +226,8 @@ fn ingest(a: IngestArgs) -> anyhow::Result<()> {
     } else {
         ApplyMode::Replace
     };
-    let p = repo::publish(&cas, &keys, tag.as_ref(), now, |tree| {
+    let tags: Vec<TagRequest> = tag.into_iter().collect();
+    let p = repo::publish(&cas, &keys, &tags, now, |tree| {
         repo::apply_changeset(tree, &cas, &cs, &target, mode, &params, now)
     })?;
     println!(

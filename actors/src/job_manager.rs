@@ -94,6 +94,10 @@ impl JobManager {
     where
         F: FnOnce(&mut Self, &mut Context<Self>, bool) + 'static,
     {
+        if rec.state.is_terminal() {
+            self.aborts.remove(&rec.id);
+            self.started_at.remove(&rec.id);
+        }
         self.jobs.insert(rec.id.clone(), rec.clone());
         self.update_gauges();
         ctx.spawn(
@@ -173,6 +177,7 @@ impl JobManager {
         let top_level = job.path.is_empty();
         self.save(job, ctx, move |act, ctx, ok| {
             if !ok {
+                act.journal_retry(id, ctx);
                 return;
             }
             crate::testhook::point("processing-journaled");
@@ -215,6 +220,8 @@ impl JobManager {
             if ok {
                 crate::testhook::point(&format!("{}-journaled", next.as_str()));
                 act.after_saved_changeset(id, ctx);
+            } else {
+                act.journal_retry(id, ctx);
             }
         });
     }
@@ -272,6 +279,50 @@ impl JobManager {
         self.save(job, ctx, |_, _, _| {});
     }
 
+    /// Rebuilds the table from the journal and resumes unfinished jobs — jobs waiting to
+    /// commit in the order they became ready. Retried if the journal does not answer.
+    fn reload(&mut self, ctx: &mut Context<Self>) {
+        ctx.wait(
+            self.journal
+                .send(Snapshot)
+                .into_actor(self)
+                .map(|res, act, ctx| {
+                    let Ok(jobs) = res else {
+                        ctx.run_later(Duration::from_secs(1), |act, ctx| act.reload(ctx));
+                        return;
+                    };
+                    act.jobs = jobs;
+                    let mut unfinished: Vec<(i64, i64, String)> = act
+                        .jobs
+                        .values()
+                        .filter(|j| !j.state.is_terminal())
+                        .map(|j| {
+                            let entered = j.state_times.get(&j.state).copied().unwrap_or(j.updated);
+                            (entered, j.created, j.id.clone())
+                        })
+                        .collect();
+                    unfinished.sort();
+                    if !act.recovered_once {
+                        act.metrics
+                            .jobs_recovered_total
+                            .inc_by(unfinished.len() as u64);
+                    }
+                    act.recovered_once = true;
+                    act.update_gauges();
+                    for (_, _, id) in unfinished {
+                        act.resume(&id, ctx);
+                    }
+                }),
+        );
+    }
+
+    /// A record could not be journaled: try the step again later from the current record.
+    fn journal_retry(&mut self, id: String, ctx: &mut Context<Self>) {
+        ctx.run_later(self.settings.retry_backoff, move |act, ctx| {
+            act.resume(&id, ctx)
+        });
+    }
+
     fn cleanup_payloads(&mut self, ctx: &mut Context<Self>) {
         let cutoff = now_ms() - self.settings.tar_retention.as_millis() as i64;
         let expired: Vec<JobRecord> = self
@@ -291,32 +342,7 @@ impl Actor for JobManager {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
-        // Rebuild the table from the journal and resume unfinished jobs.
-        ctx.wait(
-            self.journal
-                .send(Snapshot)
-                .into_actor(self)
-                .map(|res, act, ctx| {
-                    let Ok(jobs) = res else { return };
-                    act.jobs = jobs;
-                    let unfinished: Vec<String> = act
-                        .jobs
-                        .values()
-                        .filter(|j| !j.state.is_terminal())
-                        .map(|j| j.id.clone())
-                        .collect();
-                    if !act.recovered_once {
-                        act.metrics
-                            .jobs_recovered_total
-                            .inc_by(unfinished.len() as u64);
-                    }
-                    act.recovered_once = true;
-                    act.update_gauges();
-                    for id in unfinished {
-                        act.resume(&id, ctx);
-                    }
-                }),
-        );
+        self.reload(ctx);
         // Check often enough that a tar outlives its retention by at most a quarter of it.
         let every = (self.settings.tar_retention / 4)
             .clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -523,7 +549,7 @@ impl Handler<Processed> for JobManager {
                                 ctx,
                                 JobManager::start_processing,
                             ),
-                            Err(_) => {}
+                            Err(_) => act.journal_retry(id, ctx),
                         }),
                 );
             }

@@ -87,7 +87,17 @@ impl Publisher {
                     while let Ok(job) = rx.recv() {
                         let id = job.job.id.clone();
                         let done = job.done.clone();
-                        let outcome = commit(&t, job);
+                        let outcome =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                commit(&t, job)
+                            }))
+                            .unwrap_or_else(|_| {
+                                Err(err(
+                                    "internal",
+                                    "the commit panicked; see the daemon log",
+                                    false,
+                                ))
+                            });
                         done.do_send(Committed {
                             job_id: id,
                             outcome,
@@ -107,19 +117,22 @@ impl Actor for Publisher {
 impl Handler<CommitJob> for Publisher {
     type Result = ();
     fn handle(&mut self, m: CommitJob, _: &mut Context<Self>) {
-        match self.queues.get(&m.job.repo) {
-            Some(q) => {
-                let _ = q.send(m);
-            }
-            None => m.done.do_send(Committed {
-                job_id: m.job.id.clone(),
-                outcome: Err(CommitError {
-                    code: "unknown-repository",
-                    message: format!("repository {} is not configured", m.job.repo),
-                    retryable: false,
-                }),
+        let m = match self.queues.get(&m.job.repo) {
+            Some(q) => match q.send(m) {
+                Ok(()) => return,
+                Err(e) => e.into_inner(),
+            },
+            None => m,
+        };
+        // No commit thread for this repository (not configured, or its thread is gone).
+        m.done.do_send(Committed {
+            job_id: m.job.id.clone(),
+            outcome: Err(CommitError {
+                code: "unknown-repository",
+                message: format!("no commit queue for repository {}", m.job.repo),
+                retryable: false,
             }),
-        }
+        });
     }
 }
 
@@ -131,20 +144,29 @@ fn err(code: &'static str, e: impl ToString, retryable: bool) -> CommitError {
     }
 }
 
-/// The tag a job's revision gets: the client's name, or `prepub-<job id>`. The description
-/// always ends with the job id, which is how a restarted daemon recognises its own commit.
-pub fn job_tag(job: &JobRecord) -> TagRequest {
-    let marker = format!("[cvmfs-prepub job {}]", job.id);
+/// The tag that marks a job's revision: `prepub-<job id>`. It is added to every revision this
+/// daemon publishes and never reused, which is how a restarted daemon recognises its own commit.
+pub fn marker_tag(job: &JobRecord) -> TagRequest {
     TagRequest {
-        name: job
-            .tag_name
-            .clone()
-            .unwrap_or_else(|| format!("prepub-{}", job.id)),
-        description: match job.tag_description.as_deref() {
-            Some(d) if !d.is_empty() => format!("{d} {marker}"),
-            _ => marker,
-        },
+        name: format!("prepub-{}", job.id),
+        description: format!("published by cvmfs-prepub job {}", job.id),
     }
+}
+
+/// The tags a job's revision gets: the marker, and the client's tag when one was given.
+pub fn job_tags(job: &JobRecord) -> Vec<TagRequest> {
+    let mut v = vec![marker_tag(job)];
+    if let Some(name) = &job.tag_name {
+        v.push(TagRequest {
+            name: name.clone(),
+            description: job
+                .tag_description
+                .clone()
+                .filter(|d| !d.is_empty())
+                .unwrap_or_else(|| format!("published by cvmfs-prepub job {}", job.id)),
+        });
+    }
+    v
 }
 
 /// Whether the job's commit is already in the repository (recovery after a crash, or a commit
@@ -165,17 +187,15 @@ fn already_committed(cas: &LocalCas, job: &JobRecord) -> Result<Option<JobResult
     let tmp = tempfile::NamedTempFile::new().map_err(|e| err("scratch", e, true))?;
     std::fs::write(tmp.path(), bytes).map_err(|e| err("scratch", e, true))?;
     let hist = History::open(tmp.path()).map_err(|e| err("repository-unreadable", e, true))?;
-    let tag = job_tag(job);
+    let marker = marker_tag(job);
     let found = hist
-        .tag(&tag.name)
+        .tag(&marker.name)
         .map_err(|e| err("repository-unreadable", e, true))?;
-    Ok(found
-        .filter(|t| t.description == tag.description)
-        .map(|t| JobResult {
-            root_hash: format!("{}C", t.hash),
-            revision: t.revision,
-            tag: t.name,
-        }))
+    Ok(found.map(|t| JobResult {
+        root_hash: format!("{}C", t.hash),
+        revision: t.revision,
+        tag: job.tag_name.clone().unwrap_or(t.name),
+    }))
 }
 
 fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
@@ -205,14 +225,23 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
         ack: ack_tx,
     });
     if !ack_rx.recv().unwrap_or(false) {
-        return Err(err("aborted", "job aborted before its commit", false));
+        // Refused because the job was aborted, or not acknowledged (journal trouble, manager
+        // restart): only the first ends the job.
+        if job.abort.load(Ordering::SeqCst) {
+            return Err(err("aborted", "job aborted before its commit", false));
+        }
+        return Err(err(
+            "commit-handshake",
+            "the start of the commit was not journaled; retrying",
+            true,
+        ));
     }
     crate::testhook::point("commit-started");
-    let tag = job_tag(&job.job);
+    let tags = job_tags(&job.job);
     let now = prepub_core::timefmt::now();
     let abort = job.abort.clone();
     let proceed = move || !abort.load(Ordering::SeqCst);
-    let p = repo::publish_guarded(&cas, &keys, Some(&tag), now, &proceed, |tree| {
+    let p = repo::publish_guarded(&cas, &keys, &tags, now, &proceed, |tree| {
         repo::apply_changeset(
             tree,
             &cas,
@@ -238,6 +267,6 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
     Ok(JobResult {
         root_hash: p.commit.root.to_string(),
         revision: p.manifest.revision,
-        tag: tag.name,
+        tag: tags.last().map(|t| t.name.clone()).unwrap_or_default(),
     })
 }

@@ -120,15 +120,15 @@ impl History {
         Ok(())
     }
 
-    /// Records a publish: `trunk` → `trunk-previous`, new `trunk`, and the named tag if any.
-    pub fn record_publish(&self, trunk: &Tag, named: Option<&Tag>) -> Result<(), HistoryError> {
+    /// Records a publish: `trunk` → `trunk-previous`, new `trunk`, and the named tags.
+    pub fn record_publish(&self, trunk: &Tag, named: &[Tag]) -> Result<(), HistoryError> {
         if let Some(mut prev) = self.tag("trunk")? {
             prev.name = "trunk-previous".into();
             prev.description = "default undo target".into();
             self.put_tag(&prev)?;
         }
         self.put_tag(trunk)?;
-        if let Some(n) = named {
+        for n in named {
             self.put_tag(n)?;
         }
         Ok(())

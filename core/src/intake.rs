@@ -233,7 +233,7 @@ pub fn read_tar_parallel<R: Read>(
         cas,
         params: *params,
         pipeline,
-        tx,
+        tx: Some(tx),
         rx,
         next_tag: 0,
         files: Vec::new(),
@@ -353,7 +353,9 @@ fn read_tar_with<R: Read>(
         match et {
             EntryType::Directory => {}
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                let size = h.size().map_err(IntakeError::Read)?;
+                // The effective size: a PAX `size` record overrides the header field, and the
+                // limits must hold for what will actually be read.
+                let size = ent.size();
                 if size > limits.max_entry_size {
                     return Err(IntakeError::EntryTooLarge {
                         entry: shown,
@@ -569,7 +571,8 @@ struct ParallelSink<'a> {
     cas: Arc<dyn Cas>,
     params: EncodeParams,
     pipeline: &'a Pipeline,
-    tx: crossbeam_channel::Sender<crate::pipeline::Encoded>,
+    /// Dropped in `finish`, so a task whose reply was lost ends the wait instead of hanging it.
+    tx: Option<crossbeam_channel::Sender<crate::pipeline::Encoded>>,
     rx: crossbeam_channel::Receiver<crate::pipeline::Encoded>,
     next_tag: usize,
     files: Vec<PendingFile>,
@@ -582,14 +585,16 @@ impl ParallelSink<'_> {
     fn submit(&mut self, data: Vec<u8>, suffix: Suffix) -> usize {
         let tag = self.next_tag;
         self.next_tag += 1;
-        self.pipeline.submit(Task {
-            tag,
-            data,
-            suffix,
-            compression: self.params.compression,
-            cas: self.cas.clone(),
-            reply: self.tx.clone(),
-        });
+        if let Some(tx) = &self.tx {
+            self.pipeline.submit(Task {
+                tag,
+                data,
+                suffix,
+                compression: self.params.compression,
+                cas: self.cas.clone(),
+                reply: tx.clone(),
+            });
+        }
         tag
     }
 }
@@ -691,6 +696,7 @@ impl FileSink for ParallelSink<'_> {
     }
 
     fn finish(&mut self, cs: &mut ChangeSet) -> Result<(), IntakeError> {
+        self.tx = None;
         let mut results: Vec<Option<(ObjectId, u64, PutOutcome)>> = vec![None; self.next_tag];
         let mut failed: Option<(usize, CasError)> = None;
         for _ in 0..self.next_tag {
@@ -1125,5 +1131,44 @@ mod tests {
         la.sort();
         lb.sort();
         assert_eq!(la, lb);
+    }
+
+    #[test]
+    fn pax_size_cannot_bypass_the_limits() {
+        // Header says 0 bytes, a PAX record says 3000: the limit applies to 3000.
+        let block = |h: &tar::Header| h.as_bytes().to_vec();
+        let rec = b"13 size=3000\n";
+        let mut px = tar::Header::new_ustar();
+        px.set_path("PaxHeader").unwrap();
+        px.set_entry_type(EntryType::XHeader);
+        px.set_size(rec.len() as u64);
+        px.set_mode(0o644);
+        px.set_uid(0);
+        px.set_gid(0);
+        px.set_mtime(0);
+        px.set_cksum();
+        let mut h = tar::Header::new_ustar();
+        h.set_path("sneaky").unwrap();
+        h.set_entry_type(EntryType::Regular);
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        let mut bytes = block(&px);
+        bytes.extend_from_slice(rec);
+        bytes.resize(1024, 0);
+        bytes.extend(block(&h));
+        bytes.extend(std::iter::repeat_n(7u8, 3000));
+        bytes.resize(1536 + 3072 + 1024, 0);
+        let lim = IntakeLimits {
+            max_entry_size: 1000,
+            ..IntakeLimits::default()
+        };
+        assert_eq!(
+            run(&bytes, lim).unwrap_err().to_string(),
+            "entry 'sneaky': 3000 bytes exceeds the per-entry limit of 1000"
+        );
     }
 }

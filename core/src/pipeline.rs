@@ -110,10 +110,17 @@ impl StorePool {
                 .name(format!("store-{i}"))
                 .spawn(move || {
                     while let Ok(p) = rx.recv() {
-                        let result = p
-                            .cas
-                            .put_bytes(&p.id, &p.bytes)
-                            .map(|o| (p.id, p.bytes.len() as u64, o));
+                        let put = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            p.cas.put_bytes(&p.id, &p.bytes)
+                        }));
+                        let result = match put {
+                            Ok(r) => r.map(|o| (p.id, p.bytes.len() as u64, o)),
+                            Err(_) => Err(CasError::Io {
+                                op: "put",
+                                path: p.id.path(),
+                                source: std::io::Error::other("store thread panicked"),
+                            }),
+                        };
                         match &result {
                             Ok((_, n, PutOutcome::Stored)) => {
                                 stats.stored.fetch_add(1, Relaxed);
@@ -187,7 +194,19 @@ impl Pipeline {
                 .name(format!("cpu-{i}"))
                 .spawn(move || {
                     while let Ok(t) = rx.recv() {
-                        let bytes = encode(&t.data, t.compression);
+                        // A panic must not swallow the reply: the submitter would wait forever.
+                        let Ok(bytes) = std::panic::catch_unwind(|| encode(&t.data, t.compression))
+                        else {
+                            let _ = t.reply.send(Encoded {
+                                tag: t.tag,
+                                result: Err(CasError::Io {
+                                    op: "encode",
+                                    path: String::new(),
+                                    source: std::io::Error::other("encoder panicked"),
+                                }),
+                            });
+                            continue;
+                        };
                         let id = ObjectId::new(Digest20(Sha1::digest(&bytes).into()), t.suffix);
                         let put = Put {
                             tag: t.tag,

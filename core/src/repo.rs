@@ -187,19 +187,7 @@ pub fn init(
     let commit = tree.commit(now)?;
     cas.put_root_file(WHITELIST, &make_whitelist(keys, now, WHITELIST_DAYS)?)?;
     cas.put_root_file(MASTER_REPLICA, b"")?;
-    finish_publish(
-        cas,
-        keys,
-        None,
-        commit,
-        Some(&TagRequest {
-            name: "trunk".into(),
-            description: "empty repository".into(),
-        }),
-        tmp.path(),
-        now,
-        &|| true,
-    )
+    finish_publish(cas, keys, None, commit, &[], tmp.path(), now, &|| true)
 }
 
 /// Publishes a new revision: `edit` changes the catalog tree, then catalogs, history, reflog and
@@ -207,14 +195,14 @@ pub fn init(
 pub fn publish<F>(
     cas: &dyn Cas,
     keys: &RepoKeys,
-    tag: Option<&TagRequest>,
+    tags: &[TagRequest],
     now: i64,
     edit: F,
 ) -> Result<Published, RepoError>
 where
     F: FnOnce(&mut CatalogTree<'_>) -> Result<(), RepoError>,
 {
-    publish_guarded(cas, keys, tag, now, &|| true, edit)
+    publish_guarded(cas, keys, tags, now, &|| true, edit)
 }
 
 /// Like [`publish`], but asks `proceed` just before the manifest is replaced; if it answers
@@ -223,7 +211,7 @@ where
 pub fn publish_guarded<F>(
     cas: &dyn Cas,
     keys: &RepoKeys,
-    tag: Option<&TagRequest>,
+    tags: &[TagRequest],
     now: i64,
     proceed: &dyn Fn() -> bool,
     edit: F,
@@ -243,7 +231,7 @@ where
             old.name, keys.name
         )));
     }
-    if let Some(t) = tag {
+    for t in tags {
         if !valid_tag_name(&t.name) || t.name == "trunk" || t.name == "trunk-previous" {
             return Err(RepoError::Invalid(format!(
                 "tag name '{}' is invalid or reserved",
@@ -257,7 +245,16 @@ where
     // Catalog timestamps must not run behind the previous manifest (client ordering, §1.5).
     let now = now.max(old.timestamp);
     let commit = tree.commit(now)?;
-    finish_publish(cas, keys, Some(&old), commit, tag, tmp.path(), now, proceed)
+    finish_publish(
+        cas,
+        keys,
+        Some(&old),
+        commit,
+        tags,
+        tmp.path(),
+        now,
+        proceed,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -266,7 +263,7 @@ fn finish_publish(
     keys: &RepoKeys,
     old: Option<&Manifest>,
     commit: CommitResult,
-    tag: Option<&TagRequest>,
+    tags: &[TagRequest],
     scratch: &Path,
     now: i64,
     proceed: &dyn Fn() -> bool,
@@ -293,12 +290,16 @@ fn finish_publish(
         description: "latest published revision".into(),
         size: commit.root_size,
     };
-    let named = tag.filter(|t| t.name != "trunk").map(|t| Tag {
-        name: t.name.clone(),
-        description: t.description.clone(),
-        ..trunk.clone()
-    });
-    history.record_publish(&trunk, named.as_ref())?;
+    let named: Vec<Tag> = tags
+        .iter()
+        .filter(|t| t.name != "trunk")
+        .map(|t| Tag {
+            name: t.name.clone(),
+            description: t.description.clone(),
+            ..trunk.clone()
+        })
+        .collect();
+    history.record_publish(&trunk, &named)?;
     history.close()?;
     let (hist_id, hist_bytes) = compress_metadata(&fs::read(&hist_file)?, Suffix::History);
     cas.put_bytes(&hist_id, &hist_bytes)?;
@@ -786,7 +787,7 @@ mod tests {
         )
         .unwrap();
         cs.removals = removals.iter().map(|s| s.to_string()).collect();
-        let p = publish(&f.cas, &f.keys, None, 1_700_000_100, |t| {
+        let p = publish(&f.cas, &f.keys, &[], 1_700_000_100, |t| {
             apply_changeset(t, &f.cas, &cs, &target, mode, &params(), 1_700_000_100)
         })
         .unwrap();
@@ -1014,7 +1015,7 @@ mod tests {
     fn publish_refuses_foreign_keys_and_bad_paths() {
         let f = fixture();
         let other = RepoKeys::generate("other.example.org", 1).unwrap();
-        let e = publish(&f.cas, &other, None, 1, |_| Ok(())).unwrap_err();
+        let e = publish(&f.cas, &other, &[], 1, |_| Ok(())).unwrap_err();
         assert!(
             e.to_string()
                 .contains("storage holds repository 'unit.example.org'"),
@@ -1045,7 +1046,7 @@ mod tests {
             1,
         )
         .unwrap();
-        let e = publish(&f.cas, &f.keys, None, 5, |t| {
+        let e = publish(&f.cas, &f.keys, &[], 5, |t| {
             apply_changeset(
                 t,
                 &f.cas,
