@@ -10,6 +10,7 @@ pub mod cas;
 pub mod catalog;
 pub mod check;
 pub mod chunker;
+pub mod gateway;
 pub mod hash;
 pub mod history;
 pub mod intake;
