@@ -17,6 +17,7 @@ pub mod intake;
 pub mod jobs;
 pub mod keys;
 pub mod manifest;
+pub mod merge;
 pub mod object;
 pub mod pipeline;
 pub mod repo;
