@@ -3,6 +3,7 @@
 pub mod api_types;
 pub mod client;
 pub mod config;
+pub mod gateway_double;
 pub mod http_store;
 pub mod repo_cmd;
 pub mod server;

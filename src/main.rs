@@ -40,6 +40,61 @@ enum Cmd {
     /// Operate on a repository storage directly (init, ingest, check, ls).
     #[command(subcommand)]
     Repo(repo_cmd::RepoCmd),
+    /// TEST TOOL: a double of cvmfs_gateway + cvmfs_receiver on loopback, for tests and run-sim.
+    GatewayDouble(GatewayDoubleArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct GatewayDoubleArgs {
+    #[arg(long, default_value = "127.0.0.1:4929")]
+    listen: String,
+    /// Repository name.
+    #[arg(long)]
+    repo: String,
+    /// Repository storage (made by `repo init`); served as the Stratum 0 under /cvmfs/<repo>/.
+    #[arg(long)]
+    storage: PathBuf,
+    /// Keys directory of the repository (signs the merged revisions).
+    #[arg(long)]
+    keys_dir: PathBuf,
+    /// Gateway key id; its secret is read from CVMFS_GATEWAY_SECRET.
+    #[arg(long, default_value = "prepub-key")]
+    key_id: String,
+    /// Sub-path the key may lease.
+    #[arg(long, default_value = "/")]
+    key_path: String,
+    #[arg(long, default_value = "7200s")]
+    max_lease_time: String,
+    /// Probability (0..1) that an API call fails.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    #[arg(long, default_value = "0s")]
+    latency: String,
+    /// How long the previous manifest is still served after a commit.
+    #[arg(long, default_value = "0s")]
+    manifest_lag: String,
+    /// Answer the first N lease requests with path_busy.
+    #[arg(long, default_value_t = 0)]
+    force_path_busy: u32,
+}
+
+fn gateway_double(a: GatewayDoubleArgs) -> anyhow::Result<()> {
+    use cvmfs_prepub::units::parse_duration;
+    let secret = std::env::var("CVMFS_GATEWAY_SECRET")
+        .map_err(|_| anyhow::anyhow!("CVMFS_GATEWAY_SECRET is not set"))?;
+    let cfg = cvmfs_prepub::gateway_double::DoubleConfig {
+        repo: a.repo,
+        storage: a.storage,
+        keys_dir: a.keys_dir,
+        keys: [(a.key_id, (secret, a.key_path))].into_iter().collect(),
+        max_lease_time: parse_duration(&a.max_lease_time).map_err(anyhow::Error::msg)?,
+        error_rate: a.error_rate,
+        latency: parse_duration(&a.latency).map_err(anyhow::Error::msg)?,
+        manifest_lag: parse_duration(&a.manifest_lag).map_err(anyhow::Error::msg)?,
+        force_path_busy: a.force_path_busy,
+    };
+    let listen = cvmfs_prepub::config::parse_listen(&a.listen).map_err(anyhow::Error::msg)?;
+    cvmfs_prepub::gateway_double::run(cfg, listen)
 }
 
 fn daemon(cli: Cli) -> anyhow::Result<()> {
@@ -62,6 +117,7 @@ fn main() {
     let mut cli = Cli::parse();
     let res = match cli.cmd.take() {
         Some(Cmd::Repo(c)) => repo_cmd::run(c),
+        Some(Cmd::GatewayDouble(a)) => gateway_double(a),
         None => daemon(cli),
     };
     if let Err(e) = res {
