@@ -30,6 +30,78 @@ pub struct FileConfig {
     pub pipeline: PipelineFile,
     #[serde(default)]
     pub repositories: Vec<RepoFile>,
+    /// Gateway mode: the `cvmfs_gateway` to publish through.
+    #[serde(default)]
+    pub gateway: Option<GatewayFile>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    /// Base URL of cvmfs_gateway, e.g. http://localhost:4929.
+    pub url: String,
+    /// Key id registered on the gateway for the repositories.
+    pub key_id: String,
+    /// Environment variable holding the key's secret.
+    #[serde(default = "default_secret_env")]
+    pub key_secret_env: String,
+    /// A lease older than this is never committed on (cancel, re-lease, resubmit).
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: String,
+    /// How often held leases are renewed (the stock gateway has no renew endpoint; tolerated).
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval: String,
+    /// HTTP base of the Stratum 0; repository R is read from `<stratum0_url>/<R>`.
+    pub stratum0_url: String,
+    /// How long a job waits for a busy lease path before it fails.
+    #[serde(default = "default_lease_wait")]
+    pub lease_wait: String,
+    /// Largest object pack sent in one payload request.
+    #[serde(default = "default_pack_size")]
+    pub pack_size: String,
+    /// Timeout of one gateway request.
+    #[serde(default = "default_gw_timeout")]
+    pub request_timeout: String,
+}
+
+fn default_secret_env() -> String {
+    "CVMFS_GATEWAY_SECRET".into()
+}
+fn default_lease_ttl() -> String {
+    "120s".into()
+}
+fn default_heartbeat() -> String {
+    "40s".into()
+}
+fn default_lease_wait() -> String {
+    "10m".into()
+}
+fn default_pack_size() -> String {
+    "64MiB".into()
+}
+fn default_gw_timeout() -> String {
+    "10m".into()
+}
+
+/// Gateway mode settings, validated (the secret stays in the environment until start-up).
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub url: String,
+    pub key_id: String,
+    pub secret_env: String,
+    pub lease_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    pub stratum0_url: String,
+    pub lease_wait: Duration,
+    pub pack_bytes: usize,
+    pub request_timeout: Duration,
+}
+
+/// Who writes the repositories.
+#[derive(Debug, Clone)]
+pub enum PublishMode {
+    Standalone,
+    Gateway(GatewayConfig),
 }
 
 #[derive(Debug, Deserialize)]
@@ -297,6 +369,7 @@ pub struct RepoConfig {
 /// The validated runtime configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    pub publish: PublishMode,
     pub listen: SocketAddr,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub spool_root: PathBuf,
@@ -380,12 +453,53 @@ impl FileConfig {
             }
         };
         let publish_mode = o.publish_mode.clone().unwrap_or(self.server.publish_mode);
-        if publish_mode != "standalone" {
-            return Err(cerr(
-                "server.publish_mode",
-                format!("'{publish_mode}' is not a publish mode of this version (standalone)"),
-            ));
-        }
+        let publish = match publish_mode.as_str() {
+            "standalone" => PublishMode::Standalone,
+            "gateway" => {
+                let g = self.gateway.clone().ok_or_else(|| {
+                    cerr("gateway", "publish_mode gateway needs a gateway: block")
+                })?;
+                let url_ok = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+                if !url_ok(&g.url) {
+                    return Err(cerr(
+                        "gateway.url",
+                        format!("'{}' is not an http(s) URL", g.url),
+                    ));
+                }
+                if !url_ok(&g.stratum0_url) {
+                    return Err(cerr(
+                        "gateway.stratum0_url",
+                        format!("'{}' is not an http(s) URL", g.stratum0_url),
+                    ));
+                }
+                if g.key_id.is_empty() || g.key_id.contains(char::is_whitespace) {
+                    return Err(cerr("gateway.key_id", "must be a non-empty word"));
+                }
+                PublishMode::Gateway(GatewayConfig {
+                    url: g.url,
+                    key_id: g.key_id,
+                    secret_env: g.key_secret_env,
+                    lease_ttl: parse_duration(&g.lease_ttl)
+                        .map_err(|m| cerr("gateway.lease_ttl", m))?,
+                    heartbeat_interval: parse_duration(&g.heartbeat_interval)
+                        .map_err(|m| cerr("gateway.heartbeat_interval", m))?,
+                    stratum0_url: g.stratum0_url,
+                    lease_wait: parse_duration(&g.lease_wait)
+                        .map_err(|m| cerr("gateway.lease_wait", m))?,
+                    pack_bytes: parse_size(&g.pack_size)
+                        .map_err(|m| cerr("gateway.pack_size", m))?
+                        as usize,
+                    request_timeout: parse_duration(&g.request_timeout)
+                        .map_err(|m| cerr("gateway.request_timeout", m))?,
+                })
+            }
+            other => {
+                return Err(cerr(
+                    "server.publish_mode",
+                    format!("'{other}' is not a publish mode (standalone, gateway)"),
+                ))
+            }
+        };
         if self.cas.kind != "localfs" {
             return Err(cerr(
                 "cas.type",
@@ -502,6 +616,7 @@ impl FileConfig {
             });
         }
         Ok(Config {
+            publish,
             listen,
             tls,
             spool_root: o.spool_root.clone().unwrap_or(self.server.spool_root),

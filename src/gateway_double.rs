@@ -87,7 +87,10 @@ impl State {
     }
 
     fn secret(&self, key_id: &str) -> Option<Vec<u8>> {
-        self.cfg.keys.get(key_id).map(|(s, _)| s.as_bytes().to_vec())
+        self.cfg
+            .keys
+            .get(key_id)
+            .map(|(s, _)| s.as_bytes().to_vec())
     }
 
     fn expire(&mut self) {
@@ -115,7 +118,8 @@ fn new_token() -> String {
 
 fn rand_u64() -> u64 {
     let mut buf = [0u8; 8];
-    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf));
+    let _ = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut buf));
     u64::from_le_bytes(buf)
 }
 
@@ -157,7 +161,12 @@ async fn welcome() -> HttpResponse {
 
 async fn repos(st: Shared) -> HttpResponse {
     let s = st.0.lock().unwrap_or_else(|e| e.into_inner());
-    let keys: HashMap<String, String> = s.cfg.keys.iter().map(|(k, (_, p))| (k.clone(), p.clone())).collect();
+    let keys: HashMap<String, String> = s
+        .cfg
+        .keys
+        .iter()
+        .map(|(k, (_, p))| (k.clone(), p.clone()))
+        .collect();
     reply(json!({"status": "ok", "data": {s.cfg.repo.clone(): {"keys": keys, "enabled": true}}}))
 }
 
@@ -191,9 +200,22 @@ async fn new_lease(req: HttpRequest, body: web::Bytes, st: Shared) -> HttpRespon
         return error("authorization error: invalid_repo");
     }
     let subpath = format!("/{}", sub.trim_end_matches('/'));
-    let subpath = if subpath == "/" { "/".to_string() } else { subpath };
-    let allowed = s.cfg.keys.get(&key_id).map(|(_, p)| p.clone()).unwrap_or_default();
-    let allowed_norm = if allowed.is_empty() { "/".to_string() } else { allowed };
+    let subpath = if subpath == "/" {
+        "/".to_string()
+    } else {
+        subpath
+    };
+    let allowed = s
+        .cfg
+        .keys
+        .get(&key_id)
+        .map(|(_, p)| p.clone())
+        .unwrap_or_default();
+    let allowed_norm = if allowed.is_empty() {
+        "/".to_string()
+    } else {
+        allowed
+    };
     let inside = allowed_norm == "/"
         || subpath == allowed_norm
         || subpath.starts_with(&format!("{}/", allowed_norm.trim_end_matches('/')));
@@ -206,7 +228,11 @@ async fn new_lease(req: HttpRequest, body: web::Bytes, st: Shared) -> HttpRespon
         return reply(json!({"status": "path_busy", "time_remaining": "2.5s"}));
     }
     let now = Instant::now();
-    if let Some(l) = s.leases.values().find(|l| leases_conflict(&l.subpath, &subpath)) {
+    if let Some(l) = s
+        .leases
+        .values()
+        .find(|l| leases_conflict(&l.subpath, &subpath))
+    {
         let remaining = l.expires.saturating_duration_since(now);
         return reply(json!({"status": "path_busy", "time_remaining": go_duration(remaining)}));
     }
@@ -231,7 +257,12 @@ async fn list_leases(st: Shared) -> HttpResponse {
     let data: HashMap<String, Value> = s
         .leases
         .values()
-        .map(|l| (format!("{repo}{}", l.subpath), json!({"key_id": l.key_id, "path": l.subpath})))
+        .map(|l| {
+            (
+                format!("{repo}{}", l.subpath),
+                json!({"key_id": l.key_id, "path": l.subpath}),
+            )
+        })
         .collect();
     reply(json!({"status": "ok", "data": data}))
 }
@@ -241,7 +272,9 @@ async fn get_lease(token: web::Path<String>, st: Shared) -> HttpResponse {
     s.expire();
     let repo = s.cfg.repo.clone();
     match s.leases.get(token.as_str()) {
-        Some(l) => reply(json!({"data": {"key_id": l.key_id, "path": format!("{repo}{}", l.subpath)}})),
+        Some(l) => {
+            reply(json!({"data": {"key_id": l.key_id, "path": format!("{repo}{}", l.subpath)}}))
+        }
         None => HttpResponse::InternalServerError().body("invalid lease"),
     }
 }
@@ -264,22 +297,37 @@ async fn renew_lease() -> HttpResponse {
 }
 
 /// Validates the lease of a payload or commit; returns its sub-path.
-fn live_lease(s: &mut State, token: &str) -> Result<String, HttpResponse> {
+fn live_lease(s: &mut State, token: &str) -> Result<String, Box<HttpResponse>> {
     s.expire();
-    s.leases.get(token).map(|l| l.subpath.clone()).ok_or_else(|| error("invalid lease"))
+    s.leases
+        .get(token)
+        .map(|l| l.subpath.clone())
+        .ok_or_else(|| Box::new(error("invalid lease")))
 }
 
-fn store_pack(storage: &LocalCas, pack: &[u8], header_size: usize, digest: &str) -> Result<usize, String> {
+fn store_pack(
+    storage: &LocalCas,
+    pack: &[u8],
+    header_size: usize,
+    digest: &str,
+) -> Result<usize, String> {
     let objects = parse_pack(pack, header_size, digest).map_err(|e| e.to_string())?;
     for (id, range) in &objects {
-        storage.put_bytes(id, &pack[range.clone()]).map_err(|e| e.to_string())?;
+        storage
+            .put_bytes(id, &pack[range.clone()])
+            .map_err(|e| e.to_string())?;
     }
     Ok(objects.len())
 }
 
 async fn payload_legacy(req: HttpRequest, body: web::Bytes, st: Shared) -> HttpResponse {
     delay(&st).await;
-    let size: usize = match req.headers().get("message-size").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+    let size: usize = match req
+        .headers()
+        .get("message-size")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+    {
         Some(n) if n <= body.len() => n,
         _ => return HttpResponse::BadRequest().body("missing or bad Message-Size"),
     };
@@ -288,7 +336,8 @@ async fn payload_legacy(req: HttpRequest, body: web::Bytes, st: Shared) -> HttpR
         Ok(v) => v,
         Err(e) => return HttpResponse::BadRequest().body(format!("could not decode message: {e}")),
     };
-    let (Some(token), Some(digest)) = (v["session_token"].as_str(), v["payload_digest"].as_str()) else {
+    let (Some(token), Some(digest)) = (v["session_token"].as_str(), v["payload_digest"].as_str())
+    else {
         return HttpResponse::BadRequest().body("missing session_token or payload_digest");
     };
     let Some(hs) = v.get("header_size").and_then(|h| h.as_str()) else {
@@ -304,7 +353,7 @@ async fn payload_legacy(req: HttpRequest, body: web::Bytes, st: Shared) -> HttpR
             return error("invalid_hmac");
         }
         if let Err(r) = live_lease(&mut s, token) {
-            return r;
+            return *r;
         }
         s.cfg.storage.clone()
     };
@@ -322,7 +371,12 @@ async fn payload_legacy(req: HttpRequest, body: web::Bytes, st: Shared) -> HttpR
     }
 }
 
-async fn commit_lease(req: HttpRequest, token: web::Path<String>, body: web::Bytes, st: Shared) -> HttpResponse {
+async fn commit_lease(
+    req: HttpRequest,
+    token: web::Path<String>,
+    body: web::Bytes,
+    st: Shared,
+) -> HttpResponse {
     delay(&st).await;
     let token = token.into_inner();
     let v: Value = match serde_json::from_slice(&body) {
@@ -339,7 +393,7 @@ async fn commit_lease(req: HttpRequest, token: web::Path<String>, body: web::Byt
         }
         let sub = match live_lease(&mut s, &token) {
             Ok(p) => p,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         let lease = s.leases.get_mut(&token).map(|l| {
             let first = !l.commit_attempted;
@@ -360,25 +414,40 @@ async fn commit_lease(req: HttpRequest, token: web::Path<String>, body: web::Byt
     let state = st.0.clone();
     let res = web::block(move || -> Result<u64, String> {
         let _serial = lock.lock().unwrap_or_else(|e| e.into_inner());
-        let parse = |h: &str| ObjectId::parse(h.strip_suffix('C').unwrap_or(h)).map(|id| ObjectId::new(id.digest, Suffix::Catalog));
+        let parse = |h: &str| {
+            ObjectId::parse(h.strip_suffix('C').unwrap_or(h))
+                .map(|id| ObjectId::new(id.digest, Suffix::Catalog))
+        };
         let (Ok(old), Ok(new)) = (parse(&old), parse(&new)) else {
             return Err("miscellaneous: bad root hashes".into());
         };
         let cas = LocalCas::open(&cfg.storage).map_err(|e| e.to_string())?;
         let keys = RepoKeys::load(&cfg.keys_dir, &cfg.repo).map_err(|e| e.to_string())?;
-        let prev_manifest = cas.get_root_file(repo::MANIFEST).map_err(|e| e.to_string())?;
+        let prev_manifest = cas
+            .get_root_file(repo::MANIFEST)
+            .map_err(|e| e.to_string())?;
         let t1 = tempfile::tempdir().map_err(|e| e.to_string())?;
         let t2 = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let mut o = CatalogTree::open(&cas, t1.path(), &old).map_err(|e| format!("merge_error: old root: {e}"))?;
-        let mut n = CatalogTree::open(&cas, t2.path(), &new).map_err(|e| format!("merge_error: new root: {e}"))?;
-        let lease_path = if subpath == "/" { String::new() } else { subpath.clone() };
+        let mut o = CatalogTree::open(&cas, t1.path(), &old)
+            .map_err(|e| format!("merge_error: old root: {e}"))?;
+        let mut n = CatalogTree::open(&cas, t2.path(), &new)
+            .map_err(|e| format!("merge_error: new root: {e}"))?;
+        let lease_path = if subpath == "/" {
+            String::new()
+        } else {
+            subpath.clone()
+        };
         let tags: Vec<TagRequest> = if tag_name.is_empty() {
             vec![]
         } else {
-            vec![TagRequest { name: tag_name, description: tag_description }]
+            vec![TagRequest {
+                name: tag_name,
+                description: tag_description,
+            }]
         };
         let p = repo::publish(&cas, &keys, &tags, prepub_core::timefmt::now(), |head| {
-            prepub_core::merge::merge(&mut o, &mut n, head, &lease_path).map_err(|e| RepoError::Invalid(e.to_string()))
+            prepub_core::merge::merge(&mut o, &mut n, head, &lease_path)
+                .map_err(|e| RepoError::Invalid(e.to_string()))
         })
         .map_err(|e| match e {
             RepoError::Invalid(m) if m.starts_with("merge conflict") => format!("merge_error: {m}"),
@@ -401,7 +470,11 @@ async fn commit_lease(req: HttpRequest, token: web::Path<String>, body: web::Byt
             reply(json!({"status": "ok", "final_revision": rev}))
         }
         Ok(Err(e)) => {
-            let reason = if e.starts_with("merge_error") { "merge_error" } else { "miscellaneous" };
+            let reason = if e.starts_with("merge_error") {
+                "merge_error"
+            } else {
+                "miscellaneous"
+            };
             reply(json!({"status": "error", "reason": reason, "detail": e}))
         }
         Err(e) => error(&format!("miscellaneous: {e}")),
@@ -421,7 +494,10 @@ async fn stratum0(path: web::Path<(String, String)>, st: Shared) -> HttpResponse
                 s.lagged = None;
             }
         }
-        (s.cfg.storage.clone(), s.lagged.as_ref().map(|(b, _)| b.clone()))
+        (
+            s.cfg.storage.clone(),
+            s.lagged.as_ref().map(|(b, _)| b.clone()),
+        )
     };
     if tail.contains("..") {
         return HttpResponse::NotFound().finish();

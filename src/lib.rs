@@ -4,7 +4,7 @@ pub mod api_types;
 pub mod client;
 pub mod config;
 pub mod gateway_double;
-pub mod http_store;
+pub use prepub_actors::http_store;
 pub mod repo_cmd;
 pub mod server;
 pub mod units;

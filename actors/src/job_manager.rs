@@ -22,7 +22,7 @@ use prepub_core::spool::SpoolError;
 
 use crate::compressor_pool::{CompressorPool, ProcessJob, Processed, ProgressMade};
 use crate::metrics::Metrics;
-use crate::publisher::{CommitJob, CommitStarting, Committed, Publisher, RepoTarget};
+use crate::publisher::{CommitJob, CommitStarting, Committed, RepoTarget};
 use crate::spool_journal::{AcceptJob, RecordJob, SaveChangeset, Snapshot, SpoolJournal};
 
 /// Static settings of the job manager.
@@ -44,7 +44,7 @@ pub struct JobManager {
     started_at: HashMap<String, Instant>,
     journal: Addr<SpoolJournal>,
     pool: Addr<CompressorPool>,
-    publisher: Addr<Publisher>,
+    publisher: Recipient<CommitJob>,
     metrics: Metrics,
     recovered_once: bool,
 }
@@ -54,7 +54,7 @@ impl JobManager {
         settings: Arc<Settings>,
         journal: Addr<SpoolJournal>,
         pool: Addr<CompressorPool>,
-        publisher: Addr<Publisher>,
+        publisher: Recipient<CommitJob>,
         metrics: Metrics,
     ) -> JobManager {
         JobManager {
@@ -637,7 +637,9 @@ impl Handler<Committed> for JobManager {
             Err(e) => {
                 // A failed commit starts over from the (unchanged) base on retry.
                 job.base_root = None;
-                job.attempts += 1;
+                if e.retryable {
+                    job.attempts += 1;
+                }
                 self.jobs.insert(job.id.clone(), job);
                 self.retry_or_fail(
                     m.job_id,

@@ -7,6 +7,9 @@
 
 pub mod cas_writer;
 pub mod compressor_pool;
+pub mod gateway_client;
+pub mod gateway_publisher;
+pub mod http_store;
 pub mod job_manager;
 pub mod metrics;
 pub mod publisher;

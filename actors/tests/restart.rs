@@ -69,7 +69,7 @@ async fn job_manager_restarts_from_the_journal() {
             settings.clone(),
             journal.clone(),
             pool.clone(),
-            publisher.clone(),
+            publisher.clone().recipient(),
             metrics.clone(),
         )
     });

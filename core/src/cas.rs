@@ -411,6 +411,50 @@ impl Cas for LocalCas {
     }
 }
 
+/// A store that writes locally and reads locally first, then from `remote` — the publisher's
+/// view of a repository it does not hold (gateway mode): catalogs are fetched from the Stratum 0
+/// over HTTP, new catalogs are written to local scratch space and then sent to the gateway.
+pub struct OverlayCas {
+    pub local: LocalCas,
+    pub remote: std::sync::Arc<dyn Cas>,
+}
+
+impl Cas for OverlayCas {
+    fn exists(&self, id: &ObjectId) -> Result<bool, CasError> {
+        Ok(self.local.exists(id)? || self.remote.exists(id)?)
+    }
+    fn put_bytes(&self, id: &ObjectId, data: &[u8]) -> Result<PutOutcome, CasError> {
+        self.local.put_bytes(id, data)
+    }
+    fn begin(&self) -> Result<Box<dyn PendingObject>, CasError> {
+        self.local.begin()
+    }
+    fn get(&self, id: &ObjectId) -> Result<Box<dyn Read + Send>, CasError> {
+        match self.local.get(id) {
+            Err(CasError::NotFound(_)) => self.remote.get(id),
+            r => r,
+        }
+    }
+    fn size(&self, id: &ObjectId) -> Result<u64, CasError> {
+        match self.local.size(id) {
+            Err(CasError::NotFound(_)) => self.remote.size(id),
+            r => r,
+        }
+    }
+    fn list(&self) -> Result<Vec<ObjectId>, CasError> {
+        self.local.list()
+    }
+    fn put_root_file(&self, name: &str, data: &[u8]) -> Result<(), CasError> {
+        self.local.put_root_file(name, data)
+    }
+    fn get_root_file(&self, name: &str) -> Result<Option<Vec<u8>>, CasError> {
+        self.remote.get_root_file(name)
+    }
+    fn describe(&self) -> String {
+        format!("{} over {}", self.local.describe(), self.remote.describe())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -25,7 +25,11 @@ pub enum MergeError {
 
 fn conflict(path: &str, msg: &str) -> MergeError {
     MergeError::Conflict {
-        path: if path.is_empty() { "/".into() } else { path.to_string() },
+        path: if path.is_empty() {
+            "/".into()
+        } else {
+            path.to_string()
+        },
         msg: msg.to_string(),
     }
 }
@@ -76,13 +80,19 @@ fn node(
                 return Err(conflict(path, "the repository root cannot be removed"));
             }
             if !head.remove(path)? {
-                return Err(conflict(path, "removed by the publisher but absent in the repository"));
+                return Err(conflict(
+                    path,
+                    "removed by the publisher but absent in the repository",
+                ));
             }
             Ok(())
         }
         (None, Some(n)) => {
             if head.lookup(path)?.is_some() {
-                return Err(conflict(path, "added by the publisher but already present in the repository"));
+                return Err(conflict(
+                    path,
+                    "added by the publisher but already present in the repository",
+                ));
             }
             add_subtree(new, head, path, &n)
         }
@@ -196,16 +206,41 @@ mod tests {
     }
 
     fn publish(cas: &LocalCas, keys: &RepoKeys, target: &str, items: &[(&str, &[u8])]) {
-        let cs = read_tar(&tar_of(items)[..], false, &params(), &IntakeLimits::default(), cas, 1).unwrap();
-        repo::publish(cas, keys, &[], 100, |t| repo::apply_changeset(t, cas, &cs, target, ApplyMode::Replace, &params(), 100)).unwrap();
+        let cs = read_tar(
+            &tar_of(items)[..],
+            false,
+            &params(),
+            &IntakeLimits::default(),
+            cas,
+            1,
+        )
+        .unwrap();
+        repo::publish(cas, keys, &[], 100, |t| {
+            repo::apply_changeset(t, cas, &cs, target, ApplyMode::Replace, &params(), 100)
+        })
+        .unwrap();
     }
 
     /// Builds C_N from `base` the way a gateway publisher does, without touching the manifest.
-    fn build_new(cas: &LocalCas, base: &ObjectId, target: &str, items: &[(&str, &[u8])]) -> ObjectId {
-        let cs = read_tar(&tar_of(items)[..], false, &params(), &IntakeLimits::default(), cas, 1).unwrap();
+    fn build_new(
+        cas: &LocalCas,
+        base: &ObjectId,
+        target: &str,
+        items: &[(&str, &[u8])],
+    ) -> ObjectId {
+        let cs = read_tar(
+            &tar_of(items)[..],
+            false,
+            &params(),
+            &IntakeLimits::default(),
+            cas,
+            1,
+        )
+        .unwrap();
         let tmp = tempfile::tempdir().unwrap();
         let mut t = CatalogTree::open(cas, tmp.path(), base).unwrap();
-        repo::apply_changeset(&mut t, cas, &cs, target, ApplyMode::Replace, &params(), 100).unwrap();
+        repo::apply_changeset(&mut t, cas, &cs, target, ApplyMode::Replace, &params(), 100)
+            .unwrap();
         t.commit(100).unwrap().root
     }
 
@@ -213,7 +248,13 @@ mod tests {
         repo::current_manifest(cas).unwrap().unwrap().0.root_catalog
     }
 
-    fn merge_onto_head(cas: &LocalCas, keys: &RepoKeys, old: &ObjectId, new: &ObjectId, lease: &str) -> Result<(), String> {
+    fn merge_onto_head(
+        cas: &LocalCas,
+        keys: &RepoKeys,
+        old: &ObjectId,
+        new: &ObjectId,
+        lease: &str,
+    ) -> Result<(), String> {
         let t1 = tempfile::tempdir().unwrap();
         let t2 = tempfile::tempdir().unwrap();
         let mut o = CatalogTree::open(cas, t1.path(), old).unwrap();
@@ -235,12 +276,23 @@ mod tests {
         publish(&cas, &keys, "/b", &[("y", b"3")]);
         let c_o = root(&cas);
         // Publisher A builds its tree for /a from C_O ...
-        let c_n = build_new(&cas, &c_o, "/a", &[("x", b"changed"), ("n/.cvmfscatalog", b""), ("n/f", b"4")]);
+        let c_n = build_new(
+            &cas,
+            &c_o,
+            "/a",
+            &[("x", b"changed"), ("n/.cvmfscatalog", b""), ("n/f", b"4")],
+        );
         // ... while publisher B moves the head on /b.
         publish(&cas, &keys, "/b", &[("y", b"B2"), ("z", b"5")]);
         merge_onto_head(&cas, &keys, &c_o, &c_n, "/a").unwrap();
         let (x, gone, y, z, nested) = repo::with_current_tree(&cas, |t| {
-            Ok((t.lookup("/a/x")?, t.lookup("/a/gone")?, t.lookup("/b/y")?, t.lookup("/b/z")?, t.is_nested_root("/a/n")?))
+            Ok((
+                t.lookup("/a/x")?,
+                t.lookup("/a/gone")?,
+                t.lookup("/b/y")?,
+                t.lookup("/b/z")?,
+                t.is_nested_root("/a/n")?,
+            ))
         })
         .unwrap();
         assert_eq!(x.unwrap().size, 7);
@@ -252,7 +304,12 @@ mod tests {
         assert!(r.ok(), "{:?}", r.findings);
         // Replaying the same diff onto the new head conflicts (a lagging base looks like this).
         let e = merge_onto_head(&cas, &keys, &c_o, &c_n, "/a").unwrap_err();
-        assert!(e.contains("merge conflict at /a/gone: removed by the publisher but absent in the repository"), "{e}");
+        assert!(
+            e.contains(
+                "merge conflict at /a/gone: removed by the publisher but absent in the repository"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

@@ -504,6 +504,31 @@ pub async fn health(st: web::Data<AppState>) -> HttpResponse {
             let res = (|| -> Result<String, String> {
                 let cas =
                     prepub_core::cas::LocalCas::open(&r.storage).map_err(|e| e.to_string())?;
+                if let crate::config::PublishMode::Gateway(g) = &cfg.publish {
+                    // Gateway mode: the CAS must exist here; the repository is read from the
+                    // Stratum 0 and written by the gateway.
+                    let url = format!("{}/{name}", g.stratum0_url.trim_end_matches('/'));
+                    let s0 = prepub_actors::http_store::HttpStore::new(&url)
+                        .map_err(|e| e.to_string())?;
+                    let (m, _) = prepub_core::repo::current_manifest(&s0)
+                        .map_err(|e| format!("{url}: {e}"))?
+                        .ok_or_else(|| format!("{url} has no .cvmfspublished"))?;
+                    let gw = reqwest::blocking::Client::builder()
+                        .timeout(std::time::Duration::from_secs(5))
+                        .build()
+                        .map_err(|e| e.to_string())?
+                        .get(format!("{}/api/v1", g.url.trim_end_matches('/')))
+                        .send()
+                        .map_err(|e| format!("gateway {}: {e}", g.url))?;
+                    if !gw.status().is_success() {
+                        return Err(format!("gateway {} answered HTTP {}", g.url, gw.status()));
+                    }
+                    let _ = &cas;
+                    return Ok(format!(
+                        "revision {} at {url}, gateway {} reachable",
+                        m.revision, g.url
+                    ));
+                }
                 let (m, _) = prepub_core::repo::current_manifest(&cas)
                     .map_err(|e| e.to_string())?
                     .ok_or_else(|| format!("{} holds no repository", r.storage.display()))?;

@@ -12,14 +12,16 @@ use actix_web::{middleware, web, App, HttpServer};
 use anyhow::{bail, Context as _};
 use prepub_actors::cas_writer::CasWriter;
 use prepub_actors::compressor_pool::CompressorPool;
+use prepub_actors::gateway_client::GatewayClient;
+use prepub_actors::gateway_publisher::{GatewayLease, GatewayPublisher, GatewaySettings};
 use prepub_actors::job_manager::{JobManager, Settings};
 use prepub_actors::metrics::Metrics;
-use prepub_actors::publisher::{Publisher, RepoTarget};
+use prepub_actors::publisher::{CommitJob, Publisher, RepoTarget};
 use prepub_actors::spool_journal::SpoolJournal;
 use prepub_core::spool::Spool;
 use slog::{info, warn, Logger};
 
-use crate::config::Config;
+use crate::config::{Config, PublishMode};
 
 /// Loads the TLS server configuration from PEM files.
 fn tls_config(
@@ -52,6 +54,19 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
         bail!("PREPUB_API_TOKEN is not set and no scoped tokens are configured: the API would accept nobody");
     }
     let tokens = auth::Tokens::new(admin.as_deref(), cfg.tokens.clone());
+    // Blocking HTTP clients must be made (and dropped) outside the async runtime.
+    let gateway_client: Option<(Arc<GatewayClient>, String)> = match &cfg.publish {
+        PublishMode::Gateway(g) => {
+            let secret = std::env::var(&g.secret_env)
+                .ok()
+                .filter(|s| !s.is_empty())
+                .with_context(|| format!("gateway.key_secret_env: {} is not set", g.secret_env))?;
+            let client = GatewayClient::new(&g.url, &g.key_id, &secret, g.request_timeout)
+                .map_err(|e| anyhow::anyhow!("gateway client: {e}"))?;
+            Some((Arc::new(client), secret))
+        }
+        PublishMode::Standalone => None,
+    };
     let cfg = Arc::new(cfg);
     actix_rt::System::new().block_on(async move {
         let (spool, jobs) = Spool::open(&cfg.spool_root).with_context(|| format!("server.spool_root {}", cfg.spool_root.display()))?;
@@ -82,12 +97,37 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
             })
             .collect();
         for t in &targets {
-            if !t.storage.join(".cvmfspublished").is_file() {
+            if matches!(cfg.publish, PublishMode::Standalone) && !t.storage.join(".cvmfspublished").is_file() {
                 warn!(log, "repository storage holds no repository yet (run cvmfs-prepub repo init)"; "repo" => &t.name, "storage" => %t.storage.display());
             }
         }
-        let publisher = Publisher::new(targets.clone()).start();
-        info!(log, "publisher started"; "actor" => "Publisher", "mode" => "standalone", "repositories" => targets.len());
+        let publisher: Recipient<CommitJob> = match &cfg.publish {
+            PublishMode::Standalone => {
+                let p = Publisher::new(targets.clone()).start();
+                info!(log, "publisher started"; "actor" => "Publisher", "mode" => "standalone", "repositories" => targets.len());
+                p.recipient()
+            }
+            PublishMode::Gateway(g) => {
+                let (client, secret) = gateway_client.clone().context("gateway client")?;
+                let interval = g.heartbeat_interval;
+                let hb_client = client.clone();
+                let heartbeat = GatewayLease::start_in_arbiter(&Arbiter::new().handle(), move |_| GatewayLease::new(hb_client, interval));
+                info!(log, "lease heartbeat started"; "actor" => "GatewayLease", "interval_s" => interval.as_secs());
+                let settings = Arc::new(GatewaySettings {
+                    url: g.url.clone(),
+                    key_id: g.key_id.clone(),
+                    secret,
+                    lease_ttl: g.lease_ttl,
+                    heartbeat_interval: g.heartbeat_interval,
+                    lease_wait: g.lease_wait,
+                    stratum0_url: g.stratum0_url.clone(),
+                    pack_bytes: g.pack_bytes,
+                });
+                let p = GatewayPublisher::new(targets.iter().map(|t| t.name.clone()).collect(), settings, client, heartbeat).start();
+                info!(log, "publisher started"; "actor" => "GatewayPublisher", "mode" => "gateway", "gateway" => &g.url, "repositories" => targets.len());
+                p.recipient()
+            }
+        };
         let metrics = Metrics::new();
         let settings = Arc::new(Settings {
             repos: targets.into_iter().map(|t| (t.name.clone(), t)).collect(),

@@ -13,7 +13,7 @@ pub struct HttpStore {
 }
 
 impl HttpStore {
-    pub fn new(url: &str) -> anyhow::Result<HttpStore> {
+    pub fn new(url: &str) -> Result<HttpStore, reqwest::Error> {
         let client = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(300))
             .build()?;

@@ -1,0 +1,528 @@
+//! Gateway publish mode: `GatewayPublisher` commits jobs through a stock `cvmfs_gateway`, and
+//! `GatewayLease` keeps the heartbeat of every lease held.
+//!
+//! Per repository, one commit thread (so commits stay in order) runs each job as the stock
+//! publisher does, but with the lease held only for the catalog work: the job's objects are
+//! already in the CAS that is the Stratum 0 storage. Steps: read and verify `.cvmfspublished`
+//! from the Stratum 0 (C_O); choose the lease path (the target, or its first ancestor missing in
+//! the repository, since a receiver applies changes only inside the lease); take the lease,
+//! waiting with backoff on `path_busy` up to `lease_wait`; build the new catalogs from C_O with
+//! the core's editor (catalogs fetched over HTTP, new ones written to scratch); journal the start;
+//! send the catalogs as object packs (children before parents); commit with old and new root.
+//! Quirks handled: an expired `lease_ttl` is never committed on (cancel, new lease, resubmit); a
+//! failed commit is never retried on the same lease; `merge_error` (a lagging manifest) waits
+//! for the manifest to advance and starts over; bad credentials fail the job at once.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use crossbeam_channel::{bounded, unbounded, Sender};
+use prepub_core::cas::{get_all, Cas, LocalCas, OverlayCas};
+use prepub_core::catalog::tree::CatalogTree;
+use prepub_core::gateway::{lease_path, PackBuilder};
+use prepub_core::hash::ObjectId;
+use prepub_core::history::History;
+use prepub_core::intake::ChangeSet;
+use prepub_core::jobs::{JobRecord, JobResult};
+use prepub_core::object::decode_to_vec;
+use prepub_core::repo::{self, ApplyMode};
+
+use crate::gateway_client::{GatewayClient, GwError, LeaseReply};
+use crate::http_store::HttpStore;
+use crate::publisher::{CommitError, CommitJob, CommitStarting, Committed};
+
+/// Settings of gateway mode.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub url: String,
+    pub key_id: String,
+    pub secret: String,
+    /// Never commit on a lease older than this.
+    pub lease_ttl: Duration,
+    pub heartbeat_interval: Duration,
+    /// How long to wait for a busy path before the job fails.
+    pub lease_wait: Duration,
+    /// Base URL of the Stratum 0; the repository is at `<stratum0_url>/<repo>`.
+    pub stratum0_url: String,
+    /// Largest object pack.
+    pub pack_bytes: usize,
+}
+
+fn err(code: &'static str, e: impl ToString, retryable: bool) -> CommitError {
+    CommitError {
+        code,
+        message: e.to_string(),
+        retryable,
+    }
+}
+
+fn gw_err(e: GwError) -> CommitError {
+    match e {
+        GwError::Credentials(m) => err(
+            "gateway-credentials",
+            format!("gateway refused the key: {m}"),
+            false,
+        ),
+        GwError::Refused(m) => err("gateway-refused", format!("gateway refused: {m}"), true),
+        GwError::Transport(m) => err("gateway-unavailable", m, true),
+    }
+}
+
+/// Starts or stops the heartbeat of a lease.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum Heartbeat {
+    Start(String),
+    Stop(String),
+}
+
+/// `GatewayLease`: renews held leases every `heartbeat_interval` on its own arbiter (so a busy
+/// mailbox elsewhere cannot make it late). The stock gateway has no renew endpoint and answers
+/// 405; the actor then stops asking and the commit side relies on `lease_ttl` alone.
+pub struct GatewayLease {
+    client: Arc<GatewayClient>,
+    interval: Duration,
+    held: HashSet<String>,
+    renew_supported: bool,
+}
+
+impl GatewayLease {
+    pub fn new(client: Arc<GatewayClient>, interval: Duration) -> GatewayLease {
+        GatewayLease {
+            client,
+            interval,
+            held: HashSet::new(),
+            renew_supported: true,
+        }
+    }
+}
+
+impl Actor for GatewayLease {
+    type Context = Context<Self>;
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.run_interval(self.interval, |act, _| {
+            if !act.renew_supported {
+                return;
+            }
+            for t in act.held.clone() {
+                // Ok(false): no renew endpoint (stock gateway, 405); errors are retried next tick.
+                if let Ok(false) = act.client.renew(&t) {
+                    act.renew_supported = false;
+                }
+            }
+        });
+    }
+}
+
+impl Handler<Heartbeat> for GatewayLease {
+    type Result = ();
+    fn handle(&mut self, m: Heartbeat, _: &mut Context<Self>) {
+        match m {
+            Heartbeat::Start(t) => {
+                self.held.insert(t);
+            }
+            Heartbeat::Stop(t) => {
+                self.held.remove(&t);
+            }
+        }
+    }
+}
+
+pub struct GatewayPublisher {
+    queues: HashMap<String, Sender<CommitJob>>,
+}
+
+impl GatewayPublisher {
+    pub fn new(
+        repos: Vec<String>,
+        settings: Arc<GatewaySettings>,
+        client: Arc<GatewayClient>,
+        heartbeat: Addr<GatewayLease>,
+    ) -> GatewayPublisher {
+        let mut queues = HashMap::new();
+        for name in repos {
+            let (tx, rx) = unbounded::<CommitJob>();
+            let (s, c, hb, repo) = (
+                settings.clone(),
+                client.clone(),
+                heartbeat.clone(),
+                name.clone(),
+            );
+            let _ = thread::Builder::new()
+                .name(format!("gw-commit-{name}"))
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        let id = job.job.id.clone();
+                        let done = job.done.clone();
+                        let outcome =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                commit(&s, &c, &hb, &repo, job)
+                            }))
+                            .unwrap_or_else(|_| {
+                                Err(err(
+                                    "internal",
+                                    "the commit panicked; see the daemon log",
+                                    false,
+                                ))
+                            });
+                        done.do_send(Committed {
+                            job_id: id,
+                            outcome,
+                        });
+                    }
+                });
+            queues.insert(name, tx);
+        }
+        GatewayPublisher { queues }
+    }
+}
+
+impl Actor for GatewayPublisher {
+    type Context = Context<Self>;
+}
+
+impl Handler<CommitJob> for GatewayPublisher {
+    type Result = ();
+    fn handle(&mut self, m: CommitJob, _: &mut Context<Self>) {
+        let m = match self.queues.get(&m.job.repo) {
+            Some(q) => match q.send(m) {
+                Ok(()) => return,
+                Err(e) => e.into_inner(),
+            },
+            None => m,
+        };
+        m.done.do_send(Committed {
+            job_id: m.job.id.clone(),
+            outcome: Err(err(
+                "unknown-repository",
+                format!("no commit queue for repository {}", m.job.repo),
+                false,
+            )),
+        });
+    }
+}
+
+/// The marker a job's tag description carries, so a restarted daemon recognises its commit.
+fn marker(job: &JobRecord) -> String {
+    format!("[cvmfs-prepub job {}]", job.id)
+}
+
+fn tag_for(job: &JobRecord) -> (String, String) {
+    let name = job
+        .tag_name
+        .clone()
+        .unwrap_or_else(|| format!("prepub-{}", job.id));
+    let desc = match job.tag_description.as_deref() {
+        Some(d) if !d.is_empty() => format!("{d} {}", marker(job)),
+        _ => format!("published by cvmfs-prepub {}", marker(job)),
+    };
+    (name, desc)
+}
+
+/// The job's revision if its commit is already in the repository's history.
+fn already_committed(
+    remote: &dyn Cas,
+    m: &prepub_core::manifest::Manifest,
+    job: &JobRecord,
+) -> Result<Option<JobResult>, CommitError> {
+    let Some(h) = m.history else { return Ok(None) };
+    let bytes = get_all(remote, &h)
+        .map_err(|e| err("stratum0-unreadable", e, true))
+        .and_then(|b| {
+            decode_to_vec(&h, &b, true).map_err(|e| err("stratum0-unreadable", e, true))
+        })?;
+    let tmp = tempfile::NamedTempFile::new().map_err(|e| err("scratch", e, true))?;
+    std::fs::write(tmp.path(), bytes).map_err(|e| err("scratch", e, true))?;
+    let hist = History::open(tmp.path()).map_err(|e| err("stratum0-unreadable", e, true))?;
+    let mark = marker(job);
+    let tags = hist
+        .tags()
+        .map_err(|e| err("stratum0-unreadable", e, true))?;
+    Ok(tags
+        .into_iter()
+        .find(|t| t.description.ends_with(&mark))
+        .map(|t| JobResult {
+            root_hash: format!("{}C", t.hash),
+            revision: t.revision,
+            tag: t.name,
+        }))
+}
+
+/// The lease sub-path for a publish at `target`: the target itself if its parent exists in the
+/// repository, else its shallowest missing ancestor (the receiver only applies changes inside
+/// the lease, so directories to be created must lie inside it).
+fn choose_lease(tree: &mut CatalogTree<'_>, target: &str) -> Result<String, CommitError> {
+    let mut prefix = String::new();
+    for comp in target.split('/').filter(|c| !c.is_empty()) {
+        let next = format!("{prefix}/{comp}");
+        match tree
+            .lookup(&next)
+            .map_err(|e| err("stratum0-unreadable", e, true))?
+        {
+            Some(e) if e.is_dir() || next == target => prefix = next,
+            Some(_) => {
+                return Err(err(
+                    "commit-rejected",
+                    format!("cannot publish under {target}: {next} is not a directory"),
+                    false,
+                ))
+            }
+            None => return Ok(next),
+        }
+        if prefix == target {
+            break;
+        }
+    }
+    Ok(prefix)
+}
+
+fn acquire(
+    client: &GatewayClient,
+    path: &str,
+    wait: Duration,
+    abort: &AtomicBool,
+) -> Result<String, CommitError> {
+    let start = Instant::now();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if abort.load(Ordering::SeqCst) {
+            return Err(err(
+                "aborted",
+                "job aborted while waiting for a lease",
+                false,
+            ));
+        }
+        match client.acquire(path).map_err(gw_err)? {
+            LeaseReply::Granted(t) => return Ok(t),
+            LeaseReply::Busy(remaining) => {
+                if start.elapsed() >= wait {
+                    return Err(err(
+                        "lease-timeout",
+                        format!(
+                            "{path} stayed busy for {}s (gateway: {remaining} remaining)",
+                            wait.as_secs()
+                        ),
+                        true,
+                    ));
+                }
+                thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Waits (bounded) until the Stratum 0 manifest no longer shows `root`.
+fn wait_manifest_change(remote: &dyn Cas, root: &ObjectId, limit: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(Some((m, _))) = repo::current_manifest(remote) {
+            if &m.root_catalog != root {
+                return;
+            }
+        }
+        thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn commit(
+    s: &GatewaySettings,
+    client: &GatewayClient,
+    hb: &Addr<GatewayLease>,
+    repo_name: &str,
+    job: CommitJob,
+) -> Result<JobResult, CommitError> {
+    let data = std::fs::read(&job.changeset).map_err(|e| err("spool-read", e, true))?;
+    let cs: ChangeSet =
+        serde_json::from_slice(&data).map_err(|e| err("spool-corrupt", e, false))?;
+    let url = format!("{}/{}", s.stratum0_url.trim_end_matches('/'), repo_name);
+    let remote: Arc<dyn Cas> =
+        Arc::new(HttpStore::new(&url).map_err(|e| err("stratum0-unreadable", e, true))?);
+    let mut handshake_done = false;
+    for _round in 0..5 {
+        let (m, _) = repo::current_manifest(remote.as_ref())
+            .map_err(|e| err("stratum0-unreadable", format!("{url}: {e}"), true))?
+            .ok_or_else(|| {
+                err(
+                    "stratum0-unreadable",
+                    format!("{url} has no .cvmfspublished"),
+                    true,
+                )
+            })?;
+        if let Some(done) = already_committed(remote.as_ref(), &m, &job.job)? {
+            return Ok(done);
+        }
+        let base = m.root_catalog;
+        let scratch = tempfile::tempdir().map_err(|e| err("scratch", e, true))?;
+        let local = LocalCas::create(&scratch.path().join("cas"))
+            .map_err(|e| err("scratch", e, true))?
+            .without_fsync();
+        let overlay = OverlayCas {
+            local,
+            remote: remote.clone(),
+        };
+        std::fs::create_dir_all(scratch.path().join("tree"))
+            .map_err(|e| err("scratch", e, true))?;
+        let mut tree = CatalogTree::open(&overlay, &scratch.path().join("tree"), &base)
+            .map_err(|e| err("stratum0-unreadable", e, true))?;
+        let lease_sub = choose_lease(&mut tree, &job.job.path)?;
+        let lpath = lease_path(repo_name, &lease_sub);
+        // The lease is taken only now: everything before ran without locking the repository.
+        let token = acquire(client, &lpath, s.lease_wait, &job.abort)?;
+        let acquired = Instant::now();
+        hb.do_send(Heartbeat::Start(token.clone()));
+        let release = |why_cancel: bool| {
+            hb.do_send(Heartbeat::Stop(token.clone()));
+            if why_cancel {
+                let _ = client.cancel(&token);
+            }
+        };
+        let now = prepub_core::timefmt::now();
+        let built = repo::apply_changeset(
+            &mut tree,
+            &overlay,
+            &cs,
+            &job.job.path,
+            ApplyMode::Replace,
+            &job.params,
+            now,
+        )
+        .map_err(|e| err("commit-rejected", e, false))
+        .and_then(|_| tree.commit(now).map_err(|e| err("commit-io", e, true)));
+        let built = match built {
+            Ok(b) => b,
+            Err(e) => {
+                release(true);
+                return Err(e);
+            }
+        };
+        if !handshake_done {
+            let (ack_tx, ack_rx) = bounded(1);
+            job.starting.do_send(CommitStarting {
+                job_id: job.job.id.clone(),
+                base_root: base.to_string(),
+                ack: ack_tx,
+            });
+            if !ack_rx.recv().unwrap_or(false) {
+                release(true);
+                if job.abort.load(Ordering::SeqCst) {
+                    return Err(err("aborted", "job aborted before its commit", false));
+                }
+                return Err(err(
+                    "commit-handshake",
+                    "the start of the commit was not journaled; retrying",
+                    true,
+                ));
+            }
+            handshake_done = true;
+            crate::testhook::point("commit-started");
+        }
+        // Catalogs, children before parents (the order the tree wrote them), in bounded packs.
+        let mut pack = PackBuilder::new();
+        let mut objects: Vec<Vec<u8>> = Vec::new();
+        let mut sent = Ok(());
+        for id in &built.written {
+            let bytes = match get_all(&overlay.local, id) {
+                Ok(b) => b,
+                Err(e) => {
+                    sent = Err(err("scratch", e, true));
+                    break;
+                }
+            };
+            if !pack.is_empty() && pack.payload_bytes() + bytes.len() > s.pack_bytes {
+                if let Err(e) = client.payload(&token, &pack.header(), &objects) {
+                    sent = Err(gw_err(e));
+                    break;
+                }
+                pack = PackBuilder::new();
+                objects.clear();
+            }
+            pack.add(*id, bytes.len());
+            objects.push(bytes);
+        }
+        if sent.is_ok() && !pack.is_empty() {
+            sent = client
+                .payload(&token, &pack.header(), &objects)
+                .map_err(gw_err);
+        }
+        match sent {
+            Ok(()) => {}
+            Err(e) if e.message.contains("invalid lease") => {
+                // The gateway expired the lease under us: take a new one and resubmit.
+                release(false);
+                continue;
+            }
+            Err(e) => {
+                release(true);
+                return Err(e);
+            }
+        }
+        if job.abort.load(Ordering::SeqCst) {
+            release(true);
+            return Err(err(
+                "aborted",
+                "job aborted during its commit; nothing was published",
+                false,
+            ));
+        }
+        if acquired.elapsed() >= s.lease_ttl {
+            // Never commit on a lease that may have run out: start over with a new one.
+            release(true);
+            continue;
+        }
+        let (tag, desc) = tag_for(&job.job);
+        match client.commit(
+            &token,
+            &format!("{base}"),
+            &format!("{}", built.root),
+            &tag,
+            &desc,
+        ) {
+            Ok(rev) => {
+                release(false);
+                crate::testhook::point("manifest-written");
+                // Report the repository's new root once the Stratum 0 shows it.
+                wait_manifest_change(remote.as_ref(), &base, Duration::from_secs(10));
+                let root = repo::current_manifest(remote.as_ref())
+                    .ok()
+                    .flatten()
+                    .filter(|(m, _)| m.revision >= rev)
+                    .map(|(m, _)| m.root_catalog.to_string())
+                    .unwrap_or_else(|| built.root.to_string());
+                return Ok(JobResult {
+                    root_hash: root,
+                    revision: rev,
+                    tag,
+                });
+            }
+            Err(GwError::Refused(r)) if r == "invalid lease" => {
+                release(false);
+                continue;
+            }
+            Err(GwError::Refused(r)) if r == "merge_error" => {
+                // Built on a manifest that lags behind the head: wait for it to advance and redo.
+                release(true);
+                wait_manifest_change(
+                    remote.as_ref(),
+                    &base,
+                    s.lease_wait.min(Duration::from_secs(60)),
+                );
+                continue;
+            }
+            Err(e) => {
+                // A failed commit cannot be retried on the same lease.
+                release(true);
+                return Err(gw_err(e));
+            }
+        }
+    }
+    Err(err(
+        "gateway-retries",
+        "gave up after 5 lease rounds (expired leases or merge errors)",
+        true,
+    ))
+}

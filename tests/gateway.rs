@@ -1,0 +1,297 @@
+//! Gateway publish mode against the gateway double: publishing, forced and real lease
+//! conflicts, a lease that expires mid-job, a lagging manifest (merge_error), bad credentials,
+//! and a gateway restart. The repository is read back with the independent `cvmfs` reader.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+const SECRET: &str = "gateway-secret-for-tests";
+
+struct Double {
+    child: Child,
+    url: String,
+    port: u16,
+}
+
+impl Double {
+    fn start(dir: &Path, extra: &[&str], port: Option<u16>) -> Double {
+        let port = port.unwrap_or_else(|| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        });
+        let log = std::fs::File::create(dir.join(format!("double-{port}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
+            .args([
+                "gateway-double",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--repo",
+                REPO,
+                "--storage",
+            ])
+            .arg(dir.join("storage").join(REPO))
+            .arg("--keys-dir")
+            .arg(dir.join("keys"))
+            .args(["--key-id", "prepub-key"])
+            .args(extra)
+            .env("CVMFS_GATEWAY_SECRET", SECRET)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let d = Double {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+        };
+        for _ in 0..200 {
+            if client().get(format!("{}/api/v1", d.url)).send().is_ok() {
+                return d;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        drop(d);
+        panic!("gateway double did not start");
+    }
+}
+
+impl Drop for Double {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A daemon in gateway mode whose CAS is the double's repository storage.
+fn gateway_daemon(dir: &Path, gw: &Double, gateway_extra: &str, env: &[(&str, &str)]) -> Daemon {
+    let cfg = dir.join("config.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.replace(
+        "  log_format: text\n",
+        "  log_format: text\n  publish_mode: gateway\n",
+    );
+    let text = format!(
+        "{text}gateway:\n  url: {}\n  key_id: prepub-key\n  stratum0_url: {}/cvmfs\n  lease_wait: 30s\n{gateway_extra}",
+        gw.url, gw.url
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut env: Vec<(&str, &str)> = env.to_vec();
+    if !env.iter().any(|(k, _)| *k == "CVMFS_GATEWAY_SECRET") {
+        env.push(("CVMFS_GATEWAY_SECRET", SECRET));
+    }
+    Daemon::start(dir, &env)
+}
+
+fn tree(tag: &'static str) -> Vec<Spec> {
+    vec![
+        Spec::Dir("bin", 0o755),
+        Spec::File {
+            path: "bin/tool",
+            mode: 0o755,
+            data: format!("tool {tag}\n").into_bytes(),
+            xattrs: vec![],
+        },
+        Spec::Symlink("bin/link", "tool"),
+        Spec::File {
+            path: "lib/.cvmfscatalog",
+            mode: 0o644,
+            data: vec![],
+            xattrs: vec![],
+        },
+        Spec::File {
+            path: "lib/big.bin",
+            mode: 0o644,
+            data: pseudo_random(200_000, tag.len() as u64),
+            xattrs: vec![],
+        },
+    ]
+}
+
+fn submit(d: &Daemon, path: &str, specs: &[Spec]) -> String {
+    let r = d.submit_raw(ADMIN, path, &tar_bytes(specs), None);
+    assert_eq!(r.status().as_u16(), 202);
+    r.json::<serde_json::Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn check(storage: &Path) {
+    ok(&["repo", "check", "--repo-dir", storage.to_str().unwrap()]);
+}
+
+#[test]
+fn publishes_through_the_gateway_with_forced_busy_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let gw = Double::start(dir.path(), &["--force-path-busy", "2"], None);
+    let d = gateway_daemon(dir.path(), &gw, "", &[]);
+    let h: serde_json::Value = client()
+        .get(format!("{}/api/v1/health", d.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(h["status"], "ok", "{h}");
+    let a = submit(&d, "/sw/a/1.0", &tree("a"));
+    let ja = d.wait_terminal(&a, 60);
+    assert_eq!(ja["state"], "published", "{ja}\n{}", d.log_text());
+    assert_eq!(ja["revision"], 2);
+    let b = submit(&d, "/sw/b", &tree("b"));
+    let jb = d.wait_terminal(&b, 60);
+    assert_eq!(jb["state"], "published", "{jb}");
+    assert_eq!(jb["revision"], 3);
+    // Replace the same path.
+    let a2 = submit(&d, "/sw/a/1.0", &tree("a2"));
+    assert_eq!(d.wait_terminal(&a2, 60)["state"], "published");
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    verify(&repo, "/sw/a/1.0", &tree("a2"));
+    verify(&repo, "/sw/b", &tree("b"));
+    assert!(
+        repo.lookup("/sw/a/1.0/lib")
+            .unwrap()
+            .is_nested_catalog_mountpoint()
+            || repo
+                .lookup("/sw/a/1.0/lib")
+                .unwrap()
+                .is_nested_catalog_root()
+    );
+    drop(repo);
+    check(&d.storage);
+}
+
+#[test]
+fn waits_for_a_lease_held_by_another_publisher() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let gw = Double::start(dir.path(), &[], None);
+    // Another publisher holds the whole repository.
+    let body = br#"{"path":"daemon.example.org/","api_version":"2","hostname":"other"}"#;
+    let auth = prepub_core::gateway::authorization("prepub-key", SECRET.as_bytes(), body);
+    let v: serde_json::Value = client()
+        .post(format!("{}/api/v1/leases", gw.url))
+        .header("Authorization", auth)
+        .body(body.to_vec())
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(v["status"], "ok", "{v}");
+    let token = v["session_token"].as_str().unwrap().to_string();
+    let d = gateway_daemon(dir.path(), &gw, "", &[]);
+    let id = submit(&d, "/sw/x", &tree("x"));
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(d.job(&id)["state"], "committing", "must wait for the lease");
+    let auth =
+        prepub_core::gateway::authorization("prepub-key", SECRET.as_bytes(), token.as_bytes());
+    let v: serde_json::Value = client()
+        .delete(format!("{}/api/v1/leases/{token}", gw.url))
+        .header("Authorization", auth)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(v["status"], "ok");
+    assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
+    check(&d.storage);
+}
+
+#[test]
+fn bad_credentials_fail_the_job_once_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let gw = Double::start(dir.path(), &[], None);
+    let d = gateway_daemon(
+        dir.path(),
+        &gw,
+        "",
+        &[("CVMFS_GATEWAY_SECRET", "wrong-secret")],
+    );
+    let id = submit(&d, "/sw/x", &tree("x"));
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(j["state"], "failed");
+    assert_eq!(j["error"]["code"], "gateway-credentials");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_hmac"),
+        "{j}"
+    );
+    assert_eq!(j["attempts"], 1, "no retry storm");
+    assert!(
+        !d.log_text().contains("wrong-secret"),
+        "the secret must never be logged"
+    );
+}
+
+#[test]
+fn lagging_manifest_merge_errors_are_retried_after_it_advances() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let gw = Double::start(dir.path(), &["--manifest-lag", "2s"], None);
+    let d = gateway_daemon(dir.path(), &gw, "", &[]);
+    let a = submit(&d, "/sw/p", &tree("one"));
+    assert_eq!(d.wait_terminal(&a, 60)["state"], "published");
+    // Right after, the Stratum 0 still shows the old manifest: the next job builds on it.
+    let b = submit(&d, "/sw/p", &tree("two"));
+    let jb = d.wait_terminal(&b, 90);
+    assert_eq!(jb["state"], "published", "{jb}\n{}", d.log_text());
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    verify(&repo, "/sw/p", &tree("two"));
+    drop(repo);
+    check(&d.storage);
+}
+
+#[test]
+fn a_lease_that_expires_mid_job_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let gw = Double::start(dir.path(), &["--max-lease-time", "1s"], None);
+    let d = gateway_daemon(
+        dir.path(),
+        &gw,
+        "",
+        &[("CVMFS_PREPUB_TEST_HOLD", "commit-started=1500")],
+    );
+    let id = submit(&d, "/sw/e", &tree("e"));
+    let j = d.wait_terminal(&id, 90);
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    check(&d.storage);
+}
+
+#[test]
+fn survives_a_gateway_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "  max_attempts: 8\n", "");
+    let gw = Double::start(dir.path(), &[], None);
+    let port = gw.port;
+    let d = gateway_daemon(
+        dir.path(),
+        &gw,
+        "",
+        &[("CVMFS_PREPUB_TEST_HOLD", "commit-started=1500")],
+    );
+    let id = submit(&d, "/sw/r", &tree("r"));
+    for _ in 0..200 {
+        if d.job(&id)["state"] == "committing" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    drop(gw); // the gateway goes away mid-commit ...
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let _gw2 = Double::start(dir.path(), &[], Some(port)); // ... and comes back.
+    let j = d.wait_terminal(&id, 90);
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    check(&d.storage);
+}
