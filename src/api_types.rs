@@ -83,8 +83,13 @@ impl From<&JobRecord> for JobView {
                 message: e.message.clone(),
                 state: e.state.as_str().into(),
             }),
-            root_hash: j.result.as_ref().map(|r| r.root_hash.clone()),
-            revision: j.result.as_ref().map(|r| r.revision),
+            // Local mode publishes through cvmfs_server and learns neither.
+            root_hash: j
+                .result
+                .as_ref()
+                .map(|r| r.root_hash.clone())
+                .filter(|h| !h.is_empty()),
+            revision: j.result.as_ref().map(|r| r.revision).filter(|r| *r > 0),
             tag: j.result.as_ref().map(|r| r.tag.clone()),
             attempts: j.attempts,
             tar_bytes: j.tar_bytes,

@@ -102,6 +102,8 @@ pub struct GatewayConfig {
 pub enum PublishMode {
     Standalone,
     Gateway(GatewayConfig),
+    /// Through `cvmfs_server` on this host, repositories mounted under this directory.
+    Local(PathBuf),
 }
 
 #[derive(Debug, Deserialize)]
@@ -131,6 +133,13 @@ pub struct ServerFile {
     /// `json` (for journald) or `text`.
     #[serde(default = "default_log_format")]
     pub log_format: String,
+    /// Local mode: where the repositories are mounted (`<cvmfs_mount>/<repo>`).
+    #[serde(default = "default_cvmfs_mount")]
+    pub cvmfs_mount: PathBuf,
+}
+
+fn default_cvmfs_mount() -> PathBuf {
+    PathBuf::from("/cvmfs")
 }
 
 impl Default for ServerFile {
@@ -145,6 +154,7 @@ impl Default for ServerFile {
             tar_retention: default_retention(),
             api_tokens: Vec::new(),
             log_format: default_log_format(),
+            cvmfs_mount: default_cvmfs_mount(),
         }
     }
 }
@@ -347,6 +357,7 @@ pub struct Overrides {
     pub spool_root: Option<PathBuf>,
     pub publish_mode: Option<String>,
     pub mode: Option<String>,
+    pub cvmfs_mount: Option<PathBuf>,
 }
 
 /// A scoped token, validated.
@@ -455,6 +466,11 @@ impl FileConfig {
         let publish_mode = o.publish_mode.clone().unwrap_or(self.server.publish_mode);
         let publish = match publish_mode.as_str() {
             "standalone" => PublishMode::Standalone,
+            "local" => PublishMode::Local(
+                o.cvmfs_mount
+                    .clone()
+                    .unwrap_or(self.server.cvmfs_mount.clone()),
+            ),
             "gateway" => {
                 let g = self.gateway.clone().ok_or_else(|| {
                     cerr("gateway", "publish_mode gateway needs a gateway: block")
@@ -496,7 +512,7 @@ impl FileConfig {
             other => {
                 return Err(cerr(
                     "server.publish_mode",
-                    format!("'{other}' is not a publish mode (standalone, gateway)"),
+                    format!("'{other}' is not a publish mode (standalone, gateway, local)"),
                 ))
             }
         };

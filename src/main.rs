@@ -31,6 +31,9 @@ struct Cli {
     /// Daemon mode, overrides mode (publisher).
     #[arg(long)]
     mode: Option<String>,
+    /// Local publish mode: where repositories are mounted, overrides server.cvmfs_mount.
+    #[arg(long)]
+    cvmfs_mount: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -107,6 +110,7 @@ fn daemon(cli: Cli) -> anyhow::Result<()> {
         spool_root: cli.spool_root,
         publish_mode: cli.publish_mode,
         mode: cli.mode,
+        cvmfs_mount: cli.cvmfs_mount,
     };
     let cfg = file.validate(&o)?;
     let log = server::logging::logger(cfg.log_json);

@@ -11,6 +11,7 @@ pub mod gateway_client;
 pub mod gateway_publisher;
 pub mod http_store;
 pub mod job_manager;
+pub mod local_publisher;
 pub mod metrics;
 pub mod publisher;
 pub mod spool_journal;

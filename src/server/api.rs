@@ -29,6 +29,8 @@ pub struct AppState {
     pub tokens: Tokens,
     pub jobs: Addr<JobManager>,
     pub cas_writer: Addr<prepub_actors::cas_writer::CasWriter>,
+    /// Local mode: repositories whose `cvmfs_server` publish is running.
+    pub busy: prepub_actors::local_publisher::Busy,
     pub metrics: Metrics,
     pub incoming: PathBuf,
 }
@@ -171,6 +173,12 @@ fn validate(f: &Fields, st: &AppState, who: &Principal) -> Result<(String, Strin
     if !who.may_publish(&repo, &path) {
         return Err(ApiError::Forbidden(format!(
             "this token may not publish to {repo}{path}"
+        )));
+    }
+    if matches!(st.cfg.publish, crate::config::PublishMode::Local(_)) && st.busy.is_busy(&repo) {
+        // Local mode, as the install guide says: one transaction per repository, fail fast.
+        return Err(ApiError::Conflict(format!(
+            "a cvmfs_server transaction on {repo} is running; try again when it ends"
         )));
     }
     Ok((repo, path))
@@ -504,6 +512,14 @@ pub async fn health(st: web::Data<AppState>) -> HttpResponse {
             let res = (|| -> Result<String, String> {
                 let cas =
                     prepub_core::cas::LocalCas::open(&r.storage).map_err(|e| e.to_string())?;
+                if let crate::config::PublishMode::Local(mount) = &cfg.publish {
+                    prepub_actors::local_publisher::probe("cvmfs_server")?;
+                    let _ = &cas;
+                    return Ok(format!(
+                        "cvmfs_server on PATH, mounted at {}",
+                        mount.join(name).display()
+                    ));
+                }
                 if let crate::config::PublishMode::Gateway(g) = &cfg.publish {
                     // Gateway mode: the CAS must exist here; the repository is read from the
                     // Stratum 0 and written by the gateway.

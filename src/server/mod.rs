@@ -65,8 +65,15 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("gateway client: {e}"))?;
             Some((Arc::new(client), secret))
         }
-        PublishMode::Standalone => None,
+        PublishMode::Standalone | PublishMode::Local(_) => None,
     };
+    if let PublishMode::Local(_) = &cfg.publish {
+        // Probe: local mode cannot work without cvmfs_server.
+        let found = prepub_actors::local_publisher::probe("cvmfs_server")
+            .map_err(|e| anyhow::anyhow!("publish_mode local: {e}"))?;
+        slog::info!(log, "cvmfs_server found"; "path" => %found.display());
+    }
+    let busy = prepub_actors::local_publisher::Busy::default();
     let cfg = Arc::new(cfg);
     actix_rt::System::new().block_on(async move {
         let (spool, jobs) = Spool::open(&cfg.spool_root).with_context(|| format!("server.spool_root {}", cfg.spool_root.display()))?;
@@ -105,6 +112,16 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
             PublishMode::Standalone => {
                 let p = Publisher::new(targets.clone()).start();
                 info!(log, "publisher started"; "actor" => "Publisher", "mode" => "standalone", "repositories" => targets.len());
+                p.recipient()
+            }
+            PublishMode::Local(mount) => {
+                let settings = Arc::new(prepub_actors::local_publisher::LocalSettings {
+                    cvmfs_server: "cvmfs_server".into(),
+                    cvmfs_mount: mount.clone(),
+                    spool_root: cfg.spool_root.clone(),
+                });
+                let p = prepub_actors::local_publisher::LocalPublisher::new(targets.iter().map(|t| t.name.clone()).collect(), settings, busy.clone()).start();
+                info!(log, "publisher started"; "actor" => "LocalPublisher", "mode" => "local", "cvmfs_mount" => %mount.display(), "repositories" => targets.len());
                 p.recipient()
             }
             PublishMode::Gateway(g) => {
@@ -147,6 +164,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
             tokens,
             jobs,
             cas_writer,
+            busy,
             metrics,
             incoming: cfg.spool_root.join("incoming"),
         });
