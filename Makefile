@@ -1,7 +1,7 @@
 # cvmfs-prepub build targets.
 CARGO ?= cargo
 
-.PHONY: build test lint bench demo run-demo clean
+.PHONY: build test lint bench demo run-demo run-sim clean
 
 ## build: release binaries into target/release (cvmfs-prepub)
 build:
@@ -23,6 +23,10 @@ bench:
 ## run-demo: start the daemon on config/demo.yaml, publish a sample tar, check it, stop
 run-demo: build
 	scripts/demo-daemon.sh
+
+## run-sim: publisher + gateway double in one process, concurrent communities, chaos on
+run-sim:
+	$(CARGO) run --example run_sim -- --jobs 12 --communities 3 --error-rate 0.1 --latency 20ms --manifest-lag 1s
 
 ## demo: create a repository, publish a sample tar into it, and check it
 demo: build

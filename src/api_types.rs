@@ -55,6 +55,8 @@ pub struct JobView {
     pub tag: Option<String>,
     pub attempts: u32,
     pub tar_bytes: u64,
+    /// What the job is waiting for, if anything (e.g. a busy gateway lease).
+    pub waiting: Option<String>,
 }
 
 impl From<&JobRecord> for JobView {
@@ -93,6 +95,7 @@ impl From<&JobRecord> for JobView {
             tag: j.result.as_ref().map(|r| r.tag.clone()),
             attempts: j.attempts,
             tar_bytes: j.tar_bytes,
+            waiting: j.waiting.clone(),
         }
     }
 }

@@ -189,7 +189,15 @@ fn waits_for_a_lease_held_by_another_publisher() {
     let d = gateway_daemon(dir.path(), &gw, "", &[]);
     let id = submit(&d, "/sw/x", &tree("x"));
     std::thread::sleep(std::time::Duration::from_secs(2));
-    assert_eq!(d.job(&id)["state"], "committing", "must wait for the lease");
+    let j = d.job(&id);
+    assert_eq!(j["state"], "committing", "must wait for the lease");
+    assert!(
+        j["waiting"]
+            .as_str()
+            .unwrap_or("")
+            .contains("waiting for the gateway lease on daemon.example.org/sw"),
+        "{j}"
+    );
     let auth =
         prepub_core::gateway::authorization("prepub-key", SECRET.as_bytes(), token.as_bytes());
     let v: serde_json::Value = client()

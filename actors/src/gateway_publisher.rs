@@ -33,7 +33,7 @@ use prepub_core::repo::{self, ApplyMode};
 
 use crate::gateway_client::{GatewayClient, GwError, LeaseReply};
 use crate::http_store::HttpStore;
-use crate::publisher::{CommitError, CommitJob, CommitStarting, Committed};
+use crate::publisher::{CommitError, CommitJob, CommitStarting, CommitWaiting, Committed};
 
 /// Settings of gateway mode.
 #[derive(Debug, Clone)]
@@ -284,8 +284,9 @@ fn acquire(
     client: &GatewayClient,
     path: &str,
     wait: Duration,
-    abort: &AtomicBool,
+    job: &CommitJob,
 ) -> Result<String, CommitError> {
+    let abort: &AtomicBool = &job.abort;
     let start = Instant::now();
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -297,8 +298,20 @@ fn acquire(
             ));
         }
         match client.acquire(path).map_err(gw_err)? {
-            LeaseReply::Granted(t) => return Ok(t),
+            LeaseReply::Granted(t) => {
+                job.waiting.do_send(CommitWaiting {
+                    job_id: job.job.id.clone(),
+                    note: None,
+                });
+                return Ok(t);
+            }
             LeaseReply::Busy(remaining) => {
+                job.waiting.do_send(CommitWaiting {
+                    job_id: job.job.id.clone(),
+                    note: Some(format!(
+                        "waiting for the gateway lease on {path} (busy, {remaining} remaining)"
+                    )),
+                });
                 if start.elapsed() >= wait {
                     return Err(err(
                         "lease-timeout",
@@ -372,7 +385,7 @@ fn commit(
         let lease_sub = choose_lease(&mut tree, &job.job.path)?;
         let lpath = lease_path(repo_name, &lease_sub);
         // The lease is taken only now: everything before ran without locking the repository.
-        let token = acquire(client, &lpath, s.lease_wait, &job.abort)?;
+        let token = acquire(client, &lpath, s.lease_wait, &job)?;
         let acquired = Instant::now();
         hb.do_send(Heartbeat::Start(token.clone()));
         let release = |why_cancel: bool| {

@@ -22,7 +22,7 @@ use prepub_core::spool::SpoolError;
 
 use crate::compressor_pool::{CompressorPool, ProcessJob, Processed, ProgressMade};
 use crate::metrics::Metrics;
-use crate::publisher::{CommitJob, CommitStarting, Committed, RepoTarget};
+use crate::publisher::{CommitJob, CommitStarting, CommitWaiting, Committed, RepoTarget};
 use crate::spool_journal::{AcceptJob, RecordJob, SaveChangeset, Snapshot, SpoolJournal};
 
 /// Static settings of the job manager.
@@ -248,6 +248,7 @@ impl JobManager {
             params: self.settings.params,
             abort,
             starting: ctx.address().recipient(),
+            waiting: ctx.address().recipient(),
             done: ctx.address().recipient(),
         });
     }
@@ -601,6 +602,17 @@ impl Handler<CommitStarting> for JobManager {
         self.save(job, ctx, move |_, _, ok| {
             let _ = ack.send(ok);
         });
+    }
+}
+
+impl Handler<CommitWaiting> for JobManager {
+    type Result = ();
+    fn handle(&mut self, m: CommitWaiting, _: &mut Context<Self>) {
+        if let Some(j) = self.jobs.get_mut(&m.job_id) {
+            if !j.state.is_terminal() {
+                j.waiting = m.note;
+            }
+        }
     }
 }
 

@@ -43,6 +43,14 @@ pub struct CommitStarting {
     pub ack: Sender<bool>,
 }
 
+/// A commit is waiting (for a busy lease path, say); shown on the job until it moves on.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct CommitWaiting {
+    pub job_id: String,
+    pub note: Option<String>,
+}
+
 /// The outcome of a commit.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
@@ -67,6 +75,7 @@ pub struct CommitJob {
     pub params: EncodeParams,
     pub abort: Arc<AtomicBool>,
     pub starting: Recipient<CommitStarting>,
+    pub waiting: Recipient<CommitWaiting>,
     pub done: Recipient<Committed>,
 }
 

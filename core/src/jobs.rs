@@ -123,6 +123,9 @@ pub struct JobRecord {
     /// Set when the tar has been deleted after the retention period.
     #[serde(default)]
     pub tar_deleted: bool,
+    /// What the job is waiting for right now, if anything (e.g. a busy lease path).
+    #[serde(default)]
+    pub waiting: Option<String>,
 }
 
 impl JobRecord {
@@ -149,11 +152,13 @@ impl JobRecord {
             base_root: None,
             attempts: 0,
             tar_deleted: false,
+            waiting: None,
         }
     }
 
     /// Moves to `state` at `now_ms`.
     pub fn transition(&mut self, state: JobState, now_ms: i64) {
+        self.waiting = None;
         self.state = state;
         self.updated = now_ms;
         self.state_times.insert(state, now_ms);
