@@ -4,7 +4,8 @@
 //! At the end it checks: every job reached `published` or `failed` with a reason; the repository,
 //! read by the independent `cvmfs` reader, holds exactly the published trees (no update lost, no
 //! failed job visible); `repo check` passes. It prints a summary and exits non-zero on any
-//! violation. Flags: --jobs N --communities N --error-rate P --latency D --manifest-lag D.
+//! violation. Flags: --jobs N --communities N --error-rate P --drop-rate P --latency D
+//! --manifest-lag D.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -117,6 +118,7 @@ fn main() {
     let error_rate: f64 = arg("--error-rate", "0.1").parse().unwrap();
     let latency = arg("--latency", "20ms");
     let lag = arg("--manifest-lag", "1s");
+    let drop_rate: f64 = arg("--drop-rate", "0.05").parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let storage = dir.path().join("storage").join(REPO);
     let keys_dir = dir.path().join("keys");
@@ -141,6 +143,7 @@ fn main() {
         latency: cvmfs_prepub::units::parse_duration(&latency).unwrap(),
         manifest_lag: cvmfs_prepub::units::parse_duration(&lag).unwrap(),
         force_path_busy: 2,
+        drop_rate,
     };
     std::thread::spawn(move || {
         cvmfs_prepub::gateway_double::run(gw_cfg, format!("127.0.0.1:{gw_port}").parse().unwrap())
@@ -291,7 +294,7 @@ fn main() {
         ));
     }
 
-    println!("run-sim: {jobs} jobs from {communities} communities, gateway error rate {error_rate}, latency {latency}, manifest lag {lag}");
+    println!("run-sim: {jobs} jobs from {communities} communities, gateway error rate {error_rate}, dropped replies {drop_rate}, latency {latency}, manifest lag {lag}");
     println!("{:<12} {:>6}", "state", "jobs");
     for (s, n) in &by_state {
         println!("{s:<12} {n:>6}");

@@ -6,7 +6,8 @@
 //! (`/cvmfs/<repo>/...`). Facts: cvmfs-formats.md §4. Quirks kept on purpose: errors are HTTP 200
 //! with `"status":"error"`; `api_version`/`header_size` must be JSON strings (else HTTP 400);
 //! there is no renew endpoint (`PUT` answers 405); a failed commit cannot be retried on the same
-//! lease. Fault knobs: error rate, latency, a lagging manifest, forced `path_busy`.
+//! lease. Fault knobs: error rate, latency, a lagging manifest, forced `path_busy`, and connections
+//! dropped after a payload or commit was carried out.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -39,6 +40,9 @@ pub struct DoubleConfig {
     pub manifest_lag: Duration,
     /// The first N lease requests are answered `path_busy`.
     pub force_path_busy: u32,
+    /// Probability that a payload or commit is carried out but its connection is then dropped
+    /// before the reply (the client cannot tell whether it happened).
+    pub drop_rate: f64,
 }
 
 struct Lease {
@@ -63,6 +67,16 @@ fn reply(v: Value) -> HttpResponse {
     HttpResponse::Ok().json(v)
 }
 
+/// A response whose body fails at once: the server aborts the connection mid-reply.
+fn dropped() -> HttpResponse {
+    let s = futures_util::stream::once(async {
+        Err::<web::Bytes, _>(actix_web::error::ErrorInternalServerError(
+            "connection dropped",
+        ))
+    });
+    HttpResponse::Ok().streaming(s)
+}
+
 fn error(reason: &str) -> HttpResponse {
     reply(json!({"status": "error", "reason": reason}))
 }
@@ -84,6 +98,10 @@ impl State {
             return Some(error("simulated failure"));
         }
         None
+    }
+
+    fn drop_now(&mut self) -> bool {
+        self.cfg.drop_rate > 0.0 && self.rand() < self.cfg.drop_rate
     }
 
     fn secret(&self, key_id: &str) -> Option<Vec<u8>> {
@@ -365,7 +383,12 @@ async fn payload_legacy(req: HttpRequest, body: web::Bytes, st: Shared) -> HttpR
     })
     .await;
     match res {
-        Ok(Ok(_)) => reply(json!({"status": "ok"})),
+        Ok(Ok(_)) => {
+            if st.0.lock().map(|mut s| s.drop_now()).unwrap_or(false) {
+                return dropped();
+            }
+            reply(json!({"status": "ok"}))
+        }
         Ok(Err(e)) => error(&format!("other_error: {e}")),
         Err(e) => error(&format!("uploader_error: {e}")),
     }
@@ -467,6 +490,9 @@ async fn commit_lease(
         Ok(Ok(rev)) => {
             let mut s = st.0.lock().unwrap_or_else(|e| e.into_inner());
             s.leases.remove(&token);
+            if s.drop_now() {
+                return dropped();
+            }
             reply(json!({"status": "ok", "final_revision": rev}))
         }
         Ok(Err(e)) => {

@@ -79,6 +79,9 @@ struct GatewayDoubleArgs {
     /// Answer the first N lease requests with path_busy.
     #[arg(long, default_value_t = 0)]
     force_path_busy: u32,
+    /// Probability (0..1) that a payload or commit is carried out but its reply is dropped.
+    #[arg(long, default_value_t = 0.0)]
+    drop_rate: f64,
 }
 
 fn gateway_double(a: GatewayDoubleArgs) -> anyhow::Result<()> {
@@ -95,6 +98,7 @@ fn gateway_double(a: GatewayDoubleArgs) -> anyhow::Result<()> {
         latency: parse_duration(&a.latency).map_err(anyhow::Error::msg)?,
         manifest_lag: parse_duration(&a.manifest_lag).map_err(anyhow::Error::msg)?,
         force_path_busy: a.force_path_busy,
+        drop_rate: a.drop_rate,
     };
     let listen = cvmfs_prepub::config::parse_listen(&a.listen).map_err(anyhow::Error::msg)?;
     cvmfs_prepub::gateway_double::run(cfg, listen)
