@@ -62,6 +62,10 @@ pub struct GatewayFile {
     /// Timeout of one gateway request.
     #[serde(default = "default_gw_timeout")]
     pub request_timeout: String,
+    /// Directory with `<repo>.pub` master public keys; when set, the Stratum 0 whitelist is
+    /// verified before its manifest is trusted (the manifest signature is always verified).
+    #[serde(default)]
+    pub public_keys_dir: Option<PathBuf>,
 }
 
 fn default_secret_env() -> String {
@@ -95,6 +99,7 @@ pub struct GatewayConfig {
     pub lease_wait: Duration,
     pub pack_bytes: usize,
     pub request_timeout: Duration,
+    pub public_keys_dir: Option<PathBuf>,
 }
 
 /// Who writes the repositories.
@@ -507,6 +512,7 @@ impl FileConfig {
                         as usize,
                     request_timeout: parse_duration(&g.request_timeout)
                         .map_err(|m| cerr("gateway.request_timeout", m))?,
+                    public_keys_dir: g.public_keys_dir,
                 })
             }
             other => {

@@ -132,7 +132,9 @@ fn publishes_through_the_gateway_with_forced_busy_paths() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
     let gw = Double::start(dir.path(), &["--force-path-busy", "2"], None);
-    let d = gateway_daemon(dir.path(), &gw, "", &[]);
+    // With the master public key configured, the Stratum 0 whitelist is verified too.
+    let extra = format!("  public_keys_dir: {}\n", dir.path().join("keys").display());
+    let d = gateway_daemon(dir.path(), &gw, &extra, &[]);
     let h: serde_json::Value = client()
         .get(format!("{}/api/v1/health", d.url))
         .send()
@@ -302,4 +304,144 @@ fn survives_a_gateway_restart() {
     let j = d.wait_terminal(&id, 90);
     assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
     check(&d.storage);
+}
+
+#[test]
+fn the_double_keeps_the_stock_quirks() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let gw = Double::start(dir.path(), &[], None);
+    let c = client();
+    // api_version must be a JSON string.
+    let body = br#"{"path":"daemon.example.org/x","api_version":2,"hostname":"h"}"#;
+    let auth = prepub_core::gateway::authorization("prepub-key", SECRET.as_bytes(), body);
+    let r = c
+        .post(format!("{}/api/v1/leases", gw.url))
+        .header("Authorization", auth)
+        .body(body.to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // A bad HMAC is HTTP 200 with status error.
+    let body = br#"{"path":"daemon.example.org/x","api_version":"2","hostname":"h"}"#;
+    let bad = prepub_core::gateway::authorization("prepub-key", b"not-the-secret", body);
+    let r = c
+        .post(format!("{}/api/v1/leases", gw.url))
+        .header("Authorization", bad)
+        .body(body.to_vec())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["reason"].as_str()),
+        (Some("error"), Some("invalid_hmac"))
+    );
+    // Overlapping paths conflict by string prefix.
+    let auth = prepub_core::gateway::authorization("prepub-key", SECRET.as_bytes(), body);
+    let v: serde_json::Value = c
+        .post(format!("{}/api/v1/leases", gw.url))
+        .header("Authorization", auth)
+        .body(body.to_vec())
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let token = v["session_token"].as_str().unwrap().to_string();
+    let body2 = br#"{"path":"daemon.example.org/xyz","api_version":"2","hostname":"h"}"#;
+    let auth2 = prepub_core::gateway::authorization("prepub-key", SECRET.as_bytes(), body2);
+    let v: serde_json::Value = c
+        .post(format!("{}/api/v1/leases", gw.url))
+        .header("Authorization", auth2)
+        .body(body2.to_vec())
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(v["status"], "path_busy");
+    // No renew endpoint.
+    let tok_auth =
+        prepub_core::gateway::authorization("prepub-key", SECRET.as_bytes(), token.as_bytes());
+    let r = c
+        .put(format!("{}/api/v1/leases/{token}", gw.url))
+        .header("Authorization", tok_auth.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    // A failed commit cannot be retried on the same lease.
+    let commit = |c: &reqwest::blocking::Client| -> serde_json::Value {
+        c.post(format!("{}/api/v1/leases/{token}", gw.url))
+            .header("Authorization", tok_auth.clone())
+            .body(r#"{"old_root_hash":"0000000000000000000000000000000000000000C","new_root_hash":"1111111111111111111111111111111111111111C","tag_name":"","tag_description":""}"#)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    let first = commit(&c);
+    assert_eq!(first["status"], "error", "{first}");
+    let second = commit(&c);
+    assert!(
+        second["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("no statistics counters for lease"),
+        "{second}"
+    );
+}
+
+#[test]
+fn publishes_at_the_repository_root() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let gw = Double::start(dir.path(), &[], None);
+    let d = gateway_daemon(dir.path(), &gw, "", &[]);
+    // (Top-level names that exist on the host, like /bin, confuse the cvmfs crate.)
+    let t = vec![
+        Spec::Dir("toplevel", 0o755),
+        Spec::File {
+            path: "toplevel/f",
+            mode: 0o644,
+            data: b"at the root".to_vec(),
+            xattrs: vec![],
+        },
+        Spec::File {
+            path: "README.prepub",
+            mode: 0o644,
+            data: b"readme".to_vec(),
+            xattrs: vec![],
+        },
+    ];
+    let id = submit(&d, "/", &t);
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    verify(&repo, "", &t);
+    drop(repo);
+    check(&d.storage);
+}
+
+#[test]
+fn an_untrusted_stratum0_whitelist_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let gw = Double::start(dir.path(), &[], None);
+    // The configured master key is not the one that signed the whitelist.
+    let other = prepub_core::keys::RepoKeys::generate(REPO, 1).unwrap();
+    let other_dir = dir.path().join("other-keys");
+    other.save(&other_dir).unwrap();
+    let extra = format!("  public_keys_dir: {}\n", other_dir.display());
+    let d = gateway_daemon(dir.path(), &gw, &extra, &[]);
+    let id = submit(&d, "/sw/u", &tree("u"));
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(j["state"], "failed");
+    assert_eq!(j["error"]["code"], "stratum0-untrusted");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("master public key"),
+        "{j}"
+    );
 }

@@ -50,6 +50,66 @@ pub struct GatewaySettings {
     pub stratum0_url: String,
     /// Largest object pack.
     pub pack_bytes: usize,
+    /// Where `<repo>.pub` master keys are; when set, the Stratum 0 whitelist is verified too.
+    pub public_keys_dir: Option<std::path::PathBuf>,
+}
+
+/// Verifies the Stratum 0's whitelist with the configured master public key: signature,
+/// repository name, expiry, and that it lists the certificate that signed the manifest.
+fn verify_whitelist(
+    s: &GatewaySettings,
+    repo_name: &str,
+    remote: &dyn Cas,
+    cert_pem: &str,
+) -> Result<(), CommitError> {
+    let Some(dir) = &s.public_keys_dir else {
+        return Ok(());
+    };
+    use rsa::pkcs8::DecodePublicKey;
+    let p = dir.join(format!("{repo_name}.pub"));
+    let pem = std::fs::read_to_string(&p)
+        .map_err(|e| err("keys-unavailable", format!("{}: {e}", p.display()), false))?;
+    let key = rsa::RsaPublicKey::from_public_key_pem(&pem)
+        .or_else(|_| <rsa::RsaPublicKey as rsa::pkcs1::DecodeRsaPublicKey>::from_pkcs1_pem(&pem))
+        .map_err(|e| err("keys-unavailable", format!("{}: {e}", p.display()), false))?;
+    let bytes = remote
+        .get_root_file(repo::WHITELIST)
+        .map_err(|e| err("stratum0-unreadable", e, true))?
+        .ok_or_else(|| {
+            err(
+                "stratum0-untrusted",
+                "the Stratum 0 has no .cvmfswhitelist",
+                true,
+            )
+        })?;
+    let w = prepub_core::manifest::Whitelist::parse(&bytes)
+        .map_err(|e| err("stratum0-untrusted", e, true))?;
+    w.verify(&key)
+        .map_err(|e| err("stratum0-untrusted", e, true))?;
+    if w.name != repo_name {
+        return Err(err(
+            "stratum0-untrusted",
+            format!("whitelist is for {}", w.name),
+            true,
+        ));
+    }
+    if w.expires <= prepub_core::timefmt::now() {
+        return Err(err(
+            "stratum0-untrusted",
+            "the Stratum 0 whitelist has expired",
+            true,
+        ));
+    }
+    let fp = prepub_core::keys::certificate_fingerprint(cert_pem)
+        .map_err(|e| err("stratum0-untrusted", e, true))?;
+    if !w.lists(&fp) {
+        return Err(err(
+            "stratum0-untrusted",
+            "the manifest's certificate is not in the whitelist",
+            true,
+        ));
+    }
+    Ok(())
 }
 
 fn err(code: &'static str, e: impl ToString, retryable: bool) -> CommitError {
@@ -357,7 +417,7 @@ fn commit(
         Arc::new(HttpStore::new(&url).map_err(|e| err("stratum0-unreadable", e, true))?);
     let mut handshake_done = false;
     for _round in 0..5 {
-        let (m, _) = repo::current_manifest(remote.as_ref())
+        let (m, cert_pem) = repo::current_manifest(remote.as_ref())
             .map_err(|e| err("stratum0-unreadable", format!("{url}: {e}"), true))?
             .ok_or_else(|| {
                 err(
@@ -366,6 +426,7 @@ fn commit(
                     true,
                 )
             })?;
+        verify_whitelist(s, repo_name, remote.as_ref(), &cert_pem)?;
         if let Some(done) = already_committed(remote.as_ref(), &m, &job.job)? {
             return Ok(done);
         }
