@@ -197,12 +197,35 @@ pub struct TokenFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CasFile {
-    /// `localfs`.
+    /// `localfs` or `s3`.
     #[serde(rename = "type", default = "default_cas_type")]
     pub kind: String,
-    /// Parent directory of the repository storages (`<root>/<repo>` unless a repository says).
+    /// localfs: parent directory of the repository storages (`<root>/<repo>` unless a
+    /// repository says).
     #[serde(default = "default_cas_root")]
     pub root: PathBuf,
+    /// s3: bucket name.
+    #[serde(default)]
+    pub bucket: String,
+    /// s3: region.
+    #[serde(default = "default_region")]
+    pub region: String,
+    /// s3: endpoint; empty for AWS, e.g. http://minio:9000 for MinIO or Ceph (path-style).
+    #[serde(default)]
+    pub endpoint: String,
+    /// s3: key prefix above the repositories (repository R lives under `<prefix>/R/`).
+    #[serde(default)]
+    pub prefix: String,
+    /// s3: objects at least this large are uploaded in parts.
+    #[serde(default = "default_multipart")]
+    pub multipart_threshold: String,
+}
+
+fn default_region() -> String {
+    "us-east-1".into()
+}
+fn default_multipart() -> String {
+    "64MiB".into()
 }
 
 impl Default for CasFile {
@@ -210,6 +233,11 @@ impl Default for CasFile {
         CasFile {
             kind: default_cas_type(),
             root: default_cas_root(),
+            bucket: String::new(),
+            region: default_region(),
+            endpoint: String::new(),
+            prefix: String::new(),
+            multipart_threshold: default_multipart(),
         }
     }
 }
@@ -380,6 +408,8 @@ pub struct RepoConfig {
     pub name: String,
     pub storage: PathBuf,
     pub keys_dir: PathBuf,
+    /// Set when `cas.type: s3`.
+    pub s3: Option<prepub_actors::s3_cas::S3Settings>,
 }
 
 /// The validated runtime configuration.
@@ -522,15 +552,30 @@ impl FileConfig {
                 ))
             }
         };
-        if self.cas.kind != "localfs" {
-            return Err(cerr(
-                "cas.type",
-                format!(
-                    "'{}' is not a CAS type of this version (localfs)",
-                    self.cas.kind
-                ),
-            ));
-        }
+        let s3 = match self.cas.kind.as_str() {
+            "localfs" => false,
+            "s3" => {
+                if self.cas.bucket.is_empty() {
+                    return Err(cerr("cas.bucket", "cas.type s3 needs a bucket"));
+                }
+                let e = &self.cas.endpoint;
+                if !(e.is_empty() || e.starts_with("http://") || e.starts_with("https://")) {
+                    return Err(cerr(
+                        "cas.endpoint",
+                        format!("'{}' is not an http(s) URL", self.cas.endpoint),
+                    ));
+                }
+                true
+            }
+            other => {
+                return Err(cerr(
+                    "cas.type",
+                    format!("'{other}' is not a CAS type (localfs, s3)"),
+                ))
+            }
+        };
+        let multipart_threshold = parse_size(&self.cas.multipart_threshold)
+            .map_err(|m| cerr("cas.multipart_threshold", m))?;
         let max_upload = parse_size(&self.server.max_upload_size)
             .map_err(|m| cerr("server.max_upload_size", m))?;
         let tar_retention = parse_duration(&self.server.tar_retention)
@@ -594,6 +639,16 @@ impl FileConfig {
                     .keys_dir
                     .clone()
                     .unwrap_or_else(|| PathBuf::from("/etc/cvmfs/keys")),
+                s3: s3.then(|| prepub_actors::s3_cas::S3Settings {
+                    bucket: self.cas.bucket.clone(),
+                    region: self.cas.region.clone(),
+                    endpoint: self.cas.endpoint.clone(),
+                    prefix: match self.cas.prefix.trim_matches('/') {
+                        "" => r.name.clone(),
+                        p => format!("{p}/{}", r.name),
+                    },
+                    multipart_threshold: multipart_threshold as usize,
+                }),
             };
             if repos.insert(r.name.clone(), rc).is_some() {
                 return Err(cerr(

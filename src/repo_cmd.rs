@@ -32,8 +32,10 @@ pub enum RepoCmd {
 #[derive(Args, Debug)]
 pub struct InitArgs {
     /// Repository storage directory (will hold .cvmfspublished and data/).
-    #[arg(long)]
-    repo_dir: PathBuf,
+    #[arg(long, required_unless_present = "s3")]
+    repo_dir: Option<PathBuf>,
+    #[command(flatten)]
+    s3: S3Args,
     /// Fully qualified repository name, e.g. software.cern.ch.
     #[arg(long)]
     name: String,
@@ -41,6 +43,37 @@ pub struct InitArgs {
     /// Default: <repo-dir>.keys next to (never inside) the storage.
     #[arg(long)]
     keys_dir: Option<PathBuf>,
+}
+
+/// An S3 repository storage instead of a directory.
+#[derive(Args, Debug, Default)]
+pub struct S3Args {
+    /// `BUCKET/PREFIX` of a repository in S3 (credentials from the standard AWS chain).
+    #[arg(long)]
+    s3: Option<String>,
+    /// S3 endpoint (empty for AWS; e.g. http://127.0.0.1:9000 for MinIO or moto).
+    #[arg(long, default_value = "")]
+    s3_endpoint: String,
+    #[arg(long, default_value = "us-east-1")]
+    s3_region: String,
+}
+
+impl S3Args {
+    fn open(&self) -> anyhow::Result<Option<prepub_actors::s3_cas::S3Cas>> {
+        let Some(spec) = &self.s3 else {
+            return Ok(None);
+        };
+        let (bucket, prefix) = spec.split_once('/').unwrap_or((spec.as_str(), ""));
+        let store = prepub_actors::s3_cas::S3Cas::new(prepub_actors::s3_cas::S3Settings {
+            bucket: bucket.to_string(),
+            region: self.s3_region.clone(),
+            endpoint: self.s3_endpoint.clone(),
+            prefix: prefix.trim_matches('/').to_string(),
+            multipart_threshold: 64 << 20,
+        })?;
+        store.probe()?;
+        Ok(Some(store))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -82,8 +115,10 @@ pub struct IngestArgs {
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
-    #[arg(long, conflicts_with = "url", required_unless_present = "url")]
+    #[arg(long, conflicts_with = "url", required_unless_present_any = ["url", "s3"])]
     repo_dir: Option<PathBuf>,
+    #[command(flatten)]
+    s3: S3Args,
     /// Check a repository over HTTP instead.
     #[arg(long)]
     url: Option<String>,
@@ -127,15 +162,22 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
     if a.name.is_empty() || a.name.contains('/') || a.name.contains(char::is_whitespace) {
         bail!("repository name '{}' is invalid", a.name);
     }
-    let kdir = keys_dir(&a.repo_dir, a.keys_dir);
-    let repo_abs = std::path::absolute(&a.repo_dir)?;
-    let kdir_abs = std::path::absolute(&kdir)?;
-    if kdir_abs.starts_with(&repo_abs) {
-        bail!(
-            "keys directory {} lies inside the served storage {}",
-            kdir.display(),
-            a.repo_dir.display()
-        );
+    let s3 = a.s3.open()?;
+    let kdir = match (&a.repo_dir, a.keys_dir) {
+        (_, Some(k)) => k,
+        (Some(d), None) => keys_dir(d, None),
+        (None, None) => bail!("--keys-dir is required for an S3 repository"),
+    };
+    if let Some(d) = &a.repo_dir {
+        let repo_abs = std::path::absolute(d)?;
+        let kdir_abs = std::path::absolute(&kdir)?;
+        if kdir_abs.starts_with(&repo_abs) {
+            bail!(
+                "keys directory {} lies inside the served storage {}",
+                kdir.display(),
+                d.display()
+            );
+        }
     }
     let keys = if RepoKeys::present(&kdir, &a.name) {
         RepoKeys::load(&kdir, &a.name)?
@@ -145,9 +187,15 @@ fn init(a: InitArgs) -> anyhow::Result<()> {
         eprintln!("generated keys for {} in {}", a.name, kdir.display());
         k
     };
-    let cas = LocalCas::create(&a.repo_dir)?;
-    let _lock = repo::lock_storage(&a.repo_dir)?;
-    let p = repo::init(&cas, &keys, current_uid(), current_gid(), timefmt::now())?;
+    let p = match (&s3, &a.repo_dir) {
+        (Some(store), _) => repo::init(store, &keys, current_uid(), current_gid(), timefmt::now())?,
+        (None, Some(d)) => {
+            let cas = LocalCas::create(d)?;
+            let _lock = repo::lock_storage(d)?;
+            repo::init(&cas, &keys, current_uid(), current_gid(), timefmt::now())?
+        }
+        (None, None) => bail!("give --repo-dir or --s3"),
+    };
     println!(
         "created {} revision {} root catalog {}",
         a.name, p.manifest.revision, p.commit.root
@@ -246,10 +294,11 @@ fn ingest(a: IngestArgs) -> anyhow::Result<()> {
 }
 
 fn check(a: CheckArgs) -> anyhow::Result<()> {
-    let cas: Box<dyn Cas> = match (&a.repo_dir, &a.url) {
-        (Some(d), _) => Box::new(LocalCas::open(d)?),
-        (None, Some(u)) => Box::new(HttpStore::new(u)?),
-        _ => bail!("give --repo-dir or --url"),
+    let cas: Box<dyn Cas> = match (a.s3.open()?, &a.repo_dir, &a.url) {
+        (Some(store), _, _) => Box::new(store),
+        (None, Some(d), _) => Box::new(LocalCas::open(d)?),
+        (None, None, Some(u)) => Box::new(HttpStore::new(u)?),
+        _ => bail!("give --repo-dir, --s3 or --url"),
     };
     let master = match (&a.master_pub, &a.keys_dir, &a.repo_dir) {
         (Some(p), _, _) => Some(read_pub(p)?),

@@ -16,7 +16,7 @@ use std::thread;
 
 use actix::prelude::*;
 use crossbeam_channel::{unbounded, Receiver, Sender};
-use prepub_core::cas::{Cas, LocalCas};
+use prepub_core::cas::Cas;
 use prepub_core::intake::{read_tar_parallel, ChangeSet, IntakeError, IntakeLimits};
 use prepub_core::jobs::Progress;
 use prepub_core::object::EncodeParams;
@@ -53,7 +53,7 @@ pub struct ProcessError {
 pub struct ProcessJob {
     pub job_id: String,
     pub tar: PathBuf,
-    pub storage: PathBuf,
+    pub target: crate::publisher::RepoTarget,
     pub top_level: bool,
     pub params: EncodeParams,
     pub limits: IntakeLimits,
@@ -144,11 +144,10 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
             message: e,
             retryable: true,
         };
-        let cas: Arc<dyn Cas> = Arc::new(
-            LocalCas::open(&t.storage)
-                .map_err(|e| io_err("cas-unavailable", e.to_string()))?
-                .with_deferred_dir_sync(),
-        );
+        let cas: Arc<dyn Cas> = t
+            .target
+            .cas(true)
+            .map_err(|e| io_err("cas-unavailable", e.to_string()))?;
         let f = std::fs::File::open(&t.tar).map_err(|e| io_err("spool-read", e.to_string()))?;
         let watched = Watched {
             inner: std::io::BufReader::with_capacity(1 << 20, f),

@@ -185,7 +185,7 @@ impl JobManager {
             act.pool.do_send(ProcessJob {
                 job_id: id,
                 tar,
-                storage: target.storage,
+                target,
                 top_level,
                 params,
                 limits,

@@ -26,11 +26,44 @@ use prepub_core::object::{decode_to_vec, EncodeParams};
 use prepub_core::repo::{self, ApplyMode, RepoError, TagRequest};
 
 /// Where a repository lives.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RepoTarget {
     pub name: String,
+    /// Local storage directory (`cas.type: localfs`).
     pub storage: PathBuf,
     pub keys_dir: PathBuf,
+    /// The S3 store (`cas.type: s3`), shared so its known-object cache serves every job.
+    pub s3: Option<Arc<crate::s3_cas::S3Cas>>,
+}
+
+impl std::fmt::Debug for RepoTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RepoTarget")
+            .field("name", &self.name)
+            .field("storage", &self.storage)
+            .field(
+                "s3",
+                &self
+                    .s3
+                    .as_ref()
+                    .map(|s| prepub_core::cas::Cas::describe(s.as_ref())),
+            )
+            .finish()
+    }
+}
+
+impl RepoTarget {
+    /// The repository's CAS. `bulk` batches local directory fsyncs (see `LocalCas`).
+    pub fn cas(
+        &self,
+        bulk: bool,
+    ) -> Result<Arc<dyn prepub_core::cas::Cas>, prepub_core::cas::CasError> {
+        if let Some(s3) = &self.s3 {
+            return Ok(s3.clone());
+        }
+        let c = LocalCas::open(&self.storage)?;
+        Ok(Arc::new(if bulk { c.with_deferred_dir_sync() } else { c }))
+    }
 }
 
 /// Sent by a commit thread before it changes the repository. The manager journals `base_root`
@@ -180,7 +213,10 @@ pub fn job_tags(job: &JobRecord) -> Vec<TagRequest> {
 
 /// Whether the job's commit is already in the repository (recovery after a crash, or a commit
 /// request repeated by a restarted job manager): the current history holds the job's tag.
-fn already_committed(cas: &LocalCas, job: &JobRecord) -> Result<Option<JobResult>, CommitError> {
+fn already_committed(
+    cas: &dyn prepub_core::cas::Cas,
+    job: &JobRecord,
+) -> Result<Option<JobResult>, CommitError> {
     let (m, _) = repo::current_manifest(cas)
         .map_err(|e| err("repository-unreadable", e, true))?
         .ok_or_else(|| err("repository-missing", "no repository in storage", false))?;
@@ -208,17 +244,24 @@ fn already_committed(cas: &LocalCas, job: &JobRecord) -> Result<Option<JobResult
 }
 
 fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
-    let cas = LocalCas::open(&t.storage).map_err(|e| err("cas-unavailable", e, true))?;
+    let cas_arc = t.cas(false).map_err(|e| err("cas-unavailable", e, true))?;
+    let cas = cas_arc.as_ref();
     let keys =
         RepoKeys::load(&t.keys_dir, &t.name).map_err(|e| err("keys-unavailable", e, false))?;
-    let _lock = repo::lock_storage(&t.storage).map_err(|e| err("repository-locked", e, true))?;
-    if let Some(done) = already_committed(&cas, &job.job)? {
+    // Local storages are also locked against other processes (e.g. `repo ingest`); commits of
+    // this daemon are already serialised by this thread.
+    let _lock = if t.s3.is_none() {
+        Some(repo::lock_storage(&t.storage).map_err(|e| err("repository-locked", e, true))?)
+    } else {
+        None
+    };
+    if let Some(done) = already_committed(cas, &job.job)? {
         return Ok(done);
     }
     let data = std::fs::read(&job.changeset).map_err(|e| err("spool-read", e, true))?;
     let cs: ChangeSet =
         serde_json::from_slice(&data).map_err(|e| err("spool-corrupt", e, false))?;
-    let (m, _) = repo::current_manifest(&cas)
+    let (m, _) = repo::current_manifest(cas)
         .map_err(|e| err("repository-unreadable", e, true))?
         .ok_or_else(|| {
             err(
@@ -250,10 +293,10 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
     let now = prepub_core::timefmt::now();
     let abort = job.abort.clone();
     let proceed = move || !abort.load(Ordering::SeqCst);
-    let p = repo::publish_guarded(&cas, &keys, &tags, now, &proceed, |tree| {
+    let p = repo::publish_guarded(cas, &keys, &tags, now, &proceed, |tree| {
         repo::apply_changeset(
             tree,
-            &cas,
+            cas,
             &cs,
             &job.job.path,
             ApplyMode::Replace,

@@ -52,6 +52,7 @@ async fn job_manager_restarts_from_the_journal() {
         name: "restart.example.org".into(),
         storage: storage.clone(),
         keys_dir,
+        s3: None,
     };
     let publisher = Publisher::new(vec![target.clone()]).start();
     let settings = Arc::new(Settings {

@@ -31,6 +31,8 @@ pub struct AppState {
     pub cas_writer: Addr<prepub_actors::cas_writer::CasWriter>,
     /// Local mode: repositories whose `cvmfs_server` publish is running.
     pub busy: prepub_actors::local_publisher::Busy,
+    /// `cas.type: s3`: the store of each repository.
+    pub s3: std::collections::HashMap<String, Arc<prepub_actors::s3_cas::S3Cas>>,
     pub metrics: Metrics,
     pub incoming: PathBuf,
 }
@@ -494,6 +496,7 @@ fn event(j: &JobRecord) -> web::Bytes {
 /// `GET /api/v1/health`: 200 when every check passes, 503 otherwise.
 pub async fn health(st: web::Data<AppState>) -> HttpResponse {
     let cfg = st.cfg.clone();
+    let s3 = st.s3.clone();
     let checks = web::block(move || {
         let mut c = std::collections::BTreeMap::new();
         let probe = cfg.spool_root.join("incoming").join(".health-probe");
@@ -510,8 +513,15 @@ pub async fn health(st: web::Data<AppState>) -> HttpResponse {
         );
         for (name, r) in &cfg.repos {
             let res = (|| -> Result<String, String> {
-                let cas =
-                    prepub_core::cas::LocalCas::open(&r.storage).map_err(|e| e.to_string())?;
+                let cas: Arc<dyn prepub_core::cas::Cas> = match s3.get(name) {
+                    Some(store) => {
+                        store.probe().map_err(|e| e.to_string())?;
+                        store.clone()
+                    }
+                    None => Arc::new(
+                        prepub_core::cas::LocalCas::open(&r.storage).map_err(|e| e.to_string())?,
+                    ),
+                };
                 if let crate::config::PublishMode::Local(mount) = &cfg.publish {
                     prepub_actors::local_publisher::probe("cvmfs_server")?;
                     let _ = &cas;
@@ -545,20 +555,16 @@ pub async fn health(st: web::Data<AppState>) -> HttpResponse {
                         m.revision, g.url
                     ));
                 }
-                let (m, _) = prepub_core::repo::current_manifest(&cas)
+                let (m, _) = prepub_core::repo::current_manifest(cas.as_ref())
                     .map_err(|e| e.to_string())?
-                    .ok_or_else(|| format!("{} holds no repository", r.storage.display()))?;
+                    .ok_or_else(|| format!("{} holds no repository", cas.describe()))?;
                 if !prepub_core::keys::RepoKeys::present(&r.keys_dir, name) {
                     return Err(format!(
                         "keys for {name} missing in {}",
                         r.keys_dir.display()
                     ));
                 }
-                Ok(format!(
-                    "revision {} at {}",
-                    m.revision,
-                    r.storage.display()
-                ))
+                Ok(format!("revision {} at {}", m.revision, cas.describe()))
             })();
             c.insert(
                 format!("repository:{name}"),

@@ -74,6 +74,20 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
         slog::info!(log, "cvmfs_server found"; "path" => %found.display());
     }
     let busy = prepub_actors::local_publisher::Busy::default();
+    // S3 stores: made (with their runtimes) outside the async runtime, probed before anything
+    // is accepted, so a missing bucket or refused credentials stop the start with the cause.
+    let mut s3_stores = std::collections::HashMap::new();
+    for r in cfg.repos.values() {
+        if let Some(s) = &r.s3 {
+            let store = prepub_actors::s3_cas::S3Cas::new(s.clone())
+                .map_err(|e| anyhow::anyhow!("cas (s3) for {}: {e}", r.name))?;
+            store
+                .probe()
+                .map_err(|e| anyhow::anyhow!("cas (s3) for {}: {e}", r.name))?;
+            slog::info!(log, "S3 store ready"; "repo" => &r.name, "store" => prepub_core::cas::Cas::describe(&store));
+            s3_stores.insert(r.name.clone(), Arc::new(store));
+        }
+    }
     let cfg = Arc::new(cfg);
     actix_rt::System::new().block_on(async move {
         let (spool, jobs) = Spool::open(&cfg.spool_root).with_context(|| format!("server.spool_root {}", cfg.spool_root.display()))?;
@@ -101,10 +115,11 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 name: r.name.clone(),
                 storage: r.storage.clone(),
                 keys_dir: r.keys_dir.clone(),
+                s3: s3_stores.get(&r.name).cloned(),
             })
             .collect();
         for t in &targets {
-            if matches!(cfg.publish, PublishMode::Standalone) && !t.storage.join(".cvmfspublished").is_file() {
+            if matches!(cfg.publish, PublishMode::Standalone) && t.s3.is_none() && !t.storage.join(".cvmfspublished").is_file() {
                 warn!(log, "repository storage holds no repository yet (run cvmfs-prepub repo init)"; "repo" => &t.name, "storage" => %t.storage.display());
             }
         }
@@ -166,6 +181,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
             jobs,
             cas_writer,
             busy,
+            s3: s3_stores.clone(),
             metrics,
             incoming: cfg.spool_root.join("incoming"),
         });

@@ -1,0 +1,294 @@
+//! S3 storage against a real S3 API server on loopback (`moto_server`, PyPI `moto[server]`,
+//! installed by `.ci/run`): init, publish through the daemon, read back with the `cvmfs` crate
+//! through an HTTP view of the bucket, `repo check --s3`, a missing bucket at start-up, and the
+//! S3 server going away mid-job.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use common::*;
+use prepub_core::cas::Cas;
+
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Moto {
+    fn start(dir: &Path) -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = std::fs::File::create(dir.join("moto.log")).unwrap();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("moto_server (pip install 'moto[server]'; .ci/run does)");
+        let m = Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        for _ in 0..200 {
+            if client().get(&m.endpoint).send().is_ok() {
+                return m;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("moto_server did not start");
+    }
+
+    fn bucket(&self, name: &str) {
+        let r = client()
+            .put(format!("{}/{name}", self.endpoint))
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "create bucket: {}", r.status());
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn store(m: &Moto, bucket: &str) -> prepub_actors::s3_cas::S3Cas {
+    prepub_actors::s3_cas::S3Cas::new(prepub_actors::s3_cas::S3Settings {
+        bucket: bucket.into(),
+        region: "us-east-1".into(),
+        endpoint: m.endpoint.clone(),
+        prefix: REPO.into(),
+        multipart_threshold: 1 << 20,
+    })
+    .unwrap()
+}
+
+/// Serves the repository in S3 over plain HTTP (as a web server in front of a bucket would).
+fn http_view(s3: Arc<prepub_actors::s3_cas::S3Cas>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut s) = conn else { continue };
+            let s3 = s3.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                }
+                let rel = line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or("/")
+                    .trim_start_matches('/')
+                    .to_string();
+                let body = if rel == ".cvmfs_last_snapshot" || rel == ".cvmfs_is_snapshotting" {
+                    Some(Vec::new())
+                } else if let Some(id) = prepub_core::hash::ObjectId::from_path(&rel) {
+                    prepub_core::cas::get_all(s3.as_ref(), &id).ok()
+                } else {
+                    s3.get_root_file(&rel).ok().flatten()
+                };
+                let _ = match body {
+                    Some(b) => s
+                        .write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", b.len()).as_bytes())
+                        .and_then(|_| s.write_all(&b)),
+                    None => s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+                };
+                let mut sink = Vec::new();
+                let _ = r.read_to_end(&mut sink);
+            });
+        }
+    });
+    url
+}
+
+fn s3_config(dir: &Path, m: &Moto, bucket: &str) {
+    prepare_daemon_dir(dir, "", "");
+    let cfg = dir.join("config.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let start = text.find("cas:\n").unwrap();
+    let end = text.find("pipeline:\n").unwrap();
+    let text = format!(
+        "{}cas:\n  type: s3\n  bucket: {bucket}\n  endpoint: {}\n  multipart_threshold: 1MiB\n{}",
+        &text[..start],
+        m.endpoint,
+        &text[end..]
+    );
+    std::fs::write(cfg, text).unwrap();
+}
+
+fn init_in_s3(dir: &Path, m: &Moto, bucket: &str) {
+    ok(&[
+        "repo",
+        "init",
+        "--s3",
+        &format!("{bucket}/{REPO}"),
+        "--s3-endpoint",
+        &m.endpoint,
+        "--name",
+        REPO,
+        "--keys-dir",
+        dir.join("keys").to_str().unwrap(),
+    ]);
+}
+
+fn creds() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+    ]
+}
+
+#[test]
+fn publishes_into_s3_and_reads_back() {
+    for (k, v) in creds() {
+        std::env::set_var(k, v);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = Moto::start(dir.path());
+    m.bucket("cvmfs");
+    init_in_s3(dir.path(), &m, "cvmfs");
+    s3_config(dir.path(), &m, "cvmfs");
+    let d = Daemon::start(dir.path(), &creds());
+    let h: serde_json::Value = client()
+        .get(format!("{}/api/v1/health", d.url))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(h["status"], "ok", "{h}");
+    let specs = vec![
+        Spec::Dir("pkg", 0o755),
+        Spec::File {
+            path: "pkg/small",
+            mode: 0o644,
+            data: b"small".to_vec(),
+            xattrs: vec![],
+        },
+        Spec::File {
+            path: "pkg/big.bin",
+            mode: 0o644,
+            data: pseudo_random(20 << 20, 4),
+            xattrs: vec![],
+        }, // > 16 MiB: at least one cut
+        Spec::File {
+            path: "pkg/.cvmfscatalog",
+            mode: 0o644,
+            data: vec![],
+            xattrs: vec![],
+        },
+        Spec::Symlink("pkg/link", "small"),
+    ];
+    let r = d.submit_raw(ADMIN, "/sw/s3", &tar_bytes(&specs), None);
+    let id = r.json::<serde_json::Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let j = d.wait_terminal(&id, 120);
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    let s3 = Arc::new(store(&m, "cvmfs"));
+    let url = http_view(s3.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    verify(&repo, "/sw/s3", &specs);
+    drop(repo);
+    ok(&[
+        "repo",
+        "check",
+        "--s3",
+        &format!("cvmfs/{REPO}"),
+        "--s3-endpoint",
+        &m.endpoint,
+        "--keys-dir",
+        dir.path().join("keys").to_str().unwrap(),
+    ]);
+    // Objects sit under the repository prefix in the CVMFS layout.
+    let listed = s3.list().unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|i| i.suffix == prepub_core::hash::Suffix::Partial),
+        "chunks in S3: {listed:?}"
+    );
+}
+
+#[test]
+fn a_missing_bucket_stops_the_start_with_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Moto::start(dir.path());
+    s3_config(dir.path(), &m, "no-such-bucket");
+    let mut env = creds();
+    env.push(("PREPUB_API_TOKEN", ADMIN));
+    let out = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
+        .args([
+            "--config",
+            dir.path().join("config.yaml").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .envs(env)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the bucket does not exist"), "{err}");
+}
+
+#[test]
+fn s3_going_away_mid_job_fails_the_job_with_a_reason_and_leaves_no_partial_objects() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = Moto::start(dir.path());
+    m.bucket("cvmfs");
+    for (k, v) in creds() {
+        std::env::set_var(k, v);
+    }
+    init_in_s3(dir.path(), &m, "cvmfs");
+    s3_config(dir.path(), &m, "cvmfs");
+    let cfg = dir.path().join("config.yaml");
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg).unwrap().replace(
+            "retry_backoff: 200ms",
+            "retry_backoff: 200ms\n  max_attempts: 2",
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(dir.path(), &{
+        let mut e = creds();
+        e.push(("CVMFS_PREPUB_TEST_HOLD", "processing=1000"));
+        e
+    });
+    let specs = vec![Spec::File {
+        path: "f",
+        mode: 0o644,
+        data: pseudo_random(3 << 20, 9),
+        xattrs: vec![],
+    }];
+    let r = d.submit_raw(ADMIN, "/gone", &tar_bytes(&specs), None);
+    let id = r.json::<serde_json::Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.wait_state(&id, "processing", 20);
+    let _ = m.child.kill();
+    let _ = m.child.wait();
+    let j = d.wait_terminal(&id, 240);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "cas-write", "{j}");
+    assert!(!j["error"]["message"].as_str().unwrap_or("").is_empty());
+}
