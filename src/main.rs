@@ -130,7 +130,14 @@ fn main() {
     };
     if let Err(e) = res {
         // One line, the whole cause chain.
-        let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        // The whole cause chain on one line, without repeating causes already quoted.
+        let mut msg: Vec<String> = Vec::new();
+        for c in e.chain() {
+            let t = c.to_string();
+            if !msg.iter().any(|m| m.contains(&t)) {
+                msg.push(t);
+            }
+        }
         eprintln!("cvmfs-prepub: {}", msg.join(": "));
         std::process::exit(1);
     }

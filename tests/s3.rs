@@ -21,6 +21,10 @@ struct Moto {
 
 impl Moto {
     fn start(dir: &Path) -> Moto {
+        Moto::start_with(dir, &[])
+    }
+
+    fn start_with(dir: &Path, env: &[(&str, &str)]) -> Moto {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -29,6 +33,7 @@ impl Moto {
         let log = std::fs::File::create(dir.join("moto.log")).unwrap();
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -118,7 +123,7 @@ fn http_view(s3: Arc<prepub_actors::s3_cas::S3Cas>) -> String {
     url
 }
 
-fn s3_config(dir: &Path, m: &Moto, bucket: &str) {
+fn s3_config(dir: &Path, endpoint: &str, bucket: &str) {
     prepare_daemon_dir(dir, "", "");
     let cfg = dir.join("config.yaml");
     let text = std::fs::read_to_string(&cfg).unwrap();
@@ -127,7 +132,7 @@ fn s3_config(dir: &Path, m: &Moto, bucket: &str) {
     let text = format!(
         "{}cas:\n  type: s3\n  bucket: {bucket}\n  endpoint: {}\n  multipart_threshold: 1MiB\n{}",
         &text[..start],
-        m.endpoint,
+        endpoint,
         &text[end..]
     );
     std::fs::write(cfg, text).unwrap();
@@ -164,7 +169,7 @@ fn publishes_into_s3_and_reads_back() {
     let m = Moto::start(dir.path());
     m.bucket("cvmfs");
     init_in_s3(dir.path(), &m, "cvmfs");
-    s3_config(dir.path(), &m, "cvmfs");
+    s3_config(dir.path(), &m.endpoint, "cvmfs");
     let d = Daemon::start(dir.path(), &creds());
     let h: serde_json::Value = client()
         .get(format!("{}/api/v1/health", d.url))
@@ -231,7 +236,7 @@ fn publishes_into_s3_and_reads_back() {
 fn a_missing_bucket_stops_the_start_with_the_cause() {
     let dir = tempfile::tempdir().unwrap();
     let m = Moto::start(dir.path());
-    s3_config(dir.path(), &m, "no-such-bucket");
+    s3_config(dir.path(), &m.endpoint, "no-such-bucket");
     let mut env = creds();
     env.push(("PREPUB_API_TOKEN", ADMIN));
     let out = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
@@ -258,7 +263,7 @@ fn s3_going_away_mid_job_fails_the_job_with_a_reason_and_leaves_no_partial_objec
         std::env::set_var(k, v);
     }
     init_in_s3(dir.path(), &m, "cvmfs");
-    s3_config(dir.path(), &m, "cvmfs");
+    s3_config(dir.path(), &m.endpoint, "cvmfs");
     let cfg = dir.path().join("config.yaml");
     std::fs::write(
         &cfg,
@@ -291,4 +296,157 @@ fn s3_going_away_mid_job_fails_the_job_with_a_reason_and_leaves_no_partial_objec
     assert_eq!(j["state"], "failed", "{j}");
     assert_eq!(j["error"]["code"], "cas-write", "{j}");
     assert!(!j["error"]["message"].as_str().unwrap_or("").is_empty());
+}
+
+#[test]
+fn wrong_credentials_stop_the_start_with_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    // moto enforces signatures after the first two unauthenticated actions: the readiness
+    // probe and creating the bucket.
+    let m = Moto::start_with(dir.path(), &[("INITIAL_NO_AUTH_ACTION_COUNT", "2")]);
+    m.bucket("cvmfs");
+    s3_config(dir.path(), &m.endpoint, "cvmfs");
+    let out = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
+        .args([
+            "--config",
+            dir.path().join("config.yaml").to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .envs([
+            ("AWS_ACCESS_KEY_ID", "wrong"),
+            ("AWS_SECRET_ACCESS_KEY", "wrong"),
+            ("PREPUB_API_TOKEN", ADMIN),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the credentials were refused"), "{err}");
+    assert!(
+        !err.contains("wrong"),
+        "credentials must not be echoed: {err}"
+    );
+}
+
+/// Reads one HTTP message head (up to the blank line) and its body, given the request method
+/// for responses (`HEAD` answers carry no body).
+fn read_message(
+    r: &mut BufReader<std::net::TcpStream>,
+    head_request: bool,
+) -> Option<(String, Vec<u8>)> {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        head.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let len = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())
+                .flatten()
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; if head_request { 0 } else { len }];
+    r.read_exact(&mut body).ok()?;
+    Some((head, body))
+}
+
+/// A proxy in front of moto that answers the first `n` requests with `503 SlowDown`, as S3 does
+/// when it throttles, and forwards the rest.
+fn throttling_proxy(target: &str, n: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let throttled = Arc::new(AtomicUsize::new(0));
+    let t2 = throttled.clone();
+    let target = target.trim_start_matches("http://").to_string();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut client_s) = conn else { continue };
+            let throttled = t2.clone();
+            let target = target.clone();
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(client_s.try_clone().unwrap());
+                let Some((head, body)) = read_message(&mut r, false) else {
+                    return;
+                };
+                if throttled.fetch_add(1, Ordering::SeqCst) < n {
+                    let xml = "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+                    let _ = client_s.write_all(
+                        format!("HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}", xml.len()).as_bytes(),
+                    );
+                    return;
+                }
+                throttled.fetch_sub(1, Ordering::SeqCst);
+                let is_head = head.starts_with("HEAD ");
+                let Ok(mut up) = std::net::TcpStream::connect(&target) else {
+                    return;
+                };
+                if up
+                    .write_all(head.as_bytes())
+                    .and_then(|_| up.write_all(&body))
+                    .is_err()
+                {
+                    return;
+                }
+                let mut ur = BufReader::new(up);
+                if let Some((rh, rb)) = read_message(&mut ur, is_head) {
+                    let _ = client_s
+                        .write_all(rh.as_bytes())
+                        .and_then(|_| client_s.write_all(&rb));
+                }
+            });
+        }
+    });
+    (url, throttled)
+}
+
+#[test]
+fn throttling_answers_are_retried() {
+    for (k, v) in creds() {
+        std::env::set_var(k, v);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = Moto::start(dir.path());
+    m.bucket("cvmfs");
+    init_in_s3(dir.path(), &m, "cvmfs");
+    let (proxy, throttled) = throttling_proxy(&m.endpoint, 6);
+    s3_config(dir.path(), &proxy, "cvmfs");
+    let d = Daemon::start(dir.path(), &creds());
+    let specs = vec![Spec::File {
+        path: "f",
+        mode: 0o644,
+        data: b"throttled but published".to_vec(),
+        xattrs: vec![],
+    }];
+    let r = d.submit_raw(ADMIN, "/throttle", &tar_bytes(&specs), None);
+    let id = r.json::<serde_json::Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let j = d.wait_terminal(&id, 120);
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    assert!(
+        throttled.load(std::sync::atomic::Ordering::SeqCst) >= 6,
+        "the proxy throttled"
+    );
+    ok(&[
+        "repo",
+        "check",
+        "--s3",
+        &format!("cvmfs/{REPO}"),
+        "--s3-endpoint",
+        &m.endpoint,
+        "--keys-dir",
+        dir.path().join("keys").to_str().unwrap(),
+    ]);
 }

@@ -174,7 +174,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() {
     if let Err(e) = run(Cli::parse()) {
-        let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
+        // The whole cause chain on one line, without repeating causes already quoted.
+        let mut msg: Vec<String> = Vec::new();
+        for c in e.chain() {
+            let t = c.to_string();
+            if !msg.iter().any(|m| m.contains(&t)) {
+                msg.push(t);
+            }
+        }
         eprintln!("prepubctl: {}", msg.join(": "));
         std::process::exit(1);
     }
