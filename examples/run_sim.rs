@@ -144,6 +144,7 @@ fn main() {
         manifest_lag: cvmfs_prepub::units::parse_duration(&lag).unwrap(),
         force_path_busy: 2,
         drop_rate,
+        s3: None,
     };
     std::thread::spawn(move || {
         cvmfs_prepub::gateway_double::run(gw_cfg, format!("127.0.0.1:{gw_port}").parse().unwrap())

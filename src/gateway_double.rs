@@ -28,6 +28,8 @@ use serde_json::{json, Value};
 pub struct DoubleConfig {
     pub repo: String,
     pub storage: PathBuf,
+    /// Keep the repository in S3 instead of `storage` (the publisher's `cas: s3`).
+    pub s3: Option<prepub_actors::s3_cas::S3Settings>,
     pub keys_dir: PathBuf,
     /// `key_id → (secret, allowed sub-path)`.
     pub keys: HashMap<String, (String, String)>,
@@ -54,6 +56,7 @@ struct Lease {
 
 struct State {
     cfg: DoubleConfig,
+    cas: Arc<dyn Cas>,
     leases: HashMap<String, Lease>,
     lagged: Option<(Vec<u8>, Instant)>,
     busy_left: u32,
@@ -324,7 +327,7 @@ fn live_lease(s: &mut State, token: &str) -> Result<String, Box<HttpResponse>> {
 }
 
 fn store_pack(
-    storage: &LocalCas,
+    storage: &dyn Cas,
     pack: &[u8],
     header_size: usize,
     digest: &str,
@@ -373,15 +376,11 @@ async fn payload_legacy(req: HttpRequest, body: web::Bytes, st: Shared) -> HttpR
         if let Err(r) = live_lease(&mut s, token) {
             return *r;
         }
-        s.cfg.storage.clone()
+        s.cas.clone()
     };
     let pack = body.slice(size..);
     let digest = digest.to_string();
-    let res = web::block(move || {
-        let cas = LocalCas::open(&storage).map_err(|e| e.to_string())?;
-        store_pack(&cas, &pack, header_size, &digest)
-    })
-    .await;
+    let res = web::block(move || store_pack(storage.as_ref(), &pack, header_size, &digest)).await;
     match res {
         Ok(Ok(_)) => {
             if st.0.lock().map(|mut s| s.drop_now()).unwrap_or(false) {
@@ -444,16 +443,17 @@ async fn commit_lease(
         let (Ok(old), Ok(new)) = (parse(&old), parse(&new)) else {
             return Err("miscellaneous: bad root hashes".into());
         };
-        let cas = LocalCas::open(&cfg.storage).map_err(|e| e.to_string())?;
+        let cas = state.lock().unwrap_or_else(|e| e.into_inner()).cas.clone();
+        let cas = cas.as_ref();
         let keys = RepoKeys::load(&cfg.keys_dir, &cfg.repo).map_err(|e| e.to_string())?;
         let prev_manifest = cas
             .get_root_file(repo::MANIFEST)
             .map_err(|e| e.to_string())?;
         let t1 = tempfile::tempdir().map_err(|e| e.to_string())?;
         let t2 = tempfile::tempdir().map_err(|e| e.to_string())?;
-        let mut o = CatalogTree::open(&cas, t1.path(), &old)
+        let mut o = CatalogTree::open(cas, t1.path(), &old)
             .map_err(|e| format!("merge_error: old root: {e}"))?;
-        let mut n = CatalogTree::open(&cas, t2.path(), &new)
+        let mut n = CatalogTree::open(cas, t2.path(), &new)
             .map_err(|e| format!("merge_error: new root: {e}"))?;
         let lease_path = if subpath == "/" {
             String::new()
@@ -468,7 +468,7 @@ async fn commit_lease(
                 description: tag_description,
             }]
         };
-        let p = repo::publish(&cas, &keys, &tags, prepub_core::timefmt::now(), |head| {
+        let p = repo::publish(cas, &keys, &tags, prepub_core::timefmt::now(), |head| {
             prepub_core::merge::merge(&mut o, &mut n, head, &lease_path)
                 .map_err(|e| RepoError::Invalid(e.to_string()))
         })
@@ -510,7 +510,7 @@ async fn commit_lease(
 /// The Stratum 0 view of the storage.
 async fn stratum0(path: web::Path<(String, String)>, st: Shared) -> HttpResponse {
     let (repo, tail) = path.into_inner();
-    let (storage, lagged) = {
+    let (cas, lagged) = {
         let mut s = st.0.lock().unwrap_or_else(|e| e.into_inner());
         if repo != s.cfg.repo {
             return HttpResponse::NotFound().finish();
@@ -520,10 +520,7 @@ async fn stratum0(path: web::Path<(String, String)>, st: Shared) -> HttpResponse
                 s.lagged = None;
             }
         }
-        (
-            s.cfg.storage.clone(),
-            s.lagged.as_ref().map(|(b, _)| b.clone()),
-        )
+        (s.cas.clone(), s.lagged.as_ref().map(|(b, _)| b.clone()))
     };
     if tail.contains("..") {
         return HttpResponse::NotFound().finish();
@@ -533,15 +530,28 @@ async fn stratum0(path: web::Path<(String, String)>, st: Shared) -> HttpResponse
             return HttpResponse::Ok().body(b);
         }
     }
-    match std::fs::read(storage.join(&tail)) {
-        Ok(b) => HttpResponse::Ok().body(b),
-        Err(_) => HttpResponse::NotFound().finish(),
+    let found = web::block(move || match ObjectId::from_path(&tail) {
+        Some(id) => prepub_core::cas::get_all(cas.as_ref(), &id).ok(),
+        None if !tail.contains('/') => cas.get_root_file(&tail).ok().flatten(),
+        None => None,
+    })
+    .await
+    .ok()
+    .flatten();
+    match found {
+        Some(b) => HttpResponse::Ok().body(b),
+        None => HttpResponse::NotFound().finish(),
     }
 }
 
 /// Runs the double until the process is stopped.
 pub fn run(cfg: DoubleConfig, listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let cas: Arc<dyn Cas> = match &cfg.s3 {
+        Some(s3) => Arc::new(prepub_actors::s3_cas::S3Cas::new(s3.clone())?),
+        None => Arc::new(LocalCas::open(&cfg.storage)?),
+    };
     let state = State {
+        cas,
         busy_left: cfg.force_path_busy,
         cfg,
         leases: HashMap::new(),

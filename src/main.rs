@@ -82,6 +82,11 @@ struct GatewayDoubleArgs {
     /// Probability (0..1) that a payload or commit is carried out but its reply is dropped.
     #[arg(long, default_value_t = 0.0)]
     drop_rate: f64,
+    /// Keep the repository in S3 (`BUCKET/PREFIX`) instead of --storage.
+    #[arg(long)]
+    s3: Option<String>,
+    #[arg(long, default_value = "")]
+    s3_endpoint: String,
 }
 
 fn gateway_double(a: GatewayDoubleArgs) -> anyhow::Result<()> {
@@ -99,6 +104,16 @@ fn gateway_double(a: GatewayDoubleArgs) -> anyhow::Result<()> {
         manifest_lag: parse_duration(&a.manifest_lag).map_err(anyhow::Error::msg)?,
         force_path_busy: a.force_path_busy,
         drop_rate: a.drop_rate,
+        s3: a.s3.as_deref().map(|spec| {
+            let (bucket, prefix) = spec.split_once('/').unwrap_or((spec, ""));
+            prepub_actors::s3_cas::S3Settings {
+                bucket: bucket.to_string(),
+                region: "us-east-1".into(),
+                endpoint: a.s3_endpoint.clone(),
+                prefix: prefix.trim_matches('/').to_string(),
+                multipart_threshold: 64 << 20,
+            }
+        }),
     };
     let listen = cvmfs_prepub::config::parse_listen(&a.listen).map_err(anyhow::Error::msg)?;
     cvmfs_prepub::gateway_double::run(cfg, listen)

@@ -450,3 +450,103 @@ fn throttling_answers_are_retried() {
         dir.path().join("keys").to_str().unwrap(),
     ]);
 }
+
+#[test]
+fn gateway_mode_works_with_s3() {
+    for (k, v) in creds() {
+        std::env::set_var(k, v);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = Moto::start(dir.path());
+    m.bucket("cvmfs");
+    init_in_s3(dir.path(), &m, "cvmfs");
+    s3_config(dir.path(), &m.endpoint, "cvmfs");
+    // The gateway double keeps the same repository in the same bucket.
+    let gw_port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut gw = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
+        .args([
+            "gateway-double",
+            "--listen",
+            &format!("127.0.0.1:{gw_port}"),
+            "--repo",
+            REPO,
+            "--storage",
+        ])
+        .arg(dir.path().join("unused"))
+        .arg("--keys-dir")
+        .arg(dir.path().join("keys"))
+        .args([
+            "--key-id",
+            "k",
+            "--s3",
+            &format!("cvmfs/{REPO}"),
+            "--s3-endpoint",
+            &m.endpoint,
+        ])
+        .envs(creds())
+        .env("CVMFS_GATEWAY_SECRET", "gw-secret")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let gw_url = format!("http://127.0.0.1:{gw_port}");
+    for _ in 0..200 {
+        if client().get(format!("{gw_url}/api/v1")).send().is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let cfg = dir.path().join("config.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "  log_format: text\n",
+        "  log_format: text\n  publish_mode: gateway\n",
+    );
+    std::fs::write(
+        &cfg,
+        format!("{text}gateway:\n  url: {gw_url}\n  key_id: k\n  stratum0_url: {gw_url}/cvmfs\n"),
+    )
+    .unwrap();
+    let mut env = creds();
+    env.push(("CVMFS_GATEWAY_SECRET", "gw-secret"));
+    let d = Daemon::start(dir.path(), &env);
+    let specs = vec![
+        Spec::File {
+            path: "gw/a",
+            mode: 0o644,
+            data: b"through the gateway into S3".to_vec(),
+            xattrs: vec![],
+        },
+        Spec::File {
+            path: "gw/big",
+            mode: 0o644,
+            data: pseudo_random(20 << 20, 8),
+            xattrs: vec![],
+        },
+    ];
+    let r = d.submit_raw(ADMIN, "/sw/gw", &tar_bytes(&specs), None);
+    let id = r.json::<serde_json::Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let j = d.wait_terminal(&id, 120);
+    let _ = gw.kill();
+    let _ = gw.wait();
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    let url = http_view(Arc::new(store(&m, "cvmfs")));
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    verify(&repo, "/sw/gw", &specs);
+    drop(repo);
+    ok(&[
+        "repo",
+        "check",
+        "--s3",
+        &format!("cvmfs/{REPO}"),
+        "--s3-endpoint",
+        &m.endpoint,
+        "--keys-dir",
+        dir.path().join("keys").to_str().unwrap(),
+    ]);
+}
