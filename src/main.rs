@@ -120,10 +120,24 @@ fn gateway_double(a: GatewayDoubleArgs) -> anyhow::Result<()> {
 }
 
 fn daemon(cli: Cli) -> anyhow::Result<()> {
-    let file = match &cli.config {
-        Some(p) => FileConfig::load(p)?,
-        None => anyhow::bail!("--config is required to run the daemon"),
+    let Some(path) = &cli.config else {
+        anyhow::bail!("--config is required to run the daemon");
     };
+    // The mode decides which configuration schema applies.
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+    let peek: serde_yaml::Value =
+        serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let file_mode = peek
+        .get("mode")
+        .and_then(|m| m.as_str())
+        .map(str::to_string);
+    if cli.mode.as_deref().or(file_mode.as_deref()) == Some("receiver") {
+        let file: cvmfs_prepub::receiver_server::ReceiverFile =
+            serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        return cvmfs_prepub::receiver_server::run(file, cli.listen);
+    }
+    let file = FileConfig::load(path)?;
     let o = Overrides {
         listen: cli.listen,
         spool_root: cli.spool_root,

@@ -20,6 +20,7 @@ pub mod manifest;
 pub mod merge;
 pub mod object;
 pub mod pipeline;
+pub mod receiver;
 pub mod repo;
 pub mod spool;
 pub mod timefmt;

@@ -24,7 +24,7 @@ use slog::{info, warn, Logger};
 use crate::config::{Config, PublishMode};
 
 /// Loads the TLS server configuration from PEM files.
-fn tls_config(
+pub fn tls_config(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> anyhow::Result<rustls::ServerConfig> {

@@ -1,0 +1,266 @@
+//! The Stratum 1 side of pre-warming, as plain synchronous code: per-repository storages, an
+//! in-memory Bloom filter of the objects each holds (built at start-up from a listing, updated on
+//! every write), inventory answers confirmed on disk (a false positive of the filter never makes
+//! a missing object look present), verified object writes (SHA-1 of the bytes must equal the name;
+//! catalog objects are refused, because a Stratum 1 that already has a catalog skips its whole
+//! subtree on the next replication — cvmfs-formats.md §6.3), and request signatures.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest as _, Sha256};
+
+use crate::cas::{Cas, CasError, PutOutcome};
+use crate::hash::{Digest20, ObjectId, Suffix};
+
+/// A Bloom filter over object digests (which are uniformly random, so slices of the digest
+/// serve as the hash functions).
+pub struct Bloom {
+    bits: Vec<u64>,
+    m: u64,
+}
+
+impl Bloom {
+    /// A filter for about `n` objects at ~1 % false positives (10 bits and 7 probes per object).
+    pub fn with_capacity(n: usize) -> Bloom {
+        let m = ((n.max(1024) as u64) * 10).next_power_of_two();
+        Bloom {
+            bits: vec![0; (m / 64) as usize],
+            m,
+        }
+    }
+
+    fn probes(d: &Digest20) -> [u64; 7] {
+        let b = &d.0;
+        let h1 = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        let h2 = u64::from_le_bytes([b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]]) | 1;
+        let mut out = [0u64; 7];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = h1.wrapping_add((i as u64).wrapping_mul(h2));
+        }
+        out
+    }
+
+    pub fn insert(&mut self, d: &Digest20) {
+        for p in Self::probes(d) {
+            let bit = p & (self.m - 1);
+            self.bits[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+    }
+
+    pub fn maybe_contains(&self, d: &Digest20) -> bool {
+        Self::probes(d).iter().all(|p| {
+            let bit = p & (self.m - 1);
+            self.bits[(bit / 64) as usize] & (1 << (bit % 64)) != 0
+        })
+    }
+}
+
+/// Why an upload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    #[error("repository {0} is not served here")]
+    UnknownRepo(String),
+    #[error("catalog objects are never pre-placed on a Stratum 1 (they are replicated)")]
+    Catalog,
+    #[error("object {id}: content hash is {actual}")]
+    Tampered { id: ObjectId, actual: Digest20 },
+    #[error(transparent)]
+    Cas(#[from] CasError),
+}
+
+/// One repository's storage on this Stratum 1.
+pub struct Store {
+    pub cas: Arc<dyn Cas>,
+    filter: Mutex<Bloom>,
+}
+
+/// All repositories of this receiver.
+pub struct Receiver {
+    stores: HashMap<String, Store>,
+}
+
+impl Receiver {
+    /// Builds the filters by listing every storage.
+    pub fn new(stores: Vec<(String, Arc<dyn Cas>)>) -> Result<Receiver, CasError> {
+        let mut map = HashMap::new();
+        for (name, cas) in stores {
+            let ids = cas.list()?;
+            let mut f = Bloom::with_capacity(ids.len() * 2);
+            for id in &ids {
+                f.insert(&id.digest);
+            }
+            map.insert(
+                name,
+                Store {
+                    cas,
+                    filter: Mutex::new(f),
+                },
+            );
+        }
+        Ok(Receiver { stores: map })
+    }
+
+    pub fn store(&self, repo: &str) -> Result<&Store, ReceiveError> {
+        self.stores
+            .get(repo)
+            .ok_or_else(|| ReceiveError::UnknownRepo(repo.to_string()))
+    }
+
+    pub fn repos(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.stores.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Which of `ids` this repository lacks. The filter answers "absent" for sure; "present"
+    /// is confirmed on disk.
+    pub fn missing(&self, repo: &str, ids: &[ObjectId]) -> Result<Vec<ObjectId>, ReceiveError> {
+        let s = self.store(repo)?;
+        let mut out = Vec::new();
+        for id in ids {
+            let maybe = s
+                .filter
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .maybe_contains(&id.digest);
+            if !maybe || !s.cas.exists(id)? {
+                out.push(*id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Verifies and stores one object.
+    pub fn put(&self, repo: &str, id: &ObjectId, bytes: &[u8]) -> Result<PutOutcome, ReceiveError> {
+        let s = self.store(repo)?;
+        if id.suffix == Suffix::Catalog {
+            return Err(ReceiveError::Catalog);
+        }
+        let actual = Digest20::of(bytes);
+        if actual != id.digest {
+            return Err(ReceiveError::Tampered { id: *id, actual });
+        }
+        let o = s.cas.put_bytes(id, bytes)?;
+        s.filter
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(&id.digest);
+        Ok(o)
+    }
+}
+
+/// The string a receiver request signature covers: method, path, SHA-256 of the body (hex), the
+/// timestamp and a per-request nonce (which makes every request unique, so a replay within the
+/// time window is recognised), one per line.
+pub fn signing_string(
+    method: &str,
+    path: &str,
+    body_sha256_hex: &str,
+    timestamp: i64,
+    nonce: &str,
+) -> String {
+    format!("{method}\n{path}\n{body_sha256_hex}\n{timestamp}\n{nonce}")
+}
+
+/// HMAC-SHA256 (hex) of the signing string.
+pub fn sign(
+    secret: &[u8],
+    method: &str,
+    path: &str,
+    body: &[u8],
+    timestamp: i64,
+    nonce: &str,
+) -> String {
+    let body_hash = hex::encode(Sha256::digest(body));
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!());
+    m.update(signing_string(method, path, &body_hash, timestamp, nonce).as_bytes());
+    hex::encode(m.finalize().into_bytes())
+}
+
+/// Checks a signature in constant time.
+pub fn verify(
+    secret: &[u8],
+    method: &str,
+    path: &str,
+    body: &[u8],
+    timestamp: i64,
+    nonce: &str,
+    given_hex: &str,
+) -> bool {
+    let want = sign(secret, method, path, body, timestamp, nonce);
+    want.len() == given_hex.len()
+        && want
+            .bytes()
+            .zip(given_hex.bytes())
+            .fold(0u8, |a, (x, y)| a | (x ^ y))
+            == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cas::LocalCas;
+    use crate::hash::Suffix;
+
+    #[test]
+    fn bloom_has_no_false_negatives() {
+        let mut b = Bloom::with_capacity(1000);
+        let ds: Vec<Digest20> = (0..1000u32)
+            .map(|i| Digest20::of(&i.to_le_bytes()))
+            .collect();
+        for d in &ds {
+            b.insert(d);
+        }
+        assert!(ds.iter().all(|d| b.maybe_contains(d)));
+        let fp = (1000..11000u32)
+            .filter(|i| b.maybe_contains(&Digest20::of(&i.to_le_bytes())))
+            .count();
+        assert!(fp < 300, "false positive rate too high: {fp}/10000");
+    }
+
+    #[test]
+    fn receiver_verifies_refuses_catalogs_and_confirms_presence() {
+        let dir = tempfile::tempdir().unwrap();
+        let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(dir.path()).unwrap().without_fsync());
+        let present = ObjectId::new(Digest20::of(b"old"), Suffix::None);
+        cas.put_bytes(&present, b"old").unwrap();
+        let r = Receiver::new(vec![("r.org".into(), cas.clone())]).unwrap();
+        let new = ObjectId::new(Digest20::of(b"new"), Suffix::Partial);
+        assert_eq!(r.missing("r.org", &[present, new]).unwrap(), vec![new]);
+        assert!(matches!(
+            r.put("r.org", &new, b"NEW"),
+            Err(ReceiveError::Tampered { .. })
+        ));
+        assert!(matches!(
+            r.put(
+                "r.org",
+                &ObjectId::new(Digest20::of(b"c"), Suffix::Catalog),
+                b"c"
+            ),
+            Err(ReceiveError::Catalog)
+        ));
+        assert_eq!(r.put("r.org", &new, b"new").unwrap(), PutOutcome::Stored);
+        assert!(r.missing("r.org", &[new]).unwrap().is_empty());
+        // Removed behind the filter's back: the disk check catches it.
+        std::fs::remove_file(dir.path().join(new.path())).unwrap();
+        assert_eq!(r.missing("r.org", &[new]).unwrap(), vec![new]);
+        assert!(matches!(
+            r.missing("other", &[new]),
+            Err(ReceiveError::UnknownRepo(_))
+        ));
+    }
+
+    #[test]
+    fn signatures_cover_method_path_body_and_time() {
+        let s = sign(b"k", "PUT", "/p", b"body", 100, "n1");
+        assert!(verify(b"k", "PUT", "/p", b"body", 100, "n1", &s));
+        assert!(!verify(b"k", "POST", "/p", b"body", 100, "n1", &s));
+        assert!(!verify(b"k", "PUT", "/q", b"body", 100, "n1", &s));
+        assert!(!verify(b"k", "PUT", "/p", b"bodx", 100, "n1", &s));
+        assert!(!verify(b"k", "PUT", "/p", b"body", 101, "n1", &s));
+        assert!(!verify(b"k", "PUT", "/p", b"body", 100, "n2", &s));
+        assert!(!verify(b"x", "PUT", "/p", b"body", 100, "n1", &s));
+    }
+}

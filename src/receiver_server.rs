@@ -1,0 +1,526 @@
+//! Receiver mode (`--mode receiver`): the Stratum 1 endpoint that publishers pre-warm before
+//! they commit (install guide §6). Every route but health and metrics needs a signed request:
+//! `X-Prepub-Timestamp: <unix seconds>`, `X-Prepub-Nonce: <unique>` and
+//! `Authorization: PREPUB-HMAC <hex>` where the HMAC-SHA256 with the shared secret covers method,
+//! path, SHA-256 of the body, timestamp and nonce; requests outside the replay window, or whose
+//! nonce was seen within it, are refused. Routes, per repository:
+//! `POST …/announce` (507 when the disk cannot take the payload), `POST …/inventory` (which of
+//! these objects are missing), `PUT …/objects/<hash><suffix>` (verified against its name; catalogs
+//! refused), `POST …/objects` (a `V2` pack of many small objects).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use prepub_core::cas::{Cas, LocalCas};
+use prepub_core::hash::ObjectId;
+use prepub_core::receiver::{verify, ReceiveError, Receiver};
+use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::config::CasFile;
+use crate::units::parse_duration;
+
+/// The receiver's configuration file (`receiver.yaml`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverFile {
+    #[serde(default)]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub server: ReceiverServerFile,
+    #[serde(default)]
+    pub cas: CasFile,
+    /// Repositories served; storage of R is `<cas.root>/R` unless `storage:` says otherwise.
+    #[serde(default)]
+    pub repositories: Vec<ReceiverRepoFile>,
+    #[serde(default)]
+    pub auth: ReceiverAuthFile,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverServerFile {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Largest accepted request body (one object or one batch).
+    #[serde(default = "default_body")]
+    pub max_body_size: String,
+}
+
+impl Default for ReceiverServerFile {
+    fn default() -> Self {
+        ReceiverServerFile {
+            listen: default_listen(),
+            tls_cert: None,
+            tls_key: None,
+            max_body_size: default_body(),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    ":9100".into()
+}
+fn default_body() -> String {
+    "1GiB".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverRepoFile {
+    pub name: String,
+    pub storage: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiverAuthFile {
+    /// Environment variable with the shared secret.
+    #[serde(default = "default_secret_env")]
+    pub secret_env: String,
+    /// Signed requests older or newer than this are refused.
+    #[serde(default = "default_window")]
+    pub replay_window: String,
+}
+
+impl Default for ReceiverAuthFile {
+    fn default() -> Self {
+        ReceiverAuthFile {
+            secret_env: default_secret_env(),
+            replay_window: default_window(),
+        }
+    }
+}
+
+fn default_secret_env() -> String {
+    "PREPUB_RECEIVER_SECRET".into()
+}
+fn default_window() -> String {
+    "300s".into()
+}
+
+struct Metrics {
+    registry: Registry,
+    objects: IntCounter,
+    bytes: IntCounter,
+    rejected: IntCounterVec,
+    inventory: IntCounter,
+}
+
+impl Metrics {
+    fn new() -> anyhow::Result<Metrics> {
+        let registry = Registry::new();
+        let objects = IntCounter::new("cvmfs_receiver_objects_received_total", "Objects stored")?;
+        let bytes = IntCounter::new(
+            "cvmfs_receiver_bytes_received_total",
+            "Bytes of objects stored",
+        )?;
+        let rejected = IntCounterVec::new(
+            Opts::new(
+                "cvmfs_receiver_rejected_total",
+                "Requests or objects refused, by reason",
+            ),
+            &["reason"],
+        )?;
+        let inventory = IntCounter::new(
+            "cvmfs_receiver_inventory_requests_total",
+            "Inventory requests answered",
+        )?;
+        registry.register(Box::new(objects.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(rejected.clone()))?;
+        registry.register(Box::new(inventory.clone()))?;
+        Ok(Metrics {
+            registry,
+            objects,
+            bytes,
+            rejected,
+            inventory,
+        })
+    }
+}
+
+struct State {
+    receiver: Receiver,
+    secret: Vec<u8>,
+    window: i64,
+    seen: Mutex<HashMap<String, i64>>,
+    metrics: Metrics,
+    roots: HashMap<String, PathBuf>,
+}
+
+fn err(status: actix_web::http::StatusCode, code: &str, msg: impl ToString) -> HttpResponse {
+    HttpResponse::build(status).json(json!({"error": {"code": code, "message": msg.to_string()}}))
+}
+
+/// Checks the signature of a request; `None` when it is acceptable.
+fn authorize(st: &State, req: &HttpRequest, body: &[u8]) -> Option<HttpResponse> {
+    use actix_web::http::StatusCode;
+    let unauthorized = |m: &str| {
+        st.metrics
+            .rejected
+            .with_label_values(&["unauthorized"])
+            .inc();
+        Some(err(StatusCode::UNAUTHORIZED, "unauthorized", m))
+    };
+    let h = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (Some(ts), Some(nonce), Some(auth)) = (
+        h("x-prepub-timestamp"),
+        h("x-prepub-nonce"),
+        h("authorization"),
+    ) else {
+        return unauthorized("signed request required (X-Prepub-Timestamp, X-Prepub-Nonce, Authorization: PREPUB-HMAC)");
+    };
+    if nonce.is_empty() || nonce.len() > 64 {
+        return unauthorized("bad nonce");
+    }
+    let Ok(ts) = ts.parse::<i64>() else {
+        return unauthorized("bad timestamp");
+    };
+    let now = prepub_core::timefmt::now();
+    if (now - ts).abs() > st.window {
+        return unauthorized("timestamp outside the replay window");
+    }
+    let Some(sig) = auth.strip_prefix("PREPUB-HMAC ") else {
+        return unauthorized("unsupported authorization scheme");
+    };
+    if !verify(
+        &st.secret,
+        req.method().as_str(),
+        req.path(),
+        body,
+        ts,
+        &nonce,
+        sig,
+    ) {
+        return unauthorized("bad signature");
+    }
+    let mut seen = st.seen.lock().unwrap_or_else(|e| e.into_inner());
+    seen.retain(|_, t| (now - *t).abs() <= st.window);
+    if seen.insert(nonce, ts).is_some() {
+        return unauthorized("replayed request");
+    }
+    None
+}
+
+fn receive_error(st: &State, e: ReceiveError) -> HttpResponse {
+    use actix_web::http::StatusCode;
+    let (status, code) = match &e {
+        ReceiveError::UnknownRepo(_) => (StatusCode::NOT_FOUND, "unknown-repository"),
+        ReceiveError::Catalog => (StatusCode::FORBIDDEN, "catalog-refused"),
+        ReceiveError::Tampered { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "hash-mismatch"),
+        ReceiveError::Cas(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage-error"),
+    };
+    st.metrics.rejected.with_label_values(&[code]).inc();
+    err(status, code, e)
+}
+
+type Shared = web::Data<Arc<State>>;
+
+/// Free bytes of the filesystem holding `path` (statvfs).
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `s` a properly sized out-parameter.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut s) };
+    (rc == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+#[derive(Deserialize)]
+struct Announce {
+    payload_id: String,
+    objects: u64,
+    bytes: u64,
+}
+
+async fn announce(
+    req: HttpRequest,
+    repo: web::Path<String>,
+    body: web::Bytes,
+    st: Shared,
+) -> HttpResponse {
+    if let Some(r) = authorize(&st, &req, &body) {
+        return r;
+    }
+    let a: Announce = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return err(actix_web::http::StatusCode::BAD_REQUEST, "bad-request", e),
+    };
+    if st.receiver.store(&repo).is_err() {
+        return receive_error(&st, ReceiveError::UnknownRepo(repo.to_string()));
+    }
+    if let Some(root) = st.roots.get(repo.as_str()) {
+        if let Some(free) = free_bytes(root) {
+            // Room for the payload plus 10 % and 1 GiB of headroom for the replica itself.
+            let need = a.bytes + a.bytes / 10 + (1 << 30);
+            if free < need {
+                st.metrics.rejected.with_label_values(&["disk-full"]).inc();
+                return err(
+                    actix_web::http::StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient-storage",
+                    format!(
+                        "payload {} needs {need} bytes, {free} are free",
+                        a.payload_id
+                    ),
+                );
+            }
+        }
+    }
+    HttpResponse::Ok()
+        .json(json!({"accepted": true, "payload_id": a.payload_id, "objects": a.objects}))
+}
+
+#[derive(Deserialize)]
+struct Inventory {
+    objects: Vec<String>,
+}
+
+async fn inventory(
+    req: HttpRequest,
+    repo: web::Path<String>,
+    body: web::Bytes,
+    st: Shared,
+) -> HttpResponse {
+    if let Some(r) = authorize(&st, &req, &body) {
+        return r;
+    }
+    let inv: Inventory = match serde_json::from_slice(&body) {
+        Ok(i) => i,
+        Err(e) => return err(actix_web::http::StatusCode::BAD_REQUEST, "bad-request", e),
+    };
+    let ids: Result<Vec<ObjectId>, _> = inv.objects.iter().map(|s| ObjectId::parse(s)).collect();
+    let Ok(ids) = ids else {
+        return err(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            "bad-request",
+            "an object name is not a hash",
+        );
+    };
+    st.metrics.inventory.inc();
+    let st2 = st.clone();
+    let repo = repo.into_inner();
+    match web::block(move || st2.receiver.missing(&repo, &ids)).await {
+        Ok(Ok(m)) => HttpResponse::Ok()
+            .json(json!({"missing": m.iter().map(|i| i.to_string()).collect::<Vec<_>>()})),
+        Ok(Err(e)) => receive_error(&st, e),
+        Err(e) => err(
+            actix_web::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e,
+        ),
+    }
+}
+
+async fn put_object(
+    req: HttpRequest,
+    path: web::Path<(String, String)>,
+    body: web::Bytes,
+    st: Shared,
+) -> HttpResponse {
+    if let Some(r) = authorize(&st, &req, &body) {
+        return r;
+    }
+    let (repo, name) = path.into_inner();
+    let Ok(id) = ObjectId::parse(&name) else {
+        return err(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!("'{name}' is not an object name"),
+        );
+    };
+    let st2 = st.clone();
+    let len = body.len() as u64;
+    match web::block(move || st2.receiver.put(&repo, &id, &body)).await {
+        Ok(Ok(o)) => {
+            if o == prepub_core::cas::PutOutcome::Stored {
+                st.metrics.objects.inc();
+                st.metrics.bytes.inc_by(len);
+                HttpResponse::Created().json(json!({"stored": true}))
+            } else {
+                HttpResponse::Ok().json(json!({"stored": false}))
+            }
+        }
+        Ok(Err(e)) => receive_error(&st, e),
+        Err(e) => err(
+            actix_web::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e,
+        ),
+    }
+}
+
+async fn put_batch(
+    req: HttpRequest,
+    repo: web::Path<String>,
+    body: web::Bytes,
+    st: Shared,
+) -> HttpResponse {
+    if let Some(r) = authorize(&st, &req, &body) {
+        return r;
+    }
+    let h = |n: &str| {
+        req.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let (Some(size), Some(digest)) = (
+        h("x-pack-header-size").and_then(|s| s.parse::<usize>().ok()),
+        h("x-pack-digest"),
+    ) else {
+        return err(
+            actix_web::http::StatusCode::BAD_REQUEST,
+            "bad-request",
+            "X-Pack-Header-Size and X-Pack-Digest are required",
+        );
+    };
+    let objects = match prepub_core::gateway::parse_pack(&body, size, &digest) {
+        Ok(o) => o,
+        Err(prepub_core::gateway::PackError::ObjectHash(id)) => {
+            st.metrics
+                .rejected
+                .with_label_values(&["hash-mismatch"])
+                .inc();
+            return err(
+                actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "hash-mismatch",
+                format!("object {id} does not match its name"),
+            );
+        }
+        Err(e) => return err(actix_web::http::StatusCode::BAD_REQUEST, "bad-pack", e),
+    };
+    if objects
+        .iter()
+        .any(|(id, _)| id.suffix == prepub_core::hash::Suffix::Catalog)
+    {
+        return receive_error(&st, ReceiveError::Catalog);
+    }
+    let st2 = st.clone();
+    let repo = repo.into_inner();
+    let res = web::block(move || -> Result<(u64, u64), ReceiveError> {
+        let (mut stored, mut bytes) = (0, 0);
+        for (id, range) in &objects {
+            if st2.receiver.put(&repo, id, &body[range.clone()])?
+                == prepub_core::cas::PutOutcome::Stored
+            {
+                stored += 1;
+                bytes += range.len() as u64;
+            }
+        }
+        Ok((stored, bytes))
+    })
+    .await;
+    match res {
+        Ok(Ok((n, b))) => {
+            st.metrics.objects.inc_by(n);
+            st.metrics.bytes.inc_by(b);
+            HttpResponse::Ok().json(json!({"stored": n}))
+        }
+        Ok(Err(e)) => receive_error(&st, e),
+        Err(e) => err(
+            actix_web::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e,
+        ),
+    }
+}
+
+async fn health(st: Shared) -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION"), "repositories": st.receiver.repos()}))
+}
+
+async fn metrics(st: Shared) -> HttpResponse {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&st.metrics.registry.gather())
+        .unwrap_or_default();
+    HttpResponse::Ok()
+        .insert_header(("Content-Type", "text/plain; version=0.0.4"))
+        .body(text)
+}
+
+/// Runs the receiver until it is stopped.
+pub fn run(file: ReceiverFile, listen_override: Option<String>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let secret = std::env::var(&file.auth.secret_env)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .with_context(|| format!("auth.secret_env: {} is not set", file.auth.secret_env))?;
+    let window = parse_duration(&file.auth.replay_window)
+        .map_err(|m| anyhow::anyhow!("auth.replay_window: {m}"))?;
+    let listen =
+        crate::config::parse_listen(&listen_override.unwrap_or(file.server.listen.clone()))
+            .map_err(|m| anyhow::anyhow!("server.listen: {m}"))?;
+    let max_body = crate::units::parse_size(&file.server.max_body_size)
+        .map_err(|m| anyhow::anyhow!("server.max_body_size: {m}"))?;
+    if file.cas.kind != "localfs" {
+        anyhow::bail!(
+            "cas.type: receivers keep a local storage in this version ('{}')",
+            file.cas.kind
+        );
+    }
+    if file.repositories.is_empty() {
+        anyhow::bail!("repositories: at least one repository is needed");
+    }
+    let mut stores: Vec<(String, Arc<dyn Cas>)> = Vec::new();
+    let mut roots = HashMap::new();
+    for r in &file.repositories {
+        let root = r
+            .storage
+            .clone()
+            .unwrap_or_else(|| file.cas.root.join(&r.name));
+        let cas = LocalCas::create(&root).with_context(|| format!("storage of {}", r.name))?;
+        stores.push((r.name.clone(), Arc::new(cas)));
+        roots.insert(r.name.clone(), root);
+    }
+    let receiver = Receiver::new(stores).context("building the inventory filters")?;
+    let state = Arc::new(State {
+        receiver,
+        secret: secret.into_bytes(),
+        window: window.as_secs() as i64,
+        seen: Mutex::new(HashMap::new()),
+        metrics: Metrics::new()?,
+        roots,
+    });
+    let tls = match (&file.server.tls_cert, &file.server.tls_key) {
+        (Some(c), Some(k)) => Some(crate::server::tls_config(c, k)?),
+        (None, None) => None,
+        _ => anyhow::bail!("server.tls_cert and server.tls_key must be set together"),
+    };
+    actix_rt::System::new().block_on(async move {
+        let data = web::Data::new(state);
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .app_data(web::PayloadConfig::new(max_body as usize))
+                .route("/api/v1/health", web::get().to(health))
+                .route("/api/v1/metrics", web::get().to(metrics))
+                .route("/api/v1/repos/{repo}/announce", web::post().to(announce))
+                .route("/api/v1/repos/{repo}/inventory", web::post().to(inventory))
+                .route("/api/v1/repos/{repo}/objects", web::post().to(put_batch))
+                .route(
+                    "/api/v1/repos/{repo}/objects/{name}",
+                    web::put().to(put_object),
+                )
+        })
+        .shutdown_timeout(10)
+        .keep_alive(Duration::from_secs(30));
+        let server = match tls {
+            Some(t) => server.bind_rustls_0_23(listen, t)?,
+            None => server.bind(listen)?,
+        };
+        server.run().await?;
+        Ok(())
+    })
+}
