@@ -57,6 +57,8 @@ pub struct JobView {
     pub tar_bytes: u64,
     /// What the job is waiting for, if anything (e.g. a busy gateway lease).
     pub waiting: Option<String>,
+    /// Stratum 1 pre-warming outcome per endpoint.
+    pub distribution: BTreeMap<String, String>,
 }
 
 impl From<&JobRecord> for JobView {
@@ -96,6 +98,7 @@ impl From<&JobRecord> for JobView {
             attempts: j.attempts,
             tar_bytes: j.tar_bytes,
             waiting: j.waiting.clone(),
+            distribution: j.distribution.clone(),
         }
     }
 }

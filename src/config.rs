@@ -33,6 +33,55 @@ pub struct FileConfig {
     /// Gateway mode: the `cvmfs_gateway` to publish through.
     #[serde(default)]
     pub gateway: Option<GatewayFile>,
+    /// Stratum 1 pre-warming (install guide §6, Option B).
+    #[serde(default)]
+    pub distribution: Option<DistributionFile>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct DistributionFile {
+    /// Base URLs of the receivers (`cvmfs-prepub --mode receiver`), e.g. https://s1.example.org:9100.
+    pub stratum1_endpoints: Vec<String>,
+    /// Fraction of endpoints that must hold every object before the commit.
+    #[serde(default = "default_quorum")]
+    pub quorum: f64,
+    /// How long a job waits for the quorum.
+    #[serde(default = "default_dist_timeout")]
+    pub timeout: String,
+    /// Commit even when the quorum was missed (else the job fails).
+    #[serde(default = "yes")]
+    pub commit_anyway: bool,
+    /// Object uploads in flight per endpoint.
+    #[serde(default = "default_per_s1")]
+    pub per_s1_concurrency: usize,
+    /// Environment variable with the receivers' shared secret.
+    #[serde(default = "default_receiver_secret_env")]
+    pub secret_env: String,
+}
+
+fn default_quorum() -> f64 {
+    1.0
+}
+fn default_dist_timeout() -> String {
+    "10m".into()
+}
+fn default_per_s1() -> usize {
+    8
+}
+fn default_receiver_secret_env() -> String {
+    "PREPUB_RECEIVER_SECRET".into()
+}
+
+/// Validated pre-warming settings (the secret stays in the environment until start-up).
+#[derive(Debug, Clone)]
+pub struct DistributionConfig {
+    pub endpoints: Vec<String>,
+    pub quorum: f64,
+    pub timeout: Duration,
+    pub commit_anyway: bool,
+    pub per_s1_concurrency: usize,
+    pub secret_env: String,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -416,6 +465,7 @@ pub struct RepoConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub publish: PublishMode,
+    pub distribution: Option<DistributionConfig>,
     pub listen: SocketAddr,
     pub tls: Option<(PathBuf, PathBuf)>,
     pub spool_root: PathBuf,
@@ -692,7 +742,45 @@ impl FileConfig {
                 prefixes,
             });
         }
+        let distribution = match &self.distribution {
+            None => None,
+            Some(d) => {
+                if d.stratum1_endpoints.is_empty() {
+                    return Err(cerr(
+                        "distribution.stratum1_endpoints",
+                        "at least one endpoint is needed",
+                    ));
+                }
+                for (i, e) in d.stratum1_endpoints.iter().enumerate() {
+                    if !(e.starts_with("http://") || e.starts_with("https://")) {
+                        return Err(cerr(
+                            &format!("distribution.stratum1_endpoints[{i}]"),
+                            format!("'{e}' is not an http(s) URL"),
+                        ));
+                    }
+                }
+                if !(0.0..=1.0).contains(&d.quorum) {
+                    return Err(cerr("distribution.quorum", "must be between 0 and 1"));
+                }
+                if d.per_s1_concurrency == 0 {
+                    return Err(cerr(
+                        "distribution.per_s1_concurrency",
+                        "must be at least 1",
+                    ));
+                }
+                Some(DistributionConfig {
+                    endpoints: d.stratum1_endpoints.clone(),
+                    quorum: d.quorum,
+                    timeout: parse_duration(&d.timeout)
+                        .map_err(|m| cerr("distribution.timeout", m))?,
+                    commit_anyway: d.commit_anyway,
+                    per_s1_concurrency: d.per_s1_concurrency,
+                    secret_env: d.secret_env.clone(),
+                })
+            }
+        };
         Ok(Config {
+            distribution,
             publish,
             listen,
             tls,

@@ -35,7 +35,30 @@ pub struct Settings {
     pub retry_backoff: Duration,
     pub tar_retention: Duration,
     pub spool_root: PathBuf,
+    /// Stratum 1 pre-warming, when configured.
+    pub distribution: Option<Distribution>,
 }
+
+/// The distributors, one per Stratum 1 endpoint.
+#[derive(Clone)]
+pub struct Distribution {
+    pub settings: Arc<crate::s1_distributor::DistributionSettings>,
+    pub endpoints: Vec<(String, Recipient<crate::s1_distributor::Distribute>)>,
+}
+
+impl std::fmt::Debug for Distribution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Distribution")
+            .field(
+                "endpoints",
+                &self.endpoints.iter().map(|e| &e.0).collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// Each endpoint's outcome for one job: (objects pushed, bytes pushed, already present).
+type EndpointOutcomes = HashMap<String, Result<(u64, u64, u64), String>>;
 
 pub struct JobManager {
     settings: Arc<Settings>,
@@ -47,6 +70,10 @@ pub struct JobManager {
     publisher: Recipient<CommitJob>,
     metrics: Metrics,
     recovered_once: bool,
+    /// Jobs being pre-warmed: endpoint outcomes so far, and when it started.
+    distributing: HashMap<String, (EndpointOutcomes, Instant)>,
+    /// Jobs whose pre-warming is settled (go on to the commit).
+    distributed: std::collections::HashSet<String>,
 }
 
 impl JobManager {
@@ -67,6 +94,8 @@ impl JobManager {
             publisher,
             metrics,
             recovered_once: false,
+            distributing: HashMap::new(),
+            distributed: std::collections::HashSet::new(),
         }
     }
 
@@ -209,7 +238,15 @@ impl JobManager {
         let next = match job.state {
             JobState::Queued | JobState::Processing => JobState::Uploading,
             JobState::Uploading => JobState::Distributing,
-            JobState::Distributing => JobState::Committing,
+            JobState::Distributing => {
+                if self.settings.distribution.is_some() && !self.distributed.contains(&id) {
+                    if !self.distributing.contains_key(&id) {
+                        self.start_distribution(id, ctx);
+                    }
+                    return;
+                }
+                JobState::Committing
+            }
             _ => {
                 self.start_commit(id, ctx);
                 return;
@@ -224,6 +261,104 @@ impl JobManager {
                 act.journal_retry(id, ctx);
             }
         });
+    }
+
+    fn start_distribution(&mut self, id: String, ctx: &mut Context<Self>) {
+        let (Some(dist), Some(job)) = (
+            self.settings.distribution.clone(),
+            self.jobs.get(&id).cloned(),
+        ) else {
+            return;
+        };
+        let Some(target) = self.settings.repos.get(&job.repo).cloned() else {
+            return;
+        };
+        let cas = match target.cas(false) {
+            Ok(c) => c,
+            Err(e) => {
+                self.retry_or_fail(
+                    id,
+                    "cas-unavailable",
+                    e.to_string(),
+                    true,
+                    ctx,
+                    JobManager::after_saved_changeset,
+                );
+                return;
+            }
+        };
+        self.distributing
+            .insert(id.clone(), (HashMap::new(), Instant::now()));
+        for (_, r) in &dist.endpoints {
+            r.do_send(crate::s1_distributor::Distribute {
+                job_id: id.clone(),
+                repo: job.repo.clone(),
+                changeset: self
+                    .settings
+                    .spool_root
+                    .join("jobs")
+                    .join(&id)
+                    .join("changeset.json"),
+                cas: cas.clone(),
+                done: ctx.address().recipient(),
+            });
+        }
+        let timeout = dist.settings.timeout;
+        ctx.run_later(timeout, move |act, ctx| {
+            act.settle_distribution(id, true, ctx)
+        });
+    }
+
+    /// Applies the quorum once every endpoint answered, or at the timeout.
+    fn settle_distribution(&mut self, id: String, timed_out: bool, ctx: &mut Context<Self>) {
+        let Some(dist) = self.settings.distribution.clone() else {
+            return;
+        };
+        let Some((results, _)) = self.distributing.get(&id) else {
+            return;
+        };
+        let total = dist.endpoints.len();
+        let ok = results.values().filter(|r| r.is_ok()).count();
+        let all = results.len() == total;
+        let met = total == 0 || (ok as f64) + 1e-9 >= dist.settings.quorum * total as f64;
+        if !met && !all && !timed_out {
+            return;
+        }
+        if !(met || all || timed_out) {
+            return;
+        }
+        let Some(mut job) = self.jobs.get(&id).cloned() else {
+            return;
+        };
+        for (ep, _) in &dist.endpoints {
+            job.distribution.entry(ep.clone()).or_insert_with(|| {
+                if timed_out {
+                    "failed: timed out".into()
+                } else {
+                    "pending".into()
+                }
+            });
+        }
+        self.distributing.remove(&id);
+        if met || dist.settings.commit_anyway {
+            self.distributed.insert(id.clone());
+            self.jobs.insert(id.clone(), job);
+            self.after_saved_changeset(id, ctx);
+        } else {
+            job.fail(
+                "distribution-quorum",
+                format!(
+                    "{ok} of {total} Stratum 1 endpoints were pre-warmed, the quorum is {}",
+                    dist.settings.quorum
+                ),
+                now_ms(),
+            );
+            self.metrics
+                .job_failures_by_class_total
+                .with_label_values(&["transient"])
+                .inc();
+            self.save(job, ctx, |_, _, _| {});
+        }
     }
 
     fn start_commit(&mut self, id: String, ctx: &mut Context<Self>) {
@@ -602,6 +737,39 @@ impl Handler<CommitStarting> for JobManager {
         self.save(job, ctx, move |_, _, ok| {
             let _ = ack.send(ok);
         });
+    }
+}
+
+impl Handler<crate::s1_distributor::Distributed> for JobManager {
+    type Result = ();
+    fn handle(&mut self, m: crate::s1_distributor::Distributed, ctx: &mut Context<Self>) {
+        let Some((results, started)) = self.distributing.get_mut(&m.job_id) else {
+            return;
+        };
+        let elapsed = started.elapsed().as_secs_f64();
+        let text = match &m.outcome {
+            Ok((n, b, present)) => {
+                self.metrics
+                    .distribution_duration_seconds
+                    .with_label_values(&[&m.endpoint])
+                    .observe(elapsed);
+                self.metrics
+                    .distribution_objects_total
+                    .with_label_values(&[&m.endpoint])
+                    .inc_by(*n);
+                self.metrics
+                    .distribution_bytes_total
+                    .with_label_values(&[&m.endpoint])
+                    .inc_by(*b);
+                format!("ok: {n} objects ({b} bytes) pushed, {present} already present")
+            }
+            Err(e) => format!("failed: {e}"),
+        };
+        results.insert(m.endpoint.clone(), m.outcome);
+        if let Some(j) = self.jobs.get_mut(&m.job_id) {
+            j.distribution.insert(m.endpoint, text);
+        }
+        self.settle_distribution(m.job_id, false, ctx);
     }
 }
 

@@ -18,6 +18,9 @@ pub struct Metrics {
     pub cas_upload_duration_seconds: Histogram,
     pub commit_duration_seconds: Histogram,
     pub jobs_in_state: IntGaugeVec,
+    pub distribution_duration_seconds: prometheus::HistogramVec,
+    pub distribution_objects_total: IntCounterVec,
+    pub distribution_bytes_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -96,7 +99,32 @@ impl Metrics {
         registry
             .register(Box::new(jobs_in_state.clone()))
             .expect("metric registered once");
+        let distribution_duration_seconds = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "cvmfs_prepub_distribution_duration_seconds",
+                "Time to pre-warm one Stratum 1 for one job",
+            )
+            .buckets(vec![0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0]),
+            &["stratum1"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(distribution_duration_seconds.clone()))
+            .expect("metric registered once");
+        let distribution_objects_total = cv(
+            "distribution_objects_total",
+            "Objects pushed to each Stratum 1",
+            &["stratum1"],
+        );
+        let distribution_bytes_total = cv(
+            "distribution_bytes_total",
+            "Bytes pushed to each Stratum 1",
+            &["stratum1"],
+        );
         Metrics {
+            distribution_duration_seconds,
+            distribution_objects_total,
+            distribution_bytes_total,
             registry,
             jobs_submitted_total,
             jobs_published_total,

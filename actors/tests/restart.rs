@@ -63,6 +63,7 @@ async fn job_manager_restarts_from_the_journal() {
         retry_backoff: Duration::from_millis(100),
         tar_retention: Duration::from_secs(3600),
         spool_root: dir.path().join("spool"),
+        distribution: None,
     });
     let metrics = Metrics::new();
     let jm = Supervisor::start(move |_| {

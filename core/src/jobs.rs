@@ -126,6 +126,9 @@ pub struct JobRecord {
     /// What the job is waiting for right now, if anything (e.g. a busy lease path).
     #[serde(default)]
     pub waiting: Option<String>,
+    /// Stratum 1 pre-warming: each endpoint's outcome.
+    #[serde(default)]
+    pub distribution: BTreeMap<String, String>,
 }
 
 impl JobRecord {
@@ -153,6 +156,7 @@ impl JobRecord {
             attempts: 0,
             tar_deleted: false,
             waiting: None,
+            distribution: BTreeMap::new(),
         }
     }
 

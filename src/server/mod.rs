@@ -45,6 +45,12 @@ pub fn tls_config(
         .with_single_cert(certs, key)?)
 }
 
+/// The pre-warming settings and one (not yet started) distributor per endpoint.
+type Distributors = (
+    Arc<prepub_actors::s1_distributor::DistributionSettings>,
+    Vec<(String, prepub_actors::s1_distributor::S1Distributor)>,
+);
+
 /// Runs the daemon until it is stopped (SIGINT/SIGTERM).
 pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
     let admin = std::env::var("PREPUB_API_TOKEN")
@@ -74,6 +80,30 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
         slog::info!(log, "cvmfs_server found"; "path" => %found.display());
     }
     let busy = prepub_actors::local_publisher::Busy::default();
+    // Stratum 1 distributors: their blocking HTTP clients are made outside the async runtime.
+    let distributors: Option<Distributors> = match &cfg.distribution {
+        None => None,
+        Some(d) => {
+            let secret = std::env::var(&d.secret_env)
+                .ok()
+                .filter(|s| !s.is_empty())
+                .with_context(|| format!("distribution.secret_env: {} is not set", d.secret_env))?;
+            let settings = Arc::new(prepub_actors::s1_distributor::DistributionSettings {
+                quorum: d.quorum,
+                timeout: d.timeout,
+                commit_anyway: d.commit_anyway,
+                per_s1_concurrency: d.per_s1_concurrency,
+                secret,
+            });
+            let mut v = Vec::new();
+            for e in &d.endpoints {
+                let a = prepub_actors::s1_distributor::S1Distributor::new(e, settings.clone())
+                    .map_err(|m| anyhow::anyhow!("distribution: {m}"))?;
+                v.push((e.trim_end_matches('/').to_string(), a));
+            }
+            Some((settings, v))
+        }
+    };
     // S3 stores: made (with their runtimes) outside the async runtime, probed before anything
     // is accepted, so a missing bucket or refused credentials stop the start with the cause.
     let mut s3_stores = std::collections::HashMap::new();
@@ -170,6 +200,16 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
             retry_backoff: cfg.retry_backoff,
             tar_retention: cfg.tar_retention,
             spool_root: cfg.spool_root.clone(),
+            distribution: distributors.map(|(settings, v)| {
+                let endpoints = v
+                    .into_iter()
+                    .map(|(e, a)| {
+                        info!(log, "distributor started"; "actor" => "S1Distributor", "stratum1" => &e);
+                        (e, a.start().recipient())
+                    })
+                    .collect();
+                prepub_actors::job_manager::Distribution { settings, endpoints }
+            }),
         });
         let m2 = metrics.clone();
         let jobs = Supervisor::start(move |_| JobManager::new(settings.clone(), journal.clone(), pool.clone(), publisher.clone(), m2.clone()));

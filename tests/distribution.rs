@@ -1,0 +1,226 @@
+//! Stratum 1 pre-warming: a publisher with three receivers on loopback.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+const RSECRET: &str = "receiver-secret";
+
+struct Rcv {
+    child: Child,
+    url: String,
+    storage: PathBuf,
+}
+
+impl Drop for Rcv {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn receiver(dir: &Path, name: &str) -> Rcv {
+    let root = dir.join(name);
+    std::fs::create_dir_all(&root).unwrap();
+    let cfg = root.join("receiver.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "mode: receiver\ncas:\n  root: {}\nrepositories:\n  - name: {REPO}\n",
+            root.join("cas").display()
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("PREPUB_RECEIVER_SECRET", RSECRET)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let r = Rcv {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        storage: root.join("cas").join(REPO),
+    };
+    for _ in 0..200 {
+        if client()
+            .get(format!("{}/api/v1/health", r.url))
+            .send()
+            .is_ok()
+        {
+            return r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("receiver did not start");
+}
+
+fn with_distribution(dir: &Path, rs: &[&Rcv], quorum: f64, commit_anyway: bool, timeout: &str) {
+    let cfg = dir.join("config.yaml");
+    let eps: Vec<String> = rs.iter().map(|r| format!("\"{}\"", r.url)).collect();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = match text.find("distribution:") {
+        Some(i) => text[..i].to_string(),
+        None => text,
+    };
+    std::fs::write(
+        &cfg,
+        format!(
+            "{text}distribution:\n  stratum1_endpoints: [{}]\n  quorum: {quorum}\n  commit_anyway: {commit_anyway}\n  timeout: {timeout}\n  per_s1_concurrency: 4\n",
+            eps.join(", ")
+        ),
+    )
+    .unwrap();
+}
+
+fn tree(tag: &str, extra: usize) -> Vec<Spec> {
+    let mut v = vec![
+        Spec::File {
+            path: "lib/a.bin",
+            mode: 0o644,
+            data: pseudo_random(300_000, 1),
+            xattrs: vec![],
+        },
+        Spec::File {
+            path: "lib/big.bin",
+            mode: 0o644,
+            data: pseudo_random(20 << 20, 2),
+            xattrs: vec![],
+        },
+        Spec::File {
+            path: "lib/.cvmfscatalog",
+            mode: 0o644,
+            data: vec![],
+            xattrs: vec![],
+        },
+    ];
+    for i in 0..extra {
+        let data = format!("{tag} extra {i}").into_bytes();
+        v.push(Spec::File {
+            path: Box::leak(format!("extra/{tag}-{i}").into_boxed_str()),
+            mode: 0o644,
+            data,
+            xattrs: vec![],
+        });
+    }
+    v
+}
+
+fn submit(d: &Daemon, path: &str, specs: &[Spec]) -> serde_json::Value {
+    let r = d.submit_raw(ADMIN, path, &tar_bytes(specs), None);
+    let id = r.json::<serde_json::Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.wait_terminal(&id, 120)
+}
+
+/// Every data object of the current revision that the receiver must hold, checked by hash.
+fn assert_prewarmed(publisher_storage: &Path, r: &Rcv) {
+    let cas = prepub_core::cas::LocalCas::open(publisher_storage).unwrap();
+    let ids: Vec<_> = prepub_core::cas::Cas::list(&cas).unwrap();
+    let data: Vec<_> = ids.iter().filter(|i| i.suffix.is_data()).collect();
+    assert!(!data.is_empty());
+    for id in data {
+        let bytes = std::fs::read(r.storage.join(id.path()))
+            .unwrap_or_else(|_| panic!("{} lacks {id}", r.url));
+        assert_eq!(prepub_core::hash::Digest20::of(&bytes), id.digest);
+    }
+    // Catalogs are never pre-placed.
+    let placed =
+        prepub_core::cas::Cas::list(&prepub_core::cas::LocalCas::open(&r.storage).unwrap())
+            .unwrap();
+    assert!(
+        placed.iter().all(|i| i.suffix.is_data()),
+        "a receiver holds a catalog"
+    );
+}
+
+#[test]
+fn three_receivers_quorum_and_incremental_pushes() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let rs: Vec<Rcv> = (0..3)
+        .map(|i| receiver(dir.path(), &format!("s1-{i}")))
+        .collect();
+    with_distribution(
+        dir.path(),
+        &rs.iter().collect::<Vec<_>>(),
+        1.0,
+        false,
+        "60s",
+    );
+    let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
+    let j = submit(&d, "/sw/one", &tree("one", 5));
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    for r in &rs {
+        let outcome = j["distribution"][&r.url].as_str().unwrap_or("");
+        assert!(outcome.starts_with("ok:"), "{j}");
+        assert_prewarmed(&d.storage, r);
+    }
+    // Mostly the same content again: only the new objects travel.
+    let j2 = submit(&d, "/sw/two", &tree("two", 2));
+    assert_eq!(j2["state"], "published", "{j2}");
+    for r in &rs {
+        let outcome = j2["distribution"][&r.url].as_str().unwrap();
+        assert!(
+            outcome.starts_with("ok: 2 objects"),
+            "only the two new files: {outcome}"
+        );
+        assert_prewarmed(&d.storage, r);
+    }
+    drop(d);
+
+    // One receiver down: a 0.66 quorum commits ...
+    let mut rs = rs;
+    let down = rs.pop().unwrap();
+    let down_url = down.url.clone();
+    drop(down);
+    let all: Vec<&Rcv> = rs.iter().collect();
+    let fake_down = Rcv {
+        child: Command::new("true").spawn().unwrap(),
+        url: down_url.clone(),
+        storage: PathBuf::new(),
+    };
+    let mut with_down = all.clone();
+    with_down.push(&fake_down);
+    with_distribution(dir.path(), &with_down, 0.66, false, "20s");
+    let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
+    let j = submit(&d, "/sw/three", &tree("three", 1));
+    assert_eq!(j["state"], "published", "{j}");
+    assert!(
+        j["distribution"][&down_url]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("failed"),
+        "{j}"
+    );
+    drop(d);
+    // ... 0.75 without commit_anyway fails with the reason ...
+    with_distribution(dir.path(), &with_down, 0.75, false, "20s");
+    let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
+    let j = submit(&d, "/sw/four", &tree("four", 1));
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "distribution-quorum");
+    assert_eq!(j["error"]["state"], "distributing");
+    drop(d);
+    // ... and with commit_anyway it commits.
+    with_distribution(dir.path(), &with_down, 0.75, true, "20s");
+    let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
+    let j = submit(&d, "/sw/five", &tree("five", 1));
+    assert_eq!(j["state"], "published", "{j}");
+    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+}
