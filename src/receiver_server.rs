@@ -342,7 +342,12 @@ async fn put_object(
     };
     let st2 = st.clone();
     let len = body.len() as u64;
-    match web::block(move || st2.receiver.put(&repo, &id, &body)).await {
+    match web::block(move || {
+        prepub_actors::testhook::point("receiver-put");
+        st2.receiver.put(&repo, &id, &body)
+    })
+    .await
+    {
         Ok(Ok(o)) => {
             if o == prepub_core::cas::PutOutcome::Stored {
                 st.metrics.objects.inc();

@@ -23,6 +23,10 @@ impl Drop for Rcv {
 }
 
 fn receiver(dir: &Path, name: &str) -> Rcv {
+    receiver_with(dir, name, None, &[])
+}
+
+fn receiver_with(dir: &Path, name: &str, port: Option<u16>, env: &[(&str, &str)]) -> Rcv {
     let root = dir.join(name);
     std::fs::create_dir_all(&root).unwrap();
     let cfg = root.join("receiver.yaml");
@@ -34,11 +38,13 @@ fn receiver(dir: &Path, name: &str) -> Rcv {
         ),
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = port.unwrap_or_else(|| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    });
     let child = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
         .args([
             "--config",
@@ -47,6 +53,7 @@ fn receiver(dir: &Path, name: &str) -> Rcv {
             &format!("127.0.0.1:{port}"),
         ])
         .env("PREPUB_RECEIVER_SECRET", RSECRET)
+        .envs(env.iter().copied())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -223,4 +230,92 @@ fn three_receivers_quorum_and_incremental_pushes() {
     let j = submit(&d, "/sw/five", &tree("five", 1));
     assert_eq!(j["state"], "published", "{j}");
     ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+}
+
+#[test]
+fn a_slow_receiver_runs_into_the_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let fast = receiver(dir.path(), "fast");
+    let slow = receiver_with(
+        dir.path(),
+        "slow",
+        None,
+        &[("CVMFS_PREPUB_TEST_HOLD", "receiver-put=3000")],
+    );
+    with_distribution(dir.path(), &[&fast, &slow], 1.0, true, "2s");
+    let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
+    let j = submit(&d, "/sw/slow", &tree("slow", 3));
+    assert_eq!(
+        j["state"], "published",
+        "commit_anyway after the timeout: {j}"
+    );
+    assert!(
+        j["distribution"][&fast.url]
+            .as_str()
+            .unwrap()
+            .starts_with("ok:"),
+        "{j}"
+    );
+    assert_eq!(j["distribution"][&slow.url], "failed: timed out", "{j}");
+    let waited = j["state_times"]["committing"].as_i64().unwrap()
+        - j["state_times"]["distributing"].as_i64().unwrap();
+    assert!(
+        waited >= 1900,
+        "the job waited for the timeout ({waited} ms)"
+    );
+}
+
+#[test]
+fn a_receiver_restarted_mid_push_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let r = receiver_with(
+        dir.path(),
+        "restarting",
+        Some(port),
+        &[("CVMFS_PREPUB_TEST_HOLD", "receiver-put=300")],
+    );
+    let url = r.url.clone();
+    with_distribution(dir.path(), &[&r], 1.0, false, "60s");
+    let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
+    let specs = tree("restart", 12);
+    let t = tar_bytes(&specs);
+    let resp = d.submit_raw(ADMIN, "/sw/r", &t, None);
+    let id = resp.json::<serde_json::Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.wait_state(&id, "distributing", 30);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    drop(r); // the receiver goes away mid-push ...
+    let r = receiver_with(dir.path(), "restarting", Some(port), &[]); // ... and comes back
+    assert_eq!(r.url, url);
+    let j = d.wait_terminal(&id, 120);
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    assert_prewarmed(&d.storage, &r);
+}
+
+#[test]
+fn wrong_credentials_fail_the_endpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let r = receiver(dir.path(), "other-secret");
+    with_distribution(dir.path(), &[&r], 1.0, false, "30s");
+    // The publisher signs with a secret this receiver does not share.
+    let d = Daemon::start(
+        dir.path(),
+        &[("PREPUB_RECEIVER_SECRET", "not-the-receivers-secret")],
+    );
+    let j = submit(&d, "/sw/x", &tree("x", 1));
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "distribution-quorum");
+    let outcome = j["distribution"][&r.url].as_str().unwrap();
+    assert!(outcome.starts_with("failed: HTTP 401"), "{outcome}");
+    assert!(!d.log_text().contains("not-the-receivers-secret"));
 }

@@ -191,7 +191,8 @@ fn push(
                         let path = format!("/api/v1/repos/{repo}/objects/{id}");
                         let mut last = String::new();
                         let mut done = false;
-                        for attempt in 0..4u32 {
+                        // Up to ~6 s of retries: a receiver restarting is back by then.
+                        for attempt in 0..6u32 {
                             match p.ok("PUT", &path, body.clone()) {
                                 Ok(_) => {
                                     done = true;
@@ -199,7 +200,9 @@ fn push(
                                 }
                                 Err(e) => {
                                     last = e;
-                                    thread::sleep(Duration::from_millis(100 << attempt));
+                                    thread::sleep(Duration::from_millis(
+                                        (100u64 << attempt).min(2000),
+                                    ));
                                 }
                             }
                         }
