@@ -26,6 +26,7 @@ run-demo: build
 
 ## run-sim: publisher + gateway double in one process, concurrent communities, chaos on
 run-sim:
+	$(CARGO) build --bin cvmfs-prepub
 	$(CARGO) run --example run_sim -- --jobs 12 --communities 3 --error-rate 0.1 --drop-rate 0.05 --latency 20ms --manifest-lag 1s
 
 ## demo: create a repository, publish a sample tar into it, and check it

@@ -1,11 +1,13 @@
 //! `make run-sim`: an in-process cluster simulation. One process runs the gateway double and the
 //! publisher (gateway mode) on loopback; simulated communities submit concurrent jobs to sibling
 //! paths of one repository while the gateway injects errors, latency and a lagging manifest.
+//! Stratum 1 receivers (child processes of the same binary in receiver mode; one slow, one
+//! partitioned for a while) are pre-warmed before each commit with a 0.66 quorum.
 //! At the end it checks: every job reached `published` or `failed` with a reason; the repository,
 //! read by the independent `cvmfs` reader, holds exactly the published trees (no update lost, no
 //! failed job visible); `repo check` passes. It prints a summary and exits non-zero on any
 //! violation. Flags: --jobs N --communities N --error-rate P --drop-rate P --latency D
-//! --manifest-lag D.
+//! --manifest-lag D --receivers N.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -119,6 +121,7 @@ fn main() {
     let latency = arg("--latency", "20ms");
     let lag = arg("--manifest-lag", "1s");
     let drop_rate: f64 = arg("--drop-rate", "0.05").parse().unwrap();
+    let receivers: usize = arg("--receivers", "3").parse().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let storage = dir.path().join("storage").join(REPO);
     let keys_dir = dir.path().join("keys");
@@ -150,10 +153,78 @@ fn main() {
         cvmfs_prepub::gateway_double::run(gw_cfg, format!("127.0.0.1:{gw_port}").parse().unwrap())
     });
 
+    // Stratum 1 receivers (the same binary in receiver mode, as child processes): one is slow,
+    // one is partitioned away for a while during the run.
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("cvmfs-prepub"))
+        .unwrap();
+    assert!(
+        bin.is_file(),
+        "build the binary first (make run-sim does): {}",
+        bin.display()
+    );
+    let start_receiver = |i: usize, port: u16, slow: bool| -> std::process::Child {
+        let root = dir.path().join(format!("s1-{i}"));
+        std::fs::create_dir_all(&root).unwrap();
+        let cfg = root.join("receiver.yaml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "mode: receiver\ncas:\n  root: {}\nrepositories:\n  - name: {REPO}\n",
+                root.join("cas").display()
+            ),
+        )
+        .unwrap();
+        let mut c = std::process::Command::new(&bin);
+        c.args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("PREPUB_RECEIVER_SECRET", "sim-receiver-secret")
+        .stderr(std::process::Stdio::null());
+        if slow {
+            c.env("CVMFS_PREPUB_TEST_HOLD", "receiver-put=30");
+        }
+        c.spawn().unwrap()
+    };
+    let r_ports: Vec<u16> = (0..receivers).map(|_| free_port()).collect();
+    let mut r_children = Receivers(
+        r_ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| start_receiver(i, *p, i == 1))
+            .collect(),
+    );
+    for p in &r_ports {
+        for _ in 0..200 {
+            if reqwest::blocking::get(format!("http://127.0.0.1:{p}/api/v1/health")).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let endpoints: Vec<String> = r_ports
+        .iter()
+        .map(|p| format!("\"http://127.0.0.1:{p}\""))
+        .collect();
+    let distribution = if receivers == 0 {
+        String::new()
+    } else {
+        format!(
+            "distribution:\n  stratum1_endpoints: [{}]\n  quorum: 0.66\n  commit_anyway: true\n  timeout: 20s\n  per_s1_concurrency: 4\n  secret_env: SIM_RECEIVER_SECRET\n",
+            endpoints.join(", ")
+        )
+    };
+
     // The publisher, in this process, in gateway mode.
     let port = free_port();
     let yaml = format!(
-        "server:\n  listen: \"127.0.0.1:{port}\"\n  spool_root: {spool}\n  publish_mode: gateway\n  log_format: text\ncas:\n  root: {root}\npipeline:\n  workers: 2\n  max_attempts: 8\n  retry_backoff: 200ms\nrepositories:\n  - name: {REPO}\ngateway:\n  url: http://127.0.0.1:{gw_port}\n  key_id: sim-key\n  key_secret_env: SIM_GATEWAY_SECRET\n  stratum0_url: http://127.0.0.1:{gw_port}/cvmfs\n  lease_wait: 60s\n",
+        "server:\n  listen: \"127.0.0.1:{port}\"\n  spool_root: {spool}\n  publish_mode: gateway\n  log_format: text\ncas:\n  root: {root}\npipeline:\n  workers: 2\n  max_attempts: 8\n  retry_backoff: 200ms\nrepositories:\n  - name: {REPO}\ngateway:\n  url: http://127.0.0.1:{gw_port}\n  key_id: sim-key\n  key_secret_env: SIM_GATEWAY_SECRET\n  stratum0_url: http://127.0.0.1:{gw_port}/cvmfs\n  lease_wait: 60s\n{distribution}",
         spool = dir.path().join("spool").display(),
         root = dir.path().join("storage").display(),
     );
@@ -162,6 +233,7 @@ fn main() {
     // SAFETY of set_var: nothing else runs yet that reads the environment.
     std::env::set_var("PREPUB_API_TOKEN", TOKEN);
     std::env::set_var("SIM_GATEWAY_SECRET", SECRET);
+    std::env::set_var("SIM_RECEIVER_SECRET", "sim-receiver-secret");
     let log = cvmfs_prepub::server::logging::logger(false);
     let quiet = slog::Logger::root(slog::Discard, slog::o!());
     let _ = log;
@@ -211,6 +283,14 @@ fn main() {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    // Partition chaos: the last receiver disappears for a few seconds and comes back.
+    if receivers >= 3 {
+        let last = receivers - 1;
+        let _ = r_children.0[last].kill();
+        let _ = r_children.0[last].wait();
+        std::thread::sleep(Duration::from_secs(3));
+        r_children.0[last] = start_receiver(last, r_ports[last], false);
+    }
     let mut finals = Vec::new();
     for (c, j, id) in &submitted {
         let deadline = Instant::now() + Duration::from_secs(300);
@@ -282,6 +362,34 @@ fn main() {
             other => violations.push(format!("{path}: ended in state {other}")),
         }
     }
+    // Pre-warming: endpoints reporting ok per published job, and every receiver holds only data
+    // objects whose bytes match their names (never a catalog).
+    let mut prewarm_ok = 0usize;
+    for (_, _, v) in &finals {
+        if v["state"] == "published" {
+            let dist = v["distribution"].as_object().cloned().unwrap_or_default();
+            prewarm_ok += dist
+                .values()
+                .filter(|o| o.as_str().unwrap_or("").starts_with("ok:"))
+                .count();
+        }
+    }
+    for (i, p) in r_ports.iter().enumerate() {
+        let store = dir.path().join(format!("s1-{i}")).join("cas").join(REPO);
+        if let Ok(rc) = prepub_core::cas::LocalCas::open(&store) {
+            let held = prepub_core::cas::Cas::list(&rc).unwrap_or_default();
+            if held.iter().any(|id| !id.suffix.is_data()) {
+                violations.push(format!("receiver {p} holds a catalog object"));
+            }
+            for id in &held {
+                let b = std::fs::read(store.join(id.path())).unwrap_or_default();
+                if prepub_core::hash::Digest20::of(&b) != id.digest {
+                    violations.push(format!("receiver {p}: object {id} does not match its name"));
+                }
+            }
+        }
+    }
+    drop(r_children);
     let report =
         prepub_core::check::check(&cas, Some(&keys.master_pub), prepub_core::timefmt::now());
     violations.extend(report.findings.iter().map(|f| format!("repo check: {f}")));
@@ -327,6 +435,7 @@ fn main() {
         report.objects,
         report.findings.len()
     );
+    println!("pre-warming: {receivers} receivers (one slow, one partitioned for 3 s), quorum 0.66, {prewarm_ok} endpoint pushes ok");
     if violations.is_empty() {
         println!("run-sim: OK");
     } else {
@@ -337,4 +446,16 @@ fn main() {
         std::process::exit(1);
     }
     std::process::exit(0);
+}
+
+/// Receiver child processes; stopped (by PID, SIGKILL) when dropped, including on panic.
+struct Receivers(Vec<std::process::Child>);
+
+impl Drop for Receivers {
+    fn drop(&mut self) {
+        for c in self.0.iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

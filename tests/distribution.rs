@@ -319,3 +319,46 @@ fn wrong_credentials_fail_the_endpoint() {
     assert!(outcome.starts_with("failed: HTTP 401"), "{outcome}");
     assert!(!d.log_text().contains("not-the-receivers-secret"));
 }
+
+#[test]
+fn a_publisher_restart_while_distributing_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let rs: Vec<Rcv> = (0..2)
+        .map(|i| receiver(dir.path(), &format!("s1-{i}")))
+        .collect();
+    with_distribution(
+        dir.path(),
+        &rs.iter().collect::<Vec<_>>(),
+        1.0,
+        false,
+        "60s",
+    );
+    let mut d = Daemon::start(
+        dir.path(),
+        &[
+            ("PREPUB_RECEIVER_SECRET", RSECRET),
+            ("CVMFS_PREPUB_TEST_CRASH", "distributing-journaled"),
+        ],
+    );
+    let _ = d.submit_raw(ADMIN, "/sw/resume", &tar_bytes(&tree("resume", 3)), None);
+    assert!(
+        d.wait_exit(30),
+        "the daemon should crash at distributing-journaled"
+    );
+    drop(d);
+    let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
+    let all: serde_json::Value = client()
+        .get(format!("{}/api/v1/jobs", d.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = all["jobs"][0]["job_id"].as_str().unwrap().to_string();
+    let j = d.wait_terminal(&id, 120);
+    assert_eq!(j["state"], "published", "{j}");
+    for r in &rs {
+        assert_prewarmed(&d.storage, r);
+    }
+}
