@@ -51,6 +51,10 @@ pub struct ReceiverServerFile {
     /// Largest accepted request body (one object or one batch).
     #[serde(default = "default_body")]
     pub max_body_size: String,
+    /// Space an announced payload must leave free on the storage's filesystem (besides 10 % of
+    /// the payload); announcements that would eat into it get 507.
+    #[serde(default = "default_min_free")]
+    pub min_free_space: String,
 }
 
 impl Default for ReceiverServerFile {
@@ -60,6 +64,7 @@ impl Default for ReceiverServerFile {
             tls_cert: None,
             tls_key: None,
             max_body_size: default_body(),
+            min_free_space: default_min_free(),
         }
     }
 }
@@ -68,6 +73,9 @@ fn default_listen() -> String {
     ":9100".into()
 }
 fn default_body() -> String {
+    "1GiB".into()
+}
+fn default_min_free() -> String {
     "1GiB".into()
 }
 
@@ -153,6 +161,7 @@ struct State {
     seen: Mutex<HashMap<String, i64>>,
     metrics: Metrics,
     roots: HashMap<String, PathBuf>,
+    min_free: u64,
 }
 
 fn err(status: actix_web::http::StatusCode, code: &str, msg: impl ToString) -> HttpResponse {
@@ -263,8 +272,11 @@ async fn announce(
     }
     if let Some(root) = st.roots.get(repo.as_str()) {
         if let Some(free) = free_bytes(root) {
-            // Room for the payload plus 10 % and 1 GiB of headroom for the replica itself.
-            let need = a.bytes + a.bytes / 10 + (1 << 30);
+            // Room for the payload plus 10 % and `server.min_free_space` for the replica itself.
+            let need = a
+                .bytes
+                .saturating_add(a.bytes / 10)
+                .saturating_add(st.min_free);
             if free < need {
                 st.metrics.rejected.with_label_values(&["disk-full"]).inc();
                 return err(
@@ -469,6 +481,8 @@ pub fn run(file: ReceiverFile, listen_override: Option<String>) -> anyhow::Resul
             .map_err(|m| anyhow::anyhow!("server.listen: {m}"))?;
     let max_body = crate::units::parse_size(&file.server.max_body_size)
         .map_err(|m| anyhow::anyhow!("server.max_body_size: {m}"))?;
+    let min_free = crate::units::parse_size(&file.server.min_free_space)
+        .map_err(|m| anyhow::anyhow!("server.min_free_space: {m}"))?;
     if file.cas.kind != "localfs" {
         anyhow::bail!(
             "cas.type: receivers keep a local storage in this version ('{}')",
@@ -497,6 +511,7 @@ pub fn run(file: ReceiverFile, listen_override: Option<String>) -> anyhow::Resul
         seen: Mutex::new(HashMap::new()),
         metrics: Metrics::new()?,
         roots,
+        min_free,
     });
     let tls = match (&file.server.tls_cert, &file.server.tls_key) {
         (Some(c), Some(k)) => Some(crate::server::tls_config(c, k)?),

@@ -27,13 +27,23 @@ fn receiver(dir: &Path, name: &str) -> Rcv {
 }
 
 fn receiver_with(dir: &Path, name: &str, port: Option<u16>, env: &[(&str, &str)]) -> Rcv {
+    receiver_full(dir, name, port, env, "")
+}
+
+fn receiver_full(
+    dir: &Path,
+    name: &str,
+    port: Option<u16>,
+    env: &[(&str, &str)],
+    extra_yaml: &str,
+) -> Rcv {
     let root = dir.join(name);
     std::fs::create_dir_all(&root).unwrap();
     let cfg = root.join("receiver.yaml");
     std::fs::write(
         &cfg,
         format!(
-            "mode: receiver\ncas:\n  root: {}\nrepositories:\n  - name: {REPO}\n",
+            "mode: receiver\ncas:\n  root: {}\nrepositories:\n  - name: {REPO}\n{extra_yaml}",
             root.join("cas").display()
         ),
     )
@@ -361,4 +371,45 @@ fn a_publisher_restart_while_distributing_resumes() {
     for r in &rs {
         assert_prewarmed(&d.storage, r);
     }
+}
+
+#[test]
+fn a_receiver_without_room_refuses_the_payload_and_gets_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let ok = receiver(dir.path(), "s1-ok");
+    // No filesystem here has 100000 TiB free: every announcement is refused with 507.
+    let full = receiver_full(
+        dir.path(),
+        "s1-full",
+        None,
+        &[],
+        "server:\n  min_free_space: 100000TiB\n",
+    );
+    with_distribution(dir.path(), &[&ok, &full], 1.0, false, "30s");
+    let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
+    let j = submit(&d, "/sw/full", &tree("full", 2));
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "distribution-quorum", "{j}");
+    let outcome = j["distribution"][&full.url].as_str().unwrap_or("");
+    assert!(
+        outcome.starts_with("failed: HTTP 507") && outcome.contains("needs"),
+        "{j}"
+    );
+    assert!(
+        j["distribution"][&ok.url]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("ok:"),
+        "{j}"
+    );
+    // The refused receiver was sent nothing after the announcement.
+    let held = prepub_core::cas::LocalCas::open(&full.storage)
+        .map(|c| prepub_core::cas::Cas::list(&c).unwrap_or_default())
+        .unwrap_or_default();
+    assert!(
+        held.is_empty(),
+        "{} objects reached the full receiver",
+        held.len()
+    );
 }
