@@ -16,9 +16,10 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## bench: encoder throughput against raw zlib on this machine
+## bench: encoder throughput against raw zlib; Stratum 1 pushes against a local durable copy
 bench:
 	$(CARGO) bench --bench encoder
+	$(CARGO) bench --bench distribution
 
 ## run-demo: start the daemon on config/demo.yaml, publish a sample tar, check it, stop
 run-demo: build

@@ -142,20 +142,48 @@ fn push(
     http: reqwest::blocking::Client,
     m: &Distribute,
 ) -> Result<(u64, u64, u64), String> {
-    let deadline = Instant::now() + settings.timeout;
     let data = std::fs::read(&m.changeset).map_err(|e| format!("spool: {e}"))?;
     let cs: ChangeSet = serde_json::from_slice(&data).map_err(|e| format!("spool: {e}"))?;
     let objects = data_objects(&cs);
+    let payload = Payload {
+        id: &m.job_id,
+        repo: &m.repo,
+        objects: &objects,
+        bytes: cs.stats.new_bytes,
+        cas: m.cas.clone(),
+    };
+    push_objects(endpoint, settings, http, &payload)
+}
+
+/// One payload to pre-warm: data objects held in `cas`, announced as `bytes` of new data.
+pub struct Payload<'a> {
+    pub id: &'a str,
+    pub repo: &'a str,
+    pub objects: &'a [ObjectId],
+    pub bytes: u64,
+    pub cas: Arc<dyn Cas>,
+}
+
+/// Announces `payload` to the receiver at `endpoint`, asks which objects it lacks and pushes
+/// those; returns `(objects pushed, bytes pushed, objects already there)`. Blocking.
+pub fn push_objects(
+    endpoint: &str,
+    settings: &DistributionSettings,
+    http: reqwest::blocking::Client,
+    payload: &Payload,
+) -> Result<(u64, u64, u64), String> {
+    let deadline = Instant::now() + settings.timeout;
+    let objects = payload.objects;
     let p = Arc::new(Pusher {
-        base: endpoint.to_string(),
+        base: endpoint.trim_end_matches('/').to_string(),
         secret: settings.secret.as_bytes().to_vec(),
         http,
     });
-    let repo = &m.repo;
+    let repo = payload.repo;
     p.ok(
         "POST",
         &format!("/api/v1/repos/{repo}/announce"),
-        serde_json::to_vec(&serde_json::json!({"payload_id": m.job_id, "objects": objects.len(), "bytes": cs.stats.new_bytes}))
+        serde_json::to_vec(&serde_json::json!({"payload_id": payload.id, "objects": objects.len(), "bytes": payload.bytes}))
             .unwrap_or_default(),
     )?;
     let mut missing: Vec<ObjectId> = Vec::new();
@@ -179,7 +207,7 @@ fn push(
             .map(|_| {
                 let rx = rx.clone();
                 let p = p.clone();
-                let cas = m.cas.clone();
+                let cas = payload.cas.clone();
                 s.spawn(move || -> Result<(u64, u64), String> {
                     let (mut n, mut bytes) = (0u64, 0u64);
                     while let Ok(id) = rx.recv() {
