@@ -13,7 +13,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use actix::Addr;
 use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use prepub_actors::receiver_agent::{Missing, Put, ReceiverAgent};
 use prepub_core::cas::{Cas, LocalCas};
 use prepub_core::hash::ObjectId;
 use prepub_core::receiver::{verify, ReceiveError, Receiver};
@@ -155,7 +157,8 @@ impl Metrics {
 }
 
 struct State {
-    receiver: Receiver,
+    receiver: Arc<Receiver>,
+    agent: Addr<ReceiverAgent>,
     secret: Vec<u8>,
     window: i64,
     seen: Mutex<HashMap<String, i64>>,
@@ -321,9 +324,8 @@ async fn inventory(
         );
     };
     st.metrics.inventory.inc();
-    let st2 = st.clone();
     let repo = repo.into_inner();
-    match web::block(move || st2.receiver.missing(&repo, &ids)).await {
+    match st.agent.send(Missing { repo, ids }).await {
         Ok(Ok(m)) => HttpResponse::Ok()
             .json(json!({"missing": m.iter().map(|i| i.to_string()).collect::<Vec<_>>()})),
         Ok(Err(e)) => receive_error(&st, e),
@@ -352,18 +354,17 @@ async fn put_object(
             format!("'{name}' is not an object name"),
         );
     };
-    let st2 = st.clone();
-    let len = body.len() as u64;
-    match web::block(move || {
-        prepub_actors::testhook::point("receiver-put");
-        st2.receiver.put(&repo, &id, &body)
-    })
-    .await
-    {
-        Ok(Ok(o)) => {
-            if o == prepub_core::cas::PutOutcome::Stored {
+    let len = body.len();
+    let put = Put {
+        repo,
+        body,
+        objects: vec![(id, 0..len)],
+    };
+    match st.agent.send(put).await {
+        Ok(Ok((stored, bytes))) => {
+            if stored == 1 {
                 st.metrics.objects.inc();
-                st.metrics.bytes.inc_by(len);
+                st.metrics.bytes.inc_by(bytes);
                 HttpResponse::Created().json(json!({"stored": true}))
             } else {
                 HttpResponse::Ok().json(json!({"stored": false}))
@@ -424,22 +425,16 @@ async fn put_batch(
     {
         return receive_error(&st, ReceiveError::Catalog);
     }
-    let st2 = st.clone();
     let repo = repo.into_inner();
-    let res = web::block(move || -> Result<(u64, u64), ReceiveError> {
-        let (mut stored, mut bytes) = (0, 0);
-        for (id, range) in &objects {
-            if st2.receiver.put(&repo, id, &body[range.clone()])?
-                == prepub_core::cas::PutOutcome::Stored
-            {
-                stored += 1;
-                bytes += range.len() as u64;
-            }
-        }
-        Ok((stored, bytes))
-    })
-    .await;
-    match res {
+    match st
+        .agent
+        .send(Put {
+            repo,
+            body,
+            objects,
+        })
+        .await
+    {
         Ok(Ok((n, b))) => {
             st.metrics.objects.inc_by(n);
             st.metrics.bytes.inc_by(b);
@@ -503,22 +498,25 @@ pub fn run(file: ReceiverFile, listen_override: Option<String>) -> anyhow::Resul
         stores.push((r.name.clone(), Arc::new(cas)));
         roots.insert(r.name.clone(), root);
     }
-    let receiver = Receiver::new(stores).context("building the inventory filters")?;
-    let state = Arc::new(State {
-        receiver,
-        secret: secret.into_bytes(),
-        window: window.as_secs() as i64,
-        seen: Mutex::new(HashMap::new()),
-        metrics: Metrics::new()?,
-        roots,
-        min_free,
-    });
-    let tls = match (&file.server.tls_cert, &file.server.tls_key) {
-        (Some(c), Some(k)) => Some(crate::server::tls_config(c, k)?),
-        (None, None) => None,
-        _ => anyhow::bail!("server.tls_cert and server.tls_key must be set together"),
-    };
+    let receiver = Arc::new(Receiver::new(stores).context("building the inventory filters")?);
     actix_rt::System::new().block_on(async move {
+        // Eight storage threads: enough to overlap the fsyncs of concurrent uploads.
+        let agent = ReceiverAgent::start(receiver.clone(), 8);
+        let state = Arc::new(State {
+            receiver,
+            agent,
+            secret: secret.into_bytes(),
+            window: window.as_secs() as i64,
+            seen: Mutex::new(HashMap::new()),
+            metrics: Metrics::new()?,
+            roots,
+            min_free,
+        });
+        let tls = match (&file.server.tls_cert, &file.server.tls_key) {
+            (Some(c), Some(k)) => Some(crate::server::tls_config(c, k)?),
+            (None, None) => None,
+            _ => anyhow::bail!("server.tls_cert and server.tls_key must be set together"),
+        };
         let data = web::Data::new(state);
         let server = HttpServer::new(move || {
             App::new()

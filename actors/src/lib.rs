@@ -14,6 +14,7 @@ pub mod job_manager;
 pub mod local_publisher;
 pub mod metrics;
 pub mod publisher;
+pub mod receiver_agent;
 pub mod s1_distributor;
 pub mod s3_cas;
 pub mod spool_journal;
