@@ -3,86 +3,18 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use common::*;
 
 const RSECRET: &str = "receiver-secret";
-
-struct Rcv {
-    child: Child,
-    url: String,
-    storage: PathBuf,
-}
-
-impl Drop for Rcv {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn receiver(dir: &Path, name: &str) -> Rcv {
     receiver_with(dir, name, None, &[])
 }
 
 fn receiver_with(dir: &Path, name: &str, port: Option<u16>, env: &[(&str, &str)]) -> Rcv {
-    receiver_full(dir, name, port, env, "")
-}
-
-fn receiver_full(
-    dir: &Path,
-    name: &str,
-    port: Option<u16>,
-    env: &[(&str, &str)],
-    extra_yaml: &str,
-) -> Rcv {
-    let root = dir.join(name);
-    std::fs::create_dir_all(&root).unwrap();
-    let cfg = root.join("receiver.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "mode: receiver\ncas:\n  root: {}\nrepositories:\n  - name: {REPO}\n{extra_yaml}",
-            root.join("cas").display()
-        ),
-    )
-    .unwrap();
-    let port = port.unwrap_or_else(|| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    });
-    let child = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
-        .args([
-            "--config",
-            cfg.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .env("PREPUB_RECEIVER_SECRET", RSECRET)
-        .envs(env.iter().copied())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let r = Rcv {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-        storage: root.join("cas").join(REPO),
-    };
-    for _ in 0..200 {
-        if client()
-            .get(format!("{}/api/v1/health", r.url))
-            .send()
-            .is_ok()
-        {
-            return r;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("receiver did not start");
+    start_receiver(&dir.join(name), RSECRET, port, env, "")
 }
 
 fn with_distribution(dir: &Path, rs: &[&Rcv], quorum: f64, commit_anyway: bool, timeout: &str) {
@@ -379,9 +311,9 @@ fn a_receiver_without_room_refuses_the_payload_and_gets_nothing() {
     prepare_daemon_dir(dir.path(), "", "");
     let ok = receiver(dir.path(), "s1-ok");
     // No filesystem here has 100000 TiB free: every announcement is refused with 507.
-    let full = receiver_full(
-        dir.path(),
-        "s1-full",
+    let full = start_receiver(
+        &dir.path().join("s1-full"),
+        RSECRET,
         None,
         &[],
         "server:\n  min_free_space: 100000TiB\n",

@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
 use common::*;
 use prepub_core::hash::{Digest20, ObjectId, Suffix};
@@ -13,59 +12,8 @@ use prepub_core::object::compress_metadata;
 
 const RSECRET: &str = "receiver-secret-for-tests";
 
-struct Rcv {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Rcv {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start(dir: &Path) -> Rcv {
-    let cfg = dir.join("receiver.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "mode: receiver\nserver:\n  listen: \"127.0.0.1:0\"\ncas:\n  root: {}\nrepositories:\n  - name: {REPO}\n",
-            dir.join("s1").display()
-        ),
-    )
-    .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
-        .args([
-            "--config",
-            cfg.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .env("PREPUB_RECEIVER_SECRET", RSECRET)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let r = Rcv {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    };
-    for _ in 0..200 {
-        if client()
-            .get(format!("{}/api/v1/health", r.url))
-            .send()
-            .is_ok()
-        {
-            return r;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("receiver did not start");
+    start_receiver(dir, RSECRET, None, &[], "")
 }
 
 fn signed(
@@ -179,10 +127,7 @@ fn receives_verified_objects_and_answers_inventory() {
     assert_eq!(resp.status().as_u16(), 200);
     assert!(inventory(&r, &[a, b, c]).is_empty());
     for (id, bytes) in [(a, &ab), (b, &bb), (c, &cb)] {
-        assert_eq!(
-            &std::fs::read(dir.path().join("s1").join(REPO).join(id.path())).unwrap(),
-            bytes
-        );
+        assert_eq!(&std::fs::read(r.storage.join(id.path())).unwrap(), bytes);
     }
     // After a restart the inventory answers from the rebuilt filter.
     drop(r);

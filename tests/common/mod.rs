@@ -461,3 +461,74 @@ pub fn gzip(b: &[u8]) -> Vec<u8> {
     g.write_all(b).unwrap();
     g.finish().unwrap()
 }
+
+/// A receiver (`cvmfs-prepub --mode receiver`) serving `REPO` from `<root>/cas/REPO` on a
+/// loopback port; stopped by PID when dropped.
+pub struct Rcv {
+    pub child: std::process::Child,
+    pub url: String,
+    pub storage: PathBuf,
+}
+
+impl Drop for Rcv {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts a receiver under `root` (config `<root>/receiver.yaml`, plus `extra_yaml`) with the
+/// shared `secret`, on `port` or a free one, with extra environment `env`; returns once healthy.
+pub fn start_receiver(
+    root: &Path,
+    secret: &str,
+    port: Option<u16>,
+    env: &[(&str, &str)],
+    extra_yaml: &str,
+) -> Rcv {
+    std::fs::create_dir_all(root).unwrap();
+    let cfg = root.join("receiver.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "mode: receiver\ncas:\n  root: {}\nrepositories:\n  - name: {REPO}\n{extra_yaml}",
+            root.join("cas").display()
+        ),
+    )
+    .unwrap();
+    let port = port.unwrap_or_else(|| {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    });
+    let child = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
+        .args([
+            "--config",
+            cfg.to_str().unwrap(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("PREPUB_RECEIVER_SECRET", secret)
+        .envs(env.iter().copied())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let r = Rcv {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        storage: root.join("cas").join(REPO),
+    };
+    for _ in 0..200 {
+        if client()
+            .get(format!("{}/api/v1/health", r.url))
+            .send()
+            .is_ok()
+        {
+            return r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("receiver did not start");
+}
