@@ -129,7 +129,9 @@ fn main() {
         timeout: Duration::from_secs(600),
         commit_anyway: false,
         per_s1_concurrency: 8,
-        secret: SECRET.into(),
+        secret: Some(SECRET.into()),
+        identity_pem: None,
+        ca_pem: None,
     };
     let http = reqwest::blocking::Client::builder()
         .timeout(Duration::from_secs(120))
@@ -143,17 +145,24 @@ fn main() {
             objects: &objects,
             bytes,
             cas: cas.clone(),
+            // Journaled acknowledgements, as in the daemon (one fresh log per push).
+            ack_log: Some(prepub_core::spool::AckLog::path(
+                dir.path(),
+                &format!("{id}{url}"),
+            )),
+            progress: None,
         };
         push_objects(url, &settings, http.clone(), &payload).unwrap()
     };
 
     let one = receiver(dir.path(), "s1-one");
     let t = Instant::now();
-    let (pushed, _, _) = push(&one.url, "one");
+    let pushed = push(&one.url, "one").pushed;
     let t_one = t.elapsed();
     assert_eq!(pushed as usize, n);
     let t = Instant::now();
-    let (again, _, present) = push(&one.url, "again");
+    let r = push(&one.url, "again");
+    let (again, present) = (r.pushed, r.present);
     let t_again = t.elapsed();
     assert_eq!((again as usize, present as usize), (0, n));
     drop(one);
@@ -168,7 +177,7 @@ fn main() {
             .map(|r| s.spawn(|| push(&r.url, "three")))
             .collect();
         for h in hs {
-            assert_eq!(h.join().unwrap().0 as usize, n);
+            assert_eq!(h.join().unwrap().pushed as usize, n);
         }
     });
     let t_three = t.elapsed();

@@ -55,9 +55,19 @@ pub struct DistributionFile {
     /// Object uploads in flight per endpoint.
     #[serde(default = "default_per_s1")]
     pub per_s1_concurrency: usize,
-    /// Environment variable with the receivers' shared secret.
+    /// Environment variable with the receivers' shared secret. Optional when `client_cert`
+    /// is set (the receivers then know the publisher by its certificate); when both are set,
+    /// requests are signed and the certificate is shown.
     #[serde(default = "default_receiver_secret_env")]
     pub secret_env: String,
+    /// Mutual TLS: PEM client certificate (chain) and key shown to the receivers.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// PEM CA bundle that signs the receivers' server certificates (replaces the system roots).
+    #[serde(default)]
+    pub ca_cert: Option<PathBuf>,
 }
 
 fn default_quorum() -> f64 {
@@ -82,6 +92,9 @@ pub struct DistributionConfig {
     pub commit_anyway: bool,
     pub per_s1_concurrency: usize,
     pub secret_env: String,
+    /// Client certificate and key files (mutual TLS), both or neither.
+    pub client_identity: Option<(PathBuf, PathBuf)>,
+    pub ca_cert: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -776,6 +789,17 @@ impl FileConfig {
                     commit_anyway: d.commit_anyway,
                     per_s1_concurrency: d.per_s1_concurrency,
                     secret_env: d.secret_env.clone(),
+                    client_identity: match (&d.client_cert, &d.client_key) {
+                        (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+                        (None, None) => None,
+                        _ => {
+                            return Err(cerr(
+                                "distribution.client_cert",
+                                "client_cert and client_key must be set together",
+                            ))
+                        }
+                    },
+                    ca_cert: d.ca_cert.clone(),
                 })
             }
         };
@@ -857,5 +881,29 @@ mod tests {
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.max_upload, 1 << 30);
         assert_eq!(c.repos["a.org"].storage, PathBuf::from("/srv/cvmfs/a.org"));
+    }
+
+    #[test]
+    fn distribution_settings_are_checked() {
+        let base = "repositories: [{name: a.org}]\ndistribution:\n  stratum1_endpoints: ['https://s1:9100']\n";
+        let e = parse(&format!("{base}  client_cert: /c.crt\n")).unwrap_err();
+        assert_eq!(e.key, "distribution.client_cert");
+        let e = parse(&format!("{base}  quorum: 1.5\n")).unwrap_err();
+        assert_eq!(e.key, "distribution.quorum");
+        let e =
+            parse("repositories: [{name: a.org}]\ndistribution: {stratum1_endpoints: ['s1:9100']}")
+                .unwrap_err();
+        assert_eq!(e.key, "distribution.stratum1_endpoints[0]");
+        let c = parse(&format!(
+            "{base}  client_cert: /c.crt\n  client_key: /c.key\n  ca_cert: /ca.crt\n  timeout: 90s\n"
+        ))
+        .unwrap();
+        let d = c.distribution.unwrap();
+        assert_eq!(
+            d.client_identity,
+            Some((PathBuf::from("/c.crt"), PathBuf::from("/c.key")))
+        );
+        assert_eq!(d.ca_cert, Some(PathBuf::from("/ca.crt")));
+        assert_eq!(d.timeout, Duration::from_secs(90));
     }
 }

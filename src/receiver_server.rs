@@ -7,6 +7,10 @@
 //! `POST …/announce` (507 when the disk cannot take the payload), `POST …/inventory` (which of
 //! these objects are missing), `PUT …/objects/<hash><suffix>` (verified against its name; catalogs
 //! refused), `POST …/objects` (a `V2` pack of many small objects).
+//!
+//! Instead of signing, a publisher may authenticate with a client certificate (mutual TLS):
+//! with `server.client_ca` set, a certificate that CA signed (and, if `auth.allowed_clients` is
+//! set, whose CN is listed) is enough; without a secret configured it is the only way in.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -50,6 +54,11 @@ pub struct ReceiverServerFile {
     pub listen: String,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: PEM bundle of the CAs whose client certificates authenticate a publisher
+    /// (needs `tls_cert`/`tls_key`). A client showing a certificate these CAs did not sign is
+    /// refused in the handshake; one showing none must sign its requests.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
     /// Largest accepted request body (one object or one batch).
     #[serde(default = "default_body")]
     pub max_body_size: String,
@@ -65,6 +74,7 @@ impl Default for ReceiverServerFile {
             listen: default_listen(),
             tls_cert: None,
             tls_key: None,
+            client_ca: None,
             max_body_size: default_body(),
             min_free_space: default_min_free(),
         }
@@ -91,9 +101,14 @@ pub struct ReceiverRepoFile {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReceiverAuthFile {
-    /// Environment variable with the shared secret.
+    /// Environment variable with the shared secret. It may be unset when `server.client_ca`
+    /// is configured: then only publishers with a client certificate get in.
     #[serde(default = "default_secret_env")]
     pub secret_env: String,
+    /// With mutual TLS: the certificate common names (CN) accepted; empty accepts any
+    /// certificate that `server.client_ca` signed.
+    #[serde(default)]
+    pub allowed_clients: Vec<String>,
     /// Signed requests older or newer than this are refused.
     #[serde(default = "default_window")]
     pub replay_window: String,
@@ -103,6 +118,7 @@ impl Default for ReceiverAuthFile {
     fn default() -> Self {
         ReceiverAuthFile {
             secret_env: default_secret_env(),
+            allowed_clients: Vec::new(),
             replay_window: default_window(),
         }
     }
@@ -159,12 +175,68 @@ impl Metrics {
 struct State {
     receiver: Arc<Receiver>,
     agent: Addr<ReceiverAgent>,
-    secret: Vec<u8>,
+    /// `None`: only client certificates authenticate.
+    secret: Option<Vec<u8>>,
+    allowed_clients: Vec<String>,
     window: i64,
     seen: Mutex<HashMap<String, i64>>,
     metrics: Metrics,
     roots: HashMap<String, PathBuf>,
     min_free: u64,
+    /// Space promised to accepted announcements and not yet filled by uploads.
+    reserved: Mutex<Reservations>,
+}
+
+/// Space held for announced payloads, so two announcements at the same moment cannot both be
+/// granted the same free bytes. A payload's reservation shrinks as objects are stored and
+/// lapses after [`Reservations::HOLD`]; re-announcing a payload replaces its reservation (a
+/// publisher announces `bytes: 0` when it is done, releasing the rest). All
+/// repositories count against each other (their storages usually share one filesystem).
+#[derive(Default)]
+struct Reservations {
+    /// payload id -> (bytes still expected, expiry)
+    held: Vec<(String, u64, std::time::Instant)>,
+}
+
+impl Reservations {
+    const HOLD: Duration = Duration::from_secs(30 * 60);
+
+    fn prune(&mut self) {
+        let now = std::time::Instant::now();
+        self.held.retain(|(_, b, t)| *b > 0 && *t > now);
+    }
+
+    /// Bytes reserved for payloads other than `payload`.
+    fn others(&mut self, payload: &str) -> u64 {
+        self.prune();
+        self.held
+            .iter()
+            .filter(|(p, _, _)| p != payload)
+            .map(|(_, b, _)| *b)
+            .sum()
+    }
+
+    fn reserve(&mut self, payload: &str, bytes: u64) {
+        self.held.retain(|(p, _, _)| p != payload);
+        self.held.push((
+            payload.to_string(),
+            bytes,
+            std::time::Instant::now() + Self::HOLD,
+        ));
+    }
+
+    /// `bytes` were stored: the oldest reservations are that much closer to filled.
+    fn filled(&mut self, mut bytes: u64) {
+        for (_, b, _) in self.held.iter_mut() {
+            let take = bytes.min(*b);
+            *b -= take;
+            bytes -= take;
+            if bytes == 0 {
+                break;
+            }
+        }
+        self.prune();
+    }
 }
 
 fn err(status: actix_web::http::StatusCode, code: &str, msg: impl ToString) -> HttpResponse {
@@ -180,6 +252,19 @@ fn authorize(st: &State, req: &HttpRequest, body: &[u8]) -> Option<HttpResponse>
             .with_label_values(&["unauthorized"])
             .inc();
         Some(err(StatusCode::UNAUTHORIZED, "unauthorized", m))
+    };
+    // Mutual TLS: rustls already verified the chain against `server.client_ca`.
+    if let Some(cc) = req.conn_data::<crate::server::ClientCert>() {
+        if st.allowed_clients.is_empty() || st.allowed_clients.contains(&cc.0) {
+            return None;
+        }
+        return unauthorized(&format!(
+            "client certificate '{}' is not in auth.allowed_clients",
+            cc.0
+        ));
+    }
+    let Some(secret) = &st.secret else {
+        return unauthorized("a client certificate is required");
     };
     let h = |n: &str| {
         req.headers()
@@ -208,7 +293,7 @@ fn authorize(st: &State, req: &HttpRequest, body: &[u8]) -> Option<HttpResponse>
         return unauthorized("unsupported authorization scheme");
     };
     if !verify(
-        &st.secret,
+        secret,
         req.method().as_str(),
         req.path(),
         body,
@@ -275,18 +360,24 @@ async fn announce(
     }
     if let Some(root) = st.roots.get(repo.as_str()) {
         if let Some(free) = free_bytes(root) {
-            // Room for the payload plus 10 % and `server.min_free_space` for the replica itself.
+            // Room for the payload plus 10 % and `server.min_free_space` for the replica
+            // itself, besides what other accepted payloads still hold.
+            let mut reserved = st.reserved.lock().unwrap_or_else(|e| e.into_inner());
+            let others = reserved.others(&a.payload_id);
             let need = a
                 .bytes
                 .saturating_add(a.bytes / 10)
-                .saturating_add(st.min_free);
-            if free < need {
+                .saturating_add(st.min_free)
+                .saturating_add(others);
+            if free >= need {
+                reserved.reserve(&a.payload_id, a.bytes);
+            } else {
                 st.metrics.rejected.with_label_values(&["disk-full"]).inc();
                 return err(
                     actix_web::http::StatusCode::INSUFFICIENT_STORAGE,
                     "insufficient-storage",
                     format!(
-                        "payload {} needs {need} bytes, {free} are free",
+                        "payload {} needs {need} bytes ({others} held for other payloads), {free} are free",
                         a.payload_id
                     ),
                 );
@@ -365,6 +456,10 @@ async fn put_object(
             if stored == 1 {
                 st.metrics.objects.inc();
                 st.metrics.bytes.inc_by(bytes);
+                st.reserved
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .filled(bytes);
                 HttpResponse::Created().json(json!({"stored": true}))
             } else {
                 HttpResponse::Ok().json(json!({"stored": false}))
@@ -438,6 +533,10 @@ async fn put_batch(
         Ok(Ok((n, b))) => {
             st.metrics.objects.inc_by(n);
             st.metrics.bytes.inc_by(b);
+            st.reserved
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .filled(b);
             HttpResponse::Ok().json(json!({"stored": n}))
         }
         Ok(Err(e)) => receive_error(&st, e),
@@ -467,8 +566,16 @@ pub fn run(file: ReceiverFile, listen_override: Option<String>) -> anyhow::Resul
     use anyhow::Context;
     let secret = std::env::var(&file.auth.secret_env)
         .ok()
-        .filter(|s| !s.is_empty())
-        .with_context(|| format!("auth.secret_env: {} is not set", file.auth.secret_env))?;
+        .filter(|s| !s.is_empty());
+    if file.server.client_ca.is_some() && file.server.tls_cert.is_none() {
+        anyhow::bail!("server.client_ca: mutual TLS needs server.tls_cert and server.tls_key");
+    }
+    if secret.is_none() && file.server.client_ca.is_none() {
+        anyhow::bail!(
+            "auth.secret_env: {} is not set and server.client_ca is not configured: nobody could push",
+            file.auth.secret_env
+        );
+    }
     let window = parse_duration(&file.auth.replay_window)
         .map_err(|m| anyhow::anyhow!("auth.replay_window: {m}"))?;
     let listen =
@@ -505,15 +612,21 @@ pub fn run(file: ReceiverFile, listen_override: Option<String>) -> anyhow::Resul
         let state = Arc::new(State {
             receiver,
             agent,
-            secret: secret.into_bytes(),
+            secret: secret.map(String::into_bytes),
+            allowed_clients: file.auth.allowed_clients.clone(),
             window: window.as_secs() as i64,
             seen: Mutex::new(HashMap::new()),
             metrics: Metrics::new()?,
             roots,
             min_free,
+            reserved: Mutex::new(Reservations::default()),
         });
         let tls = match (&file.server.tls_cert, &file.server.tls_key) {
-            (Some(c), Some(k)) => Some(crate::server::tls_config(c, k)?),
+            (Some(c), Some(k)) => Some(crate::server::tls_config_with_clients(
+                c,
+                k,
+                file.server.client_ca.as_deref(),
+            )?),
             (None, None) => None,
             _ => anyhow::bail!("server.tls_cert and server.tls_key must be set together"),
         };
@@ -532,6 +645,7 @@ pub fn run(file: ReceiverFile, listen_override: Option<String>) -> anyhow::Resul
                     web::put().to(put_object),
                 )
         })
+        .on_connect(crate::server::client_cert_on_connect)
         .shutdown_timeout(10)
         .keep_alive(Duration::from_secs(30));
         let server = match tls {

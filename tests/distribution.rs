@@ -18,6 +18,17 @@ fn receiver_with(dir: &Path, name: &str, port: Option<u16>, env: &[(&str, &str)]
 }
 
 fn with_distribution(dir: &Path, rs: &[&Rcv], quorum: f64, commit_anyway: bool, timeout: &str) {
+    with_distribution_extra(dir, rs, quorum, commit_anyway, timeout, "");
+}
+
+fn with_distribution_extra(
+    dir: &Path,
+    rs: &[&Rcv],
+    quorum: f64,
+    commit_anyway: bool,
+    timeout: &str,
+    extra: &str,
+) {
     let cfg = dir.join("config.yaml");
     let eps: Vec<String> = rs.iter().map(|r| format!("\"{}\"", r.url)).collect();
     let text = std::fs::read_to_string(&cfg).unwrap();
@@ -28,7 +39,7 @@ fn with_distribution(dir: &Path, rs: &[&Rcv], quorum: f64, commit_anyway: bool, 
     std::fs::write(
         &cfg,
         format!(
-            "{text}distribution:\n  stratum1_endpoints: [{}]\n  quorum: {quorum}\n  commit_anyway: {commit_anyway}\n  timeout: {timeout}\n  per_s1_concurrency: 4\n",
+            "{text}distribution:\n  stratum1_endpoints: [{}]\n  quorum: {quorum}\n  commit_anyway: {commit_anyway}\n  timeout: {timeout}\n  per_s1_concurrency: 4\n{extra}",
             eps.join(", ")
         ),
     )
@@ -199,7 +210,13 @@ fn a_slow_receiver_runs_into_the_timeout() {
             .starts_with("ok:"),
         "{j}"
     );
-    assert_eq!(j["distribution"][&slow.url], "failed: timed out", "{j}");
+    // The verdict keeps the endpoint's last progress report.
+    let slow_outcome = j["distribution"][&slow.url].as_str().unwrap();
+    assert!(
+        slow_outcome.starts_with("failed: timed out (pushing: ")
+            && slow_outcome.contains(" objects held"),
+        "{j}"
+    );
     let waited = j["state_times"]["committing"].as_i64().unwrap()
         - j["state_times"]["distributing"].as_i64().unwrap();
     assert!(
@@ -344,4 +361,183 @@ fn a_receiver_without_room_refuses_the_payload_and_gets_nothing() {
         "{} objects reached the full receiver",
         held.len()
     );
+}
+
+/// A test CA (`certs/`) with a receiver certificate for 127.0.0.1 and two client certificates
+/// (`publisher`, `other-node`), plus a rogue CA (`rogue/`) with its own `publisher`.
+fn make_certs(dir: &Path) -> (PathBuf, PathBuf) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/gen-certs.sh");
+    let (c, rogue) = (dir.join("certs"), dir.join("rogue"));
+    let runs: [(&Path, &[&str]); 6] = [
+        (&c, &["ca"]),
+        (&c, &["server", "s1", "127.0.0.1"]),
+        (&c, &["client", "publisher"]),
+        (&c, &["client", "other-node"]),
+        (&rogue, &["ca"]),
+        (&rogue, &["client", "publisher"]),
+    ];
+    for (d, args) in runs {
+        let st = Command::new("bash")
+            .arg(script)
+            .arg(d)
+            .args(args)
+            .env("CERT_KEY", "ec")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "gen-certs.sh {args:?}");
+    }
+    (c, rogue)
+}
+
+fn tls_client(ca: &Path, identity: Option<(&Path, &str)>) -> reqwest::blocking::Client {
+    let mut b = reqwest::blocking::Client::builder()
+        .tls_certs_only(
+            reqwest::Certificate::from_pem_bundle(&std::fs::read(ca.join("ca.crt")).unwrap())
+                .unwrap(),
+        )
+        .timeout(std::time::Duration::from_secs(10));
+    if let Some((dir, name)) = identity {
+        let mut pem = std::fs::read(dir.join(format!("{name}.crt"))).unwrap();
+        pem.extend(std::fs::read(dir.join(format!("{name}.key"))).unwrap());
+        b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
+    }
+    b.build().unwrap()
+}
+
+#[test]
+fn mutual_tls_lets_in_certified_publishers_only() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let (c, rogue) = make_certs(dir.path());
+    let c = c.display().to_string();
+    // No shared secret at all: the client certificate is the only way in.
+    let r = start_receiver(
+        &dir.path().join("s1"),
+        "",
+        None,
+        &[],
+        &format!(
+            "server:\n  tls_cert: {c}/s1.crt\n  tls_key: {c}/s1.key\n  client_ca: {c}/ca.crt\nauth:\n  allowed_clients: [publisher]\n"
+        ),
+    );
+    assert!(r.url.starts_with("https://127.0.0.1:"), "{}", r.url);
+    with_distribution_extra(
+        dir.path(),
+        &[&r],
+        1.0,
+        false,
+        "60s",
+        &format!(
+            "  client_cert: {c}/publisher.crt\n  client_key: {c}/publisher.key\n  ca_cert: {c}/ca.crt\n"
+        ),
+    );
+    let d = Daemon::start(dir.path(), &[]);
+    let j = submit(&d, "/sw/mtls", &tree("mtls", 2));
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    let outcome = j["distribution"][&r.url].as_str().unwrap();
+    assert!(outcome.starts_with("ok: "), "{outcome}");
+    assert_prewarmed(&d.storage, &r);
+
+    let c = PathBuf::from(c);
+    let inventory = |client: &reqwest::blocking::Client| {
+        client
+            .post(format!("{}/api/v1/repos/{REPO}/inventory", r.url))
+            .json(&serde_json::json!({"objects": []}))
+            .send()
+    };
+    let ok = inventory(&tls_client(&c, Some((&c, "publisher")))).unwrap();
+    assert_eq!(ok.status(), 200);
+    // No certificate (and nothing to sign with): 401.
+    let anon = inventory(&tls_client(&c, None)).unwrap();
+    assert_eq!(anon.status(), 401);
+    let v: serde_json::Value = anon.json().unwrap();
+    assert_eq!(v["error"]["message"], "a client certificate is required");
+    // A certificate from the right CA whose CN is not allowed: 401.
+    let other = inventory(&tls_client(&c, Some((&c, "other-node")))).unwrap();
+    assert_eq!(other.status(), 401);
+    let v: serde_json::Value = other.json().unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'other-node' is not in auth.allowed_clients"),
+        "{v}"
+    );
+    // The same CN from a CA the receiver does not trust: the handshake is refused.
+    assert!(inventory(&tls_client(&c, Some((&rogue, "publisher")))).is_err());
+    // The receiver is still healthy after the refused handshake.
+    assert_eq!(
+        inventory(&tls_client(&c, Some((&c, "publisher"))))
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[test]
+fn a_publisher_crash_mid_push_resumes_from_the_journaled_acknowledgements() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let r = receiver(dir.path(), "s1");
+    with_distribution(dir.path(), &[&r], 1.0, false, "60s");
+    let mut d = Daemon::start(
+        dir.path(),
+        &[
+            ("PREPUB_RECEIVER_SECRET", RSECRET),
+            ("CVMFS_PREPUB_TEST_CRASH", "distribution-ack#6"),
+        ],
+    );
+    let _ = d.submit_raw(ADMIN, "/sw/acks", &tar_bytes(&tree("acks", 16)), None);
+    assert!(d.wait_exit(60), "the daemon should crash at the 6th ack");
+    drop(d);
+    let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
+    let all: serde_json::Value = client()
+        .get(format!("{}/api/v1/jobs", d.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let id = all["jobs"][0]["job_id"].as_str().unwrap().to_string();
+    let j = d.wait_terminal(&id, 120);
+    assert_eq!(j["state"], "published", "{j}");
+    assert_prewarmed(&d.storage, &r);
+    // "ok: P objects (B bytes) pushed, Q already present, A acknowledged before a restart"
+    let outcome = j["distribution"][&r.url].as_str().unwrap().to_string();
+    let nums: Vec<u64> = outcome
+        .split(|ch: char| !ch.is_ascii_digit())
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    assert_eq!(nums.len(), 4, "{outcome}");
+    let (pushed, present, resumed) = (nums[0], nums[2], nums[3]);
+    assert!(
+        outcome.ends_with("acknowledged before a restart") && resumed >= 6,
+        "{outcome}"
+    );
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    let data = prepub_core::cas::Cas::list(&cas)
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.suffix.is_data())
+        .count() as u64;
+    assert_eq!(pushed + present + resumed, data, "{outcome}");
+    // Every object reached the receiver exactly once over both runs.
+    let m = client()
+        .get(format!("{}/api/v1/metrics", r.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        m.contains(&format!("cvmfs_receiver_objects_received_total {data}\n")),
+        "{m}"
+    );
+    // A terminal job keeps no acknowledgement log.
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("spool/jobs").join(&id))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("acks-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

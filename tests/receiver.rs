@@ -268,3 +268,102 @@ fn the_example_receiver_config_parses() {
     assert_eq!(f.repositories.len(), 2);
     assert_eq!(f.mode.as_deref(), Some("receiver"));
 }
+
+/// Starts the receiver binary with `yaml` and the given secret; returns its exit status and
+/// stderr (it must refuse to start).
+fn refused_start(dir: &Path, yaml: &str, secret: &str) -> (Option<i32>, String) {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg = dir.join("receiver.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "mode: receiver\ncas:\n  root: {}\nrepositories:\n  - name: {REPO}\n{yaml}",
+            dir.join("cas").display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
+        .args(["--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+        .env("PREPUB_RECEIVER_SECRET", secret)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_receiver_nobody_could_authenticate_to_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    // Neither a shared secret nor mutual TLS.
+    let (code, err) = refused_start(&dir.path().join("a"), "", "");
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("PREPUB_RECEIVER_SECRET is not set and server.client_ca is not configured"),
+        "{err}"
+    );
+    // Client certificates without a TLS listener.
+    let (code, err) = refused_start(
+        &dir.path().join("b"),
+        "server:\n  client_ca: /nonexistent/ca.crt\n",
+        "",
+    );
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("server.client_ca: mutual TLS needs server.tls_cert"),
+        "{err}"
+    );
+}
+
+#[test]
+fn announcements_reserve_the_space_they_were_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start(dir.path());
+    let free = {
+        let c = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut s) }, 0);
+        s.f_bavail as u64 * s.f_frsize as u64
+    };
+    // Above the default server.min_free_space of 1 GiB.
+    let room = free - (1u64 << 30);
+    assert!(room > 2 << 30, "the test needs more than 3 GiB free");
+    // Each payload alone fits (0.66 of the room with its 10 %), two together do not (1.26).
+    let size = room / 10 * 6;
+    let apath = format!("/api/v1/repos/{REPO}/announce");
+    let announce = |id: &str| {
+        let body = serde_json::to_vec(
+            &serde_json::json!({"payload_id": id, "objects": 100, "bytes": size}),
+        )
+        .unwrap();
+        signed("POST", &r.url, &apath, body, RSECRET, now())
+            .send()
+            .unwrap()
+    };
+    assert_eq!(announce("first").status(), 200);
+    let second = announce("second");
+    assert_eq!(second.status(), 507);
+    let v: serde_json::Value = second.json().unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("({size} held for other payloads)")),
+        "{v}"
+    );
+    // Announcing the same payload again replaces its own reservation.
+    assert_eq!(announce("first").status(), 200);
+    // A publisher that is done announces nothing more for its payload: the space is free again.
+    let done =
+        serde_json::to_vec(&serde_json::json!({"payload_id": "first", "objects": 0, "bytes": 0}))
+            .unwrap();
+    assert_eq!(
+        signed("POST", &r.url, &apath, done, RSECRET, now())
+            .send()
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(announce("second").status(), 200);
+}

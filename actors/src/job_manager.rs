@@ -58,7 +58,7 @@ impl std::fmt::Debug for Distribution {
 }
 
 /// Each endpoint's outcome for one job: (objects pushed, bytes pushed, already present).
-type EndpointOutcomes = HashMap<String, Result<(u64, u64, u64), String>>;
+type EndpointOutcomes = HashMap<String, Result<crate::s1_distributor::PushReport, String>>;
 
 pub struct JobManager {
     settings: Arc<Settings>,
@@ -301,6 +301,7 @@ impl JobManager {
                     .join("changeset.json"),
                 cas: cas.clone(),
                 done: ctx.address().recipient(),
+                progress: ctx.address().recipient(),
             });
         }
         let timeout = dist.settings.timeout;
@@ -331,13 +332,22 @@ impl JobManager {
             return;
         };
         for (ep, _) in &dist.endpoints {
-            job.distribution.entry(ep.clone()).or_insert_with(|| {
-                if timed_out {
-                    "failed: timed out".into()
-                } else {
-                    "pending".into()
-                }
-            });
+            if results.contains_key(ep) {
+                continue;
+            }
+            // No outcome yet: keep the last progress report beside the verdict.
+            let seen = job
+                .distribution
+                .get(ep)
+                .map(|p| format!(" ({p})"))
+                .unwrap_or_default();
+            let verdict = if timed_out {
+                "failed: timed out"
+            } else {
+                "pending"
+            };
+            job.distribution
+                .insert(ep.clone(), format!("{verdict}{seen}"));
         }
         self.distributing.remove(&id);
         if met || dist.settings.commit_anyway {
@@ -748,7 +758,8 @@ impl Handler<crate::s1_distributor::Distributed> for JobManager {
         };
         let elapsed = started.elapsed().as_secs_f64();
         let text = match &m.outcome {
-            Ok((n, b, present)) => {
+            Ok(r) => {
+                let (n, b) = (&r.pushed, &r.bytes);
                 self.metrics
                     .distribution_duration_seconds
                     .with_label_values(&[&m.endpoint])
@@ -761,7 +772,7 @@ impl Handler<crate::s1_distributor::Distributed> for JobManager {
                     .distribution_bytes_total
                     .with_label_values(&[&m.endpoint])
                     .inc_by(*b);
-                format!("ok: {n} objects ({b} bytes) pushed, {present} already present")
+                format!("ok: {r}")
             }
             Err(e) => format!("failed: {e}"),
         };
@@ -770,6 +781,28 @@ impl Handler<crate::s1_distributor::Distributed> for JobManager {
             j.distribution.insert(m.endpoint, text);
         }
         self.settle_distribution(m.job_id, false, ctx);
+    }
+}
+
+impl Handler<crate::s1_distributor::DistributionProgress> for JobManager {
+    type Result = ();
+    fn handle(&mut self, m: crate::s1_distributor::DistributionProgress, _: &mut Context<Self>) {
+        // Only while the endpoint has no outcome yet: a late report never hides the result.
+        let Some((results, _)) = self.distributing.get(&m.job_id) else {
+            return;
+        };
+        if results.contains_key(&m.endpoint) {
+            return;
+        }
+        if let Some(j) = self.jobs.get_mut(&m.job_id) {
+            j.distribution.insert(
+                m.endpoint,
+                format!(
+                    "pushing: {} of {} objects held, {} bytes sent",
+                    m.done, m.total, m.bytes
+                ),
+            );
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use crossbeam_channel::unbounded;
 use prepub_core::cas::{get_all, Cas};
 use prepub_core::hash::{ObjectId, Suffix};
 use prepub_core::intake::ChangeSet;
+use prepub_core::spool::AckLog;
 
 /// Settings shared by all distributors.
 #[derive(Debug, Clone)]
@@ -25,7 +26,36 @@ pub struct DistributionSettings {
     pub timeout: Duration,
     pub commit_anyway: bool,
     pub per_s1_concurrency: usize,
-    pub secret: String,
+    /// Shared secret signing each request (HMAC); `None` when the receivers know the publisher
+    /// by its client certificate alone.
+    pub secret: Option<String>,
+    /// Client certificate chain and key (PEM, concatenated) shown to receivers: mutual TLS.
+    pub identity_pem: Option<Vec<u8>>,
+    /// CA certificates (PEM) that sign the receivers' server certificates; when set, they
+    /// replace the system roots for these connections.
+    pub ca_pem: Option<Vec<u8>>,
+}
+
+impl DistributionSettings {
+    /// The blocking HTTP client for receivers, with the client certificate and trusted CAs.
+    /// Make it outside any async runtime.
+    pub fn http_client(&self) -> Result<reqwest::blocking::Client, String> {
+        let mut b = reqwest::blocking::Client::builder().timeout(Duration::from_secs(120));
+        if let Some(pem) = &self.identity_pem {
+            let id =
+                reqwest::Identity::from_pem(pem).map_err(|e| format!("client certificate: {e}"))?;
+            b = b.identity(id);
+        }
+        if let Some(pem) = &self.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| format!("CA certificates: {e}"))?;
+            if certs.is_empty() {
+                return Err("CA certificates: none found".into());
+            }
+            b = b.tls_certs_only(certs);
+        }
+        b.build().map_err(|e| e.to_string())
+    }
 }
 
 /// Push a job's objects to this endpoint.
@@ -37,6 +67,7 @@ pub struct Distribute {
     pub changeset: PathBuf,
     pub cas: Arc<dyn Cas>,
     pub done: Recipient<Distributed>,
+    pub progress: Recipient<DistributionProgress>,
 }
 
 /// What one endpoint achieved for one job.
@@ -45,8 +76,46 @@ pub struct Distribute {
 pub struct Distributed {
     pub job_id: String,
     pub endpoint: String,
-    /// `(objects pushed, bytes pushed, objects already there)`, or why it failed.
-    pub outcome: Result<(u64, u64, u64), String>,
+    pub outcome: Result<PushReport, String>,
+}
+
+/// How far one endpoint is with one job (sent at most twice a second while pushing).
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct DistributionProgress {
+    pub job_id: String,
+    pub endpoint: String,
+    /// Objects the endpoint holds so far (pushed, present, or acknowledged before).
+    pub done: u64,
+    pub total: u64,
+    pub bytes: u64,
+}
+
+/// The result of pre-warming one endpoint with one payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PushReport {
+    /// Objects uploaded now, and their bytes.
+    pub pushed: u64,
+    pub bytes: u64,
+    /// Objects the receiver's inventory said it already had.
+    pub present: u64,
+    /// Objects acknowledged before a publisher restart (from the job's acknowledgement log),
+    /// neither asked about nor sent again.
+    pub resumed: u64,
+}
+
+impl std::fmt::Display for PushReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} objects ({} bytes) pushed, {} already present",
+            self.pushed, self.bytes, self.present
+        )?;
+        if self.resumed > 0 {
+            write!(f, ", {} acknowledged before a restart", self.resumed)?;
+        }
+        Ok(())
+    }
 }
 
 pub struct S1Distributor {
@@ -56,14 +125,12 @@ pub struct S1Distributor {
 }
 
 impl S1Distributor {
+    /// Makes the HTTP client, so call it outside the async runtime.
     pub fn new(
         endpoint: &str,
         settings: Arc<DistributionSettings>,
     ) -> Result<S1Distributor, String> {
-        let http = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()
-            .map_err(|e| e.to_string())?;
+        let http = settings.http_client()?;
         Ok(S1Distributor {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             settings,
@@ -85,7 +152,7 @@ fn nonce() -> String {
 
 struct Pusher {
     base: String,
-    secret: Vec<u8>,
+    secret: Option<Vec<u8>>,
     http: reqwest::blocking::Client,
 }
 
@@ -96,18 +163,28 @@ impl Pusher {
         path: &str,
         body: Vec<u8>,
     ) -> Result<reqwest::blocking::Response, String> {
-        let ts = prepub_core::timefmt::now();
-        let n = nonce();
-        let sig = prepub_core::receiver::sign(&self.secret, method, path, &body, ts, &n);
         let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
-        self.http
-            .request(m, format!("{}{path}", self.base))
-            .header("X-Prepub-Timestamp", ts.to_string())
-            .header("X-Prepub-Nonce", n)
-            .header("Authorization", format!("PREPUB-HMAC {sig}"))
-            .body(body)
-            .send()
-            .map_err(|e| e.to_string())
+        let mut r = self.http.request(m, format!("{}{path}", self.base));
+        if let Some(secret) = &self.secret {
+            let ts = prepub_core::timefmt::now();
+            let n = nonce();
+            let sig = prepub_core::receiver::sign(secret, method, path, &body, ts, &n);
+            r = r
+                .header("X-Prepub-Timestamp", ts.to_string())
+                .header("X-Prepub-Nonce", n)
+                .header("Authorization", format!("PREPUB-HMAC {sig}"));
+        }
+        // Keep the cause chain: a refused TLS handshake says why.
+        r.body(body).send().map_err(|e| {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(c) = src {
+                msg.push_str(": ");
+                msg.push_str(&c.to_string());
+                src = c.source();
+            }
+            msg
+        })
     }
 
     fn ok(&self, method: &str, path: &str, body: Vec<u8>) -> Result<serde_json::Value, String> {
@@ -141,16 +218,29 @@ fn push(
     settings: &DistributionSettings,
     http: reqwest::blocking::Client,
     m: &Distribute,
-) -> Result<(u64, u64, u64), String> {
+) -> Result<PushReport, String> {
     let data = std::fs::read(&m.changeset).map_err(|e| format!("spool: {e}"))?;
     let cs: ChangeSet = serde_json::from_slice(&data).map_err(|e| format!("spool: {e}"))?;
     let objects = data_objects(&cs);
+    let job_dir = m.changeset.parent().unwrap_or(std::path::Path::new("."));
+    let (job_id, ep, rcpt) = (m.job_id.clone(), endpoint.to_string(), m.progress.clone());
+    let progress = move |done, total, bytes| {
+        rcpt.do_send(DistributionProgress {
+            job_id: job_id.clone(),
+            endpoint: ep.clone(),
+            done,
+            total,
+            bytes,
+        })
+    };
     let payload = Payload {
         id: &m.job_id,
         repo: &m.repo,
         objects: &objects,
         bytes: cs.stats.new_bytes,
         cas: m.cas.clone(),
+        ack_log: Some(AckLog::path(job_dir, endpoint)),
+        progress: Some(&progress),
     };
     push_objects(endpoint, settings, http, &payload)
 }
@@ -162,41 +252,86 @@ pub struct Payload<'a> {
     pub objects: &'a [ObjectId],
     pub bytes: u64,
     pub cas: Arc<dyn Cas>,
+    /// Where this endpoint's acknowledgements are journaled (and read back on a resume).
+    pub ack_log: Option<PathBuf>,
+    /// Called with (objects held, objects in total, bytes pushed), at most twice a second.
+    pub progress: Option<&'a (dyn Fn(u64, u64, u64) + Sync)>,
 }
 
 /// Announces `payload` to the receiver at `endpoint`, asks which objects it lacks and pushes
-/// those; returns `(objects pushed, bytes pushed, objects already there)`. Blocking.
+/// those, journaling every acknowledgement in the payload's log. Blocking.
 pub fn push_objects(
     endpoint: &str,
     settings: &DistributionSettings,
     http: reqwest::blocking::Client,
     payload: &Payload,
-) -> Result<(u64, u64, u64), String> {
+) -> Result<PushReport, String> {
+    use std::sync::atomic::{AtomicU64, Ordering};
     let deadline = Instant::now() + settings.timeout;
-    let objects = payload.objects;
+    let (acks, acked) = match &payload.ack_log {
+        Some(p) => {
+            let (log, seen) = AckLog::open(p).map_err(|e| e.to_string())?;
+            (Some(log), seen)
+        }
+        None => (None, Default::default()),
+    };
+    let total = payload.objects.len() as u64;
+    let objects: Vec<ObjectId> = payload
+        .objects
+        .iter()
+        .filter(|id| !acked.contains(id))
+        .copied()
+        .collect();
+    let resumed = total - objects.len() as u64;
     let p = Arc::new(Pusher {
         base: endpoint.trim_end_matches('/').to_string(),
-        secret: settings.secret.as_bytes().to_vec(),
+        secret: settings.secret.as_ref().map(|s| s.as_bytes().to_vec()),
         http,
     });
     let repo = payload.repo;
     p.ok(
         "POST",
         &format!("/api/v1/repos/{repo}/announce"),
-        serde_json::to_vec(&serde_json::json!({"payload_id": payload.id, "objects": objects.len(), "bytes": payload.bytes}))
+        serde_json::to_vec(&serde_json::json!({"payload_id": payload.id, "objects": total, "bytes": payload.bytes}))
             .unwrap_or_default(),
     )?;
     let mut missing: Vec<ObjectId> = Vec::new();
     for batch in objects.chunks(5000) {
         let body = serde_json::to_vec(&serde_json::json!({"objects": batch.iter().map(|i| i.to_string()).collect::<Vec<_>>()})).unwrap_or_default();
         let v = p.ok("POST", &format!("/api/v1/repos/{repo}/inventory"), body)?;
-        for s in v["missing"].as_array().cloned().unwrap_or_default() {
-            if let Some(id) = s.as_str().and_then(|s| ObjectId::parse(s).ok()) {
-                missing.push(id);
-            }
+        let lacks: std::collections::HashSet<ObjectId> = v["missing"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().and_then(|s| ObjectId::parse(s).ok()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (absent, there): (Vec<ObjectId>, Vec<ObjectId>) =
+            batch.iter().partition(|id| lacks.contains(id));
+        if let Some(log) = &acks {
+            log.append(&there).map_err(|e| e.to_string())?;
         }
+        missing.extend(absent);
     }
     let present = (objects.len() - missing.len()) as u64;
+    let held = AtomicU64::new(resumed + present);
+    let sent_bytes = AtomicU64::new(0);
+    let last_report = std::sync::Mutex::new(None::<Instant>);
+    let report = |force: bool| {
+        if let Some(f) = payload.progress {
+            let mut last = last_report.lock().unwrap_or_else(|e| e.into_inner());
+            if force || last.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
+                *last = Some(Instant::now());
+                f(
+                    held.load(Ordering::Relaxed),
+                    total,
+                    sent_bytes.load(Ordering::Relaxed),
+                );
+            }
+        }
+    };
+    report(true);
     let (tx, rx) = unbounded::<ObjectId>();
     for id in &missing {
         let _ = tx.send(*id);
@@ -208,6 +343,7 @@ pub fn push_objects(
                 let rx = rx.clone();
                 let p = p.clone();
                 let cas = payload.cas.clone();
+                let (acks, held, sent_bytes, report) = (&acks, &held, &sent_bytes, &report);
                 s.spawn(move || -> Result<(u64, u64), String> {
                     let (mut n, mut bytes) = (0u64, 0u64);
                     while let Ok(id) = rx.recv() {
@@ -237,8 +373,15 @@ pub fn push_objects(
                         if !done {
                             return Err(format!("object {id}: {last}"));
                         }
+                        if let Some(log) = acks {
+                            log.append(&[id]).map_err(|e| e.to_string())?;
+                        }
+                        crate::testhook::point("distribution-ack");
                         n += 1;
                         bytes += len;
+                        held.fetch_add(1, Ordering::Relaxed);
+                        sent_bytes.fetch_add(len, Ordering::Relaxed);
+                        report(false);
                     }
                     Ok((n, bytes))
                 })
@@ -248,13 +391,27 @@ pub fn push_objects(
             .map(|h| h.join().unwrap_or_else(|_| Err("pusher panicked".into())))
             .collect()
     });
-    let (mut n, mut bytes) = (0, 0);
-    for r in results {
-        let (a, b) = r?;
-        n += a;
-        bytes += b;
+    report(true);
+    // Release what the receiver reserved for this payload (best effort: reservations lapse).
+    let _ = p.ok(
+        "POST",
+        &format!("/api/v1/repos/{repo}/announce"),
+        serde_json::to_vec(
+            &serde_json::json!({"payload_id": payload.id, "objects": 0, "bytes": 0}),
+        )
+        .unwrap_or_default(),
+    );
+    let mut r = PushReport {
+        present,
+        resumed,
+        ..Default::default()
+    };
+    for x in results {
+        let (a, b) = x?;
+        r.pushed += a;
+        r.bytes += b;
     }
-    Ok((n, bytes, present))
+    Ok(r)
 }
 
 impl Handler<Distribute> for S1Distributor {

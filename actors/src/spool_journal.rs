@@ -56,6 +56,8 @@ impl Handler<RecordJob> for SpoolJournal {
         self.spool.record(&m.0)?;
         if m.0.tar_deleted {
             self.spool.delete_payload(&m.0.id);
+        } else if m.0.state.is_terminal() {
+            self.spool.delete_acks(&m.0.id);
         }
         self.latest.insert(m.0.id.clone(), m.0);
         Ok(())

@@ -31,11 +31,22 @@ fn crash_at() -> &'static Option<String> {
 }
 
 /// Marks a point: crashes or sleeps there if a test asked for it. Only call from blocking
-/// threads when a hold is possible (holds sleep the calling thread).
+/// threads when a hold is possible (holds sleep the calling thread). A crash point written
+/// `<point>#<n>` crashes the n-th time the point is reached.
 pub fn point(name: &str) {
-    if crash_at().as_deref() == Some(name) {
-        eprintln!("test hook: crashing at {name}");
-        std::process::abort();
+    if let Some(c) = crash_at().as_deref() {
+        let (p, nth) = match c.split_once('#') {
+            Some((p, n)) => (p, n.parse::<usize>().unwrap_or(1)),
+            None => (c, 1),
+        };
+        if p == name {
+            static REACHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let k = REACHED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            if k == nth {
+                eprintln!("test hook: crashing at {name} (time {k})");
+                std::process::abort();
+            }
+        }
     }
     if let Some(ms) = holds().get(name) {
         std::thread::sleep(Duration::from_millis(*ms));

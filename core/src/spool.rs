@@ -215,10 +215,115 @@ impl Spool {
         root.join("jobs").join(id).join("changeset.json").is_file()
     }
 
-    /// Deletes the tar and change set of a terminal job (its record stays).
+    /// Deletes the tar, change set and distribution acknowledgements of a terminal job (its
+    /// record stays).
     pub fn delete_payload(&self, id: &str) {
         let _ = fs::remove_file(self.tar_path(id));
         let _ = fs::remove_file(self.changeset_path(id));
+        self.delete_acks(id);
+    }
+
+    /// Deletes a job's distribution acknowledgement logs (done once the job is terminal).
+    pub fn delete_acks(&self, id: &str) {
+        if let Ok(rd) = fs::read_dir(self.job_dir(id)) {
+            for e in rd.flatten() {
+                let n = e.file_name();
+                let n = n.to_string_lossy();
+                if n.starts_with("acks-") && n.ends_with(".log") {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+}
+
+/// The append-only record of the objects one Stratum 1 endpoint acknowledged for one job:
+/// `jobs/<id>/acks-<endpoint key>.log`, one object name per line, appended as acknowledgements
+/// arrive and synced every [`AckLog::SYNC_EVERY`] lines and on drop. After a publisher restart
+/// the distribution skips what is listed here. Losing an unsynced tail (or a torn last line) to
+/// a crash only means those objects are asked about again; the receiver's inventory answers.
+pub struct AckLog {
+    path: PathBuf,
+    file: std::sync::Mutex<(File, usize)>,
+}
+
+impl AckLog {
+    /// Lines between two syncs.
+    pub const SYNC_EVERY: usize = 256;
+
+    /// Where the acknowledgements of `endpoint` for the job in `job_dir` are kept.
+    pub fn path(job_dir: &Path, endpoint: &str) -> PathBuf {
+        use sha1::Digest;
+        let h = sha1::Sha1::digest(endpoint.trim_end_matches('/').as_bytes());
+        job_dir.join(format!("acks-{}.log", &hex::encode(h)[..16]))
+    }
+
+    /// Opens (creating) the log and returns it with the objects it already lists.
+    pub fn open(
+        path: &Path,
+    ) -> Result<(AckLog, std::collections::HashSet<crate::hash::ObjectId>), SpoolError> {
+        let mut seen = std::collections::HashSet::new();
+        let mut torn = false;
+        match fs::read(path) {
+            Ok(data) => {
+                torn = !data.is_empty() && !data.ends_with(b"\n");
+                for line in data.split(|b| *b == b'\n') {
+                    // A torn last line does not parse and is ignored.
+                    if let Some(id) = std::str::from_utf8(line)
+                        .ok()
+                        .and_then(|l| crate::hash::ObjectId::parse(l.trim()).ok())
+                    {
+                        seen.insert(id);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ioe(path)(e)),
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(ioe(path))?;
+        if torn {
+            // End the torn line so the next name starts on its own.
+            file.write_all(b"\n").map_err(ioe(path))?;
+        }
+        Ok((
+            AckLog {
+                path: path.to_path_buf(),
+                file: std::sync::Mutex::new((file, 0)),
+            },
+            seen,
+        ))
+    }
+
+    /// Records acknowledged objects (one `write` per call, so lines of concurrent callers never
+    /// interleave).
+    pub fn append(&self, ids: &[crate::hash::ObjectId]) -> Result<(), SpoolError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut text = String::with_capacity(ids.len() * 42);
+        for id in ids {
+            text.push_str(&id.to_string());
+            text.push('\n');
+        }
+        let mut g = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        g.0.write_all(text.as_bytes()).map_err(ioe(&self.path))?;
+        g.1 += ids.len();
+        if g.1 >= Self::SYNC_EVERY {
+            g.0.sync_data().map_err(ioe(&self.path))?;
+            g.1 = 0;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for AckLog {
+    fn drop(&mut self) {
+        let g = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = g.0.sync_data();
     }
 }
 
@@ -226,6 +331,42 @@ impl Spool {
 mod tests {
     use super::*;
     use crate::jobs::JobState;
+
+    #[test]
+    fn ack_log_lists_what_was_appended_and_ignores_a_torn_line() {
+        use crate::hash::{ObjectId, Suffix};
+        let dir = tempfile::tempdir().unwrap();
+        let p = AckLog::path(dir.path(), "https://s1.example.org:9100/cvmfs/");
+        assert_eq!(
+            p,
+            AckLog::path(dir.path(), "https://s1.example.org:9100/cvmfs")
+        );
+        assert_ne!(
+            p,
+            AckLog::path(dir.path(), "https://s2.example.org:9100/cvmfs")
+        );
+        let ids: Vec<ObjectId> = (0u8..5)
+            .map(|i| ObjectId::new(crate::hash::Digest20([i; 20]), Suffix::None))
+            .collect();
+        {
+            let (log, seen) = AckLog::open(&p).unwrap();
+            assert!(seen.is_empty());
+            log.append(&ids[..2]).unwrap();
+            log.append(&ids[2..3]).unwrap();
+        }
+        // A crash in the middle of a line.
+        let mut f = OpenOptions::new().append(true).open(&p).unwrap();
+        f.write_all(b"0303030303").unwrap();
+        drop(f);
+        let (log, seen) = AckLog::open(&p).unwrap();
+        assert_eq!(seen.len(), 3);
+        assert!(ids[..3].iter().all(|i| seen.contains(i)));
+        log.append(&ids[3..]).unwrap();
+        drop(log);
+        let (_, seen) = AckLog::open(&p).unwrap();
+        assert_eq!(seen.len(), 5);
+        assert!(ids.iter().all(|i| seen.contains(i)));
+    }
 
     #[test]
     fn journal_replays_latest_record_and_survives_torn_line() {

@@ -28,21 +28,93 @@ pub fn tls_config(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> anyhow::Result<rustls::ServerConfig> {
+    tls_config_with_clients(cert, key, None)
+}
+
+/// Reads every certificate of a PEM file; `key` names the setting in errors.
+pub fn read_certs(
+    path: &std::path::Path,
+    key: &str,
+) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(cert).with_context(|| format!("server.tls_cert {}", cert.display()))?,
+        std::fs::File::open(path).with_context(|| format!("{key} {}", path.display()))?,
     ))
     .collect::<Result<Vec<_>, _>>()
-    .with_context(|| format!("server.tls_cert {}", cert.display()))?;
+    .with_context(|| format!("{key} {}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{key} {}: no certificate found", path.display());
+    }
+    Ok(certs)
+}
+
+/// The TLS server configuration; with `client_ca`, clients may present a certificate, which
+/// is verified against those CAs (a bad one ends the handshake). Clients without one still
+/// connect; the application decides what they may do.
+pub fn tls_config_with_clients(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
+) -> anyhow::Result<rustls::ServerConfig> {
+    let certs = read_certs(cert, "server.tls_cert")?;
     let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
         std::fs::File::open(key).with_context(|| format!("server.tls_key {}", key.display()))?,
     ))
     .with_context(|| format!("server.tls_key {}", key.display()))?
     .with_context(|| format!("server.tls_key {}: no private key found", key.display()))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    Ok(rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)?)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in read_certs(ca, "server.client_ca")? {
+                roots
+                    .add(c)
+                    .with_context(|| format!("server.client_ca {}", ca.display()))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .with_context(|| format!("server.client_ca {}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    Ok(builder.with_single_cert(certs, key)?)
+}
+
+/// The common name (CN) of a DER certificate's subject.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(der).ok()?;
+    for rdn in cert.tbs_certificate.subject.0.iter() {
+        for atv in rdn.0.iter() {
+            if atv.oid == x509_cert::der::oid::db::rfc4519::CN {
+                let v = &atv.value;
+                return std::str::from_utf8(v.value()).ok().map(str::to_string);
+            }
+        }
+    }
+    None
+}
+
+/// The verified client certificate of a TLS connection, by its subject's CN (stored in the
+/// connection data by [`client_cert_on_connect`]).
+#[derive(Debug, Clone)]
+pub struct ClientCert(pub String);
+
+/// `HttpServer::on_connect` hook: records the CN of a client certificate that rustls verified.
+pub fn client_cert_on_connect(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions) {
+    use actix_tls::accept::rustls_0_23::TlsStream;
+    if let Some(tls) = conn.downcast_ref::<TlsStream<actix_web::rt::net::TcpStream>>() {
+        let (_, session) = tls.get_ref();
+        if let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) {
+            ext.insert(ClientCert(common_name(leaf).unwrap_or_default()));
+        }
+    }
 }
 
 /// The pre-warming settings and one (not yet started) distributor per endpoint.
@@ -84,16 +156,38 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
     let distributors: Option<Distributors> = match &cfg.distribution {
         None => None,
         Some(d) => {
-            let secret = std::env::var(&d.secret_env)
-                .ok()
-                .filter(|s| !s.is_empty())
-                .with_context(|| format!("distribution.secret_env: {} is not set", d.secret_env))?;
+            let secret = std::env::var(&d.secret_env).ok().filter(|s| !s.is_empty());
+            if secret.is_none() && d.client_identity.is_none() {
+                bail!(
+                    "distribution: {} is not set and no client_cert is configured: receivers would refuse every request",
+                    d.secret_env
+                );
+            }
+            let read = |key: &str, p: &std::path::Path| {
+                std::fs::read(p).with_context(|| format!("distribution.{key} {}", p.display()))
+            };
+            let identity_pem = match &d.client_identity {
+                Some((c, k)) => {
+                    let mut pem = read("client_cert", c)?;
+                    pem.push(b'\n');
+                    pem.extend(read("client_key", k)?);
+                    Some(pem)
+                }
+                None => None,
+            };
+            let ca_pem = d
+                .ca_cert
+                .as_deref()
+                .map(|p| read("ca_cert", p))
+                .transpose()?;
             let settings = Arc::new(prepub_actors::s1_distributor::DistributionSettings {
                 quorum: d.quorum,
                 timeout: d.timeout,
                 commit_anyway: d.commit_anyway,
                 per_s1_concurrency: d.per_s1_concurrency,
                 secret,
+                identity_pem,
+                ca_pem,
             });
             let mut v = Vec::new();
             for e in &d.endpoints {

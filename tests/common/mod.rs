@@ -515,17 +515,25 @@ pub fn start_receiver(
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // With `tls_cert` in the extra configuration the receiver speaks HTTPS.
+    let scheme = if extra_yaml.contains("tls_cert") {
+        "https"
+    } else {
+        "http"
+    };
     let r = Rcv {
         child,
-        url: format!("http://127.0.0.1:{port}"),
+        url: format!("{scheme}://127.0.0.1:{port}"),
         storage: root.join("cas").join(REPO),
     };
+    // Readiness only: health needs no credentials, and the test CA is not trusted here.
+    let probe = reqwest::blocking::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .unwrap();
     for _ in 0..200 {
-        if client()
-            .get(format!("{}/api/v1/health", r.url))
-            .send()
-            .is_ok()
-        {
+        if probe.get(format!("{}/api/v1/health", r.url)).send().is_ok() {
             return r;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
