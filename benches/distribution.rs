@@ -171,14 +171,24 @@ fn main() {
         .map(|i| receiver(dir.path(), &format!("s1-three-{i}")))
         .collect();
     let t = Instant::now();
-    std::thread::scope(|s| {
+    let each: Vec<Duration> = std::thread::scope(|s| {
         let hs: Vec<_> = three
             .iter()
-            .map(|r| s.spawn(|| push(&r.url, "three")))
+            .map(|r| {
+                s.spawn(|| {
+                    let t = Instant::now();
+                    let got = push(&r.url, "three");
+                    (got, t.elapsed())
+                })
+            })
             .collect();
-        for h in hs {
-            assert_eq!(h.join().unwrap().pushed as usize, n);
-        }
+        hs.into_iter()
+            .map(|h| {
+                let (got, d) = h.join().unwrap();
+                assert_eq!(got.pushed as usize, n);
+                d
+            })
+            .collect()
     });
     let t_three = t.elapsed();
     drop(three);
@@ -194,8 +204,9 @@ fn main() {
         mib / s(limit)
     );
     println!(
-        "  1 receiver:  {:.2} s ({:.0} MiB/s) = {:.2} of the limit",
+        "  1 receiver:  {:.2} s ({:.0} objects/s, {:.0} MiB/s) = {:.2} of the limit",
         s(t_one),
+        n as f64 / s(t_one),
         mib / s(t_one),
         s(limit) / s(t_one)
     );
@@ -206,6 +217,14 @@ fn main() {
         3.0 * s(limit) / s(t_three),
         s(t_three) / s(t_one)
     );
+    for (i, d) in each.iter().enumerate() {
+        println!(
+            "    receiver {i}: {:.2} s ({:.0} objects/s, {:.0} MiB/s)",
+            s(*d),
+            n as f64 / s(*d),
+            mib / s(*d)
+        );
+    }
     println!(
         "  again, receiver already holds everything (announce + inventory only): {:.3} s = {:.3} of the first push",
         s(t_again),
