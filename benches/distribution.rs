@@ -151,6 +151,7 @@ fn main() {
                 &format!("{id}{url}"),
             )),
             progress: None,
+            grant: None,
         };
         push_objects(url, &settings, http.clone(), &payload).unwrap()
     };

@@ -41,8 +41,10 @@ pub struct FileConfig {
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct DistributionFile {
-    /// Base URLs of the receivers (`cvmfs-prepub --mode receiver`), e.g. https://s1.example.org:9100.
-    pub stratum1_endpoints: Vec<String>,
+    /// Base URLs of the receivers (`cvmfs-prepub --mode receiver`), e.g. https://s1.example.org:9100;
+    /// with MQTT, an entry may also be `{url: ..., node_id: ...}` to bind it to the node
+    /// (certificate CN) that must answer for it.
+    pub stratum1_endpoints: Vec<EndpointFile>,
     /// Fraction of endpoints that must hold every object before the commit.
     #[serde(default = "default_quorum")]
     pub quorum: f64,
@@ -68,6 +70,60 @@ pub struct DistributionFile {
     /// PEM CA bundle that signs the receivers' server certificates (replaces the system roots).
     #[serde(default)]
     pub ca_cert: Option<PathBuf>,
+    /// MQTT control plane (install guide §6.2): `tls://host:8883`. When set, announcements go
+    /// through the broker instead of HTTP; the object push still uses the endpoints above.
+    #[serde(default)]
+    pub broker_url: Option<String>,
+    #[serde(default)]
+    pub broker_client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub broker_client_key: Option<PathBuf>,
+    #[serde(default)]
+    pub broker_ca_cert: Option<PathBuf>,
+    /// How long ready answers are awaited after an announcement.
+    #[serde(default = "default_mqtt_quorum_timeout")]
+    pub mqtt_quorum_timeout: String,
+}
+
+/// One `stratum1_endpoints` entry.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(untagged)]
+pub enum EndpointFile {
+    Url(String),
+    Bound {
+        url: String,
+        node_id: Option<String>,
+    },
+}
+
+impl EndpointFile {
+    pub fn url(&self) -> &str {
+        match self {
+            EndpointFile::Url(u) | EndpointFile::Bound { url: u, .. } => u,
+        }
+    }
+    pub fn node_id(&self) -> Option<&str> {
+        match self {
+            EndpointFile::Url(_) => None,
+            EndpointFile::Bound { node_id, .. } => node_id.as_deref(),
+        }
+    }
+}
+
+fn default_mqtt_quorum_timeout() -> String {
+    "30s".into()
+}
+
+/// Validated MQTT settings of the publisher.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    pub broker_url: String,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub ca_cert: PathBuf,
+    pub quorum_timeout: Duration,
+    /// endpoint URL -> bound node id
+    pub nodes: Vec<(String, Option<String>)>,
 }
 
 fn default_quorum() -> f64 {
@@ -95,6 +151,7 @@ pub struct DistributionConfig {
     /// Client certificate and key files (mutual TLS), both or neither.
     pub client_identity: Option<(PathBuf, PathBuf)>,
     pub ca_cert: Option<PathBuf>,
+    pub mqtt: Option<MqttConfig>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -765,6 +822,15 @@ impl FileConfig {
                     ));
                 }
                 for (i, e) in d.stratum1_endpoints.iter().enumerate() {
+                    if let Some(n) = e.node_id() {
+                        if !prepub_core::control::valid_segment(n) {
+                            return Err(cerr(
+                                &format!("distribution.stratum1_endpoints[{i}].node_id"),
+                                format!("'{n}' is not a valid node id"),
+                            ));
+                        }
+                    }
+                    let e = e.url();
                     if !(e.starts_with("http://") || e.starts_with("https://")) {
                         return Err(cerr(
                             &format!("distribution.stratum1_endpoints[{i}]"),
@@ -781,8 +847,46 @@ impl FileConfig {
                         "must be at least 1",
                     ));
                 }
+                let mqtt = match &d.broker_url {
+                    None => None,
+                    Some(url) => {
+                        prepub_actors::mqtt_link::parse_broker_url(url)
+                            .map_err(|m| cerr("distribution.broker_url", m))?;
+                        let need = |v: &Option<PathBuf>, k: &str| {
+                            v.clone().ok_or_else(|| {
+                                cerr(
+                                    &format!("distribution.{k}"),
+                                    "required with broker_url (the broker takes mutual TLS only)",
+                                )
+                            })
+                        };
+                        Some(MqttConfig {
+                            broker_url: url.clone(),
+                            client_cert: need(&d.broker_client_cert, "broker_client_cert")?,
+                            client_key: need(&d.broker_client_key, "broker_client_key")?,
+                            ca_cert: need(&d.broker_ca_cert, "broker_ca_cert")?,
+                            quorum_timeout: parse_duration(&d.mqtt_quorum_timeout)
+                                .map_err(|m| cerr("distribution.mqtt_quorum_timeout", m))?,
+                            nodes: d
+                                .stratum1_endpoints
+                                .iter()
+                                .map(|e| {
+                                    (
+                                        e.url().trim_end_matches('/').to_string(),
+                                        e.node_id().map(str::to_string),
+                                    )
+                                })
+                                .collect(),
+                        })
+                    }
+                };
                 Some(DistributionConfig {
-                    endpoints: d.stratum1_endpoints.clone(),
+                    mqtt,
+                    endpoints: d
+                        .stratum1_endpoints
+                        .iter()
+                        .map(|e| e.url().to_string())
+                        .collect(),
                     quorum: d.quorum,
                     timeout: parse_duration(&d.timeout)
                         .map_err(|m| cerr("distribution.timeout", m))?,

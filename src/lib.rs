@@ -5,6 +5,7 @@ pub mod client;
 pub mod config;
 pub mod gateway_double;
 pub use prepub_actors::http_store;
+pub mod receiver_mqtt;
 pub mod receiver_server;
 pub mod repo_cmd;
 pub mod server;

@@ -34,6 +34,25 @@ struct Cli {
     /// Local publish mode: where repositories are mounted, overrides server.cvmfs_mount.
     #[arg(long)]
     cvmfs_mount: Option<PathBuf>,
+    /// Receiver mode: this node's id on the MQTT control plane (default: the host name; must
+    /// be the CN of --broker-client-cert).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Receiver mode: MQTT broker, tls://host:8883 (mutual TLS only).
+    #[arg(long)]
+    broker_url: Option<String>,
+    /// Receiver mode: this node's client certificate for the broker (PEM).
+    #[arg(long)]
+    broker_client_cert: Option<PathBuf>,
+    /// Receiver mode: the key of --broker-client-cert (PEM).
+    #[arg(long)]
+    broker_client_key: Option<PathBuf>,
+    /// Receiver mode: CA certificate of the broker (PEM).
+    #[arg(long)]
+    broker_ca_cert: Option<PathBuf>,
+    /// Receiver mode: the data URL publishers push to (default http(s)://<host name>:<port>).
+    #[arg(long)]
+    data_url: Option<String>,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -135,7 +154,16 @@ fn daemon(cli: Cli) -> anyhow::Result<()> {
     if cli.mode.as_deref().or(file_mode.as_deref()) == Some("receiver") {
         let file: cvmfs_prepub::receiver_server::ReceiverFile =
             serde_yaml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        return cvmfs_prepub::receiver_server::run(file, cli.listen);
+        let o = cvmfs_prepub::receiver_server::ReceiverOverrides {
+            listen: cli.listen,
+            node_id: cli.node_id,
+            broker_url: cli.broker_url,
+            broker_client_cert: cli.broker_client_cert,
+            broker_client_key: cli.broker_client_key,
+            broker_ca_cert: cli.broker_ca_cert,
+            data_url: cli.data_url,
+        };
+        return cvmfs_prepub::receiver_server::run(file, o);
     }
     let file = FileConfig::load(path)?;
     let o = Overrides {

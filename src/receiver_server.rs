@@ -45,6 +45,45 @@ pub struct ReceiverFile {
     pub repositories: Vec<ReceiverRepoFile>,
     #[serde(default)]
     pub auth: ReceiverAuthFile,
+    /// MQTT control plane (install guide §6.2): `tls://host:8883`, with this node's client
+    /// certificate (its CN is the node id) and the broker's CA.
+    #[serde(default)]
+    pub broker_url: Option<String>,
+    #[serde(default)]
+    pub broker_client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub broker_client_key: Option<PathBuf>,
+    #[serde(default)]
+    pub broker_ca_cert: Option<PathBuf>,
+    /// This node's id (default: the host name); must be the CN of `broker_client_cert`.
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// Repositories whose announcements this node answers (default: all it serves).
+    #[serde(default)]
+    pub repos: Option<Vec<String>>,
+    /// Where publishers push objects, as published in presence and ready messages
+    /// (default: `http(s)://<host name>:<listen port>`).
+    #[serde(default)]
+    pub data_url: Option<String>,
+    /// Lifetime of the upload tokens handed out in ready answers.
+    #[serde(default = "default_token_ttl")]
+    pub upload_token_ttl: String,
+}
+
+fn default_token_ttl() -> String {
+    "1h".into()
+}
+
+/// Command-line settings that override `receiver.yaml`.
+#[derive(Debug, Default, Clone)]
+pub struct ReceiverOverrides {
+    pub listen: Option<String>,
+    pub node_id: Option<String>,
+    pub broker_url: Option<String>,
+    pub broker_client_cert: Option<PathBuf>,
+    pub broker_client_key: Option<PathBuf>,
+    pub broker_ca_cert: Option<PathBuf>,
+    pub data_url: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,6 +176,8 @@ struct Metrics {
     bytes: IntCounter,
     rejected: IntCounterVec,
     inventory: IntCounter,
+    mqtt_announces: IntCounter,
+    mqtt_ignored: IntCounterVec,
 }
 
 impl Metrics {
@@ -162,7 +203,22 @@ impl Metrics {
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(rejected.clone()))?;
         registry.register(Box::new(inventory.clone()))?;
+        let mqtt_announces = IntCounter::new(
+            "cvmfs_receiver_mqtt_announces_total",
+            "MQTT announcements received for this node's repositories",
+        )?;
+        let mqtt_ignored = IntCounterVec::new(
+            Opts::new(
+                "cvmfs_receiver_mqtt_ignored_total",
+                "MQTT messages ignored, by reason",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(mqtt_announces.clone()))?;
+        registry.register(Box::new(mqtt_ignored.clone()))?;
         Ok(Metrics {
+            mqtt_announces,
+            mqtt_ignored,
             registry,
             objects,
             bytes,
@@ -185,6 +241,8 @@ struct State {
     min_free: u64,
     /// Space promised to accepted announcements and not yet filled by uploads.
     reserved: Mutex<Reservations>,
+    /// Upload tokens handed out in MQTT ready answers.
+    tokens: prepub_core::receiver::UploadTokens,
 }
 
 /// Space held for announced payloads, so two announcements at the same moment cannot both be
@@ -243,8 +301,8 @@ fn err(status: actix_web::http::StatusCode, code: &str, msg: impl ToString) -> H
     HttpResponse::build(status).json(json!({"error": {"code": code, "message": msg.to_string()}}))
 }
 
-/// Checks the signature of a request; `None` when it is acceptable.
-fn authorize(st: &State, req: &HttpRequest, body: &[u8]) -> Option<HttpResponse> {
+/// Checks the credentials of a request for `repo`; `None` when it is acceptable.
+fn authorize(st: &State, req: &HttpRequest, repo: &str, body: &[u8]) -> Option<HttpResponse> {
     use actix_web::http::StatusCode;
     let unauthorized = |m: &str| {
         st.metrics
@@ -253,6 +311,18 @@ fn authorize(st: &State, req: &HttpRequest, body: &[u8]) -> Option<HttpResponse>
             .inc();
         Some(err(StatusCode::UNAUTHORIZED, "unauthorized", m))
     };
+    // An upload token from an MQTT ready answer, valid for this repository.
+    if let Some(t) = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        if st.tokens.check(repo, t.trim()) {
+            return None;
+        }
+        return unauthorized("upload token unknown, expired, or for another repository");
+    }
     // Mutual TLS: rustls already verified the chain against `server.client_ca`.
     if let Some(cc) = req.conn_data::<crate::server::ClientCert>() {
         if st.allowed_clients.is_empty() || st.allowed_clients.contains(&cc.0) {
@@ -335,6 +405,73 @@ fn free_bytes(path: &std::path::Path) -> Option<u64> {
     (rc == 0).then(|| s.f_bavail as u64 * s.f_frsize as u64)
 }
 
+/// Room for `bytes` of payload plus 10 % and `server.min_free_space` for the replica itself,
+/// besides what other accepted payloads still hold; reserved when there is.
+fn reserve_space(st: &State, repo: &str, payload: &str, bytes: u64) -> Result<(), String> {
+    let Some(free) = st.roots.get(repo).and_then(|r| free_bytes(r)) else {
+        return Ok(());
+    };
+    let mut reserved = st.reserved.lock().unwrap_or_else(|e| e.into_inner());
+    let others = reserved.others(payload);
+    let need = bytes
+        .saturating_add(bytes / 10)
+        .saturating_add(st.min_free)
+        .saturating_add(others);
+    if free < need {
+        return Err(format!(
+            "payload {payload} needs {need} bytes ({others} held for other payloads), {free} are free"
+        ));
+    }
+    reserved.reserve(payload, bytes);
+    Ok(())
+}
+
+/// The answer to an MQTT announcement: space reserved, absent objects listed, a token issued.
+fn answer_announce(
+    st: &State,
+    node_id: &str,
+    data_url: &str,
+    token_ttl: Duration,
+    a: &prepub_core::control::Announce,
+) -> prepub_core::control::Ready {
+    let mut ready = prepub_core::control::Ready {
+        node_id: node_id.to_string(),
+        payload_id: a.payload_id.clone(),
+        data_url: data_url.to_string(),
+        upload_token: None,
+        absent: None,
+        error: None,
+    };
+    if st.receiver.store(&a.repo).is_err() {
+        ready.error = Some(format!("repository {} is not served here", a.repo));
+        return ready;
+    }
+    if let Err(msg) = reserve_space(st, &a.repo, &a.payload_id, a.bytes) {
+        st.metrics.rejected.with_label_values(&["disk-full"]).inc();
+        ready.error = Some(format!("insufficient storage: {msg}"));
+        return ready;
+    }
+    if let Some(list) = &a.objects {
+        let ids = match prepub_core::control::parse_objects(list) {
+            Ok(i) => i,
+            Err(e) => {
+                ready.error = Some(e.to_string());
+                return ready;
+            }
+        };
+        st.metrics.inventory.inc();
+        match st.receiver.missing(&a.repo, &ids) {
+            Ok(m) => ready.absent = Some(m.iter().map(|i| i.to_string()).collect()),
+            Err(e) => {
+                ready.error = Some(e.to_string());
+                return ready;
+            }
+        }
+    }
+    ready.upload_token = Some(st.tokens.issue(&a.repo, token_ttl));
+    ready
+}
+
 #[derive(Deserialize)]
 struct Announce {
     payload_id: String,
@@ -348,7 +485,7 @@ async fn announce(
     body: web::Bytes,
     st: Shared,
 ) -> HttpResponse {
-    if let Some(r) = authorize(&st, &req, &body) {
+    if let Some(r) = authorize(&st, &req, &repo, &body) {
         return r;
     }
     let a: Announce = match serde_json::from_slice(&body) {
@@ -358,31 +495,13 @@ async fn announce(
     if st.receiver.store(&repo).is_err() {
         return receive_error(&st, ReceiveError::UnknownRepo(repo.to_string()));
     }
-    if let Some(root) = st.roots.get(repo.as_str()) {
-        if let Some(free) = free_bytes(root) {
-            // Room for the payload plus 10 % and `server.min_free_space` for the replica
-            // itself, besides what other accepted payloads still hold.
-            let mut reserved = st.reserved.lock().unwrap_or_else(|e| e.into_inner());
-            let others = reserved.others(&a.payload_id);
-            let need = a
-                .bytes
-                .saturating_add(a.bytes / 10)
-                .saturating_add(st.min_free)
-                .saturating_add(others);
-            if free >= need {
-                reserved.reserve(&a.payload_id, a.bytes);
-            } else {
-                st.metrics.rejected.with_label_values(&["disk-full"]).inc();
-                return err(
-                    actix_web::http::StatusCode::INSUFFICIENT_STORAGE,
-                    "insufficient-storage",
-                    format!(
-                        "payload {} needs {need} bytes ({others} held for other payloads), {free} are free",
-                        a.payload_id
-                    ),
-                );
-            }
-        }
+    if let Err(msg) = reserve_space(&st, &repo, &a.payload_id, a.bytes) {
+        st.metrics.rejected.with_label_values(&["disk-full"]).inc();
+        return err(
+            actix_web::http::StatusCode::INSUFFICIENT_STORAGE,
+            "insufficient-storage",
+            msg,
+        );
     }
     HttpResponse::Ok()
         .json(json!({"accepted": true, "payload_id": a.payload_id, "objects": a.objects}))
@@ -399,7 +518,7 @@ async fn inventory(
     body: web::Bytes,
     st: Shared,
 ) -> HttpResponse {
-    if let Some(r) = authorize(&st, &req, &body) {
+    if let Some(r) = authorize(&st, &req, &repo, &body) {
         return r;
     }
     let inv: Inventory = match serde_json::from_slice(&body) {
@@ -434,7 +553,7 @@ async fn put_object(
     body: web::Bytes,
     st: Shared,
 ) -> HttpResponse {
-    if let Some(r) = authorize(&st, &req, &body) {
+    if let Some(r) = authorize(&st, &req, &path.0, &body) {
         return r;
     }
     let (repo, name) = path.into_inner();
@@ -480,7 +599,7 @@ async fn put_batch(
     body: web::Bytes,
     st: Shared,
 ) -> HttpResponse {
-    if let Some(r) = authorize(&st, &req, &body) {
+    if let Some(r) = authorize(&st, &req, &repo, &body) {
         return r;
     }
     let h = |n: &str| {
@@ -561,25 +680,123 @@ async fn metrics(st: Shared) -> HttpResponse {
         .body(text)
 }
 
-/// Runs the receiver until it is stopped.
-pub fn run(file: ReceiverFile, listen_override: Option<String>) -> anyhow::Result<()> {
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The MQTT side of a receiver, checked and ready to connect.
+struct MqttPlan {
+    link: prepub_actors::mqtt_link::LinkSettings,
+    node_id: String,
+    repos: Vec<String>,
+    data_url: String,
+    token_ttl: Duration,
+}
+
+fn mqtt_plan(
+    file: &ReceiverFile,
+    o: &ReceiverOverrides,
+    listen: std::net::SocketAddr,
+) -> anyhow::Result<Option<MqttPlan>> {
     use anyhow::Context;
+    let Some(url) = o.broker_url.clone().or(file.broker_url.clone()) else {
+        return Ok(None);
+    };
+    prepub_actors::mqtt_link::parse_broker_url(&url)
+        .map_err(|m| anyhow::anyhow!("broker_url: {m}"))?;
+    let need = |o: &Option<PathBuf>, f: &Option<PathBuf>, key: &str| -> anyhow::Result<Vec<u8>> {
+        let p = o.clone().or(f.clone()).with_context(|| {
+            format!("{key}: required with broker_url (the broker takes mutual TLS only)")
+        })?;
+        std::fs::read(&p).with_context(|| format!("{key} {}", p.display()))
+    };
+    let cert_pem = need(
+        &o.broker_client_cert,
+        &file.broker_client_cert,
+        "broker_client_cert",
+    )?;
+    let key_pem = need(
+        &o.broker_client_key,
+        &file.broker_client_key,
+        "broker_client_key",
+    )?;
+    let ca_pem = need(&o.broker_ca_cert, &file.broker_ca_cert, "broker_ca_cert")?;
+    let node_id = o
+        .node_id
+        .clone()
+        .or(file.node_id.clone())
+        .unwrap_or_else(host_name);
+    if !prepub_core::control::valid_segment(&node_id) {
+        anyhow::bail!("node_id: '{node_id}' cannot be an MQTT topic segment (A-Z a-z 0-9 . _ -)");
+    }
+    let cn = prepub_core::keys::pem_common_name(&cert_pem)
+        .context("broker_client_cert: no certificate with a CN")?;
+    if cn != node_id {
+        anyhow::bail!(
+            "node_id '{node_id}' differs from the CN '{cn}' of broker_client_cert: the broker knows nodes by their certificate CN"
+        );
+    }
+    let served: Vec<String> = file.repositories.iter().map(|r| r.name.clone()).collect();
+    let repos = file.repos.clone().unwrap_or_else(|| served.clone());
+    for r in &repos {
+        if !served.contains(r) {
+            anyhow::bail!("repos: {r} is not in repositories (no storage for it)");
+        }
+    }
+    let data_url = match o.data_url.clone().or(file.data_url.clone()) {
+        Some(u) => u,
+        None => format!(
+            "{}://{}:{}",
+            if file.server.tls_cert.is_some() {
+                "https"
+            } else {
+                "http"
+            },
+            host_name(),
+            listen.port()
+        ),
+    };
+    if !(data_url.starts_with("http://") || data_url.starts_with("https://")) {
+        anyhow::bail!("data_url: '{data_url}' is not an http(s) URL");
+    }
+    let token_ttl = parse_duration(&file.upload_token_ttl)
+        .map_err(|m| anyhow::anyhow!("upload_token_ttl: {m}"))?;
+    Ok(Some(MqttPlan {
+        link: prepub_actors::mqtt_link::LinkSettings {
+            url,
+            client_id: format!("cvmfs-prepub-receiver-{node_id}"),
+            ca_pem,
+            cert_pem,
+            key_pem,
+            keep_alive: Duration::from_secs(30),
+            last_will: None,
+            max_packet: prepub_core::control::MAX_LIST_MESSAGE + 4096,
+        },
+        node_id,
+        repos,
+        data_url: data_url.trim_end_matches('/').to_string(),
+        token_ttl,
+    }))
+}
+
+/// Runs the receiver until it is stopped.
+pub fn run(file: ReceiverFile, o: ReceiverOverrides) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let log = crate::server::logging::logger(false);
     let secret = std::env::var(&file.auth.secret_env)
         .ok()
         .filter(|s| !s.is_empty());
     if file.server.client_ca.is_some() && file.server.tls_cert.is_none() {
         anyhow::bail!("server.client_ca: mutual TLS needs server.tls_cert and server.tls_key");
     }
-    if secret.is_none() && file.server.client_ca.is_none() {
-        anyhow::bail!(
-            "auth.secret_env: {} is not set and server.client_ca is not configured: nobody could push",
-            file.auth.secret_env
-        );
-    }
     let window = parse_duration(&file.auth.replay_window)
         .map_err(|m| anyhow::anyhow!("auth.replay_window: {m}"))?;
     let listen =
-        crate::config::parse_listen(&listen_override.unwrap_or(file.server.listen.clone()))
+        crate::config::parse_listen(&o.listen.clone().unwrap_or(file.server.listen.clone()))
             .map_err(|m| anyhow::anyhow!("server.listen: {m}"))?;
     let max_body = crate::units::parse_size(&file.server.max_body_size)
         .map_err(|m| anyhow::anyhow!("server.max_body_size: {m}"))?;
@@ -594,6 +811,58 @@ pub fn run(file: ReceiverFile, listen_override: Option<String>) -> anyhow::Resul
     if file.repositories.is_empty() {
         anyhow::bail!("repositories: at least one repository is needed");
     }
+    let plan = mqtt_plan(&file, &o, listen)?;
+    if secret.is_none() && file.server.client_ca.is_none() && plan.is_none() {
+        anyhow::bail!(
+            "auth.secret_env: {} is not set, server.client_ca is not configured and there is no broker_url: nobody could push",
+            file.auth.secret_env
+        );
+    }
+    let rmetrics = Metrics::new()?;
+    // With MQTT, presence goes up first (bloom_ready: false) and announcements are taken once
+    // the inventory filters are built.
+    let state_slot: Arc<std::sync::OnceLock<Arc<State>>> = Arc::default();
+    let mqtt = match &plan {
+        None => None,
+        Some(p) => {
+            let (slot, node, url, ttl) = (
+                state_slot.clone(),
+                p.node_id.clone(),
+                p.data_url.clone(),
+                p.token_ttl,
+            );
+            let answer: Arc<
+                dyn Fn(&prepub_core::control::Announce) -> prepub_core::control::Ready
+                    + Send
+                    + Sync,
+            > = Arc::new(move |a| match slot.get() {
+                Some(st) => answer_announce(st, &node, &url, ttl, a),
+                None => prepub_core::control::Ready {
+                    node_id: node.clone(),
+                    payload_id: a.payload_id.clone(),
+                    data_url: url.clone(),
+                    upload_token: None,
+                    absent: None,
+                    error: Some("starting up".into()),
+                },
+            });
+            let m = crate::receiver_mqtt::ReceiverMqtt::start(
+                p.link.clone(),
+                p.node_id.clone(),
+                p.repos.clone(),
+                p.data_url.clone(),
+                answer,
+                crate::receiver_mqtt::MqttMetrics {
+                    announces: rmetrics.mqtt_announces.clone(),
+                    ignored: rmetrics.mqtt_ignored.clone(),
+                },
+                log.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("broker_url: {e}"))?;
+            slog::info!(log, "MQTT control plane"; "node_id" => &p.node_id, "data_url" => &p.data_url, "repos" => p.repos.join(","));
+            Some(m)
+        }
+    };
     let mut stores: Vec<(String, Arc<dyn Cas>)> = Vec::new();
     let mut roots = HashMap::new();
     for r in &file.repositories {
@@ -606,7 +875,16 @@ pub fn run(file: ReceiverFile, listen_override: Option<String>) -> anyhow::Resul
         roots.insert(r.name.clone(), root);
     }
     let receiver = Arc::new(Receiver::new(stores).context("building the inventory filters")?);
-    actix_rt::System::new().block_on(async move {
+    let tls = match (&file.server.tls_cert, &file.server.tls_key) {
+        (Some(c), Some(k)) => Some(crate::server::tls_config_with_clients(
+            c,
+            k,
+            file.server.client_ca.as_deref(),
+        )?),
+        (None, None) => None,
+        _ => anyhow::bail!("server.tls_cert and server.tls_key must be set together"),
+    };
+    let result = actix_rt::System::new().block_on(async move {
         // Eight storage threads: enough to overlap the fsyncs of concurrent uploads.
         let agent = ReceiverAgent::start(receiver.clone(), 8);
         let state = Arc::new(State {
@@ -616,20 +894,13 @@ pub fn run(file: ReceiverFile, listen_override: Option<String>) -> anyhow::Resul
             allowed_clients: file.auth.allowed_clients.clone(),
             window: window.as_secs() as i64,
             seen: Mutex::new(HashMap::new()),
-            metrics: Metrics::new()?,
+            metrics: rmetrics,
             roots,
             min_free,
             reserved: Mutex::new(Reservations::default()),
+            tokens: Default::default(),
         });
-        let tls = match (&file.server.tls_cert, &file.server.tls_key) {
-            (Some(c), Some(k)) => Some(crate::server::tls_config_with_clients(
-                c,
-                k,
-                file.server.client_ca.as_deref(),
-            )?),
-            (None, None) => None,
-            _ => anyhow::bail!("server.tls_cert and server.tls_key must be set together"),
-        };
+        let _ = state_slot.set(state.clone());
         let data = web::Data::new(state);
         let server = HttpServer::new(move || {
             App::new()
@@ -652,7 +923,20 @@ pub fn run(file: ReceiverFile, listen_override: Option<String>) -> anyhow::Resul
             Some(t) => server.bind_rustls_0_23(listen, t)?,
             None => server.bind(listen)?,
         };
-        server.run().await?;
-        Ok(())
-    })
+        let running = server.run();
+        if let Some(m) = &mqtt {
+            m.set_bloom_ready();
+        }
+        running.await?;
+        Ok::<_, anyhow::Error>(mqtt)
+    });
+    // Stopped (SIGTERM/SIGINT): leave the broker with presence online: false.
+    match result {
+        Ok(Some(m)) => {
+            m.shutdown();
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    }
 }

@@ -300,7 +300,7 @@ fn a_receiver_nobody_could_authenticate_to_refuses_to_start() {
     let (code, err) = refused_start(&dir.path().join("a"), "", "");
     assert_ne!(code, Some(0));
     assert!(
-        err.contains("PREPUB_RECEIVER_SECRET is not set and server.client_ca is not configured"),
+        err.contains("PREPUB_RECEIVER_SECRET is not set, server.client_ca is not configured and there is no broker_url"),
         "{err}"
     );
     // Client certificates without a TLS listener.

@@ -44,6 +44,17 @@ pub struct Settings {
 pub struct Distribution {
     pub settings: Arc<crate::s1_distributor::DistributionSettings>,
     pub endpoints: Vec<(String, Recipient<crate::s1_distributor::Distribute>)>,
+    /// The MQTT control plane, when `broker_url` is set: it replaces the HTTP announcement.
+    pub mqtt: Option<MqttDistribution>,
+}
+
+/// How jobs reach the `MqttBridge`.
+#[derive(Clone)]
+pub struct MqttDistribution {
+    pub announce: Recipient<crate::mqtt_bridge::AnnouncePayload>,
+    pub forget: Recipient<crate::mqtt_bridge::Forget>,
+    /// How long ready answers are awaited; endpoints silent by then have failed.
+    pub quorum_timeout: Duration,
 }
 
 impl std::fmt::Debug for Distribution {
@@ -60,6 +71,15 @@ impl std::fmt::Debug for Distribution {
 /// Each endpoint's outcome for one job: (objects pushed, bytes pushed, already present).
 type EndpointOutcomes = HashMap<String, Result<crate::s1_distributor::PushReport, String>>;
 
+/// One job's pre-warming in progress.
+struct DistState {
+    /// Endpoint outcomes so far.
+    results: EndpointOutcomes,
+    started: Instant,
+    /// Endpoints whose push has begun (with MQTT: those that answered ready).
+    dispatched: std::collections::HashSet<String>,
+}
+
 pub struct JobManager {
     settings: Arc<Settings>,
     jobs: BTreeMap<String, JobRecord>,
@@ -70,8 +90,8 @@ pub struct JobManager {
     publisher: Recipient<CommitJob>,
     metrics: Metrics,
     recovered_once: bool,
-    /// Jobs being pre-warmed: endpoint outcomes so far, and when it started.
-    distributing: HashMap<String, (EndpointOutcomes, Instant)>,
+    /// Jobs being pre-warmed.
+    distributing: HashMap<String, DistState>,
     /// Jobs whose pre-warming is settled (go on to the commit).
     distributed: std::collections::HashSet<String>,
 }
@@ -287,27 +307,71 @@ impl JobManager {
                 return;
             }
         };
-        self.distributing
-            .insert(id.clone(), (HashMap::new(), Instant::now()));
-        for (_, r) in &dist.endpoints {
-            r.do_send(crate::s1_distributor::Distribute {
+        let changeset = self
+            .settings
+            .spool_root
+            .join("jobs")
+            .join(&id)
+            .join("changeset.json");
+        let mut st = DistState {
+            results: HashMap::new(),
+            started: Instant::now(),
+            dispatched: Default::default(),
+        };
+        if let Some(mq) = &dist.mqtt {
+            // Announce through the broker; each ready answer starts that endpoint's push.
+            mq.announce.do_send(crate::mqtt_bridge::AnnouncePayload {
                 job_id: id.clone(),
                 repo: job.repo.clone(),
-                changeset: self
-                    .settings
-                    .spool_root
-                    .join("jobs")
-                    .join(&id)
-                    .join("changeset.json"),
-                cas: cas.clone(),
-                done: ctx.address().recipient(),
-                progress: ctx.address().recipient(),
+                changeset,
+                reply: ctx.address().recipient(),
             });
+            let (wait, id2) = (mq.quorum_timeout, id.clone());
+            ctx.run_later(wait, move |act, ctx| act.ready_deadline(id2, wait, ctx));
+        } else {
+            for (ep, r) in &dist.endpoints {
+                st.dispatched.insert(ep.clone());
+                r.do_send(crate::s1_distributor::Distribute {
+                    job_id: id.clone(),
+                    repo: job.repo.clone(),
+                    changeset: changeset.clone(),
+                    cas: cas.clone(),
+                    done: ctx.address().recipient(),
+                    progress: ctx.address().recipient(),
+                    grant: None,
+                });
+            }
         }
+        self.distributing.insert(id.clone(), st);
         let timeout = dist.settings.timeout;
         ctx.run_later(timeout, move |act, ctx| {
             act.settle_distribution(id, true, ctx)
         });
+    }
+
+    /// `mqtt_quorum_timeout` passed: endpoints that did not answer the announcement have
+    /// failed for this job.
+    fn ready_deadline(&mut self, id: String, wait: Duration, ctx: &mut Context<Self>) {
+        let Some(dist) = self.settings.distribution.clone() else {
+            return;
+        };
+        let Some(st) = self.distributing.get_mut(&id) else {
+            return;
+        };
+        let mut silent = Vec::new();
+        for (ep, _) in &dist.endpoints {
+            if !st.dispatched.contains(ep) && !st.results.contains_key(ep) {
+                let why = format!("no ready answer over MQTT within {}s", wait.as_secs());
+                st.results.insert(ep.clone(), Err(why.clone()));
+                silent.push((ep.clone(), why));
+            }
+        }
+        if let Some(j) = self.jobs.get_mut(&id) {
+            for (ep, why) in silent {
+                j.distribution.insert(ep, format!("failed: {why}"));
+            }
+        }
+        self.settle_distribution(id, false, ctx);
     }
 
     /// Applies the quorum once every endpoint answered, or at the timeout.
@@ -315,7 +379,12 @@ impl JobManager {
         let Some(dist) = self.settings.distribution.clone() else {
             return;
         };
-        let Some((results, _)) = self.distributing.get(&id) else {
+        let Some(DistState {
+            results,
+            dispatched,
+            ..
+        }) = self.distributing.get(&id)
+        else {
             return;
         };
         let total = dist.endpoints.len();
@@ -343,6 +412,8 @@ impl JobManager {
                 .unwrap_or_default();
             let verdict = if timed_out {
                 "failed: timed out"
+            } else if !dispatched.contains(ep) {
+                "skipped: no ready answer before the quorum was met"
             } else {
                 "pending"
             };
@@ -350,6 +421,10 @@ impl JobManager {
                 .insert(ep.clone(), format!("{verdict}{seen}"));
         }
         self.distributing.remove(&id);
+        if let Some(mq) = &dist.mqtt {
+            mq.forget
+                .do_send(crate::mqtt_bridge::Forget { job_id: id.clone() });
+        }
         if met || dist.settings.commit_anyway {
             self.distributed.insert(id.clone());
             self.jobs.insert(id.clone(), job);
@@ -753,7 +828,10 @@ impl Handler<CommitStarting> for JobManager {
 impl Handler<crate::s1_distributor::Distributed> for JobManager {
     type Result = ();
     fn handle(&mut self, m: crate::s1_distributor::Distributed, ctx: &mut Context<Self>) {
-        let Some((results, started)) = self.distributing.get_mut(&m.job_id) else {
+        let Some(DistState {
+            results, started, ..
+        }) = self.distributing.get_mut(&m.job_id)
+        else {
             return;
         };
         let elapsed = started.elapsed().as_secs_f64();
@@ -788,7 +866,7 @@ impl Handler<crate::s1_distributor::DistributionProgress> for JobManager {
     type Result = ();
     fn handle(&mut self, m: crate::s1_distributor::DistributionProgress, _: &mut Context<Self>) {
         // Only while the endpoint has no outcome yet: a late report never hides the result.
-        let Some((results, _)) = self.distributing.get(&m.job_id) else {
+        let Some(DistState { results, .. }) = self.distributing.get(&m.job_id) else {
             return;
         };
         if results.contains_key(&m.endpoint) {
@@ -802,6 +880,67 @@ impl Handler<crate::s1_distributor::DistributionProgress> for JobManager {
                     m.done, m.total, m.bytes
                 ),
             );
+        }
+    }
+}
+
+impl Handler<crate::mqtt_bridge::EndpointReady> for JobManager {
+    type Result = ();
+    fn handle(&mut self, m: crate::mqtt_bridge::EndpointReady, ctx: &mut Context<Self>) {
+        let Some(dist) = self.settings.distribution.clone() else {
+            return;
+        };
+        let Some(job) = self.jobs.get(&m.job_id).cloned() else {
+            return;
+        };
+        let Some(st) = self.distributing.get_mut(&m.job_id) else {
+            return;
+        };
+        if st.results.contains_key(&m.endpoint) || st.dispatched.contains(&m.endpoint) {
+            return;
+        }
+        let Some((_, distributor)) = dist.endpoints.iter().find(|(e, _)| *e == m.endpoint) else {
+            return;
+        };
+        match m.grant {
+            Err(why) => {
+                st.results.insert(m.endpoint.clone(), Err(why.clone()));
+                if let Some(j) = self.jobs.get_mut(&m.job_id) {
+                    j.distribution.insert(m.endpoint, format!("failed: {why}"));
+                }
+                self.settle_distribution(m.job_id, false, ctx);
+            }
+            Ok(grant) => {
+                let Some(cas) = self
+                    .settings
+                    .repos
+                    .get(&job.repo)
+                    .and_then(|t| t.cas(false).ok())
+                else {
+                    return;
+                };
+                st.dispatched.insert(m.endpoint.clone());
+                if let Some(j) = self.jobs.get_mut(&m.job_id) {
+                    j.distribution.insert(
+                        m.endpoint.clone(),
+                        format!("ready ({}): pushing", m.node_id),
+                    );
+                }
+                distributor.do_send(crate::s1_distributor::Distribute {
+                    job_id: m.job_id.clone(),
+                    repo: job.repo.clone(),
+                    changeset: self
+                        .settings
+                        .spool_root
+                        .join("jobs")
+                        .join(&m.job_id)
+                        .join("changeset.json"),
+                    cas,
+                    done: ctx.address().recipient(),
+                    progress: ctx.address().recipient(),
+                    grant: Some(grant),
+                });
+            }
         }
     }
 }

@@ -13,6 +13,8 @@ pub mod http_store;
 pub mod job_manager;
 pub mod local_publisher;
 pub mod metrics;
+pub mod mqtt_bridge;
+pub mod mqtt_link;
 pub mod publisher;
 pub mod receiver_agent;
 pub mod s1_distributor;

@@ -21,6 +21,9 @@ pub struct Metrics {
     pub distribution_duration_seconds: prometheus::HistogramVec,
     pub distribution_objects_total: IntCounterVec,
     pub distribution_bytes_total: IntCounterVec,
+    pub mqtt_connected: prometheus::IntGauge,
+    pub mqtt_messages_total: IntCounterVec,
+    pub mqtt_ignored_total: IntCounterVec,
 }
 
 impl Metrics {
@@ -121,7 +124,28 @@ impl Metrics {
             "Bytes pushed to each Stratum 1",
             &["stratum1"],
         );
+        let mqtt_connected = prometheus::IntGauge::new(
+            "cvmfs_prepub_mqtt_connected",
+            "1 while the MQTT control plane is connected to the broker",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(mqtt_connected.clone()))
+            .expect("metric registered once");
+        let mqtt_messages_total = cv(
+            "mqtt_messages_total",
+            "MQTT control-plane messages, by kind (announce_sent, ready_received, reconnect)",
+            &["kind"],
+        );
+        let mqtt_ignored_total = cv(
+            "mqtt_ignored_total",
+            "MQTT messages ignored, by reason (schema, too-large, topic, node-mismatch, unknown-endpoint, unknown-payload, duplicate)",
+            &["reason"],
+        );
         Metrics {
+            mqtt_connected,
+            mqtt_messages_total,
+            mqtt_ignored_total,
             distribution_duration_seconds,
             distribution_objects_total,
             distribution_bytes_total,

@@ -68,6 +68,8 @@ pub struct Distribute {
     pub cas: Arc<dyn Cas>,
     pub done: Recipient<Distributed>,
     pub progress: Recipient<DistributionProgress>,
+    /// From the MQTT control plane: the receiver already answered the announcement.
+    pub grant: Option<crate::mqtt_bridge::ReadyGrant>,
 }
 
 /// What one endpoint achieved for one job.
@@ -153,6 +155,8 @@ fn nonce() -> String {
 struct Pusher {
     base: String,
     secret: Option<Vec<u8>>,
+    /// Upload token from an MQTT ready answer (used instead of signing).
+    token: Option<String>,
     http: reqwest::blocking::Client,
 }
 
@@ -165,7 +169,9 @@ impl Pusher {
     ) -> Result<reqwest::blocking::Response, String> {
         let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
         let mut r = self.http.request(m, format!("{}{path}", self.base));
-        if let Some(secret) = &self.secret {
+        if let Some(t) = &self.token {
+            r = r.bearer_auth(t);
+        } else if let Some(secret) = &self.secret {
             let ts = prepub_core::timefmt::now();
             let n = nonce();
             let sig = prepub_core::receiver::sign(secret, method, path, &body, ts, &n);
@@ -241,6 +247,7 @@ fn push(
         cas: m.cas.clone(),
         ack_log: Some(AckLog::path(job_dir, endpoint)),
         progress: Some(&progress),
+        grant: m.grant.as_ref(),
     };
     push_objects(endpoint, settings, http, &payload)
 }
@@ -256,6 +263,9 @@ pub struct Payload<'a> {
     pub ack_log: Option<PathBuf>,
     /// Called with (objects held, objects in total, bytes pushed), at most twice a second.
     pub progress: Option<&'a (dyn Fn(u64, u64, u64) + Sync)>,
+    /// The receiver's MQTT ready answer: no HTTP announcement, its token instead of signing,
+    /// and its list of absent objects instead of the inventory (when it sent one).
+    pub grant: Option<&'a crate::mqtt_bridge::ReadyGrant>,
 }
 
 /// Announces `payload` to the receiver at `endpoint`, asks which objects it lacks and pushes
@@ -286,17 +296,31 @@ pub fn push_objects(
     let p = Arc::new(Pusher {
         base: endpoint.trim_end_matches('/').to_string(),
         secret: settings.secret.as_ref().map(|s| s.as_bytes().to_vec()),
+        token: payload.grant.map(|g| g.token.clone()),
         http,
     });
     let repo = payload.repo;
-    p.ok(
-        "POST",
-        &format!("/api/v1/repos/{repo}/announce"),
-        serde_json::to_vec(&serde_json::json!({"payload_id": payload.id, "objects": total, "bytes": payload.bytes}))
-            .unwrap_or_default(),
-    )?;
+    if payload.grant.is_none() {
+        p.ok(
+            "POST",
+            &format!("/api/v1/repos/{repo}/announce"),
+            serde_json::to_vec(&serde_json::json!({"payload_id": payload.id, "objects": total, "bytes": payload.bytes}))
+                .unwrap_or_default(),
+        )?;
+    }
     let mut missing: Vec<ObjectId> = Vec::new();
-    for batch in objects.chunks(5000) {
+    let told = payload.grant.and_then(|g| g.absent.as_ref());
+    if let Some(absent) = told {
+        // The ready answer listed what the receiver lacks; only announced objects count.
+        let absent: std::collections::HashSet<&ObjectId> = absent.iter().collect();
+        let (lacking, there): (Vec<ObjectId>, Vec<ObjectId>) =
+            objects.iter().partition(|id| absent.contains(id));
+        if let Some(log) = &acks {
+            log.append(&there).map_err(|e| e.to_string())?;
+        }
+        missing = lacking;
+    }
+    for batch in objects.chunks(5000).filter(|_| told.is_none()) {
         let body = serde_json::to_vec(&serde_json::json!({"objects": batch.iter().map(|i| i.to_string()).collect::<Vec<_>>()})).unwrap_or_default();
         let v = p.ok("POST", &format!("/api/v1/repos/{repo}/inventory"), body)?;
         let lacks: std::collections::HashSet<ObjectId> = v["missing"]

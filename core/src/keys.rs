@@ -289,6 +289,32 @@ fn self_signed_certificate(name: &str, key: &RsaPrivateKey, days: u64) -> Result
         .map_err(|e| KeyError::Certificate(e.to_string()))
 }
 
+/// The common name (CN) of a DER certificate's subject.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(der).ok()?;
+    subject_cn(&cert)
+}
+
+/// The common name (CN) of the first certificate in a PEM file.
+pub fn pem_common_name(pem: &[u8]) -> Option<String> {
+    let chain = x509_cert::Certificate::load_pem_chain(pem).ok()?;
+    subject_cn(chain.first()?)
+}
+
+fn subject_cn(cert: &x509_cert::Certificate) -> Option<String> {
+    for rdn in cert.tbs_certificate.subject.0.iter() {
+        for atv in rdn.0.iter() {
+            if atv.oid == x509_cert::der::oid::db::rfc4519::CN {
+                return std::str::from_utf8(atv.value.value())
+                    .ok()
+                    .map(str::to_string);
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

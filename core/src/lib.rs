@@ -10,6 +10,7 @@ pub mod cas;
 pub mod catalog;
 pub mod check;
 pub mod chunker;
+pub mod control;
 pub mod gateway;
 pub mod hash;
 pub mod history;

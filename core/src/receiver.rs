@@ -198,6 +198,40 @@ pub fn verify(
             == 0
 }
 
+/// Short-lived bearer tokens for the data channel, handed to a publisher in an MQTT ready
+/// answer. Each is scoped to one repository; only the SHA-256 of a token is kept.
+#[derive(Default)]
+pub struct UploadTokens {
+    held: Mutex<HashMap<[u8; 32], (String, std::time::Instant)>>,
+}
+
+impl UploadTokens {
+    /// A new random token (43 alphanumeric characters, ~256 bits) for `repo`, valid for `ttl`.
+    pub fn issue(&self, repo: &str, ttl: std::time::Duration) -> String {
+        use rand::Rng;
+        let token: String = rand::rngs::OsRng
+            .sample_iter(&rand::distributions::Alphanumeric)
+            .take(43)
+            .map(char::from)
+            .collect();
+        let now = std::time::Instant::now();
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|_, (_, until)| *until > now);
+        held.insert(
+            Sha256::digest(token.as_bytes()).into(),
+            (repo.to_string(), now + ttl),
+        );
+        token
+    }
+
+    /// Whether `token` is a live token for `repo`.
+    pub fn check(&self, repo: &str, token: &str) -> bool {
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(held.get(&key), Some((r, until)) if r == repo && *until > std::time::Instant::now())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,5 +296,20 @@ mod tests {
         assert!(!verify(b"k", "PUT", "/p", b"body", 101, "n1", &s));
         assert!(!verify(b"k", "PUT", "/p", b"body", 100, "n2", &s));
         assert!(!verify(b"x", "PUT", "/p", b"body", 100, "n1", &s));
+    }
+
+    #[test]
+    fn upload_tokens_are_scoped_and_expire() {
+        let t = UploadTokens::default();
+        let a = t.issue("a.org", std::time::Duration::from_secs(60));
+        assert_eq!(a.len(), 43);
+        assert!(t.check("a.org", &a));
+        assert!(!t.check("b.org", &a));
+        assert!(!t.check("a.org", "nope"));
+        let short = t.issue("a.org", std::time::Duration::from_millis(1));
+        assert_ne!(short, a);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        assert!(!t.check("a.org", &short));
+        assert!(t.check("a.org", &a));
     }
 }

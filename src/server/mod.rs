@@ -86,21 +86,6 @@ pub fn tls_config_with_clients(
     Ok(builder.with_single_cert(certs, key)?)
 }
 
-/// The common name (CN) of a DER certificate's subject.
-pub fn common_name(der: &[u8]) -> Option<String> {
-    use x509_cert::der::Decode;
-    let cert = x509_cert::Certificate::from_der(der).ok()?;
-    for rdn in cert.tbs_certificate.subject.0.iter() {
-        for atv in rdn.0.iter() {
-            if atv.oid == x509_cert::der::oid::db::rfc4519::CN {
-                let v = &atv.value;
-                return std::str::from_utf8(v.value()).ok().map(str::to_string);
-            }
-        }
-    }
-    None
-}
-
 /// The verified client certificate of a TLS connection, by its subject's CN (stored in the
 /// connection data by [`client_cert_on_connect`]).
 #[derive(Debug, Clone)]
@@ -112,7 +97,9 @@ pub fn client_cert_on_connect(conn: &dyn std::any::Any, ext: &mut actix_web::dev
     if let Some(tls) = conn.downcast_ref::<TlsStream<actix_web::rt::net::TcpStream>>() {
         let (_, session) = tls.get_ref();
         if let Some(leaf) = session.peer_certificates().and_then(|c| c.first()) {
-            ext.insert(ClientCert(common_name(leaf).unwrap_or_default()));
+            ext.insert(ClientCert(
+                prepub_core::keys::common_name(leaf).unwrap_or_default(),
+            ));
         }
     }
 }
@@ -157,7 +144,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
         None => None,
         Some(d) => {
             let secret = std::env::var(&d.secret_env).ok().filter(|s| !s.is_empty());
-            if secret.is_none() && d.client_identity.is_none() {
+            if secret.is_none() && d.client_identity.is_none() && d.mqtt.is_none() {
                 bail!(
                     "distribution: {} is not set and no client_cert is configured: receivers would refuse every request",
                     d.secret_env
@@ -196,6 +183,55 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 v.push((e.trim_end_matches('/').to_string(), a));
             }
             Some((settings, v))
+        }
+    };
+    let metrics = Metrics::new();
+    // The MQTT control plane: connected (in the background) before the runtime starts.
+    let bridge = match cfg.distribution.as_ref().and_then(|d| d.mqtt.as_ref()) {
+        None => None,
+        Some(m) => {
+            let read = |key: &str, p: &std::path::Path| {
+                std::fs::read(p).with_context(|| format!("distribution.{key} {}", p.display()))
+            };
+            let cert_pem = read("broker_client_cert", &m.client_cert)?;
+            let publisher_id = prepub_core::keys::pem_common_name(&cert_pem).with_context(|| {
+                format!(
+                    "distribution.broker_client_cert {}: no certificate with a CN (the CN is the publisher id)",
+                    m.client_cert.display()
+                )
+            })?;
+            if !prepub_core::control::valid_segment(&publisher_id) {
+                bail!("distribution.broker_client_cert: CN '{publisher_id}' cannot be an MQTT topic segment");
+            }
+            let settings = prepub_actors::mqtt_bridge::BridgeSettings {
+                link: prepub_actors::mqtt_link::LinkSettings {
+                    url: m.broker_url.clone(),
+                    client_id: format!("cvmfs-prepub-publisher-{publisher_id}"),
+                    ca_pem: read("broker_ca_cert", &m.ca_cert)?,
+                    cert_pem,
+                    key_pem: read("broker_client_key", &m.client_key)?,
+                    keep_alive: std::time::Duration::from_secs(30),
+                    last_will: None,
+                    max_packet: prepub_core::control::MAX_LIST_MESSAGE + 4096,
+                },
+                publisher_id: publisher_id.clone(),
+                endpoints: m
+                    .nodes
+                    .iter()
+                    .map(|(url, node_id)| prepub_actors::mqtt_bridge::Endpoint {
+                        url: url.clone(),
+                        node_id: node_id.clone(),
+                    })
+                    .collect(),
+            };
+            let b = prepub_actors::mqtt_bridge::MqttBridge::connect(
+                settings,
+                Arc::new(metrics.clone()),
+                log.clone(),
+            )
+            .map_err(|e| anyhow::anyhow!("distribution.broker_url: {e}"))?;
+            slog::info!(log, "MQTT control plane"; "actor" => "MqttBridge", "broker" => &m.broker_url, "publisher_id" => &publisher_id);
+            Some((b, m.quorum_timeout))
         }
     };
     // S3 stores: made (with their runtimes) outside the async runtime, probed before anything
@@ -285,7 +321,15 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 p.recipient()
             }
         };
-        let metrics = Metrics::new();
+        let mqtt = bridge.map(|(b, quorum_timeout)| {
+            let arbiter = actix::Arbiter::new();
+            let addr = prepub_actors::mqtt_bridge::MqttBridge::start_in_arbiter(&arbiter.handle(), move |_| b);
+            prepub_actors::job_manager::MqttDistribution {
+                announce: addr.clone().recipient(),
+                forget: addr.recipient(),
+                quorum_timeout,
+            }
+        });
         let settings = Arc::new(Settings {
             repos: targets.into_iter().map(|t| (t.name.clone(), t)).collect(),
             params: cfg.params,
@@ -302,7 +346,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                         (e, a.start().recipient())
                     })
                     .collect();
-                prepub_actors::job_manager::Distribution { settings, endpoints }
+                prepub_actors::job_manager::Distribution { settings, endpoints, mqtt }
             }),
         });
         let m2 = metrics.clone();

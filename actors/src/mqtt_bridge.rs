@@ -1,0 +1,358 @@
+//! `MqttBridge`: the publisher's side of the MQTT control plane (install guide §6.2).
+//!
+//! Instead of announcing a payload to each receiver over HTTP, the bridge publishes one
+//! announcement on `cvmfs/repos/<repo>/announce` and collects the receivers' ready answers on
+//! `cvmfs/publishers/<us>/ready/<payload>/<node>`. Each valid answer goes to the job manager,
+//! which hands the endpoint to its `S1Distributor` to push exactly the absent objects over HTTP
+//! with the answer's upload token. Answers are checked (size, schema, node named in the body =
+//! node in the topic, data URL = a configured endpoint, that endpoint bound to that node) and
+//! anything else is ignored and counted. Announcements still unanswered are published again on
+//! every reconnection and every few seconds, so a broker restart or outage loses no job.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use prepub_core::control::{self, Announce, Reject};
+use prepub_core::hash::ObjectId;
+use prepub_core::intake::ChangeSet;
+use slog::{info, warn, Logger};
+
+use crate::metrics::Metrics;
+use crate::mqtt_link::{Link, LinkEvent, LinkSettings, QoS};
+
+/// One configured Stratum 1 endpoint, optionally bound to the node (certificate CN) that must
+/// answer for it.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub url: String,
+    pub node_id: Option<String>,
+}
+
+/// What the bridge needs.
+#[derive(Debug, Clone)]
+pub struct BridgeSettings {
+    pub link: LinkSettings,
+    /// Our identity: the CN of our client certificate (the broker's user name for us).
+    pub publisher_id: String,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Announce a job's payload and report each endpoint's answer to `reply`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AnnouncePayload {
+    pub job_id: String,
+    pub repo: String,
+    pub changeset: PathBuf,
+    pub reply: Recipient<EndpointReady>,
+}
+
+/// The job no longer waits for answers.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Forget {
+    pub job_id: String,
+}
+
+/// What one endpoint's receiver answered.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct EndpointReady {
+    pub job_id: String,
+    pub endpoint: String,
+    pub node_id: String,
+    /// The upload grant, or why the receiver cannot take the payload.
+    pub grant: Result<ReadyGrant, String>,
+}
+
+/// Permission to push one payload to one receiver.
+#[derive(Debug, Clone)]
+pub struct ReadyGrant {
+    pub token: String,
+    /// The announced objects the receiver lacks; `None`: ask its inventory.
+    pub absent: Option<Vec<ObjectId>>,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Incoming(LinkEvent);
+
+struct Pending {
+    repo: String,
+    body: Vec<u8>,
+    answered: HashSet<String>,
+    reply: Recipient<EndpointReady>,
+}
+
+pub struct MqttBridge {
+    settings: BridgeSettings,
+    link: Link,
+    events: Option<crossbeam_channel::Receiver<LinkEvent>>,
+    pending: HashMap<String, Pending>,
+    /// endpoint URL -> the node bound to it (configured, or the first to answer for it).
+    bound: HashMap<String, String>,
+    connected: bool,
+    metrics: Arc<Metrics>,
+    log: Logger,
+}
+
+fn norm(url: &str) -> String {
+    url.trim_end_matches('/').to_string()
+}
+
+impl MqttBridge {
+    /// Connects in the background (call outside the async runtime: it makes the MQTT client).
+    pub fn connect(
+        settings: BridgeSettings,
+        metrics: Arc<Metrics>,
+        log: Logger,
+    ) -> Result<MqttBridge, String> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let link = Link::start(&settings.link, move |_, ev| {
+            let _ = tx.send(ev);
+        })?;
+        let bound = settings
+            .endpoints
+            .iter()
+            .filter_map(|e| Some((norm(&e.url), e.node_id.clone()?)))
+            .collect();
+        Ok(MqttBridge {
+            settings,
+            link,
+            events: Some(rx),
+            pending: HashMap::new(),
+            bound,
+            connected: false,
+            metrics,
+            log,
+        })
+    }
+
+    fn ignore(&self, r: &str, why: impl std::fmt::Display) {
+        self.metrics
+            .mqtt_ignored_total
+            .with_label_values(&[r])
+            .inc();
+        warn!(self.log, "MQTT message ignored"; "actor" => "MqttBridge", "reason" => r, "detail" => %why);
+    }
+
+    fn publish_announce(&self, job_id: &str) {
+        let Some(p) = self.pending.get(job_id) else {
+            return;
+        };
+        if !self.connected {
+            return; // sent on (re)connection
+        }
+        match self.link.client.try_publish(
+            control::announce_topic(&p.repo),
+            QoS::AtLeastOnce,
+            false,
+            p.body.clone(),
+        ) {
+            Ok(()) => self
+                .metrics
+                .mqtt_messages_total
+                .with_label_values(&["announce_sent"])
+                .inc(),
+            Err(e) => {
+                warn!(self.log, "announce not queued, retried later"; "job_id" => job_id, "error" => %e)
+            }
+        }
+    }
+
+    fn on_message(&mut self, topic: &str, body: &[u8]) {
+        let r = match control::parse_ready(&self.settings.publisher_id, topic, body) {
+            Ok(r) => r,
+            Err(e) => return self.ignore(e.label(), &e),
+        };
+        let endpoint = norm(&r.data_url);
+        if !self
+            .settings
+            .endpoints
+            .iter()
+            .any(|e| norm(&e.url) == endpoint)
+        {
+            return self.ignore(
+                "unknown-endpoint",
+                format!(
+                    "{} answered for {endpoint}, which is not configured",
+                    r.node_id
+                ),
+            );
+        }
+        match self.bound.get(&endpoint) {
+            Some(n) if *n != r.node_id => {
+                return self.ignore(
+                    "endpoint-claimed",
+                    format!(
+                        "{} answered for {endpoint}, which belongs to {n}",
+                        r.node_id
+                    ),
+                )
+            }
+            Some(_) => {}
+            None => {
+                info!(self.log, "endpoint bound to node"; "actor" => "MqttBridge", "endpoint" => &endpoint, "node_id" => &r.node_id);
+                self.bound.insert(endpoint.clone(), r.node_id.clone());
+            }
+        }
+        let Some(p) = self.pending.get_mut(&r.payload_id) else {
+            return self.ignore("unknown-payload", format!("payload {}", r.payload_id));
+        };
+        if !p.answered.insert(endpoint.clone()) {
+            self.metrics
+                .mqtt_ignored_total
+                .with_label_values(&["duplicate"])
+                .inc();
+            return;
+        }
+        self.metrics
+            .mqtt_messages_total
+            .with_label_values(&["ready_received"])
+            .inc();
+        let grant = match (r.error, r.upload_token) {
+            (Some(e), _) => Err(format!("{} refused the payload: {e}", r.node_id)),
+            (None, Some(token)) => {
+                let absent = r
+                    .absent
+                    .as_deref()
+                    .map(control::parse_objects)
+                    .transpose()
+                    .map_err(|e: Reject| e.to_string());
+                absent.map(|absent| ReadyGrant { token, absent })
+            }
+            (None, None) => Err("no upload token".into()),
+        };
+        p.reply.do_send(EndpointReady {
+            job_id: r.payload_id,
+            endpoint,
+            node_id: r.node_id,
+            grant,
+        });
+    }
+}
+
+impl Actor for MqttBridge {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        if let Some(rx) = self.events.take() {
+            let addr = ctx.address();
+            let _ = std::thread::Builder::new()
+                .name("mqtt-bridge-events".into())
+                .spawn(move || {
+                    while let Ok(ev) = rx.recv() {
+                        if !addr.connected() {
+                            break;
+                        }
+                        addr.do_send(Incoming(ev));
+                    }
+                });
+        }
+        // Unanswered announcements go out again: a lost message never stalls a job.
+        ctx.run_interval(Duration::from_secs(5), |act, _| {
+            let ids: Vec<String> = act
+                .pending
+                .iter()
+                .filter(|(_, p)| p.answered.len() < act.settings.endpoints.len())
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in ids {
+                act.publish_announce(&id);
+            }
+        });
+    }
+}
+
+impl Handler<Incoming> for MqttBridge {
+    type Result = ();
+    fn handle(&mut self, m: Incoming, _: &mut Context<Self>) {
+        match m.0 {
+            LinkEvent::Connected { session_present } => {
+                self.connected = true;
+                self.metrics.mqtt_connected.set(1);
+                self.metrics
+                    .mqtt_messages_total
+                    .with_label_values(&["reconnect"])
+                    .inc();
+                info!(self.log, "connected to the MQTT broker"; "actor" => "MqttBridge", "session_present" => session_present);
+                let _ = self.link.client.try_subscribe(
+                    control::ready_filter(&self.settings.publisher_id),
+                    QoS::AtLeastOnce,
+                );
+                let ids: Vec<String> = self.pending.keys().cloned().collect();
+                for id in ids {
+                    self.publish_announce(&id);
+                }
+            }
+            LinkEvent::Disconnected(e) => {
+                if self.connected {
+                    warn!(self.log, "MQTT broker connection lost, reconnecting"; "actor" => "MqttBridge", "error" => %e);
+                }
+                self.connected = false;
+                self.metrics.mqtt_connected.set(0);
+            }
+            LinkEvent::Message { topic, body } => self.on_message(&topic, &body),
+        }
+    }
+}
+
+impl Handler<AnnouncePayload> for MqttBridge {
+    type Result = ();
+    fn handle(&mut self, m: AnnouncePayload, _: &mut Context<Self>) {
+        let cs = std::fs::read(&m.changeset)
+            .map_err(|e| e.to_string())
+            .and_then(|d| serde_json::from_slice::<ChangeSet>(&d).map_err(|e| e.to_string()));
+        let cs = match cs {
+            Ok(c) => c,
+            Err(e) => {
+                for ep in &self.settings.endpoints {
+                    m.reply.do_send(EndpointReady {
+                        job_id: m.job_id.clone(),
+                        endpoint: norm(&ep.url),
+                        node_id: String::new(),
+                        grant: Err(format!("spool: {e}")),
+                    });
+                }
+                return;
+            }
+        };
+        let objects = crate::s1_distributor::data_objects(&cs);
+        let mut a = Announce {
+            payload_id: m.job_id.clone(),
+            publisher_id: self.settings.publisher_id.clone(),
+            repo: m.repo.clone(),
+            object_count: objects.len() as u64,
+            bytes: cs.stats.new_bytes,
+            objects: (objects.len() <= control::MAX_OBJECTS)
+                .then(|| objects.iter().map(|i| i.to_string()).collect()),
+        };
+        let mut body = serde_json::to_vec(&a).unwrap_or_default();
+        if body.len() > control::MAX_LIST_MESSAGE {
+            // Too big for one message: receivers answer without the list, and the
+            // distributor asks their inventory over HTTP.
+            a.objects = None;
+            body = serde_json::to_vec(&a).unwrap_or_default();
+        }
+        self.pending.insert(
+            m.job_id.clone(),
+            Pending {
+                repo: m.repo,
+                body,
+                answered: HashSet::new(),
+                reply: m.reply,
+            },
+        );
+        self.publish_announce(&m.job_id);
+    }
+}
+
+impl Handler<Forget> for MqttBridge {
+    type Result = ();
+    fn handle(&mut self, m: Forget, _: &mut Context<Self>) {
+        self.pending.remove(&m.job_id);
+    }
+}
