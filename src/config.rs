@@ -1009,5 +1009,26 @@ mod tests {
         );
         assert_eq!(d.ca_cert, Some(PathBuf::from("/ca.crt")));
         assert_eq!(d.timeout, Duration::from_secs(90));
+        assert!(d.mqtt.is_none());
+        // The MQTT control plane: TLS only, all three PEM files, node-bound endpoints.
+        let e = parse(&format!("{base}  broker_url: tcp://b:1883\n")).unwrap_err();
+        assert_eq!(e.key, "distribution.broker_url");
+        let e = parse(&format!("{base}  broker_url: tls://b:8883\n")).unwrap_err();
+        assert_eq!(e.key, "distribution.broker_client_cert");
+        let c = parse(
+            "repositories: [{name: a.org}]\ndistribution:\n  stratum1_endpoints:\n    - https://s1:9100/\n    - {url: 'https://s2:9100', node_id: s2}\n  broker_url: tls://b:8883\n  broker_client_cert: /p.crt\n  broker_client_key: /p.key\n  broker_ca_cert: /ca.crt\n  mqtt_quorum_timeout: 45s\n",
+        )
+        .unwrap();
+        let m = c.distribution.unwrap().mqtt.unwrap();
+        assert_eq!(m.quorum_timeout, Duration::from_secs(45));
+        assert_eq!(
+            m.nodes,
+            vec![
+                ("https://s1:9100".to_string(), None),
+                ("https://s2:9100".to_string(), Some("s2".to_string()))
+            ]
+        );
+        let e = parse("repositories: [{name: a.org}]\ndistribution:\n  stratum1_endpoints: [{url: 'https://s2:9100', node_id: 'a/b'}]\n").unwrap_err();
+        assert_eq!(e.key, "distribution.stratum1_endpoints[0].node_id");
     }
 }

@@ -98,7 +98,13 @@ impl Broker {
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.conf.with_extension("log")).unwrap();
-        let child = Command::new("mosquitto")
+        // Debian installs it in /usr/sbin, which is not always on a user's PATH.
+        let bin = if Path::new("/usr/sbin/mosquitto").exists() {
+            "/usr/sbin/mosquitto"
+        } else {
+            "mosquitto"
+        };
+        let child = Command::new(bin)
             .arg("-c")
             .arg(&self.conf)
             .stdout(log.try_clone().unwrap())
@@ -653,4 +659,40 @@ fn certificates_acl_and_forged_answers() {
         "{m}"
     );
     assert!(!d.log_text().contains(&"A".repeat(43)));
+}
+
+#[test]
+fn a_receiver_must_be_known_by_its_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let c = certs.display();
+    let cfg = dir.path().join("receiver.yaml");
+    let run = |extra: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "mode: receiver\ncas:\n  root: {}\nrepositories:\n  - name: {REPO}\nbroker_client_cert: {c}/s1-a.crt\nbroker_client_key: {c}/s1-a.key\nbroker_ca_cert: {c}/ca.crt\n{extra}",
+                dir.path().join("cas").display()
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
+            .args(["--config", cfg.to_str().unwrap(), "--listen", "127.0.0.1:0"])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run("broker_url: tls://127.0.0.1:1\nnode_id: s1-b\n");
+    assert!(
+        err.contains("node_id 's1-b' differs from the CN 's1-a' of broker_client_cert"),
+        "{err}"
+    );
+    let err = run("broker_url: tcp://127.0.0.1:1883\nnode_id: s1-a\n");
+    assert!(err.contains("must be reached over TLS"), "{err}");
+    let err = run("broker_url: tls://127.0.0.1:1\nnode_id: s1-a\nrepos: [other.org]\n");
+    assert!(
+        err.contains("repos: other.org is not in repositories"),
+        "{err}"
+    );
 }

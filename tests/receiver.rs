@@ -267,6 +267,23 @@ fn the_example_receiver_config_parses() {
     let f: cvmfs_prepub::receiver_server::ReceiverFile = serde_yaml::from_str(&text).unwrap();
     assert_eq!(f.repositories.len(), 2);
     assert_eq!(f.mode.as_deref(), Some("receiver"));
+    // The commented MQTT block parses once uncommented.
+    let mqtt: String = text
+        .lines()
+        .map(|l| {
+            let key = l.trim_start_matches("# ").split(':').next().unwrap_or("");
+            if l.starts_with("# ") && !key.contains(' ') && l.contains(": ") {
+                l.trim_start_matches("# ")
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let f: cvmfs_prepub::receiver_server::ReceiverFile = serde_yaml::from_str(&mqtt).unwrap();
+    assert_eq!(f.broker_url.as_deref(), Some("tls://broker.cern.ch:8883"));
+    assert_eq!(f.node_id.as_deref(), Some("stratum1-cern"));
+    assert_eq!(f.repos, Some(vec!["atlas.cern.ch".to_string()]));
 }
 
 /// Starts the receiver binary with `yaml` and the given secret; returns its exit status and
