@@ -112,11 +112,58 @@ pub struct JobList {
     pub limit: usize,
 }
 
+/// `GET /api/v1/status`: what an operator looks at first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub uptime_seconds: u64,
+    /// True while new jobs are refused (`POST /api/v1/drain`).
+    pub draining: bool,
+    /// Jobs per state (all the caller may see).
+    pub jobs: BTreeMap<String, usize>,
+    /// Jobs that have not ended, oldest first.
+    pub active: Vec<ActiveJob>,
+    /// The service's actors and worker pools.
+    pub actors: Vec<ActorView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActiveJob {
+    pub job_id: String,
+    pub repo: String,
+    pub path: String,
+    pub state: String,
+    pub age_seconds: u64,
+    pub progress: Progress,
+    pub waiting: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActorView {
+    pub name: String,
+    /// How many run (threads of a pool, distributors per endpoint, ...).
+    pub instances: usize,
+    /// `running`, `not responding`, `connected`, `disconnected`.
+    pub status: String,
+    pub detail: String,
+}
+
+/// Answer to `POST /api/v1/drain` and `POST /api/v1/resume`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DrainState {
+    pub draining: bool,
+    /// Jobs not yet ended.
+    pub active: usize,
+}
+
 /// `GET /api/v1/health`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Health {
     pub status: String,
     pub version: String,
+    /// True while the service drains (health stays "ok": draining is not a fault).
+    #[serde(default)]
+    pub draining: bool,
     pub checks: BTreeMap<String, Check>,
     pub jobs: BTreeMap<String, usize>,
 }

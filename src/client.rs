@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::api_types::{ErrorBody, Health, JobList, JobView, Submitted};
+use crate::api_types::{DrainState, ErrorBody, Health, JobList, JobView, Status, Submitted};
 
 pub struct Client {
     base: String,
@@ -65,14 +65,47 @@ impl Client {
         tag: Option<&str>,
         description: Option<&str>,
     ) -> anyhow::Result<Submitted> {
+        self.submit_with_progress(tar, repo, path, tag, description, |_, _| {})
+    }
+
+    /// As [`Client::submit`], calling `progress(sent, total)` as the upload goes.
+    pub fn submit_with_progress(
+        &self,
+        tar: &Path,
+        repo: &str,
+        path: &str,
+        tag: Option<&str>,
+        description: Option<&str>,
+        progress: impl FnMut(u64, u64) + Send + 'static,
+    ) -> anyhow::Result<Submitted> {
+        struct Counting<R, F> {
+            inner: R,
+            sent: u64,
+            total: u64,
+            progress: F,
+        }
+        impl<R: std::io::Read, F: FnMut(u64, u64)> std::io::Read for Counting<R, F> {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.inner.read(buf)?;
+                self.sent += n as u64;
+                (self.progress)(self.sent, self.total);
+                Ok(n)
+            }
+        }
         let f = std::fs::File::open(tar).with_context(|| format!("opening {}", tar.display()))?;
         let len = f.metadata()?.len();
+        let body = Counting {
+            inner: f,
+            sent: 0,
+            total: len,
+            progress,
+        };
         let mut r = self
             .req(reqwest::Method::POST, "/api/v1/jobs")
             .header("X-Cvmfs-Repo", repo)
             .header("X-Cvmfs-Path", path)
             .header("Content-Type", "application/x-tar")
-            .body(reqwest::blocking::Body::sized(f, len));
+            .body(reqwest::blocking::Body::sized(body, len));
         if let Some(t) = tag {
             r = r.header("X-Cvmfs-Tag-Name", t);
         }
@@ -111,6 +144,61 @@ impl Client {
             self.req(reqwest::Method::POST, &format!("/api/v1/jobs/{id}/abort"))
                 .send()?,
         )
+    }
+
+    pub fn status(&self) -> anyhow::Result<Status> {
+        Self::decode(self.req(reqwest::Method::GET, "/api/v1/status").send()?)
+    }
+
+    pub fn drain(&self) -> anyhow::Result<DrainState> {
+        Self::decode(self.req(reqwest::Method::POST, "/api/v1/drain").send()?)
+    }
+
+    pub fn resume(&self) -> anyhow::Result<DrainState> {
+        Self::decode(self.req(reqwest::Method::POST, "/api/v1/resume").send()?)
+    }
+
+    /// Follows the job's event stream (`GET /api/v1/jobs/{id}/events`), calling `on_event`
+    /// for every change, until the job ends; returns its final view. Falls back to polling
+    /// if the stream breaks.
+    pub fn watch(
+        &self,
+        id: &str,
+        timeout: Duration,
+        mut on_event: impl FnMut(&JobView),
+    ) -> anyhow::Result<JobView> {
+        use std::io::BufRead;
+        let start = Instant::now();
+        let r = self
+            .req(reqwest::Method::GET, &format!("/api/v1/jobs/{id}/events"))
+            .header("Accept", "text/event-stream")
+            .send()?;
+        if !r.status().is_success() {
+            return Self::decode(r);
+        }
+        let mut last: Option<JobView> = None;
+        for line in std::io::BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            if let Some(data) = line.strip_prefix("data: ") {
+                let j: JobView = serde_json::from_str(data).context("decoding an event")?;
+                on_event(&j);
+                let done = matches!(j.state.as_str(), "published" | "failed" | "aborted");
+                last = Some(j);
+                if done {
+                    break;
+                }
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "timed out after {}s waiting for job {id}",
+                    timeout.as_secs()
+                );
+            }
+        }
+        match last {
+            Some(j) if matches!(j.state.as_str(), "published" | "failed" | "aborted") => Ok(j),
+            _ => self.wait(id, timeout.saturating_sub(start.elapsed()), on_event),
+        }
     }
 
     pub fn health(&self) -> anyhow::Result<(bool, Health)> {

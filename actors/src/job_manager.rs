@@ -37,6 +37,8 @@ pub struct Settings {
     pub spool_root: PathBuf,
     /// Stratum 1 pre-warming, when configured.
     pub distribution: Option<Distribution>,
+    /// Set while the service drains: new jobs are refused, accepted ones go on.
+    pub draining: Arc<AtomicBool>,
 }
 
 /// The distributors, one per Stratum 1 endpoint.
@@ -582,6 +584,8 @@ impl Supervised for JobManager {
 /// Why a submission was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum SubmitError {
+    #[error("the service is draining: new jobs are refused until it is resumed or restarted; accepted jobs go on")]
+    Draining,
     #[error("spool: {0}")]
     Spool(#[from] SpoolError),
     #[error("job manager unavailable")]
@@ -600,6 +604,9 @@ impl Handler<SubmitJob> for JobManager {
     type Result = ResponseActFuture<Self, Result<JobRecord, SubmitError>>;
     fn handle(&mut self, m: SubmitJob, _: &mut Context<Self>) -> Self::Result {
         let rec = m.record.clone();
+        if self.settings.draining.load(Ordering::SeqCst) {
+            return Box::pin(fut::ready(Err(SubmitError::Draining)));
+        }
         Box::pin(
             self.journal
                 .send(AcceptJob {
@@ -1019,6 +1026,25 @@ impl Handler<CountJobs> for JobManager {
             *m.entry(j.state.as_str().to_string()).or_insert(0) += 1;
         }
         MessageResult(m)
+    }
+}
+
+/// The jobs that have not ended, oldest first (for the status view and drain).
+#[derive(Message)]
+#[rtype(result = "Vec<JobRecord>")]
+pub struct ActiveJobs;
+
+impl Handler<ActiveJobs> for JobManager {
+    type Result = MessageResult<ActiveJobs>;
+    fn handle(&mut self, _: ActiveJobs, _: &mut Context<Self>) -> Self::Result {
+        let mut v: Vec<JobRecord> = self
+            .jobs
+            .values()
+            .filter(|j| !j.state.is_terminal())
+            .cloned()
+            .collect();
+        v.sort_by_key(|j| j.created);
+        MessageResult(v)
     }
 }
 

@@ -64,6 +64,7 @@ async fn job_manager_restarts_from_the_journal() {
         tar_retention: Duration::from_secs(3600),
         spool_root: dir.path().join("spool"),
         distribution: None,
+        draining: Default::default(),
     });
     let metrics = Metrics::new();
     let jm = Supervisor::start(move |_| {

@@ -33,6 +33,50 @@ pub enum SpoolError {
     },
     #[error("spool {path}: {msg}")]
     Corrupt { path: String, msg: String },
+    #[error("spool {path} has format {found}, newer than this binary's {supported}: run the newer binary, or restore a spool this version wrote")]
+    TooNew {
+        path: String,
+        found: u32,
+        supported: u32,
+    },
+}
+
+/// The spool's on-disk format, kept in `<spool>/FORMAT`. History:
+/// 1 — spools written before the file existed (journal, `jobs/<id>/{job.json,payload.tar,
+///     changeset.json}`, `incoming/`);
+/// 2 — adds `FORMAT` and the per-endpoint acknowledgement logs `jobs/<id>/acks-*.log`.
+/// Older formats are migrated on open; a newer one is refused (no silent downgrade).
+pub const SPOOL_FORMAT: u32 = 2;
+
+/// Reads the spool's format, migrating older ones to [`SPOOL_FORMAT`]; returns the format found.
+fn migrate(root: &Path) -> Result<u32, SpoolError> {
+    let p = root.join("FORMAT");
+    let found = match fs::read_to_string(&p) {
+        Ok(t) => t.trim().parse::<u32>().map_err(|_| SpoolError::Corrupt {
+            path: p.display().to_string(),
+            msg: format!("'{}' is not a format number", t.trim()),
+        })?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if root.join("journal.wal").exists() {
+                1
+            } else {
+                SPOOL_FORMAT
+            }
+        }
+        Err(e) => return Err(ioe(&p)(e)),
+    };
+    if found > SPOOL_FORMAT {
+        return Err(SpoolError::TooNew {
+            path: root.display().to_string(),
+            found,
+            supported: SPOOL_FORMAT,
+        });
+    }
+    // 1 -> 2: the layout is a subset of 2's; only the stamp is new.
+    if found < SPOOL_FORMAT || !p.exists() {
+        write_atomic(&p, format!("{SPOOL_FORMAT}\n").as_bytes())?;
+    }
+    Ok(found)
 }
 
 fn ioe(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
@@ -76,6 +120,7 @@ impl Spool {
         for d in [root.to_path_buf(), root.join("jobs"), root.join("incoming")] {
             fs::create_dir_all(&d).map_err(ioe(&d))?;
         }
+        migrate(root)?;
         let wal_path = root.join("journal.wal");
         let mut jobs: BTreeMap<String, JobRecord> = BTreeMap::new();
         if wal_path.exists() {
@@ -331,6 +376,47 @@ impl Drop for AckLog {
 mod tests {
     use super::*;
     use crate::jobs::JobState;
+
+    #[test]
+    fn format_is_stamped_migrated_and_never_downgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        // A fresh spool is stamped.
+        Spool::open(dir.path()).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
+            format!("{SPOOL_FORMAT}\n")
+        );
+        // A format-1 spool (journal, no stamp) keeps its jobs and is stamped.
+        let old = tempfile::tempdir().unwrap();
+        let rec = JobRecord::new("j1".into(), "r".into(), "/p".into(), 1);
+        fs::create_dir_all(old.path().join("jobs/j1")).unwrap();
+        fs::write(
+            old.path().join("journal.wal"),
+            format!("{}\n", serde_json::to_string(&rec).unwrap()),
+        )
+        .unwrap();
+        assert_eq!(migrate(old.path()).unwrap(), 1);
+        let (_, jobs) = Spool::open(old.path()).unwrap();
+        assert!(jobs.contains_key("j1"));
+        assert_eq!(
+            fs::read_to_string(old.path().join("FORMAT"))
+                .unwrap()
+                .trim(),
+            SPOOL_FORMAT.to_string()
+        );
+        // A newer spool is refused, untouched.
+        fs::write(dir.path().join("FORMAT"), "99\n").unwrap();
+        let e = Spool::open(dir.path()).err().unwrap();
+        assert!(
+            e.to_string()
+                .contains("format 99, newer than this binary's 2"),
+            "{e}"
+        );
+        assert_eq!(
+            fs::read_to_string(dir.path().join("FORMAT")).unwrap(),
+            "99\n"
+        );
+    }
 
     #[test]
     fn ack_log_lists_what_was_appended_and_ignores_a_torn_line() {

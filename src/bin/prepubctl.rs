@@ -1,28 +1,42 @@
-//! prepubctl: the command-line client of the cvmfs-prepub API.
+//! prepubctl: the command-line client of the cvmfs-prepub API (install guide §8, §9).
 //!
-//! The server URL comes from `--url` or `PREPUB_URL`, the token from `PREPUB_API_TOKEN` (never a
-//! flag, so it stays out of shell history and process listings).
+//! The server URL comes from `--url` or `PREPUB_URL`, the token from `--token` or (better, as it
+//! stays out of shell history and process listings) `PREPUB_API_TOKEN`.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::bail;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use cvmfs_prepub::api_types::JobView;
 use cvmfs_prepub::client::Client;
+
+const EXIT_CODES: &str = "Exit status: 0 success (a waited-for job was published); 1 the job \
+ended failed or aborted, or the service is degraded; 2 usage error; 3 the service refused the \
+request (HTTP error, e.g. 401, 404, 503 while draining); 4 the service could not be reached; \
+5 timed out waiting.";
 
 #[derive(Parser)]
 #[command(
     name = "prepubctl",
     version,
-    about = "Client of the cvmfs-prepub publisher API"
+    about = "Client of the cvmfs-prepub publisher API",
+    after_help = EXIT_CODES
 )]
 struct Cli {
     /// Base URL of the publisher, e.g. https://prepub.example.org:8080.
-    #[arg(long, env = "PREPUB_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "PREPUB_URL",
+        default_value = "http://127.0.0.1:8080",
+        global = true
+    )]
     url: String,
+    /// API token (prefer the PREPUB_API_TOKEN environment variable).
+    #[arg(long, env = "PREPUB_API_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
     /// Accept a server certificate that does not verify (test setups only).
-    #[arg(long)]
+    #[arg(long, global = true)]
     insecure: bool,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
@@ -33,27 +47,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Submit a .tar or .tar.gz for publishing under REPO:PATH.
-    Submit {
-        tar: PathBuf,
-        #[arg(long)]
-        repo: String,
-        #[arg(long)]
-        path: String,
-        #[arg(long)]
-        tag: Option<String>,
-        #[arg(long)]
-        description: Option<String>,
-        /// Wait until the job ends; the exit status tells whether it was published.
-        #[arg(long)]
-        wait: bool,
-        #[arg(long, default_value_t = 3600)]
-        timeout: u64,
-    },
-    /// Show one job.
-    Status { job: String },
+    /// Service status: drain state, active jobs (state, progress, age), actors and workers.
+    Status,
     /// List jobs, newest first.
-    List {
+    #[command(alias = "list")]
+    Jobs {
         #[arg(long)]
         state: Option<String>,
         #[arg(long)]
@@ -61,16 +59,106 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         limit: usize,
     },
-    /// Abort a job.
-    Abort { job: String },
-    /// Wait until a job ends (exit 0 only if published).
-    Wait {
+    /// Show one job.
+    Show { job: String },
+    /// Submit a .tar or .tar.gz for publishing under REPO at PATH.
+    Submit {
+        /// The tar (or gzip-compressed tar) to publish.
+        tar: PathBuf,
+        #[arg(long)]
+        repo: String,
+        #[arg(long)]
+        path: String,
+        /// Named tag for the published revision.
+        #[arg(long)]
+        tag: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// Follow the job until it ends; the exit status tells whether it was published.
+        #[arg(long)]
+        wait: bool,
+        /// Seconds to wait with --wait.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// Follow a job's state changes live until it ends (exit 0 only if published).
+    #[command(alias = "wait")]
+    Watch {
         job: String,
         #[arg(long, default_value_t = 3600)]
         timeout: u64,
     },
-    /// Show the service's health checks (exit 1 when degraded).
+    /// Abort a job.
+    Abort {
+        /// The job to abort.
+        #[arg(long = "job", value_name = "JOB")]
+        job_flag: Option<String>,
+        #[arg(value_name = "JOB", conflicts_with = "job_flag")]
+        job: Option<String>,
+    },
+    /// Refuse new jobs (503) while accepted ones finish.
+    Drain {
+        /// Return only once no job is active.
+        #[arg(long)]
+        wait: bool,
+        /// Seconds to wait with --wait (exit 5 when jobs are still active then).
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+    },
+    /// Accept new jobs again after a drain.
+    Resume,
+    /// The service's health checks (exit 1 when degraded).
     Health,
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff).
+    Man,
+}
+
+/// An error with the exit status it maps to.
+struct Fail(i32, String);
+
+impl From<anyhow::Error> for Fail {
+    fn from(e: anyhow::Error) -> Fail {
+        // The whole cause chain on one line, without repeating causes already quoted.
+        let mut msg: Vec<String> = Vec::new();
+        let mut unreachable = false;
+        for c in e.chain() {
+            if let Some(r) = c.downcast_ref::<reqwest::Error>() {
+                unreachable |= r.is_connect() || r.is_timeout();
+            }
+            let t = c.to_string();
+            if !msg.iter().any(|m| m.contains(&t)) {
+                msg.push(t);
+            }
+        }
+        let text = msg.join(": ");
+        let code = if unreachable {
+            4
+        } else if text.starts_with("HTTP ") {
+            3
+        } else if text.starts_with("timed out") {
+            5
+        } else {
+            1
+        };
+        Fail(code, text)
+    }
+}
+
+fn age(ms: i64) -> String {
+    let s = (cvmfs_prepub_now_ms() - ms).max(0) / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+fn cvmfs_prepub_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 fn show(j: &JobView, json: bool) {
@@ -78,9 +166,19 @@ fn show(j: &JobView, json: bool) {
         println!("{}", serde_json::to_string_pretty(j).unwrap_or_default());
         return;
     }
-    let mut line = format!("{}  {:<12} {}:{}", j.job_id, j.state, j.repo, j.path);
+    let mut line = format!(
+        "{}  {:<12} {}:{}  age {}",
+        j.job_id,
+        j.state,
+        j.repo,
+        j.path,
+        age(j.created)
+    );
     if let (Some(r), Some(t)) = (j.revision, &j.tag) {
         line.push_str(&format!("  revision {r} tag {t}"));
+    }
+    if let Some(w) = &j.waiting {
+        line.push_str(&format!("  waiting: {w}"));
     }
     if let Some(e) = &j.error {
         line.push_str(&format!(
@@ -89,43 +187,109 @@ fn show(j: &JobView, json: bool) {
         ));
     }
     println!("{line}");
-}
-
-fn finish(j: &JobView) -> anyhow::Result<()> {
-    match j.state.as_str() {
-        "published" => Ok(()),
-        s => bail!("job {} ended {s}", j.job_id),
+    for (ep, outcome) in &j.distribution {
+        println!("    stratum1 {ep}: {outcome}");
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
-    let token = std::env::var("PREPUB_API_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty());
-    let c = Client::new(&cli.url, token, cli.insecure)?;
+fn finish(j: &JobView) -> Result<(), Fail> {
+    match j.state.as_str() {
+        "published" => Ok(()),
+        s => Err(Fail(1, format!("job {} ended {s}", j.job_id))),
+    }
+}
+
+/// Live state lines on stderr while following a job.
+fn follow(j: &JobView) {
+    let p = &j.progress;
+    eprintln!(
+        "{}: {}  ({} entries, {} new objects, {} deduplicated)",
+        j.job_id, j.state, p.entries, p.objects_new, p.objects_dedup
+    );
+}
+
+fn run(cli: Cli) -> Result<(), Fail> {
     let json = cli.json;
+    match &cli.cmd {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "prepubctl",
+                &mut std::io::stdout(),
+            );
+            return Ok(());
+        }
+        Cmd::Man => {
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map_err(|e| Fail(1, e.to_string()))?;
+            return Ok(());
+        }
+        _ => {}
+    }
+    let token = cli.token.filter(|t| !t.is_empty());
+    let c = Client::new(&cli.url, token, cli.insecure)?;
     match cli.cmd {
-        Cmd::Submit {
-            tar,
-            repo,
-            path,
-            tag,
-            description,
-            wait,
-            timeout,
-        } => {
-            let s = c.submit(&tar, &repo, &path, tag.as_deref(), description.as_deref())?;
-            println!("{}", s.job_id);
-            if wait {
-                let j = c.wait(&s.job_id, Duration::from_secs(timeout), |j| {
-                    eprintln!("{}: {}", j.job_id, j.state)
-                })?;
-                show(&j, json);
-                finish(&j)?;
+        Cmd::Status => {
+            let s = c.status()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                return Ok(());
+            }
+            println!(
+                "cvmfs-prepub {}  up {}s  {}",
+                s.version,
+                s.uptime_seconds,
+                if s.draining {
+                    "DRAINING (new jobs refused)"
+                } else {
+                    "accepting jobs"
+                }
+            );
+            let counts: Vec<String> = s.jobs.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!(
+                "jobs: {}",
+                if counts.is_empty() {
+                    "none".into()
+                } else {
+                    counts.join(", ")
+                }
+            );
+            if s.active.is_empty() {
+                println!("no active jobs");
+            } else {
+                println!("active jobs:");
+                println!(
+                    "  {:<36}  {:<12} {:>6}  {:>8} {:>8}  path",
+                    "job", "state", "age", "entries", "objects"
+                );
+                for a in &s.active {
+                    println!(
+                        "  {:<36}  {:<12} {:>5}s  {:>8} {:>8}  {}:{}{}",
+                        a.job_id,
+                        a.state,
+                        a.age_seconds,
+                        a.progress.entries,
+                        a.progress.objects_new + a.progress.objects_dedup,
+                        a.repo,
+                        a.path,
+                        a.waiting
+                            .as_ref()
+                            .map(|w| format!("  (waiting: {w})"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            println!("actors:");
+            for a in &s.actors {
+                println!(
+                    "  {:<16} x{:<3} {:<14} {}",
+                    a.name, a.instances, a.status, a.detail
+                );
             }
         }
-        Cmd::Status { job } => show(&c.job(&job)?, json),
-        Cmd::List { state, repo, limit } => {
+        Cmd::Jobs { state, repo, limit } => {
             let l = c.list(state.as_deref(), repo.as_deref(), limit)?;
             if json {
                 println!(
@@ -139,20 +303,115 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("{} of {} jobs", l.jobs.len(), l.total);
             }
         }
-        Cmd::Abort { job } => show(&c.abort(&job)?, json),
-        Cmd::Wait { job, timeout } => {
-            let j = c.wait(&job, Duration::from_secs(timeout), |j| {
-                eprintln!("{}: {}", j.job_id, j.state)
-            })?;
+        Cmd::Show { job } => show(&c.job(&job)?, json),
+        Cmd::Submit {
+            tar,
+            repo,
+            path,
+            tag,
+            description,
+            wait,
+            timeout,
+        } => {
+            // A progress bar on a terminal; nothing in logs and pipes.
+            let tty = std::io::stderr().is_terminal() && !json;
+            let mut last = Instant::now() - Duration::from_secs(1);
+            let s = c.submit_with_progress(
+                &tar,
+                &repo,
+                &path,
+                tag.as_deref(),
+                description.as_deref(),
+                move |sent, total| {
+                    if tty && (last.elapsed() >= Duration::from_millis(100) || sent == total) {
+                        last = Instant::now();
+                        let pct = (sent * 100).checked_div(total).unwrap_or(100);
+                        let bar = "#".repeat((pct / 4) as usize);
+                        eprint!(
+                            "\ruploading [{bar:<25}] {pct:>3}%  {:.1}/{:.1} MiB",
+                            sent as f64 / 1048576.0,
+                            total as f64 / 1048576.0
+                        );
+                        if sent == total {
+                            eprintln!();
+                        }
+                    }
+                },
+            )?;
+            if json && !wait {
+                println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+            } else {
+                println!("{}", s.job_id);
+            }
+            if wait {
+                let j = c.watch(&s.job_id, Duration::from_secs(timeout), follow)?;
+                show(&j, json);
+                finish(&j)?;
+            }
+        }
+        Cmd::Watch { job, timeout } => {
+            let j = c.watch(&job, Duration::from_secs(timeout), follow)?;
             show(&j, json);
             finish(&j)?;
+        }
+        Cmd::Abort { job_flag, job } => {
+            let Some(job) = job_flag.or(job) else {
+                return Err(Fail(2, "abort: give the job as --job JOB".into()));
+            };
+            show(&c.abort(&job)?, json);
+        }
+        Cmd::Drain { wait, timeout } => {
+            let d = c.drain()?;
+            if !json {
+                eprintln!("draining: new jobs are refused; {} active", d.active);
+            }
+            let mut active = d.active;
+            if wait {
+                let start = Instant::now();
+                while active > 0 {
+                    if start.elapsed() > Duration::from_secs(timeout) {
+                        return Err(Fail(
+                            5,
+                            format!("timed out after {timeout}s: {active} jobs still active"),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                    let s = c.status()?;
+                    if s.active.len() != active && !json {
+                        eprintln!("{} active", s.active.len());
+                    }
+                    active = s.active.len();
+                }
+                if !json {
+                    eprintln!("idle: safe to stop or upgrade");
+                }
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"draining": true, "active": active})
+                );
+            }
+        }
+        Cmd::Resume => {
+            let d = c.resume()?;
+            if json {
+                println!("{}", serde_json::to_string(&d).unwrap_or_default());
+            } else {
+                eprintln!("accepting jobs; {} active", d.active);
+            }
         }
         Cmd::Health => {
             let (ok, h) = c.health()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&h).unwrap_or_default());
             } else {
-                println!("{} (version {})", h.status, h.version);
+                println!(
+                    "{} (version {}){}",
+                    h.status,
+                    h.version,
+                    if h.draining { ", draining" } else { "" }
+                );
                 for (name, chk) in &h.checks {
                     println!(
                         "  {:<4} {name}: {}",
@@ -165,24 +424,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             if !ok {
-                bail!("service is degraded");
+                return Err(Fail(1, "service is degraded".into()));
             }
         }
+        Cmd::Completions { .. } | Cmd::Man => {}
     }
     Ok(())
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
-        // The whole cause chain on one line, without repeating causes already quoted.
-        let mut msg: Vec<String> = Vec::new();
-        for c in e.chain() {
-            let t = c.to_string();
-            if !msg.iter().any(|m| m.contains(&t)) {
-                msg.push(t);
-            }
-        }
-        eprintln!("prepubctl: {}", msg.join(": "));
-        std::process::exit(1);
+    if let Err(Fail(code, msg)) = run(Cli::parse()) {
+        eprintln!("prepubctl: {msg}");
+        std::process::exit(code);
     }
 }

@@ -35,6 +35,9 @@ pub struct AppState {
     pub s3: std::collections::HashMap<String, Arc<prepub_actors::s3_cas::S3Cas>>,
     pub metrics: Metrics,
     pub incoming: PathBuf,
+    /// Shared with the job manager: set while draining.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
+    pub started: std::time::Instant,
 }
 
 /// API errors and their statuses.
@@ -54,6 +57,8 @@ pub enum ApiError {
     Conflict(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("the service is draining for maintenance: new jobs are refused until it is resumed (prepubctl resume) or restarted; jobs already accepted go on")]
+    Draining,
     #[error("{0}")]
     Internal(String),
 }
@@ -68,6 +73,7 @@ impl ApiError {
             ApiError::TooLarge(_) => "payload-too-large",
             ApiError::Conflict(_) => "conflict",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Draining => "draining",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -82,7 +88,7 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(..) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -91,6 +97,9 @@ impl ResponseError for ApiError {
         let mut r = HttpResponse::build(self.status_code());
         if matches!(self, ApiError::Unauthorized) {
             r.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        if matches!(self, ApiError::Draining) {
+            r.insert_header((header::RETRY_AFTER, "60"));
         }
         r.json(ErrorBody {
             error: ErrorDetail {
@@ -224,6 +233,10 @@ pub async fn submit(
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let who = auth(&req, &st)?;
+    // Refused before a byte of the upload is read.
+    if st.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(ApiError::Draining);
+    }
     let limit = st.cfg.max_upload;
     if let Some(len) = req
         .headers()
@@ -324,7 +337,10 @@ pub async fn submit(
         })
         .await
         .map_err(|_| ApiError::Unavailable("job manager unavailable".into()))?
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| match e {
+            prepub_actors::job_manager::SubmitError::Draining => ApiError::Draining,
+            e => ApiError::Unavailable(e.to_string()),
+        })?;
     guard.0 = None; // the spool owns it now
     Ok(HttpResponse::Accepted().json(Submitted {
         job_id: accepted.id,
@@ -615,6 +631,7 @@ pub async fn health(st: web::Data<AppState>) -> HttpResponse {
     let body = Health {
         status: if ok { "ok".into() } else { "degraded".into() },
         version: env!("CARGO_PKG_VERSION").into(),
+        draining: st.draining.load(std::sync::atomic::Ordering::SeqCst),
         checks,
         jobs: jobs.unwrap_or_default(),
     };
@@ -623,6 +640,175 @@ pub async fn health(st: web::Data<AppState>) -> HttpResponse {
     } else {
         HttpResponse::ServiceUnavailable().json(body)
     }
+}
+
+fn admin_only(who: &Principal) -> Result<(), ApiError> {
+    match who {
+        Principal::Admin => Ok(()),
+        Principal::Scoped { .. } => Err(ApiError::Forbidden(
+            "draining and resuming need the admin token".into(),
+        )),
+    }
+}
+
+async fn drain_state(st: &AppState, draining: bool) -> Result<HttpResponse, ApiError> {
+    st.draining
+        .store(draining, std::sync::atomic::Ordering::SeqCst);
+    let active = st
+        .jobs
+        .send(prepub_actors::job_manager::ActiveJobs)
+        .await
+        .map_err(|_| ApiError::Unavailable("job manager unavailable".into()))?
+        .len();
+    Ok(HttpResponse::Ok().json(crate::api_types::DrainState { draining, active }))
+}
+
+/// `POST /api/v1/drain` (admin): refuse new jobs (503 `draining`); accepted ones finish.
+pub async fn drain(req: HttpRequest, st: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    admin_only(&auth(&req, &st)?)?;
+    drain_state(&st, true).await
+}
+
+/// `POST /api/v1/resume` (admin): accept jobs again.
+pub async fn resume(req: HttpRequest, st: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    admin_only(&auth(&req, &st)?)?;
+    drain_state(&st, false).await
+}
+
+/// `GET /api/v1/status`: drain state, active jobs, job counts and the actor table. A scoped
+/// token sees only its own jobs.
+pub async fn status(req: HttpRequest, st: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    use crate::api_types::{ActiveJob, ActorView, Status};
+    let who = auth(&req, &st)?;
+    let active = st.jobs.send(prepub_actors::job_manager::ActiveJobs).await;
+    let manager_up = active.is_ok();
+    let now = now_ms();
+    let mine = |j: &JobRecord| who.may_see(&j.owner);
+    let active: Vec<ActiveJob> = active
+        .unwrap_or_default()
+        .iter()
+        .filter(|j| mine(j))
+        .map(|j| ActiveJob {
+            job_id: j.id.clone(),
+            repo: j.repo.clone(),
+            path: if j.path.is_empty() {
+                "/".into()
+            } else {
+                j.path.clone()
+            },
+            state: j.state.as_str().into(),
+            age_seconds: ((now - j.created).max(0) / 1000) as u64,
+            progress: j.progress,
+            waiting: j.waiting.clone(),
+        })
+        .collect();
+    let jobs = match &who {
+        Principal::Admin => st.jobs.send(CountJobs).await.unwrap_or_default(),
+        Principal::Scoped { .. } => {
+            let (list, _) = st
+                .jobs
+                .send(ListJobs {
+                    state: None,
+                    repo: None,
+                    owner: who.owner(),
+                    offset: 0,
+                    limit: usize::MAX,
+                })
+                .await
+                .unwrap_or_default();
+            let mut m = std::collections::BTreeMap::new();
+            for j in list {
+                *m.entry(j.state.as_str().to_string()).or_insert(0) += 1;
+            }
+            m
+        }
+    };
+    let running = |up: bool| if up { "running" } else { "not responding" }.to_string();
+    let mut actors = vec![ActorView {
+        name: "JobManager".into(),
+        instances: 1,
+        status: running(manager_up),
+        detail: format!("{} active jobs", active.len()),
+    }];
+    let cw = st
+        .cas_writer
+        .send(prepub_actors::cas_writer::GetCasWriterStatus)
+        .await;
+    actors.push(ActorView {
+        name: "CasWriter".into(),
+        instances: 1,
+        status: running(cw.is_ok()),
+        detail: cw
+            .map(|s| {
+                format!(
+                    "{} objects stored, {} already present",
+                    s.stored, s.already_present
+                )
+            })
+            .unwrap_or_default(),
+    });
+    actors.push(ActorView {
+        name: "CompressorPool".into(),
+        instances: if st.cfg.workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            st.cfg.workers
+        },
+        status: "running".into(),
+        detail: "zlib + SHA-1 worker threads".into(),
+    });
+    actors.push(ActorView {
+        name: "SpoolJournal".into(),
+        instances: 1,
+        status: running(manager_up),
+        detail: st.cfg.spool_root.display().to_string(),
+    });
+    let publisher = match &st.cfg.publish {
+        crate::config::PublishMode::Standalone => ("Publisher", "standalone".to_string()),
+        crate::config::PublishMode::Gateway(g) => {
+            ("GatewayPublisher", format!("gateway {}", g.url))
+        }
+        crate::config::PublishMode::Local(_) => ("LocalPublisher", "cvmfs_server".to_string()),
+    };
+    actors.push(ActorView {
+        name: publisher.0.into(),
+        instances: st.cfg.repos.len(),
+        status: "running".into(),
+        detail: publisher.1,
+    });
+    if let crate::config::PublishMode::Gateway(_) = &st.cfg.publish {
+        actors.push(ActorView {
+            name: "GatewayLease".into(),
+            instances: 1,
+            status: "running".into(),
+            detail: "lease heartbeats".into(),
+        });
+    }
+    if let Some(d) = &st.cfg.distribution {
+        actors.push(ActorView {
+            name: "S1Distributor".into(),
+            instances: d.endpoints.len(),
+            status: "running".into(),
+            detail: d.endpoints.join(" "),
+        });
+        if let Some(m) = &d.mqtt {
+            let up = st.metrics.mqtt_connected.get() == 1;
+            actors.push(ActorView {
+                name: "MqttBridge".into(),
+                instances: 1,
+                status: if up { "connected" } else { "disconnected" }.into(),
+                detail: m.broker_url.clone(),
+            });
+        }
+    }
+    Ok(HttpResponse::Ok().json(Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        uptime_seconds: st.started.elapsed().as_secs(),
+        draining: st.draining.load(std::sync::atomic::Ordering::SeqCst),
+        jobs,
+        active,
+        actors,
+    }))
 }
 
 /// `GET /api/v1/metrics`: Prometheus text format.

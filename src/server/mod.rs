@@ -330,7 +330,9 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 quorum_timeout,
             }
         });
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let settings = Arc::new(Settings {
+            draining: draining.clone(),
             repos: targets.into_iter().map(|t| (t.name.clone(), t)).collect(),
             params: cfg.params,
             limits: cfg.limits,
@@ -362,6 +364,8 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
             s3: s3_stores.clone(),
             metrics,
             incoming: cfg.spool_root.join("incoming"),
+            draining,
+            started: std::time::Instant::now(),
         });
         let http_log = log.clone();
         let server = HttpServer::new(move || {
@@ -375,6 +379,9 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 .route("/api/v1/jobs/{id}/abort", web::post().to(api::abort_job))
                 .route("/api/v1/jobs/{id}/events", web::get().to(api::job_events))
                 .route("/api/v1/health", web::get().to(api::health))
+                .route("/api/v1/status", web::get().to(api::status))
+                .route("/api/v1/drain", web::post().to(api::drain))
+                .route("/api/v1/resume", web::post().to(api::resume))
                 .route("/api/v1/metrics", web::get().to(api::metrics))
                 .default_service(web::to(api::not_found))
         })
