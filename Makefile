@@ -3,9 +3,11 @@ CARGO ?= cargo
 
 .PHONY: build test lint bench demo run-demo run-sim clean
 
-## build: release binaries into target/release (cvmfs-prepub)
+## build: release binaries into ./bin (cvmfs-prepub, prepubctl), where install.sh takes them
 build:
 	$(CARGO) build --release --workspace
+	mkdir -p bin
+	cp target/release/cvmfs-prepub target/release/prepubctl bin/
 
 ## test: every unit and integration test of the workspace
 test:

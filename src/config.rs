@@ -260,6 +260,11 @@ pub struct ServerFile {
     /// Local mode: where the repositories are mounted (`<cvmfs_mount>/<repo>`).
     #[serde(default = "default_cvmfs_mount")]
     pub cvmfs_mount: PathBuf,
+    /// File holding the admin token — a bare token, or an environment file with a
+    /// `PREPUB_API_TOKEN=` line (e.g. the systemd `EnvironmentFile`). Read at start and again on
+    /// SIGHUP (`systemctl reload`); wins over the `PREPUB_API_TOKEN` variable.
+    #[serde(default)]
+    pub api_token_file: Option<PathBuf>,
 }
 
 fn default_cvmfs_mount() -> PathBuf {
@@ -279,6 +284,7 @@ impl Default for ServerFile {
             api_tokens: Vec::new(),
             log_format: default_log_format(),
             cvmfs_mount: default_cvmfs_mount(),
+            api_token_file: None,
         }
     }
 }
@@ -550,6 +556,7 @@ pub struct Config {
     pub retry_backoff: Duration,
     pub repos: HashMap<String, RepoConfig>,
     pub tokens: Vec<ScopedToken>,
+    pub api_token_file: Option<PathBuf>,
 }
 
 /// A configuration error naming the key.
@@ -927,6 +934,7 @@ impl FileConfig {
             retry_backoff,
             repos,
             tokens,
+            api_token_file: self.server.api_token_file.clone(),
         })
     }
 }

@@ -422,3 +422,39 @@ fn a_spool_from_a_newer_version_is_refused_at_start() {
         "{err}"
     );
 }
+
+#[test]
+fn systemctl_reload_rereads_the_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let tf = dir.path().join("env");
+    std::fs::write(
+        &tf,
+        "CVMFS_GATEWAY_SECRET=unused\nPREPUB_API_TOKEN=first-token\n",
+    )
+    .unwrap();
+    prepare_daemon_dir(
+        dir.path(),
+        "",
+        &format!("  api_token_file: {}\n", tf.display()),
+    );
+    let d = Daemon::start(dir.path(), &[]);
+    // The file wins over the environment's token.
+    assert_eq!(ctl(&d, ADMIN, &["status"]).status.code(), Some(3));
+    assert_eq!(ctl(&d, "first-token", &["status"]).status.code(), Some(0));
+    std::fs::write(&tf, "PREPUB_API_TOKEN=second-token\n").unwrap();
+    // ExecReload=/bin/kill -HUP $MAINPID
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    let start = Instant::now();
+    while ctl(&d, "second-token", &["status"]).status.code() != Some(0) {
+        assert!(start.elapsed() < Duration::from_secs(10), "not reloaded");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ctl(&d, "first-token", &["status"]).status.code(), Some(3));
+    assert!(d.log_text().contains("admin token reloaded"));
+    assert!(!d.log_text().contains("second-token"));
+    // A broken file keeps the old token.
+    std::fs::write(&tf, "nothing useful\nhere\n").unwrap();
+    unsafe { libc::kill(d.child.id() as i32, libc::SIGHUP) };
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ctl(&d, "second-token", &["status"]).status.code(), Some(0));
+}

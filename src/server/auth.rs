@@ -44,17 +44,45 @@ impl Principal {
     }
 }
 
-/// The token store.
+/// The token store. The admin token can be replaced while running ([`Tokens::set_admin`]).
 #[derive(Clone)]
 pub struct Tokens {
-    admin: Option<[u8; 32]>,
+    admin: std::sync::Arc<std::sync::RwLock<Option<[u8; 32]>>>,
     scoped: Vec<ScopedToken>,
+}
+
+/// Reads the admin token from a file: a bare token, or `PREPUB_API_TOKEN=<token>` among other
+/// `KEY=VALUE` lines (comments and blank lines ignored; optional quotes stripped).
+pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect();
+    // An environment file names it; a file of one line is the bare token (base64 tokens may
+    // end in '=', so '=' alone does not make an environment file).
+    let token = match lines
+        .iter()
+        .find_map(|l| l.strip_prefix("PREPUB_API_TOKEN="))
+    {
+        Some(v) => Some(v.trim().trim_matches('"').trim_matches('\'').to_string()),
+        None if lines.len() == 1 => Some(lines[0].to_string()),
+        None => None,
+    };
+    match token {
+        Some(t) if !t.is_empty() => Ok(t),
+        _ => Err(format!("{}: no PREPUB_API_TOKEN in it", path.display())),
+    }
 }
 
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokens")
-            .field("admin", &self.admin.is_some())
+            .field(
+                "admin",
+                &self.admin.read().map(|a| a.is_some()).unwrap_or(false),
+            )
             .field("scoped", &self.scoped.len())
             .finish()
     }
@@ -63,9 +91,17 @@ impl std::fmt::Debug for Tokens {
 impl Tokens {
     pub fn new(admin: Option<&str>, scoped: Vec<ScopedToken>) -> Tokens {
         Tokens {
-            admin: admin.map(|t| Sha256::digest(t.as_bytes()).into()),
+            admin: std::sync::Arc::new(std::sync::RwLock::new(
+                admin.map(|t| Sha256::digest(t.as_bytes()).into()),
+            )),
             scoped,
         }
+    }
+
+    /// Replaces the admin token (all clones see the new one).
+    pub fn set_admin(&self, admin: &str) {
+        let d: [u8; 32] = Sha256::digest(admin.as_bytes()).into();
+        *self.admin.write().unwrap_or_else(|e| e.into_inner()) = Some(d);
     }
 
     /// Resolves an `Authorization` header value.
@@ -77,7 +113,8 @@ impl Tokens {
         let d: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
         // Compare against every token so timing does not reveal which one matched.
-        if let Some(a) = &self.admin {
+        let admin = *self.admin.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(a) = &admin {
             if bool::from(a.ct_eq(&d)) {
                 found = Some(Principal::Admin);
             }
@@ -97,6 +134,32 @@ impl Tokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_files_bare_or_environment() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t");
+        std::fs::write(&p, "abc+/def==\n").unwrap();
+        assert_eq!(read_token_file(&p).unwrap(), "abc+/def==");
+        std::fs::write(
+            &p,
+            "# secrets\nCVMFS_GATEWAY_SECRET=x\nPREPUB_API_TOKEN=\"tok=\"\n",
+        )
+        .unwrap();
+        assert_eq!(read_token_file(&p).unwrap(), "tok=");
+        std::fs::write(&p, "A=1\nB=2\n").unwrap();
+        assert!(read_token_file(&p)
+            .unwrap_err()
+            .contains("no PREPUB_API_TOKEN"));
+        let t = Tokens::new(Some("old"), vec![]);
+        let clone = t.clone();
+        t.set_admin("new");
+        assert_eq!(
+            clone.authenticate(Some("Bearer new")),
+            Some(Principal::Admin)
+        );
+        assert_eq!(clone.authenticate(Some("Bearer old")), None);
+    }
 
     #[test]
     fn admin_and_scoped_tokens() {

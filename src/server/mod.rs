@@ -112,9 +112,14 @@ type Distributors = (
 
 /// Runs the daemon until it is stopped (SIGINT/SIGTERM).
 pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
-    let admin = std::env::var("PREPUB_API_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty());
+    let admin = match &cfg.api_token_file {
+        Some(p) => Some(
+            auth::read_token_file(p).map_err(|e| anyhow::anyhow!("server.api_token_file: {e}"))?,
+        ),
+        None => std::env::var("PREPUB_API_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
     if admin.is_none() && cfg.tokens.is_empty() {
         bail!("PREPUB_API_TOKEN is not set and no scoped tokens are configured: the API would accept nobody");
     }
@@ -355,6 +360,24 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
         let jobs = Supervisor::start(move |_| JobManager::new(settings.clone(), journal.clone(), pool.clone(), publisher.clone(), m2.clone()));
         info!(log, "job manager started"; "actor" => "JobManager");
 
+        // SIGHUP (`systemctl reload`): read the admin token file again.
+        if let Some(path) = cfg.api_token_file.clone() {
+            let (tokens, log) = (tokens.clone(), log.clone());
+            actix_rt::spawn(async move {
+                let Ok(mut hup) = actix_rt::signal::unix::signal(actix_rt::signal::unix::SignalKind::hangup()) else {
+                    return;
+                };
+                while hup.recv().await.is_some() {
+                    match auth::read_token_file(&path) {
+                        Ok(t) => {
+                            tokens.set_admin(&t);
+                            info!(log, "admin token reloaded"; "file" => %path.display());
+                        }
+                        Err(e) => warn!(log, "admin token not reloaded, the old one stays"; "error" => e),
+                    }
+                }
+            });
+        }
         let state = web::Data::new(api::AppState {
             cfg: cfg.clone(),
             tokens,
