@@ -17,9 +17,11 @@ fn checkout() -> tempfile::TempDir {
         "tests/install.rs needs root (install.sh creates an account and chowns files)"
     );
     let d = tempfile::tempdir().unwrap();
-    for f in ["install.sh"] {
-        std::fs::copy(Path::new(ROOT).join(f), d.path().join(f)).unwrap();
-    }
+    std::fs::copy(
+        Path::new(ROOT).join("install.sh"),
+        d.path().join("install.sh"),
+    )
+    .unwrap();
     for sub in ["config", "systemd"] {
         std::fs::create_dir_all(d.path().join(sub)).unwrap();
         for e in std::fs::read_dir(Path::new(ROOT).join(sub))
