@@ -183,6 +183,27 @@ fn three_receivers_quorum_and_incremental_pushes() {
     let j = submit(&d, "/sw/five", &tree("five", 1));
     assert_eq!(j["state"], "published", "{j}");
     ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+    // Per-endpoint distribution metrics moved for the receivers that were up.
+    let m = client()
+        .get(format!("{}/api/v1/metrics", d.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let up = &with_down[0].url;
+    for name in [
+        format!("cvmfs_prepub_distribution_duration_seconds_count{{stratum1=\"{up}\"}}"),
+        format!("cvmfs_prepub_distribution_objects_total{{stratum1=\"{up}\"}}"),
+        format!("cvmfs_prepub_distribution_bytes_total{{stratum1=\"{up}\"}}"),
+    ] {
+        let v: f64 = m
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing:\n{m}"))
+            .parse()
+            .unwrap();
+        assert!(v > 0.0, "{name} = {v}");
+    }
 }
 
 #[test]

@@ -133,7 +133,10 @@ fn publishes_through_the_gateway_with_forced_busy_paths() {
     prepare_daemon_dir(dir.path(), "", "");
     let gw = Double::start(dir.path(), &["--force-path-busy", "2"], None);
     // With the master public key configured, the Stratum 0 whitelist is verified too.
-    let extra = format!("  public_keys_dir: {}\n", dir.path().join("keys").display());
+    let extra = format!(
+        "  public_keys_dir: {}\n  heartbeat_interval: 100ms\n",
+        dir.path().join("keys").display()
+    );
     let d = gateway_daemon(dir.path(), &gw, &extra, &[]);
     let h: serde_json::Value = client()
         .get(format!("{}/api/v1/health", d.url))
@@ -168,6 +171,20 @@ fn publishes_through_the_gateway_with_forced_busy_paths() {
     );
     drop(repo);
     check(&d.storage);
+    // The lease heartbeat ticked and its lateness was measured.
+    let m = client()
+        .get(format!("{}/api/v1/metrics", d.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    let ticks: f64 = m
+        .lines()
+        .find_map(|l| l.strip_prefix("cvmfs_prepub_lease_heartbeat_lateness_seconds_count "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(ticks >= 1.0, "{m}");
 }
 
 #[test]

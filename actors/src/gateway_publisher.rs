@@ -148,6 +148,9 @@ pub struct GatewayLease {
     interval: Duration,
     held: HashSet<String>,
     renew_supported: bool,
+    /// `cvmfs_prepub_lease_heartbeat_lateness_seconds`
+    lateness: Option<prometheus::Histogram>,
+    last_tick: Option<std::time::Instant>,
 }
 
 impl GatewayLease {
@@ -157,7 +160,15 @@ impl GatewayLease {
             interval,
             held: HashSet::new(),
             renew_supported: true,
+            lateness: None,
+            last_tick: None,
         }
+    }
+
+    /// Records how late each tick runs.
+    pub fn with_lateness(mut self, h: prometheus::Histogram) -> GatewayLease {
+        self.lateness = Some(h);
+        self
     }
 }
 
@@ -165,6 +176,12 @@ impl Actor for GatewayLease {
     type Context = Context<Self>;
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.run_interval(self.interval, |act, _| {
+            let now = std::time::Instant::now();
+            if let (Some(h), Some(last)) = (&act.lateness, act.last_tick) {
+                let late = now.duration_since(last).saturating_sub(act.interval);
+                h.observe(late.as_secs_f64());
+            }
+            act.last_tick = Some(now);
             if !act.renew_supported {
                 return;
             }

@@ -96,6 +96,8 @@ pub struct JobManager {
     distributing: HashMap<String, DistState>,
     /// Jobs whose pre-warming is settled (go on to the commit).
     distributed: std::collections::HashSet<String>,
+    /// The last state whose phase duration was recorded, per job.
+    phase_seen: HashMap<String, JobState>,
 }
 
 impl JobManager {
@@ -118,6 +120,7 @@ impl JobManager {
             recovered_once: false,
             distributing: HashMap::new(),
             distributed: std::collections::HashSet::new(),
+            phase_seen: HashMap::new(),
         }
     }
 
@@ -138,6 +141,15 @@ impl JobManager {
                 .with_label_values(&[s.as_str()])
                 .set(n);
         }
+        let count = |s: JobState| self.jobs.values().filter(|j| j.state == s).count() as i64;
+        self.metrics
+            .queue_depth
+            .with_label_values(&["processing"])
+            .set(count(JobState::Queued));
+        self.metrics
+            .queue_depth
+            .with_label_values(&["commit"])
+            .set(count(JobState::Committing));
     }
 
     /// Journals `rec`, makes it the current record, then runs `then(ok)`.
@@ -145,9 +157,11 @@ impl JobManager {
     where
         F: FnOnce(&mut Self, &mut Context<Self>, bool) + 'static,
     {
+        self.observe_phase(&rec);
         if rec.state.is_terminal() {
             self.aborts.remove(&rec.id);
             self.started_at.remove(&rec.id);
+            self.phase_seen.remove(&rec.id);
         }
         self.jobs.insert(rec.id.clone(), rec.clone());
         self.update_gauges();
@@ -160,6 +174,29 @@ impl JobManager {
                     then(act, ctx, ok)
                 }),
         );
+    }
+
+    /// When `rec` has entered a new state, the time it spent in the one before goes into
+    /// `cvmfs_prepub_job_phase_duration_seconds{phase}` (from the record's own state times).
+    fn observe_phase(&mut self, rec: &JobRecord) {
+        if self.phase_seen.get(&rec.id) == Some(&rec.state) {
+            return;
+        }
+        self.phase_seen.insert(rec.id.clone(), rec.state);
+        let Some(&entered) = rec.state_times.get(&rec.state) else {
+            return;
+        };
+        let before = rec
+            .state_times
+            .iter()
+            .filter(|(s, t)| **s != rec.state && **t <= entered)
+            .max_by_key(|(_, t)| **t);
+        if let Some((prev, t)) = before {
+            self.metrics
+                .job_phase_duration_seconds
+                .with_label_values(&[prev.as_str()])
+                .observe((entered - t).max(0) as f64 / 1000.0);
+        }
     }
 
     fn abort_flag(&mut self, id: &str) -> Arc<AtomicBool> {
@@ -575,6 +612,10 @@ impl Actor for JobManager {
 
 impl Supervised for JobManager {
     fn restarting(&mut self, _: &mut Context<Self>) {
+        self.metrics
+            .actor_restarts_total
+            .with_label_values(&["JobManager"])
+            .inc();
         // In-memory state is rebuilt from the journal in `started`.
         self.jobs.clear();
         self.started_at.clear();

@@ -21,6 +21,10 @@ pub struct Metrics {
     pub distribution_duration_seconds: prometheus::HistogramVec,
     pub distribution_objects_total: IntCounterVec,
     pub distribution_bytes_total: IntCounterVec,
+    pub job_phase_duration_seconds: prometheus::HistogramVec,
+    pub queue_depth: IntGaugeVec,
+    pub actor_restarts_total: IntCounterVec,
+    pub lease_heartbeat_lateness_seconds: Histogram,
     pub mqtt_connected: prometheus::IntGauge,
     pub mqtt_messages_total: IntCounterVec,
     pub mqtt_ignored_total: IntCounterVec,
@@ -124,6 +128,54 @@ impl Metrics {
             "Bytes pushed to each Stratum 1",
             &["stratum1"],
         );
+        let job_phase_duration_seconds = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "cvmfs_prepub_job_phase_duration_seconds",
+                "Time jobs spent in each state before leaving it",
+            )
+            .buckets(vec![
+                0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0,
+            ]),
+            &["phase"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(job_phase_duration_seconds.clone()))
+            .expect("metric registered once");
+        let queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "cvmfs_prepub_queue_depth",
+                "Jobs waiting: for a processing slot (queue=processing) or in the commit queue (queue=commit)",
+            ),
+            &["queue"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(queue_depth.clone()))
+            .expect("metric registered once");
+        let actor_restarts_total = cv(
+            "actor_restarts_total",
+            "Supervised actors restarted after a failure",
+            &["actor"],
+        );
+        let lease_heartbeat_lateness_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "cvmfs_prepub_lease_heartbeat_lateness_seconds",
+                "How late each gateway lease heartbeat tick ran",
+            )
+            .buckets(vec![0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(lease_heartbeat_lateness_seconds.clone()))
+            .expect("metric registered once");
+        // Process metrics (CPU, memory, file descriptors, start time) of this daemon.
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("metric registered once");
         let mqtt_connected = prometheus::IntGauge::new(
             "cvmfs_prepub_mqtt_connected",
             "1 while the MQTT control plane is connected to the broker",
@@ -143,6 +195,10 @@ impl Metrics {
             &["reason"],
         );
         Metrics {
+            job_phase_duration_seconds,
+            queue_depth,
+            actor_restarts_total,
+            lease_heartbeat_lateness_seconds,
             mqtt_connected,
             mqtt_messages_total,
             mqtt_ignored_total,

@@ -67,6 +67,7 @@ async fn job_manager_restarts_from_the_journal() {
         draining: Default::default(),
     });
     let metrics = Metrics::new();
+    let restarts = metrics.actor_restarts_total.clone();
     let jm = Supervisor::start(move |_| {
         JobManager::new(
             settings.clone(),
@@ -109,6 +110,8 @@ async fn job_manager_restarts_from_the_journal() {
         states,
         vec![Some(JobState::Published), Some(JobState::Published)]
     );
+    // Both restarts were counted.
+    assert_eq!(restarts.with_label_values(&["JobManager"]).get(), 2);
     // Both publishes happened exactly once.
     let (m, _) = prepub_core::repo::current_manifest(&cas).unwrap().unwrap();
     assert_eq!(m.revision, 3);

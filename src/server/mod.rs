@@ -308,7 +308,10 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 let (client, secret) = gateway_client.clone().context("gateway client")?;
                 let interval = g.heartbeat_interval;
                 let hb_client = client.clone();
-                let heartbeat = GatewayLease::start_in_arbiter(&Arbiter::new().handle(), move |_| GatewayLease::new(hb_client, interval));
+                let heartbeat = {
+                    let lateness = metrics.lease_heartbeat_lateness_seconds.clone();
+                    GatewayLease::start_in_arbiter(&Arbiter::new().handle(), move |_| GatewayLease::new(hb_client, interval).with_lateness(lateness))
+                };
                 info!(log, "lease heartbeat started"; "actor" => "GatewayLease", "interval_s" => interval.as_secs());
                 let settings = Arc::new(GatewaySettings {
                     url: g.url.clone(),
