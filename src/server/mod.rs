@@ -409,6 +409,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 .route("/api/v1/drain", web::post().to(api::drain))
                 .route("/api/v1/resume", web::post().to(api::resume))
                 .route("/api/v1/metrics", web::get().to(api::metrics))
+                .route("/api/v1/openapi.json", web::get().to(api::openapi))
                 .default_service(web::to(api::not_found))
         })
         .shutdown_timeout(30);
