@@ -164,6 +164,21 @@ fn every_metric_moves_and_the_scrape_passes_promtool() {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("actors/src/metrics.rs"),
     )
     .unwrap();
+    // REFERENCE.md documents every exported metric.
+    let reference = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("REFERENCE.md"),
+    )
+    .unwrap();
+    for name in &exported {
+        let short = name.trim_start_matches("cvmfs_prepub_");
+        assert!(
+            reference.contains(&format!("`{short}`"))
+                || reference.contains(&format!("`{name}`"))
+                || reference.contains(&format!("`{short},"))
+                || reference.contains(&format!(" {short}`")),
+            "{name} is not in REFERENCE.md"
+        );
+    }
     let mut queried = 0;
     for panel in dash["panels"].as_array().unwrap() {
         for t in panel["targets"].as_array().unwrap() {
