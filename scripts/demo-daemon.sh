@@ -43,7 +43,7 @@ done
 VERSION="1.0.$(date +%s)"
 JOB=$("$BIN/prepubctl" submit demo-daemon/sample.tar.gz --repo "$REPO" --path "/sw/demo/$VERSION" --tag "demo-$VERSION" --wait)
 echo "job: $JOB"
-"$BIN/prepubctl" status "$(echo "$JOB" | head -n 1)"
+"$BIN/prepubctl" show "$(echo "$JOB" | head -n 1)"
 "$BIN/cvmfs-prepub" repo check --repo-dir "$STORAGE" --keys-dir demo-daemon/keys
 "$BIN/cvmfs-prepub" repo ls --repo-dir "$STORAGE" "/sw/demo/$VERSION"
 echo "published; the repository storage is $STORAGE (serve it over HTTP as a Stratum 0)"
