@@ -1,5 +1,7 @@
 # cvmfs-prepub build targets.
 CARGO ?= cargo
+# Where cargo puts its output (honours CARGO_TARGET_DIR).
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
 .PHONY: build test lint bench demo run-demo run-sim clean
 
@@ -7,7 +9,7 @@ CARGO ?= cargo
 build:
 	$(CARGO) build --release --workspace
 	mkdir -p bin
-	cp target/release/cvmfs-prepub target/release/prepubctl bin/
+	cp $(TARGET_DIR)/release/cvmfs-prepub $(TARGET_DIR)/release/prepubctl bin/
 
 ## test: every unit and integration test of the workspace
 test:
@@ -25,7 +27,7 @@ bench:
 
 ## run-demo: start the daemon on config/demo.yaml, publish a sample tar, check it, stop
 run-demo: build
-	scripts/demo-daemon.sh
+	BIN=$(TARGET_DIR)/release scripts/demo-daemon.sh
 
 ## run-sim: publisher + gateway double in one process, concurrent communities, chaos on
 run-sim:
@@ -34,7 +36,7 @@ run-sim:
 
 ## demo: create a repository, publish a sample tar into it, and check it
 demo: build
-	scripts/demo-publish.sh
+	BIN=$(TARGET_DIR)/release/cvmfs-prepub scripts/demo-publish.sh
 
 clean:
 	$(CARGO) clean

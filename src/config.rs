@@ -506,6 +506,55 @@ pub struct RepoFile {
     /// Keys directory holding `<name>.key`, `.crt`, `.pub` (and `.masterkey` to re-sign the
     /// whitelist); default `/etc/cvmfs/keys`.
     pub keys_dir: Option<PathBuf>,
+    /// Garbage collection of unreferenced objects (off by default).
+    #[serde(default)]
+    pub gc: GcFile,
+}
+
+/// `repositories[].gc`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct GcFile {
+    /// Allows `POST /api/v1/gc/<repo>/run` (plans are always allowed: they delete nothing).
+    #[serde(default)]
+    pub enabled: bool,
+    /// Revisions whose objects are kept, counting back from the current one; tagged
+    /// revisions are always kept.
+    #[serde(default = "default_keep_revisions")]
+    pub keep_revisions: usize,
+    /// Unreferenced objects younger than this are kept.
+    #[serde(default = "default_gc_grace")]
+    pub grace_period: String,
+    /// Deletions per second at most (0: unlimited).
+    #[serde(default)]
+    pub max_deletion_rate: u64,
+}
+
+impl Default for GcFile {
+    fn default() -> Self {
+        GcFile {
+            enabled: false,
+            keep_revisions: default_keep_revisions(),
+            grace_period: default_gc_grace(),
+            max_deletion_rate: 0,
+        }
+    }
+}
+
+fn default_keep_revisions() -> usize {
+    2
+}
+fn default_gc_grace() -> String {
+    "24h".into()
+}
+
+/// Validated `gc` settings of a repository.
+#[derive(Debug, Clone)]
+pub struct GcConfig {
+    pub enabled: bool,
+    pub keep_revisions: usize,
+    pub grace: Duration,
+    pub max_deletion_rate: u64,
 }
 
 /// Flag overrides from the command line.
@@ -535,6 +584,7 @@ pub struct RepoConfig {
     pub keys_dir: PathBuf,
     /// Set when `cas.type: s3`.
     pub s3: Option<prepub_actors::s3_cas::S3Settings>,
+    pub gc: GcConfig,
 }
 
 /// The validated runtime configuration.
@@ -776,6 +826,20 @@ impl FileConfig {
                     },
                     multipart_threshold: multipart_threshold as usize,
                 }),
+                gc: GcConfig {
+                    enabled: r.gc.enabled,
+                    keep_revisions: if r.gc.keep_revisions == 0 {
+                        return Err(cerr(
+                            &format!("repositories[{i}].gc.keep_revisions"),
+                            "must be at least 1 (the current revision)",
+                        ));
+                    } else {
+                        r.gc.keep_revisions
+                    },
+                    grace: parse_duration(&r.gc.grace_period)
+                        .map_err(|m| cerr(&format!("repositories[{i}].gc.grace_period"), m))?,
+                    max_deletion_rate: r.gc.max_deletion_rate,
+                },
             };
             if repos.insert(r.name.clone(), rc).is_some() {
                 return Err(cerr(

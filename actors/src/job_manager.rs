@@ -98,6 +98,8 @@ pub struct JobManager {
     distributed: std::collections::HashSet<String>,
     /// The last state whose phase duration was recorded, per job.
     phase_seen: HashMap<String, JobState>,
+    /// Repositories being garbage-collected: their new jobs wait in `queued`.
+    gc_running: std::collections::HashSet<String>,
 }
 
 impl JobManager {
@@ -121,6 +123,7 @@ impl JobManager {
             distributing: HashMap::new(),
             distributed: std::collections::HashSet::new(),
             phase_seen: HashMap::new(),
+            gc_running: Default::default(),
         }
     }
 
@@ -236,6 +239,12 @@ impl JobManager {
             return;
         };
         if job.state.is_terminal() {
+            return;
+        }
+        if self.gc_running.contains(&job.repo) {
+            // Started when the collection ends (GcEnd): no dedup decision races a deletion.
+            job.waiting = Some("garbage collection of the repository is running".into());
+            self.jobs.insert(id, job);
             return;
         }
         let Some(target) = self.settings.repos.get(&job.repo).cloned() else {
@@ -1086,6 +1095,65 @@ impl Handler<ActiveJobs> for JobManager {
             .collect();
         v.sort_by_key(|j| j.created);
         MessageResult(v)
+    }
+}
+
+/// Starts a garbage collection of `repo`: refused while any job of it is in flight; until
+/// [`GcEnd`], new jobs of the repository wait in `queued`.
+#[derive(Message)]
+#[rtype(result = "Result<(), String>")]
+pub struct GcBegin {
+    pub repo: String,
+}
+
+impl Handler<GcBegin> for JobManager {
+    type Result = Result<(), String>;
+    fn handle(&mut self, m: GcBegin, _: &mut Context<Self>) -> Self::Result {
+        if self.gc_running.contains(&m.repo) {
+            return Err(format!("a garbage collection of {} is running", m.repo));
+        }
+        let busy: Vec<&JobRecord> = self
+            .jobs
+            .values()
+            .filter(|j| j.repo == m.repo && !j.state.is_terminal())
+            .collect();
+        if !busy.is_empty() {
+            return Err(format!(
+                "{} jobs of {} are in flight (e.g. {} {}); garbage collection runs when the repository is idle",
+                busy.len(),
+                m.repo,
+                busy[0].id,
+                busy[0].state.as_str()
+            ));
+        }
+        self.gc_running.insert(m.repo);
+        Ok(())
+    }
+}
+
+/// Ends a garbage collection; jobs that arrived meanwhile start.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct GcEnd {
+    pub repo: String,
+}
+
+impl Handler<GcEnd> for JobManager {
+    type Result = ();
+    fn handle(&mut self, m: GcEnd, ctx: &mut Context<Self>) {
+        self.gc_running.remove(&m.repo);
+        let waiting: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|j| j.repo == m.repo && j.state == JobState::Queued)
+            .map(|j| j.id.clone())
+            .collect();
+        for id in waiting {
+            if let Some(j) = self.jobs.get_mut(&id) {
+                j.waiting = None;
+            }
+            self.start_processing(id, ctx);
+        }
     }
 }
 

@@ -25,6 +25,11 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     pub actor_restarts_total: IntCounterVec,
     pub lease_heartbeat_lateness_seconds: Histogram,
+    pub gc_runs_total: IntCounterVec,
+    pub gc_objects_deleted_total: IntCounterVec,
+    pub gc_bytes_reclaimed_total: IntCounterVec,
+    pub gc_run_duration_seconds: Histogram,
+    pub gc_last_run_timestamp_seconds: IntGaugeVec,
     pub mqtt_connected: prometheus::IntGauge,
     pub mqtt_messages_total: IntCounterVec,
     pub mqtt_ignored_total: IntCounterVec,
@@ -176,6 +181,43 @@ impl Metrics {
                 prometheus::process_collector::ProcessCollector::for_self(),
             ))
             .expect("metric registered once");
+        let gc_runs_total = cv(
+            "gc_runs_total",
+            "Garbage collection runs, by repository and outcome (swept, failed, refused)",
+            &["repo", "outcome"],
+        );
+        let gc_objects_deleted_total = cv(
+            "gc_objects_deleted_total",
+            "Unreferenced objects deleted by garbage collection",
+            &["repo"],
+        );
+        let gc_bytes_reclaimed_total = cv(
+            "gc_bytes_reclaimed_total",
+            "Bytes of objects deleted by garbage collection",
+            &["repo"],
+        );
+        let gc_run_duration_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "cvmfs_prepub_gc_run_duration_seconds",
+                "Duration of garbage collection runs (scan and sweep)",
+            )
+            .buckets(vec![0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 7200.0]),
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(gc_run_duration_seconds.clone()))
+            .expect("metric registered once");
+        let gc_last_run_timestamp_seconds = IntGaugeVec::new(
+            Opts::new(
+                "cvmfs_prepub_gc_last_run_timestamp_seconds",
+                "When the last successful garbage collection of a repository ended (UNIX time)",
+            ),
+            &["repo"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(gc_last_run_timestamp_seconds.clone()))
+            .expect("metric registered once");
         let mqtt_connected = prometheus::IntGauge::new(
             "cvmfs_prepub_mqtt_connected",
             "1 while the MQTT control plane is connected to the broker",
@@ -195,6 +237,11 @@ impl Metrics {
             &["reason"],
         );
         Metrics {
+            gc_runs_total,
+            gc_objects_deleted_total,
+            gc_bytes_reclaimed_total,
+            gc_run_duration_seconds,
+            gc_last_run_timestamp_seconds,
             job_phase_duration_seconds,
             queue_depth,
             actor_restarts_total,

@@ -333,6 +333,37 @@ impl Cas for S3Cas {
         Ok(Box::new(io::Cursor::new(bytes)))
     }
 
+    fn delete(&self, id: &ObjectId) -> Result<(), CasError> {
+        let store = self.store.clone();
+        let key = self.key(&id.path());
+        let shown = key.to_string();
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        self.run(async move {
+            match store.delete(&key).await {
+                Ok(()) => Ok(()),
+                Err(e) if is_not_found(&e) => Ok(()),
+                Err(e) => Err(s3err("delete", &shown, explain(&e))),
+            }
+        })
+    }
+
+    fn modified(&self, id: &ObjectId) -> Result<i64, CasError> {
+        let store = self.store.clone();
+        let key = self.key(&id.path());
+        let shown = key.to_string();
+        let idt = id.to_string();
+        self.run(async move {
+            match store.head(&key).await {
+                Ok(m) => Ok(m.last_modified.timestamp()),
+                Err(e) if is_not_found(&e) => Err(CasError::NotFound(idt)),
+                Err(e) => Err(s3err("head", &shown, explain(&e))),
+            }
+        })
+    }
+
     fn size(&self, id: &ObjectId) -> Result<u64, CasError> {
         let store = self.store.clone();
         let key = self.key(&id.path());

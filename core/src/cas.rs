@@ -29,6 +29,8 @@ pub enum CasError {
     },
     #[error("invalid root file name '{0}'")]
     BadName(String),
+    #[error("this store does not support {0}")]
+    Unsupported(&'static str),
 }
 
 impl CasError {
@@ -88,6 +90,14 @@ pub trait Cas: Send + Sync {
     /// Makes every put that returned so far durable (for backends that batch that work).
     fn flush(&self) -> Result<(), CasError> {
         Ok(())
+    }
+    /// Deletes an object (garbage collection); an absent object is not an error.
+    fn delete(&self, _id: &ObjectId) -> Result<(), CasError> {
+        Err(CasError::Unsupported("delete"))
+    }
+    /// When the object was stored (UNIX seconds).
+    fn modified(&self, _id: &ObjectId) -> Result<i64, CasError> {
+        Err(CasError::Unsupported("modification times"))
     }
 }
 
@@ -335,6 +345,29 @@ impl Cas for LocalCas {
             }
             Err(e) => Err(CasError::io("open", &p, e)),
         }
+    }
+
+    fn delete(&self, id: &ObjectId) -> Result<(), CasError> {
+        let p = self.object_path(id);
+        match fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(CasError::io("delete", &p, e)),
+        }
+    }
+
+    fn modified(&self, id: &ObjectId) -> Result<i64, CasError> {
+        let p = self.object_path(id);
+        let m = fs::metadata(&p).map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                CasError::NotFound(id.to_string())
+            } else {
+                CasError::io("stat", &p, e)
+            }
+        })?;
+        let t = m.modified().map_err(|e| CasError::io("stat", &p, e))?;
+        Ok(t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64))
     }
 
     fn size(&self, id: &ObjectId) -> Result<u64, CasError> {

@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod check;
 pub mod chunker;
 pub mod control;
+pub mod gc;
 pub mod gateway;
 pub mod hash;
 pub mod history;

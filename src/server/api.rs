@@ -646,7 +646,7 @@ fn admin_only(who: &Principal) -> Result<(), ApiError> {
     match who {
         Principal::Admin => Ok(()),
         Principal::Scoped { .. } => Err(ApiError::Forbidden(
-            "draining and resuming need the admin token".into(),
+            "this operation needs the admin token".into(),
         )),
     }
 }
@@ -809,6 +809,161 @@ pub async fn status(req: HttpRequest, st: web::Data<AppState>) -> Result<HttpRes
         active,
         actors,
     }))
+}
+
+/// The repository's storage as the daemon's jobs see it (the shared S3 store, so its
+/// known-object cache forgets what is deleted).
+fn gc_store(
+    st: &AppState,
+    repo: &str,
+) -> Result<(Arc<dyn prepub_core::cas::Cas>, crate::config::GcConfig), ApiError> {
+    let rc = st
+        .cfg
+        .repos
+        .get(repo)
+        .ok_or_else(|| ApiError::NotFound(format!("repository {repo} is not served here")))?;
+    let cas: Arc<dyn prepub_core::cas::Cas> = match st.s3.get(repo) {
+        Some(s) => s.clone(),
+        None => Arc::new(
+            prepub_core::cas::LocalCas::open(&rc.storage)
+                .map_err(|e| ApiError::Unavailable(e.to_string()))?,
+        ),
+    };
+    Ok((cas, rc.gc.clone()))
+}
+
+fn gc_policy(g: &crate::config::GcConfig) -> prepub_core::gc::GcPolicy {
+    prepub_core::gc::GcPolicy {
+        keep_revisions: g.keep_revisions,
+        grace_secs: g.grace.as_secs() as i64,
+    }
+}
+
+fn gc_error(e: prepub_core::gc::GcError) -> ApiError {
+    match e {
+        prepub_core::gc::GcError::Moved { .. } => ApiError::Conflict(e.to_string()),
+        e => ApiError::Unavailable(e.to_string()),
+    }
+}
+
+fn plan_view(p: &prepub_core::gc::Plan) -> serde_json::Value {
+    let mut v = serde_json::to_value(p).unwrap_or_default();
+    v["sample"] = p
+        .candidates
+        .iter()
+        .take(20)
+        .map(|(id, _)| id.to_string())
+        .collect();
+    v
+}
+
+/// `GET /api/v1/gc/{repo}/plan` (admin): what a collection would delete now; deletes nothing.
+pub async fn gc_plan(
+    req: HttpRequest,
+    repo: web::Path<String>,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    admin_only(&auth(&req, &st)?)?;
+    let (cas, g) = gc_store(&st, &repo)?;
+    let plan = web::block(move || {
+        prepub_core::gc::plan(cas.as_ref(), &gc_policy(&g), prepub_core::timefmt::now())
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(gc_error)?;
+    Ok(HttpResponse::Ok().json(plan_view(&plan)))
+}
+
+/// `POST /api/v1/gc/{repo}/run` (admin): collects the repository's unreferenced objects. Runs
+/// only when `gc.enabled`, in standalone mode, and while no job of the repository is in flight;
+/// jobs submitted meanwhile wait in `queued`. Every deletion is appended to
+/// `<spool>/gc/audit.log`.
+pub async fn gc_run(
+    req: HttpRequest,
+    repo: web::Path<String>,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    admin_only(&auth(&req, &st)?)?;
+    let repo = repo.into_inner();
+    let (cas, g) = gc_store(&st, &repo)?;
+    let refused = |st: &AppState, e: ApiError| {
+        st.metrics
+            .gc_runs_total
+            .with_label_values(&[repo.as_str(), "refused"])
+            .inc();
+        Err(e)
+    };
+    if !g.enabled {
+        return refused(&st, ApiError::Conflict(format!(
+            "garbage collection is not enabled for {repo} (repositories[].gc.enabled)"
+        )));
+    }
+    if !matches!(st.cfg.publish, crate::config::PublishMode::Standalone) {
+        return refused(&st, ApiError::Conflict(
+            "garbage collection runs in standalone mode only: in gateway or local mode the storage is shared with cvmfs_server, run `cvmfs_server gc` there".into(),
+        ));
+    }
+    match st
+        .jobs
+        .send(prepub_actors::job_manager::GcBegin { repo: repo.clone() })
+        .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(m)) => return refused(&st, ApiError::Conflict(m)),
+        Err(_) => return Err(ApiError::Unavailable("job manager unavailable".into())),
+    }
+    let audit_dir = st.cfg.spool_root.join("gc");
+    let (repo2, started) = (repo.clone(), std::time::Instant::now());
+    let result = web::block(move || {
+        let plan = prepub_core::gc::plan(cas.as_ref(), &gc_policy(&g), prepub_core::timefmt::now())?;
+        std::fs::create_dir_all(&audit_dir).map_err(prepub_core::gc::GcError::Audit)?;
+        let mut audit = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(audit_dir.join("audit.log"))
+            .map_err(prepub_core::gc::GcError::Audit)?;
+        let swept = prepub_core::gc::sweep(
+            cas.as_ref(),
+            &repo2,
+            &plan,
+            g.max_deletion_rate,
+            &mut audit,
+            prepub_core::timefmt::now,
+        );
+        audit.sync_all().map_err(prepub_core::gc::GcError::Audit)?;
+        Ok::<_, prepub_core::gc::GcError>((plan, swept?))
+    })
+    .await;
+    st.jobs
+        .do_send(prepub_actors::job_manager::GcEnd { repo: repo.clone() });
+    st.metrics
+        .gc_run_duration_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let (plan, swept) = match result {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            st.metrics
+                .gc_runs_total
+                .with_label_values(&[repo.as_str(), "failed"])
+                .inc();
+            return Err(gc_error(e));
+        }
+        Err(e) => return Err(ApiError::Internal(e.to_string())),
+    };
+    let m = &st.metrics;
+    m.gc_runs_total
+        .with_label_values(&[repo.as_str(), "swept"])
+        .inc();
+    m.gc_objects_deleted_total
+        .with_label_values(&[repo.as_str()])
+        .inc_by(swept.deleted as u64);
+    m.gc_bytes_reclaimed_total
+        .with_label_values(&[repo.as_str()])
+        .inc_by(swept.bytes);
+    m.gc_last_run_timestamp_seconds
+        .with_label_values(&[repo.as_str()])
+        .set(prepub_core::timefmt::now());
+    Ok(HttpResponse::Ok().json(serde_json::json!({"plan": plan_view(&plan), "swept": swept})))
 }
 
 /// `GET /api/v1/openapi.json`: the OpenAPI 3 description of this API (tests keep it in step

@@ -410,6 +410,8 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 .route("/api/v1/resume", web::post().to(api::resume))
                 .route("/api/v1/metrics", web::get().to(api::metrics))
                 .route("/api/v1/openapi.json", web::get().to(api::openapi))
+                .route("/api/v1/gc/{repo}/plan", web::get().to(api::gc_plan))
+                .route("/api/v1/gc/{repo}/run", web::post().to(api::gc_run))
                 .default_service(web::to(api::not_found))
         })
         .shutdown_timeout(30);

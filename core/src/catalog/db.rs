@@ -543,6 +543,28 @@ impl CatalogDb {
         Ok(v.unwrap_or(0) as u32)
     }
 
+    /// Every data object this catalog's rows name: whole-file objects (the `hash` column) and
+    /// chunks (`P`). Used by garbage collection.
+    pub fn object_refs(&self) -> Result<Vec<ObjectId>, CatalogError> {
+        let mut out = Vec::new();
+        for (sql, suffix) in [
+            ("SELECT hash FROM catalog WHERE hash IS NOT NULL", Suffix::None),
+            ("SELECT hash FROM chunks WHERE hash IS NOT NULL", Suffix::Partial),
+        ] {
+            let mut st = self.conn.prepare(sql).map_err(|e| self.err(e))?;
+            let rows = st
+                .query_map([], |r| r.get::<_, Vec<u8>>(0))
+                .map_err(|e| self.err(e))?;
+            for row in rows {
+                let h = row.map_err(|e| self.err(e))?;
+                let d = Digest20::from_slice(&h)
+                    .map_err(|_| self.invalid(format!("a hash of {} bytes", h.len())))?;
+                out.push(ObjectId::new(d, suffix));
+            }
+        }
+        Ok(out)
+    }
+
     /// The `nested_catalogs` rows.
     pub fn nested(&self) -> Result<Vec<NestedRef>, CatalogError> {
         let mut st = self
