@@ -146,6 +146,20 @@ impl Client {
         )
     }
 
+    pub fn gc_plan(&self, repo: &str) -> anyhow::Result<serde_json::Value> {
+        Self::decode(
+            self.req(reqwest::Method::GET, &format!("/api/v1/gc/{repo}/plan"))
+                .send()?,
+        )
+    }
+
+    pub fn gc_run(&self, repo: &str) -> anyhow::Result<serde_json::Value> {
+        Self::decode(
+            self.req(reqwest::Method::POST, &format!("/api/v1/gc/{repo}/run"))
+                .send()?,
+        )
+    }
+
     pub fn status(&self) -> anyhow::Result<Status> {
         Self::decode(self.req(reqwest::Method::GET, "/api/v1/status").send()?)
     }

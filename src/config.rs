@@ -528,6 +528,14 @@ pub struct GcFile {
     /// Deletions per second at most (0: unlimited).
     #[serde(default)]
     pub max_deletion_rate: u64,
+    /// Automatic tags (`prepub-<job id>`) keep their revision this long; `0` not at all.
+    /// Tags a job named are always kept.
+    #[serde(default = "default_auto_tag_timespan")]
+    pub auto_tag_timespan: String,
+}
+
+fn default_auto_tag_timespan() -> String {
+    "30d".into()
 }
 
 impl Default for GcFile {
@@ -537,6 +545,7 @@ impl Default for GcFile {
             keep_revisions: default_keep_revisions(),
             grace_period: default_gc_grace(),
             max_deletion_rate: 0,
+            auto_tag_timespan: default_auto_tag_timespan(),
         }
     }
 }
@@ -555,6 +564,7 @@ pub struct GcConfig {
     pub keep_revisions: usize,
     pub grace: Duration,
     pub max_deletion_rate: u64,
+    pub auto_tag_timespan: Duration,
 }
 
 /// Flag overrides from the command line.
@@ -839,6 +849,8 @@ impl FileConfig {
                     grace: parse_duration(&r.gc.grace_period)
                         .map_err(|m| cerr(&format!("repositories[{i}].gc.grace_period"), m))?,
                     max_deletion_rate: r.gc.max_deletion_rate,
+                    auto_tag_timespan: parse_duration(&r.gc.auto_tag_timespan)
+                        .map_err(|m| cerr(&format!("repositories[{i}].gc.auto_tag_timespan"), m))?,
                 },
             };
             if repos.insert(r.name.clone(), rc).is_some() {

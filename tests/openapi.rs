@@ -132,6 +132,11 @@ impl Api {
 fn the_document_matches_routes_statuses_and_bodies() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "  max_upload_size: 64KiB\n");
+    // Garbage collection on (the repository is the last block of the file).
+    let cfg = dir.path().join("config.yaml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("    gc: {enabled: true, grace_period: 0s}\n");
+    std::fs::write(&cfg, text).unwrap();
     let d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_HOLD", "processing=1500")]);
     let c = client();
     let doc: Value = c
@@ -292,6 +297,88 @@ fn the_document_matches_routes_statuses_and_bodies() {
     api.check("get", ev, r);
     let r = c.get(url("/api/v1/jobs/none/events")).send().unwrap();
     api.check("get", ev, r);
+    // Garbage collection.
+    let plan = "/api/v1/gc/{repo}/plan";
+    let run = "/api/v1/gc/{repo}/run";
+    let gc_url = |what: &str, repo: &str| url(&format!("/api/v1/gc/{repo}/{what}"));
+    api.check(
+        "get",
+        plan,
+        c.get(gc_url("plan", REPO))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap(),
+    );
+    api.check("get", plan, c.get(gc_url("plan", REPO)).send().unwrap());
+    api.check(
+        "get",
+        plan,
+        c.get(gc_url("plan", REPO))
+            .bearer_auth(SCOPED)
+            .send()
+            .unwrap(),
+    );
+    api.check(
+        "get",
+        plan,
+        c.get(gc_url("plan", "no.example.org"))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap(),
+    );
+    // A job in flight: 409; idle: 200.
+    let busy = d
+        .submit_raw(ADMIN, "/sw/busy", &tar, None)
+        .json::<Value>()
+        .unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    api.check(
+        "post",
+        run,
+        c.post(gc_url("run", REPO))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap(),
+    );
+    let all: Value = c
+        .get(url(jobs))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    for j in all["jobs"].as_array().unwrap() {
+        d.wait_terminal(j["job_id"].as_str().unwrap(), 60);
+    }
+    assert_eq!(d.job(&busy)["state"], "published");
+    let v = api.check(
+        "post",
+        run,
+        c.post(gc_url("run", REPO))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap(),
+    );
+    assert!(v["swept"]["deleted"].is_u64(), "{v}");
+    api.check("post", run, c.post(gc_url("run", REPO)).send().unwrap());
+    api.check(
+        "post",
+        run,
+        c.post(gc_url("run", REPO))
+            .bearer_auth(SCOPED)
+            .send()
+            .unwrap(),
+    );
+    api.check(
+        "post",
+        run,
+        c.post(gc_url("run", "no.example.org"))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap(),
+    );
     // Operations.
     for (m, p, tok) in [
         ("get", "/api/v1/status", Some(ADMIN)),
@@ -331,7 +418,8 @@ fn the_document_matches_routes_statuses_and_bodies() {
     let h = api.check("get", "/api/v1/health", r);
     assert_eq!(h["status"], "degraded");
     std::fs::rename(dir.path().join("keys-away"), dir.path().join("keys")).unwrap();
-    // Not provoked here: 409 on submit, which only local mode answers (tests/local_mode.rs).
+    // Not provoked here: 409 on submit, which only local mode answers (tests/local_mode.rs),
+    // and gc's 503 on an unreadable catalog (tests/gc.rs).
     let mut missing = Vec::new();
     for (p, ops) in doc["paths"].as_object().unwrap() {
         for (m, op) in ops.as_object().unwrap() {
@@ -345,7 +433,11 @@ fn the_document_matches_routes_statuses_and_bodies() {
     }
     assert_eq!(
         missing,
-        vec!["post /api/v1/jobs 409"],
+        vec![
+            "get /api/v1/gc/{repo}/plan 503",
+            "post /api/v1/gc/{repo}/run 503",
+            "post /api/v1/jobs 409"
+        ],
         "documented statuses not exercised"
     );
 }

@@ -550,3 +550,92 @@ fn gateway_mode_works_with_s3() {
         dir.path().join("keys").to_str().unwrap(),
     ]);
 }
+
+#[test]
+fn garbage_collection_reclaims_in_s3() {
+    for (k, v) in creds() {
+        std::env::set_var(k, v);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = Moto::start(dir.path());
+    m.bucket("cvmfs");
+    init_in_s3(dir.path(), &m, "cvmfs");
+    s3_config(dir.path(), &m.endpoint, "cvmfs");
+    let cfg = dir.path().join("config.yaml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(
+        "    gc: {enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::start(dir.path(), &creds());
+    let file = |data: &[u8]| {
+        vec![Spec::File {
+            path: "f",
+            mode: 0o644,
+            data: data.to_vec(),
+            xattrs: vec![],
+        }]
+    };
+    let mut ids = Vec::new();
+    for n in 0..3u8 {
+        let r = d.submit_raw(
+            ADMIN,
+            "/sw/gc",
+            &tar_bytes(&file(&pseudo_random(3000, 2 * n as u64 + 10))),
+            None,
+        );
+        let id = r.json::<serde_json::Value>().unwrap()["job_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(d.wait_terminal(&id, 120)["state"], "published");
+        ids.push(id);
+    }
+    let s3 = store(&m, "cvmfs");
+    let before = s3.list().unwrap().len();
+    let r: serde_json::Value = client()
+        .post(format!("{}/api/v1/gc/{REPO}/run", d.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let deleted = r["swept"]["deleted"].as_u64().unwrap();
+    // The first release's file and catalog (two revisions back) and old histories.
+    assert!(deleted >= 2, "{r}");
+    assert_eq!(s3.list().unwrap().len(), before - deleted as usize, "{r}");
+    ok(&[
+        "repo",
+        "check",
+        "--s3",
+        &format!("cvmfs/{REPO}"),
+        "--s3-endpoint",
+        &m.endpoint,
+        "--keys-dir",
+        dir.path().join("keys").to_str().unwrap(),
+    ]);
+    // The daemon's store forgot what it deleted: re-publishing the first content writes it again.
+    let r = d.submit_raw(
+        ADMIN,
+        "/sw/gc",
+        &tar_bytes(&file(&pseudo_random(3000, 10))),
+        None,
+    );
+    let id = r.json::<serde_json::Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let j = d.wait_terminal(&id, 120);
+    assert_eq!(j["state"], "published", "{j}");
+    assert!(j["progress"]["objects_new"].as_u64().unwrap() >= 1, "{j}");
+    ok(&[
+        "repo",
+        "check",
+        "--s3",
+        &format!("cvmfs/{REPO}"),
+        "--s3-endpoint",
+        &m.endpoint,
+        "--keys-dir",
+        dir.path().join("keys").to_str().unwrap(),
+    ]);
+}

@@ -47,6 +47,22 @@ pub struct GcPolicy {
     pub keep_revisions: usize,
     /// Objects stored less than this many seconds ago are never deleted.
     pub grace_secs: i64,
+    /// Automatic tags (`prepub-<job id>`, made when a job names no tag) keep their revision
+    /// only while younger than this; `None` keeps them forever. Named tags always keep theirs.
+    pub auto_tag_secs: Option<i64>,
+}
+
+/// Whether `name` is an automatic tag: `prepub-` followed by a job id (a UUID).
+pub fn is_auto_tag(name: &str) -> bool {
+    let Some(id) = name.strip_prefix("prepub-") else {
+        return false;
+    };
+    let parts: Vec<&str> = id.split('-').collect();
+    parts.len() == 5
+        && parts
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(p, n)| p.len() == n && p.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 /// A revision whose objects are kept, and why.
@@ -108,7 +124,10 @@ fn collect_revision(
             continue; // a catalog shared with a revision already walked
         }
         let (_tmp, db) = open_catalog(cas, &cat)?;
-        refs.extend(db.object_refs().map_err(|e| unreadable("catalog", &cat, e))?);
+        refs.extend(
+            db.object_refs()
+                .map_err(|e| unreadable("catalog", &cat, e))?,
+        );
         for n in db.nested().map_err(|e| unreadable("catalog", &cat, e))? {
             match n.hash {
                 Some(h) => todo.push(h),
@@ -129,6 +148,7 @@ fn collect_revision(
 pub fn references(
     cas: &dyn Cas,
     policy: &GcPolicy,
+    now: i64,
 ) -> Result<(u64, Vec<KeptRevision>, HashSet<ObjectId>), GcError> {
     let (m, _) = current_manifest(cas)
         .map_err(|e| GcError::Unreadable {
@@ -178,6 +198,11 @@ pub fn references(
         std::fs::write(tmp.path(), &plain).map_err(|e| unreadable("history", &h, e))?;
         let hist = History::open(tmp.path()).map_err(|e| unreadable("history", &h, e))?;
         for t in hist.tags().map_err(|e| unreadable("history", &h, e))? {
+            if let (true, Some(span)) = (is_auto_tag(&t.name), policy.auto_tag_secs) {
+                if now - t.timestamp >= span {
+                    continue; // an expired automatic tag keeps nothing
+                }
+            }
             let d = Digest20::from_hex(&t.hash).map_err(|e| unreadable("history", &h, e))?;
             let root = ObjectId::new(d, Suffix::Catalog);
             if kept.iter().any(|k| k.root_catalog == t.hash) {
@@ -196,7 +221,7 @@ pub fn references(
 
 /// Scans the storage: what is referenced, what is not, and what of that is old enough to go.
 pub fn plan(cas: &dyn Cas, policy: &GcPolicy, now: i64) -> Result<Plan, GcError> {
-    let (revision, kept, refs) = references(cas, policy)?;
+    let (revision, kept, refs) = references(cas, policy, now)?;
     let stored = cas.list()?;
     let mut young = 0;
     let mut candidates = Vec::new();
@@ -286,6 +311,14 @@ mod tests {
     use crate::cas::LocalCas;
 
     #[test]
+    fn automatic_tags_are_recognised() {
+        assert!(is_auto_tag("prepub-0b8f52b4-8a0e-4b7e-9d35-6f0a3c1e2d4f"));
+        assert!(!is_auto_tag("prepub-release"));
+        assert!(!is_auto_tag("app-1.0"));
+        assert!(!is_auto_tag("prepub-0b8f52b4-8a0e-4b7e-9d35-6f0a3c1e2d4"));
+    }
+
+    #[test]
     fn unreadable_catalogs_abort_the_plan() {
         let dir = tempfile::tempdir().unwrap();
         let storage = dir.path().join("repo");
@@ -295,6 +328,7 @@ mod tests {
         let policy = GcPolicy {
             keep_revisions: 2,
             grace_secs: 0,
+            auto_tag_secs: None,
         };
         let p = plan(&cas, &policy, crate::timefmt::now()).unwrap();
         assert_eq!(p.candidate_count, 0, "a fresh repository has no orphans");
@@ -308,6 +342,7 @@ mod tests {
         let strict = GcPolicy {
             keep_revisions: 2,
             grace_secs: 3600,
+            auto_tag_secs: None,
         };
         let p = plan(&cas, &strict, crate::timefmt::now()).unwrap();
         assert_eq!((p.candidate_count, p.young), (0, 1));
@@ -315,6 +350,10 @@ mod tests {
         let (m, _) = current_manifest(&cas).unwrap().unwrap();
         std::fs::write(storage.join(m.root_catalog.path()), b"garbage").unwrap();
         let e = plan(&cas, &policy, crate::timefmt::now()).unwrap_err();
-        assert!(e.to_string().contains("nothing is deleted on partial knowledge"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("nothing is deleted on partial knowledge"),
+            "{e}"
+        );
     }
 }

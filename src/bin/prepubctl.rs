@@ -109,10 +109,27 @@ enum Cmd {
     Resume,
     /// The service's health checks (exit 1 when degraded).
     Health,
+    /// Garbage collection of unreferenced objects (admin).
+    #[command(subcommand)]
+    Gc(GcCmd),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Print the manual page (roff).
     Man,
+}
+
+#[derive(Subcommand)]
+enum GcCmd {
+    /// What a collection would delete now (deletes nothing).
+    Plan {
+        #[arg(long)]
+        repo: String,
+    },
+    /// Collect: delete the unreferenced objects older than the grace period.
+    Run {
+        #[arg(long)]
+        repo: String,
+    },
 }
 
 /// An error with the exit status it maps to.
@@ -425,6 +442,44 @@ fn run(cli: Cli) -> Result<(), Fail> {
             }
             if !ok {
                 return Err(Fail(1, "service is degraded".into()));
+            }
+        }
+        Cmd::Gc(g) => {
+            let (v, what) = match g {
+                GcCmd::Plan { repo } => (c.gc_plan(&repo)?, "plan"),
+                GcCmd::Run { repo } => (c.gc_run(&repo)?, "run"),
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                return Ok(());
+            }
+            let p = if what == "run" { &v["plan"] } else { &v };
+            println!(
+                "revision {}: {} objects stored, {} referenced by {} kept revisions, {} unreferenced but younger than the grace period",
+                p["revision"], p["stored"], p["referenced"],
+                p["kept"].as_array().map_or(0, |k| k.len()), p["young"]
+            );
+            for k in p["kept"].as_array().into_iter().flatten() {
+                println!(
+                    "  keep {} (revision {}): {}",
+                    k["root_catalog"], k["revision"], k["why"]
+                );
+            }
+            println!(
+                "{} objects ({} bytes) {}",
+                p["candidate_count"],
+                p["candidate_bytes"],
+                if what == "run" {
+                    "were unreferenced"
+                } else {
+                    "would be deleted"
+                }
+            );
+            if what == "run" {
+                println!(
+                    "deleted {} objects, {} bytes",
+                    v["swept"]["deleted"], v["swept"]["bytes"]
+                );
             }
         }
         Cmd::Completions { .. } | Cmd::Man => {}

@@ -836,6 +836,7 @@ fn gc_policy(g: &crate::config::GcConfig) -> prepub_core::gc::GcPolicy {
     prepub_core::gc::GcPolicy {
         keep_revisions: g.keep_revisions,
         grace_secs: g.grace.as_secs() as i64,
+        auto_tag_secs: Some(g.auto_tag_timespan.as_secs() as i64),
     }
 }
 
@@ -894,9 +895,12 @@ pub async fn gc_run(
         Err(e)
     };
     if !g.enabled {
-        return refused(&st, ApiError::Conflict(format!(
-            "garbage collection is not enabled for {repo} (repositories[].gc.enabled)"
-        )));
+        return refused(
+            &st,
+            ApiError::Conflict(format!(
+                "garbage collection is not enabled for {repo} (repositories[].gc.enabled)"
+            )),
+        );
     }
     if !matches!(st.cfg.publish, crate::config::PublishMode::Standalone) {
         return refused(&st, ApiError::Conflict(
@@ -915,7 +919,8 @@ pub async fn gc_run(
     let audit_dir = st.cfg.spool_root.join("gc");
     let (repo2, started) = (repo.clone(), std::time::Instant::now());
     let result = web::block(move || {
-        let plan = prepub_core::gc::plan(cas.as_ref(), &gc_policy(&g), prepub_core::timefmt::now())?;
+        let plan =
+            prepub_core::gc::plan(cas.as_ref(), &gc_policy(&g), prepub_core::timefmt::now())?;
         std::fs::create_dir_all(&audit_dir).map_err(prepub_core::gc::GcError::Audit)?;
         let mut audit = std::fs::OpenOptions::new()
             .create(true)

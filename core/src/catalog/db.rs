@@ -548,8 +548,14 @@ impl CatalogDb {
     pub fn object_refs(&self) -> Result<Vec<ObjectId>, CatalogError> {
         let mut out = Vec::new();
         for (sql, suffix) in [
-            ("SELECT hash FROM catalog WHERE hash IS NOT NULL", Suffix::None),
-            ("SELECT hash FROM chunks WHERE hash IS NOT NULL", Suffix::Partial),
+            (
+                "SELECT hash FROM catalog WHERE hash IS NOT NULL",
+                Suffix::None,
+            ),
+            (
+                "SELECT hash FROM chunks WHERE hash IS NOT NULL",
+                Suffix::Partial,
+            ),
         ] {
             let mut st = self.conn.prepare(sql).map_err(|e| self.err(e))?;
             let rows = st

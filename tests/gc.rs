@@ -1,0 +1,267 @@
+//! Orphan reclaim through the daemon and prepubctl: what the kept revisions (current, the ones
+//! before it, tagged ones) reference stays and the repository still checks clean; objects of
+//! replaced content and leftovers of jobs that never committed go, each in the audit log; jobs in flight refuse a
+//! run, jobs arriving during a run wait for it; an unreadable catalog stops the plan.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use prepub_core::cas::Cas;
+use prepub_core::hash::{Digest20, ObjectId, Suffix};
+
+fn gc_dir(dir: &std::path::Path, gc: &str) {
+    prepare_daemon_dir(dir, "", "");
+    let cfg = dir.join("config.yaml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!("    gc: {gc}\n"));
+    std::fs::write(&cfg, text).unwrap();
+}
+
+fn file(path: &'static str, data: Vec<u8>) -> Spec {
+    Spec::File {
+        path,
+        mode: 0o644,
+        data,
+        xattrs: vec![],
+    }
+}
+
+fn publish(d: &Daemon, path: &str, specs: &[Spec], tag: Option<&str>) -> serde_json::Value {
+    let r = d.submit_raw(ADMIN, path, &tar_bytes(specs), tag);
+    assert_eq!(r.status(), 202);
+    let id = r.json::<serde_json::Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.wait_terminal(&id, 60)
+}
+
+fn object(data: &[u8]) -> ObjectId {
+    // Small files are stored zlib-compressed; the name is the SHA-1 of the stored bytes.
+    let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
+    std::io::Write::write_all(&mut enc, data).unwrap();
+    ObjectId::new(Digest20::of(&enc.finish().unwrap()), Suffix::None)
+}
+
+fn ctl(d: &Daemon, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_prepubctl"))
+        .args(args)
+        .env("PREPUB_URL", &d.url)
+        .env("PREPUB_API_TOKEN", ADMIN)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn unreferenced_objects_go_and_every_kept_revision_stays_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    gc_dir(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}",
+    );
+    let d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_HOLD", "processing=800")]);
+    let v = |n: u8| format!("content of release {n} ").repeat(50).into_bytes();
+    // Release 1 is tagged; 2 replaces 1; 3 replaces 2; an aborted job leaves its objects.
+    assert_eq!(
+        publish(&d, "/sw/app", &[file("bin/app", v(1))], Some("app-1"))["state"],
+        "published"
+    );
+    assert_eq!(
+        publish(&d, "/sw/app", &[file("bin/app", v(2))], None)["state"],
+        "published"
+    );
+    assert_eq!(
+        publish(&d, "/sw/app", &[file("bin/app", v(3))], None)["state"],
+        "published"
+    );
+    assert_eq!(
+        publish(&d, "/sw/app", &[file("bin/app", v(4))], None)["state"],
+        "published"
+    );
+    // What a job that never committed leaves behind: a stored object no revision names.
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
+    std::io::Write::write_all(&mut enc, &v(9)).unwrap();
+    cas.put_bytes(&object(&v(9)), &enc.finish().unwrap())
+        .unwrap();
+    // Revision 5 is current (4 publishes after init), trunk-previous is 4, app-1 is 2:
+    // release 2's file (revision 3) is referenced by nothing kept; the leftover neither.
+    for n in [1, 2, 3, 4, 9] {
+        assert!(cas.exists(&object(&v(n))).unwrap(), "release {n} stored");
+    }
+
+    let o = ctl(&d, &["gc", "plan", "--repo", REPO, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let whys: Vec<&str> = plan["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["why"].as_str().unwrap())
+        .collect();
+    assert!(
+        whys.contains(&"current") && whys.contains(&"tag app-1"),
+        "{plan}"
+    );
+    assert!(whys.contains(&"tag trunk-previous"), "{plan}");
+    let sample: Vec<String> = plan["sample"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    assert!(sample.contains(&object(&v(2)).to_string()), "{plan}");
+    assert!(sample.contains(&object(&v(9)).to_string()), "{plan}");
+    // A plan deletes nothing.
+    assert!(cas.exists(&object(&v(2))).unwrap());
+
+    let o = ctl(&d, &["gc", "run", "--repo", REPO]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let deleted = plan["candidate_count"].as_u64().unwrap();
+    assert!(out.contains(&format!("deleted {deleted} objects")), "{out}");
+    for n in [2, 9] {
+        assert!(
+            !cas.exists(&object(&v(n))).unwrap(),
+            "release {n} still stored"
+        );
+    }
+    for n in [1, 3, 4] {
+        assert!(
+            cas.exists(&object(&v(n))).unwrap(),
+            "release {n} was deleted"
+        );
+    }
+    // The current revision checks clean; the audit log lists every deletion.
+    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+    let audit = std::fs::read_to_string(dir.path().join("spool/gc/audit.log")).unwrap();
+    assert_eq!(audit.lines().count() as u64, deleted);
+    assert!(audit.contains(&format!("{REPO} deleted {}", object(&v(2)))));
+    let m = client()
+        .get(format!("{}/api/v1/metrics", d.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(m.contains(&format!(
+        "cvmfs_prepub_gc_objects_deleted_total{{repo=\"{REPO}\"}} {deleted}"
+    )));
+    // Nothing left to collect; publishing goes on.
+    let again: serde_json::Value =
+        serde_json::from_slice(&ctl(&d, &["gc", "plan", "--repo", REPO, "--json"]).stdout).unwrap();
+    assert_eq!(again["candidate_count"], 0);
+    assert_eq!(
+        publish(&d, "/sw/app", &[file("bin/app", v(5))], None)["state"],
+        "published"
+    );
+    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+}
+
+#[test]
+fn runs_wait_for_idle_and_jobs_wait_for_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two deletions a second: the run lasts long enough to submit during it.
+    gc_dir(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, max_deletion_rate: 2, auto_tag_timespan: 0s}",
+    );
+    let d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_HOLD", "processing=1500")]);
+    let junk: Vec<ObjectId> = (0..6u8)
+        .map(|i| {
+            let id = ObjectId::new(Digest20::of(&[i; 8]), Suffix::None);
+            prepub_core::cas::LocalCas::open(&d.storage)
+                .unwrap()
+                .put_bytes(&id, &[i; 8])
+                .unwrap();
+            id
+        })
+        .collect();
+    // A job in flight: refused.
+    let r = d.submit_raw(
+        ADMIN,
+        "/sw/busy",
+        &tar_bytes(&[file("a", b"a".to_vec())]),
+        None,
+    );
+    let busy = r.json::<serde_json::Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let o = ctl(&d, &["gc", "run", "--repo", REPO]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("HTTP 409") && err.contains("in flight"),
+        "{err}"
+    );
+    d.wait_terminal(&busy, 30);
+    // A job arriving during the run waits in queued, then publishes.
+    let (run, late) = std::thread::scope(|s| {
+        let h = s.spawn(|| ctl(&d, &["gc", "run", "--repo", REPO, "--json"]));
+        std::thread::sleep(Duration::from_millis(700));
+        let r = d.submit_raw(
+            ADMIN,
+            "/sw/late",
+            &tar_bytes(&[file("b", b"b".to_vec())]),
+            None,
+        );
+        let id = r.json::<serde_json::Value>().unwrap()["job_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        std::thread::sleep(Duration::from_millis(300));
+        let mid = d.job(&id);
+        assert_eq!(mid["state"], "queued", "{mid}");
+        assert_eq!(
+            mid["waiting"],
+            "garbage collection of the repository is running"
+        );
+        (h.join().unwrap(), id)
+    });
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    // The six leftovers, plus what the published job made unreferenced (the old history).
+    assert_eq!(v["swept"]["deleted"], v["plan"]["candidate_count"], "{v}");
+    assert!(v["swept"]["deleted"].as_u64().unwrap() >= 6, "{v}");
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    assert!(junk.iter().all(|id| !cas.exists(id).unwrap()));
+    assert_eq!(d.wait_terminal(&late, 30)["state"], "published");
+}
+
+#[test]
+fn refusals_and_partial_knowledge() {
+    let dir = tempfile::tempdir().unwrap();
+    gc_dir(dir.path(), "{enabled: false}");
+    let d = Daemon::start(dir.path(), &[]);
+    // Plans are allowed, runs are not until enabled.
+    assert!(ctl(&d, &["gc", "plan", "--repo", REPO]).status.success());
+    let o = ctl(&d, &["gc", "run", "--repo", REPO]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3));
+    assert!(err.contains("not enabled for"), "{err}");
+    // A damaged catalog stops the plan and nothing is decided.
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    let (m, _) = prepub_core::repo::current_manifest(&cas).unwrap().unwrap();
+    let orphan = ObjectId::new(Digest20::of(b"orphan"), Suffix::None);
+    cas.put_bytes(&orphan, b"orphan").unwrap();
+    std::fs::write(d.storage.join(m.root_catalog.path()), b"damaged").unwrap();
+    let o = ctl(&d, &["gc", "plan", "--repo", REPO]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("HTTP 503") && err.contains("partial knowledge"),
+        "{err}"
+    );
+    assert!(cas.exists(&orphan).unwrap());
+}
