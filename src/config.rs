@@ -532,6 +532,62 @@ pub struct GcFile {
     /// Tags a job named are always kept.
     #[serde(default = "default_auto_tag_timespan")]
     pub auto_tag_timespan: String,
+    /// Where access times come from (default: the API and this publisher's publishes).
+    #[serde(default = "default_access_sources")]
+    pub access_sources: Vec<AccessSourceFile>,
+    /// Repeated events for the same object or path within this window are collapsed.
+    #[serde(default = "default_access_collapse")]
+    pub access_collapse: String,
+}
+
+/// One `gc.access_sources` entry.
+#[derive(Debug, Deserialize, Clone, PartialEq)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum AccessSourceFile {
+    /// `POST /api/v1/access-events` batches (log shippers, proxies).
+    Api,
+    /// This publisher's publishes set a floor on their paths.
+    Publish,
+    /// A Stratum 1 web server's access log, tailed (rotation followed).
+    Log {
+        path: PathBuf,
+        /// Regex with named groups for the object (`hash_group`), the time (`time_group`) and,
+        /// optionally, the repository (`repo_group`).
+        regex: String,
+        #[serde(default = "default_time_format")]
+        time_format: String,
+        #[serde(default = "default_hash_group")]
+        hash_group: String,
+        #[serde(default)]
+        repo_group: Option<String>,
+        #[serde(default = "default_time_group")]
+        time_group: String,
+    },
+}
+
+fn default_access_sources() -> Vec<AccessSourceFile> {
+    vec![AccessSourceFile::Api, AccessSourceFile::Publish]
+}
+fn default_access_collapse() -> String {
+    "60s".into()
+}
+fn default_time_format() -> String {
+    "clf".into()
+}
+fn default_hash_group() -> String {
+    "hash".into()
+}
+fn default_time_group() -> String {
+    "time".into()
+}
+
+/// Validated access tracking of a repository.
+#[derive(Debug, Clone)]
+pub struct AccessConfig {
+    pub api: bool,
+    pub publish: bool,
+    pub logs: Vec<(PathBuf, prepub_core::access::LogFormat)>,
+    pub collapse: Duration,
 }
 
 fn default_auto_tag_timespan() -> String {
@@ -546,6 +602,8 @@ impl Default for GcFile {
             grace_period: default_gc_grace(),
             max_deletion_rate: 0,
             auto_tag_timespan: default_auto_tag_timespan(),
+            access_sources: default_access_sources(),
+            access_collapse: default_access_collapse(),
         }
     }
 }
@@ -557,6 +615,62 @@ fn default_gc_grace() -> String {
     "24h".into()
 }
 
+fn access_config(g: &GcFile, i: usize) -> Result<AccessConfig, ConfigError> {
+    let mut a = AccessConfig {
+        api: false,
+        publish: false,
+        logs: Vec::new(),
+        collapse: parse_duration(&g.access_collapse)
+            .map_err(|m| cerr(&format!("repositories[{i}].gc.access_collapse"), m))?,
+    };
+    for (j, src) in g.access_sources.iter().enumerate() {
+        let key = format!("repositories[{i}].gc.access_sources[{j}]");
+        match src {
+            AccessSourceFile::Api => a.api = true,
+            AccessSourceFile::Publish => a.publish = true,
+            AccessSourceFile::Log {
+                path,
+                regex,
+                time_format,
+                hash_group,
+                repo_group,
+                time_group,
+            } => {
+                let re = regex::Regex::new(regex)
+                    .map_err(|e| cerr(&format!("{key}.regex"), e.to_string()))?;
+                let names: Vec<&str> = re.capture_names().flatten().collect();
+                for (k, g) in [
+                    ("hash_group", Some(hash_group)),
+                    ("time_group", Some(time_group)),
+                    ("repo_group", repo_group.as_ref()),
+                ] {
+                    if let Some(g) = g {
+                        if !names.contains(&g.as_str()) {
+                            return Err(cerr(
+                                &format!("{key}.{k}"),
+                                format!("the regex has no group named '{g}'"),
+                            ));
+                        }
+                    }
+                }
+                let tf = prepub_core::access::TimeFormat::parse_name(time_format)
+                    .map_err(|e| cerr(&format!("{key}.time_format"), e.to_string()))?;
+                a.logs.push((
+                    path.clone(),
+                    prepub_core::access::LogFormat {
+                        regex: re,
+                        hash_group: hash_group.clone(),
+                        repo_group: repo_group.clone(),
+                        time_group: time_group.clone(),
+                        time_format: tf,
+                    },
+                ));
+            }
+        }
+    }
+    Ok(a)
+}
+
 /// Validated `gc` settings of a repository.
 #[derive(Debug, Clone)]
 pub struct GcConfig {
@@ -565,6 +679,7 @@ pub struct GcConfig {
     pub grace: Duration,
     pub max_deletion_rate: u64,
     pub auto_tag_timespan: Duration,
+    pub access: AccessConfig,
 }
 
 /// Flag overrides from the command line.
@@ -851,6 +966,7 @@ impl FileConfig {
                     max_deletion_rate: r.gc.max_deletion_rate,
                     auto_tag_timespan: parse_duration(&r.gc.auto_tag_timespan)
                         .map_err(|m| cerr(&format!("repositories[{i}].gc.auto_tag_timespan"), m))?,
+                    access: access_config(&r.gc, i)?,
                 },
             };
             if repos.insert(r.name.clone(), rc).is_some() {

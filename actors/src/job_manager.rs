@@ -39,6 +39,8 @@ pub struct Settings {
     pub distribution: Option<Distribution>,
     /// Set while the service drains: new jobs are refused, accepted ones go on.
     pub draining: Arc<AtomicBool>,
+    /// Access tracking: told of every publish (a floor for content lifecycle).
+    pub access: Option<Recipient<crate::access_tracker::PublishSeen>>,
 }
 
 /// The distributors, one per Stratum 1 endpoint.
@@ -1033,6 +1035,17 @@ impl Handler<Committed> for JobManager {
                     .jobs_published_total
                     .with_label_values(&[&job.path])
                     .inc();
+                if let Some(a) = &self.settings.access {
+                    a.do_send(crate::access_tracker::PublishSeen {
+                        repo: job.repo.clone(),
+                        path: if job.path.is_empty() {
+                            "/".into()
+                        } else {
+                            job.path.clone()
+                        },
+                        time: now_ms() / 1000,
+                    });
+                }
                 job.result = Some(result);
                 job.transition(JobState::Published, now_ms());
                 self.save(job, ctx, |_, _, _| {

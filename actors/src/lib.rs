@@ -5,6 +5,7 @@
 //! flight) and `Publisher` (the standalone publish backend with one
 //! commit queue per repository).
 
+pub mod access_tracker;
 pub mod cas_writer;
 pub mod compressor_pool;
 pub mod gateway_client;

@@ -25,6 +25,9 @@ pub struct Metrics {
     pub queue_depth: IntGaugeVec,
     pub actor_restarts_total: IntCounterVec,
     pub lease_heartbeat_lateness_seconds: Histogram,
+    pub access_events_total: IntCounterVec,
+    pub access_events_collapsed_total: IntCounterVec,
+    pub access_log_lines_skipped_total: IntCounterVec,
     pub gc_runs_total: IntCounterVec,
     pub gc_objects_deleted_total: IntCounterVec,
     pub gc_bytes_reclaimed_total: IntCounterVec,
@@ -181,6 +184,21 @@ impl Metrics {
                 prometheus::process_collector::ProcessCollector::for_self(),
             ))
             .expect("metric registered once");
+        let access_events_total = cv(
+            "access_events_total",
+            "Access events recorded, by repository and source (api, log, publish)",
+            &["repo", "source"],
+        );
+        let access_events_collapsed_total = cv(
+            "access_events_collapsed_total",
+            "Access events dropped as repeats within the collapse window",
+            &["repo"],
+        );
+        let access_log_lines_skipped_total = cv(
+            "access_log_lines_skipped_total",
+            "Access log lines that did not match the configured format (or another repository)",
+            &["repo"],
+        );
         let gc_runs_total = cv(
             "gc_runs_total",
             "Garbage collection runs, by repository and outcome (swept, failed, refused)",
@@ -237,6 +255,9 @@ impl Metrics {
             &["reason"],
         );
         Metrics {
+            access_events_total,
+            access_events_collapsed_total,
+            access_log_lines_skipped_total,
             gc_runs_total,
             gc_objects_deleted_total,
             gc_bytes_reclaimed_total,

@@ -65,6 +65,7 @@ async fn job_manager_restarts_from_the_journal() {
         spool_root: dir.path().join("spool"),
         distribution: None,
         draining: Default::default(),
+        access: None,
     });
     let metrics = Metrics::new();
     let restarts = metrics.actor_restarts_total.clone();

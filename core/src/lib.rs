@@ -6,6 +6,7 @@
 //! cvmfs-prepub, as plain synchronous Rust. Nothing here knows about actix or async; the daemon's
 //! actors are thin shells around these types.
 
+pub mod access;
 pub mod cas;
 pub mod catalog;
 pub mod check;

@@ -37,6 +37,7 @@ pub struct AppState {
     pub incoming: PathBuf,
     /// Shared with the job manager: set while draining.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    pub access: Addr<prepub_actors::access_tracker::AccessTracker>,
     pub started: std::time::Instant,
 }
 
@@ -969,6 +970,176 @@ pub async fn gc_run(
         .with_label_values(&[repo.as_str()])
         .set(prepub_core::timefmt::now());
     Ok(HttpResponse::Ok().json(serde_json::json!({"plan": plan_view(&plan), "swept": swept})))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessBatch {
+    repo: String,
+    events: Vec<AccessEventIn>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessEventIn {
+    /// An object name (`<hash>[suffix]`) or a request path ending in `data/xx/…`.
+    object: Option<String>,
+    /// A path inside the repository.
+    path: Option<String>,
+    /// UNIX seconds; default now.
+    time: Option<i64>,
+}
+
+/// Most events in one `POST /api/v1/access-events` batch.
+pub const MAX_ACCESS_BATCH: usize = 10_000;
+
+fn may_touch_repo(who: &Principal, repo: &str) -> bool {
+    match who {
+        Principal::Admin => true,
+        Principal::Scoped { prefixes, .. } => prefixes.iter().any(|(r, _)| r == repo),
+    }
+}
+
+/// `POST /api/v1/access-events`: a batch of accesses (from log shippers or proxies) for one
+/// repository; 202 `{applied, collapsed}`.
+pub async fn access_events(
+    req: HttpRequest,
+    mut payload: web::Payload,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let who = auth(&req, &st)?;
+    // At most 8 MiB of JSON (10 000 events fit comfortably).
+    const LIMIT: usize = 8 << 20;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| bad("bad-upload", format!("reading the body: {e}")))?;
+        if body.len() + chunk.len() > LIMIT {
+            return Err(ApiError::TooLarge(LIMIT as u64));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let batch: AccessBatch = serde_json::from_slice(&body)
+        .map_err(|e| bad("bad-request", format!("access events: {e}")))?;
+    if !st.cfg.repos.contains_key(&batch.repo) {
+        return Err(ApiError::NotFound(format!(
+            "repository {} is not served here",
+            batch.repo
+        )));
+    }
+    if !may_touch_repo(&who, &batch.repo) {
+        return Err(ApiError::Forbidden(format!(
+            "this token has no prefix in {}",
+            batch.repo
+        )));
+    }
+    if batch.events.len() > MAX_ACCESS_BATCH {
+        return Err(bad(
+            "bad-request",
+            format!(
+                "{} events; at most {MAX_ACCESS_BATCH} per batch",
+                batch.events.len()
+            ),
+        ));
+    }
+    let now = prepub_core::timefmt::now();
+    let mut events = Vec::with_capacity(batch.events.len());
+    for (i, e) in batch.events.into_iter().enumerate() {
+        let object = match &e.object {
+            None => None,
+            Some(o) => Some(prepub_core::access::object_of(o).ok_or_else(|| {
+                bad(
+                    "bad-request",
+                    format!("events[{i}].object '{o}' names no object"),
+                )
+            })?),
+        };
+        let path = match &e.path {
+            None => None,
+            Some(p) => Some(
+                prepub_core::repo::normalize_repo_path(p)
+                    .map(|p| if p.is_empty() { "/".to_string() } else { p })
+                    .map_err(|err| bad("bad-request", format!("events[{i}].path: {err}")))?,
+            ),
+        };
+        if object.is_none() && path.is_none() {
+            return Err(bad(
+                "bad-request",
+                format!("events[{i}] needs an object or a path"),
+            ));
+        }
+        let time = e.time.unwrap_or(now);
+        if time > now + 300 {
+            return Err(bad(
+                "bad-request",
+                format!("events[{i}].time is in the future"),
+            ));
+        }
+        events.push(prepub_core::access::AccessEvent { object, path, time });
+    }
+    let r = st
+        .access
+        .send(prepub_actors::access_tracker::RecordAccess {
+            repo: batch.repo,
+            events,
+        })
+        .await
+        .map_err(|_| ApiError::Unavailable("access tracker unavailable".into()))?;
+    match r {
+        Ok(rec) => Ok(HttpResponse::Accepted().json(rec)),
+        Err(prepub_actors::access_tracker::AccessRefused::NotTracked(m)) => {
+            Err(ApiError::Conflict(m))
+        }
+        Err(prepub_actors::access_tracker::AccessRefused::Store(m)) => {
+            Err(ApiError::Unavailable(m))
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+pub struct AccessQuery {
+    object: Option<String>,
+    path: Option<String>,
+}
+
+/// `GET /api/v1/access/{repo}?object=&path=` (admin): what the access store knows.
+pub async fn access_query(
+    req: HttpRequest,
+    repo: web::Path<String>,
+    q: web::Query<AccessQuery>,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    admin_only(&auth(&req, &st)?)?;
+    let repo = repo.into_inner();
+    if !st.cfg.repos.contains_key(&repo) {
+        return Err(ApiError::NotFound(format!(
+            "repository {repo} is not served here"
+        )));
+    }
+    let object = match &q.object {
+        None => None,
+        Some(o) => Some(
+            prepub_core::access::object_of(o)
+                .ok_or_else(|| bad("bad-request", format!("'{o}' names no object")))?,
+        ),
+    };
+    let r = st
+        .access
+        .send(prepub_actors::access_tracker::QueryAccess {
+            repo,
+            object,
+            path: q.path.clone(),
+        })
+        .await
+        .map_err(|_| ApiError::Unavailable("access tracker unavailable".into()))?;
+    match r {
+        Ok(v) => Ok(HttpResponse::Ok().json(v)),
+        Err(prepub_actors::access_tracker::AccessRefused::NotTracked(m)) => {
+            Err(ApiError::NotFound(m))
+        }
+        Err(prepub_actors::access_tracker::AccessRefused::Store(m)) => {
+            Err(ApiError::Unavailable(m))
+        }
+    }
 }
 
 /// `GET /api/v1/openapi.json`: the OpenAPI 3 description of this API (tests keep it in step

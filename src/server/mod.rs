@@ -191,6 +191,31 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
         }
     };
     let metrics = Metrics::new();
+    // Access tracking stores (`<spool>/access/<repo>.db`), opened before the runtime starts.
+    let mut tracked = std::collections::HashMap::new();
+    for r in cfg.repos.values() {
+        let a = &r.gc.access;
+        let store = prepub_actors::access_tracker::AccessTracker::open_store(
+            &cfg.spool_root.join("access"),
+            &r.name,
+            a.collapse.as_secs() as i64,
+        )
+        .map_err(|e| anyhow::anyhow!("access store of {}: {e}", r.name))?;
+        tracked.insert(
+            r.name.clone(),
+            prepub_actors::access_tracker::Tracked {
+                store,
+                logs: a
+                    .logs
+                    .iter()
+                    .map(|(p, f)| (prepub_core::access::LogTail::new(p), f.clone()))
+                    .collect(),
+                api: a.api,
+                publish: a.publish,
+            },
+        );
+    }
+    let tracked_slot = Mutex::new(Some(tracked));
     // The MQTT control plane: connected (in the background) before the runtime starts.
     let bridge = match cfg.distribution.as_ref().and_then(|d| d.mqtt.as_ref()) {
         None => None,
@@ -338,8 +363,31 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 quorum_timeout,
             }
         });
+        let m3 = metrics.clone();
+        let access = SyncArbiter::start(1, move || {
+            let repos = tracked_slot
+                .lock()
+                .ok()
+                .and_then(|mut g| g.take())
+                .unwrap_or_default();
+            prepub_actors::access_tracker::AccessTracker::new(repos, m3.clone())
+        });
+        {
+            // Access logs are read every two seconds.
+            let a = access.clone();
+            let _ = std::thread::Builder::new()
+                .name("access-log-tick".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(2));
+                    if !a.connected() {
+                        break;
+                    }
+                    a.do_send(prepub_actors::access_tracker::PollLogs);
+                });
+        }
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let settings = Arc::new(Settings {
+            access: Some(access.clone().recipient()),
             draining: draining.clone(),
             repos: targets.into_iter().map(|t| (t.name.clone(), t)).collect(),
             params: cfg.params,
@@ -392,6 +440,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
             incoming: cfg.spool_root.join("incoming"),
             draining,
             started: std::time::Instant::now(),
+            access,
         });
         let http_log = log.clone();
         let server = HttpServer::new(move || {
@@ -412,6 +461,8 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 .route("/api/v1/openapi.json", web::get().to(api::openapi))
                 .route("/api/v1/gc/{repo}/plan", web::get().to(api::gc_plan))
                 .route("/api/v1/gc/{repo}/run", web::post().to(api::gc_run))
+                .route("/api/v1/access-events", web::post().to(api::access_events))
+                .route("/api/v1/access/{repo}", web::get().to(api::access_query))
                 .default_service(web::to(api::not_found))
         })
         .shutdown_timeout(30);
