@@ -160,6 +160,16 @@ impl Client {
         )
     }
 
+    pub fn gc_tombstones(&self, repo: &str) -> anyhow::Result<serde_json::Value> {
+        Self::decode(
+            self.req(
+                reqwest::Method::GET,
+                &format!("/api/v1/gc/{repo}/tombstones"),
+            )
+            .send()?,
+        )
+    }
+
     pub fn status(&self) -> anyhow::Result<Status> {
         Self::decode(self.req(reqwest::Method::GET, "/api/v1/status").send()?)
     }

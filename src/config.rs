@@ -532,6 +532,10 @@ pub struct GcFile {
     /// Tags a job named are always kept.
     #[serde(default = "default_auto_tag_timespan")]
     pub auto_tag_timespan: String,
+    /// Unreferenced objects are first tombstoned and deleted by a later run once this has
+    /// passed (unless seen again meanwhile); `0s` deletes at once.
+    #[serde(default = "default_soft_delete")]
+    pub soft_delete_period: String,
     /// Where access times come from (default: the API and this publisher's publishes).
     #[serde(default = "default_access_sources")]
     pub access_sources: Vec<AccessSourceFile>,
@@ -563,6 +567,10 @@ pub enum AccessSourceFile {
         #[serde(default = "default_time_group")]
         time_group: String,
     },
+}
+
+fn default_soft_delete() -> String {
+    "0s".into()
 }
 
 fn default_access_sources() -> Vec<AccessSourceFile> {
@@ -602,6 +610,7 @@ impl Default for GcFile {
             grace_period: default_gc_grace(),
             max_deletion_rate: 0,
             auto_tag_timespan: default_auto_tag_timespan(),
+            soft_delete_period: default_soft_delete(),
             access_sources: default_access_sources(),
             access_collapse: default_access_collapse(),
         }
@@ -679,6 +688,7 @@ pub struct GcConfig {
     pub grace: Duration,
     pub max_deletion_rate: u64,
     pub auto_tag_timespan: Duration,
+    pub soft_delete: Duration,
     pub access: AccessConfig,
 }
 
@@ -966,6 +976,9 @@ impl FileConfig {
                     max_deletion_rate: r.gc.max_deletion_rate,
                     auto_tag_timespan: parse_duration(&r.gc.auto_tag_timespan)
                         .map_err(|m| cerr(&format!("repositories[{i}].gc.auto_tag_timespan"), m))?,
+                    soft_delete: parse_duration(&r.gc.soft_delete_period).map_err(|m| {
+                        cerr(&format!("repositories[{i}].gc.soft_delete_period"), m)
+                    })?,
                     access: access_config(&r.gc, i)?,
                 },
             };

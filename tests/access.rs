@@ -59,7 +59,10 @@ fn api_batches_and_the_publish_floor() {
         ]}),
     );
     assert_eq!(code, 202, "{r}");
-    assert_eq!(r, serde_json::json!({"applied": 2, "collapsed": 1}));
+    assert_eq!(
+        r,
+        serde_json::json!({"applied": 2, "collapsed": 1, "revoked": 0})
+    );
     let v = seen(&d, &format!("object={a}&path=/sw/b"));
     assert_eq!(v["object_seen"], 1000);
     assert_eq!(v["path_seen"], 2000);

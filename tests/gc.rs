@@ -265,3 +265,75 @@ fn refusals_and_partial_knowledge() {
     );
     assert!(cas.exists(&orphan).unwrap());
 }
+
+#[test]
+fn with_a_soft_delete_period_objects_are_tombstoned_first_and_an_access_revokes() {
+    let dir = tempfile::tempdir().unwrap();
+    gc_dir(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s, soft_delete_period: 2s}",
+    );
+    let d = Daemon::start(dir.path(), &[]);
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    let junk: Vec<ObjectId> = (0..3u8)
+        .map(|i| {
+            let id = ObjectId::new(Digest20::of(&[i; 4]), Suffix::None);
+            cas.put_bytes(&id, &[i; 4]).unwrap();
+            id
+        })
+        .collect();
+    let run = || -> serde_json::Value {
+        let o = ctl(&d, &["gc", "run", "--repo", REPO, "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    // First run: tombstones, deletes nothing.
+    let r1 = run();
+    assert_eq!(r1["swept"]["deleted"], 0, "{r1}");
+    assert_eq!(r1["tombstones"]["new"], 3, "{r1}");
+    assert!(junk.iter().all(|id| cas.exists(id).unwrap()));
+    let o = ctl(&d, &["gc", "tombstones", "--repo", REPO]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.starts_with("3 tombstones"), "{out}");
+    // Someone reads junk[0]: its tombstone is revoked.
+    let r = client()
+        .post(format!("{}/api/v1/access-events", d.url))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"repo": REPO, "events": [{"object": junk[0].to_string()}]}))
+        .send()
+        .unwrap();
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["revoked"], 1, "{v}");
+    std::thread::sleep(Duration::from_millis(2100));
+    // Second run: the two still-tombstoned objects go; junk[0] is tombstoned afresh.
+    let r2 = run();
+    assert_eq!(r2["swept"]["deleted"], 2, "{r2}");
+    assert_eq!(r2["tombstones"]["pending"], 1, "{r2}");
+    assert!(cas.exists(&junk[0]).unwrap());
+    assert!(!cas.exists(&junk[1]).unwrap() && !cas.exists(&junk[2]).unwrap());
+    let m = client()
+        .get(format!("{}/api/v1/metrics", d.url))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    assert!(
+        m.contains(&format!(
+            "cvmfs_prepub_gc_objects_tombstoned_total{{repo=\"{REPO}\"}} 4"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "cvmfs_prepub_gc_tombstones_revoked_total{{repo=\"{REPO}\"}} 1"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "cvmfs_prepub_gc_tombstones_pending{{repo=\"{REPO}\"}} 1"
+        )),
+        "{m}"
+    );
+    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+}

@@ -379,6 +379,19 @@ fn the_document_matches_routes_statuses_and_bodies() {
             .send()
             .unwrap(),
     );
+    let tombs = "/api/v1/gc/{repo}/tombstones";
+    let get_t = |tok: Option<&str>, repo: &str| {
+        let mut r = c.get(gc_url("tombstones", repo));
+        if let Some(t) = tok {
+            r = r.bearer_auth(t);
+        }
+        r.send().unwrap()
+    };
+    let v = api.check("get", tombs, get_t(Some(ADMIN), REPO));
+    assert_eq!(v["count"], 0, "no soft-delete period: nothing tombstoned");
+    api.check("get", tombs, get_t(None, REPO));
+    api.check("get", tombs, get_t(Some(SCOPED), REPO));
+    api.check("get", tombs, get_t(Some(ADMIN), "no.example.org"));
     // Access tracking.
     let ae = "/api/v1/access-events";
     let post_ae = |tok: Option<&str>, body: Value| {
@@ -497,6 +510,7 @@ fn the_document_matches_routes_statuses_and_bodies() {
             "post /api/v1/access-events 409",
             "get /api/v1/gc/{repo}/plan 503",
             "post /api/v1/gc/{repo}/run 503",
+            "get /api/v1/gc/{repo}/tombstones 503",
             "post /api/v1/jobs 409"
         ],
         "documented statuses not exercised"

@@ -49,6 +49,10 @@ impl AccessTracker {
             .access_events_collapsed_total
             .with_label_values(&[repo])
             .inc_by(r.collapsed as u64);
+        self.metrics
+            .gc_tombstones_revoked_total
+            .with_label_values(&[repo])
+            .inc_by(r.revoked as u64);
     }
 }
 

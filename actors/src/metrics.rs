@@ -28,6 +28,9 @@ pub struct Metrics {
     pub access_events_total: IntCounterVec,
     pub access_events_collapsed_total: IntCounterVec,
     pub access_log_lines_skipped_total: IntCounterVec,
+    pub gc_objects_tombstoned_total: IntCounterVec,
+    pub gc_tombstones_revoked_total: IntCounterVec,
+    pub gc_tombstones_pending: IntGaugeVec,
     pub gc_runs_total: IntCounterVec,
     pub gc_objects_deleted_total: IntCounterVec,
     pub gc_bytes_reclaimed_total: IntCounterVec,
@@ -199,6 +202,27 @@ impl Metrics {
             "Access log lines that did not match the configured format (or another repository)",
             &["repo"],
         );
+        let gc_objects_tombstoned_total = cv(
+            "gc_objects_tombstoned_total",
+            "Unreferenced objects tombstoned (deleted by a later run after the soft-delete period)",
+            &["repo"],
+        );
+        let gc_tombstones_revoked_total = cv(
+            "gc_tombstones_revoked_total",
+            "Tombstones revoked: the object was seen again, or referenced again",
+            &["repo"],
+        );
+        let gc_tombstones_pending = IntGaugeVec::new(
+            Opts::new(
+                "cvmfs_prepub_gc_tombstones_pending",
+                "Tombstoned objects awaiting deletion, as of the last run",
+            ),
+            &["repo"],
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(gc_tombstones_pending.clone()))
+            .expect("metric registered once");
         let gc_runs_total = cv(
             "gc_runs_total",
             "Garbage collection runs, by repository and outcome (swept, failed, refused)",
@@ -255,6 +279,9 @@ impl Metrics {
             &["reason"],
         );
         Metrics {
+            gc_objects_tombstoned_total,
+            gc_tombstones_revoked_total,
+            gc_tombstones_pending,
             access_events_total,
             access_events_collapsed_total,
             access_log_lines_skipped_total,

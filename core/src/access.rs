@@ -46,6 +46,18 @@ pub struct Recorded {
     pub applied: usize,
     /// Events dropped as repeats within the collapse window.
     pub collapsed: usize,
+    /// Tombstones revoked because their object was seen after it was tombstoned.
+    pub revoked: usize,
+}
+
+/// An object marked for deletion: garbage collection deletes it once `delete_after` has passed
+/// (and it is still unreferenced), unless it is seen again first.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Tombstone {
+    pub object: String,
+    pub size: u64,
+    pub created: i64,
+    pub delete_after: i64,
 }
 
 /// The access store of one repository.
@@ -75,7 +87,9 @@ impl AccessStore {
         conn.execute_batch(
             "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
              CREATE TABLE IF NOT EXISTS objects (hash TEXT PRIMARY KEY, last_seen INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS paths (path TEXT PRIMARY KEY, last_seen INTEGER NOT NULL);",
+             CREATE TABLE IF NOT EXISTS paths (path TEXT PRIMARY KEY, last_seen INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS tombstones (hash TEXT PRIMARY KEY, size INTEGER NOT NULL,
+                 created INTEGER NOT NULL, delete_after INTEGER NOT NULL);",
         )
         .map_err(sql)?;
         Ok(AccessStore {
@@ -122,7 +136,12 @@ impl AccessStore {
                 out.collapsed += 1;
             }
         }
-        if keys.is_empty() {
+        // Every object event may revoke a tombstone, collapsed or not.
+        let seen: Vec<(String, i64)> = events
+            .iter()
+            .filter_map(|e| e.object.map(|o| (o.to_string(), e.time)))
+            .collect();
+        if keys.is_empty() && seen.is_empty() {
             return Ok(out);
         }
         let tx = self.conn.unchecked_transaction().map_err(|e| self.sql(e))?;
@@ -139,6 +158,12 @@ impl AccessStore {
                      ON CONFLICT(path) DO UPDATE SET last_seen = max(last_seen, excluded.last_seen)",
                 )
                 .map_err(|e| self.sql(e))?;
+            let mut revoke = tx
+                .prepare_cached("DELETE FROM tombstones WHERE hash = ?1 AND created <= ?2")
+                .map_err(|e| self.sql(e))?;
+            for (k, t) in &seen {
+                out.revoked += revoke.execute(params![k, t]).map_err(|e| self.sql(e))?;
+            }
             for (is_obj, k, t) in &keys {
                 if *is_obj {
                     obj.execute(params![k, t]).map_err(|e| self.sql(e))?;
@@ -153,6 +178,69 @@ impl AccessStore {
             self.recent.clear();
         }
         Ok(out)
+    }
+
+    /// Tombstones `objects` (object, size) at `now` to be deleted after `delete_after`;
+    /// already tombstoned ones keep their times. Returns how many are new.
+    pub fn tombstone(
+        &mut self,
+        objects: &[(ObjectId, u64)],
+        now: i64,
+        delete_after: i64,
+    ) -> Result<usize, AccessError> {
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.sql(e))?;
+        let mut n = 0;
+        {
+            let mut st = tx
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO tombstones (hash, size, created, delete_after) VALUES (?1, ?2, ?3, ?4)",
+                )
+                .map_err(|e| self.sql(e))?;
+            for (id, size) in objects {
+                n += st
+                    .execute(params![id.to_string(), *size as i64, now, delete_after])
+                    .map_err(|e| self.sql(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.sql(e))?;
+        Ok(n)
+    }
+
+    /// Every tombstone, soonest due first.
+    pub fn tombstones(&self) -> Result<Vec<Tombstone>, AccessError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT hash, size, created, delete_after FROM tombstones ORDER BY delete_after, hash")
+            .map_err(|e| self.sql(e))?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(Tombstone {
+                    object: r.get(0)?,
+                    size: r.get::<_, i64>(1)? as u64,
+                    created: r.get(2)?,
+                    delete_after: r.get(3)?,
+                })
+            })
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.sql(e))
+    }
+
+    /// Drops the tombstones of `objects` (deleted, or referenced again).
+    pub fn untombstone(&mut self, objects: &[ObjectId]) -> Result<usize, AccessError> {
+        let tx = self.conn.unchecked_transaction().map_err(|e| self.sql(e))?;
+        let mut n = 0;
+        {
+            let mut st = tx
+                .prepare_cached("DELETE FROM tombstones WHERE hash = ?1")
+                .map_err(|e| self.sql(e))?;
+            for id in objects {
+                n += st
+                    .execute(params![id.to_string()])
+                    .map_err(|e| self.sql(e))?;
+            }
+        }
+        tx.commit().map_err(|e| self.sql(e))?;
+        Ok(n)
     }
 
     /// When the object was last seen.
@@ -446,7 +534,8 @@ mod tests {
             s.record(&[ev(1000), ev(1010), ev(1100)]).unwrap(),
             Recorded {
                 applied: 2,
-                collapsed: 1
+                collapsed: 1,
+                revoked: 0
             }
         );
         assert_eq!(s.object_seen(&id).unwrap(), Some(1100));
@@ -460,6 +549,38 @@ mod tests {
         // Persistent.
         let s = AccessStore::open(&dir.path().join("a.db"), 60).unwrap();
         assert_eq!(s.object_seen(&id).unwrap(), Some(1100));
+    }
+
+    #[test]
+    fn tombstones_are_revoked_by_a_later_access() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = AccessStore::open(&dir.path().join("t.db"), 0).unwrap();
+        let (a, b) = (
+            ObjectId::new(Digest20::of(b"a"), Suffix::None),
+            ObjectId::new(Digest20::of(b"b"), Suffix::None),
+        );
+        assert_eq!(s.tombstone(&[(a, 10), (b, 20)], 1000, 2000).unwrap(), 2);
+        assert_eq!(
+            s.tombstone(&[(a, 10)], 1500, 9999).unwrap(),
+            0,
+            "kept its times"
+        );
+        // Seen before the tombstone: no effect; seen after: revoked.
+        let ev = |o, t| AccessEvent {
+            object: Some(o),
+            path: None,
+            time: t,
+        };
+        assert_eq!(s.record(&[ev(a, 900)]).unwrap().revoked, 0);
+        assert_eq!(s.record(&[ev(a, 1200)]).unwrap().revoked, 1);
+        let t = s.tombstones().unwrap();
+        assert_eq!(t.len(), 1);
+        assert_eq!(
+            (t[0].object.clone(), t[0].size, t[0].delete_after),
+            (b.to_string(), 20, 2000)
+        );
+        assert_eq!(s.untombstone(&[b]).unwrap(), 1);
+        assert!(s.tombstones().unwrap().is_empty());
     }
 
     #[test]

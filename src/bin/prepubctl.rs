@@ -125,8 +125,14 @@ enum GcCmd {
         #[arg(long)]
         repo: String,
     },
-    /// Collect: delete the unreferenced objects older than the grace period.
+    /// Collect: delete the unreferenced objects older than the grace period (or tombstone
+    /// them, with a soft-delete period).
     Run {
+        #[arg(long)]
+        repo: String,
+    },
+    /// Objects tombstoned and awaiting deletion.
+    Tombstones {
         #[arg(long)]
         repo: String,
     },
@@ -448,7 +454,18 @@ fn run(cli: Cli) -> Result<(), Fail> {
             let (v, what) = match g {
                 GcCmd::Plan { repo } => (c.gc_plan(&repo)?, "plan"),
                 GcCmd::Run { repo } => (c.gc_run(&repo)?, "run"),
+                GcCmd::Tombstones { repo } => (c.gc_tombstones(&repo)?, "tombstones"),
             };
+            if what == "tombstones" && !json {
+                println!("{} tombstones", v["count"]);
+                for t in v["tombstones"].as_array().into_iter().flatten() {
+                    println!(
+                        "  {}  {} bytes  tombstoned {}  deletable after {}",
+                        t["object"], t["size"], t["created"], t["delete_after"]
+                    );
+                }
+                return Ok(());
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                 return Ok(());
@@ -477,8 +494,12 @@ fn run(cli: Cli) -> Result<(), Fail> {
             );
             if what == "run" {
                 println!(
-                    "deleted {} objects, {} bytes",
-                    v["swept"]["deleted"], v["swept"]["bytes"]
+                    "deleted {} objects, {} bytes; tombstoned {}, revoked {}, {} tombstones pending",
+                    v["swept"]["deleted"],
+                    v["swept"]["bytes"],
+                    v["tombstones"]["new"],
+                    v["tombstones"]["revoked"],
+                    v["tombstones"]["pending"]
                 );
             }
         }

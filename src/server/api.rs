@@ -918,26 +918,49 @@ pub async fn gc_run(
         Err(_) => return Err(ApiError::Unavailable("job manager unavailable".into())),
     }
     let audit_dir = st.cfg.spool_root.join("gc");
+    let access_db = st.cfg.spool_root.join("access").join(format!("{repo}.db"));
     let (repo2, started) = (repo.clone(), std::time::Instant::now());
-    let result = web::block(move || {
-        let plan =
-            prepub_core::gc::plan(cas.as_ref(), &gc_policy(&g), prepub_core::timefmt::now())?;
-        std::fs::create_dir_all(&audit_dir).map_err(prepub_core::gc::GcError::Audit)?;
-        let mut audit = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(audit_dir.join("audit.log"))
-            .map_err(prepub_core::gc::GcError::Audit)?;
-        let swept = prepub_core::gc::sweep(
-            cas.as_ref(),
-            &repo2,
-            &plan,
-            g.max_deletion_rate,
-            &mut audit,
-            prepub_core::timefmt::now,
-        );
-        audit.sync_all().map_err(prepub_core::gc::GcError::Audit)?;
-        Ok::<_, prepub_core::gc::GcError>((plan, swept?))
+    let result = web::block(move || -> Result<_, prepub_core::gc::GcError> {
+        use prepub_core::gc::GcError;
+        let now = prepub_core::timefmt::now();
+        let mut plan = prepub_core::gc::plan(cas.as_ref(), &gc_policy(&g), now)?;
+        let mut tomb = Tombstoning::default();
+        if !g.soft_delete.is_zero() {
+            // Two phases: tombstone what is unreferenced now; delete the tombstones that are due
+            // and still unreferenced (this plan's candidates); drop those referenced again.
+            let audit_err = |e: prepub_core::access::AccessError| {
+                GcError::Audit(std::io::Error::other(e.to_string()))
+            };
+            let mut store =
+                prepub_core::access::AccessStore::open(&access_db, 0).map_err(audit_err)?;
+            let unreferenced: std::collections::HashMap<prepub_core::hash::ObjectId, u64> =
+                plan.candidates.iter().copied().collect();
+            let mut due = Vec::new();
+            let mut referenced_again = Vec::new();
+            for t in store.tombstones().map_err(audit_err)? {
+                let Ok(id) = prepub_core::hash::ObjectId::parse(&t.object) else {
+                    continue;
+                };
+                match unreferenced.get(&id) {
+                    Some(&size) if t.delete_after <= now => due.push((id, size)),
+                    Some(_) => {}
+                    None => referenced_again.push(id),
+                }
+            }
+            tomb.revoked = store.untombstone(&referenced_again).map_err(audit_err)?;
+            tomb.new = store
+                .tombstone(&plan.candidates, now, now + g.soft_delete.as_secs() as i64)
+                .map_err(audit_err)?;
+            let due_ids: Vec<_> = due.iter().map(|(id, _)| *id).collect();
+            plan.candidates = due;
+            let swept =
+                sweep_to_audit(cas.as_ref(), &repo2, &plan, g.max_deletion_rate, &audit_dir);
+            store.untombstone(&due_ids).map_err(audit_err)?;
+            tomb.pending = store.tombstones().map_err(audit_err)?.len();
+            return Ok((plan, swept?, tomb));
+        }
+        let swept = sweep_to_audit(cas.as_ref(), &repo2, &plan, g.max_deletion_rate, &audit_dir)?;
+        Ok((plan, swept, tomb))
     })
     .await;
     st.jobs
@@ -945,7 +968,7 @@ pub async fn gc_run(
     st.metrics
         .gc_run_duration_seconds
         .observe(started.elapsed().as_secs_f64());
-    let (plan, swept) = match result {
+    let (plan, swept, tomb) = match result {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             st.metrics
@@ -966,10 +989,74 @@ pub async fn gc_run(
     m.gc_bytes_reclaimed_total
         .with_label_values(&[repo.as_str()])
         .inc_by(swept.bytes);
+    m.gc_objects_tombstoned_total
+        .with_label_values(&[repo.as_str()])
+        .inc_by(tomb.new as u64);
+    m.gc_tombstones_revoked_total
+        .with_label_values(&[repo.as_str()])
+        .inc_by(tomb.revoked as u64);
+    m.gc_tombstones_pending
+        .with_label_values(&[repo.as_str()])
+        .set(tomb.pending as i64);
     m.gc_last_run_timestamp_seconds
         .with_label_values(&[repo.as_str()])
         .set(prepub_core::timefmt::now());
-    Ok(HttpResponse::Ok().json(serde_json::json!({"plan": plan_view(&plan), "swept": swept})))
+    Ok(HttpResponse::Ok()
+        .json(serde_json::json!({"plan": plan_view(&plan), "swept": swept, "tombstones": tomb})))
+}
+
+/// What a run did with tombstones (all zero without a soft-delete period).
+#[derive(Debug, Default, serde::Serialize)]
+struct Tombstoning {
+    /// Objects newly tombstoned.
+    new: usize,
+    /// Tombstones dropped because their object is referenced again.
+    revoked: usize,
+    /// Tombstones left for later runs.
+    pending: usize,
+}
+
+fn sweep_to_audit(
+    cas: &dyn prepub_core::cas::Cas,
+    repo: &str,
+    plan: &prepub_core::gc::Plan,
+    rate: u64,
+    audit_dir: &std::path::Path,
+) -> Result<prepub_core::gc::Swept, prepub_core::gc::GcError> {
+    use prepub_core::gc::GcError;
+    std::fs::create_dir_all(audit_dir).map_err(GcError::Audit)?;
+    let mut audit = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(audit_dir.join("audit.log"))
+        .map_err(GcError::Audit)?;
+    let swept =
+        prepub_core::gc::sweep(cas, repo, plan, rate, &mut audit, prepub_core::timefmt::now);
+    audit.sync_all().map_err(GcError::Audit)?;
+    swept
+}
+
+/// `GET /api/v1/gc/{repo}/tombstones` (admin): objects awaiting deletion.
+pub async fn gc_tombstones(
+    req: HttpRequest,
+    repo: web::Path<String>,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    admin_only(&auth(&req, &st)?)?;
+    let repo = repo.into_inner();
+    if !st.cfg.repos.contains_key(&repo) {
+        return Err(ApiError::NotFound(format!(
+            "repository {repo} is not served here"
+        )));
+    }
+    let db = st.cfg.spool_root.join("access").join(format!("{repo}.db"));
+    let list = web::block(move || {
+        prepub_core::access::AccessStore::open(&db, 0).and_then(|s| s.tombstones())
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({"count": list.len(), "tombstones": list.iter().take(1000).collect::<Vec<_>>()})))
 }
 
 #[derive(serde::Deserialize)]

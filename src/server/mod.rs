@@ -461,6 +461,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 .route("/api/v1/openapi.json", web::get().to(api::openapi))
                 .route("/api/v1/gc/{repo}/plan", web::get().to(api::gc_plan))
                 .route("/api/v1/gc/{repo}/run", web::post().to(api::gc_run))
+                .route("/api/v1/gc/{repo}/tombstones", web::get().to(api::gc_tombstones))
                 .route("/api/v1/access-events", web::post().to(api::access_events))
                 .route("/api/v1/access/{repo}", web::get().to(api::access_query))
                 .default_service(web::to(api::not_found))
