@@ -337,3 +337,49 @@ fn with_a_soft_delete_period_objects_are_tombstoned_first_and_an_access_revokes(
     );
     ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
 }
+
+#[test]
+fn a_client_leaving_mid_run_neither_stops_it_nor_holds_jobs_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    gc_dir(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, max_deletion_rate: 4, auto_tag_timespan: 0s}",
+    );
+    let d = Daemon::start(dir.path(), &[]);
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    let junk: Vec<ObjectId> = (0..8u8)
+        .map(|i| {
+            let id = ObjectId::new(Digest20::of(&[i; 16]), Suffix::None);
+            cas.put_bytes(&id, &[i; 16]).unwrap();
+            id
+        })
+        .collect();
+    // The run takes about two seconds; the client gives up after half a second.
+    let impatient = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    let r = impatient
+        .post(format!("{}/api/v1/gc/{REPO}/run", d.url))
+        .bearer_auth(ADMIN)
+        .send();
+    assert!(r.is_err(), "the client should have timed out");
+    // A job submitted now waits for the run, then publishes.
+    let r = d.submit_raw(
+        ADMIN,
+        "/sw/after",
+        &tar_bytes(&[file("a", b"after".to_vec())]),
+        None,
+    );
+    let id = r.json::<serde_json::Value>().unwrap()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(d.wait_terminal(&id, 30)["state"], "published");
+    assert!(
+        junk.iter().all(|j| !cas.exists(j).unwrap()),
+        "the run finished"
+    );
+    let audit = std::fs::read_to_string(dir.path().join("spool/gc/audit.log")).unwrap();
+    assert!(audit.lines().count() >= 8);
+}

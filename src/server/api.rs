@@ -920,7 +920,15 @@ pub async fn gc_run(
     let audit_dir = st.cfg.spool_root.join("gc");
     let access_db = st.cfg.spool_root.join("access").join(format!("{repo}.db"));
     let (repo2, started) = (repo.clone(), std::time::Instant::now());
-    let result = web::block(move || -> Result<_, prepub_core::gc::GcError> {
+    // The run is a task of its own: a client that goes away mid-run neither stops it halfway
+    // nor leaves the repository's jobs held (GcEnd is sent when the work ends, not when the
+    // request does).
+    let (jobs, repo3, duration) = (
+        st.jobs.clone(),
+        repo.clone(),
+        st.metrics.gc_run_duration_seconds.clone(),
+    );
+    let work = web::block(move || -> Result<_, prepub_core::gc::GcError> {
         use prepub_core::gc::GcError;
         let now = prepub_core::timefmt::now();
         let mut plan = prepub_core::gc::plan(cas.as_ref(), &gc_policy(&g), now)?;
@@ -961,13 +969,14 @@ pub async fn gc_run(
         }
         let swept = sweep_to_audit(cas.as_ref(), &repo2, &plan, g.max_deletion_rate, &audit_dir)?;
         Ok((plan, swept, tomb))
-    })
-    .await;
-    st.jobs
-        .do_send(prepub_actors::job_manager::GcEnd { repo: repo.clone() });
-    st.metrics
-        .gc_run_duration_seconds
-        .observe(started.elapsed().as_secs_f64());
+    });
+    let task = actix_rt::spawn(async move {
+        let result = work.await;
+        jobs.do_send(prepub_actors::job_manager::GcEnd { repo: repo3 });
+        duration.observe(started.elapsed().as_secs_f64());
+        result
+    });
+    let result = task.await.map_err(|e| ApiError::Internal(e.to_string()))?;
     let (plan, swept, tomb) = match result {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
