@@ -532,6 +532,13 @@ pub struct GcFile {
     /// Tags a job named are always kept.
     #[serde(default = "default_auto_tag_timespan")]
     pub auto_tag_timespan: String,
+    /// Runs by themselves on this schedule (UTC cron `m h dom mon dow`, `@daily`, or
+    /// `@every 6h`); without it, runs happen only when asked for.
+    #[serde(default)]
+    pub schedule: Option<String>,
+    /// Runs (asked for or scheduled) only plan: they count and log, delete and tombstone nothing.
+    #[serde(default)]
+    pub dry_run: bool,
     /// Unreferenced objects are first tombstoned and deleted by a later run once this has
     /// passed (unless seen again meanwhile); `0s` deletes at once.
     #[serde(default = "default_soft_delete")]
@@ -611,6 +618,8 @@ impl Default for GcFile {
             max_deletion_rate: 0,
             auto_tag_timespan: default_auto_tag_timespan(),
             soft_delete_period: default_soft_delete(),
+            schedule: None,
+            dry_run: false,
             access_sources: default_access_sources(),
             access_collapse: default_access_collapse(),
         }
@@ -689,6 +698,8 @@ pub struct GcConfig {
     pub max_deletion_rate: u64,
     pub auto_tag_timespan: Duration,
     pub soft_delete: Duration,
+    pub schedule: Option<prepub_core::cron::Schedule>,
+    pub dry_run: bool,
     pub access: AccessConfig,
 }
 
@@ -979,9 +990,23 @@ impl FileConfig {
                     soft_delete: parse_duration(&r.gc.soft_delete_period).map_err(|m| {
                         cerr(&format!("repositories[{i}].gc.soft_delete_period"), m)
                     })?,
+                    schedule: r
+                        .gc
+                        .schedule
+                        .as_deref()
+                        .map(prepub_core::cron::Schedule::parse)
+                        .transpose()
+                        .map_err(|m| cerr(&format!("repositories[{i}].gc.schedule"), m))?,
+                    dry_run: r.gc.dry_run,
                     access: access_config(&r.gc, i)?,
                 },
             };
+            if rc.gc.schedule.is_some() && !rc.gc.enabled {
+                return Err(cerr(
+                    &format!("repositories[{i}].gc.schedule"),
+                    "a schedule needs gc.enabled: true",
+                ));
+            }
             if repos.insert(r.name.clone(), rc).is_some() {
                 return Err(cerr(
                     &format!("repositories[{i}].name"),

@@ -1,31 +1,7 @@
 //! Durations and sizes written as text in configuration files (`120s`, `10m`, `7d`, `64MiB`).
 
-use std::time::Duration;
-
 /// Parses `<n>[ms|s|m|h|d]` (a bare number is seconds).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, unit) = split_num(t);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration like 30s, 10m, 2h, 7d"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        "d" => n * 86_400.0,
-        _ => {
-            return Err(format!(
-                "'{s}': unknown duration unit '{unit}' (ms, s, m, h, d)"
-            ))
-        }
-    };
-    if !(0.0..=1e10).contains(&secs) {
-        return Err(format!("'{s}' is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
+pub use prepub_core::timefmt::parse_duration;
 
 /// Parses `<n>[B|KiB|MiB|GiB|TiB|KB|MB|GB|TB]` (a bare number is bytes).
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -63,6 +39,7 @@ fn split_num(t: &str) -> (&str, &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn parses_units() {

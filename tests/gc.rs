@@ -383,3 +383,69 @@ fn a_client_leaving_mid_run_neither_stops_it_nor_holds_jobs_forever() {
     let audit = std::fs::read_to_string(dir.path().join("spool/gc/audit.log")).unwrap();
     assert!(audit.lines().count() >= 8);
 }
+
+#[test]
+fn scheduled_runs_and_dry_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    gc_dir(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s, schedule: '@every 1s'}",
+    );
+    let d = Daemon::start(dir.path(), &[]);
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    let id = ObjectId::new(Digest20::of(b"scheduled"), Suffix::None);
+    cas.put_bytes(&id, b"scheduled").unwrap();
+    let start = std::time::Instant::now();
+    while cas.exists(&id).unwrap() {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no scheduled run came"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(d.log_text().contains("scheduled garbage collection"));
+    drop(d);
+
+    // A dry run plans and counts, and changes nothing.
+    let dir = tempfile::tempdir().unwrap();
+    gc_dir(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, dry_run: true}",
+    );
+    let d = Daemon::start(dir.path(), &[]);
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    cas.put_bytes(&id, b"scheduled").unwrap();
+    let o = ctl(&d, &["gc", "run", "--repo", REPO, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["dry_run"], true);
+    assert_eq!(v["swept"]["deleted"], 0);
+    assert!(v["plan"]["candidate_count"].as_u64().unwrap() >= 1, "{v}");
+    assert!(cas.exists(&id).unwrap());
+    assert!(!dir.path().join("spool/gc/audit.log").exists());
+}
+
+#[test]
+fn a_schedule_needs_gc_enabled_and_a_valid_expression() {
+    for (gc, want) in [
+        (
+            "{schedule: '@daily'}",
+            "gc.schedule: a schedule needs gc.enabled: true",
+        ),
+        (
+            "{enabled: true, schedule: '0 25 * * *'}",
+            "gc.schedule: hour",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        gc_dir(dir.path(), gc);
+        let out = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
+            .args(["--config", dir.path().join("config.yaml").to_str().unwrap()])
+            .env("PREPUB_API_TOKEN", ADMIN)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{gc}: {err}");
+    }
+}

@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod check;
 pub mod chunker;
 pub mod control;
+pub mod cron;
 pub mod gateway;
 pub mod gc;
 pub mod hash;

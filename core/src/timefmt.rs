@@ -66,6 +66,34 @@ pub fn parse_stamp(s: &str) -> Option<i64> {
     Some(days_from_civil(y, mo as u32, d as u32) * 86_400 + h * 3600 + mi * 60 + se)
 }
 
+/// Parses `<n>[ms|s|m|h|d]` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let i = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = (&t[..i], t[i..].trim());
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration like 30s, 10m, 2h, 7d"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86_400.0,
+        _ => {
+            return Err(format!(
+                "'{s}': unknown duration unit '{unit}' (ms, s, m, h, d)"
+            ))
+        }
+    };
+    if !(0.0..=1e10).contains(&secs) {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -886,8 +886,15 @@ pub async fn gc_run(
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     admin_only(&auth(&req, &st)?)?;
-    let repo = repo.into_inner();
-    let (cas, g) = gc_store(&st, &repo)?;
+    let v = run_gc(&st, repo.into_inner()).await?;
+    Ok(HttpResponse::Ok().json(v))
+}
+
+/// One garbage collection of `repo` (asked for over the API, or scheduled). In dry-run mode
+/// it only plans.
+pub async fn run_gc(st: &AppState, repo: String) -> Result<serde_json::Value, ApiError> {
+    let (cas, g) = gc_store(st, &repo)?;
+    let dry_run = g.dry_run;
     let refused = |st: &AppState, e: ApiError| {
         st.metrics
             .gc_runs_total
@@ -897,14 +904,14 @@ pub async fn gc_run(
     };
     if !g.enabled {
         return refused(
-            &st,
+            st,
             ApiError::Conflict(format!(
                 "garbage collection is not enabled for {repo} (repositories[].gc.enabled)"
             )),
         );
     }
     if !matches!(st.cfg.publish, crate::config::PublishMode::Standalone) {
-        return refused(&st, ApiError::Conflict(
+        return refused(st, ApiError::Conflict(
             "garbage collection runs in standalone mode only: in gateway or local mode the storage is shared with cvmfs_server, run `cvmfs_server gc` there".into(),
         ));
     }
@@ -914,7 +921,7 @@ pub async fn gc_run(
         .await
     {
         Ok(Ok(())) => {}
-        Ok(Err(m)) => return refused(&st, ApiError::Conflict(m)),
+        Ok(Err(m)) => return refused(st, ApiError::Conflict(m)),
         Err(_) => return Err(ApiError::Unavailable("job manager unavailable".into())),
     }
     let audit_dir = st.cfg.spool_root.join("gc");
@@ -933,6 +940,9 @@ pub async fn gc_run(
         let now = prepub_core::timefmt::now();
         let mut plan = prepub_core::gc::plan(cas.as_ref(), &gc_policy(&g), now)?;
         let mut tomb = Tombstoning::default();
+        if g.dry_run {
+            return Ok((plan, prepub_core::gc::Swept::default(), tomb));
+        }
         if !g.soft_delete.is_zero() {
             // Two phases: tombstone what is unreferenced now; delete the tombstones that are due
             // and still unreferenced (this plan's candidates); drop those referenced again.
@@ -990,7 +1000,7 @@ pub async fn gc_run(
     };
     let m = &st.metrics;
     m.gc_runs_total
-        .with_label_values(&[repo.as_str(), "swept"])
+        .with_label_values(&[repo.as_str(), if dry_run { "dry-run" } else { "swept" }])
         .inc();
     m.gc_objects_deleted_total
         .with_label_values(&[repo.as_str()])
@@ -1010,8 +1020,9 @@ pub async fn gc_run(
     m.gc_last_run_timestamp_seconds
         .with_label_values(&[repo.as_str()])
         .set(prepub_core::timefmt::now());
-    Ok(HttpResponse::Ok()
-        .json(serde_json::json!({"plan": plan_view(&plan), "swept": swept, "tombstones": tomb})))
+    Ok(
+        serde_json::json!({"plan": plan_view(&plan), "swept": swept, "tombstones": tomb, "dry_run": dry_run}),
+    )
 }
 
 /// What a run did with tombstones (all zero without a soft-delete period).

@@ -442,6 +442,41 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
             started: std::time::Instant::now(),
             access,
         });
+        // Scheduled garbage collection (`repositories[].gc.schedule`).
+        let schedules: Vec<(String, prepub_core::cron::Schedule)> = cfg
+            .repos
+            .values()
+            .filter(|r| r.gc.enabled)
+            .filter_map(|r| Some((r.name.clone(), r.gc.schedule.clone()?)))
+            .collect();
+        if !schedules.is_empty() {
+            let (st, log) = (state.clone(), log.clone());
+            actix_rt::spawn(async move {
+                let now = prepub_core::timefmt::now();
+                let mut next: std::collections::HashMap<String, Option<i64>> = schedules
+                    .iter()
+                    .map(|(r, s)| (r.clone(), s.next(now, now)))
+                    .collect();
+                loop {
+                    actix_rt::time::sleep(std::time::Duration::from_millis(500)).await;
+                    for (repo, sched) in &schedules {
+                        let now = prepub_core::timefmt::now();
+                        if next.get(repo).copied().flatten().is_none_or(|t| now < t) {
+                            continue;
+                        }
+                        match api::run_gc(&st, repo.clone()).await {
+                            Ok(v) => info!(log, "scheduled garbage collection";
+                                "repo" => repo, "deleted" => %v["swept"]["deleted"],
+                                "tombstoned" => %v["tombstones"]["new"], "dry_run" => %v["dry_run"]),
+                            Err(e) => warn!(log, "scheduled garbage collection did not run";
+                                "repo" => repo, "reason" => %e),
+                        }
+                        let done = prepub_core::timefmt::now();
+                        next.insert(repo.clone(), sched.next(done, done));
+                    }
+                }
+            });
+        }
         let http_log = log.clone();
         let server = HttpServer::new(move || {
             App::new()
