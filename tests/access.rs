@@ -127,16 +127,12 @@ fn api_batches_and_the_publish_floor() {
     assert_eq!(r.status(), 401);
     // A publish sets the floor of its path.
     let before = prepub_core::timefmt::now();
-    let r = d.submit_raw(
+    let job = d.submit_id(
         ADMIN,
         "/sw/fresh",
         &tar_bytes(&[Spec::Dir("d", 0o755)]),
         None,
     );
-    let job = r.json::<serde_json::Value>().unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     assert_eq!(d.wait_terminal(&job, 60)["state"], "published");
     let start = Instant::now();
     let v = loop {
@@ -147,12 +143,7 @@ fn api_batches_and_the_publish_floor() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(v["path_seen"].as_i64().unwrap() >= before, "{v}");
-    let m = client()
-        .get(format!("{}/api/v1/metrics", d.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = d.metrics_text();
     assert!(
         m.contains(&format!(
             "cvmfs_prepub_access_events_total{{repo=\"{REPO}\",source=\"publish\"}} 1"
@@ -235,12 +226,7 @@ fn a_stratum1_access_log_is_tailed_across_rotation() {
     std::fs::rename(&log, dir.path().join("access.log.1")).unwrap();
     std::fs::write(&log, line(&c, REPO, "11/Oct/2024:00:00:00 +0200")).unwrap();
     assert_eq!(wait_for(&c)["object_seen"], 1728597600);
-    let m = client()
-        .get(format!("{}/api/v1/metrics", d.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = d.metrics_text();
     assert!(
         m.contains(&format!(
             "cvmfs_prepub_access_events_total{{repo=\"{REPO}\",source=\"log\"}} 2"

@@ -326,13 +326,7 @@ fn authentication_and_validation_errors() {
         .unwrap();
     assert_eq!(status_and_code(r), (400, "checksum-mismatch".into()));
     // Nothing refused was queued; uploads left nothing in the spool.
-    let all: serde_json::Value = client()
-        .get(format!("{}/api/v1/jobs", d.url))
-        .bearer_auth(ADMIN)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let all: serde_json::Value = d.jobs();
     assert_eq!(all["total"], 2);
     assert_eq!(
         std::fs::read_dir(dir.path().join("spool/incoming"))
@@ -453,13 +447,7 @@ fn crash_and_recover(point: &str) {
     );
     drop(d);
     let d = Daemon::start(dir.path(), &[]);
-    let all: serde_json::Value = client()
-        .get(format!("{}/api/v1/jobs", d.url))
-        .bearer_auth(ADMIN)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let all: serde_json::Value = d.jobs();
     assert_eq!(
         all["total"], 1,
         "crash at {point}: the accepted job must survive: {all}"

@@ -80,11 +80,7 @@ fn tree(tag: &str, extra: usize) -> Vec<Spec> {
 }
 
 fn submit(d: &Daemon, path: &str, specs: &[Spec]) -> serde_json::Value {
-    let r = d.submit_raw(ADMIN, path, &tar_bytes(specs), None);
-    let id = r.json::<serde_json::Value>().unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.submit_id(ADMIN, path, &tar_bytes(specs), None);
     d.wait_terminal(&id, 120)
 }
 
@@ -184,12 +180,7 @@ fn three_receivers_quorum_and_incremental_pushes() {
     assert_eq!(j["state"], "published", "{j}");
     ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
     // Per-endpoint distribution metrics moved for the receivers that were up.
-    let m = client()
-        .get(format!("{}/api/v1/metrics", d.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = d.metrics_text();
     let up = &with_down[0].url;
     for name in [
         format!("cvmfs_prepub_distribution_duration_seconds_count{{stratum1=\"{up}\"}}"),
@@ -328,13 +319,7 @@ fn a_publisher_restart_while_distributing_resumes() {
     );
     drop(d);
     let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
-    let all: serde_json::Value = client()
-        .get(format!("{}/api/v1/jobs", d.url))
-        .bearer_auth(ADMIN)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let all: serde_json::Value = d.jobs();
     let id = all["jobs"][0]["job_id"].as_str().unwrap().to_string();
     let j = d.wait_terminal(&id, 120);
     assert_eq!(j["state"], "published", "{j}");
@@ -513,13 +498,7 @@ fn a_publisher_crash_mid_push_resumes_from_the_journaled_acknowledgements() {
     assert!(d.wait_exit(60), "the daemon should crash at the 6th ack");
     drop(d);
     let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
-    let all: serde_json::Value = client()
-        .get(format!("{}/api/v1/jobs", d.url))
-        .bearer_auth(ADMIN)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let all: serde_json::Value = d.jobs();
     let id = all["jobs"][0]["job_id"].as_str().unwrap().to_string();
     let j = d.wait_terminal(&id, 120);
     assert_eq!(j["state"], "published", "{j}");
@@ -544,12 +523,7 @@ fn a_publisher_crash_mid_push_resumes_from_the_journaled_acknowledgements() {
         .count() as u64;
     assert_eq!(pushed + present + resumed, data, "{outcome}");
     // Every object reached the receiver exactly once over both runs.
-    let m = client()
-        .get(format!("{}/api/v1/metrics", r.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = r.metrics_text();
     assert!(
         m.contains(&format!("cvmfs_receiver_objects_received_total {data}\n")),
         "{m}"

@@ -144,12 +144,7 @@ fn unreferenced_objects_go_and_every_kept_revision_stays_whole() {
     let audit = std::fs::read_to_string(dir.path().join("spool/gc/audit.log")).unwrap();
     assert_eq!(audit.lines().count() as u64, deleted);
     assert!(audit.contains(&format!("{REPO} deleted {}", object(&v(2)))));
-    let m = client()
-        .get(format!("{}/api/v1/metrics", d.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = d.metrics_text();
     assert!(m.contains(&format!(
         "cvmfs_prepub_gc_objects_deleted_total{{repo=\"{REPO}\"}} {deleted}"
     )));
@@ -184,16 +179,12 @@ fn runs_wait_for_idle_and_jobs_wait_for_runs() {
         })
         .collect();
     // A job in flight: refused.
-    let r = d.submit_raw(
+    let busy = d.submit_id(
         ADMIN,
         "/sw/busy",
         &tar_bytes(&[file("a", b"a".to_vec())]),
         None,
     );
-    let busy = r.json::<serde_json::Value>().unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let o = ctl(&d, &["gc", "run", "--repo", REPO]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(3), "{err}");
@@ -206,16 +197,12 @@ fn runs_wait_for_idle_and_jobs_wait_for_runs() {
     let (run, late) = std::thread::scope(|s| {
         let h = s.spawn(|| ctl(&d, &["gc", "run", "--repo", REPO, "--json"]));
         std::thread::sleep(Duration::from_millis(700));
-        let r = d.submit_raw(
+        let id = d.submit_id(
             ADMIN,
             "/sw/late",
             &tar_bytes(&[file("b", b"b".to_vec())]),
             None,
         );
-        let id = r.json::<serde_json::Value>().unwrap()["job_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
         std::thread::sleep(Duration::from_millis(300));
         let mid = d.job(&id);
         assert_eq!(mid["state"], "queued", "{mid}");
@@ -311,12 +298,7 @@ fn with_a_soft_delete_period_objects_are_tombstoned_first_and_an_access_revokes(
     assert_eq!(r2["tombstones"]["pending"], 1, "{r2}");
     assert!(cas.exists(&junk[0]).unwrap());
     assert!(!cas.exists(&junk[1]).unwrap() && !cas.exists(&junk[2]).unwrap());
-    let m = client()
-        .get(format!("{}/api/v1/metrics", d.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = d.metrics_text();
     assert!(
         m.contains(&format!(
             "cvmfs_prepub_gc_objects_tombstoned_total{{repo=\"{REPO}\"}} 4"
@@ -365,16 +347,12 @@ fn a_client_leaving_mid_run_neither_stops_it_nor_holds_jobs_forever() {
         .send();
     assert!(r.is_err(), "the client should have timed out");
     // A job submitted now waits for the run, then publishes.
-    let r = d.submit_raw(
+    let id = d.submit_id(
         ADMIN,
         "/sw/after",
         &tar_bytes(&[file("a", b"after".to_vec())]),
         None,
     );
-    let id = r.json::<serde_json::Value>().unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     assert_eq!(d.wait_terminal(&id, 30)["state"], "published");
     assert!(
         junk.iter().all(|j| !cas.exists(j).unwrap()),

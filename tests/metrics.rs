@@ -13,12 +13,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn scrape(d: &Daemon) -> String {
-    client()
-        .get(format!("{}/api/v1/metrics", d.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap()
+    d.metrics_text()
 }
 
 /// The value of the sample whose name-and-labels is exactly `series`.

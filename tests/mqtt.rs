@@ -418,12 +418,7 @@ fn announce_ready_push_quorum_commit_with_three_receivers() {
         let o = j2["distribution"][&r.url].as_str().unwrap();
         assert!(o.starts_with("ok: 1 objects"), "{o}");
         assert_prewarmed(&d.storage, r);
-        let rm = client()
-            .get(format!("{}/api/v1/metrics", r.url))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
+        let rm = r.metrics_text();
         assert_eq!(
             metric(&rm, "cvmfs_receiver_mqtt_announces_total"),
             2.0,

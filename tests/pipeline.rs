@@ -89,12 +89,7 @@ fn communities_publish_concurrently_through_the_pipeline() {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    let metrics = client()
-        .get(format!("{}/api/v1/metrics", d.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let metrics = d.metrics_text();
     for (c, o) in &outs {
         let log = String::from_utf8_lossy(&o.stdout);
         assert_eq!(
@@ -158,13 +153,7 @@ fn a_refused_submission_and_an_aborted_job_fail_the_pipeline() {
     let o = std::thread::scope(|s| {
         let h = s.spawn(|| run_pipeline(&d, ADMIN, &format!("/cvmfs/{REPO}/sw/abort-me"), &out));
         let id = loop {
-            let all: serde_json::Value = client()
-                .get(format!("{}/api/v1/jobs", d.url))
-                .bearer_auth(ADMIN)
-                .send()
-                .unwrap()
-                .json()
-                .unwrap();
+            let all: serde_json::Value = d.jobs();
             if let Some(id) = all["jobs"][0]["job_id"].as_str() {
                 break id.to_string();
             }

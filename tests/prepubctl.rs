@@ -26,6 +26,20 @@ fn text(o: &Output) -> (String, String) {
     )
 }
 
+/// `prepubctl submit TAR --repo REPO --path PATH [extra...]` with the admin token.
+fn submit(d: &Daemon, tar: &std::path::Path, path: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "submit",
+        tar.to_str().unwrap(),
+        "--repo",
+        REPO,
+        "--path",
+        path,
+    ];
+    args.extend_from_slice(extra);
+    ctl(d, ADMIN, &args)
+}
+
 fn small_tar(dir: &std::path::Path, name: &str, tag: &str) -> std::path::PathBuf {
     let specs = vec![
         Spec::Dir("bin", 0o755),
@@ -47,21 +61,7 @@ fn submit_wait_show_jobs_status_health() {
     prepare_daemon_dir(dir.path(), "", "");
     let d = Daemon::start(dir.path(), &[]);
     let tar = small_tar(dir.path(), "a.tar", "one");
-    let o = ctl(
-        &d,
-        ADMIN,
-        &[
-            "submit",
-            tar.to_str().unwrap(),
-            "--repo",
-            REPO,
-            "--path",
-            "/sw/one",
-            "--tag",
-            "one-1.0",
-            "--wait",
-        ],
-    );
+    let o = submit(&d, &tar, "/sw/one", &["--tag", "one-1.0", "--wait"]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}\n{err}");
     let id = out.lines().next().unwrap().trim().to_string();
@@ -142,19 +142,7 @@ fn exit_codes_completions_and_man_page() {
     // A job that ends failed: 1.
     let bad = dir.path().join("bad.tar");
     std::fs::write(&bad, b"this is not a tar archive at all").unwrap();
-    let o = ctl(
-        &d,
-        ADMIN,
-        &[
-            "submit",
-            bad.to_str().unwrap(),
-            "--repo",
-            REPO,
-            "--path",
-            "/sw/bad",
-            "--wait",
-        ],
-    );
+    let o = submit(&d, &bad, "/sw/bad", &["--wait"]);
     let (out, err) = text(&o);
     assert_eq!(o.status.code(), Some(1), "{out}\n{err}");
     assert!(err.contains("ended failed"), "{err}");
@@ -184,18 +172,7 @@ fn drain_refuses_new_jobs_lets_accepted_ones_finish_and_resume_reopens() {
     // Processing is held for 3 s, so the job is in flight when the drain starts.
     let d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_HOLD", "processing=3000")]);
     let slow = small_tar(dir.path(), "slow.tar", "slow");
-    let o = ctl(
-        &d,
-        ADMIN,
-        &[
-            "submit",
-            slow.to_str().unwrap(),
-            "--repo",
-            REPO,
-            "--path",
-            "/sw/slow",
-        ],
-    );
+    let o = submit(&d, &slow, "/sw/slow", &[]);
     assert_eq!(o.status.code(), Some(0));
     let id = text(&o).0.trim().to_string();
 
@@ -207,18 +184,7 @@ fn drain_refuses_new_jobs_lets_accepted_ones_finish_and_resume_reopens() {
     assert!(err.contains("1 active"), "{err}");
     // New jobs get 503 with a clear message, through prepubctl and plain HTTP.
     let other = small_tar(dir.path(), "other.tar", "other");
-    let o = ctl(
-        &d,
-        ADMIN,
-        &[
-            "submit",
-            other.to_str().unwrap(),
-            "--repo",
-            REPO,
-            "--path",
-            "/sw/other",
-        ],
-    );
+    let o = submit(&d, &other, "/sw/other", &[]);
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(3), "{err}");
     assert!(
@@ -252,30 +218,12 @@ fn drain_refuses_new_jobs_lets_accepted_ones_finish_and_resume_reopens() {
     assert!(t.elapsed() < Duration::from_secs(60));
     assert_eq!(d.job(&id)["state"], "published");
     // Nothing was accepted while draining.
-    let all: serde_json::Value = client()
-        .get(format!("{}/api/v1/jobs", d.url))
-        .bearer_auth(ADMIN)
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let all: serde_json::Value = d.jobs();
     assert_eq!(all["total"], 1, "{all}");
     // resume reopens.
     let o = ctl(&d, ADMIN, &["resume"]);
     assert_eq!(o.status.code(), Some(0));
-    let o = ctl(
-        &d,
-        ADMIN,
-        &[
-            "submit",
-            other.to_str().unwrap(),
-            "--repo",
-            REPO,
-            "--path",
-            "/sw/other",
-            "--wait",
-        ],
-    );
+    let o = submit(&d, &other, "/sw/other", &["--wait"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
 }
 
@@ -285,18 +233,7 @@ fn drain_wait_times_out_with_its_own_exit_code() {
     prepare_daemon_dir(dir.path(), "", "");
     let d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_HOLD", "processing=5000")]);
     let slow = small_tar(dir.path(), "slow.tar", "slow");
-    ctl(
-        &d,
-        ADMIN,
-        &[
-            "submit",
-            slow.to_str().unwrap(),
-            "--repo",
-            REPO,
-            "--path",
-            "/sw/s",
-        ],
-    );
+    submit(&d, &slow, "/sw/s", &[]);
     let o = ctl(&d, ADMIN, &["drain", "--wait", "--timeout", "1"]);
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(5), "{err}");
@@ -332,18 +269,7 @@ fn sigterm_mid_job_then_restart_publishes_it_once() {
     let mut d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_HOLD", "processing=3000")]);
     let before = revision(&d.storage);
     let tar = small_tar(dir.path(), "t.tar", "term");
-    let o = ctl(
-        &d,
-        ADMIN,
-        &[
-            "submit",
-            tar.to_str().unwrap(),
-            "--repo",
-            REPO,
-            "--path",
-            "/sw/t",
-        ],
-    );
+    let o = submit(&d, &tar, "/sw/t", &[]);
     let id = text(&o).0.trim().to_string();
     d.wait_state(&id, "processing", 30);
     assert_eq!(terminate(&mut d), Some(0), "{}", d.log_text());
@@ -360,18 +286,7 @@ fn zero_downtime_upgrade_as_documented() {
     prepare_daemon_dir(dir.path(), "", "");
     let mut d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_HOLD", "processing=1500")]);
     let tar = small_tar(dir.path(), "u.tar", "upgrade");
-    let o = ctl(
-        &d,
-        ADMIN,
-        &[
-            "submit",
-            tar.to_str().unwrap(),
-            "--repo",
-            REPO,
-            "--path",
-            "/sw/u",
-        ],
-    );
+    let o = submit(&d, &tar, "/sw/u", &[]);
     let id = text(&o).0.trim().to_string();
     // 1. drain --wait
     let o = ctl(&d, ADMIN, &["drain", "--wait", "--timeout", "60"]);
@@ -388,19 +303,7 @@ fn zero_downtime_upgrade_as_documented() {
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["draining"], false);
     assert_eq!(v["jobs"]["published"], 1);
-    let o = ctl(
-        &d,
-        ADMIN,
-        &[
-            "submit",
-            tar.to_str().unwrap(),
-            "--repo",
-            REPO,
-            "--path",
-            "/sw/u2",
-            "--wait",
-        ],
-    );
+    let o = submit(&d, &tar, "/sw/u2", &["--wait"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o).1);
 }
 

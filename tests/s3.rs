@@ -153,6 +153,34 @@ fn init_in_s3(dir: &Path, m: &Moto, bucket: &str) {
     ]);
 }
 
+/// A moto server with bucket `cvmfs`, a repository initialised in it, and a daemon
+/// configuration for it (credentials in the environment).
+fn s3_daemon_dir() -> (tempfile::TempDir, Moto) {
+    for (k, v) in creds() {
+        std::env::set_var(k, v);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = Moto::start(dir.path());
+    m.bucket("cvmfs");
+    init_in_s3(dir.path(), &m, "cvmfs");
+    s3_config(dir.path(), &m.endpoint, "cvmfs");
+    (dir, m)
+}
+
+/// `repo check` of the repository in bucket `cvmfs`.
+fn check_in_s3(dir: &Path, m: &Moto) {
+    ok(&[
+        "repo",
+        "check",
+        "--s3",
+        &format!("cvmfs/{REPO}"),
+        "--s3-endpoint",
+        &m.endpoint,
+        "--keys-dir",
+        dir.join("keys").to_str().unwrap(),
+    ]);
+}
+
 fn creds() -> Vec<(&'static str, &'static str)> {
     vec![
         ("AWS_ACCESS_KEY_ID", "test"),
@@ -162,14 +190,7 @@ fn creds() -> Vec<(&'static str, &'static str)> {
 
 #[test]
 fn publishes_into_s3_and_reads_back() {
-    for (k, v) in creds() {
-        std::env::set_var(k, v);
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let m = Moto::start(dir.path());
-    m.bucket("cvmfs");
-    init_in_s3(dir.path(), &m, "cvmfs");
-    s3_config(dir.path(), &m.endpoint, "cvmfs");
+    let (dir, m) = s3_daemon_dir();
     let d = Daemon::start(dir.path(), &creds());
     let h: serde_json::Value = client()
         .get(format!("{}/api/v1/health", d.url))
@@ -200,11 +221,7 @@ fn publishes_into_s3_and_reads_back() {
         },
         Spec::Symlink("pkg/link", "small"),
     ];
-    let r = d.submit_raw(ADMIN, "/sw/s3", &tar_bytes(&specs), None);
-    let id = r.json::<serde_json::Value>().unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.submit_id(ADMIN, "/sw/s3", &tar_bytes(&specs), None);
     let j = d.wait_terminal(&id, 120);
     assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
     let s3 = Arc::new(store(&m, "cvmfs"));
@@ -212,16 +229,7 @@ fn publishes_into_s3_and_reads_back() {
     let repo = open_reader(&url, &dir.path().join("cache"));
     verify(&repo, "/sw/s3", &specs);
     drop(repo);
-    ok(&[
-        "repo",
-        "check",
-        "--s3",
-        &format!("cvmfs/{REPO}"),
-        "--s3-endpoint",
-        &m.endpoint,
-        "--keys-dir",
-        dir.path().join("keys").to_str().unwrap(),
-    ]);
+    check_in_s3(dir.path(), &m);
     // Objects sit under the repository prefix in the CVMFS layout.
     let listed = s3.list().unwrap();
     assert!(
@@ -284,11 +292,7 @@ fn s3_going_away_mid_job_fails_the_job_with_a_reason_and_leaves_no_partial_objec
         data: pseudo_random(3 << 20, 9),
         xattrs: vec![],
     }];
-    let r = d.submit_raw(ADMIN, "/gone", &tar_bytes(&specs), None);
-    let id = r.json::<serde_json::Value>().unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.submit_id(ADMIN, "/gone", &tar_bytes(&specs), None);
     d.wait_state(&id, "processing", 20);
     let _ = m.child.kill();
     let _ = m.child.wait();
@@ -428,39 +432,19 @@ fn throttling_answers_are_retried() {
         data: b"throttled but published".to_vec(),
         xattrs: vec![],
     }];
-    let r = d.submit_raw(ADMIN, "/throttle", &tar_bytes(&specs), None);
-    let id = r.json::<serde_json::Value>().unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.submit_id(ADMIN, "/throttle", &tar_bytes(&specs), None);
     let j = d.wait_terminal(&id, 120);
     assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
     assert!(
         throttled.load(std::sync::atomic::Ordering::SeqCst) >= 6,
         "the proxy throttled"
     );
-    ok(&[
-        "repo",
-        "check",
-        "--s3",
-        &format!("cvmfs/{REPO}"),
-        "--s3-endpoint",
-        &m.endpoint,
-        "--keys-dir",
-        dir.path().join("keys").to_str().unwrap(),
-    ]);
+    check_in_s3(dir.path(), &m);
 }
 
 #[test]
 fn gateway_mode_works_with_s3() {
-    for (k, v) in creds() {
-        std::env::set_var(k, v);
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let m = Moto::start(dir.path());
-    m.bucket("cvmfs");
-    init_in_s3(dir.path(), &m, "cvmfs");
-    s3_config(dir.path(), &m.endpoint, "cvmfs");
+    let (dir, m) = s3_daemon_dir();
     // The gateway double keeps the same repository in the same bucket.
     let gw_port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -526,11 +510,7 @@ fn gateway_mode_works_with_s3() {
             xattrs: vec![],
         },
     ];
-    let r = d.submit_raw(ADMIN, "/sw/gw", &tar_bytes(&specs), None);
-    let id = r.json::<serde_json::Value>().unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.submit_id(ADMIN, "/sw/gw", &tar_bytes(&specs), None);
     let j = d.wait_terminal(&id, 120);
     let _ = gw.kill();
     let _ = gw.wait();
@@ -539,28 +519,12 @@ fn gateway_mode_works_with_s3() {
     let repo = open_reader(&url, &dir.path().join("cache"));
     verify(&repo, "/sw/gw", &specs);
     drop(repo);
-    ok(&[
-        "repo",
-        "check",
-        "--s3",
-        &format!("cvmfs/{REPO}"),
-        "--s3-endpoint",
-        &m.endpoint,
-        "--keys-dir",
-        dir.path().join("keys").to_str().unwrap(),
-    ]);
+    check_in_s3(dir.path(), &m);
 }
 
 #[test]
 fn garbage_collection_reclaims_in_s3() {
-    for (k, v) in creds() {
-        std::env::set_var(k, v);
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let m = Moto::start(dir.path());
-    m.bucket("cvmfs");
-    init_in_s3(dir.path(), &m, "cvmfs");
-    s3_config(dir.path(), &m.endpoint, "cvmfs");
+    let (dir, m) = s3_daemon_dir();
     let cfg = dir.path().join("config.yaml");
     let mut text = std::fs::read_to_string(&cfg).unwrap();
     text.push_str(
@@ -578,16 +542,12 @@ fn garbage_collection_reclaims_in_s3() {
     };
     let mut ids = Vec::new();
     for n in 0..3u8 {
-        let r = d.submit_raw(
+        let id = d.submit_id(
             ADMIN,
             "/sw/gc",
             &tar_bytes(&file(&pseudo_random(3000, 2 * n as u64 + 10))),
             None,
         );
-        let id = r.json::<serde_json::Value>().unwrap()["job_id"]
-            .as_str()
-            .unwrap()
-            .to_string();
         assert_eq!(d.wait_terminal(&id, 120)["state"], "published");
         ids.push(id);
     }
@@ -604,38 +564,16 @@ fn garbage_collection_reclaims_in_s3() {
     // The first release's file and catalog (two revisions back) and old histories.
     assert!(deleted >= 2, "{r}");
     assert_eq!(s3.list().unwrap().len(), before - deleted as usize, "{r}");
-    ok(&[
-        "repo",
-        "check",
-        "--s3",
-        &format!("cvmfs/{REPO}"),
-        "--s3-endpoint",
-        &m.endpoint,
-        "--keys-dir",
-        dir.path().join("keys").to_str().unwrap(),
-    ]);
+    check_in_s3(dir.path(), &m);
     // The daemon's store forgot what it deleted: re-publishing the first content writes it again.
-    let r = d.submit_raw(
+    let id = d.submit_id(
         ADMIN,
         "/sw/gc",
         &tar_bytes(&file(&pseudo_random(3000, 10))),
         None,
     );
-    let id = r.json::<serde_json::Value>().unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let j = d.wait_terminal(&id, 120);
     assert_eq!(j["state"], "published", "{j}");
     assert!(j["progress"]["objects_new"].as_u64().unwrap() >= 1, "{j}");
-    ok(&[
-        "repo",
-        "check",
-        "--s3",
-        &format!("cvmfs/{REPO}"),
-        "--s3-endpoint",
-        &m.endpoint,
-        "--keys-dir",
-        dir.path().join("keys").to_str().unwrap(),
-    ]);
+    check_in_s3(dir.path(), &m);
 }

@@ -1191,14 +1191,18 @@ pub async fn access_events(
         })
         .await
         .map_err(|_| ApiError::Unavailable("access tracker unavailable".into()))?;
-    match r {
-        Ok(rec) => Ok(HttpResponse::Accepted().json(rec)),
-        Err(prepub_actors::access_tracker::AccessRefused::NotTracked(m)) => {
-            Err(ApiError::Conflict(m))
-        }
-        Err(prepub_actors::access_tracker::AccessRefused::Store(m)) => {
-            Err(ApiError::Unavailable(m))
-        }
+    let rec = r.map_err(|e| access_refused(e, ApiError::Conflict))?;
+    Ok(HttpResponse::Accepted().json(rec))
+}
+
+/// An access tracker refusal as an API error; `not_tracked` says what "not tracked" is here.
+fn access_refused(
+    e: prepub_actors::access_tracker::AccessRefused,
+    not_tracked: fn(String) -> ApiError,
+) -> ApiError {
+    match e {
+        prepub_actors::access_tracker::AccessRefused::NotTracked(m) => not_tracked(m),
+        prepub_actors::access_tracker::AccessRefused::Store(m) => ApiError::Unavailable(m),
     }
 }
 
@@ -1238,15 +1242,8 @@ pub async fn access_query(
         })
         .await
         .map_err(|_| ApiError::Unavailable("access tracker unavailable".into()))?;
-    match r {
-        Ok(v) => Ok(HttpResponse::Ok().json(v)),
-        Err(prepub_actors::access_tracker::AccessRefused::NotTracked(m)) => {
-            Err(ApiError::NotFound(m))
-        }
-        Err(prepub_actors::access_tracker::AccessRefused::Store(m)) => {
-            Err(ApiError::Unavailable(m))
-        }
-    }
+    let v = r.map_err(|e| access_refused(e, ApiError::NotFound))?;
+    Ok(HttpResponse::Ok().json(v))
 }
 
 /// `GET /api/v1/openapi.json`: the OpenAPI 3 description of this API (tests keep it in step

@@ -393,6 +393,37 @@ impl Daemon {
         r.send().unwrap()
     }
 
+    /// Submits a raw tar and returns the new job's id (the submission must be accepted).
+    pub fn submit_id(&self, token: &str, path: &str, tar: &[u8], tag: Option<&str>) -> String {
+        let r = self.submit_raw(token, path, tar, tag);
+        assert_eq!(r.status().as_u16(), 202, "submission of {path} refused");
+        r.json::<serde_json::Value>().unwrap()["job_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// `GET /api/v1/jobs` with the admin token.
+    pub fn jobs(&self) -> serde_json::Value {
+        client()
+            .get(format!("{}/api/v1/jobs", self.url))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    }
+
+    /// The Prometheus text of `/api/v1/metrics`.
+    pub fn metrics_text(&self) -> String {
+        client()
+            .get(format!("{}/api/v1/metrics", self.url))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    }
+
     pub fn job(&self, id: &str) -> serde_json::Value {
         client()
             .get(format!("{}/api/v1/jobs/{id}", self.url))
@@ -468,6 +499,18 @@ pub struct Rcv {
     pub child: std::process::Child,
     pub url: String,
     pub storage: PathBuf,
+}
+
+impl Rcv {
+    /// The receiver's Prometheus text.
+    pub fn metrics_text(&self) -> String {
+        client()
+            .get(format!("{}/api/v1/metrics", self.url))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    }
 }
 
 impl Drop for Rcv {
