@@ -59,6 +59,8 @@ pub struct JobView {
     pub waiting: Option<String>,
     /// Stratum 1 pre-warming outcome per endpoint.
     pub distribution: BTreeMap<String, String>,
+    /// A removal job (`POST /api/v1/removals`): `path` is taken out of the namespace.
+    pub removal: bool,
 }
 
 impl From<&JobRecord> for JobView {
@@ -99,6 +101,7 @@ impl From<&JobRecord> for JobView {
             tar_bytes: j.tar_bytes,
             waiting: j.waiting.clone(),
             distribution: j.distribution.clone(),
+            removal: j.removal,
         }
     }
 }

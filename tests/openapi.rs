@@ -297,6 +297,45 @@ fn the_document_matches_routes_statuses_and_bodies() {
     api.check("get", ev, r);
     let r = c.get(url("/api/v1/jobs/none/events")).send().unwrap();
     api.check("get", ev, r);
+    // Removals.
+    let rm = "/api/v1/removals";
+    let post_rm = |tok: Option<&str>, body: Value| {
+        let mut r = c.post(url(rm)).json(&body);
+        if let Some(t) = tok {
+            r = r.bearer_auth(t);
+        }
+        r.send().unwrap()
+    };
+    let v = api.check(
+        "post",
+        rm,
+        post_rm(
+            Some(ADMIN),
+            serde_json::json!({"repo": REPO, "path": "/sw/raw"}),
+        ),
+    );
+    assert_eq!(
+        d.wait_terminal(v["job_id"].as_str().unwrap(), 60)["removal"],
+        true
+    );
+    api.check(
+        "post",
+        rm,
+        post_rm(Some(ADMIN), serde_json::json!({"repo": REPO, "path": "/"})),
+    );
+    api.check(
+        "post",
+        rm,
+        post_rm(None, serde_json::json!({"repo": REPO, "path": "/x"})),
+    );
+    api.check(
+        "post",
+        rm,
+        post_rm(
+            Some(SCOPED),
+            serde_json::json!({"repo": REPO, "path": "/x"}),
+        ),
+    );
     // Garbage collection.
     let plan = "/api/v1/gc/{repo}/plan";
     let run = "/api/v1/gc/{repo}/run";
@@ -473,6 +512,16 @@ fn the_document_matches_routes_statuses_and_bodies() {
     let r = d.submit_raw(ADMIN, "/sw/late", &tar, None);
     assert_eq!(api.check("post", jobs, r)["error"]["code"], "draining");
     let r = c
+        .post(url("/api/v1/removals"))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"repo": REPO, "path": "/sw/late"}))
+        .send()
+        .unwrap();
+    assert_eq!(
+        api.check("post", "/api/v1/removals", r)["error"]["code"],
+        "draining"
+    );
+    let r = c
         .post(url("/api/v1/resume"))
         .bearer_auth(ADMIN)
         .send()
@@ -488,7 +537,8 @@ fn the_document_matches_routes_statuses_and_bodies() {
     let h = api.check("get", "/api/v1/health", r);
     assert_eq!(h["status"], "degraded");
     std::fs::rename(dir.path().join("keys-away"), dir.path().join("keys")).unwrap();
-    // Not provoked here: 409 on submit, which only local mode answers (tests/local_mode.rs),
+    // Not provoked here: 409 on submit (local mode only, tests/local_mode.rs) and on removals
+    // (gateway and local modes only),
     // gc's 503 on an unreadable catalog (tests/gc.rs), access events refused by a repository
     // without the api source (409, tests/access.rs) or from a scoped token without a prefix in
     // the repository (403: this setup has one repository only).
@@ -511,7 +561,8 @@ fn the_document_matches_routes_statuses_and_bodies() {
             "get /api/v1/gc/{repo}/plan 503",
             "post /api/v1/gc/{repo}/run 503",
             "get /api/v1/gc/{repo}/tombstones 503",
-            "post /api/v1/jobs 409"
+            "post /api/v1/jobs 409",
+            "post /api/v1/removals 409"
         ],
         "documented statuses not exercised"
     );

@@ -264,6 +264,25 @@ impl JobManager {
         };
         job.attempts += 1;
         job.transition(JobState::Processing, now_ms());
+        if job.removal {
+            // Nothing to unpack: the change set removes the target from its parent.
+            let name = prepub_core::catalog::split_path(&job.path).1.to_string();
+            let cs = prepub_core::intake::ChangeSet {
+                removals: vec![name],
+                ..Default::default()
+            };
+            self.save(job, ctx, move |act, ctx, ok| {
+                if ok {
+                    ctx.notify(crate::compressor_pool::Processed {
+                        job_id: id,
+                        outcome: Ok(cs),
+                    });
+                } else {
+                    act.journal_retry(id, ctx);
+                }
+            });
+            return;
+        }
         let abort = self.abort_flag(&id);
         let tar = self
             .settings

@@ -294,15 +294,22 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
     let abort = job.abort.clone();
     let proceed = move || !abort.load(Ordering::SeqCst);
     let p = repo::publish_guarded(cas, &keys, &tags, now, &proceed, |tree| {
-        repo::apply_changeset(
-            tree,
-            cas,
-            &cs,
-            &job.job.path,
-            ApplyMode::Replace,
-            &job.params,
-            now,
-        )
+        // A removal applies its change set (one removal) to the parent, merging.
+        let (target, mode) = if job.job.removal {
+            (
+                prepub_core::catalog::split_path(&job.job.path).0,
+                ApplyMode::Merge,
+            )
+        } else {
+            (job.job.path.as_str(), ApplyMode::Replace)
+        };
+        if job.job.removal && tree.lookup(&job.job.path)?.is_none() {
+            return Err(RepoError::Invalid(format!(
+                "{} does not exist in the current revision",
+                job.job.path
+            )));
+        }
+        repo::apply_changeset(tree, cas, &cs, target, mode, &job.params, now)
     })
     .inspect(|_| crate::testhook::point("manifest-written"))
     .map_err(|e| match e {

@@ -123,6 +123,9 @@ pub struct JobRecord {
     /// Set when the tar has been deleted after the retention period.
     #[serde(default)]
     pub tar_deleted: bool,
+    /// A removal job: `path` is taken out of the namespace (no tar).
+    #[serde(default)]
+    pub removal: bool,
     /// What the job is waiting for right now, if anything (e.g. a busy lease path).
     #[serde(default)]
     pub waiting: Option<String>,
@@ -155,6 +158,7 @@ impl JobRecord {
             base_root: None,
             attempts: 0,
             tar_deleted: false,
+            removal: false,
             waiting: None,
             distribution: BTreeMap::new(),
         }

@@ -361,6 +361,73 @@ async fn visible_job(st: &AppState, who: &Principal, id: &str) -> Result<JobReco
     }
 }
 
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemovalRequest {
+    repo: String,
+    path: String,
+    tag_name: Option<String>,
+    tag_description: Option<String>,
+}
+
+/// `POST /api/v1/removals`: a job that takes `path` out of the repository's namespace (the
+/// objects it leaves unreferenced are garbage collection's). Standalone mode.
+pub async fn submit_removal(
+    req: HttpRequest,
+    body: web::Bytes,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let who = auth(&req, &st)?;
+    if st.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(ApiError::Draining);
+    }
+    if !matches!(st.cfg.publish, crate::config::PublishMode::Standalone) {
+        return Err(ApiError::Conflict(
+            "path removal is supported in standalone mode; in gateway or local mode remove it with cvmfs_server".into(),
+        ));
+    }
+    let body: RemovalRequest =
+        serde_json::from_slice(&body).map_err(|e| bad("bad-request", format!("removal: {e}")))?;
+    let f = Fields {
+        repo: Some(body.repo),
+        path: Some(body.path),
+        tag_name: body.tag_name,
+        tag_description: body.tag_description,
+        ..Default::default()
+    };
+    let (repo, path) = validate(&f, &st, &who)?;
+    if path.is_empty() {
+        return Err(bad("bad-path", "the repository root cannot be removed"));
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    // An empty upload stands in for the tar: the spool's accept path stays the same.
+    let upload = st.incoming.join(format!("{id}.tar"));
+    let mut guard = UploadGuard(Some(upload.clone()));
+    std::fs::File::create(&upload).map_err(|e| ApiError::Unavailable(format!("spool: {e}")))?;
+    let mut rec = JobRecord::new(id, repo, path, now_ms());
+    rec.tag_name = f.tag_name;
+    rec.tag_description = f.tag_description;
+    rec.owner = who.owner();
+    rec.removal = true;
+    let accepted = st
+        .jobs
+        .send(SubmitJob {
+            record: rec,
+            upload,
+        })
+        .await
+        .map_err(|_| ApiError::Unavailable("job manager unavailable".into()))?
+        .map_err(|e| match e {
+            prepub_actors::job_manager::SubmitError::Draining => ApiError::Draining,
+            e => ApiError::Unavailable(e.to_string()),
+        })?;
+    guard.0 = None;
+    Ok(HttpResponse::Accepted().json(Submitted {
+        job_id: accepted.id,
+        state: accepted.state.as_str().into(),
+    }))
+}
+
 /// `GET /api/v1/jobs/{id}`.
 pub async fn get_job(
     req: HttpRequest,

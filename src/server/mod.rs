@@ -485,6 +485,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 .wrap(middleware::NormalizePath::trim())
                 .route("/api/v1/jobs", web::post().to(api::submit))
                 .route("/api/v1/jobs", web::get().to(api::list_jobs))
+                .route("/api/v1/removals", web::post().to(api::submit_removal))
                 .route("/api/v1/jobs/{id}", web::get().to(api::get_job))
                 .route("/api/v1/jobs/{id}/abort", web::post().to(api::abort_job))
                 .route("/api/v1/jobs/{id}/events", web::get().to(api::job_events))
