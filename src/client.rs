@@ -160,6 +160,16 @@ impl Client {
         )
     }
 
+    pub fn gc_lifecycle(&self, repo: &str) -> anyhow::Result<serde_json::Value> {
+        Self::decode(
+            self.req(
+                reqwest::Method::POST,
+                &format!("/api/v1/gc/{repo}/lifecycle"),
+            )
+            .send()?,
+        )
+    }
+
     pub fn gc_tombstones(&self, repo: &str) -> anyhow::Result<serde_json::Value> {
         Self::decode(
             self.req(

@@ -539,6 +539,13 @@ pub struct GcFile {
     /// Runs (asked for or scheduled) only plan: they count and log, delete and tombstone nothing.
     #[serde(default)]
     pub dry_run: bool,
+    /// Content lifecycle: published paths not seen for this long leave the namespace (removal
+    /// jobs) — off when unset.
+    #[serde(default)]
+    pub access_ttl: Option<String>,
+    /// Paths (globs: `*` within a component, `**` across) the lifecycle never removes.
+    #[serde(default)]
+    pub exempt_paths: Vec<String>,
     /// Unreferenced objects are first tombstoned and deleted by a later run once this has
     /// passed (unless seen again meanwhile); `0s` deletes at once.
     #[serde(default = "default_soft_delete")]
@@ -620,6 +627,8 @@ impl Default for GcFile {
             soft_delete_period: default_soft_delete(),
             schedule: None,
             dry_run: false,
+            access_ttl: None,
+            exempt_paths: Vec::new(),
             access_sources: default_access_sources(),
             access_collapse: default_access_collapse(),
         }
@@ -700,6 +709,8 @@ pub struct GcConfig {
     pub soft_delete: Duration,
     pub schedule: Option<prepub_core::cron::Schedule>,
     pub dry_run: bool,
+    pub access_ttl: Option<Duration>,
+    pub exempt_paths: Vec<String>,
     pub access: AccessConfig,
 }
 
@@ -998,6 +1009,14 @@ impl FileConfig {
                         .transpose()
                         .map_err(|m| cerr(&format!("repositories[{i}].gc.schedule"), m))?,
                     dry_run: r.gc.dry_run,
+                    access_ttl: r
+                        .gc
+                        .access_ttl
+                        .as_deref()
+                        .map(parse_duration)
+                        .transpose()
+                        .map_err(|m| cerr(&format!("repositories[{i}].gc.access_ttl"), m))?,
+                    exempt_paths: r.gc.exempt_paths.clone(),
                     access: access_config(&r.gc, i)?,
                 },
             };

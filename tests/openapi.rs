@@ -418,6 +418,36 @@ fn the_document_matches_routes_statuses_and_bodies() {
             .send()
             .unwrap(),
     );
+    let lc = "/api/v1/gc/{repo}/lifecycle";
+    api.check(
+        "post",
+        lc,
+        c.post(gc_url("lifecycle", REPO))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap(),
+    );
+    api.check(
+        "post",
+        lc,
+        c.post(gc_url("lifecycle", REPO)).send().unwrap(),
+    );
+    api.check(
+        "post",
+        lc,
+        c.post(gc_url("lifecycle", REPO))
+            .bearer_auth(SCOPED)
+            .send()
+            .unwrap(),
+    );
+    api.check(
+        "post",
+        lc,
+        c.post(gc_url("lifecycle", "no.example.org"))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap(),
+    );
     let tombs = "/api/v1/gc/{repo}/tombstones";
     let get_t = |tok: Option<&str>, repo: &str| {
         let mut r = c.get(gc_url("tombstones", repo));
@@ -537,7 +567,8 @@ fn the_document_matches_routes_statuses_and_bodies() {
     let h = api.check("get", "/api/v1/health", r);
     assert_eq!(h["status"], "degraded");
     std::fs::rename(dir.path().join("keys-away"), dir.path().join("keys")).unwrap();
-    // Not provoked here: 409 on submit (local mode only, tests/local_mode.rs) and on removals
+    // Not provoked here: the lifecycle's 200 (needs gc.access_ttl, tests/lifecycle.rs) and 503;
+    // 409 on submit (local mode only, tests/local_mode.rs) and on removals
     // (gateway and local modes only),
     // gc's 503 on an unreadable catalog (tests/gc.rs), access events refused by a repository
     // without the api source (409, tests/access.rs) or from a scoped token without a prefix in
@@ -558,6 +589,8 @@ fn the_document_matches_routes_statuses_and_bodies() {
         vec![
             "post /api/v1/access-events 403",
             "post /api/v1/access-events 409",
+            "post /api/v1/gc/{repo}/lifecycle 200",
+            "post /api/v1/gc/{repo}/lifecycle 503",
             "get /api/v1/gc/{repo}/plan 503",
             "post /api/v1/gc/{repo}/run 503",
             "get /api/v1/gc/{repo}/tombstones 503",

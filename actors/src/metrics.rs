@@ -28,6 +28,7 @@ pub struct Metrics {
     pub access_events_total: IntCounterVec,
     pub access_events_collapsed_total: IntCounterVec,
     pub access_log_lines_skipped_total: IntCounterVec,
+    pub gc_lifecycle_removals_total: IntCounterVec,
     pub gc_objects_tombstoned_total: IntCounterVec,
     pub gc_tombstones_revoked_total: IntCounterVec,
     pub gc_tombstones_pending: IntGaugeVec,
@@ -202,6 +203,11 @@ impl Metrics {
             "Access log lines that did not match the configured format (or another repository)",
             &["repo"],
         );
+        let gc_lifecycle_removals_total = cv(
+            "gc_lifecycle_removals_total",
+            "Paths the content lifecycle sent out of the namespace (removal jobs)",
+            &["repo"],
+        );
         let gc_objects_tombstoned_total = cv(
             "gc_objects_tombstoned_total",
             "Unreferenced objects tombstoned (deleted by a later run after the soft-delete period)",
@@ -279,6 +285,7 @@ impl Metrics {
             &["reason"],
         );
         Metrics {
+            gc_lifecycle_removals_total,
             gc_objects_tombstoned_total,
             gc_tombstones_revoked_total,
             gc_tombstones_pending,

@@ -243,6 +243,18 @@ impl AccessStore {
         Ok(n)
     }
 
+    /// Every tracked path with its last-seen time.
+    pub fn paths(&self) -> Result<Vec<(String, i64)>, AccessError> {
+        let mut st = self
+            .conn
+            .prepare("SELECT path, last_seen FROM paths ORDER BY path")
+            .map_err(|e| self.sql(e))?;
+        let rows = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.sql(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.sql(e))
+    }
+
     /// When the object was last seen.
     pub fn object_seen(&self, id: &ObjectId) -> Result<Option<i64>, AccessError> {
         self.one(

@@ -20,6 +20,7 @@ pub mod history;
 pub mod intake;
 pub mod jobs;
 pub mod keys;
+pub mod lifecycle;
 pub mod manifest;
 pub mod merge;
 pub mod object;

@@ -131,6 +131,11 @@ enum GcCmd {
         #[arg(long)]
         repo: String,
     },
+    /// Content lifecycle: paths not seen for gc.access_ttl leave the namespace (removal jobs).
+    Lifecycle {
+        #[arg(long)]
+        repo: String,
+    },
     /// Objects tombstoned and awaiting deletion.
     Tombstones {
         #[arg(long)]
@@ -455,7 +460,27 @@ fn run(cli: Cli) -> Result<(), Fail> {
                 GcCmd::Plan { repo } => (c.gc_plan(&repo)?, "plan"),
                 GcCmd::Run { repo } => (c.gc_run(&repo)?, "run"),
                 GcCmd::Tombstones { repo } => (c.gc_tombstones(&repo)?, "tombstones"),
+                GcCmd::Lifecycle { repo } => (c.gc_lifecycle(&repo)?, "lifecycle"),
             };
+            if what == "lifecycle" && !json {
+                let dry = v["dry_run"] == true;
+                for e in v["expired"].as_array().into_iter().flatten() {
+                    println!("  {} (last seen {})", e["path"], e["last_seen"]);
+                }
+                println!(
+                    "{} paths not seen for the access TTL; {}",
+                    v["expired"].as_array().map_or(0, |a| a.len()),
+                    if dry {
+                        "dry run: nothing submitted".to_string()
+                    } else {
+                        format!(
+                            "{} removal jobs submitted",
+                            v["submitted"].as_array().map_or(0, |a| a.len())
+                        )
+                    }
+                );
+                return Ok(());
+            }
             if what == "tombstones" && !json {
                 println!("{} tombstones", v["count"]);
                 for t in v["tombstones"].as_array().into_iter().flatten() {

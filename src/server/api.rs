@@ -399,15 +399,30 @@ pub async fn submit_removal(
     if path.is_empty() {
         return Err(bad("bad-path", "the repository root cannot be removed"));
     }
+    let accepted = accept_removal(&st, repo, path, &f, who.owner()).await?;
+    Ok(HttpResponse::Accepted().json(Submitted {
+        job_id: accepted.id,
+        state: accepted.state.as_str().into(),
+    }))
+}
+
+/// Accepts a removal job for `path` (validated by the caller).
+async fn accept_removal(
+    st: &AppState,
+    repo: String,
+    path: String,
+    f: &Fields,
+    owner: Option<String>,
+) -> Result<JobRecord, ApiError> {
     let id = uuid::Uuid::new_v4().to_string();
     // An empty upload stands in for the tar: the spool's accept path stays the same.
     let upload = st.incoming.join(format!("{id}.tar"));
     let mut guard = UploadGuard(Some(upload.clone()));
     std::fs::File::create(&upload).map_err(|e| ApiError::Unavailable(format!("spool: {e}")))?;
     let mut rec = JobRecord::new(id, repo, path, now_ms());
-    rec.tag_name = f.tag_name;
-    rec.tag_description = f.tag_description;
-    rec.owner = who.owner();
+    rec.tag_name = f.tag_name.clone();
+    rec.tag_description = f.tag_description.clone();
+    rec.owner = owner;
     rec.removal = true;
     let accepted = st
         .jobs
@@ -422,10 +437,7 @@ pub async fn submit_removal(
             e => ApiError::Unavailable(e.to_string()),
         })?;
     guard.0 = None;
-    Ok(HttpResponse::Accepted().json(Submitted {
-        job_id: accepted.id,
-        state: accepted.state.as_str().into(),
-    }))
+    Ok(accepted)
 }
 
 /// `GET /api/v1/jobs/{id}`.
@@ -1121,6 +1133,67 @@ fn sweep_to_audit(
         prepub_core::gc::sweep(cas, repo, plan, rate, &mut audit, prepub_core::timefmt::now);
     audit.sync_all().map_err(GcError::Audit)?;
     swept
+}
+
+/// `POST /api/v1/gc/{repo}/lifecycle` (admin): published paths not seen for `gc.access_ttl`
+/// (and not exempt) leave the namespace as removal jobs; with `gc.dry_run` they are only listed.
+pub async fn gc_lifecycle(
+    req: HttpRequest,
+    repo: web::Path<String>,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    admin_only(&auth(&req, &st)?)?;
+    Ok(HttpResponse::Ok().json(run_lifecycle(&st, repo.into_inner()).await?))
+}
+
+/// One lifecycle pass over `repo` (asked for, or before a scheduled collection).
+pub async fn run_lifecycle(st: &AppState, repo: String) -> Result<serde_json::Value, ApiError> {
+    let (cas, g) = gc_store(st, &repo)?;
+    let Some(ttl) = g.access_ttl else {
+        return Err(ApiError::Conflict(format!(
+            "no content lifecycle for {repo}: repositories[].gc.access_ttl is not set"
+        )));
+    };
+    if !g.enabled {
+        return Err(ApiError::Conflict(format!(
+            "garbage collection is not enabled for {repo} (repositories[].gc.enabled)"
+        )));
+    }
+    if !matches!(st.cfg.publish, crate::config::PublishMode::Standalone) {
+        return Err(ApiError::Conflict(
+            "content lifecycle needs standalone mode (paths leave through removal jobs)".into(),
+        ));
+    }
+    let db = st.cfg.spool_root.join("access").join(format!("{repo}.db"));
+    let cutoff = prepub_core::timefmt::now() - ttl.as_secs() as i64;
+    let exempt = g.exempt_paths.clone();
+    let expired = web::block(move || -> Result<_, String> {
+        let store = prepub_core::access::AccessStore::open(&db, 0).map_err(|e| e.to_string())?;
+        prepub_core::lifecycle::expired(cas.as_ref(), &store, cutoff, &exempt)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(ApiError::Unavailable)?;
+    let mut submitted = Vec::new();
+    if !g.dry_run {
+        for e in &expired {
+            let f = Fields {
+                tag_description: Some(format!(
+                    "lifecycle: {} not seen since {}",
+                    e.path, e.last_seen
+                )),
+                ..Default::default()
+            };
+            let j = accept_removal(st, repo.clone(), e.path.clone(), &f, None).await?;
+            st.metrics
+                .gc_lifecycle_removals_total
+                .with_label_values(&[repo.as_str()])
+                .inc();
+            submitted.push(j.id);
+        }
+    }
+    Ok(serde_json::json!({"expired": expired, "submitted": submitted, "dry_run": g.dry_run}))
 }
 
 /// `GET /api/v1/gc/{repo}/tombstones` (admin): objects awaiting deletion.

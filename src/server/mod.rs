@@ -464,6 +464,15 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                         if next.get(repo).copied().flatten().is_none_or(|t| now < t) {
                             continue;
                         }
+                        // The lifecycle first (its removal jobs are collected by a later run).
+                        if st.cfg.repos.get(repo).is_some_and(|r| r.gc.access_ttl.is_some()) {
+                            match api::run_lifecycle(&st, repo.clone()).await {
+                                Ok(v) => info!(log, "scheduled content lifecycle";
+                                    "repo" => repo, "expired" => v["expired"].as_array().map_or(0, |a| a.len())),
+                                Err(e) => warn!(log, "scheduled content lifecycle did not run";
+                                    "repo" => repo, "reason" => %e),
+                            }
+                        }
                         match api::run_gc(&st, repo.clone()).await {
                             Ok(v) => info!(log, "scheduled garbage collection";
                                 "repo" => repo, "deleted" => %v["swept"]["deleted"],
@@ -498,6 +507,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 .route("/api/v1/gc/{repo}/plan", web::get().to(api::gc_plan))
                 .route("/api/v1/gc/{repo}/run", web::post().to(api::gc_run))
                 .route("/api/v1/gc/{repo}/tombstones", web::get().to(api::gc_tombstones))
+                .route("/api/v1/gc/{repo}/lifecycle", web::post().to(api::gc_lifecycle))
                 .route("/api/v1/access-events", web::post().to(api::access_events))
                 .route("/api/v1/access/{repo}", web::get().to(api::access_query))
                 .default_service(web::to(api::not_found))

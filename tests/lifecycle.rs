@@ -1,0 +1,121 @@
+//! Content lifecycle: published paths not seen for `access_ttl` leave the namespace as removal
+//! jobs — unless a path under them or an object of theirs was seen since, or an exemption glob
+//! matches; a dry run only lists them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+fn tree(tag: &str) -> Vec<Spec> {
+    vec![Spec::File {
+        path: "lib.so",
+        mode: 0o644,
+        data: format!("library of {tag} ").repeat(200).into_bytes(),
+        xattrs: vec![],
+    }]
+}
+
+fn object_of(tag: &str) -> String {
+    let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
+    std::io::Write::write_all(
+        &mut enc,
+        format!("library of {tag} ").repeat(200).as_bytes(),
+    )
+    .unwrap();
+    prepub_core::hash::Digest20::of(&enc.finish().unwrap()).hex()
+}
+
+fn setup(dir: &std::path::Path, extra: &str) -> Daemon {
+    prepare_daemon_dir(dir, "", "");
+    let cfg = dir.join("config.yaml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!(
+        "    gc: {{enabled: true, access_ttl: 2s, exempt_paths: ['/sw/lts-*'], keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s{extra}}}\n"
+    ));
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::start(dir, &[]);
+    for p in ["/sw/a", "/sw/b", "/sw/c", "/sw/lts-1"] {
+        let id = d.submit_id(ADMIN, p, &tar_bytes(&tree(p)), None);
+        assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
+    }
+    // Times are whole seconds: 3.2 s after the last publish every publish is more than the
+    // 2 s TTL old.
+    std::thread::sleep(Duration::from_millis(3200));
+    // /sw/b was read (a path under it), /sw/c's library was fetched (its object).
+    let r = client()
+        .post(format!("{}/api/v1/access-events", d.url))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"repo": REPO, "events": [
+            {"path": "/sw/b/lib.so"},
+            {"object": object_of("/sw/c")},
+        ]}))
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    d
+}
+
+fn lifecycle(d: &Daemon) -> serde_json::Value {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_prepubctl"))
+        .args(["gc", "lifecycle", "--repo", REPO, "--json"])
+        .env("PREPUB_URL", &d.url)
+        .env("PREPUB_API_TOKEN", ADMIN)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+#[test]
+fn unseen_paths_leave_and_seen_or_exempt_ones_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = setup(dir.path(), "");
+    let v = lifecycle(&d);
+    let expired: Vec<&str> = v["expired"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(expired, vec!["/sw/a"], "{v}");
+    let jobs = v["submitted"].as_array().unwrap();
+    assert_eq!(jobs.len(), 1);
+    let j = d.wait_terminal(jobs[0].as_str().unwrap(), 60);
+    assert_eq!(j["state"], "published", "{j}");
+    assert_eq!(j["removal"], true);
+    let ls = std::process::Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
+        .args([
+            "repo",
+            "ls",
+            "--repo-dir",
+            d.storage.to_str().unwrap(),
+            "/sw",
+        ])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&ls.stdout);
+    assert!(
+        !listing.contains(" a\n") && !listing.ends_with("a"),
+        "{listing}"
+    );
+    for kept in ["b", "c", "lts-1"] {
+        assert!(listing.contains(kept), "{kept} missing:\n{listing}");
+    }
+    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+    assert!(d.metrics_text().contains(&format!(
+        "cvmfs_prepub_gc_lifecycle_removals_total{{repo=\"{REPO}\"}} 1"
+    )));
+}
+
+#[test]
+fn a_dry_run_lists_and_removes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = setup(dir.path(), ", dry_run: true");
+    let v = lifecycle(&d);
+    assert_eq!(v["dry_run"], true);
+    assert_eq!(v["expired"][0]["path"], "/sw/a", "{v}");
+    assert!(v["submitted"].as_array().unwrap().is_empty());
+    assert_eq!(d.jobs()["total"], 4);
+}
