@@ -708,6 +708,8 @@ pub struct GcConfig {
     pub auto_tag_timespan: Duration,
     pub soft_delete: Duration,
     pub schedule: Option<prepub_core::cron::Schedule>,
+    /// The schedule as written.
+    pub schedule_text: Option<String>,
     pub dry_run: bool,
     pub access_ttl: Option<Duration>,
     pub exempt_paths: Vec<String>,
@@ -1008,6 +1010,7 @@ impl FileConfig {
                         .map(prepub_core::cron::Schedule::parse)
                         .transpose()
                         .map_err(|m| cerr(&format!("repositories[{i}].gc.schedule"), m))?,
+                    schedule_text: r.gc.schedule.clone(),
                     dry_run: r.gc.dry_run,
                     access_ttl: r
                         .gc

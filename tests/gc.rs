@@ -382,6 +382,21 @@ fn scheduled_runs_and_dry_runs() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(d.log_text().contains("scheduled garbage collection"));
+    let o = ctl(&d, &["gc", "status", "--repo", REPO, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["schedule"], "@every 1s", "{v}");
+    assert!(
+        v["next_run"].as_i64().unwrap() >= prepub_core::timefmt::now() - 2,
+        "{v}"
+    );
+    assert_eq!(v["last_run"]["outcome"], "swept", "{v}");
+    assert_eq!(v["enabled"], true);
+    let text =
+        String::from_utf8_lossy(&ctl(&d, &["gc", "status", "--repo", REPO]).stdout).into_owned();
+    assert!(
+        text.contains("garbage collection enabled") && text.contains("schedule: @every 1s"),
+        "{text}"
+    );
     drop(d);
 
     // A dry run plans and counts, and changes nothing.
@@ -401,6 +416,14 @@ fn scheduled_runs_and_dry_runs() {
     assert!(v["plan"]["candidate_count"].as_u64().unwrap() >= 1, "{v}");
     assert!(cas.exists(&id).unwrap());
     assert!(!dir.path().join("spool/gc/audit.log").exists());
+    let o = ctl(&d, &["gc", "status", "--repo", REPO, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        (v["dry_run"].as_bool(), v["last_run"]["outcome"].as_str()),
+        (Some(true), Some("dry-run")),
+        "{v}"
+    );
+    assert!(v["schedule"].is_null() && v["next_run"].is_null(), "{v}");
 }
 
 #[test]

@@ -448,6 +448,33 @@ fn the_document_matches_routes_statuses_and_bodies() {
             .send()
             .unwrap(),
     );
+    let gs = "/api/v1/gc/{repo}/status";
+    let v = api.check(
+        "get",
+        gs,
+        c.get(gc_url("status", REPO))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap(),
+    );
+    assert_eq!(v["last_run"]["outcome"], "swept", "{v}");
+    api.check("get", gs, c.get(gc_url("status", REPO)).send().unwrap());
+    api.check(
+        "get",
+        gs,
+        c.get(gc_url("status", REPO))
+            .bearer_auth(SCOPED)
+            .send()
+            .unwrap(),
+    );
+    api.check(
+        "get",
+        gs,
+        c.get(gc_url("status", "no.example.org"))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap(),
+    );
     let tombs = "/api/v1/gc/{repo}/tombstones";
     let get_t = |tok: Option<&str>, repo: &str| {
         let mut r = c.get(gc_url("tombstones", repo));
@@ -593,6 +620,7 @@ fn the_document_matches_routes_statuses_and_bodies() {
             "post /api/v1/gc/{repo}/lifecycle 503",
             "get /api/v1/gc/{repo}/plan 503",
             "post /api/v1/gc/{repo}/run 503",
+            "get /api/v1/gc/{repo}/status 503",
             "get /api/v1/gc/{repo}/tombstones 503",
             "post /api/v1/jobs 409",
             "post /api/v1/removals 409"

@@ -1163,6 +1163,20 @@ impl Handler<GcBegin> for JobManager {
     }
 }
 
+/// Whether a garbage collection of `repo` runs now.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct GcRunning {
+    pub repo: String,
+}
+
+impl Handler<GcRunning> for JobManager {
+    type Result = bool;
+    fn handle(&mut self, m: GcRunning, _: &mut Context<Self>) -> bool {
+        self.gc_running.contains(&m.repo)
+    }
+}
+
 /// Ends a garbage collection; jobs that arrived meanwhile start.
 #[derive(Message)]
 #[rtype(result = "()")]

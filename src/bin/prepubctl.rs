@@ -136,6 +136,11 @@ enum GcCmd {
         #[arg(long)]
         repo: String,
     },
+    /// Settings, a run in progress, the last and next runs, pending tombstones.
+    Status {
+        #[arg(long)]
+        repo: String,
+    },
     /// Objects tombstoned and awaiting deletion.
     Tombstones {
         #[arg(long)]
@@ -461,7 +466,47 @@ fn run(cli: Cli) -> Result<(), Fail> {
                 GcCmd::Run { repo } => (c.gc_run(&repo)?, "run"),
                 GcCmd::Tombstones { repo } => (c.gc_tombstones(&repo)?, "tombstones"),
                 GcCmd::Lifecycle { repo } => (c.gc_lifecycle(&repo)?, "lifecycle"),
+                GcCmd::Status { repo } => (c.gc_status(&repo)?, "status"),
             };
+            if what == "status" && !json {
+                println!(
+                    "{}: garbage collection {}{}, {}",
+                    v["repo"].as_str().unwrap_or(""),
+                    if v["enabled"] == true {
+                        "enabled"
+                    } else {
+                        "disabled"
+                    },
+                    if v["dry_run"] == true {
+                        " (dry run)"
+                    } else {
+                        ""
+                    },
+                    if v["running"] == true {
+                        "running now"
+                    } else {
+                        "idle"
+                    }
+                );
+                println!(
+                    "  schedule: {}  next run: {}",
+                    v["schedule"].as_str().unwrap_or("none"),
+                    v["next_run"]
+                );
+                println!("  last run: {}", v["last_run"]);
+                println!(
+                    "  keep {} revisions, grace {} s, soft delete {} s, access TTL {}",
+                    v["keep_revisions"],
+                    v["grace_period_seconds"],
+                    v["soft_delete_period_seconds"],
+                    v["access_ttl_seconds"]
+                );
+                println!(
+                    "  {} tombstones pending; tracking {} objects, {} paths",
+                    v["tombstones_pending"], v["objects_tracked"], v["paths_tracked"]
+                );
+                return Ok(());
+            }
             if what == "lifecycle" && !json {
                 let dry = v["dry_run"] == true;
                 for e in v["expired"].as_array().into_iter().flatten() {

@@ -38,6 +38,10 @@ pub struct AppState {
     /// Shared with the job manager: set while draining.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
     pub access: Addr<prepub_actors::access_tracker::AccessTracker>,
+    /// Garbage collection bookkeeping per repository: the last run's summary and the next
+    /// scheduled time.
+    pub gc_last: Arc<std::sync::Mutex<std::collections::HashMap<String, serde_json::Value>>>,
+    pub gc_next: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
     pub started: std::time::Instant,
 }
 
@@ -1073,6 +1077,10 @@ pub async fn run_gc(st: &AppState, repo: String) -> Result<serde_json::Value, Ap
                 .gc_runs_total
                 .with_label_values(&[repo.as_str(), "failed"])
                 .inc();
+            st.gc_last.lock().unwrap_or_else(|e| e.into_inner()).insert(
+                repo.clone(),
+                serde_json::json!({"time": prepub_core::timefmt::now(), "outcome": "failed", "reason": e.to_string()}),
+            );
             return Err(gc_error(e));
         }
         Err(e) => return Err(ApiError::Internal(e.to_string())),
@@ -1099,6 +1107,11 @@ pub async fn run_gc(st: &AppState, repo: String) -> Result<serde_json::Value, Ap
     m.gc_last_run_timestamp_seconds
         .with_label_values(&[repo.as_str()])
         .set(prepub_core::timefmt::now());
+    st.gc_last.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        repo.clone(),
+        serde_json::json!({"time": prepub_core::timefmt::now(), "outcome": if dry_run { "dry-run" } else { "swept" },
+            "deleted": swept.deleted, "bytes": swept.bytes, "tombstoned": tomb.new}),
+    );
     Ok(
         serde_json::json!({"plan": plan_view(&plan), "swept": swept, "tombstones": tomb, "dry_run": dry_run}),
     )
@@ -1194,6 +1207,60 @@ pub async fn run_lifecycle(st: &AppState, repo: String) -> Result<serde_json::Va
         }
     }
     Ok(serde_json::json!({"expired": expired, "submitted": submitted, "dry_run": g.dry_run}))
+}
+
+/// `GET /api/v1/gc/{repo}/status` (admin): the collection's settings, whether one runs now,
+/// the last run, the next scheduled one, pending tombstones and what access tracking holds.
+pub async fn gc_status(
+    req: HttpRequest,
+    repo: web::Path<String>,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    admin_only(&auth(&req, &st)?)?;
+    let repo = repo.into_inner();
+    let (_, g) = gc_store(&st, &repo)?;
+    let running = st
+        .jobs
+        .send(prepub_actors::job_manager::GcRunning { repo: repo.clone() })
+        .await
+        .map_err(|_| ApiError::Unavailable("job manager unavailable".into()))?;
+    let db = st.cfg.spool_root.join("access").join(format!("{repo}.db"));
+    let (pending, (objects, paths)) = web::block(move || {
+        let s = prepub_core::access::AccessStore::open(&db, 0)?;
+        Ok::<_, prepub_core::access::AccessError>((s.tombstones()?.len(), s.counts()?))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let last = st
+        .gc_last
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&repo)
+        .cloned();
+    let next = st
+        .gc_next
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&repo)
+        .copied();
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "repo": repo,
+        "enabled": g.enabled,
+        "dry_run": g.dry_run,
+        "running": running,
+        "schedule": g.schedule_text,
+        "next_run": next,
+        "last_run": last,
+        "keep_revisions": g.keep_revisions,
+        "grace_period_seconds": g.grace.as_secs(),
+        "soft_delete_period_seconds": g.soft_delete.as_secs(),
+        "access_ttl_seconds": g.access_ttl.map(|d| d.as_secs()),
+        "exempt_paths": g.exempt_paths,
+        "tombstones_pending": pending,
+        "objects_tracked": objects,
+        "paths_tracked": paths,
+    })))
 }
 
 /// `GET /api/v1/gc/{repo}/tombstones` (admin): objects awaiting deletion.

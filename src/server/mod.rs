@@ -441,6 +441,8 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
             draining,
             started: std::time::Instant::now(),
             access,
+            gc_last: Default::default(),
+            gc_next: Default::default(),
         });
         // Scheduled garbage collection (`repositories[].gc.schedule`).
         let schedules: Vec<(String, prepub_core::cron::Schedule)> = cfg
@@ -457,6 +459,12 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                     .iter()
                     .map(|(r, s)| (r.clone(), s.next(now, now)))
                     .collect();
+                let publish_next = |next: &std::collections::HashMap<String, Option<i64>>| {
+                    let mut g = st.gc_next.lock().unwrap_or_else(|e| e.into_inner());
+                    g.clear();
+                    g.extend(next.iter().filter_map(|(r, t)| Some((r.clone(), (*t)?))));
+                };
+                publish_next(&next);
                 loop {
                     actix_rt::time::sleep(std::time::Duration::from_millis(500)).await;
                     for (repo, sched) in &schedules {
@@ -482,6 +490,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                         }
                         let done = prepub_core::timefmt::now();
                         next.insert(repo.clone(), sched.next(done, done));
+                        publish_next(&next);
                     }
                 }
             });
@@ -508,6 +517,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 .route("/api/v1/gc/{repo}/run", web::post().to(api::gc_run))
                 .route("/api/v1/gc/{repo}/tombstones", web::get().to(api::gc_tombstones))
                 .route("/api/v1/gc/{repo}/lifecycle", web::post().to(api::gc_lifecycle))
+                .route("/api/v1/gc/{repo}/status", web::get().to(api::gc_status))
                 .route("/api/v1/access-events", web::post().to(api::access_events))
                 .route("/api/v1/access/{repo}", web::get().to(api::access_query))
                 .default_service(web::to(api::not_found))
