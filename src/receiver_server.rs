@@ -243,6 +243,10 @@ struct State {
     reserved: Mutex<Reservations>,
     /// Upload tokens handed out in MQTT ready answers.
     tokens: prepub_core::receiver::UploadTokens,
+    /// Recent answers to announcements, by (publisher, payload): a repeated announcement (the
+    /// publisher repeats them while any endpoint is silent) gets the same answer and token
+    /// without another inventory pass.
+    answers: Mutex<HashMap<(String, String), (prepub_core::control::Ready, std::time::Instant)>>,
 }
 
 /// Space held for announced payloads, so two announcements at the same moment cannot both be
@@ -428,6 +432,33 @@ fn reserve_space(st: &State, repo: &str, payload: &str, bytes: u64) -> Result<()
 
 /// The answer to an MQTT announcement: space reserved, absent objects listed, a token issued.
 fn answer_announce(
+    st: &State,
+    node_id: &str,
+    data_url: &str,
+    token_ttl: Duration,
+    a: &prepub_core::control::Announce,
+) -> prepub_core::control::Ready {
+    let key = (a.publisher_id.clone(), a.payload_id.clone());
+    {
+        let mut cache = st.answers.lock().unwrap_or_else(|e| e.into_inner());
+        // Half the token's life: a repeated answer still leaves the publisher time to push.
+        cache.retain(|_, (_, at)| at.elapsed() < token_ttl / 2);
+        if let Some((r, _)) = cache.get(&key) {
+            return r.clone();
+        }
+    }
+    let ready = compute_answer(st, node_id, data_url, token_ttl, a);
+    // Refusals (e.g. no space) are not cached: the next announcement asks again.
+    if ready.error.is_none() {
+        st.answers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, (ready.clone(), std::time::Instant::now()));
+    }
+    ready
+}
+
+fn compute_answer(
     st: &State,
     node_id: &str,
     data_url: &str,
@@ -899,6 +930,7 @@ pub fn run(file: ReceiverFile, o: ReceiverOverrides) -> anyhow::Result<()> {
             min_free,
             reserved: Mutex::new(Reservations::default()),
             tokens: Default::default(),
+            answers: Mutex::new(HashMap::new()),
         });
         let _ = state_slot.set(state.clone());
         let data = web::Data::new(state);

@@ -691,3 +691,49 @@ fn a_receiver_must_be_known_by_its_certificate() {
         "{err}"
     );
 }
+
+#[test]
+fn repeated_announcements_get_the_same_answer_without_another_inventory() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let certs = make_certs(dir.path());
+    let b = Broker::start(dir.path(), &certs);
+    let up = mqtt_receiver(dir.path(), &certs, &b, "s1-a", &[]);
+    let silent = format!("http://127.0.0.1:{}", free_port());
+    // One endpoint never answers: the announcement is repeated (every 5 s) until the
+    // 7 s ready deadline, then the job commits anyway.
+    with_mqtt_distribution(
+        dir.path(),
+        &certs,
+        &b,
+        &[(up.url.clone(), "s1-a"), (silent, "s1-b")],
+        1.0,
+        true,
+        "7s",
+    );
+    let d = Daemon::start(dir.path(), &[]);
+    let id = submit(&d, "/sw/repeat", &tree("repeat", 2));
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(j["state"], "published", "{j}");
+    let rm = up.metrics_text();
+    let announces = metric(&rm, "cvmfs_receiver_mqtt_announces_total");
+    assert!(announces >= 2.0, "the announcement was not repeated: {rm}");
+    // One inventory pass for all of them, and the publisher saw the same answer again.
+    assert_eq!(
+        metric(&rm, "cvmfs_receiver_inventory_requests_total"),
+        1.0,
+        "{rm}"
+    );
+    let m = d.metrics_text();
+    assert!(
+        metric(&m, "cvmfs_prepub_mqtt_ignored_total{reason=\"duplicate\"}") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        j["distribution"][&up.url]
+            .as_str()
+            .unwrap()
+            .starts_with("ok: "),
+        "{j}"
+    );
+}
