@@ -108,6 +108,21 @@ impl S3Cas {
         rx.recv().unwrap_or_else(|_| unreachable_shutdown())
     }
 
+    /// The object's metadata (a HEAD); `NotFound` when absent.
+    fn head(&self, id: &ObjectId) -> Result<object_store::ObjectMeta, CasError> {
+        let store = self.store.clone();
+        let key = self.key(&id.path());
+        let shown = key.to_string();
+        let idt = id.to_string();
+        self.run(async move {
+            match store.head(&key).await {
+                Ok(m) => Ok(m),
+                Err(e) if is_not_found(&e) => Err(CasError::NotFound(idt)),
+                Err(e) => Err(s3err("head", &shown, explain(&e))),
+            }
+        })
+    }
+
     fn key(&self, rel: &str) -> Path {
         if self.settings.prefix.is_empty() {
             Path::from(rel)
@@ -351,31 +366,11 @@ impl Cas for S3Cas {
     }
 
     fn modified(&self, id: &ObjectId) -> Result<i64, CasError> {
-        let store = self.store.clone();
-        let key = self.key(&id.path());
-        let shown = key.to_string();
-        let idt = id.to_string();
-        self.run(async move {
-            match store.head(&key).await {
-                Ok(m) => Ok(m.last_modified.timestamp()),
-                Err(e) if is_not_found(&e) => Err(CasError::NotFound(idt)),
-                Err(e) => Err(s3err("head", &shown, explain(&e))),
-            }
-        })
+        Ok(self.head(id)?.last_modified.timestamp())
     }
 
     fn size(&self, id: &ObjectId) -> Result<u64, CasError> {
-        let store = self.store.clone();
-        let key = self.key(&id.path());
-        let shown = key.to_string();
-        let idt = id.to_string();
-        self.run(async move {
-            match store.head(&key).await {
-                Ok(m) => Ok(m.size),
-                Err(e) if is_not_found(&e) => Err(CasError::NotFound(idt)),
-                Err(e) => Err(s3err("head", &shown, explain(&e))),
-            }
-        })
+        Ok(self.head(id)?.size)
     }
 
     fn list(&self) -> Result<Vec<ObjectId>, CasError> {

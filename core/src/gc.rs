@@ -99,15 +99,25 @@ fn unreadable(what: &'static str, id: &ObjectId, e: impl ToString) -> GcError {
     }
 }
 
-/// Reads a (compressed) catalog object into a scratch SQLite file.
+/// Decompresses a SQLite object (catalog, history) into a scratch file.
+fn scratch_copy(
+    cas: &dyn Cas,
+    id: &ObjectId,
+    what: &'static str,
+) -> Result<tempfile::NamedTempFile, GcError> {
+    let bytes = get_all(cas, id).map_err(|e| unreadable(what, id, e))?;
+    let plain = decode_to_vec(id, &bytes, true).map_err(|e| unreadable(what, id, e))?;
+    let tmp = tempfile::NamedTempFile::new().map_err(|e| unreadable(what, id, e))?;
+    std::fs::write(tmp.path(), &plain).map_err(|e| unreadable(what, id, e))?;
+    Ok(tmp)
+}
+
+/// Reads a catalog object into a scratch SQLite file.
 fn open_catalog(
     cas: &dyn Cas,
     id: &ObjectId,
 ) -> Result<(tempfile::NamedTempFile, CatalogDb), GcError> {
-    let bytes = get_all(cas, id).map_err(|e| unreadable("catalog", id, e))?;
-    let plain = decode_to_vec(id, &bytes, true).map_err(|e| unreadable("catalog", id, e))?;
-    let tmp = tempfile::NamedTempFile::new().map_err(|e| unreadable("catalog", id, e))?;
-    std::fs::write(tmp.path(), &plain).map_err(|e| unreadable("catalog", id, e))?;
+    let tmp = scratch_copy(cas, id, "catalog")?;
     let db = CatalogDb::open(tmp.path(), false).map_err(|e| unreadable("catalog", id, e))?;
     Ok((tmp, db))
 }
@@ -192,10 +202,7 @@ pub fn references(
     }
     // Every named tag.
     if let Some(h) = m.history {
-        let bytes = get_all(cas, &h).map_err(|e| unreadable("history", &h, e))?;
-        let plain = decode_to_vec(&h, &bytes, true).map_err(|e| unreadable("history", &h, e))?;
-        let tmp = tempfile::NamedTempFile::new().map_err(|e| unreadable("history", &h, e))?;
-        std::fs::write(tmp.path(), &plain).map_err(|e| unreadable("history", &h, e))?;
+        let tmp = scratch_copy(cas, &h, "history")?;
         let hist = History::open(tmp.path()).map_err(|e| unreadable("history", &h, e))?;
         for t in hist.tags().map_err(|e| unreadable("history", &h, e))? {
             if let (true, Some(span)) = (is_auto_tag(&t.name), policy.auto_tag_secs) {

@@ -334,19 +334,7 @@ pub async fn submit(
     rec.tar_sha256 = Some(digest);
     rec.owner = who.owner();
     rec.tar_bytes = tar_bytes;
-    let accepted = st
-        .jobs
-        .send(SubmitJob {
-            record: rec,
-            upload,
-        })
-        .await
-        .map_err(|_| ApiError::Unavailable("job manager unavailable".into()))?
-        .map_err(|e| match e {
-            prepub_actors::job_manager::SubmitError::Draining => ApiError::Draining,
-            e => ApiError::Unavailable(e.to_string()),
-        })?;
-    guard.0 = None; // the spool owns it now
+    let accepted = hand_over(&st, rec, upload, &mut guard).await?;
     Ok(HttpResponse::Accepted().json(Submitted {
         job_id: accepted.id,
         state: accepted.state.as_str().into(),
@@ -428,12 +416,20 @@ async fn accept_removal(
     rec.tag_description = f.tag_description.clone();
     rec.owner = owner;
     rec.removal = true;
+    hand_over(st, rec, upload, &mut guard).await
+}
+
+/// Hands a spooled upload and its record to the job manager; once it is accepted the spool owns
+/// the upload (the guard no longer deletes it).
+async fn hand_over(
+    st: &AppState,
+    record: JobRecord,
+    upload: PathBuf,
+    guard: &mut UploadGuard,
+) -> Result<JobRecord, ApiError> {
     let accepted = st
         .jobs
-        .send(SubmitJob {
-            record: rec,
-            upload,
-        })
+        .send(SubmitJob { record, upload })
         .await
         .map_err(|_| ApiError::Unavailable("job manager unavailable".into()))?
         .map_err(|e| match e {

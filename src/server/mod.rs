@@ -372,7 +372,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 .unwrap_or_default();
             prepub_actors::access_tracker::AccessTracker::new(repos, m3.clone())
         });
-        {
+        if cfg.repos.values().any(|r| !r.gc.access.logs.is_empty()) {
             // Access logs are read every two seconds.
             let a = access.clone();
             let _ = std::thread::Builder::new()
