@@ -160,6 +160,13 @@ impl Client {
         )
     }
 
+    pub fn gc_abort(&self, repo: &str) -> anyhow::Result<serde_json::Value> {
+        Self::decode(
+            self.req(reqwest::Method::POST, &format!("/api/v1/gc/{repo}/abort"))
+                .send()?,
+        )
+    }
+
     pub fn gc_status(&self, repo: &str) -> anyhow::Result<serde_json::Value> {
         Self::decode(
             self.req(reqwest::Method::GET, &format!("/api/v1/gc/{repo}/status"))

@@ -546,6 +546,10 @@ pub struct GcFile {
     /// Paths (globs: `*` within a component, `**` across) the lifecycle never removes.
     #[serde(default)]
     pub exempt_paths: Vec<String>,
+    /// Tag names (globs, `*` wildcards) whose revisions are always kept — automatic tags
+    /// past `auto_tag_timespan` included — and whose paths the lifecycle never removes.
+    #[serde(default)]
+    pub exempt_tags: Vec<String>,
     /// Unreferenced objects are first tombstoned and deleted by a later run once this has
     /// passed (unless seen again meanwhile); `0s` deletes at once.
     #[serde(default = "default_soft_delete")]
@@ -629,6 +633,7 @@ impl Default for GcFile {
             dry_run: false,
             access_ttl: None,
             exempt_paths: Vec::new(),
+            exempt_tags: Vec::new(),
             access_sources: default_access_sources(),
             access_collapse: default_access_collapse(),
         }
@@ -713,6 +718,7 @@ pub struct GcConfig {
     pub dry_run: bool,
     pub access_ttl: Option<Duration>,
     pub exempt_paths: Vec<String>,
+    pub exempt_tags: Vec<String>,
     pub access: AccessConfig,
 }
 
@@ -1020,6 +1026,20 @@ impl FileConfig {
                         .transpose()
                         .map_err(|m| cerr(&format!("repositories[{i}].gc.access_ttl"), m))?,
                     exempt_paths: r.gc.exempt_paths.clone(),
+                    exempt_tags: match r
+                        .gc
+                        .exempt_tags
+                        .iter()
+                        .find(|t| t.is_empty() || t.contains('/'))
+                    {
+                        Some(t) => {
+                            return Err(cerr(
+                                &format!("repositories[{i}].gc.exempt_tags"),
+                                format!("{t:?} is not a tag name glob (non-empty, no '/')"),
+                            ))
+                        }
+                        None => r.gc.exempt_tags.clone(),
+                    },
                     access: access_config(&r.gc, i)?,
                 },
             };

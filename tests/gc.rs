@@ -389,7 +389,25 @@ fn scheduled_runs_and_dry_runs() {
         v["next_run"].as_i64().unwrap() >= prepub_core::timefmt::now() - 2,
         "{v}"
     );
-    assert_eq!(v["last_run"]["outcome"], "swept", "{v}");
+    assert_eq!(
+        (
+            v["last_run"]["state"].as_str(),
+            v["last_run"]["trigger"].as_str()
+        ),
+        (Some("complete"), Some("schedule")),
+        "{v}"
+    );
+    // Each run is journaled; the one that took the orphan says so.
+    let runs = v["runs"].as_array().unwrap();
+    assert!(
+        runs.iter()
+            .any(|r| r["deleted"] == 1 && r["state"] == "complete"),
+        "{v}"
+    );
+    let journaled = std::fs::read_dir(dir.path().join("spool/gc/runs"))
+        .unwrap()
+        .count();
+    assert!(journaled >= runs.len().min(1), "{journaled}");
     assert_eq!(v["enabled"], true);
     let text =
         String::from_utf8_lossy(&ctl(&d, &["gc", "status", "--repo", REPO]).stdout).into_owned();
@@ -419,8 +437,12 @@ fn scheduled_runs_and_dry_runs() {
     let o = ctl(&d, &["gc", "status", "--repo", REPO, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(
-        (v["dry_run"].as_bool(), v["last_run"]["outcome"].as_str()),
-        (Some(true), Some("dry-run")),
+        (
+            v["dry_run"].as_bool(),
+            v["last_run"]["state"].as_str(),
+            v["last_run"]["dry_run"].as_bool()
+        ),
+        (Some(true), Some("complete"), Some(true)),
         "{v}"
     );
     assert!(v["schedule"].is_null() && v["next_run"].is_null(), "{v}");
@@ -449,4 +471,254 @@ fn a_schedule_needs_gc_enabled_and_a_valid_expression() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{gc}: {err}");
     }
+}
+
+fn gc_status(d: &Daemon) -> serde_json::Value {
+    let o = ctl(d, &["gc", "status", "--repo", REPO, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// The independent reader sees `specs` under `base`.
+fn read_back(d: &Daemon, cache: &std::path::Path, base: &str, specs: &[Spec]) {
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, cache);
+    verify(&repo, base, specs);
+}
+
+#[test]
+fn killed_at_each_step_a_run_ends_aborted_with_its_tombstones_revoked_and_nothing_kept_lost() {
+    let v = |n: u8| format!("release {n} of the app ").repeat(40).into_bytes();
+    for (soft, point, state) in [
+        ("1h", "gc-scanning", "scanning"),
+        ("1h", "gc-tombstoned", "tombstoned"),
+        ("1h", "gc-reaping", "reaping"),
+        ("0s", "gc-delete#2", "reaping"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        gc_dir(
+            dir.path(),
+            &format!("{{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s, soft_delete_period: {soft}}}"),
+        );
+        let d = Daemon::start(dir.path(), &[]);
+        // Release 1 is referenced by nothing kept (2 is trunk-previous, 3 current).
+        for n in [1, 2, 3] {
+            let j = publish(&d, "/sw/app", &[file("bin/app", v(n))], None);
+            assert_eq!(j["state"], "published", "{j}");
+        }
+        let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+        for i in 0..3u8 {
+            let id = ObjectId::new(Digest20::of(&[i; 8]), Suffix::None);
+            cas.put_bytes(&id, &[i; 8]).unwrap();
+        }
+        let plan: serde_json::Value =
+            serde_json::from_slice(&ctl(&d, &["gc", "plan", "--repo", REPO, "--json"]).stdout)
+                .unwrap();
+        let candidates = plan["candidate_count"].as_u64().unwrap();
+        assert!(candidates >= 4, "{plan}");
+        drop(d);
+
+        let mut d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_CRASH", point)]);
+        let r = client()
+            .post(format!("{}/api/v1/gc/{REPO}/run", d.url))
+            .bearer_auth(ADMIN)
+            .send();
+        assert!(
+            r.as_ref().map_or(true, |r| !r.status().is_success()),
+            "{point}: the run answered"
+        );
+        assert!(d.wait_exit(20), "{point}: the daemon did not stop there");
+        drop(d);
+
+        let d = Daemon::start(dir.path(), &[]);
+        let s = gc_status(&d);
+        let last = &s["last_run"];
+        assert_eq!(last["state"], "aborted", "{point}: {s}");
+        assert!(
+            last["reason"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("stopped while the run was {state}")),
+            "{point}: {s}"
+        );
+        assert!(s["current_run"].is_null(), "{point}: {s}");
+        assert_eq!(
+            s["tombstones_pending"], 0,
+            "{point}: tombstones not revoked: {s}"
+        );
+        let audit =
+            std::fs::read_to_string(dir.path().join("spool/gc/audit.log")).unwrap_or_default();
+        let deleted_before = audit.lines().count() as u64;
+        assert_eq!(
+            deleted_before,
+            if point == "gc-delete#2" { 1 } else { 0 },
+            "{point}: {audit}"
+        );
+        ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+        let kept = [file("bin/app", v(3))];
+        read_back(&d, &dir.path().join("cache"), "/sw/app", &kept);
+
+        // The next run starts over and completes.
+        let o = ctl(&d, &["gc", "run", "--repo", REPO, "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(r["run"]["state"], "complete", "{point}: {r}");
+        if soft == "0s" {
+            assert_eq!(
+                r["swept"]["deleted"].as_u64().unwrap() + deleted_before,
+                candidates,
+                "{point}: {r}"
+            );
+            assert!(!cas.exists(&object(&v(1))).unwrap());
+        } else {
+            assert_eq!(
+                r["tombstones"]["new"].as_u64().unwrap(),
+                candidates,
+                "{point}: {r}"
+            );
+            assert_eq!(r["swept"]["deleted"], 0);
+            assert!(cas.exists(&object(&v(1))).unwrap());
+        }
+        assert!(cas.exists(&object(&v(2))).unwrap() && cas.exists(&object(&v(3))).unwrap());
+        ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+        read_back(&d, &dir.path().join("cache"), "/sw/app", &kept);
+    }
+}
+
+#[test]
+fn an_aborted_run_revokes_its_tombstones_and_keeps_older_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    gc_dir(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s, soft_delete_period: 1h}",
+    );
+    let d = Daemon::start(
+        dir.path(),
+        &[("CVMFS_PREPUB_TEST_HOLD", "gc-tombstoned=1500")],
+    );
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    let put = |i: u8| {
+        let id = ObjectId::new(Digest20::of(&[i; 8]), Suffix::None);
+        cas.put_bytes(&id, &[i; 8]).unwrap();
+        id
+    };
+    let first = put(1);
+    let run = || {
+        let (c, u) = (client(), format!("{}/api/v1/gc/{REPO}/run", d.url));
+        std::thread::spawn(move || {
+            c.post(u)
+                .bearer_auth(ADMIN)
+                .send()
+                .unwrap()
+                .json::<serde_json::Value>()
+                .unwrap()
+        })
+    };
+    let r1 = run().join().unwrap();
+    assert_eq!(
+        (
+            r1["run"]["state"].as_str(),
+            r1["tombstones"]["new"].as_u64()
+        ),
+        (Some("complete"), Some(1)),
+        "{r1}"
+    );
+    let second = put(2);
+    let pending = run();
+    // Held in `tombstoned`: abort it.
+    let start = std::time::Instant::now();
+    loop {
+        let s = gc_status(&d);
+        if s["current_run"]["state"] == "tombstoned" {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "{s}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = ctl(&d, &["gc", "abort", "--repo", REPO]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("is being aborted"));
+    let r2 = pending.join().unwrap();
+    assert_eq!(r2["run"]["state"], "aborted", "{r2}");
+    assert_eq!(r2["run"]["tombstoned"], 1, "{r2}");
+    assert_eq!(r2["run"]["revoked"], 1, "{r2}");
+    assert!(
+        r2["run"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("aborted by request while tombstoned"),
+        "{r2}"
+    );
+    // The first run's tombstone stays, the aborted run's is gone; nothing was deleted.
+    let t: serde_json::Value =
+        serde_json::from_slice(&ctl(&d, &["gc", "tombstones", "--repo", REPO, "--json"]).stdout)
+            .unwrap();
+    let objs: Vec<&str> = t["tombstones"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["object"].as_str().unwrap())
+        .collect();
+    assert_eq!(objs, vec![first.to_string().as_str()], "{t}");
+    assert!(cas.exists(&first).unwrap() && cas.exists(&second).unwrap());
+    let text =
+        String::from_utf8_lossy(&ctl(&d, &["gc", "status", "--repo", REPO]).stdout).into_owned();
+    assert!(
+        text.contains(" aborted (api,") && text.contains(" complete (api,"),
+        "{text}"
+    );
+    let m = d.metrics_text();
+    assert!(
+        m.contains(&format!(
+            "cvmfs_prepub_gc_runs_total{{outcome=\"aborted\",repo=\"{REPO}\"}} 1"
+        )),
+        "{m}"
+    );
+    // Nothing in progress any more.
+    let o = ctl(&d, &["gc", "abort", "--repo", REPO]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no garbage collection"));
+    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+}
+
+#[test]
+fn exempt_tags_keep_revisions_automatic_tags_would_not() {
+    let dir = tempfile::tempdir().unwrap();
+    gc_dir(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s, exempt_tags: ['prepub-*']}",
+    );
+    let d = Daemon::start(dir.path(), &[]);
+    let v = |n: u8| format!("exempt release {n} ").repeat(40).into_bytes();
+    for n in [1, 2, 3] {
+        assert_eq!(
+            publish(&d, "/sw/app", &[file("bin/app", v(n))], None)["state"],
+            "published"
+        );
+    }
+    let o = ctl(&d, &["gc", "run", "--repo", REPO, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let exempt = r["plan"]["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| k["why"].as_str().unwrap().ends_with("(exempt)"))
+        .count();
+    // Release 1's revision is named only by its automatic tag, past auto_tag_timespan: the
+    // exemption alone keeps it (the first test shows such a revision's objects go otherwise).
+    assert!(exempt >= 1, "{r}");
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    for n in [1, 2, 3] {
+        assert!(cas.exists(&object(&v(n))).unwrap(), "release {n} deleted");
+    }
+    let s = gc_status(&d);
+    assert_eq!(s["exempt_tags"][0], "prepub-*", "{s}");
+    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+    read_back(
+        &d,
+        &dir.path().join("cache"),
+        "/sw/app",
+        &[file("bin/app", v(3))],
+    );
 }

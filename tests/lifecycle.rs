@@ -119,3 +119,40 @@ fn a_dry_run_lists_and_removes_nothing() {
     assert!(v["submitted"].as_array().unwrap().is_empty());
     assert_eq!(d.jobs()["total"], 4);
 }
+
+#[test]
+fn paths_in_a_revision_an_exempt_tag_names_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let cfg = dir.path().join("config.yaml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(
+        "    gc: {enabled: true, access_ttl: 2s, exempt_tags: ['pin-*'], keep_revisions: 1, grace_period: 0s}\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    for (p, tag) in [("/sw/pinned", Some("pin-2026")), ("/sw/loose", None)] {
+        let r = d.submit_raw(ADMIN, p, &tar_bytes(&tree(p)), tag);
+        let id = r.json::<serde_json::Value>().unwrap()["job_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
+    }
+    std::thread::sleep(Duration::from_millis(3200));
+    let v = lifecycle(&d);
+    let expired: Vec<&str> = v["expired"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(expired, vec!["/sw/loose"], "{v}");
+    let j = d.wait_terminal(v["submitted"][0].as_str().unwrap(), 60);
+    assert_eq!(j["state"], "published", "{j}");
+    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    verify(&repo, "/sw/pinned", &tree("/sw/pinned"));
+    assert!(repo.lookup("/sw/loose").is_err());
+}

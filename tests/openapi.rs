@@ -137,7 +137,10 @@ fn the_document_matches_routes_statuses_and_bodies() {
     let mut text = std::fs::read_to_string(&cfg).unwrap();
     text.push_str("    gc: {enabled: true, grace_period: 0s}\n");
     std::fs::write(&cfg, text).unwrap();
-    let d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_HOLD", "processing=1500")]);
+    let d = Daemon::start(
+        dir.path(),
+        &[("CVMFS_PREPUB_TEST_HOLD", "processing=1500,gc-scanning=700")],
+    );
     let c = client();
     let doc: Value = c
         .get(format!("{}/api/v1/openapi.json", d.url))
@@ -418,6 +421,53 @@ fn the_document_matches_routes_statuses_and_bodies() {
             .send()
             .unwrap(),
     );
+    // Abort: nothing in progress (409), then a run held in `scanning` (202, run ends aborted).
+    let ab = "/api/v1/gc/{repo}/abort";
+    api.check(
+        "post",
+        ab,
+        c.post(gc_url("abort", REPO))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap(),
+    );
+    api.check("post", ab, c.post(gc_url("abort", REPO)).send().unwrap());
+    api.check(
+        "post",
+        ab,
+        c.post(gc_url("abort", REPO))
+            .bearer_auth(SCOPED)
+            .send()
+            .unwrap(),
+    );
+    api.check(
+        "post",
+        ab,
+        c.post(gc_url("abort", "no.example.org"))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap(),
+    );
+    let running = {
+        let (c, u) = (client(), gc_url("run", REPO));
+        std::thread::spawn(move || c.post(u).bearer_auth(ADMIN).send().unwrap())
+    };
+    let start = std::time::Instant::now();
+    loop {
+        let r = c
+            .post(gc_url("abort", REPO))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap();
+        if r.status() == 202 {
+            api.check("post", ab, r);
+            break;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let v = api.check("post", run, running.join().unwrap());
+    assert_eq!(v["run"]["state"], "aborted", "{v}");
     let lc = "/api/v1/gc/{repo}/lifecycle";
     api.check(
         "post",
@@ -457,7 +507,8 @@ fn the_document_matches_routes_statuses_and_bodies() {
             .send()
             .unwrap(),
     );
-    assert_eq!(v["last_run"]["outcome"], "swept", "{v}");
+    assert_eq!(v["last_run"]["state"], "aborted", "{v}");
+    assert_eq!(v["runs"][1]["state"], "complete", "{v}");
     api.check("get", gs, c.get(gc_url("status", REPO)).send().unwrap());
     api.check(
         "get",

@@ -58,6 +58,9 @@ pub struct Tombstone {
     pub size: u64,
     pub created: i64,
     pub delete_after: i64,
+    /// The garbage-collection run that made it (revoked if that run is aborted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run: Option<String>,
 }
 
 /// The access store of one repository.
@@ -89,9 +92,22 @@ impl AccessStore {
              CREATE TABLE IF NOT EXISTS objects (hash TEXT PRIMARY KEY, last_seen INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS paths (path TEXT PRIMARY KEY, last_seen INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS tombstones (hash TEXT PRIMARY KEY, size INTEGER NOT NULL,
-                 created INTEGER NOT NULL, delete_after INTEGER NOT NULL);",
+                 created INTEGER NOT NULL, delete_after INTEGER NOT NULL, run TEXT);",
         )
         .map_err(sql)?;
+        // Stores made before runs were journaled lack the column.
+        let has_run: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('tombstones') WHERE name = 'run'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(sql)?
+            > 0;
+        if !has_run {
+            conn.execute_batch("ALTER TABLE tombstones ADD COLUMN run TEXT")
+                .map_err(sql)?;
+        }
         Ok(AccessStore {
             conn,
             path: path.to_path_buf(),
@@ -180,25 +196,33 @@ impl AccessStore {
         Ok(out)
     }
 
-    /// Tombstones `objects` (object, size) at `now` to be deleted after `delete_after`;
-    /// already tombstoned ones keep their times. Returns how many are new.
+    /// Tombstones `objects` (object, size) at `now` to be deleted after `delete_after`, on
+    /// behalf of garbage-collection run `run`; already tombstoned ones keep their times and
+    /// run. Returns how many are new.
     pub fn tombstone(
         &mut self,
         objects: &[(ObjectId, u64)],
         now: i64,
         delete_after: i64,
+        run: Option<&str>,
     ) -> Result<usize, AccessError> {
         let tx = self.conn.unchecked_transaction().map_err(|e| self.sql(e))?;
         let mut n = 0;
         {
             let mut st = tx
                 .prepare_cached(
-                    "INSERT OR IGNORE INTO tombstones (hash, size, created, delete_after) VALUES (?1, ?2, ?3, ?4)",
+                    "INSERT OR IGNORE INTO tombstones (hash, size, created, delete_after, run) VALUES (?1, ?2, ?3, ?4, ?5)",
                 )
                 .map_err(|e| self.sql(e))?;
             for (id, size) in objects {
                 n += st
-                    .execute(params![id.to_string(), *size as i64, now, delete_after])
+                    .execute(params![
+                        id.to_string(),
+                        *size as i64,
+                        now,
+                        delete_after,
+                        run
+                    ])
                     .map_err(|e| self.sql(e))?;
             }
         }
@@ -210,7 +234,7 @@ impl AccessStore {
     pub fn tombstones(&self) -> Result<Vec<Tombstone>, AccessError> {
         let mut st = self
             .conn
-            .prepare("SELECT hash, size, created, delete_after FROM tombstones ORDER BY delete_after, hash")
+            .prepare("SELECT hash, size, created, delete_after, run FROM tombstones ORDER BY delete_after, hash")
             .map_err(|e| self.sql(e))?;
         let rows = st
             .query_map([], |r| {
@@ -219,6 +243,7 @@ impl AccessStore {
                     size: r.get::<_, i64>(1)? as u64,
                     created: r.get(2)?,
                     delete_after: r.get(3)?,
+                    run: r.get(4)?,
                 })
             })
             .map_err(|e| self.sql(e))?;
@@ -241,6 +266,13 @@ impl AccessStore {
         }
         tx.commit().map_err(|e| self.sql(e))?;
         Ok(n)
+    }
+
+    /// Drops every tombstone run `run` made (the run was aborted). Returns how many.
+    pub fn revoke_run(&mut self, run: &str) -> Result<usize, AccessError> {
+        self.conn
+            .execute("DELETE FROM tombstones WHERE run = ?1", params![run])
+            .map_err(|e| self.sql(e))
     }
 
     /// Every tracked path with its last-seen time.
@@ -571,9 +603,13 @@ mod tests {
             ObjectId::new(Digest20::of(b"a"), Suffix::None),
             ObjectId::new(Digest20::of(b"b"), Suffix::None),
         );
-        assert_eq!(s.tombstone(&[(a, 10), (b, 20)], 1000, 2000).unwrap(), 2);
         assert_eq!(
-            s.tombstone(&[(a, 10)], 1500, 9999).unwrap(),
+            s.tombstone(&[(a, 10), (b, 20)], 1000, 2000, Some("r1"))
+                .unwrap(),
+            2
+        );
+        assert_eq!(
+            s.tombstone(&[(a, 10)], 1500, 9999, Some("r2")).unwrap(),
             0,
             "kept its times"
         );
@@ -593,6 +629,44 @@ mod tests {
         );
         assert_eq!(s.untombstone(&[b]).unwrap(), 1);
         assert!(s.tombstones().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_aborted_run_revokes_only_its_own_tombstones_and_old_stores_gain_the_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE tombstones (hash TEXT PRIMARY KEY, size INTEGER NOT NULL,
+                     created INTEGER NOT NULL, delete_after INTEGER NOT NULL);
+                 INSERT INTO tombstones VALUES ('00', 1, 1, 2);",
+            )
+            .unwrap();
+        }
+        let mut s = AccessStore::open(&path, 0).unwrap();
+        assert_eq!(s.tombstones().unwrap()[0].run, None);
+        let (a, b) = (
+            ObjectId::new(Digest20::of(b"a"), Suffix::None),
+            ObjectId::new(Digest20::of(b"b"), Suffix::None),
+        );
+        s.tombstone(&[(a, 1)], 10, 20, Some("first")).unwrap();
+        s.tombstone(&[(a, 1), (b, 2)], 11, 21, Some("second"))
+            .unwrap();
+        assert_eq!(s.revoke_run("second").unwrap(), 1);
+        let left: Vec<(String, Option<String>)> = s
+            .tombstones()
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.object, t.run))
+            .collect();
+        assert_eq!(
+            left,
+            vec![
+                ("00".to_string(), None),
+                (a.to_string(), Some("first".into()))
+            ]
+        );
     }
 
     #[test]

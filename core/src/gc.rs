@@ -50,6 +50,46 @@ pub struct GcPolicy {
     /// Automatic tags (`prepub-<job id>`, made when a job names no tag) keep their revision
     /// only while younger than this; `None` keeps them forever. Named tags always keep theirs.
     pub auto_tag_secs: Option<i64>,
+    /// Tag-name globs (`*` wildcards) whose revisions are always kept, automatic tags
+    /// included.
+    pub exempt_tags: Vec<String>,
+}
+
+/// Whether tag `name` matches one of `globs`.
+pub fn tag_exempt(globs: &[String], name: &str) -> bool {
+    globs
+        .iter()
+        .any(|g| crate::lifecycle::glob_match(g, name) && !name.contains('/'))
+}
+
+/// The tags of the current history that match `globs`, with their root catalogs.
+pub fn exempt_tag_roots(
+    cas: &dyn Cas,
+    globs: &[String],
+) -> Result<Vec<(String, ObjectId)>, GcError> {
+    if globs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (m, _) = current_manifest(cas)
+        .map_err(|e| GcError::Unreadable {
+            what: "manifest",
+            id: ".cvmfspublished".into(),
+            msg: e.to_string(),
+        })?
+        .ok_or(GcError::NoRepository)?;
+    let Some(h) = m.history else {
+        return Ok(Vec::new());
+    };
+    let tmp = scratch_copy(cas, &h, "history")?;
+    let hist = History::open(tmp.path()).map_err(|e| unreadable("history", &h, e))?;
+    let mut out = Vec::new();
+    for t in hist.tags().map_err(|e| unreadable("history", &h, e))? {
+        if tag_exempt(globs, &t.name) {
+            let d = Digest20::from_hex(&t.hash).map_err(|e| unreadable("history", &h, e))?;
+            out.push((t.name, ObjectId::new(d, Suffix::Catalog)));
+        }
+    }
+    Ok(out)
 }
 
 /// Whether `name` is an automatic tag: `prepub-` followed by a job id (a UUID).
@@ -205,7 +245,9 @@ pub fn references(
         let tmp = scratch_copy(cas, &h, "history")?;
         let hist = History::open(tmp.path()).map_err(|e| unreadable("history", &h, e))?;
         for t in hist.tags().map_err(|e| unreadable("history", &h, e))? {
-            if let (true, Some(span)) = (is_auto_tag(&t.name), policy.auto_tag_secs) {
+            let exempt = tag_exempt(&policy.exempt_tags, &t.name);
+            if let (true, false, Some(span)) = (is_auto_tag(&t.name), exempt, policy.auto_tag_secs)
+            {
                 if now - t.timestamp >= span {
                     continue; // an expired automatic tag keeps nothing
                 }
@@ -219,7 +261,11 @@ pub fn references(
             kept.push(KeptRevision {
                 root_catalog: t.hash.clone(),
                 revision: Some(t.revision),
-                why: format!("tag {}", t.name),
+                why: if exempt {
+                    format!("tag {} (exempt)", t.name)
+                } else {
+                    format!("tag {}", t.name)
+                },
             });
         }
     }
@@ -270,11 +316,14 @@ pub fn plan(cas: &dyn Cas, policy: &GcPolicy, now: i64) -> Result<Plan, GcError>
 pub struct Swept {
     pub deleted: usize,
     pub bytes: u64,
+    /// `proceed` said stop before every candidate was deleted.
+    pub stopped: bool,
 }
 
 /// Deletes the plan's candidates, at most `max_per_sec` per second (0: unlimited), appending one
 /// line per deletion to `audit` (`<unix time> <repo> deleted <object> <bytes>`). Stops with
-/// [`GcError::Moved`] if the repository's revision changed since the plan.
+/// [`GcError::Moved`] if the repository's revision changed since the plan. `proceed` is asked
+/// before each deletion; when it says no the sweep stops there (`stopped`).
 pub fn sweep(
     cas: &dyn Cas,
     repo: &str,
@@ -282,6 +331,7 @@ pub fn sweep(
     max_per_sec: u64,
     audit: &mut dyn Write,
     now: impl Fn() -> i64,
+    proceed: &mut dyn FnMut() -> bool,
 ) -> Result<Swept, GcError> {
     let current = current_manifest(cas)
         .ok()
@@ -302,6 +352,10 @@ pub fn sweep(
             if let Some(wait) = due.checked_sub(start.elapsed()) {
                 std::thread::sleep(wait);
             }
+        }
+        if !proceed() {
+            out.stopped = true;
+            break;
         }
         cas.delete(id)?;
         writeln!(audit, "{} {repo} deleted {id} {size}", now()).map_err(GcError::Audit)?;
@@ -326,6 +380,19 @@ mod tests {
     }
 
     #[test]
+    fn exempt_tag_globs() {
+        let g = vec!["lts-*".to_string(), "prepub-0b8f52b4-*".to_string()];
+        assert!(tag_exempt(&g, "lts-2024"));
+        assert!(tag_exempt(
+            &g,
+            "prepub-0b8f52b4-8a0e-4b7e-9d35-6f0a3c1e2d4f"
+        ));
+        assert!(!tag_exempt(&g, "nightly-2024"));
+        assert!(!tag_exempt(&g, "lts-2024/x"));
+        assert!(!tag_exempt(&[], "lts-2024"));
+    }
+
+    #[test]
     fn unreadable_catalogs_abort_the_plan() {
         let dir = tempfile::tempdir().unwrap();
         let storage = dir.path().join("repo");
@@ -336,6 +403,7 @@ mod tests {
             keep_revisions: 2,
             grace_secs: 0,
             auto_tag_secs: None,
+            exempt_tags: Vec::new(),
         };
         let p = plan(&cas, &policy, crate::timefmt::now()).unwrap();
         assert_eq!(p.candidate_count, 0, "a fresh repository has no orphans");
@@ -350,6 +418,7 @@ mod tests {
             keep_revisions: 2,
             grace_secs: 3600,
             auto_tag_secs: None,
+            exempt_tags: Vec::new(),
         };
         let p = plan(&cas, &strict, crate::timefmt::now()).unwrap();
         assert_eq!((p.candidate_count, p.young), (0, 1));

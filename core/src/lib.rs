@@ -15,6 +15,7 @@ pub mod control;
 pub mod cron;
 pub mod gateway;
 pub mod gc;
+pub mod gcrun;
 pub mod hash;
 pub mod history;
 pub mod intake;

@@ -11,7 +11,7 @@ use crate::access::AccessStore;
 use crate::cas::Cas;
 use crate::catalog::{Entry, Kind};
 use crate::hash::{ObjectId, Suffix};
-use crate::repo::{with_current_tree, RepoError};
+use crate::repo::{with_current_tree, with_tree_at, RepoError};
 
 /// Whether `path` matches `glob`: `*` matches within one path component, `**` across any
 /// number of them, everything else literally.
@@ -56,12 +56,14 @@ fn under(path: &str, parent: &str) -> bool {
     path.len() > parent.len() && path.starts_with(parent) && path.as_bytes()[parent.len()] == b'/'
 }
 
-/// The paths not seen since `cutoff` (UNIX seconds), per the rules above.
+/// The paths not seen since `cutoff` (UNIX seconds), per the rules above; `exempt_roots` are
+/// the root catalogs of the revisions exempt tags name.
 pub fn expired(
     cas: &dyn Cas,
     store: &AccessStore,
     cutoff: i64,
     exempt: &[String],
+    exempt_roots: &[ObjectId],
 ) -> Result<Vec<Expired>, RepoError> {
     let tracked = store
         .paths()
@@ -129,6 +131,23 @@ pub fn expired(
                 path: path.clone(),
                 last_seen: *last,
             });
+        }
+        Ok(out)
+    })
+    .and_then(|mut out| {
+        for root in exempt_roots {
+            if out.is_empty() {
+                break;
+            }
+            out = with_tree_at(cas, root, |tree| {
+                let mut keep = Vec::new();
+                for e in out {
+                    if tree.lookup(&e.path)?.is_none() {
+                        keep.push(e);
+                    }
+                }
+                Ok(keep)
+            })?;
         }
         Ok(out)
     })

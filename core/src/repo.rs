@@ -698,6 +698,17 @@ pub fn with_current_tree<T>(
     f(&mut tree)
 }
 
+/// Runs `f` on the catalog tree of the revision rooted at `root` (read-only use).
+pub fn with_tree_at<T>(
+    cas: &dyn Cas,
+    root: &ObjectId,
+    f: impl FnOnce(&mut CatalogTree<'_>) -> Result<T, RepoError>,
+) -> Result<T, RepoError> {
+    let tmp = scratch()?;
+    let mut tree = CatalogTree::open(cas, tmp.path(), root)?;
+    f(&mut tree)
+}
+
 /// The default keys directory for a storage: a sibling `<storage>.keys`, never inside the
 /// served storage.
 pub fn default_keys_dir(storage: &Path) -> PathBuf {

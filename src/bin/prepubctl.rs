@@ -136,7 +136,12 @@ enum GcCmd {
         #[arg(long)]
         repo: String,
     },
-    /// Settings, a run in progress, the last and next runs, pending tombstones.
+    /// Stop the repository's run in progress; it ends aborted and its tombstones are revoked.
+    Abort {
+        #[arg(long)]
+        repo: String,
+    },
+    /// Settings, a run in progress, the recent and next runs, pending tombstones.
     Status {
         #[arg(long)]
         repo: String,
@@ -467,7 +472,12 @@ fn run(cli: Cli) -> Result<(), Fail> {
                 GcCmd::Tombstones { repo } => (c.gc_tombstones(&repo)?, "tombstones"),
                 GcCmd::Lifecycle { repo } => (c.gc_lifecycle(&repo)?, "lifecycle"),
                 GcCmd::Status { repo } => (c.gc_status(&repo)?, "status"),
+                GcCmd::Abort { repo } => (c.gc_abort(&repo)?, "abort"),
             };
+            if what == "abort" && !json {
+                println!("run {} is being aborted", v["run"].as_str().unwrap_or("?"));
+                return Ok(());
+            }
             if what == "status" && !json {
                 println!(
                     "{}: garbage collection {}{}, {}",
@@ -493,7 +503,30 @@ fn run(cli: Cli) -> Result<(), Fail> {
                     v["schedule"].as_str().unwrap_or("none"),
                     v["next_run"]
                 );
-                println!("  last run: {}", v["last_run"]);
+                let run_line = |r: &serde_json::Value| {
+                    format!(
+                        "{} {} ({}, {}): {} candidates, {} tombstoned, {} revoked, {} deleted, {} bytes{}",
+                        r["id"].as_str().unwrap_or("?"),
+                        r["state"].as_str().unwrap_or("?"),
+                        r["trigger"].as_str().unwrap_or("?"),
+                        r["updated"],
+                        r["candidates"],
+                        r["tombstoned"],
+                        r["revoked"],
+                        r["deleted"],
+                        r["bytes_reclaimed"],
+                        r["reason"]
+                            .as_str()
+                            .map(|s| format!(" — {s}"))
+                            .unwrap_or_default()
+                    )
+                };
+                if v["current_run"].is_object() {
+                    println!("  current run: {}", run_line(&v["current_run"]));
+                }
+                for r in v["runs"].as_array().into_iter().flatten() {
+                    println!("  run {}", run_line(r));
+                }
                 println!(
                     "  keep {} revisions, grace {} s, soft delete {} s, access TTL {}",
                     v["keep_revisions"],
@@ -563,6 +596,15 @@ fn run(cli: Cli) -> Result<(), Fail> {
                 }
             );
             if what == "run" {
+                println!(
+                    "run {}: {}{}",
+                    v["run"]["id"].as_str().unwrap_or("?"),
+                    v["run"]["state"].as_str().unwrap_or("?"),
+                    v["run"]["reason"]
+                        .as_str()
+                        .map(|s| format!(" — {s}"))
+                        .unwrap_or_default()
+                );
                 println!(
                     "deleted {} objects, {} bytes; tombstoned {}, revoked {}, {} tombstones pending",
                     v["swept"]["deleted"],

@@ -38,9 +38,9 @@ pub struct AppState {
     /// Shared with the job manager: set while draining.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
     pub access: Addr<prepub_actors::access_tracker::AccessTracker>,
-    /// Garbage collection bookkeeping per repository: the last run's summary and the next
-    /// scheduled time.
-    pub gc_last: Arc<std::sync::Mutex<std::collections::HashMap<String, serde_json::Value>>>,
+    /// Garbage-collection runs in progress (run id and abort flag per repository), and the
+    /// next scheduled time per repository.
+    pub gc_active: Arc<super::gc::ActiveRuns>,
     pub gc_next: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
     pub started: std::time::Instant,
 }
@@ -115,11 +115,11 @@ impl ResponseError for ApiError {
     }
 }
 
-fn bad(code: &'static str, msg: impl Into<String>) -> ApiError {
+pub(crate) fn bad(code: &'static str, msg: impl Into<String>) -> ApiError {
     ApiError::BadRequest(code, msg.into())
 }
 
-fn auth(req: &HttpRequest, st: &AppState) -> Result<Principal, ApiError> {
+pub(crate) fn auth(req: &HttpRequest, st: &AppState) -> Result<Principal, ApiError> {
     let h = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -138,12 +138,12 @@ impl Drop for UploadGuard {
 }
 
 #[derive(Default, Debug)]
-struct Fields {
-    repo: Option<String>,
-    path: Option<String>,
-    tag_name: Option<String>,
-    tag_description: Option<String>,
-    tar_sha256: Option<String>,
+pub(crate) struct Fields {
+    pub(crate) repo: Option<String>,
+    pub(crate) path: Option<String>,
+    pub(crate) tag_name: Option<String>,
+    pub(crate) tag_description: Option<String>,
+    pub(crate) tar_sha256: Option<String>,
 }
 
 /// Checks the submission fields; returns (repo, catalog path).
@@ -359,7 +359,7 @@ pub struct RemovalRequest {
     repo: String,
     path: String,
     tag_name: Option<String>,
-    tag_description: Option<String>,
+    pub(crate) tag_description: Option<String>,
 }
 
 /// `POST /api/v1/removals`: a job that takes `path` out of the repository's namespace (the
@@ -399,7 +399,7 @@ pub async fn submit_removal(
 }
 
 /// Accepts a removal job for `path` (validated by the caller).
-async fn accept_removal(
+pub(crate) async fn accept_removal(
     st: &AppState,
     repo: String,
     path: String,
@@ -722,7 +722,7 @@ pub async fn health(st: web::Data<AppState>) -> HttpResponse {
     }
 }
 
-fn admin_only(who: &Principal) -> Result<(), ApiError> {
+pub(crate) fn admin_only(who: &Principal) -> Result<(), ApiError> {
     match who {
         Principal::Admin => Ok(()),
         Principal::Scoped { .. } => Err(ApiError::Forbidden(
@@ -889,397 +889,6 @@ pub async fn status(req: HttpRequest, st: web::Data<AppState>) -> Result<HttpRes
         active,
         actors,
     }))
-}
-
-/// The repository's storage as the daemon's jobs see it (the shared S3 store, so its
-/// known-object cache forgets what is deleted).
-fn gc_store(
-    st: &AppState,
-    repo: &str,
-) -> Result<(Arc<dyn prepub_core::cas::Cas>, crate::config::GcConfig), ApiError> {
-    let rc = st
-        .cfg
-        .repos
-        .get(repo)
-        .ok_or_else(|| ApiError::NotFound(format!("repository {repo} is not served here")))?;
-    let cas: Arc<dyn prepub_core::cas::Cas> = match st.s3.get(repo) {
-        Some(s) => s.clone(),
-        None => Arc::new(
-            prepub_core::cas::LocalCas::open(&rc.storage)
-                .map_err(|e| ApiError::Unavailable(e.to_string()))?,
-        ),
-    };
-    Ok((cas, rc.gc.clone()))
-}
-
-fn gc_policy(g: &crate::config::GcConfig) -> prepub_core::gc::GcPolicy {
-    prepub_core::gc::GcPolicy {
-        keep_revisions: g.keep_revisions,
-        grace_secs: g.grace.as_secs() as i64,
-        auto_tag_secs: Some(g.auto_tag_timespan.as_secs() as i64),
-    }
-}
-
-fn gc_error(e: prepub_core::gc::GcError) -> ApiError {
-    match e {
-        prepub_core::gc::GcError::Moved { .. } => ApiError::Conflict(e.to_string()),
-        e => ApiError::Unavailable(e.to_string()),
-    }
-}
-
-fn plan_view(p: &prepub_core::gc::Plan) -> serde_json::Value {
-    let mut v = serde_json::to_value(p).unwrap_or_default();
-    v["sample"] = p
-        .candidates
-        .iter()
-        .take(20)
-        .map(|(id, _)| id.to_string())
-        .collect();
-    v
-}
-
-/// `GET /api/v1/gc/{repo}/plan` (admin): what a collection would delete now; deletes nothing.
-pub async fn gc_plan(
-    req: HttpRequest,
-    repo: web::Path<String>,
-    st: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    admin_only(&auth(&req, &st)?)?;
-    let (cas, g) = gc_store(&st, &repo)?;
-    let plan = web::block(move || {
-        prepub_core::gc::plan(cas.as_ref(), &gc_policy(&g), prepub_core::timefmt::now())
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(gc_error)?;
-    Ok(HttpResponse::Ok().json(plan_view(&plan)))
-}
-
-/// `POST /api/v1/gc/{repo}/run` (admin): collects the repository's unreferenced objects. Runs
-/// only when `gc.enabled`, in standalone mode, and while no job of the repository is in flight;
-/// jobs submitted meanwhile wait in `queued`. Every deletion is appended to
-/// `<spool>/gc/audit.log`.
-pub async fn gc_run(
-    req: HttpRequest,
-    repo: web::Path<String>,
-    st: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    admin_only(&auth(&req, &st)?)?;
-    let v = run_gc(&st, repo.into_inner()).await?;
-    Ok(HttpResponse::Ok().json(v))
-}
-
-/// One garbage collection of `repo` (asked for over the API, or scheduled). In dry-run mode
-/// it only plans.
-pub async fn run_gc(st: &AppState, repo: String) -> Result<serde_json::Value, ApiError> {
-    let (cas, g) = gc_store(st, &repo)?;
-    let dry_run = g.dry_run;
-    let refused = |st: &AppState, e: ApiError| {
-        st.metrics
-            .gc_runs_total
-            .with_label_values(&[repo.as_str(), "refused"])
-            .inc();
-        Err(e)
-    };
-    if !g.enabled {
-        return refused(
-            st,
-            ApiError::Conflict(format!(
-                "garbage collection is not enabled for {repo} (repositories[].gc.enabled)"
-            )),
-        );
-    }
-    if !matches!(st.cfg.publish, crate::config::PublishMode::Standalone) {
-        return refused(st, ApiError::Conflict(
-            "garbage collection runs in standalone mode only: in gateway or local mode the storage is shared with cvmfs_server, run `cvmfs_server gc` there".into(),
-        ));
-    }
-    match st
-        .jobs
-        .send(prepub_actors::job_manager::GcBegin { repo: repo.clone() })
-        .await
-    {
-        Ok(Ok(())) => {}
-        Ok(Err(m)) => return refused(st, ApiError::Conflict(m)),
-        Err(_) => return Err(ApiError::Unavailable("job manager unavailable".into())),
-    }
-    let audit_dir = st.cfg.spool_root.join("gc");
-    let access_db = st.cfg.spool_root.join("access").join(format!("{repo}.db"));
-    let (repo2, started) = (repo.clone(), std::time::Instant::now());
-    // The run is a task of its own: a client that goes away mid-run neither stops it halfway
-    // nor leaves the repository's jobs held (GcEnd is sent when the work ends, not when the
-    // request does).
-    let (jobs, repo3, duration) = (
-        st.jobs.clone(),
-        repo.clone(),
-        st.metrics.gc_run_duration_seconds.clone(),
-    );
-    let work = web::block(move || -> Result<_, prepub_core::gc::GcError> {
-        use prepub_core::gc::GcError;
-        let now = prepub_core::timefmt::now();
-        let mut plan = prepub_core::gc::plan(cas.as_ref(), &gc_policy(&g), now)?;
-        let mut tomb = Tombstoning::default();
-        if g.dry_run {
-            return Ok((plan, prepub_core::gc::Swept::default(), tomb));
-        }
-        if !g.soft_delete.is_zero() {
-            // Two phases: tombstone what is unreferenced now; delete the tombstones that are due
-            // and still unreferenced (this plan's candidates); drop those referenced again.
-            let audit_err = |e: prepub_core::access::AccessError| {
-                GcError::Audit(std::io::Error::other(e.to_string()))
-            };
-            let mut store =
-                prepub_core::access::AccessStore::open(&access_db, 0).map_err(audit_err)?;
-            let unreferenced: std::collections::HashMap<prepub_core::hash::ObjectId, u64> =
-                plan.candidates.iter().copied().collect();
-            let mut due = Vec::new();
-            let mut referenced_again = Vec::new();
-            for t in store.tombstones().map_err(audit_err)? {
-                let Ok(id) = prepub_core::hash::ObjectId::parse(&t.object) else {
-                    continue;
-                };
-                match unreferenced.get(&id) {
-                    Some(&size) if t.delete_after <= now => due.push((id, size)),
-                    Some(_) => {}
-                    None => referenced_again.push(id),
-                }
-            }
-            tomb.revoked = store.untombstone(&referenced_again).map_err(audit_err)?;
-            tomb.new = store
-                .tombstone(&plan.candidates, now, now + g.soft_delete.as_secs() as i64)
-                .map_err(audit_err)?;
-            let due_ids: Vec<_> = due.iter().map(|(id, _)| *id).collect();
-            plan.candidates = due;
-            let swept =
-                sweep_to_audit(cas.as_ref(), &repo2, &plan, g.max_deletion_rate, &audit_dir);
-            store.untombstone(&due_ids).map_err(audit_err)?;
-            tomb.pending = store.tombstones().map_err(audit_err)?.len();
-            return Ok((plan, swept?, tomb));
-        }
-        let swept = sweep_to_audit(cas.as_ref(), &repo2, &plan, g.max_deletion_rate, &audit_dir)?;
-        Ok((plan, swept, tomb))
-    });
-    let task = actix_rt::spawn(async move {
-        let result = work.await;
-        jobs.do_send(prepub_actors::job_manager::GcEnd { repo: repo3 });
-        duration.observe(started.elapsed().as_secs_f64());
-        result
-    });
-    let result = task.await.map_err(|e| ApiError::Internal(e.to_string()))?;
-    let (plan, swept, tomb) = match result {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => {
-            st.metrics
-                .gc_runs_total
-                .with_label_values(&[repo.as_str(), "failed"])
-                .inc();
-            st.gc_last.lock().unwrap_or_else(|e| e.into_inner()).insert(
-                repo.clone(),
-                serde_json::json!({"time": prepub_core::timefmt::now(), "outcome": "failed", "reason": e.to_string()}),
-            );
-            return Err(gc_error(e));
-        }
-        Err(e) => return Err(ApiError::Internal(e.to_string())),
-    };
-    let m = &st.metrics;
-    m.gc_runs_total
-        .with_label_values(&[repo.as_str(), if dry_run { "dry-run" } else { "swept" }])
-        .inc();
-    m.gc_objects_deleted_total
-        .with_label_values(&[repo.as_str()])
-        .inc_by(swept.deleted as u64);
-    m.gc_bytes_reclaimed_total
-        .with_label_values(&[repo.as_str()])
-        .inc_by(swept.bytes);
-    m.gc_objects_tombstoned_total
-        .with_label_values(&[repo.as_str()])
-        .inc_by(tomb.new as u64);
-    m.gc_tombstones_revoked_total
-        .with_label_values(&[repo.as_str()])
-        .inc_by(tomb.revoked as u64);
-    m.gc_tombstones_pending
-        .with_label_values(&[repo.as_str()])
-        .set(tomb.pending as i64);
-    m.gc_last_run_timestamp_seconds
-        .with_label_values(&[repo.as_str()])
-        .set(prepub_core::timefmt::now());
-    st.gc_last.lock().unwrap_or_else(|e| e.into_inner()).insert(
-        repo.clone(),
-        serde_json::json!({"time": prepub_core::timefmt::now(), "outcome": if dry_run { "dry-run" } else { "swept" },
-            "deleted": swept.deleted, "bytes": swept.bytes, "tombstoned": tomb.new}),
-    );
-    Ok(
-        serde_json::json!({"plan": plan_view(&plan), "swept": swept, "tombstones": tomb, "dry_run": dry_run}),
-    )
-}
-
-/// What a run did with tombstones (all zero without a soft-delete period).
-#[derive(Debug, Default, serde::Serialize)]
-struct Tombstoning {
-    /// Objects newly tombstoned.
-    new: usize,
-    /// Tombstones dropped because their object is referenced again.
-    revoked: usize,
-    /// Tombstones left for later runs.
-    pending: usize,
-}
-
-fn sweep_to_audit(
-    cas: &dyn prepub_core::cas::Cas,
-    repo: &str,
-    plan: &prepub_core::gc::Plan,
-    rate: u64,
-    audit_dir: &std::path::Path,
-) -> Result<prepub_core::gc::Swept, prepub_core::gc::GcError> {
-    use prepub_core::gc::GcError;
-    std::fs::create_dir_all(audit_dir).map_err(GcError::Audit)?;
-    let mut audit = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(audit_dir.join("audit.log"))
-        .map_err(GcError::Audit)?;
-    let swept =
-        prepub_core::gc::sweep(cas, repo, plan, rate, &mut audit, prepub_core::timefmt::now);
-    audit.sync_all().map_err(GcError::Audit)?;
-    swept
-}
-
-/// `POST /api/v1/gc/{repo}/lifecycle` (admin): published paths not seen for `gc.access_ttl`
-/// (and not exempt) leave the namespace as removal jobs; with `gc.dry_run` they are only listed.
-pub async fn gc_lifecycle(
-    req: HttpRequest,
-    repo: web::Path<String>,
-    st: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    admin_only(&auth(&req, &st)?)?;
-    Ok(HttpResponse::Ok().json(run_lifecycle(&st, repo.into_inner()).await?))
-}
-
-/// One lifecycle pass over `repo` (asked for, or before a scheduled collection).
-pub async fn run_lifecycle(st: &AppState, repo: String) -> Result<serde_json::Value, ApiError> {
-    let (cas, g) = gc_store(st, &repo)?;
-    let Some(ttl) = g.access_ttl else {
-        return Err(ApiError::Conflict(format!(
-            "no content lifecycle for {repo}: repositories[].gc.access_ttl is not set"
-        )));
-    };
-    if !g.enabled {
-        return Err(ApiError::Conflict(format!(
-            "garbage collection is not enabled for {repo} (repositories[].gc.enabled)"
-        )));
-    }
-    if !matches!(st.cfg.publish, crate::config::PublishMode::Standalone) {
-        return Err(ApiError::Conflict(
-            "content lifecycle needs standalone mode (paths leave through removal jobs)".into(),
-        ));
-    }
-    let db = st.cfg.spool_root.join("access").join(format!("{repo}.db"));
-    let cutoff = prepub_core::timefmt::now() - ttl.as_secs() as i64;
-    let exempt = g.exempt_paths.clone();
-    let expired = web::block(move || -> Result<_, String> {
-        let store = prepub_core::access::AccessStore::open(&db, 0).map_err(|e| e.to_string())?;
-        prepub_core::lifecycle::expired(cas.as_ref(), &store, cutoff, &exempt)
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(ApiError::Unavailable)?;
-    let mut submitted = Vec::new();
-    if !g.dry_run {
-        for e in &expired {
-            let f = Fields {
-                tag_description: Some(format!(
-                    "lifecycle: {} not seen since {}",
-                    e.path, e.last_seen
-                )),
-                ..Default::default()
-            };
-            let j = accept_removal(st, repo.clone(), e.path.clone(), &f, None).await?;
-            st.metrics
-                .gc_lifecycle_removals_total
-                .with_label_values(&[repo.as_str()])
-                .inc();
-            submitted.push(j.id);
-        }
-    }
-    Ok(serde_json::json!({"expired": expired, "submitted": submitted, "dry_run": g.dry_run}))
-}
-
-/// `GET /api/v1/gc/{repo}/status` (admin): the collection's settings, whether one runs now,
-/// the last run, the next scheduled one, pending tombstones and what access tracking holds.
-pub async fn gc_status(
-    req: HttpRequest,
-    repo: web::Path<String>,
-    st: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    admin_only(&auth(&req, &st)?)?;
-    let repo = repo.into_inner();
-    let (_, g) = gc_store(&st, &repo)?;
-    let running = st
-        .jobs
-        .send(prepub_actors::job_manager::GcRunning { repo: repo.clone() })
-        .await
-        .map_err(|_| ApiError::Unavailable("job manager unavailable".into()))?;
-    let db = st.cfg.spool_root.join("access").join(format!("{repo}.db"));
-    let (pending, (objects, paths)) = web::block(move || {
-        let s = prepub_core::access::AccessStore::open(&db, 0)?;
-        Ok::<_, prepub_core::access::AccessError>((s.tombstones()?.len(), s.counts()?))
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    let last = st
-        .gc_last
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&repo)
-        .cloned();
-    let next = st
-        .gc_next
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&repo)
-        .copied();
-    Ok(HttpResponse::Ok().json(serde_json::json!({
-        "repo": repo,
-        "enabled": g.enabled,
-        "dry_run": g.dry_run,
-        "running": running,
-        "schedule": g.schedule_text,
-        "next_run": next,
-        "last_run": last,
-        "keep_revisions": g.keep_revisions,
-        "grace_period_seconds": g.grace.as_secs(),
-        "soft_delete_period_seconds": g.soft_delete.as_secs(),
-        "access_ttl_seconds": g.access_ttl.map(|d| d.as_secs()),
-        "exempt_paths": g.exempt_paths,
-        "tombstones_pending": pending,
-        "objects_tracked": objects,
-        "paths_tracked": paths,
-    })))
-}
-
-/// `GET /api/v1/gc/{repo}/tombstones` (admin): objects awaiting deletion.
-pub async fn gc_tombstones(
-    req: HttpRequest,
-    repo: web::Path<String>,
-    st: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    admin_only(&auth(&req, &st)?)?;
-    let repo = repo.into_inner();
-    if !st.cfg.repos.contains_key(&repo) {
-        return Err(ApiError::NotFound(format!(
-            "repository {repo} is not served here"
-        )));
-    }
-    let db = st.cfg.spool_root.join("access").join(format!("{repo}.db"));
-    let list = web::block(move || {
-        prepub_core::access::AccessStore::open(&db, 0).and_then(|s| s.tombstones())
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
-    .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    Ok(HttpResponse::Ok().json(serde_json::json!({"count": list.len(), "tombstones": list.iter().take(1000).collect::<Vec<_>>()})))
 }
 
 #[derive(serde::Deserialize)]

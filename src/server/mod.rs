@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod gc;
 pub mod logging;
 
 use std::sync::{Arc, Mutex};
@@ -282,6 +283,10 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
     actix_rt::System::new().block_on(async move {
         let (spool, jobs) = Spool::open(&cfg.spool_root).with_context(|| format!("server.spool_root {}", cfg.spool_root.display()))?;
         info!(log, "spool opened"; "actor" => "SpoolJournal", "root" => %cfg.spool_root.display(), "jobs" => jobs.len());
+        for run in gc::recover(&cfg).map_err(|e| anyhow::anyhow!("garbage collection runs: {e}"))? {
+            warn!(log, "garbage collection run ended at start-up"; "run" => &run.id, "repo" => &run.repo,
+                "state" => run.state.as_str(), "reason" => run.reason.as_deref().unwrap_or(""));
+        }
         let spool_slot = Mutex::new(Some((spool, jobs)));
         let journal = SyncArbiter::start(1, move || {
             let (s, j) = spool_slot
@@ -441,7 +446,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
             draining,
             started: std::time::Instant::now(),
             access,
-            gc_last: Default::default(),
+            gc_active: Default::default(),
             gc_next: Default::default(),
         });
         // Scheduled garbage collection (`repositories[].gc.schedule`).
@@ -472,20 +477,15 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                         if next.get(repo).copied().flatten().is_none_or(|t| now < t) {
                             continue;
                         }
-                        // The lifecycle first (its removal jobs are collected by a later run).
-                        if st.cfg.repos.get(repo).is_some_and(|r| r.gc.access_ttl.is_some()) {
-                            match api::run_lifecycle(&st, repo.clone()).await {
-                                Ok(v) => info!(log, "scheduled content lifecycle";
-                                    "repo" => repo, "expired" => v["expired"].as_array().map_or(0, |a| a.len())),
-                                Err(e) => warn!(log, "scheduled content lifecycle did not run";
-                                    "repo" => repo, "reason" => %e),
-                            }
-                        }
-                        match api::run_gc(&st, repo.clone()).await {
+                        // One journaled run: the lifecycle (cleaning) first, its removals
+                        // committed, then the collection.
+                        match gc::run_gc(&st, repo.clone(), gc::Trigger::Schedule).await {
                             Ok(v) => info!(log, "scheduled garbage collection";
-                                "repo" => repo, "deleted" => %v["swept"]["deleted"],
+                                "repo" => repo, "run" => %v["run"]["id"], "state" => %v["run"]["state"],
+                                "removals" => v["run"]["removals"].as_array().map_or(0, |a| a.len()),
+                                "deleted" => %v["swept"]["deleted"],
                                 "tombstoned" => %v["tombstones"]["new"], "dry_run" => %v["dry_run"]),
-                            Err(e) => warn!(log, "scheduled garbage collection did not run";
+                            Err(e) => warn!(log, "scheduled garbage collection did not complete";
                                 "repo" => repo, "reason" => %e),
                         }
                         let done = prepub_core::timefmt::now();
@@ -513,11 +513,12 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 .route("/api/v1/resume", web::post().to(api::resume))
                 .route("/api/v1/metrics", web::get().to(api::metrics))
                 .route("/api/v1/openapi.json", web::get().to(api::openapi))
-                .route("/api/v1/gc/{repo}/plan", web::get().to(api::gc_plan))
-                .route("/api/v1/gc/{repo}/run", web::post().to(api::gc_run))
-                .route("/api/v1/gc/{repo}/tombstones", web::get().to(api::gc_tombstones))
-                .route("/api/v1/gc/{repo}/lifecycle", web::post().to(api::gc_lifecycle))
-                .route("/api/v1/gc/{repo}/status", web::get().to(api::gc_status))
+                .route("/api/v1/gc/{repo}/plan", web::get().to(gc::gc_plan))
+                .route("/api/v1/gc/{repo}/run", web::post().to(gc::gc_run))
+                .route("/api/v1/gc/{repo}/abort", web::post().to(gc::gc_abort))
+                .route("/api/v1/gc/{repo}/tombstones", web::get().to(gc::gc_tombstones))
+                .route("/api/v1/gc/{repo}/lifecycle", web::post().to(gc::gc_lifecycle))
+                .route("/api/v1/gc/{repo}/status", web::get().to(gc::gc_status))
                 .route("/api/v1/access-events", web::post().to(api::access_events))
                 .route("/api/v1/access/{repo}", web::get().to(api::access_query))
                 .default_service(web::to(api::not_found))
