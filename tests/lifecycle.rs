@@ -156,3 +156,64 @@ fn paths_in_a_revision_an_exempt_tag_names_stay() {
     verify(&repo, "/sw/pinned", &tree("/sw/pinned"));
     assert!(repo.lookup("/sw/loose").is_err());
 }
+
+#[test]
+fn a_scheduled_run_cleans_first_then_collects() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let cfg = dir.path().join("config.yaml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(
+        "    gc: {enabled: true, access_ttl: 2s, schedule: '@every 1s', keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    let id = d.submit_id(ADMIN, "/sw/old", &tar_bytes(&tree("/sw/old")), None);
+    assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
+    let start = std::time::Instant::now();
+    let run = loop {
+        let s: serde_json::Value = client()
+            .get(format!("{}/api/v1/gc/{REPO}/status", d.url))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        let done = s["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["removals"].as_array().is_some_and(|a| !a.is_empty()))
+            .cloned();
+        if let Some(r) = done.filter(|r| r["state"] != "cleaning") {
+            break r;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{s}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(run["state"], "complete", "{run}");
+    assert_eq!(run["trigger"], "schedule");
+    let states: Vec<&str> = run["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h[0].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        vec!["scheduled", "cleaning", "scanning", "reaping", "complete"],
+        "{run}"
+    );
+    let j = d.job(run["removals"][0].as_str().unwrap());
+    assert_eq!(
+        (j["state"].as_str(), j["removal"].as_bool()),
+        (Some("published"), Some(true)),
+        "{j}"
+    );
+    assert_eq!(j["path"], "/sw/old");
+    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    assert!(repo.lookup("/sw/old").is_err());
+    assert!(repo.lookup("/sw").is_ok());
+}
