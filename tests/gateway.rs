@@ -462,3 +462,76 @@ fn an_untrusted_stratum0_whitelist_is_refused() {
         "{j}"
     );
 }
+
+#[test]
+fn removals_and_the_content_lifecycle_go_through_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let cfg = dir.path().join("config.yaml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str("    gc: {enabled: true, access_ttl: 2s, exempt_paths: ['/sw/keep']}\n");
+    std::fs::write(&cfg, text).unwrap();
+    let gw = Double::start(dir.path(), &[], None);
+    let d = gateway_daemon(dir.path(), &gw, "", &[]);
+    for p in ["/sw/a", "/sw/b", "/sw/keep"] {
+        let id = submit(&d, p, &tree("t"));
+        assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
+    }
+    let remove = |path: &str| -> serde_json::Value {
+        let r = client()
+            .post(format!("{}/api/v1/removals", d.url))
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({"repo": REPO, "path": path}))
+            .send()
+            .unwrap();
+        assert_eq!(r.status(), 202);
+        let id = r.json::<serde_json::Value>().unwrap()["job_id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        d.wait_terminal(&id, 60)
+    };
+    let j = remove("/sw/a");
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    assert_eq!(j["revision"], 5);
+    let j = remove("/sw/nope");
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/sw/nope does not exist"),
+        "{j}"
+    );
+    check(&d.storage);
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache-1"));
+    assert!(repo.lookup("/sw/a").is_err());
+    verify(&repo, "/sw/b", &tree("t"));
+    drop(repo);
+
+    // Unseen for the TTL: /sw/b leaves through the gateway too; /sw/keep is exempt.
+    std::thread::sleep(std::time::Duration::from_millis(3200));
+    let v: serde_json::Value = client()
+        .post(format!("{}/api/v1/gc/{REPO}/lifecycle", d.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(v["expired"][0]["path"], "/sw/b", "{v}");
+    assert_eq!(v["expired"].as_array().unwrap().len(), 1, "{v}");
+    let j = d.wait_terminal(v["submitted"][0].as_str().unwrap(), 60);
+    assert_eq!(j["state"], "published", "{j}");
+    check(&d.storage);
+    let repo = open_reader(&url, &dir.path().join("cache-2"));
+    assert!(repo.lookup("/sw/b").is_err());
+    verify(&repo, "/sw/keep", &tree("t"));
+    // Collection itself stays with cvmfs_server in gateway mode.
+    let r = client()
+        .post(format!("{}/api/v1/gc/{REPO}/run", d.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
+    assert_eq!(r.status(), 409);
+}

@@ -226,3 +226,45 @@ fn tar_tricks_cannot_write_outside_the_target() {
     let calls = std::fs::read_to_string(l.state.join("calls.log")).unwrap();
     assert!(calls.ends_with(&format!("abort -f {REPO}\n")), "{calls}");
 }
+
+#[test]
+fn a_removal_deletes_the_path_in_a_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = setup(dir.path(), "");
+    let d = start(dir.path(), &l, &[]);
+    for p in ["/sw/app", "/sw/other"] {
+        let id = id_of(submit(&d, p, &tree(), None));
+        assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
+    }
+    let remove = |path: &str| -> serde_json::Value {
+        let r = client()
+            .post(format!("{}/api/v1/removals", d.url))
+            .bearer_auth(ADMIN)
+            .json(&serde_json::json!({"repo": REPO, "path": path, "tag_name": "gone"}))
+            .send()
+            .unwrap();
+        d.wait_terminal(&id_of(r), 60)
+    };
+    let j = remove("/sw/app");
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    let published = l.state.join("published").join(REPO).join("sw");
+    assert!(!published.join("app").exists());
+    assert!(published.join("other/bin/tool").is_file());
+    // A path that is not there: the transaction is aborted, the job fails with the reason.
+    let j = remove("/sw/app");
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("/sw/app does not exist"),
+        "{j}"
+    );
+    let calls = std::fs::read_to_string(l.state.join("calls.log")).unwrap();
+    assert!(
+        calls.ends_with(&format!(
+            "transaction {REPO}\npublish -a gone {REPO}\ntransaction {REPO}\nabort -f {REPO}\n"
+        )),
+        "{calls}"
+    );
+}

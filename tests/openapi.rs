@@ -646,8 +646,7 @@ fn the_document_matches_routes_statuses_and_bodies() {
     assert_eq!(h["status"], "degraded");
     std::fs::rename(dir.path().join("keys-away"), dir.path().join("keys")).unwrap();
     // Not provoked here: the lifecycle's 200 (needs gc.access_ttl, tests/lifecycle.rs) and 503;
-    // 409 on submit (local mode only, tests/local_mode.rs) and on removals
-    // (gateway and local modes only),
+    // 409 on submit and on removals (local mode only, during a transaction, tests/local_mode.rs),
     // gc's 503 on an unreadable catalog (tests/gc.rs), access events refused by a repository
     // without the api source (409, tests/access.rs) or from a scoped token without a prefix in
     // the repository (403: this setup has one repository only).

@@ -460,7 +460,29 @@ fn commit(
             .map_err(|e| err("scratch", e, true))?;
         let mut tree = CatalogTree::open(&overlay, &scratch.path().join("tree"), &base)
             .map_err(|e| err("stratum0-unreadable", e, true))?;
-        let lease_sub = choose_lease(&mut tree, &job.job.path)?;
+        // A removal applies its change set (one removal) to the parent, merging; the lease
+        // covers the parent, inside which the receiver applies the removal.
+        let (target, mode) = if job.job.removal {
+            (
+                prepub_core::catalog::split_path(&job.job.path).0,
+                ApplyMode::Merge,
+            )
+        } else {
+            (job.job.path.as_str(), ApplyMode::Replace)
+        };
+        if job.job.removal
+            && tree
+                .lookup(&job.job.path)
+                .map_err(|e| err("stratum0-unreadable", e, true))?
+                .is_none()
+        {
+            return Err(err(
+                "commit-rejected",
+                format!("{} does not exist in the current revision", job.job.path),
+                false,
+            ));
+        }
+        let lease_sub = choose_lease(&mut tree, target)?;
         let lpath = lease_path(repo_name, &lease_sub);
         // The lease is taken only now: everything before ran without locking the repository.
         let token = acquire(client, &lpath, s.lease_wait, &job)?;
@@ -473,17 +495,9 @@ fn commit(
             }
         };
         let now = prepub_core::timefmt::now();
-        let built = repo::apply_changeset(
-            &mut tree,
-            &overlay,
-            &cs,
-            &job.job.path,
-            ApplyMode::Replace,
-            &job.params,
-            now,
-        )
-        .map_err(|e| err("commit-rejected", e, false))
-        .and_then(|_| tree.commit(now).map_err(|e| err("commit-io", e, true)));
+        let built = repo::apply_changeset(&mut tree, &overlay, &cs, target, mode, &job.params, now)
+            .map_err(|e| err("commit-rejected", e, false))
+            .and_then(|_| tree.commit(now).map_err(|e| err("commit-io", e, true)));
         let built = match built {
             Ok(b) => b,
             Err(e) => {

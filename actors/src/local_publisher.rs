@@ -4,7 +4,8 @@
 //! Per repository one commit thread: `cvmfs_server transaction <repo>`, extraction of the job's
 //! tar into `<cvmfs_mount>/<repo>/<path>` (the old content at the path is replaced), then
 //! `cvmfs_server publish [-a <tag>] <repo>`; any failure after the transaction opened runs
-//! `cvmfs_server abort -f <repo>`. Extraction is defensive on top of the intake rules the tar
+//! `cvmfs_server abort -f <repo>`. A removal job deletes the path in the transaction instead of
+//! extracting. Extraction is defensive on top of the intake rules the tar
 //! already passed: every directory on the way is checked with `lstat` and never followed if it is a
 //! symlink, files are created with `O_CREAT|O_EXCL` (a planted symlink cannot redirect them),
 //! and nothing can land outside the target path. A per-repository flag is raised only around
@@ -334,10 +335,24 @@ fn commit(
     if !job.job.path.is_empty() {
         // Parents up to the target must be real directories of the repository.
         let rel = job.job.path.trim_start_matches('/');
-        if let Err(e) = safe_parent(&s.cvmfs_mount.join(repo), &format!("{rel}/x")) {
+        // (A removal creates nothing: only the parents of the path itself are checked.)
+        let checked = if job.job.removal {
+            rel.to_string()
+        } else {
+            format!("{rel}/x")
+        };
+        if let Err(e) = safe_parent(&s.cvmfs_mount.join(repo), &checked) {
             return Err(abort_tx(err("commit-rejected", e, false)));
         }
-        match fs::symlink_metadata(&target) {
+        let existing = fs::symlink_metadata(&target);
+        if job.job.removal && existing.is_err() {
+            return Err(abort_tx(err(
+                "commit-rejected",
+                format!("{} does not exist in the repository", job.job.path),
+                false,
+            )));
+        }
+        match existing {
             Ok(m) if m.file_type().is_dir() => {
                 if let Err(e) = fs::remove_dir_all(&target) {
                     return Err(abort_tx(err("commit-io", e, true)));
@@ -351,8 +366,11 @@ fn commit(
             Err(_) => {}
         }
     }
-    if let Err(e) = extract(&tar, &target) {
-        return Err(abort_tx(err("extract-failed", e, false)));
+    // A removal only takes the path away; anything else unpacks the job's tree there.
+    if !job.job.removal {
+        if let Err(e) = extract(&tar, &target) {
+            return Err(abort_tx(err("extract-failed", e, false)));
+        }
     }
     if job.abort.load(Ordering::SeqCst) {
         return Err(abort_tx(err(

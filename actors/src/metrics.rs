@@ -231,7 +231,7 @@ impl Metrics {
             .expect("metric registered once");
         let gc_runs_total = cv(
             "gc_runs_total",
-            "Garbage collection runs, by repository and outcome (swept, dry-run, aborted, failed, refused)",
+            "Garbage collection runs, by repository and outcome (swept, dry-run, cleaned, aborted, failed, refused)",
             &["repo", "outcome"],
         );
         let gc_objects_deleted_total = cv(

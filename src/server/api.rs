@@ -363,7 +363,8 @@ pub struct RemovalRequest {
 }
 
 /// `POST /api/v1/removals`: a job that takes `path` out of the repository's namespace (the
-/// objects it leaves unreferenced are garbage collection's). Standalone mode.
+/// objects it leaves unreferenced are garbage collection's), through the configured publish
+/// backend: a standalone commit, a gateway lease on the parent, or a `cvmfs_server` transaction.
 pub async fn submit_removal(
     req: HttpRequest,
     body: web::Bytes,
@@ -372,11 +373,6 @@ pub async fn submit_removal(
     let who = auth(&req, &st)?;
     if st.draining.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(ApiError::Draining);
-    }
-    if !matches!(st.cfg.publish, crate::config::PublishMode::Standalone) {
-        return Err(ApiError::Conflict(
-            "path removal is supported in standalone mode; in gateway or local mode remove it with cvmfs_server".into(),
-        ));
     }
     let body: RemovalRequest =
         serde_json::from_slice(&body).map_err(|e| bad("bad-request", format!("removal: {e}")))?;

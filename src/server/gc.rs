@@ -220,7 +220,15 @@ pub async fn run_gc(
             )),
         );
     }
-    if !matches!(st.cfg.publish, crate::config::PublishMode::Standalone) {
+    // Only standalone mode collects: in gateway or local mode cvmfs_server owns the storage.
+    // There a scheduled run with `access_ttl` still does its cleaning (removal jobs through
+    // the gateway).
+    let collects = matches!(st.cfg.publish, crate::config::PublishMode::Standalone);
+    let cleans_only = !collects
+        && trigger == Trigger::Schedule
+        && g.access_ttl.is_some()
+        && matches!(st.cfg.publish, crate::config::PublishMode::Gateway(_));
+    if !collects && !cleans_only {
         return refused(st, ApiError::Conflict(
             "garbage collection runs in standalone mode only: in gateway or local mode the storage is shared with cvmfs_server, run `cvmfs_server gc` there".into(),
         ));
@@ -243,7 +251,7 @@ pub async fn run_gc(
     let started = std::time::Instant::now();
     let held = match trigger {
         Trigger::Api => begin(st, &repo).await,
-        Trigger::Schedule => prepare_scheduled(st, &journal, &mut run, &g, &abort).await,
+        Trigger::Schedule => prepare_scheduled(st, &journal, &mut run, &g, &abort, collects).await,
     };
     if let Err(e) = held {
         st.gc_active.release(&repo);
@@ -266,6 +274,27 @@ pub async fn run_gc(
             .with_label_values(&[repo.as_str(), if aborted { "aborted" } else { "failed" }])
             .inc();
         return Err(e);
+    }
+    if cleans_only {
+        st.gc_active.release(&repo);
+        run.reason = Some(
+            "gateway mode: the content lifecycle ran; the storage is collected by cvmfs_server gc"
+                .into(),
+        );
+        run.enter(RunState::Complete, now());
+        journal
+            .save(&run)
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        st.metrics
+            .gc_runs_total
+            .with_label_values(&[repo.as_str(), "cleaned"])
+            .inc();
+        return Ok(serde_json::json!({
+            "run": run,
+            "swept": Swept::default(),
+            "tombstones": Tombstoning::default(),
+            "dry_run": run.dry_run,
+        }));
     }
     let audit_dir = st.cfg.spool_root.join("gc");
     let db = access_db(st, &repo);
@@ -369,13 +398,15 @@ async fn begin(st: &AppState, repo: &str) -> Result<(), ApiError> {
 }
 
 /// A scheduled run before it scans: journaled as `scheduled`; with `access_ttl`, the content
-/// lifecycle (`cleaning`) and a wait for its removal jobs; then a wait for an idle repository.
+/// lifecycle (`cleaning`) and a wait for its removal jobs; then, if it is to `hold` the
+/// repository, a wait for it to be idle.
 async fn prepare_scheduled(
     st: &AppState,
     journal: &RunJournal,
     run: &mut GcRun,
     g: &crate::config::GcConfig,
     abort: &AtomicBool,
+    hold: bool,
 ) -> Result<(), ApiError> {
     let save = |run: &GcRun| {
         journal
@@ -417,6 +448,9 @@ async fn prepare_scheduled(
                 actix_rt::time::sleep(Duration::from_millis(250)).await;
             }
         }
+    }
+    if !hold {
+        return Ok(());
     }
     loop {
         if abort.load(Ordering::SeqCst) {
@@ -597,7 +631,13 @@ pub async fn gc_lifecycle(
 
 /// One lifecycle pass over `repo` (asked for, or as the `cleaning` step of a scheduled run).
 pub async fn run_lifecycle(st: &AppState, repo: String) -> Result<serde_json::Value, ApiError> {
-    let (cas, g) = gc_store(st, &repo)?;
+    let g = st
+        .cfg
+        .repos
+        .get(&repo)
+        .ok_or_else(|| ApiError::NotFound(format!("repository {repo} is not served here")))?
+        .gc
+        .clone();
     let Some(ttl) = g.access_ttl else {
         return Err(ApiError::Conflict(format!(
             "no content lifecycle for {repo}: repositories[].gc.access_ttl is not set"
@@ -608,15 +648,37 @@ pub async fn run_lifecycle(st: &AppState, repo: String) -> Result<serde_json::Va
             "garbage collection is not enabled for {repo} (repositories[].gc.enabled)"
         )));
     }
-    if !matches!(st.cfg.publish, crate::config::PublishMode::Standalone) {
-        return Err(ApiError::Conflict(
-            "content lifecycle needs standalone mode (paths leave through removal jobs)".into(),
-        ));
+    // The namespace is read where the publish backend commits: the storage, or in gateway
+    // mode the Stratum 0.
+    // Where the namespace is read: the storage, or in gateway mode the Stratum 0 (a blocking
+    // HTTP client, made on the blocking thread).
+    enum Namespace {
+        Storage(Arc<dyn prepub_core::cas::Cas>),
+        Stratum0(String),
     }
+    let ns = match &st.cfg.publish {
+            crate::config::PublishMode::Standalone => Namespace::Storage(gc_store(st, &repo)?.0),
+            crate::config::PublishMode::Gateway(gw) => Namespace::Stratum0(format!(
+                "{}/{repo}",
+                gw.stratum0_url.trim_end_matches('/')
+            )),
+            crate::config::PublishMode::Local(_) => {
+                return Err(ApiError::Conflict(
+                    "content lifecycle runs in standalone or gateway mode (in local mode cvmfs_server owns the catalogs)".into(),
+                ))
+            }
+        };
     let db = access_db(st, &repo);
     let cutoff = now() - ttl.as_secs() as i64;
     let (exempt, exempt_tags) = (g.exempt_paths.clone(), g.exempt_tags.clone());
     let expired = web::block(move || -> Result<_, String> {
+        let cas: Arc<dyn prepub_core::cas::Cas> = match ns {
+            Namespace::Storage(c) => c,
+            Namespace::Stratum0(url) => Arc::new(
+                prepub_actors::http_store::HttpStore::new(&url)
+                    .map_err(|e| format!("stratum 0 {url}: {e}"))?,
+            ),
+        };
         let store = AccessStore::open(&db, 0).map_err(|e| e.to_string())?;
         let roots: Vec<_> = prepub_core::gc::exempt_tag_roots(cas.as_ref(), &exempt_tags)
             .map_err(|e| e.to_string())?
