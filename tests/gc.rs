@@ -722,3 +722,24 @@ fn exempt_tags_keep_revisions_automatic_tags_would_not() {
         &[file("bin/app", v(3))],
     );
 }
+
+#[test]
+fn objects_of_an_aborted_job_go_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    gc_dir(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 5s, auto_tag_timespan: 0s}",
+    );
+    let d = Daemon::start(
+        dir.path(),
+        &[("CVMFS_PREPUB_TEST_HOLD", "committing-journaled=2500")],
+    );
+    let kept = [file("bin/app", b"kept release".repeat(30))];
+    assert_eq!(publish(&d, "/sw/app", &kept, None)["state"], "published");
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    let id = aborted_job_objects_go_after_the_grace_period(&d, &cas);
+    let audit = std::fs::read_to_string(dir.path().join("spool/gc/audit.log")).unwrap();
+    assert!(audit.contains(&format!("deleted {id}")), "{audit}");
+    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+    read_back(&d, &dir.path().join("cache"), "/sw/app", &kept);
+}

@@ -609,3 +609,22 @@ fn garbage_collection_reclaims_in_s3() {
     assert!(j["progress"]["objects_new"].as_u64().unwrap() >= 1, "{j}");
     check_in_s3(dir.path(), &m);
 }
+
+#[test]
+fn objects_of_an_aborted_job_go_after_the_grace_period_in_s3() {
+    let (dir, m) = s3_daemon_dir();
+    let cfg = dir.path().join("config.yaml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(
+        "    gc: {enabled: true, keep_revisions: 1, grace_period: 5s, auto_tag_timespan: 0s}\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut env = creds();
+    env.push(("CVMFS_PREPUB_TEST_HOLD", "committing-journaled=2500"));
+    let d = Daemon::start(dir.path(), &env);
+    let s3 = Arc::new(store(&m, "cvmfs"));
+    aborted_job_objects_go_after_the_grace_period(&d, s3.as_ref());
+    check_in_s3(dir.path(), &m);
+    let repo = open_reader(&http_view(s3.clone()), &dir.path().join("cache"));
+    assert!(repo.lookup("/sw/aborted").is_err());
+}

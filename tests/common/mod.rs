@@ -583,3 +583,58 @@ pub fn start_receiver(
     }
     panic!("receiver did not start");
 }
+
+/// Garbage collection of what an aborted job left behind (the daemon holds jobs 2.5 s in
+/// `committing` — `CVMFS_PREPUB_TEST_HOLD=committing-journaled=2500` — and collects with
+/// `grace_period: 5s`): the job's new object is stored, a run right away keeps it as young,
+/// a run after the grace period deletes it; the head never names it. Returns the object.
+pub fn aborted_job_objects_go_after_the_grace_period(
+    d: &Daemon,
+    cas: &dyn prepub_core::cas::Cas,
+) -> prepub_core::hash::ObjectId {
+    use prepub_core::hash::{Digest20, ObjectId, Suffix};
+    let data = pseudo_random(40_000, 4242);
+    let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
+    enc.write_all(&data).unwrap();
+    let id = ObjectId::new(Digest20::of(&enc.finish().unwrap()), Suffix::None);
+    let spec = [Spec::File {
+        path: "never/committed.bin",
+        mode: 0o644,
+        data,
+        xattrs: vec![],
+    }];
+    let job = d.submit_id(ADMIN, "/sw/aborted", &tar_bytes(&spec), None);
+    d.wait_state(&job, "committing", 60);
+    let r = client()
+        .post(format!("{}/api/v1/jobs/{job}/abort", d.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().unwrap());
+    assert_eq!(d.wait_terminal(&job, 30)["state"], "aborted");
+    assert!(cas.exists(&id).unwrap(), "the aborted job's object was stored");
+    let stored = cas.modified(&id).unwrap();
+    let run = || -> serde_json::Value {
+        client()
+            .post(format!("{}/api/v1/gc/{REPO}/run", d.url))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    // Asked of the storage itself (an S3 store's known-object cache would answer for it).
+    let still_stored = || cas.modified(&id).is_ok();
+    let first = run();
+    if prepub_core::timefmt::now() - stored < 5 {
+        assert!(still_stored(), "deleted inside the grace period: {first}");
+        assert!(first["plan"]["young"].as_u64().unwrap() >= 1, "{first}");
+    }
+    while prepub_core::timefmt::now() - stored <= 5 {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let second = run();
+    assert_eq!(second["run"]["state"], "complete", "{second}");
+    assert!(!still_stored(), "still stored after the grace period: {second}");
+    id
+}
