@@ -61,7 +61,7 @@ fn api_batches_and_the_publish_floor() {
     assert_eq!(code, 202, "{r}");
     assert_eq!(
         r,
-        serde_json::json!({"applied": 2, "collapsed": 1, "revoked": 0})
+        serde_json::json!({"applied": 2, "collapsed": 1, "revoked": 0, "revoked_bytes": 0})
     );
     let v = seen(&d, &format!("object={a}&path=/sw/b"));
     assert_eq!(v["object_seen"], 1000);

@@ -317,6 +317,16 @@ fn with_a_soft_delete_period_objects_are_tombstoned_first_and_an_access_revokes(
         )),
         "{m}"
     );
+    // Four tombstonings and one revocation of 4-byte objects.
+    for (metric, v) in [
+        ("gc_bytes_tombstoned_total", 16),
+        ("gc_bytes_revoked_total", 4),
+    ] {
+        assert!(
+            m.contains(&format!("cvmfs_prepub_{metric}{{repo=\"{REPO}\"}} {v}")),
+            "{metric}: {m}"
+        );
+    }
     ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
 }
 

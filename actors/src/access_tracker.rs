@@ -53,6 +53,10 @@ impl AccessTracker {
             .gc_tombstones_revoked_total
             .with_label_values(&[repo])
             .inc_by(r.revoked as u64);
+        self.metrics
+            .gc_bytes_revoked_total
+            .with_label_values(&[repo])
+            .inc_by(r.revoked_bytes);
     }
 }
 

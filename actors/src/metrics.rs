@@ -31,6 +31,8 @@ pub struct Metrics {
     pub gc_lifecycle_removals_total: IntCounterVec,
     pub gc_objects_tombstoned_total: IntCounterVec,
     pub gc_tombstones_revoked_total: IntCounterVec,
+    pub gc_bytes_tombstoned_total: IntCounterVec,
+    pub gc_bytes_revoked_total: IntCounterVec,
     pub gc_tombstones_pending: IntGaugeVec,
     pub gc_runs_total: IntCounterVec,
     pub gc_objects_deleted_total: IntCounterVec,
@@ -218,6 +220,16 @@ impl Metrics {
             "Tombstones revoked: the object was seen again, or referenced again",
             &["repo"],
         );
+        let gc_bytes_tombstoned_total = cv(
+            "gc_bytes_tombstoned_total",
+            "Bytes of the objects tombstoned",
+            &["repo"],
+        );
+        let gc_bytes_revoked_total = cv(
+            "gc_bytes_revoked_total",
+            "Bytes of the objects whose tombstones were revoked (seen or referenced again, or the run aborted)",
+            &["repo"],
+        );
         let gc_tombstones_pending = IntGaugeVec::new(
             Opts::new(
                 "cvmfs_prepub_gc_tombstones_pending",
@@ -288,6 +300,8 @@ impl Metrics {
             gc_lifecycle_removals_total,
             gc_objects_tombstoned_total,
             gc_tombstones_revoked_total,
+            gc_bytes_tombstoned_total,
+            gc_bytes_revoked_total,
             gc_tombstones_pending,
             access_events_total,
             access_events_collapsed_total,

@@ -48,6 +48,22 @@ pub struct Recorded {
     pub collapsed: usize,
     /// Tombstones revoked because their object was seen after it was tombstoned.
     pub revoked: usize,
+    /// Their objects' bytes.
+    pub revoked_bytes: u64,
+}
+
+/// How many tombstones an operation made or dropped, and their objects' bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Counted {
+    pub objects: usize,
+    pub bytes: u64,
+}
+
+impl Counted {
+    fn add(&mut self, size: i64) {
+        self.objects += 1;
+        self.bytes += size.max(0) as u64;
+    }
 }
 
 /// An object marked for deletion: garbage collection deletes it once `delete_after` has passed
@@ -175,10 +191,16 @@ impl AccessStore {
                 )
                 .map_err(|e| self.sql(e))?;
             let mut revoke = tx
-                .prepare_cached("DELETE FROM tombstones WHERE hash = ?1 AND created <= ?2")
+                .prepare_cached(
+                    "DELETE FROM tombstones WHERE hash = ?1 AND created <= ?2 RETURNING size",
+                )
                 .map_err(|e| self.sql(e))?;
             for (k, t) in &seen {
-                out.revoked += revoke.execute(params![k, t]).map_err(|e| self.sql(e))?;
+                let mut rows = revoke.query(params![k, t]).map_err(|e| self.sql(e))?;
+                while let Some(r) = rows.next().map_err(|e| self.sql(e))? {
+                    out.revoked += 1;
+                    out.revoked_bytes += r.get::<_, i64>(0).map_err(|e| self.sql(e))?.max(0) as u64;
+                }
             }
             for (is_obj, k, t) in &keys {
                 if *is_obj {
@@ -198,16 +220,16 @@ impl AccessStore {
 
     /// Tombstones `objects` (object, size) at `now` to be deleted after `delete_after`, on
     /// behalf of garbage-collection run `run`; already tombstoned ones keep their times and
-    /// run. Returns how many are new.
+    /// run. Returns the new ones.
     pub fn tombstone(
         &mut self,
         objects: &[(ObjectId, u64)],
         now: i64,
         delete_after: i64,
         run: Option<&str>,
-    ) -> Result<usize, AccessError> {
+    ) -> Result<Counted, AccessError> {
         let tx = self.conn.unchecked_transaction().map_err(|e| self.sql(e))?;
-        let mut n = 0;
+        let mut out = Counted::default();
         {
             let mut st = tx
                 .prepare_cached(
@@ -215,7 +237,7 @@ impl AccessStore {
                 )
                 .map_err(|e| self.sql(e))?;
             for (id, size) in objects {
-                n += st
+                let n = st
                     .execute(params![
                         id.to_string(),
                         *size as i64,
@@ -224,10 +246,13 @@ impl AccessStore {
                         run
                     ])
                     .map_err(|e| self.sql(e))?;
+                if n == 1 {
+                    out.add(*size as i64);
+                }
             }
         }
         tx.commit().map_err(|e| self.sql(e))?;
-        Ok(n)
+        Ok(out)
     }
 
     /// Every tombstone, soonest due first.
@@ -251,28 +276,36 @@ impl AccessStore {
     }
 
     /// Drops the tombstones of `objects` (deleted, or referenced again).
-    pub fn untombstone(&mut self, objects: &[ObjectId]) -> Result<usize, AccessError> {
+    pub fn untombstone(&mut self, objects: &[ObjectId]) -> Result<Counted, AccessError> {
         let tx = self.conn.unchecked_transaction().map_err(|e| self.sql(e))?;
-        let mut n = 0;
+        let mut out = Counted::default();
         {
             let mut st = tx
-                .prepare_cached("DELETE FROM tombstones WHERE hash = ?1")
+                .prepare_cached("DELETE FROM tombstones WHERE hash = ?1 RETURNING size")
                 .map_err(|e| self.sql(e))?;
             for id in objects {
-                n += st
-                    .execute(params![id.to_string()])
-                    .map_err(|e| self.sql(e))?;
+                let mut rows = st.query(params![id.to_string()]).map_err(|e| self.sql(e))?;
+                while let Some(r) = rows.next().map_err(|e| self.sql(e))? {
+                    out.add(r.get(0).map_err(|e| self.sql(e))?);
+                }
             }
         }
         tx.commit().map_err(|e| self.sql(e))?;
-        Ok(n)
+        Ok(out)
     }
 
-    /// Drops every tombstone run `run` made (the run was aborted). Returns how many.
-    pub fn revoke_run(&mut self, run: &str) -> Result<usize, AccessError> {
-        self.conn
-            .execute("DELETE FROM tombstones WHERE run = ?1", params![run])
-            .map_err(|e| self.sql(e))
+    /// Drops every tombstone run `run` made (the run was aborted).
+    pub fn revoke_run(&mut self, run: &str) -> Result<Counted, AccessError> {
+        let mut st = self
+            .conn
+            .prepare("DELETE FROM tombstones WHERE run = ?1 RETURNING size")
+            .map_err(|e| self.sql(e))?;
+        let mut rows = st.query(params![run]).map_err(|e| self.sql(e))?;
+        let mut out = Counted::default();
+        while let Some(r) = rows.next().map_err(|e| self.sql(e))? {
+            out.add(r.get(0).map_err(|e| self.sql(e))?);
+        }
+        Ok(out)
     }
 
     /// Every tracked path with its last-seen time.
@@ -579,7 +612,8 @@ mod tests {
             Recorded {
                 applied: 2,
                 collapsed: 1,
-                revoked: 0
+                revoked: 0,
+                revoked_bytes: 0
             }
         );
         assert_eq!(s.object_seen(&id).unwrap(), Some(1100));
@@ -605,11 +639,14 @@ mod tests {
         );
         assert_eq!(
             s.tombstone(&[(a, 10), (b, 20)], 1000, 2000, Some("r1"))
-                .unwrap(),
+                .unwrap()
+                .objects,
             2
         );
         assert_eq!(
-            s.tombstone(&[(a, 10)], 1500, 9999, Some("r2")).unwrap(),
+            s.tombstone(&[(a, 10)], 1500, 9999, Some("r2"))
+                .unwrap()
+                .objects,
             0,
             "kept its times"
         );
@@ -620,14 +657,21 @@ mod tests {
             time: t,
         };
         assert_eq!(s.record(&[ev(a, 900)]).unwrap().revoked, 0);
-        assert_eq!(s.record(&[ev(a, 1200)]).unwrap().revoked, 1);
+        let r = s.record(&[ev(a, 1200)]).unwrap();
+        assert_eq!((r.revoked, r.revoked_bytes), (1, 10));
         let t = s.tombstones().unwrap();
         assert_eq!(t.len(), 1);
         assert_eq!(
             (t[0].object.clone(), t[0].size, t[0].delete_after),
             (b.to_string(), 20, 2000)
         );
-        assert_eq!(s.untombstone(&[b]).unwrap(), 1);
+        assert_eq!(
+            s.untombstone(&[b]).unwrap(),
+            Counted {
+                objects: 1,
+                bytes: 20
+            }
+        );
         assert!(s.tombstones().unwrap().is_empty());
     }
 
@@ -653,7 +697,13 @@ mod tests {
         s.tombstone(&[(a, 1)], 10, 20, Some("first")).unwrap();
         s.tombstone(&[(a, 1), (b, 2)], 11, 21, Some("second"))
             .unwrap();
-        assert_eq!(s.revoke_run("second").unwrap(), 1);
+        assert_eq!(
+            s.revoke_run("second").unwrap(),
+            Counted {
+                objects: 1,
+                bytes: 2
+            }
+        );
         let left: Vec<(String, Option<String>)> = s
             .tombstones()
             .unwrap()

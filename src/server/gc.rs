@@ -73,6 +73,7 @@ pub fn recover(cfg: &crate::config::Config) -> Result<Vec<GcRun>, String> {
             AccessStore::open(&db, 0)
                 .and_then(|mut s| s.revoke_run(&run.id))
                 .map_err(|e| format!("run {}: {e}", run.id))?
+                .objects
         } else {
             0
         };
@@ -367,6 +368,12 @@ pub async fn run_gc(
     m.gc_tombstones_revoked_total
         .with_label_values(&[repo.as_str()])
         .inc_by(tomb.revoked as u64);
+    m.gc_bytes_tombstoned_total
+        .with_label_values(&[repo.as_str()])
+        .inc_by(tomb.new_bytes);
+    m.gc_bytes_revoked_total
+        .with_label_values(&[repo.as_str()])
+        .inc_by(tomb.revoked_bytes);
     m.gc_tombstones_pending
         .with_label_values(&[repo.as_str()])
         .set(tomb.pending as i64);
@@ -473,6 +480,9 @@ pub struct Tombstoning {
     new: usize,
     /// Tombstones dropped because their object is referenced again (or the run was aborted).
     revoked: usize,
+    /// Bytes of the objects newly tombstoned, and of those revoked.
+    new_bytes: u64,
+    revoked_bytes: u64,
     /// Tombstones left for later runs.
     pending: usize,
 }
@@ -504,14 +514,16 @@ fn collect(
     };
     // Ends the run aborted: its tombstones go.
     let end_aborted = |run: &mut GcRun, tomb: &mut Tombstoning| -> Result<(), GcError> {
-        let revoked = AccessStore::open(db, 0)
+        let dropped = AccessStore::open(db, 0)
             .and_then(|mut s| {
                 let n = s.revoke_run(&run.id)?;
                 tomb.pending = s.tombstones()?.len();
                 Ok(n)
             })
             .map_err(ae)?;
+        let revoked = dropped.objects;
         tomb.revoked += revoked;
+        tomb.revoked_bytes += dropped.bytes;
         run.revoked += revoked;
         run.reason = Some(format!(
             "aborted by request while {}; {revoked} tombstones of the run revoked",
@@ -556,9 +568,10 @@ fn collect(
             }
         }
         store.untombstone(&gone).map_err(ae)?;
-        tomb.revoked = store.untombstone(&referenced_again).map_err(ae)?;
+        let again = store.untombstone(&referenced_again).map_err(ae)?;
+        (tomb.revoked, tomb.revoked_bytes) = (again.objects, again.bytes);
         run.revoked = tomb.revoked;
-        tomb.new = store
+        let made = store
             .tombstone(
                 &plan.candidates,
                 t0,
@@ -566,6 +579,7 @@ fn collect(
                 Some(&run.id),
             )
             .map_err(ae)?;
+        (tomb.new, tomb.new_bytes) = (made.objects, made.bytes);
         run.tombstoned = tomb.new;
         due_ids = due.iter().map(|(id, _)| *id).collect();
         plan.candidates = due;

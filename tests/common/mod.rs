@@ -612,7 +612,10 @@ pub fn aborted_job_objects_go_after_the_grace_period(
         .unwrap();
     assert!(r.status().is_success(), "{}", r.text().unwrap());
     assert_eq!(d.wait_terminal(&job, 30)["state"], "aborted");
-    assert!(cas.exists(&id).unwrap(), "the aborted job's object was stored");
+    assert!(
+        cas.exists(&id).unwrap(),
+        "the aborted job's object was stored"
+    );
     let stored = cas.modified(&id).unwrap();
     let run = || -> serde_json::Value {
         client()
@@ -635,6 +638,9 @@ pub fn aborted_job_objects_go_after_the_grace_period(
     }
     let second = run();
     assert_eq!(second["run"]["state"], "complete", "{second}");
-    assert!(!still_stored(), "still stored after the grace period: {second}");
+    assert!(
+        !still_stored(),
+        "still stored after the grace period: {second}"
+    );
     id
 }
