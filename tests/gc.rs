@@ -157,6 +157,12 @@ fn unreferenced_objects_go_and_every_kept_revision_stays_whole() {
         "published"
     );
     ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+    read_back(
+        &d,
+        &dir.path().join("cache"),
+        "/sw/app",
+        &[file("bin/app", v(5))],
+    );
 }
 
 #[test]
@@ -224,6 +230,20 @@ fn runs_wait_for_idle_and_jobs_wait_for_runs() {
     let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
     assert!(junk.iter().all(|id| !cas.exists(id).unwrap()));
     assert_eq!(d.wait_terminal(&late, 30)["state"], "published");
+    // Both publishes, the one before and the one held during the run, read back whole.
+    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+    read_back(
+        &d,
+        &dir.path().join("cache"),
+        "/sw/busy",
+        &[file("a", b"a".to_vec())],
+    );
+    read_back(
+        &d,
+        &dir.path().join("cache"),
+        "/sw/late",
+        &[file("b", b"b".to_vec())],
+    );
 }
 
 #[test]
@@ -370,6 +390,13 @@ fn a_client_leaving_mid_run_neither_stops_it_nor_holds_jobs_forever() {
     );
     let audit = std::fs::read_to_string(dir.path().join("spool/gc/audit.log")).unwrap();
     assert!(audit.lines().count() >= 8);
+    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+    read_back(
+        &d,
+        &dir.path().join("cache"),
+        "/sw/after",
+        &[file("a", b"after".to_vec())],
+    );
 }
 
 #[test]
@@ -752,4 +779,70 @@ fn objects_of_an_aborted_job_go_after_the_grace_period() {
     assert!(audit.contains(&format!("deleted {id}")), "{audit}");
     ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
     read_back(&d, &dir.path().join("cache"), "/sw/app", &kept);
+}
+
+#[test]
+fn a_dry_run_plans_exactly_what_the_real_run_then_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let gc = |dry: bool| {
+        format!("{{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s, dry_run: {dry}}}")
+    };
+    gc_dir(dir.path(), &gc(true));
+    let d = Daemon::start(dir.path(), &[]);
+    let v = |n: u8| format!("planned release {n} ").repeat(40).into_bytes();
+    for n in [1, 2, 3] {
+        assert_eq!(
+            publish(&d, "/sw/app", &[file("bin/app", v(n))], None)["state"],
+            "published"
+        );
+    }
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    for i in 0..3u8 {
+        cas.put_bytes(&ObjectId::new(Digest20::of(&[i; 5]), Suffix::None), &[i; 5])
+            .unwrap();
+    }
+    let o = ctl(&d, &["gc", "run", "--repo", REPO, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dry: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(dry["run"]["state"], "complete");
+    assert_eq!(dry["swept"]["deleted"], 0);
+    let mut planned: Vec<String> = dry["plan"]["sample"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    let count = dry["plan"]["candidate_count"].as_u64().unwrap();
+    assert!(count >= 4 && count as usize == planned.len(), "{dry}");
+    assert!(planned
+        .iter()
+        .all(|o| cas.exists(&ObjectId::parse(o).unwrap()).unwrap()));
+    drop(d);
+
+    // The same repository, not dry any more: the run deletes exactly the planned objects.
+    let cfg = dir.path().join("config.yaml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&gc(true), &gc(false));
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    let o = ctl(&d, &["gc", "run", "--repo", REPO, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let real: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(real["swept"]["deleted"].as_u64(), Some(count), "{real}");
+    let audit = std::fs::read_to_string(dir.path().join("spool/gc/audit.log")).unwrap();
+    let mut deleted: Vec<String> = audit
+        .lines()
+        .map(|l| l.split_whitespace().nth(3).unwrap().to_string())
+        .collect();
+    deleted.sort();
+    planned.sort();
+    assert_eq!(deleted, planned);
+    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+    read_back(
+        &d,
+        &dir.path().join("cache"),
+        "/sw/app",
+        &[file("bin/app", v(3))],
+    );
 }

@@ -104,6 +104,12 @@ fn unseen_paths_leave_and_seen_or_exempt_ones_stay() {
         assert!(listing.contains(kept), "{kept} missing:\n{listing}");
     }
     ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    for kept in ["/sw/b", "/sw/c", "/sw/lts-1"] {
+        verify(&repo, kept, &tree(kept));
+    }
+    assert!(repo.lookup("/sw/a").is_err());
     assert!(d.metrics_text().contains(&format!(
         "cvmfs_prepub_gc_lifecycle_removals_total{{repo=\"{REPO}\"}} 1"
     )));

@@ -124,4 +124,18 @@ fn a_removed_path_leaves_the_namespace_and_its_objects_can_be_collected() {
             .any(|s| s.as_str() == Some(old_obj.as_str())),
         "{plan}"
     );
+    // Collected: the repository checks clean and the independent reader sees the kept tree.
+    let r: serde_json::Value = client()
+        .post(format!("{}/api/v1/gc/{REPO}/run", d.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(r["run"]["state"], "complete", "{r}");
+    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    verify(&repo, "/sw/keep", &tree("/sw/keep2"));
+    assert!(repo.lookup("/sw/old").is_err());
 }
