@@ -467,10 +467,10 @@ fn an_untrusted_stratum0_whitelist_is_refused() {
 fn removals_and_the_content_lifecycle_go_through_the_gateway() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
-    let cfg = dir.path().join("config.yaml");
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str("    gc: {enabled: true, access_ttl: 2s, exempt_paths: ['/sw/keep']}\n");
-    std::fs::write(&cfg, text).unwrap();
+    set_gc(
+        dir.path(),
+        "{enabled: true, access_ttl: 2s, exempt_paths: ['/sw/keep']}",
+    );
     let gw = Double::start(dir.path(), &[], None);
     let d = gateway_daemon(dir.path(), &gw, "", &[]);
     for p in ["/sw/a", "/sw/b", "/sw/keep"] {

@@ -14,10 +14,7 @@ use prepub_core::hash::{Digest20, ObjectId, Suffix};
 
 fn gc_dir(dir: &std::path::Path, gc: &str) {
     prepare_daemon_dir(dir, "", "");
-    let cfg = dir.join("config.yaml");
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(&format!("    gc: {gc}\n"));
-    std::fs::write(&cfg, text).unwrap();
+    set_gc(dir, gc);
 }
 
 fn file(path: &'static str, data: Vec<u8>) -> Spec {
@@ -156,7 +153,6 @@ fn unreferenced_objects_go_and_every_kept_revision_stays_whole() {
         publish(&d, "/sw/app", &[file("bin/app", v(5))], None)["state"],
         "published"
     );
-    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
     read_back(
         &d,
         &dir.path().join("cache"),
@@ -231,7 +227,6 @@ fn runs_wait_for_idle_and_jobs_wait_for_runs() {
     assert!(junk.iter().all(|id| !cas.exists(id).unwrap()));
     assert_eq!(d.wait_terminal(&late, 30)["state"], "published");
     // Both publishes, the one before and the one held during the run, read back whole.
-    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
     read_back(
         &d,
         &dir.path().join("cache"),
@@ -390,7 +385,6 @@ fn a_client_leaving_mid_run_neither_stops_it_nor_holds_jobs_forever() {
     );
     let audit = std::fs::read_to_string(dir.path().join("spool/gc/audit.log")).unwrap();
     assert!(audit.lines().count() >= 8);
-    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
     read_back(
         &d,
         &dir.path().join("cache"),
@@ -516,8 +510,9 @@ fn gc_status(d: &Daemon) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
-/// The independent reader sees `specs` under `base`.
+/// The repository checks clean and the independent reader sees `specs` under `base`.
 fn read_back(d: &Daemon, cache: &std::path::Path, base: &str, specs: &[Spec]) {
+    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
     let url = serve(d.storage.clone());
     let repo = open_reader(&url, cache);
     verify(&repo, base, specs);
@@ -647,7 +642,6 @@ fn killed_at_each_step_a_run_ends_aborted_with_its_tombstones_revoked_and_nothin
         }
         assert!(during || cas.exists(&object(&v(2))).unwrap());
         assert!(cas.exists(&object(&v(3))).unwrap());
-        ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
         read_back(&d, &dir.path().join("cache"), "/sw/app", &kept);
     }
 }
@@ -781,7 +775,6 @@ fn exempt_tags_keep_revisions_automatic_tags_would_not() {
     }
     let s = gc_status(&d);
     assert_eq!(s["exempt_tags"][0], "prepub-*", "{s}");
-    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
     read_back(
         &d,
         &dir.path().join("cache"),
@@ -807,7 +800,6 @@ fn objects_of_an_aborted_job_go_after_the_grace_period() {
     let id = aborted_job_objects_go_after_the_grace_period(&d, &cas);
     let audit = std::fs::read_to_string(dir.path().join("spool/gc/audit.log")).unwrap();
     assert!(audit.contains(&format!("deleted {id}")), "{audit}");
-    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
     read_back(&d, &dir.path().join("cache"), "/sw/app", &kept);
 }
 
@@ -868,7 +860,6 @@ fn a_dry_run_plans_exactly_what_the_real_run_then_deletes() {
     deleted.sort();
     planned.sort();
     assert_eq!(deleted, planned);
-    ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
     read_back(
         &d,
         &dir.path().join("cache"),

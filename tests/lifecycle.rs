@@ -29,12 +29,7 @@ fn object_of(tag: &str) -> String {
 
 fn setup(dir: &std::path::Path, extra: &str) -> Daemon {
     prepare_daemon_dir(dir, "", "");
-    let cfg = dir.join("config.yaml");
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(&format!(
-        "    gc: {{enabled: true, access_ttl: 2s, exempt_paths: ['/sw/lts-*'], keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s{extra}}}\n"
-    ));
-    std::fs::write(&cfg, text).unwrap();
+    set_gc(dir, &format!("{{enabled: true, access_ttl: 2s, exempt_paths: ['/sw/lts-*'], keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s{extra}}}"));
     let d = Daemon::start(dir, &[]);
     for p in ["/sw/a", "/sw/b", "/sw/c", "/sw/lts-1"] {
         let id = d.submit_id(ADMIN, p, &tar_bytes(&tree(p)), None);
@@ -130,12 +125,7 @@ fn a_dry_run_lists_and_removes_nothing() {
 fn paths_in_a_revision_an_exempt_tag_names_stay() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
-    let cfg = dir.path().join("config.yaml");
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(
-        "    gc: {enabled: true, access_ttl: 2s, exempt_tags: ['pin-*'], keep_revisions: 1, grace_period: 0s}\n",
-    );
-    std::fs::write(&cfg, text).unwrap();
+    set_gc(dir.path(), "{enabled: true, access_ttl: 2s, exempt_tags: ['pin-*'], keep_revisions: 1, grace_period: 0s}");
     let d = Daemon::start(dir.path(), &[]);
     for (p, tag) in [("/sw/pinned", Some("pin-2026")), ("/sw/loose", None)] {
         let r = d.submit_raw(ADMIN, p, &tar_bytes(&tree(p)), tag);
@@ -167,12 +157,7 @@ fn paths_in_a_revision_an_exempt_tag_names_stay() {
 fn a_scheduled_run_cleans_first_then_collects() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
-    let cfg = dir.path().join("config.yaml");
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(
-        "    gc: {enabled: true, access_ttl: 2s, schedule: '@every 1s', keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}\n",
-    );
-    std::fs::write(&cfg, text).unwrap();
+    set_gc(dir.path(), "{enabled: true, access_ttl: 2s, schedule: '@every 1s', keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}");
     let d = Daemon::start(dir.path(), &[]);
     let id = d.submit_id(ADMIN, "/sw/old", &tar_bytes(&tree("/sw/old")), None);
     assert_eq!(d.wait_terminal(&id, 60)["state"], "published");

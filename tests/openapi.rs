@@ -133,10 +133,7 @@ fn the_document_matches_routes_statuses_and_bodies() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "  max_upload_size: 64KiB\n");
     // Garbage collection on (the repository is the last block of the file).
-    let cfg = dir.path().join("config.yaml");
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str("    gc: {enabled: true, grace_period: 0s}\n");
-    std::fs::write(&cfg, text).unwrap();
+    set_gc(dir.path(), "{enabled: true, grace_period: 0s}");
     let d = Daemon::start(
         dir.path(),
         &[("CVMFS_PREPUB_TEST_HOLD", "processing=1500,gc-scanning=700")],

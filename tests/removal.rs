@@ -46,12 +46,10 @@ fn ls(d: &Daemon, path: &str) -> String {
 fn a_removed_path_leaves_the_namespace_and_its_objects_can_be_collected() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
-    let cfg = dir.path().join("config.yaml");
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(
-        "    gc: {enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}\n",
+    set_gc(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}",
     );
-    std::fs::write(&cfg, text).unwrap();
     let d = Daemon::start(dir.path(), &[]);
     for p in ["/sw/old", "/sw/keep"] {
         let id = d.submit_id(ADMIN, p, &tar_bytes(&tree(p)), None);

@@ -525,12 +525,10 @@ fn gateway_mode_works_with_s3() {
 #[test]
 fn garbage_collection_reclaims_in_s3() {
     let (dir, m) = s3_daemon_dir();
-    let cfg = dir.path().join("config.yaml");
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(
-        "    gc: {enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}\n",
+    set_gc(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}",
     );
-    std::fs::write(&cfg, text).unwrap();
     let d = Daemon::start(dir.path(), &creds());
     let file = |data: &[u8]| {
         vec![Spec::File {
@@ -613,12 +611,10 @@ fn garbage_collection_reclaims_in_s3() {
 #[test]
 fn objects_of_an_aborted_job_go_after_the_grace_period_in_s3() {
     let (dir, m) = s3_daemon_dir();
-    let cfg = dir.path().join("config.yaml");
-    let mut text = std::fs::read_to_string(&cfg).unwrap();
-    text.push_str(
-        "    gc: {enabled: true, keep_revisions: 1, grace_period: 5s, auto_tag_timespan: 0s}\n",
+    set_gc(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 5s, auto_tag_timespan: 0s}",
     );
-    std::fs::write(&cfg, text).unwrap();
     let mut env = creds();
     env.push(("CVMFS_PREPUB_TEST_HOLD", "committing-journaled=2500"));
     let d = Daemon::start(dir.path(), &env);

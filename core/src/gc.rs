@@ -55,6 +55,18 @@ pub struct GcPolicy {
     pub exempt_tags: Vec<String>,
 }
 
+/// The repository's current manifest; no manifest, or an unreadable one, stops the caller.
+fn manifest(cas: &dyn Cas) -> Result<crate::manifest::Manifest, GcError> {
+    current_manifest(cas)
+        .map_err(|e| GcError::Unreadable {
+            what: "manifest",
+            id: ".cvmfspublished".into(),
+            msg: e.to_string(),
+        })?
+        .map(|(m, _)| m)
+        .ok_or(GcError::NoRepository)
+}
+
 /// Whether tag `name` matches one of `globs`.
 pub fn tag_exempt(globs: &[String], name: &str) -> bool {
     globs
@@ -70,13 +82,7 @@ pub fn exempt_tag_roots(
     if globs.is_empty() {
         return Ok(Vec::new());
     }
-    let (m, _) = current_manifest(cas)
-        .map_err(|e| GcError::Unreadable {
-            what: "manifest",
-            id: ".cvmfspublished".into(),
-            msg: e.to_string(),
-        })?
-        .ok_or(GcError::NoRepository)?;
+    let m = manifest(cas)?;
     let Some(h) = m.history else {
         return Ok(Vec::new());
     };
@@ -200,13 +206,7 @@ pub fn references(
     policy: &GcPolicy,
     now: i64,
 ) -> Result<(u64, Vec<KeptRevision>, HashSet<ObjectId>), GcError> {
-    let (m, _) = current_manifest(cas)
-        .map_err(|e| GcError::Unreadable {
-            what: "manifest",
-            id: ".cvmfspublished".into(),
-            msg: e.to_string(),
-        })?
-        .ok_or(GcError::NoRepository)?;
+    let m = manifest(cas)?;
     let mut refs: HashSet<ObjectId> = HashSet::new();
     refs.extend(m.certificate);
     refs.extend(m.history);

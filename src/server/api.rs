@@ -718,6 +718,17 @@ pub async fn health(st: web::Data<AppState>) -> HttpResponse {
     }
 }
 
+/// The configuration of `repo`, or 404 if this daemon does not serve it.
+pub(crate) fn served<'a>(
+    st: &'a AppState,
+    repo: &str,
+) -> Result<&'a crate::config::RepoConfig, ApiError> {
+    st.cfg
+        .repos
+        .get(repo)
+        .ok_or_else(|| ApiError::NotFound(format!("repository {repo} is not served here")))
+}
+
 pub(crate) fn admin_only(who: &Principal) -> Result<(), ApiError> {
     match who {
         Principal::Admin => Ok(()),
@@ -935,12 +946,7 @@ pub async fn access_events(
     }
     let batch: AccessBatch = serde_json::from_slice(&body)
         .map_err(|e| bad("bad-request", format!("access events: {e}")))?;
-    if !st.cfg.repos.contains_key(&batch.repo) {
-        return Err(ApiError::NotFound(format!(
-            "repository {} is not served here",
-            batch.repo
-        )));
-    }
+    served(&st, &batch.repo)?;
     if !may_touch_repo(&who, &batch.repo) {
         return Err(ApiError::Forbidden(format!(
             "this token has no prefix in {}",
@@ -1029,11 +1035,7 @@ pub async fn access_query(
 ) -> Result<HttpResponse, ApiError> {
     admin_only(&auth(&req, &st)?)?;
     let repo = repo.into_inner();
-    if !st.cfg.repos.contains_key(&repo) {
-        return Err(ApiError::NotFound(format!(
-            "repository {repo} is not served here"
-        )));
-    }
+    served(&st, &repo)?;
     let object = match &q.object {
         None => None,
         Some(o) => Some(

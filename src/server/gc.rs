@@ -16,7 +16,7 @@ use prepub_core::gc::{GcError, Plan, Swept};
 use prepub_core::gcrun::{GcRun, RunJournal, RunState};
 use prepub_core::timefmt::now;
 
-use super::api::{accept_removal, admin_only, auth, ApiError, AppState, Fields};
+use super::api::{accept_removal, admin_only, auth, served, ApiError, AppState, Fields};
 
 /// The runs in progress, per repository: run id and abort flag.
 #[derive(Default)]
@@ -95,11 +95,7 @@ fn gc_store(
     st: &AppState,
     repo: &str,
 ) -> Result<(Arc<dyn prepub_core::cas::Cas>, crate::config::GcConfig), ApiError> {
-    let rc = st
-        .cfg
-        .repos
-        .get(repo)
-        .ok_or_else(|| ApiError::NotFound(format!("repository {repo} is not served here")))?;
+    let rc = served(st, repo)?;
     let cas: Arc<dyn prepub_core::cas::Cas> = match st.s3.get(repo) {
         Some(s) => s.clone(),
         None => Arc::new(
@@ -356,24 +352,16 @@ pub async fn run_gc(
     m.gc_runs_total
         .with_label_values(&[repo.as_str(), outcome])
         .inc();
-    m.gc_objects_deleted_total
-        .with_label_values(&[repo.as_str()])
-        .inc_by(swept.deleted as u64);
-    m.gc_bytes_reclaimed_total
-        .with_label_values(&[repo.as_str()])
-        .inc_by(swept.bytes);
-    m.gc_objects_tombstoned_total
-        .with_label_values(&[repo.as_str()])
-        .inc_by(tomb.new as u64);
-    m.gc_tombstones_revoked_total
-        .with_label_values(&[repo.as_str()])
-        .inc_by(tomb.revoked as u64);
-    m.gc_bytes_tombstoned_total
-        .with_label_values(&[repo.as_str()])
-        .inc_by(tomb.new_bytes);
-    m.gc_bytes_revoked_total
-        .with_label_values(&[repo.as_str()])
-        .inc_by(tomb.revoked_bytes);
+    for (counter, n) in [
+        (&m.gc_objects_deleted_total, swept.deleted as u64),
+        (&m.gc_bytes_reclaimed_total, swept.bytes),
+        (&m.gc_objects_tombstoned_total, tomb.new as u64),
+        (&m.gc_tombstones_revoked_total, tomb.revoked as u64),
+        (&m.gc_bytes_tombstoned_total, tomb.new_bytes),
+        (&m.gc_bytes_revoked_total, tomb.revoked_bytes),
+    ] {
+        counter.with_label_values(&[repo.as_str()]).inc_by(n);
+    }
     m.gc_tombstones_pending
         .with_label_values(&[repo.as_str()])
         .set(tomb.pending as i64);
@@ -645,13 +633,7 @@ pub async fn gc_lifecycle(
 
 /// One lifecycle pass over `repo` (asked for, or as the `cleaning` step of a scheduled run).
 pub async fn run_lifecycle(st: &AppState, repo: String) -> Result<serde_json::Value, ApiError> {
-    let g = st
-        .cfg
-        .repos
-        .get(&repo)
-        .ok_or_else(|| ApiError::NotFound(format!("repository {repo} is not served here")))?
-        .gc
-        .clone();
+    let g = served(st, &repo)?.gc.clone();
     let Some(ttl) = g.access_ttl else {
         return Err(ApiError::Conflict(format!(
             "no content lifecycle for {repo}: repositories[].gc.access_ttl is not set"
@@ -796,11 +778,7 @@ pub async fn gc_tombstones(
 ) -> Result<HttpResponse, ApiError> {
     admin_only(&auth(&req, &st)?)?;
     let repo = repo.into_inner();
-    if !st.cfg.repos.contains_key(&repo) {
-        return Err(ApiError::NotFound(format!(
-            "repository {repo} is not served here"
-        )));
-    }
+    served(&st, &repo)?;
     let db = access_db(&st, &repo);
     let list = web::block(move || AccessStore::open(&db, 0).and_then(|s| s.tombstones()))
         .await

@@ -265,6 +265,15 @@ pub fn verify(repo: &Repository, base: &str, specs: &[Spec]) {
     }
 }
 
+/// Sets the `gc` block of the repository of a daemon directory made by
+/// [`prepare_daemon_dir`] (the repository is the last block of its config file).
+pub fn set_gc(dir: &Path, gc: &str) {
+    let cfg = dir.join("config.yaml");
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(&format!("    gc: {gc}\n"));
+    std::fs::write(&cfg, text).unwrap();
+}
+
 /// A daemon process started by a test, stopped (by PID) on drop.
 pub struct Daemon {
     pub child: std::process::Child,
