@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -156,7 +156,8 @@ pub fn extract(tar_path: &Path, root: &Path) -> Result<u64, String> {
                 }
                 dirs.push((dest, mode));
             }
-            EntryType::Regular | EntryType::Continuous => {
+            // Sparse files unpack with their holes as zeros, as intake encoded them.
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let mut out = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -205,11 +206,15 @@ pub fn extract(tar_path: &Path, root: &Path) -> Result<u64, String> {
                 fs::set_permissions(&dest, m.permissions())
                     .map_err(|e| format!("entry '{rel}': {e}"))?;
             }
-            _ => {
-                // Devices and FIFOs were refused (or dropped by configuration) at intake.
-                let mut sink = Vec::new();
-                let _ = ent.read_to_end(&mut sink);
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                // Refused at intake, or dropped there by `skip_special`: dropped here too.
                 continue;
+            }
+            other => {
+                // Intake refuses every other type; never publish without an entry it accepted.
+                return Err(format!(
+                    "entry '{rel}': unsupported tar entry type {other:?}"
+                ));
             }
         }
         n += 1;

@@ -98,6 +98,8 @@ pub enum IntakeError {
     },
     #[error("reading archive: {0}")]
     Read(#[source] io::Error),
+    #[error("entry '{entry}': malformed PAX extended header: {msg}")]
+    BadPax { entry: String, msg: String },
 }
 
 /// One entry of the change set.
@@ -270,6 +272,18 @@ fn read_tar_with<R: Read>(
         }
         let raw = ent.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
+        // The tar reader skips PAX records it cannot parse; a malformed extended header means
+        // the entry's real name, link or size is unknown, so the archive is refused.
+        if let Some(exts) = ent.pax_extensions().map_err(IntakeError::Read)? {
+            for x in exts {
+                if let Err(e) = x {
+                    return Err(IntakeError::BadPax {
+                        entry: shown,
+                        msg: e.to_string(),
+                    });
+                }
+            }
+        }
         let et = ent.header().entry_type();
         if matches!(
             et,
@@ -401,16 +415,19 @@ fn read_tar_with<R: Read>(
                     .link_name_bytes()
                     .map(|b| b.into_owned())
                     .unwrap_or_default();
-                let target = normalize(&target_raw)?;
+                // A target that is not a clean relative name is refused for the entry that
+                // names it (the message is about `shown`, not about the target).
+                let bad_target = || IntakeError::BadHardlink {
+                    entry: shown.clone(),
+                    target: String::from_utf8_lossy(&target_raw).into_owned(),
+                };
+                let target = normalize(&target_raw).map_err(|_| bad_target())?;
                 let Some(orig) = cs
                     .nodes
                     .get(&target)
                     .filter(|n| n.entry.kind() == crate::catalog::Kind::Regular)
                 else {
-                    return Err(IntakeError::BadHardlink {
-                        entry: shown,
-                        target: String::from_utf8_lossy(&target_raw).into_owned(),
-                    });
+                    return Err(bad_target());
                 };
                 let root_of = orig.hardlink_of.clone().unwrap_or_else(|| target.clone());
                 let mut e = orig.entry.clone();
