@@ -248,6 +248,9 @@ pub struct ServerFile {
     /// Largest accepted upload.
     #[serde(default = "default_max_upload")]
     pub max_upload_size: String,
+    /// An upload that sends nothing for this long is cut off (408) and its spool file removed.
+    #[serde(default = "default_upload_idle")]
+    pub upload_idle_timeout: String,
     /// How long a finished job keeps its tar in the spool.
     #[serde(default = "default_retention")]
     pub tar_retention: String,
@@ -280,6 +283,7 @@ impl Default for ServerFile {
             spool_root: default_spool(),
             publish_mode: default_publish_mode(),
             max_upload_size: default_max_upload(),
+            upload_idle_timeout: default_upload_idle(),
             tar_retention: default_retention(),
             api_tokens: Vec::new(),
             log_format: default_log_format(),
@@ -300,6 +304,9 @@ fn default_publish_mode() -> String {
 }
 fn default_max_upload() -> String {
     "50GiB".into()
+}
+fn default_upload_idle() -> String {
+    "60s".into()
 }
 fn default_retention() -> String {
     "7d".into()
@@ -761,6 +768,7 @@ pub struct Config {
     pub tls: Option<(PathBuf, PathBuf)>,
     pub spool_root: PathBuf,
     pub max_upload: u64,
+    pub upload_idle: Duration,
     pub tar_retention: Duration,
     pub log_json: bool,
     pub workers: usize,
@@ -920,6 +928,11 @@ impl FileConfig {
             .map_err(|m| cerr("cas.multipart_threshold", m))?;
         let max_upload = parse_size(&self.server.max_upload_size)
             .map_err(|m| cerr("server.max_upload_size", m))?;
+        let upload_idle = parse_duration(&self.server.upload_idle_timeout)
+            .map_err(|m| cerr("server.upload_idle_timeout", m))?;
+        if upload_idle.is_zero() {
+            return Err(cerr("server.upload_idle_timeout", "must be more than 0s"));
+        }
         let tar_retention = parse_duration(&self.server.tar_retention)
             .map_err(|m| cerr("server.tar_retention", m))?;
         let log_json = match self.server.log_format.as_str() {
@@ -1193,6 +1206,7 @@ impl FileConfig {
             tls,
             spool_root: o.spool_root.clone().unwrap_or(self.server.spool_root),
             max_upload,
+            upload_idle,
             tar_retention,
             log_json,
             workers: p.workers,

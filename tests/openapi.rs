@@ -209,6 +209,16 @@ fn the_document_matches_routes_statuses_and_bodies() {
     let r = c
         .post(url(jobs))
         .bearer_auth(ADMIN)
+        .header("X-Cvmfs-Repo", REPO)
+        .header("X-Cvmfs-Path", "/x")
+        .header("Content-Type", "application/json")
+        .body("{}")
+        .send()
+        .unwrap();
+    assert_eq!(api.check("post", jobs, r)["error"]["code"], "unsupported-media-type");
+    let r = c
+        .post(url(jobs))
+        .bearer_auth(ADMIN)
         .header("X-Cvmfs-Repo", "unknown.example.org")
         .header("X-Cvmfs-Path", "/x")
         .body(tar.clone())
@@ -644,6 +654,7 @@ fn the_document_matches_routes_statuses_and_bodies() {
     std::fs::rename(dir.path().join("keys-away"), dir.path().join("keys")).unwrap();
     // Not provoked here: the lifecycle's 200 (needs gc.access_ttl, tests/lifecycle.rs) and 503;
     // 409 on submit and on removals (local mode only, during a transaction, tests/local_mode.rs),
+    // 408 on a stalled upload (tests/http_abuse.rs),
     // gc's 503 on an unreadable catalog (tests/gc.rs), access events refused by a repository
     // without the api source (409, tests/access.rs) or from a scoped token without a prefix in
     // the repository (403: this setup has one repository only).
@@ -669,6 +680,7 @@ fn the_document_matches_routes_statuses_and_bodies() {
             "post /api/v1/gc/{repo}/run 503",
             "get /api/v1/gc/{repo}/status 503",
             "get /api/v1/gc/{repo}/tombstones 503",
+            "post /api/v1/jobs 408",
             "post /api/v1/jobs 409",
             "post /api/v1/removals 409"
         ],

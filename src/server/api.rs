@@ -58,6 +58,10 @@ pub enum ApiError {
     BadRequest(&'static str, String),
     #[error("upload exceeds the limit of {0} bytes")]
     TooLarge(u64),
+    #[error("the upload stalled: no data for {0} s (server.upload_idle_timeout)")]
+    Stalled(u64),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
@@ -76,6 +80,8 @@ impl ApiError {
             ApiError::NotFound(_) => "not-found",
             ApiError::BadRequest(c, _) => c,
             ApiError::TooLarge(_) => "payload-too-large",
+            ApiError::Stalled(_) => "upload-stalled",
+            ApiError::UnsupportedMediaType(_) => "unsupported-media-type",
             ApiError::Conflict(_) => "conflict",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Draining => "draining",
@@ -92,6 +98,8 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(..) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -231,34 +239,21 @@ where
     Ok((n, hex::encode(sha.finalize())))
 }
 
-/// `POST /api/v1/jobs`.
-pub async fn submit(
-    req: HttpRequest,
-    payload: web::Payload,
-    st: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
-    let who = auth(&req, &st)?;
-    // Refused before a byte of the upload is read.
-    if st.draining.load(std::sync::atomic::Ordering::SeqCst) {
-        return Err(ApiError::Draining);
-    }
-    let limit = st.cfg.max_upload;
-    if let Some(len) = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|s| s.parse::<u64>().ok())
-    {
-        // Multipart framing adds a little; the tar itself is checked while streaming.
-        if len > limit.saturating_add(1 << 20) {
-            return Err(ApiError::TooLarge(limit));
-        }
-    }
-    let id = uuid::Uuid::new_v4().to_string();
-    let upload = st.incoming.join(format!("{id}.tar"));
-    let mut guard = UploadGuard(Some(upload.clone()));
-    let mut file =
-        std::fs::File::create(&upload).map_err(|e| ApiError::Unavailable(format!("spool: {e}")))?;
+/// Reads a submission's body (multipart or raw tar with headers) into `file`; returns the
+/// fields, the tar's size and its SHA-256.
+async fn read_upload<S>(
+    req: &HttpRequest,
+    payload: S,
+    st: &AppState,
+    who: &Principal,
+    file: &mut std::fs::File,
+    limit: u64,
+) -> Result<(Fields, u64, String), ApiError>
+where
+    S: futures_util::Stream<Item = Result<web::Bytes, actix_web::error::PayloadError>>
+        + Unpin
+        + 'static,
+{
     let ctype = header_str(req.headers(), "content-type").unwrap_or_default();
     let mut f = Fields::default();
     let (tar_bytes, digest);
@@ -273,7 +268,7 @@ pub async fn submit(
                 if got_tar.is_some() {
                     return Err(bad("bad-multipart", "more than one 'tar' field"));
                 }
-                got_tar = Some(stream_to_file(&mut field, &mut file, limit).await?);
+                got_tar = Some(stream_to_file(&mut field, file, limit).await?);
                 continue;
             }
             let mut v = Vec::new();
@@ -301,7 +296,7 @@ pub async fn submit(
         let (n, d) = got_tar.ok_or_else(|| bad("missing-tar", "field 'tar' is required"))?;
         tar_bytes = n;
         digest = d;
-        validate(&f, &st, &who)?;
+        validate(&f, st, who)?;
     } else {
         let h = req.headers();
         f.repo = header_str(h, "x-cvmfs-repo");
@@ -310,11 +305,115 @@ pub async fn submit(
         f.tag_description = header_str(h, "x-cvmfs-tag-description");
         f.tar_sha256 = header_str(h, "x-cvmfs-tar-sha256").map(|s| s.trim().to_ascii_lowercase());
         // Refuse before reading a single body byte.
-        validate(&f, &st, &who)?;
-        let (n, d) = stream_to_file(payload, &mut file, limit).await?;
+        validate(&f, st, who)?;
+        let (n, d) = stream_to_file(payload, file, limit).await?;
         tar_bytes = n;
         digest = d;
     }
+    Ok((f, tar_bytes, digest))
+}
+
+/// The request body, cut off with an error when no data arrives for `idle` (then `stalled`
+/// is set, so the handler answers 408 rather than blaming the body).
+fn idle_limited(
+    payload: web::Payload,
+    idle: Duration,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+) -> std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<web::Bytes, actix_web::error::PayloadError>>>,
+> {
+    // Fused: multipart parsers poll again after the end.
+    Box::pin(futures_util::StreamExt::fuse(futures_util::stream::unfold(
+        Some(payload),
+        move |p| {
+            let stalled = stalled.clone();
+            async move {
+                let mut p = p?;
+                match actix_rt::time::timeout(idle, p.next()).await {
+                    Ok(Some(item)) => Some((item, Some(p))),
+                    Ok(None) => None,
+                    Err(_) => {
+                        stalled.store(true, std::sync::atomic::Ordering::SeqCst);
+                        let e = std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("no data for {} s", idle.as_secs()),
+                        );
+                        // The stream ends after the error.
+                        Some((Err(actix_web::error::PayloadError::Io(e)), None))
+                    }
+                }
+            }
+        },
+    )))
+}
+
+/// The body types a submission may have: multipart, or a raw (gzip) tar — also under curl's
+/// default `application/x-www-form-urlencoded` or no type at all. JSON, text and the rest are
+/// refused (415) before a byte is read.
+fn accepted_media_type(h: &HeaderMap) -> Result<(), ApiError> {
+    let Some(ct) = header_str(h, "content-type") else {
+        return Ok(());
+    };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "" | "multipart/form-data"
+        | "application/x-tar"
+        | "application/tar"
+        | "application/gzip"
+        | "application/x-gzip"
+        | "application/octet-stream"
+        | "application/x-www-form-urlencoded" => Ok(()),
+        other => Err(ApiError::UnsupportedMediaType(format!(
+            "a submission is multipart/form-data or a tar (application/x-tar, application/gzip, application/octet-stream), not {other}"
+        ))),
+    }
+}
+
+/// `POST /api/v1/jobs`.
+pub async fn submit(
+    req: HttpRequest,
+    payload: web::Payload,
+    st: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let who = auth(&req, &st)?;
+    // Refused before a byte of the upload is read.
+    if st.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        return Err(ApiError::Draining);
+    }
+    let limit = st.cfg.max_upload;
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        // Multipart framing adds a little; the tar itself is checked while streaming.
+        if len > limit.saturating_add(1 << 20) {
+            return Err(ApiError::TooLarge(limit));
+        }
+    }
+    accepted_media_type(req.headers())?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let upload = st.incoming.join(format!("{id}.tar"));
+    let mut guard = UploadGuard(Some(upload.clone()));
+    let mut file =
+        std::fs::File::create(&upload).map_err(|e| ApiError::Unavailable(format!("spool: {e}")))?;
+    let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let body = idle_limited(payload, st.cfg.upload_idle, stalled.clone());
+    let (f, tar_bytes, digest) = read_upload(&req, body, &st, &who, &mut file, limit)
+        .await
+        .map_err(|e| {
+            if stalled.load(std::sync::atomic::Ordering::SeqCst) {
+                ApiError::Stalled(st.cfg.upload_idle.as_secs())
+            } else {
+                e
+            }
+        })?;
     let (repo, path) = validate(&f, &st, &who)?;
     if tar_bytes == 0 {
         return Err(bad("missing-tar", "the tar is empty"));
