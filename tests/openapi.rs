@@ -215,7 +215,10 @@ fn the_document_matches_routes_statuses_and_bodies() {
         .body("{}")
         .send()
         .unwrap();
-    assert_eq!(api.check("post", jobs, r)["error"]["code"], "unsupported-media-type");
+    assert_eq!(
+        api.check("post", jobs, r)["error"]["code"],
+        "unsupported-media-type"
+    );
     let r = c
         .post(url(jobs))
         .bearer_auth(ADMIN)
