@@ -91,6 +91,7 @@ fn tag_counts(cas: &LocalCas) -> BTreeMap<String, usize> {
     out
 }
 
+#[derive(Default)]
 struct Totals {
     rounds: usize,
     kills: usize,
@@ -99,8 +100,9 @@ struct Totals {
     failed: usize,
 }
 
-/// Restarts the daemon, waits for every accepted job, and checks the invariants.
+/// With the (restarted) daemon `d`, waits for every accepted job and checks the invariants.
 fn check_round(
+    d: &Daemon,
     dir: &std::path::Path,
     accepted: &BTreeMap<String, String>,
     round: usize,
@@ -108,7 +110,6 @@ fn check_round(
     totals: &mut Totals,
     what: &str,
 ) {
-    let d = Daemon::start(dir, &[]);
     all_accepted.extend(accepted.keys().cloned());
     let mut published = Vec::new();
     for (id, path) in accepted {
@@ -121,6 +122,7 @@ fn check_round(
                     !reason.is_empty(),
                     "{what}: {id} ended without a reason: {j}"
                 );
+                eprintln!("{what}: {id} failed: {}", j["error"]);
                 totals.failed += 1;
             }
             s => panic!("{what}: {id} ended {s}"),
@@ -159,7 +161,8 @@ fn check_round(
         assert_eq!(
             tags.get(&format!("prepub-{id}")).copied(),
             Some(1),
-            "{what}: job {id} is not in the history exactly once"
+            "{what}: job {id} is not in the history exactly once\n{}",
+            d.log_text()
         );
     }
     totals.published += published.len();
@@ -205,13 +208,7 @@ fn check_round(
 fn jobs_survive_kills_at_every_step_and_at_random() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
-    let mut totals = Totals {
-        rounds: 0,
-        kills: 0,
-        accepted: 0,
-        published: 0,
-        failed: 0,
-    };
+    let mut totals = Totals::default();
     let mut all = HashSet::new();
     // Every journaled step of a job, hit by the n-th job to reach it.
     let points = [
@@ -238,7 +235,16 @@ fn jobs_survive_kills_at_every_step_and_at_random() {
         );
         totals.kills += 1;
         drop(d);
-        check_round(dir.path(), &accepted, round, &mut all, &mut totals, point);
+        let d = Daemon::start(dir.path(), &[]);
+        check_round(
+            &d,
+            dir.path(),
+            &accepted,
+            round,
+            &mut all,
+            &mut totals,
+            point,
+        );
     }
     // Random moments: a SIGKILL some milliseconds into the round.
     let random_rounds: usize = std::env::var("PREPUB_CRASH_ROUNDS")
@@ -273,8 +279,20 @@ fn jobs_survive_kills_at_every_step_and_at_random() {
             "random kill after {delay:?} (submissions took {:?})",
             start.elapsed()
         );
-        check_round(dir.path(), &accepted, round, &mut all, &mut totals, &what);
+        let d = Daemon::start(dir.path(), &[]);
+        check_round(
+            &d,
+            dir.path(),
+            &accepted,
+            round,
+            &mut all,
+            &mut totals,
+            &what,
+        );
     }
+    // Every fault here is recoverable: nothing may end failed (a stale lease, for one, would
+    // fail its job with lease-timeout).
+    assert_eq!(totals.failed, 0);
     assert!(totals.published > 0);
     println!(
         "crash harness: {} rounds survived, {} SIGKILLs ({} at journaled steps, {} at random moments), {} jobs accepted, {} published exactly once, {} failed with a reason, 0 lost, 0 partial",
@@ -285,5 +303,155 @@ fn jobs_survive_kills_at_every_step_and_at_random() {
         totals.accepted,
         totals.published,
         totals.failed
+    );
+}
+
+const RSECRET: &str = "crash-harness-receiver-secret";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn gateway_mode_with_receivers_survives_kills_of_the_daemon_the_gateway_and_a_receiver() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let ports = [free_port(), free_port()];
+    let start_rcv = |i: usize| {
+        start_receiver(
+            &dir.path().join(format!("s1-{i}")),
+            RSECRET,
+            Some(ports[i]),
+            &[],
+            "",
+        )
+    };
+    let mut rcvs: Vec<Option<Rcv>> = vec![Some(start_rcv(0)), Some(start_rcv(1))];
+    let eps: Vec<String> = rcvs
+        .iter()
+        .map(|r| format!("\"{}\"", r.as_ref().unwrap().url))
+        .collect();
+    let cfg = dir.path().join("config.yaml");
+    // Retries that span an outage of a few seconds (1 + 2 + 4 + 8 s), as an operator would set.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "retry_backoff: 200ms",
+        "retry_backoff: 1s\n  max_attempts: 5",
+    );
+    std::fs::write(
+        &cfg,
+        format!(
+            "{text}distribution:\n  stratum1_endpoints: [{}]\n  quorum: 1.0\n  commit_anyway: false\n  timeout: 90s\n",
+            eps.join(", ")
+        ),
+    )
+    .unwrap();
+    let mut gw = Some(GatewayDouble::start(dir.path(), &[], None));
+    let gw_port = gw.as_ref().unwrap().port;
+    let env = |crash: Option<&'static str>| {
+        let mut e = vec![
+            ("PREPUB_RECEIVER_SECRET", RSECRET),
+            ("CVMFS_GATEWAY_SECRET", GATEWAY_SECRET),
+        ];
+        if let Some(p) = crash {
+            e.push(("CVMFS_PREPUB_TEST_CRASH", p));
+        }
+        e
+    };
+    // Writes the gateway settings into the config once; later starts reuse them.
+    drop(gateway_daemon(
+        dir.path(),
+        gw.as_ref().unwrap(),
+        "  lease_ttl: 20s\n",
+        &env(None),
+    ));
+    let mut totals = Totals::default();
+    let mut all = HashSet::new();
+    let mut round = 100;
+    // The daemon killed at the steps of a gateway commit and of the push to the receivers.
+    let points = [
+        "distributing-journaled#2",
+        "distribution-ack#3",
+        "committing-journaled#1",
+        "commit-started#2",
+        "manifest-written#1",
+    ];
+    for point in points {
+        round += 1;
+        let t0 = Instant::now();
+        let mut d = Daemon::start(dir.path(), &env(Some(point)));
+        let accepted = submit_round(&d, round);
+        assert!(
+            d.wait_exit(90),
+            "round {round}: no stop at {point}\n{}",
+            d.log_text()
+        );
+        totals.kills += 1;
+        drop(d);
+        let d = Daemon::start(dir.path(), &env(None));
+        check_round(
+            &d,
+            dir.path(),
+            &accepted,
+            round,
+            &mut all,
+            &mut totals,
+            point,
+        );
+        eprintln!("round {round} ({point}) done after {:?}", t0.elapsed());
+    }
+    // The gateway double killed mid-round and back a second later on the same port; then a
+    // receiver the same way. The daemon keeps running through both.
+    let mut other_kills = 0;
+    for victim in ["gateway", "receiver"] {
+        round += 1;
+        let t0 = Instant::now();
+        let d = Daemon::start(dir.path(), &env(None));
+        let accepted = submit_round(&d, round);
+        std::thread::sleep(Duration::from_millis(50));
+        match victim {
+            "gateway" => {
+                drop(gw.take());
+                std::thread::sleep(Duration::from_secs(1));
+                gw = Some(GatewayDouble::start(dir.path(), &[], Some(gw_port)));
+            }
+            _ => {
+                drop(rcvs[1].take());
+                std::thread::sleep(Duration::from_secs(1));
+                rcvs[1] = Some(start_rcv(1));
+            }
+        }
+        other_kills += 1;
+        check_round(
+            &d,
+            dir.path(),
+            &accepted,
+            round,
+            &mut all,
+            &mut totals,
+            victim,
+        );
+        // Every published job reached both receivers before its commit.
+        for id in accepted.keys() {
+            let j = d.job(id);
+            if j["state"] == "published" {
+                for r in rcvs.iter().flatten() {
+                    let outcome = j["distribution"][&r.url].as_str().unwrap_or("");
+                    assert!(outcome.starts_with("ok"), "{victim}: {id}: {j}");
+                }
+            }
+        }
+        eprintln!("round {round} ({victim}) done after {:?}", t0.elapsed());
+    }
+    // A daemon killed holding a lease gives it back at restart; outages of the gateway and a
+    // receiver are ridden out by retries: nothing may end failed.
+    assert_eq!(totals.failed, 0);
+    assert!(totals.published > 0);
+    println!(
+        "crash harness (gateway mode, 2 receivers): {} rounds survived, {} daemon SIGKILLs at journaled steps, {other_kills} gateway/receiver kills, {} jobs accepted, {} published exactly once, {} failed with a reason, 0 lost, 0 partial",
+        totals.rounds, totals.kills, totals.accepted, totals.published, totals.failed
     );
 }

@@ -432,6 +432,16 @@ fn commit(
     let url = format!("{}/{}", s.stratum0_url.trim_end_matches('/'), repo_name);
     let remote: Arc<dyn Cas> =
         Arc::new(HttpStore::new(&url).map_err(|e| err("stratum0-unreadable", e, true))?);
+    // A lease this job held when the daemon stopped is journaled next to its change set:
+    // give it back first, or the path stays busy until the gateway expires it.
+    let lease_file = job.changeset.with_file_name("lease.token");
+    if let Ok(old) = std::fs::read_to_string(&lease_file) {
+        // An error means it was consumed by a commit, or expired: nothing to give back.
+        if client.cancel(old.trim()).is_ok() {
+            crate::testhook::point("stale-lease-cancelled");
+        }
+        let _ = std::fs::remove_file(&lease_file);
+    }
     let mut handshake_done = false;
     for _round in 0..5 {
         let (m, cert_pem) = repo::current_manifest(remote.as_ref())
@@ -493,7 +503,12 @@ fn commit(
             if why_cancel {
                 let _ = client.cancel(&token);
             }
+            let _ = std::fs::remove_file(&lease_file);
         };
+        if let Err(e) = prepub_core::spool::write_atomic(&lease_file, token.as_bytes()) {
+            release(true);
+            return Err(err("spool-write", e, true));
+        }
         let now = prepub_core::timefmt::now();
         let built = repo::apply_changeset(&mut tree, &overlay, &cs, target, mode, &job.params, now)
             .map_err(|e| err("commit-rejected", e, false))

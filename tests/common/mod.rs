@@ -653,3 +653,91 @@ pub fn aborted_job_objects_go_after_the_grace_period(
     );
     id
 }
+
+/// The secret the gateway double and gateway-mode daemons share.
+pub const GATEWAY_SECRET: &str = "gateway-secret-for-tests";
+
+/// The gateway double (`cvmfs-prepub gateway-double`) serving `REPO` from `<dir>/storage`, on
+/// loopback; stopped by PID when dropped.
+pub struct GatewayDouble {
+    pub child: std::process::Child,
+    pub url: String,
+    pub port: u16,
+}
+
+impl GatewayDouble {
+    pub fn start(dir: &Path, extra: &[&str], port: Option<u16>) -> GatewayDouble {
+        let port = port.unwrap_or_else(|| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        });
+        let log = std::fs::File::create(dir.join(format!("double-{port}.log"))).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
+            .args([
+                "gateway-double",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--repo",
+                REPO,
+                "--storage",
+            ])
+            .arg(dir.join("storage").join(REPO))
+            .arg("--keys-dir")
+            .arg(dir.join("keys"))
+            .args(["--key-id", "prepub-key"])
+            .args(extra)
+            .env("CVMFS_GATEWAY_SECRET", GATEWAY_SECRET)
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let d = GatewayDouble {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+        };
+        for _ in 0..200 {
+            if client().get(format!("{}/api/v1", d.url)).send().is_ok() {
+                return d;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        drop(d);
+        panic!("gateway double did not start");
+    }
+}
+
+impl Drop for GatewayDouble {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A daemon in gateway mode whose CAS is the double's repository storage.
+pub fn gateway_daemon(
+    dir: &Path,
+    gw: &GatewayDouble,
+    gateway_extra: &str,
+    env: &[(&str, &str)],
+) -> Daemon {
+    let cfg = dir.join("config.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.replace(
+        "  log_format: text\n",
+        "  log_format: text\n  publish_mode: gateway\n",
+    );
+    let text = format!(
+        "{text}gateway:\n  url: {}\n  key_id: prepub-key\n  stratum0_url: {}/cvmfs\n  lease_wait: 30s\n{gateway_extra}",
+        gw.url, gw.url
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut env: Vec<(&str, &str)> = env.to_vec();
+    if !env.iter().any(|(k, _)| *k == "CVMFS_GATEWAY_SECRET") {
+        env.push(("CVMFS_GATEWAY_SECRET", GATEWAY_SECRET));
+    }
+    Daemon::start(dir, &env)
+}
