@@ -3,7 +3,7 @@ CARGO ?= cargo
 # Where cargo puts its output (honours CARGO_TARGET_DIR).
 TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
 
-.PHONY: build test lint bench demo run-demo run-sim clean
+.PHONY: build test lint bench fuzz demo run-demo run-sim clean
 
 ## build: release binaries into ./bin (cvmfs-prepub, prepubctl), where install.sh takes them
 build:
@@ -24,6 +24,10 @@ lint:
 bench:
 	$(CARGO) bench --bench encoder
 	$(CARGO) bench --bench distribution
+
+## fuzz: every cargo-fuzz target for FUZZ_SECONDS each (nightly toolchain + cargo-fuzz)
+fuzz:
+	FUZZ_SECONDS=$(or $(FUZZ_SECONDS),20) scripts/fuzz.sh
 
 ## run-demo: start the daemon on config/demo.yaml, publish a sample tar, check it, stop
 run-demo: build

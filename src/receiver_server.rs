@@ -538,11 +538,6 @@ async fn announce(
         .json(json!({"accepted": true, "payload_id": a.payload_id, "objects": a.objects}))
 }
 
-#[derive(Deserialize)]
-struct Inventory {
-    objects: Vec<String>,
-}
-
 async fn inventory(
     req: HttpRequest,
     repo: web::Path<String>,
@@ -552,17 +547,9 @@ async fn inventory(
     if let Some(r) = authorize(&st, &req, &repo, &body) {
         return r;
     }
-    let inv: Inventory = match serde_json::from_slice(&body) {
-        Ok(i) => i,
+    let ids = match prepub_core::receiver::parse_inventory(&body) {
+        Ok(ids) => ids,
         Err(e) => return err(actix_web::http::StatusCode::BAD_REQUEST, "bad-request", e),
-    };
-    let ids: Result<Vec<ObjectId>, _> = inv.objects.iter().map(|s| ObjectId::parse(s)).collect();
-    let Ok(ids) = ids else {
-        return err(
-            actix_web::http::StatusCode::BAD_REQUEST,
-            "bad-request",
-            "an object name is not a hash",
-        );
     };
     st.metrics.inventory.inc();
     let repo = repo.into_inner();

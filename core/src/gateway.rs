@@ -162,7 +162,8 @@ pub fn parse_pack(
     if lines.next() != Some("--") {
         return Err(bad("missing -- line"));
     }
-    let mut out = Vec::with_capacity(count);
+    // `N` comes from the client: it bounds nothing until the index lines are counted.
+    let mut out = Vec::with_capacity(count.min(text.len() / 44 + 1));
     let mut pos = header_size;
     let mut sum = 0usize;
     for line in lines {
@@ -178,18 +179,21 @@ pub fn parse_pack(
         let size: usize = size
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| bad("bad object size"))?;
-        if pos + size > body.len() {
+        // Sizes come from the client: no arithmetic on them may overflow.
+        let Some(end) = pos.checked_add(size).filter(|e| *e <= body.len()) else {
             return Err(PackError::Length {
                 got: body.len() - header_size,
                 want: total,
             });
-        }
-        if Digest20(Sha1::digest(&body[pos..pos + size]).into()) != id.digest {
+        };
+        if Digest20(Sha1::digest(&body[pos..end]).into()) != id.digest {
             return Err(PackError::ObjectHash(id.to_string()));
         }
-        out.push((id, pos..pos + size));
-        pos += size;
-        sum += size;
+        out.push((id, pos..end));
+        pos = end;
+        sum = sum
+            .checked_add(size)
+            .ok_or_else(|| bad("object sizes overflow"))?;
     }
     if out.len() != count {
         return Err(bad("N does not match the number of index lines"));
@@ -332,6 +336,29 @@ mod tests {
             parse_pack(&empty.header, empty.header.len(), &empty.digest).unwrap(),
             vec![]
         );
+    }
+
+    #[test]
+    fn hostile_counts_and_sizes_are_errors_not_panics() {
+        // Found by fuzzing (fuzz/regressions/object_pack): a huge N made the index allocation
+        // overflow; huge sizes must not overflow the offset arithmetic either.
+        let h = |text: &str| {
+            let header = text.as_bytes().to_vec();
+            let digest = Digest20(Sha1::digest(&header).into()).hex();
+            (header, digest)
+        };
+        let (header, digest) = h("V2\nS3\nN18446744073709551615\n--\n");
+        assert!(parse_pack(&header, header.len(), &digest).is_err());
+        let id = Digest20(Sha1::digest(b"abc").into()).hex();
+        let (mut body, digest) = h(&format!(
+            "V2\nS3\nN2\n--\nC {id} 3\nC {id} 18446744073709551615\n"
+        ));
+        let n = body.len();
+        body.extend_from_slice(b"abc");
+        assert!(matches!(
+            parse_pack(&body, n, &digest),
+            Err(PackError::Length { .. })
+        ));
     }
 
     #[test]

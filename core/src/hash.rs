@@ -158,6 +158,11 @@ impl ObjectId {
         if s.contains('-') {
             return Err(HashError::UnsupportedAlgorithm(s.to_string()));
         }
+        // Names are ASCII; anything else would also make the byte slicing below split a
+        // character (found by fuzzing: fuzz/regressions/object_pack).
+        if !s.is_ascii() {
+            return Err(HashError::NotHex(s.to_string()));
+        }
         match s.len() {
             40 => Ok(ObjectId::new(Digest20::from_hex(s)?, Suffix::None)),
             41 => {
@@ -280,6 +285,10 @@ mod tests {
 
     #[test]
     fn parse_rejects_other_algorithms_and_garbage() {
+        // A character spanning bytes 39..41 (41 bytes in all): an error, not a panic.
+        let s = format!("{}\u{51b}", "a".repeat(39));
+        assert_eq!(s.len(), 41);
+        assert!(matches!(ObjectId::parse(&s), Err(HashError::NotHex(_))));
         assert!(matches!(
             ObjectId::parse("28d94b83b7229b331fc601362b8e272e02665122-shake128"),
             Err(HashError::UnsupportedAlgorithm(_))

@@ -141,6 +141,12 @@ impl Manifest {
             v.parse::<i64>()
                 .map_err(|_| ManifestError::Malformed(format!("key {k}: '{v}' is not a number")))
         };
+        // Sizes, revisions and TTLs are never negative (a cast would wrap them around).
+        let unum = |k: char, v: &str| -> Result<u64, ManifestError> {
+            v.parse::<u64>().map_err(|_| {
+                ManifestError::Malformed(format!("key {k}: '{v}' is not a non-negative number"))
+            })
+        };
         let r = need('R')?;
         if r != ROOT_PATH_MD5 {
             return Err(ManifestError::Malformed(format!(
@@ -150,9 +156,10 @@ impl Manifest {
         let m = Manifest {
             root_catalog: obj('C', Suffix::Catalog)?
                 .ok_or_else(|| ManifestError::Malformed("missing key C".into()))?,
-            root_size: kv.get(&'B').map(|v| num('B', v)).transpose()?.unwrap_or(0) as u64,
-            ttl: num('D', &need('D')?)?,
-            revision: num('S', &need('S')?)? as u64,
+            root_size: kv.get(&'B').map(|v| unum('B', v)).transpose()?.unwrap_or(0),
+            ttl: i64::try_from(unum('D', &need('D')?)?)
+                .map_err(|_| ManifestError::Malformed("key D: TTL out of range".into()))?,
+            revision: unum('S', &need('S')?)?,
             garbage_collectable: kv.get(&'G').map(|v| v == "yes").unwrap_or(false),
             alt_paths: kv.get(&'A').map(|v| v == "yes").unwrap_or(false),
             name: kv.get(&'N').cloned().unwrap_or_default(),
@@ -317,6 +324,28 @@ mod tests {
         let (parsed, block) = Manifest::parse(body.as_bytes()).unwrap();
         assert!(block.is_none());
         assert_eq!(parsed, m);
+    }
+
+    #[test]
+    fn negative_sizes_revisions_and_ttls_are_refused() {
+        // Found by fuzzing (fuzz/regressions/manifest_whitelist): `B-7344` parsed and wrapped
+        // around to a huge size that did not survive a round trip.
+        let body = sample().body();
+        for (key, bad) in [('B', "B-7344"), ('S', "S-1"), ('D', "D-240")] {
+            let text: String = body
+                .lines()
+                .map(|l| {
+                    if l.starts_with(key) {
+                        bad.to_string()
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let e = Manifest::parse(text.as_bytes()).unwrap_err();
+            assert!(e.to_string().contains("non-negative"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -151,6 +151,20 @@ impl Receiver {
     }
 }
 
+/// The body of an inventory request (`{"objects": ["<hash>[suffix]", …]}`): the object names,
+/// or why the body is refused.
+pub fn parse_inventory(body: &[u8]) -> Result<Vec<ObjectId>, String> {
+    #[derive(serde::Deserialize)]
+    struct Inventory {
+        objects: Vec<String>,
+    }
+    let inv: Inventory = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    inv.objects
+        .iter()
+        .map(|s| ObjectId::parse(s).map_err(|_| "an object name is not a hash".to_string()))
+        .collect()
+}
+
 /// The string a receiver request signature covers: method, path, SHA-256 of the body (hex), the
 /// timestamp and a per-request nonce (which makes every request unique, so a replay within the
 /// time window is recognised), one per line.
