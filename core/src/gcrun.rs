@@ -61,6 +61,9 @@ pub struct GcRun {
     /// UNIX seconds.
     pub created: i64,
     pub updated: i64,
+    /// UNIX milliseconds of the creation: orders runs made within one second.
+    #[serde(default)]
+    pub created_ms: i64,
     /// Why the run failed or was aborted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -83,7 +86,9 @@ pub struct GcRun {
 }
 
 impl GcRun {
-    pub fn new(id: String, repo: &str, trigger: &str, dry_run: bool, now: i64) -> GcRun {
+    /// A new run, created at `now_ms` (UNIX milliseconds).
+    pub fn new(id: String, repo: &str, trigger: &str, dry_run: bool, now_ms: i64) -> GcRun {
+        let now = now_ms.div_euclid(1000);
         GcRun {
             id,
             repo: repo.to_string(),
@@ -92,6 +97,7 @@ impl GcRun {
             state: RunState::Scheduled,
             created: now,
             updated: now,
+            created_ms: now_ms,
             reason: None,
             history: vec![(RunState::Scheduled, now)],
             removals: Vec::new(),
@@ -160,7 +166,9 @@ impl RunJournal {
             })
             .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
             .collect();
-        out.sort_by(|a: &GcRun, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+        out.sort_by(|a: &GcRun, b| {
+            (a.created, a.created_ms, &a.id).cmp(&(b.created, b.created_ms, &b.id))
+        });
         out
     }
 
@@ -199,10 +207,10 @@ mod tests {
     fn runs_survive_reopening_and_unfinished_ones_are_found() {
         let d = tempfile::tempdir().unwrap();
         let j = RunJournal::open(d.path()).unwrap();
-        let mut a = GcRun::new("a".into(), "r.example.org", "api", false, 100);
+        let mut a = GcRun::new("a".into(), "r.example.org", "api", false, 100_000);
         a.enter(RunState::Scanning, 101);
         j.save(&a).unwrap();
-        let mut b = GcRun::new("b".into(), "r.example.org", "schedule", true, 200);
+        let mut b = GcRun::new("b".into(), "r.example.org", "schedule", true, 200_000);
         b.enter(RunState::Complete, 201);
         j.save(&b).unwrap();
         let j = RunJournal::open(d.path()).unwrap();
@@ -215,19 +223,32 @@ mod tests {
     }
 
     #[test]
+    fn runs_of_the_same_second_keep_their_order() {
+        let d = tempfile::tempdir().unwrap();
+        let j = RunJournal::open(d.path()).unwrap();
+        // Ids sort the other way round; creation decides.
+        for (id, ms) in [("z-first", 5_000_100), ("a-second", 5_000_900)] {
+            j.save(&GcRun::new(id.into(), "x", "api", false, ms))
+                .unwrap();
+        }
+        let ids: Vec<String> = j.list().into_iter().map(|r| r.id).collect();
+        assert_eq!(ids, vec!["z-first", "a-second"]);
+    }
+
+    #[test]
     fn finished_runs_are_pruned_per_repository() {
         let d = tempfile::tempdir().unwrap();
         let mut j = RunJournal::open(d.path()).unwrap();
         j.keep = 2;
-        let mut open = GcRun::new("open".into(), "x", "api", false, 1);
+        let mut open = GcRun::new("open".into(), "x", "api", false, 1_000);
         open.enter(RunState::Reaping, 2);
         j.save(&open).unwrap();
         for i in 0..4 {
-            let mut r = GcRun::new(format!("r{i}"), "x", "api", false, 10 + i);
+            let mut r = GcRun::new(format!("r{i}"), "x", "api", false, (10 + i) * 1000);
             r.enter(RunState::Complete, 20 + i);
             j.save(&r).unwrap();
         }
-        let mut other = GcRun::new("o".into(), "y", "api", false, 5);
+        let mut other = GcRun::new("o".into(), "y", "api", false, 5_000);
         other.enter(RunState::Failed, 6);
         j.save(&other).unwrap();
         let ids: Vec<String> = j.list().into_iter().map(|r| r.id).collect();

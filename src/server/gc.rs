@@ -239,7 +239,7 @@ pub async fn run_gc(
             Trigger::Schedule => "schedule",
         },
         g.dry_run,
-        now(),
+        prepub_core::jobs::now_ms(),
     );
     let abort = match st.gc_active.claim(&repo, &run.id) {
         Ok(f) => f,
