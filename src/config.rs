@@ -403,6 +403,14 @@ pub struct PipelineFile {
     pub retry_backoff: String,
     #[serde(default)]
     pub limits: LimitsFile,
+    /// Keep a raw-content index per repository (`<spool>/rawindex/<repo>.db`): content encoded
+    /// before skips compression.
+    #[serde(default = "default_true")]
+    pub raw_index: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for PipelineFile {
@@ -415,6 +423,7 @@ impl Default for PipelineFile {
             max_attempts: default_attempts(),
             retry_backoff: default_backoff(),
             limits: LimitsFile::default(),
+            raw_index: true,
         }
     }
 }
@@ -773,6 +782,7 @@ pub struct Config {
     pub log_json: bool,
     pub workers: usize,
     pub upload_concurrency: usize,
+    pub raw_index: bool,
     pub params: EncodeParams,
     pub limits: IntakeLimits,
     pub max_attempts: u32,
@@ -1211,6 +1221,7 @@ impl FileConfig {
             log_json,
             workers: p.workers,
             upload_concurrency: p.upload_concurrency,
+            raw_index: p.raw_index,
             params: EncodeParams {
                 chunking,
                 compression,

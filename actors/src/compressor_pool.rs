@@ -158,6 +158,10 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
             progress: t.progress.clone(),
         };
         let now = prepub_core::timefmt::now();
+        let cas = prepub_core::intake::IndexedCas {
+            cas,
+            index: t.target.raw_index.clone(),
+        };
         read_tar_parallel(watched, t.top_level, &t.params, &t.limits, cas, pipeline, now).map_err(|e| {
             if t.abort.load(Ordering::Relaxed) {
                 return ProcessError {

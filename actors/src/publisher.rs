@@ -34,6 +34,8 @@ pub struct RepoTarget {
     pub keys_dir: PathBuf,
     /// The S3 store (`cas.type: s3`), shared so its known-object cache serves every job.
     pub s3: Option<Arc<crate::s3_cas::S3Cas>>,
+    /// The storage's raw-content index (`pipeline.raw_index`).
+    pub raw_index: Option<Arc<prepub_core::rawindex::RawIndex>>,
 }
 
 impl std::fmt::Debug for RepoTarget {

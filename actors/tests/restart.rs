@@ -53,6 +53,7 @@ async fn job_manager_restarts_from_the_journal() {
         storage: storage.clone(),
         keys_dir,
         s3: None,
+        raw_index: None,
     };
     let publisher = Publisher::new(vec![target.clone()]).start();
     let settings = Arc::new(Settings {

@@ -219,6 +219,18 @@ pub fn read_tar<R: Read>(
     read_tar_with(input, top_level, limits, &mut sink, now)
 }
 
+/// A CAS with, optionally, its raw-content index (content encoded before skips compression).
+pub struct IndexedCas {
+    pub cas: Arc<dyn Cas>,
+    pub index: Option<Arc<crate::rawindex::RawIndex>>,
+}
+
+impl From<Arc<dyn Cas>> for IndexedCas {
+    fn from(cas: Arc<dyn Cas>) -> IndexedCas {
+        IndexedCas { cas, index: None }
+    }
+}
+
 /// Like [`read_tar`], but file contents are compressed, hashed and stored on `pipeline`'s
 /// threads while the archive is still being read (one reader, many encoders).
 pub fn read_tar_parallel<R: Read>(
@@ -226,13 +238,15 @@ pub fn read_tar_parallel<R: Read>(
     top_level: bool,
     params: &EncodeParams,
     limits: &IntakeLimits,
-    cas: Arc<dyn Cas>,
+    cas: impl Into<IndexedCas>,
     pipeline: &Pipeline,
     now: i64,
 ) -> Result<ChangeSet, IntakeError> {
     let (tx, rx) = crossbeam_channel::unbounded();
+    let IndexedCas { cas, index } = cas.into();
     let mut sink = ParallelSink {
         cas,
+        index,
         params: *params,
         pipeline,
         tx: Some(tx),
@@ -586,6 +600,7 @@ struct PendingFile {
 /// chunks cut here (cheap) and compressed there (expensive).
 struct ParallelSink<'a> {
     cas: Arc<dyn Cas>,
+    index: Option<Arc<crate::rawindex::RawIndex>>,
     params: EncodeParams,
     pipeline: &'a Pipeline,
     /// Dropped in `finish`, so a task whose reply was lost ends the wait instead of hanging it.
@@ -609,6 +624,7 @@ impl ParallelSink<'_> {
                 suffix,
                 compression: self.params.compression,
                 cas: self.cas.clone(),
+                index: self.index.clone(),
                 reply: tx.clone(),
             });
         }

@@ -26,6 +26,7 @@ pub mod manifest;
 pub mod merge;
 pub mod object;
 pub mod pipeline;
+pub mod rawindex;
 pub mod receiver;
 pub mod repo;
 pub mod spool;

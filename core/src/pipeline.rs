@@ -18,6 +18,7 @@ use sha1::{Digest, Sha1};
 use crate::cas::{Cas, CasError, PutOutcome};
 use crate::hash::{Digest20, ObjectId, Suffix};
 use crate::object::{zlib_compress, Compression};
+use crate::rawindex::{RawIndex, RawKey};
 
 /// One object's bytes to encode and store.
 pub struct Task {
@@ -26,6 +27,8 @@ pub struct Task {
     pub suffix: Suffix,
     pub compression: Compression,
     pub cas: Arc<dyn Cas>,
+    /// The CAS's raw-content index: content encoded before is not compressed again.
+    pub index: Option<Arc<RawIndex>>,
     pub reply: Sender<Encoded>,
 }
 
@@ -42,6 +45,8 @@ struct Put {
     bytes: Vec<u8>,
     raw_len: usize,
     cas: Arc<dyn Cas>,
+    /// Where to record the encoding once stored.
+    index: Option<(Arc<RawIndex>, RawKey)>,
     reply: Sender<Encoded>,
 }
 
@@ -133,6 +138,9 @@ impl StorePool {
                                 stats.errors.fetch_add(1, Relaxed);
                             }
                         }
+                        if let (Ok((id, n, _)), Some((ix, key))) = (&result, &p.index) {
+                            ix.record(key, id, *n);
+                        }
                         budget.release(p.raw_len);
                         let _ = p.reply.send(Encoded { tag: p.tag, result });
                     }
@@ -190,10 +198,26 @@ impl Pipeline {
         for i in 0..cpu_workers {
             let rx: Receiver<Task> = cpu_rx.clone();
             let io_tx = store.tx.clone();
+            let budget = store.budget.clone();
             let _ = thread::Builder::new()
                 .name(format!("cpu-{i}"))
                 .spawn(move || {
                     while let Ok(t) = rx.recv() {
+                        // Content encoded before, still stored: one SHA-1 pass, no zlib, no put.
+                        let key = t
+                            .index
+                            .as_ref()
+                            .map(|_| RawKey::of(&t.data, t.compression, t.suffix));
+                        if let (Some(ix), Some(k)) = (&t.index, &key) {
+                            if let Some((id, stored)) = ix.lookup(k, t.cas.as_ref()) {
+                                budget.release(t.data.len());
+                                let _ = t.reply.send(Encoded {
+                                    tag: t.tag,
+                                    result: Ok((id, stored, PutOutcome::AlreadyPresent)),
+                                });
+                                continue;
+                            }
+                        }
                         // A panic must not swallow the reply: the submitter would wait forever.
                         let Ok(bytes) = std::panic::catch_unwind(|| encode(&t.data, t.compression))
                         else {
@@ -214,6 +238,7 @@ impl Pipeline {
                             bytes,
                             raw_len: t.data.len(),
                             cas: t.cas,
+                            index: t.index.zip(key),
                             reply: t.reply,
                         };
                         if io_tx.send(put).is_err() {
@@ -271,6 +296,7 @@ mod tests {
                 suffix: Suffix::None,
                 compression: Compression::Zlib(6),
                 cas: cas.clone(),
+                index: None,
                 reply: tx.clone(),
             });
         }

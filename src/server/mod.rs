@@ -303,16 +303,29 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
         let pool = CompressorPool::new(cfg.workers, &store);
         info!(log, "compressor pool started"; "actor" => "CompressorPool", "workers" => pool.workers());
         let pool = pool.start();
-        let targets: Vec<RepoTarget> = cfg
-            .repos
-            .values()
-            .map(|r| RepoTarget {
+        let mut targets: Vec<RepoTarget> = Vec::new();
+        for r in cfg.repos.values() {
+            // The raw-content index lives in the spool, outside the served storage.
+            let raw_index = if cfg.raw_index {
+                let p = cfg.spool_root.join("rawindex").join(format!("{}.db", r.name));
+                match prepub_core::rawindex::RawIndex::open(&p) {
+                    Ok(ix) => Some(Arc::new(ix)),
+                    Err(e) => {
+                        warn!(log, "raw-content index unavailable; every file is compressed"; "repo" => &r.name, "reason" => e);
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            targets.push(RepoTarget {
                 name: r.name.clone(),
                 storage: r.storage.clone(),
                 keys_dir: r.keys_dir.clone(),
                 s3: s3_stores.get(&r.name).cloned(),
-            })
-            .collect();
+                raw_index,
+            });
+        }
         for t in &targets {
             if matches!(cfg.publish, PublishMode::Standalone) && t.s3.is_none() && !t.storage.join(".cvmfspublished").is_file() {
                 warn!(log, "repository storage holds no repository yet (run cvmfs-prepub repo init)"; "repo" => &t.name, "storage" => %t.storage.display());

@@ -1,0 +1,241 @@
+//! The raw-content index of one CAS: a persistent map from (SHA-1 of an object's uncompressed
+//! bytes, their length, the compression, the object suffix) to the stored object's name and
+//! size. A file (or chunk) whose content was encoded before skips compression: one SHA-1 pass
+//! over the raw bytes and one existence check in the CAS replace zlib and the store.
+//!
+//! The index is only a hint: an entry is trusted only after the CAS confirms the object exists
+//! with the recorded stored size (an entry whose object is gone — deleted by garbage collection,
+//! say — or differs is dropped), so it can never name an object that does not exist. It lives outside the served storage (the daemon
+//! keeps `<spool>/rawindex/<repo>.db`); a missing or unreadable index is started afresh and
+//! fills again as content is encoded.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::cas::Cas;
+use crate::hash::{Digest20, ObjectId, Suffix};
+use crate::object::Compression;
+
+/// What identifies an encoding of raw bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawKey {
+    pub raw: Digest20,
+    pub len: u64,
+    pub compression: Compression,
+    pub suffix: Suffix,
+}
+
+impl RawKey {
+    /// The key of `data` encoded with `compression` under `suffix`.
+    pub fn of(data: &[u8], compression: Compression, suffix: Suffix) -> RawKey {
+        RawKey {
+            raw: Digest20::of(data),
+            len: data.len() as u64,
+            compression,
+            suffix,
+        }
+    }
+
+    fn comp(&self) -> String {
+        match self.compression {
+            Compression::Zlib(l) => format!("zlib{l}"),
+            Compression::None => "none".into(),
+        }
+    }
+
+    fn suffix(&self) -> String {
+        self.suffix.as_char().map(String::from).unwrap_or_default()
+    }
+}
+
+/// The index; safe to share between encoder threads.
+pub struct RawIndex {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+fn open_db(path: &Path) -> rusqlite::Result<Connection> {
+    let c = Connection::open(path)?;
+    c.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;
+         CREATE TABLE IF NOT EXISTS raw (
+             raw TEXT NOT NULL, len INTEGER NOT NULL, comp TEXT NOT NULL, suffix TEXT NOT NULL,
+             object TEXT NOT NULL, stored INTEGER NOT NULL,
+             PRIMARY KEY (raw, len, comp, suffix)) WITHOUT ROWID;",
+    )?;
+    // A file that is not an index of ours fails here rather than at the first lookup.
+    c.query_row("SELECT COUNT(*) FROM raw WHERE 0", [], |r| {
+        r.get::<_, i64>(0)
+    })?;
+    Ok(c)
+}
+
+impl RawIndex {
+    /// Opens the index at `path`, creating it; one that cannot be read is replaced by an empty
+    /// one (it is only a hint).
+    pub fn open(path: &Path) -> Result<RawIndex, String> {
+        if let Some(d) = path.parent() {
+            std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        }
+        let conn = match open_db(path) {
+            Ok(c) => c,
+            Err(_) => {
+                for ext in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{ext}", path.display()));
+                }
+                open_db(path).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+        };
+        Ok(RawIndex {
+            conn: Mutex::new(conn),
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn get(&self, k: &RawKey) -> Option<(ObjectId, u64)> {
+        let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let row: Option<(String, i64)> = c
+            .prepare_cached(
+                "SELECT object, stored FROM raw WHERE raw = ?1 AND len = ?2 AND comp = ?3 AND suffix = ?4",
+            )
+            .and_then(|mut st| {
+                st.query_row(
+                    params![k.raw.hex(), k.len as i64, k.comp(), k.suffix()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+            })
+            .ok()
+            .flatten();
+        let (object, stored) = row?;
+        let id = ObjectId::parse(&object).ok()?;
+        // An entry of another suffix cannot answer (the key includes it; this guards the row).
+        (id.suffix == k.suffix).then_some((id, stored.max(0) as u64))
+    }
+
+    /// The object that `k` was encoded to, if the index knows it and `cas` still holds it with
+    /// the recorded size; an entry whose object is gone (or differs) is dropped.
+    pub fn lookup(&self, k: &RawKey, cas: &dyn Cas) -> Option<(ObjectId, u64)> {
+        let (id, stored) = self.get(k)?;
+        match cas.size(&id) {
+            Ok(n) if n == stored => Some((id, stored)),
+            Ok(_) | Err(crate::cas::CasError::NotFound(_)) => {
+                self.forget(k);
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// Records that `k` is stored as `id` (`stored` bytes). Failures are ignored: the index is
+    /// a hint, and the next encoding records it again.
+    pub fn record(&self, k: &RawKey, id: &ObjectId, stored: u64) {
+        let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = c
+            .prepare_cached(
+                "INSERT OR REPLACE INTO raw (raw, len, comp, suffix, object, stored) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )
+            .and_then(|mut st| {
+                st.execute(params![
+                    k.raw.hex(),
+                    k.len as i64,
+                    k.comp(),
+                    k.suffix(),
+                    id.to_string(),
+                    stored as i64
+                ])
+            });
+    }
+
+    fn forget(&self, k: &RawKey) {
+        let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = c.execute(
+            "DELETE FROM raw WHERE raw = ?1 AND len = ?2 AND comp = ?3 AND suffix = ?4",
+            params![k.raw.hex(), k.len as i64, k.comp(), k.suffix()],
+        );
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> u64 {
+        let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        c.query_row("SELECT COUNT(*) FROM raw", [], |r| r.get::<_, i64>(0))
+            .map(|n| n.max(0) as u64)
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cas::LocalCas;
+    use crate::object::compress_metadata;
+
+    #[test]
+    fn answers_only_for_stored_objects_and_the_exact_encoding() {
+        let d = tempfile::tempdir().unwrap();
+        let cas = LocalCas::create(&d.path().join("cas")).unwrap();
+        let ix = RawIndex::open(&d.path().join("ix/raw.db")).unwrap();
+        let data = b"some file content".repeat(10);
+        let k = RawKey::of(&data, Compression::Zlib(6), Suffix::None);
+        assert_eq!(ix.lookup(&k, &cas), None);
+        let (id, bytes) = compress_metadata(&data, Suffix::None);
+        // Recorded but not stored: never trusted, and dropped.
+        ix.record(&k, &id, bytes.len() as u64);
+        assert_eq!(ix.lookup(&k, &cas), None);
+        assert_eq!(ix.len(), 0);
+        cas.put_bytes(&id, &bytes).unwrap();
+        ix.record(&k, &id, bytes.len() as u64);
+        assert_eq!(ix.lookup(&k, &cas), Some((id, bytes.len() as u64)));
+        // Another compression, suffix or length is another key.
+        for other in [
+            RawKey {
+                compression: Compression::Zlib(9),
+                ..k
+            },
+            RawKey {
+                compression: Compression::None,
+                ..k
+            },
+            RawKey {
+                suffix: Suffix::Partial,
+                ..k
+            },
+            RawKey {
+                len: k.len + 1,
+                ..k
+            },
+        ] {
+            assert_eq!(ix.lookup(&other, &cas), None);
+        }
+        // A recorded size that the stored object does not have: not trusted, dropped.
+        ix.record(&k, &id, bytes.len() as u64 + 1);
+        assert_eq!(ix.lookup(&k, &cas), None);
+        ix.record(&k, &id, bytes.len() as u64);
+        // Persistent; a deleted object is forgotten.
+        drop(ix);
+        let ix = RawIndex::open(&d.path().join("ix/raw.db")).unwrap();
+        assert_eq!(ix.lookup(&k, &cas).map(|x| x.0), Some(id));
+        cas.delete(&id).unwrap();
+        assert_eq!(ix.lookup(&k, &cas), None);
+        assert!(ix.is_empty());
+    }
+
+    #[test]
+    fn an_unreadable_index_is_started_afresh() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("raw.db");
+        std::fs::write(&p, b"this is not a database, and not an index either").unwrap();
+        let ix = RawIndex::open(&p).unwrap();
+        assert!(ix.is_empty());
+    }
+}
