@@ -146,52 +146,14 @@ impl Client {
         )
     }
 
-    pub fn gc_plan(&self, repo: &str) -> anyhow::Result<serde_json::Value> {
-        Self::decode(
-            self.req(reqwest::Method::GET, &format!("/api/v1/gc/{repo}/plan"))
-                .send()?,
-        )
-    }
-
-    pub fn gc_run(&self, repo: &str) -> anyhow::Result<serde_json::Value> {
-        Self::decode(
-            self.req(reqwest::Method::POST, &format!("/api/v1/gc/{repo}/run"))
-                .send()?,
-        )
-    }
-
-    pub fn gc_abort(&self, repo: &str) -> anyhow::Result<serde_json::Value> {
-        Self::decode(
-            self.req(reqwest::Method::POST, &format!("/api/v1/gc/{repo}/abort"))
-                .send()?,
-        )
-    }
-
-    pub fn gc_status(&self, repo: &str) -> anyhow::Result<serde_json::Value> {
-        Self::decode(
-            self.req(reqwest::Method::GET, &format!("/api/v1/gc/{repo}/status"))
-                .send()?,
-        )
-    }
-
-    pub fn gc_lifecycle(&self, repo: &str) -> anyhow::Result<serde_json::Value> {
-        Self::decode(
-            self.req(
-                reqwest::Method::POST,
-                &format!("/api/v1/gc/{repo}/lifecycle"),
-            )
-            .send()?,
-        )
-    }
-
-    pub fn gc_tombstones(&self, repo: &str) -> anyhow::Result<serde_json::Value> {
-        Self::decode(
-            self.req(
-                reqwest::Method::GET,
-                &format!("/api/v1/gc/{repo}/tombstones"),
-            )
-            .send()?,
-        )
+    /// A garbage-collection operation of `repo`: `plan`, `status`, `tombstones` (GET) or `run`,
+    /// `abort`, `lifecycle` (POST).
+    pub fn gc(&self, repo: &str, action: &str) -> anyhow::Result<serde_json::Value> {
+        let m = match action {
+            "plan" | "status" | "tombstones" => reqwest::Method::GET,
+            _ => reqwest::Method::POST,
+        };
+        Self::decode(self.req(m, &format!("/api/v1/gc/{repo}/{action}")).send()?)
     }
 
     pub fn status(&self) -> anyhow::Result<Status> {

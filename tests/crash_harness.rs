@@ -204,6 +204,31 @@ fn check_round(
     totals.rounds += 1;
 }
 
+/// Starts the daemon with `env` and a crash at `point`, submits a round, waits for the crash,
+/// restarts it with `env` and checks the round.
+fn crash_round(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+    point: &str,
+    round: usize,
+    all: &mut HashSet<String>,
+    totals: &mut Totals,
+) {
+    let mut crashing = env.to_vec();
+    crashing.push(("CVMFS_PREPUB_TEST_CRASH", point));
+    let mut d = Daemon::start(dir, &crashing);
+    let accepted = submit_round(&d, round);
+    assert!(
+        d.wait_exit(90),
+        "round {round}: the daemon did not stop at {point}; log:\n{}",
+        d.log_text()
+    );
+    totals.kills += 1;
+    drop(d);
+    let d = Daemon::start(dir, env);
+    check_round(&d, dir, &accepted, round, all, totals, point);
+}
+
 #[test]
 fn jobs_survive_kills_at_every_step_and_at_random() {
     let dir = tempfile::tempdir().unwrap();
@@ -226,25 +251,7 @@ fn jobs_survive_kills_at_every_step_and_at_random() {
     let mut round = 0;
     for point in points {
         round += 1;
-        let mut d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_CRASH", point)]);
-        let accepted = submit_round(&d, round);
-        assert!(
-            d.wait_exit(60),
-            "round {round}: the daemon did not stop at {point}; log:\n{}",
-            d.log_text()
-        );
-        totals.kills += 1;
-        drop(d);
-        let d = Daemon::start(dir.path(), &[]);
-        check_round(
-            &d,
-            dir.path(),
-            &accepted,
-            round,
-            &mut all,
-            &mut totals,
-            point,
-        );
+        crash_round(dir.path(), &[], point, round, &mut all, &mut totals);
     }
     // Random moments: a SIGKILL some milliseconds into the round.
     let random_rounds: usize = std::env::var("PREPUB_CRASH_ROUNDS")
@@ -351,22 +358,16 @@ fn gateway_mode_with_receivers_survives_kills_of_the_daemon_the_gateway_and_a_re
     .unwrap();
     let mut gw = Some(GatewayDouble::start(dir.path(), &[], None));
     let gw_port = gw.as_ref().unwrap().port;
-    let env = |crash: Option<&'static str>| {
-        let mut e = vec![
-            ("PREPUB_RECEIVER_SECRET", RSECRET),
-            ("CVMFS_GATEWAY_SECRET", GATEWAY_SECRET),
-        ];
-        if let Some(p) = crash {
-            e.push(("CVMFS_PREPUB_TEST_CRASH", p));
-        }
-        e
-    };
+    let env = [
+        ("PREPUB_RECEIVER_SECRET", RSECRET),
+        ("CVMFS_GATEWAY_SECRET", GATEWAY_SECRET),
+    ];
     // Writes the gateway settings into the config once; later starts reuse them.
     drop(gateway_daemon(
         dir.path(),
         gw.as_ref().unwrap(),
         "  lease_ttl: 20s\n",
-        &env(None),
+        &env,
     ));
     let mut totals = Totals::default();
     let mut all = HashSet::new();
@@ -382,25 +383,7 @@ fn gateway_mode_with_receivers_survives_kills_of_the_daemon_the_gateway_and_a_re
     for point in points {
         round += 1;
         let t0 = Instant::now();
-        let mut d = Daemon::start(dir.path(), &env(Some(point)));
-        let accepted = submit_round(&d, round);
-        assert!(
-            d.wait_exit(90),
-            "round {round}: no stop at {point}\n{}",
-            d.log_text()
-        );
-        totals.kills += 1;
-        drop(d);
-        let d = Daemon::start(dir.path(), &env(None));
-        check_round(
-            &d,
-            dir.path(),
-            &accepted,
-            round,
-            &mut all,
-            &mut totals,
-            point,
-        );
+        crash_round(dir.path(), &env, point, round, &mut all, &mut totals);
         eprintln!("round {round} ({point}) done after {:?}", t0.elapsed());
     }
     // The gateway double killed mid-round and back a second later on the same port; then a
@@ -409,7 +392,7 @@ fn gateway_mode_with_receivers_survives_kills_of_the_daemon_the_gateway_and_a_re
     for victim in ["gateway", "receiver"] {
         round += 1;
         let t0 = Instant::now();
-        let d = Daemon::start(dir.path(), &env(None));
+        let d = Daemon::start(dir.path(), &env);
         let accepted = submit_round(&d, round);
         std::thread::sleep(Duration::from_millis(50));
         match victim {

@@ -466,14 +466,15 @@ fn run(cli: Cli) -> Result<(), Fail> {
             }
         }
         Cmd::Gc(g) => {
-            let (v, what) = match g {
-                GcCmd::Plan { repo } => (c.gc_plan(&repo)?, "plan"),
-                GcCmd::Run { repo } => (c.gc_run(&repo)?, "run"),
-                GcCmd::Tombstones { repo } => (c.gc_tombstones(&repo)?, "tombstones"),
-                GcCmd::Lifecycle { repo } => (c.gc_lifecycle(&repo)?, "lifecycle"),
-                GcCmd::Status { repo } => (c.gc_status(&repo)?, "status"),
-                GcCmd::Abort { repo } => (c.gc_abort(&repo)?, "abort"),
+            let (repo, what) = match g {
+                GcCmd::Plan { repo } => (repo, "plan"),
+                GcCmd::Run { repo } => (repo, "run"),
+                GcCmd::Tombstones { repo } => (repo, "tombstones"),
+                GcCmd::Lifecycle { repo } => (repo, "lifecycle"),
+                GcCmd::Status { repo } => (repo, "status"),
+                GcCmd::Abort { repo } => (repo, "abort"),
             };
+            let v = c.gc(&repo, what)?;
             if what == "abort" && !json {
                 println!("run {} is being aborted", v["run"].as_str().unwrap_or("?"));
                 return Ok(());
