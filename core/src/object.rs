@@ -17,7 +17,7 @@ use crate::chunker::{ChunkParams, Xor32Detector};
 use crate::hash::{Digest20, ObjectId, Suffix};
 
 /// How data objects are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Compression {
     /// zlib at the given level (1–9; upstream uses 6, `Z_DEFAULT_COMPRESSION`).
     Zlib(u32),

@@ -9,6 +9,7 @@
 //! job (the daemon's `CasWriter` actor owns it). Memory is bounded by a byte budget that the submitter
 //! acquires before handing bytes over and that is released once the object is stored.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
@@ -47,8 +48,65 @@ struct Put {
     cas: Arc<dyn Cas>,
     /// Where to record the encoding once stored.
     index: Option<(Arc<RawIndex>, RawKey)>,
+    /// The in-flight entry that later tasks of the same content wait on.
+    inflight: InflightKey,
     reply: Sender<Encoded>,
 }
+
+/// Content being encoded or stored right now, per store: a second task of the same raw bytes
+/// (a duplicate file or chunk) waits for the first one's outcome instead of compressing again.
+type InflightKey = (usize, RawKey);
+
+#[derive(Default)]
+struct Inflight {
+    waiting: Mutex<HashMap<InflightKey, Vec<(usize, Sender<Encoded>)>>>,
+}
+
+impl Inflight {
+    /// Claims `key` for encoding; `false` (and the task queued as a waiter) if it is claimed.
+    fn claim(&self, key: InflightKey, tag: usize, reply: &Sender<Encoded>) -> bool {
+        let mut m = self.waiting.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get_mut(&key) {
+            Some(w) => {
+                w.push((tag, reply.clone()));
+                false
+            }
+            None => {
+                m.insert(key, Vec::new());
+                true
+            }
+        }
+    }
+
+    /// Ends `key`'s encoding and answers its waiters with the same object.
+    fn settle(&self, key: &InflightKey, result: &Result<(ObjectId, u64, PutOutcome), CasError>) {
+        let waiters = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key)
+            .unwrap_or_default();
+        for (tag, reply) in waiters {
+            let result = match result {
+                Ok((id, n, _)) => Ok((*id, *n, PutOutcome::AlreadyPresent)),
+                Err(e) => Err(CasError::Io {
+                    op: "put",
+                    path: String::new(),
+                    source: std::io::Error::other(e.to_string()),
+                }),
+            };
+            let _ = reply.send(Encoded { tag, result });
+        }
+    }
+}
+
+/// The address of a store, telling stores apart (not their vtables).
+fn store_addr(cas: &Arc<dyn Cas>) -> usize {
+    Arc::as_ptr(cas) as *const () as usize
+}
+
+/// At most this many object bytes go into one store batch.
+const BATCH_BYTES: usize = 64 << 20;
 
 /// Bytes in flight between submit and store.
 struct Budget {
@@ -92,13 +150,13 @@ pub struct StorePool {
     budget: Arc<Budget>,
     workers: usize,
     stats: Arc<StoreStats>,
+    inflight: Arc<Inflight>,
 }
 
 impl StorePool {
     /// Starts `io_workers` store threads; at most `budget_bytes` of object data may be in
     /// flight between submission and storage.
     pub fn new(io_workers: usize, budget_bytes: usize) -> StorePool {
-        use std::sync::atomic::Ordering::Relaxed;
         let io_workers = io_workers.max(1);
         let budget = Arc::new(Budget {
             used: Mutex::new(0),
@@ -106,43 +164,40 @@ impl StorePool {
             limit: budget_bytes.max(32 << 20),
         });
         let stats = Arc::new(StoreStats::default());
-        let (io_tx, io_rx) = bounded::<Put>(io_workers * 2);
+        let inflight = Arc::new(Inflight::default());
+        // Deep enough for whole batches; memory stays bounded by the byte budget.
+        let (io_tx, io_rx) = bounded::<Put>((io_workers * 2).max(1024));
         for i in 0..io_workers {
             let rx: Receiver<Put> = io_rx.clone();
             let budget = budget.clone();
             let stats = stats.clone();
+            let inflight = inflight.clone();
             let _ = thread::Builder::new()
                 .name(format!("store-{i}"))
                 .spawn(move || {
-                    while let Ok(p) = rx.recv() {
-                        let put = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            p.cas.put_bytes(&p.id, &p.bytes)
-                        }));
-                        let result = match put {
-                            Ok(r) => r.map(|o| (p.id, p.bytes.len() as u64, o)),
-                            Err(_) => Err(CasError::Io {
-                                op: "put",
-                                path: p.id.path(),
-                                source: std::io::Error::other("store thread panicked"),
-                            }),
+                    let mut carry: Option<Put> = None;
+                    loop {
+                        let first = match carry.take() {
+                            Some(p) => p,
+                            None => match rx.recv() {
+                                Ok(p) => p,
+                                Err(_) => return,
+                            },
                         };
-                        match &result {
-                            Ok((_, n, PutOutcome::Stored)) => {
-                                stats.stored.fetch_add(1, Relaxed);
-                                stats.bytes_stored.fetch_add(*n, Relaxed);
+                        // Whatever else is queued for the same store joins the batch.
+                        let hint = first.cas.batch_hint().max(1);
+                        let mut bytes = first.bytes.len();
+                        let mut batch = vec![first];
+                        while batch.len() < hint && bytes < BATCH_BYTES {
+                            let Ok(p) = rx.try_recv() else { break };
+                            if store_addr(&p.cas) != store_addr(&batch[0].cas) {
+                                carry = Some(p);
+                                break;
                             }
-                            Ok((_, _, PutOutcome::AlreadyPresent)) => {
-                                stats.already_present.fetch_add(1, Relaxed);
-                            }
-                            Err(_) => {
-                                stats.errors.fetch_add(1, Relaxed);
-                            }
+                            bytes += p.bytes.len();
+                            batch.push(p);
                         }
-                        if let (Ok((id, n, _)), Some((ix, key))) = (&result, &p.index) {
-                            ix.record(key, id, *n);
-                        }
-                        budget.release(p.raw_len);
-                        let _ = p.reply.send(Encoded { tag: p.tag, result });
+                        store_batch(batch, &stats, &budget, &inflight);
                     }
                 });
         }
@@ -151,6 +206,7 @@ impl StorePool {
             budget,
             workers: io_workers,
             stats,
+            inflight,
         }
     }
 
@@ -160,6 +216,59 @@ impl StorePool {
 
     pub fn stats(&self) -> &StoreStats {
         &self.stats
+    }
+}
+
+/// Stores one batch (objects for one store) and answers every task in it and its waiters.
+fn store_batch(batch: Vec<Put>, stats: &StoreStats, budget: &Budget, inflight: &Inflight) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let cas = batch[0].cas.clone();
+    let items: Vec<(ObjectId, &[u8])> = batch.iter().map(|p| (p.id, &p.bytes[..])).collect();
+    let outcomes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cas.put_many(&items)))
+        .ok()
+        .filter(|o| o.len() == items.len());
+    drop(items);
+    let mut outcomes = outcomes.map(|o| o.into_iter());
+    let mut recorded: Vec<(Arc<RawIndex>, Vec<(RawKey, ObjectId, u64)>)> = Vec::new();
+    let mut done = Vec::with_capacity(batch.len());
+    for p in batch {
+        let put = match outcomes.as_mut().and_then(|o| o.next()) {
+            Some(r) => r,
+            None => Err(CasError::Io {
+                op: "put",
+                path: p.id.path(),
+                source: std::io::Error::other("store thread panicked"),
+            }),
+        };
+        let result = put.map(|o| (p.id, p.bytes.len() as u64, o));
+        match &result {
+            Ok((_, n, PutOutcome::Stored)) => {
+                stats.stored.fetch_add(1, Relaxed);
+                stats.bytes_stored.fetch_add(*n, Relaxed);
+            }
+            Ok((_, _, PutOutcome::AlreadyPresent)) => {
+                stats.already_present.fetch_add(1, Relaxed);
+            }
+            Err(_) => {
+                stats.errors.fetch_add(1, Relaxed);
+            }
+        }
+        if let (Ok((id, n, _)), Some((ix, key))) = (&result, &p.index) {
+            match recorded.iter_mut().find(|(i, _)| Arc::ptr_eq(i, ix)) {
+                Some((_, v)) => v.push((*key, *id, *n)),
+                None => recorded.push((ix.clone(), vec![(*key, *id, *n)])),
+            }
+        }
+        done.push((p.tag, p.raw_len, p.inflight, p.reply, result));
+    }
+    // Recorded before anyone hears of the objects, so a repeat finds them.
+    for (ix, v) in recorded {
+        ix.record_many(&v);
+    }
+    for (tag, raw_len, key, reply, result) in done {
+        budget.release(raw_len);
+        inflight.settle(&key, &result);
+        let _ = reply.send(Encoded { tag, result });
     }
 }
 
@@ -199,17 +308,15 @@ impl Pipeline {
             let rx: Receiver<Task> = cpu_rx.clone();
             let io_tx = store.tx.clone();
             let budget = store.budget.clone();
+            let inflight = store.inflight.clone();
             let _ = thread::Builder::new()
                 .name(format!("cpu-{i}"))
                 .spawn(move || {
                     while let Ok(t) = rx.recv() {
+                        let key = RawKey::of(&t.data, t.compression, t.suffix);
                         // Content encoded before, still stored: one SHA-1 pass, no zlib, no put.
-                        let key = t
-                            .index
-                            .as_ref()
-                            .map(|_| RawKey::of(&t.data, t.compression, t.suffix));
-                        if let (Some(ix), Some(k)) = (&t.index, &key) {
-                            if let Some((id, stored)) = ix.lookup(k, t.cas.as_ref()) {
+                        if let Some(ix) = &t.index {
+                            if let Some((id, stored)) = ix.lookup(&key, t.cas.as_ref()) {
                                 budget.release(t.data.len());
                                 let _ = t.reply.send(Encoded {
                                     tag: t.tag,
@@ -218,17 +325,23 @@ impl Pipeline {
                                 continue;
                             }
                         }
+                        // The same content is being encoded right now: its outcome answers.
+                        let claim = (store_addr(&t.cas), key);
+                        if !inflight.claim(claim, t.tag, &t.reply) {
+                            budget.release(t.data.len());
+                            continue;
+                        }
                         // A panic must not swallow the reply: the submitter would wait forever.
                         let Ok(bytes) = std::panic::catch_unwind(|| encode(&t.data, t.compression))
                         else {
-                            let _ = t.reply.send(Encoded {
-                                tag: t.tag,
-                                result: Err(CasError::Io {
-                                    op: "encode",
-                                    path: String::new(),
-                                    source: std::io::Error::other("encoder panicked"),
-                                }),
+                            let result = Err(CasError::Io {
+                                op: "encode",
+                                path: String::new(),
+                                source: std::io::Error::other("encoder panicked"),
                             });
+                            budget.release(t.data.len());
+                            inflight.settle(&claim, &result);
+                            let _ = t.reply.send(Encoded { tag: t.tag, result });
                             continue;
                         };
                         let id = ObjectId::new(Digest20(Sha1::digest(&bytes).into()), t.suffix);
@@ -238,7 +351,8 @@ impl Pipeline {
                             bytes,
                             raw_len: t.data.len(),
                             cas: t.cas,
-                            index: t.index.zip(key),
+                            index: t.index.map(|ix| (ix, key)),
+                            inflight: claim,
                             reply: t.reply,
                         };
                         if io_tx.send(put).is_err() {
@@ -282,6 +396,77 @@ impl Pipeline {
 mod tests {
     use super::*;
     use crate::cas::LocalCas;
+
+    #[test]
+    fn identical_content_gets_one_object_and_every_task_its_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(dir.path()).unwrap());
+        let store = StorePool::new(4, 64 << 20);
+        let p = Pipeline::with_store(2, &store);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        // 60 tasks, 3 distinct contents, submitted back to back.
+        for i in 0..60usize {
+            p.submit(Task {
+                tag: i,
+                data: vec![(i % 3) as u8; 200_000],
+                suffix: Suffix::None,
+                compression: Compression::Zlib(6),
+                cas: cas.clone(),
+                index: None,
+                reply: tx.clone(),
+            });
+        }
+        let mut ids = std::collections::HashMap::new();
+        for _ in 0..60 {
+            let e = rx.recv().unwrap();
+            let (id, _, _) = e.result.unwrap();
+            let want = zlib_compress(&vec![(e.tag % 3) as u8; 200_000], 6);
+            assert_eq!(id.digest, Digest20::of(&want));
+            ids.insert(e.tag % 3, id);
+        }
+        assert_eq!(ids.len(), 3);
+        use std::sync::atomic::Ordering::Relaxed;
+        let st = store.stats();
+        assert_eq!(st.stored.load(Relaxed), 3);
+        assert_eq!(st.errors.load(Relaxed), 0);
+        assert_eq!(cas.list().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_second_task_of_content_in_flight_waits_for_the_first_ones_object() {
+        let inflight = Inflight::default();
+        let key = (
+            1usize,
+            RawKey::of(b"same", Compression::Zlib(6), Suffix::None),
+        );
+        let other = (2usize, key.1);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        assert!(inflight.claim(key, 0, &tx));
+        assert!(!inflight.claim(key, 1, &tx));
+        assert!(!inflight.claim(key, 2, &tx));
+        // The same bytes bound for another store are encoded on their own.
+        assert!(inflight.claim(other, 3, &tx));
+        let id = ObjectId::new(Digest20::of(b"object"), Suffix::None);
+        inflight.settle(&key, &Ok((id, 6, PutOutcome::Stored)));
+        let mut tags = Vec::new();
+        for _ in 0..2 {
+            let e = rx.try_recv().unwrap();
+            assert_eq!(e.result.unwrap(), (id, 6, PutOutcome::AlreadyPresent));
+            tags.push(e.tag);
+        }
+        tags.sort();
+        assert_eq!(tags, vec![1, 2]);
+        assert!(rx.try_recv().is_err());
+        // Settled: the next task of that content encodes again; a failure reaches waiters.
+        assert!(inflight.claim(key, 4, &tx));
+        assert!(!inflight.claim(key, 5, &tx));
+        let failed: Result<(ObjectId, u64, PutOutcome), CasError> =
+            Err(CasError::NotFound("x".into()));
+        inflight.settle(&key, &failed);
+        let e = rx.try_recv().unwrap();
+        assert_eq!(e.tag, 5);
+        assert!(e.result.unwrap_err().to_string().contains("not found"));
+    }
 
     #[test]
     fn encodes_and_stores_in_parallel_with_the_same_names() {

@@ -19,7 +19,7 @@ use crate::hash::{Digest20, ObjectId, Suffix};
 use crate::object::Compression;
 
 /// What identifies an encoding of raw bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct RawKey {
     pub raw: Digest20,
     pub len: u64,
@@ -136,21 +136,34 @@ impl RawIndex {
     /// Records that `k` is stored as `id` (`stored` bytes). Failures are ignored: the index is
     /// a hint, and the next encoding records it again.
     pub fn record(&self, k: &RawKey, id: &ObjectId, stored: u64) {
-        let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = c
-            .prepare_cached(
+        self.record_many(&[(*k, *id, stored)]);
+    }
+
+    /// Records several encodings in one transaction (a store batch).
+    pub fn record_many(&self, items: &[(RawKey, ObjectId, u64)]) {
+        if items.is_empty() {
+            return;
+        }
+        let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let Ok(tx) = c.transaction() else { return };
+        {
+            let Ok(mut st) = tx.prepare_cached(
                 "INSERT OR REPLACE INTO raw (raw, len, comp, suffix, object, stored) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )
-            .and_then(|mut st| {
-                st.execute(params![
+            ) else {
+                return;
+            };
+            for (k, id, stored) in items {
+                let _ = st.execute(params![
                     k.raw.hex(),
                     k.len as i64,
                     k.comp(),
                     k.suffix(),
                     id.to_string(),
-                    stored as i64
-                ])
-            });
+                    *stored as i64
+                ]);
+            }
+        }
+        let _ = tx.commit();
     }
 
     fn forget(&self, k: &RawKey) {

@@ -304,7 +304,8 @@ impl CatalogDb {
         );
         let found = self
             .conn
-            .query_row(&sql, params![key.0, key.1], Self::row_to_entry)
+            .prepare_cached(&sql)
+            .and_then(|mut st| st.query_row(params![key.0, key.1], Self::row_to_entry))
             .optional()
             .map_err(|e| self.err(e))?;
         match found {
@@ -480,11 +481,10 @@ impl CatalogDb {
         let key = path_key(path);
         let parent: (i64, i64) = self
             .conn
-            .query_row(
+            .prepare_cached(
                 "SELECT parent_1, parent_2 FROM catalog WHERE md5path_1 = ?1 AND md5path_2 = ?2",
-                params![key.0, key.1],
-                |r| Ok((r.get(0)?, r.get(1)?)),
             )
+            .and_then(|mut st| st.query_row(params![key.0, key.1], |r| Ok((r.get(0)?, r.get(1)?))))
             .map_err(|err| self.err(err))?;
         self.delete_key(key)?;
         self.insert_row(key, parent, e)
