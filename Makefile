@@ -20,10 +20,10 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-## bench: encoder throughput against raw zlib; Stratum 1 pushes against a local durable copy
+## bench: the benchmark harness (every performance goal against this machine's limits, written
+## to BENCHMARKS.md); BENCH_SKIP=s3,big,receivers shortens it
 bench:
-	$(CARGO) bench --bench encoder
-	$(CARGO) bench --bench distribution
+	$(CARGO) bench --bench harness
 
 ## fuzz: every cargo-fuzz target for FUZZ_SECONDS each (nightly toolchain + cargo-fuzz)
 fuzz:

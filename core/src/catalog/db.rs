@@ -749,16 +749,23 @@ impl CatalogDb {
             .map_err(|e| self.err(e))?;
         let max_rowid = max_rowid.unwrap_or(0);
         if max_rowid > 0 && (max_rowid - count) * 4 > max_rowid {
-            self.conn
-                .execute_batch(
-                    "BEGIN;
-                     CREATE TEMPORARY TABLE defrag AS SELECT * FROM catalog ORDER BY rowid;
-                     DELETE FROM catalog;
-                     INSERT INTO catalog SELECT * FROM defrag;
-                     DROP TABLE defrag;
-                     COMMIT;",
-                )
-                .map_err(|e| self.err(e))?;
+            // The chunks of chunked files reference their rows: the foreign keys are checked at
+            // COMMIT, when every row is back, not while the table is empty.
+            let rebuilt = self.conn.execute_batch(
+                "BEGIN;
+                 PRAGMA defer_foreign_keys = ON;
+                 CREATE TEMPORARY TABLE defrag AS SELECT * FROM catalog ORDER BY rowid;
+                 DELETE FROM catalog;
+                 INSERT INTO catalog SELECT * FROM defrag;
+                 DROP TABLE defrag;
+                 COMMIT;",
+            );
+            if let Err(e) = rebuilt {
+                if !self.conn.is_autocommit() {
+                    let _ = self.conn.execute_batch("ROLLBACK");
+                }
+                return Err(self.err(e));
+            }
         }
         let (pages, free): (i64, i64) = self
             .conn
@@ -830,6 +837,48 @@ mod tests {
             })
             .unwrap();
         assert_eq!(parent, (0, 0));
+    }
+
+    #[test]
+    fn compaction_keeps_chunked_files_and_their_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = CatalogDb::create(
+            &dir.path().join("c.db"),
+            "",
+            &Entry::directory("", 0o755, 0, 0, 1),
+        )
+        .unwrap();
+        let chunk = |i: u8| FileChunk {
+            offset: u64::from(i) * 10,
+            size: 10,
+            id: ObjectId::new(Digest20::of(&[i]), Suffix::Partial),
+        };
+        let mut big = Entry::directory("big", 0o644, 0, 0, 1);
+        big.mode = 0o100644;
+        big.size = 20;
+        big.flags = flags::FILE | flags::FILE_CHUNK;
+        big.hash = Some(Digest20::of(b"whole"));
+        big.chunks = vec![chunk(0), chunk(1)];
+        // Rows made and deleted first, so that more than a quarter of the rowids are unused.
+        for i in 0..40 {
+            db.insert(
+                &format!("/gone{i}"),
+                &Entry::directory(&format!("gone{i}"), 0o755, 0, 0, 1),
+            )
+            .unwrap();
+        }
+        db.insert("/big", &big).unwrap();
+        for i in 0..40 {
+            db.delete(&format!("/gone{i}")).unwrap();
+        }
+        db.compact().unwrap();
+        let back = db.lookup("/big").unwrap().unwrap();
+        assert_eq!(back.chunks, big.chunks);
+        let max: i64 = db
+            .conn
+            .query_row("SELECT MAX(rowid) FROM catalog", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(max, 2, "rowids renumbered");
     }
 
     #[test]
