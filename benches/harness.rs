@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use prepub_actors::s1_distributor::{push_objects, DistributionSettings, Payload};
 use prepub_core::cas::{Cas, LocalCas};
+use prepub_core::hash::Suffix;
 
 const REPO: &str = "bench.example.org";
 const TOKEN: &str = "bench";
@@ -270,6 +271,7 @@ fn cores() -> usize {
 struct Daemon {
     child: Child,
     base: String,
+    root: PathBuf,
     storage: PathBuf,
 }
 
@@ -320,6 +322,16 @@ fn daemon(dir: &Path, name: &str, s3: Option<(&str, &str)>, concurrency: usize) 
         keys.display()
     );
     std::fs::write(root.join("config.yaml"), cfg).unwrap();
+    let (child, base) = spawn(&root);
+    Daemon {
+        child,
+        base,
+        root,
+        storage: storage.join(REPO),
+    }
+}
+
+fn spawn(root: &Path) -> (Child, String) {
     let port = free_port();
     let child = Command::new(exe())
         .arg("--config")
@@ -327,15 +339,26 @@ fn daemon(dir: &Path, name: &str, s3: Option<(&str, &str)>, concurrency: usize) 
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .env("PREPUB_API_TOKEN", TOKEN)
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(root.join("daemon.log")).unwrap())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(root.join("daemon.log"))
+                .unwrap(),
+        )
         .spawn()
         .unwrap();
     let base = format!("http://127.0.0.1:{port}");
     wait_up(&format!("{base}/api/v1/health"));
-    Daemon {
-        child,
-        base,
-        storage: storage.join(REPO),
+    (child, base)
+}
+
+impl Daemon {
+    /// A fresh process on the same spool and storage, so a stage's peak RSS is its own.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        (self.child, self.base) = spawn(&self.root);
     }
 }
 
@@ -454,7 +477,13 @@ fn receiver(dir: &Path, name: &str) -> Receiver {
 /// Pushes every object of `storage` to each receiver at once; the wall time until all hold them.
 fn push_all(dir: &Path, storage: &Path, receivers: &[Receiver], tag: &str) -> Duration {
     let cas: Arc<dyn Cas> = Arc::new(LocalCas::open(storage).unwrap());
-    let objects = cas.list().unwrap();
+    // Data objects only: catalogs and other metadata are replicated, never pre-placed.
+    let objects: Vec<_> = cas
+        .list()
+        .unwrap()
+        .into_iter()
+        .filter(|o| matches!(o.suffix, Suffix::None | Suffix::Partial))
+        .collect();
     let bytes: u64 = objects.iter().map(|o| cas.size(o).unwrap()).sum();
     let settings = DistributionSettings {
         quorum: 1.0,
@@ -603,7 +632,7 @@ fn main() {
     ));
 
     // Local CAS, one daemon for the tree stages.
-    let local = daemon(d, "local", None, 16);
+    let mut local = daemon(d, "local", None, 16);
     let cold = publish(&local, &tar, "/python/stdlib");
     rows.push(row(
         "cold publish of the tree (upload → published)",
@@ -655,6 +684,7 @@ fn main() {
     let tiny_n: usize = env_or("BENCH_TINY", 100_000);
     let tiny = d.join("tiny.tar");
     tiny_tar(tiny_n, &tiny);
+    local.restart();
     let t = publish(&local, &tiny, "/tiny");
     let rate = tiny_n as f64 / s(t.took);
     rows.push(row(
@@ -683,6 +713,7 @@ fn main() {
             zlib6(p);
         });
         let big_limit = s(zt) * (gib << 30) as f64 / sample.len() as f64;
+        local.restart();
         let b = publish(&local, &big, "/big");
         rows.push(row(
             format!("one {gib} GiB file"),
@@ -714,7 +745,13 @@ fn main() {
         let three: Vec<Receiver> = (0..3).map(|i| receiver(d, &format!("s1-{i}"))).collect();
         let t3 = push_all(d, &storage, &three, "three");
         drop(three);
-        let n = LocalCas::open(&storage).unwrap().list().unwrap().len();
+        let n = LocalCas::open(&storage)
+            .unwrap()
+            .list()
+            .unwrap()
+            .iter()
+            .filter(|o| matches!(o.suffix, Suffix::None | Suffix::Partial))
+            .count();
         rows.push(row(
             format!("pre-warm push of the published objects ({n}) to 1 receiver"),
             format!("{:.2} s ({:.0} objects/s)", s(t1), n as f64 / s(t1)),

@@ -8,7 +8,7 @@ use prepub_core::pipeline::StorePool;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// Object bytes allowed in flight between the tar readers and the stored objects.
-pub const IN_FLIGHT_BYTES: usize = 256 << 20;
+pub const IN_FLIGHT_BYTES: usize = 64 << 20;
 
 pub struct CasWriter {
     store: StorePool,

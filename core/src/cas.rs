@@ -245,6 +245,108 @@ impl LocalCas {
     }
 }
 
+/// A new object's bytes written but not yet named: an anonymous file (`O_TMPFILE`) that a
+/// crash simply frees, or, where the filesystem has no anonymous files, a temporary name beside
+/// the destination.
+enum Unnamed {
+    #[cfg(target_os = "linux")]
+    Anonymous(File),
+    Temp(PathBuf),
+}
+
+impl Unnamed {
+    fn write(dir: &Path, data: &[u8]) -> io::Result<Unnamed> {
+        // Naming an anonymous file goes through /proc/self/fd (linkat without privileges).
+        #[cfg(target_os = "linux")]
+        static PROC_FD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        #[cfg(target_os = "linux")]
+        if *PROC_FD.get_or_init(|| Path::new("/proc/self/fd").is_dir()) {
+            use std::os::unix::fs::OpenOptionsExt;
+            match OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_TMPFILE)
+                .open(dir)
+            {
+                Ok(mut f) => {
+                    f.write_all(data)?;
+                    return Ok(Unnamed::Anonymous(f));
+                }
+                // No O_TMPFILE here (old kernel, some filesystems), or no descriptor left to
+                // hold one open until the batch is named: a temporary name instead.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(
+                            libc::EOPNOTSUPP
+                                | libc::EISDIR
+                                | libc::EINVAL
+                                | libc::EMFILE
+                                | libc::ENFILE
+                        )
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let tmp = dir.join(temp_name());
+        let res = File::create(&tmp).and_then(|mut f| f.write_all(data));
+        if let Err(e) = res {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        Ok(Unnamed::Temp(tmp))
+    }
+
+    /// Gives the bytes the name `dest` unless it exists; `Ok(false)` if it did.
+    fn name(self, dest: &Path) -> io::Result<bool> {
+        match self {
+            #[cfg(target_os = "linux")]
+            Unnamed::Anonymous(f) => {
+                use std::ffi::CString;
+                use std::os::fd::AsRawFd;
+                use std::os::unix::ffi::OsStrExt;
+                let from = CString::new(format!("/proc/self/fd/{}", f.as_raw_fd()))
+                    .map_err(io::Error::other)?;
+                let to = CString::new(dest.as_os_str().as_bytes()).map_err(io::Error::other)?;
+                // SAFETY: both paths are NUL-terminated and outlive the call; `f` stays open.
+                let r = unsafe {
+                    libc::linkat(
+                        libc::AT_FDCWD,
+                        from.as_ptr(),
+                        libc::AT_FDCWD,
+                        to.as_ptr(),
+                        libc::AT_SYMLINK_FOLLOW,
+                    )
+                };
+                if r == 0 {
+                    return Ok(true);
+                }
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    return Ok(false);
+                }
+                Err(e)
+            }
+            Unnamed::Temp(tmp) => {
+                if dest.exists() {
+                    let _ = fs::remove_file(&tmp);
+                    return Ok(false);
+                }
+                fs::rename(&tmp, dest).inspect_err(|_| {
+                    let _ = fs::remove_file(&tmp);
+                })?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Drops unnamed bytes (an anonymous file is freed when closed).
+    fn discard(self) {
+        if let Unnamed::Temp(tmp) = self {
+            let _ = fs::remove_file(tmp);
+        }
+    }
+}
+
 /// Flushes every dirty page and inode of the filesystem holding `f` (`syncfs(2)`): one call
 /// makes a whole batch of new files durable. Elsewhere than Linux, `f` alone is synced.
 fn sync_filesystem(f: &File) -> io::Result<()> {
@@ -376,7 +478,7 @@ impl Cas for LocalCas {
             }
         };
         let mut out: Vec<Result<PutOutcome, CasError>> = Vec::with_capacity(items.len());
-        let mut written: Vec<(usize, PathBuf, PathBuf)> = Vec::new();
+        let mut written: Vec<(usize, Unnamed, PathBuf)> = Vec::new();
         for (i, (id, data)) in items.iter().enumerate() {
             let dest = self.object_path(id);
             if dest.exists() {
@@ -384,17 +486,12 @@ impl Cas for LocalCas {
                 continue;
             }
             let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
-            let tmp = dir.join(temp_name());
-            let res = File::create(&tmp).and_then(|mut f| f.write_all(data));
-            match res {
-                Ok(()) => {
-                    written.push((i, tmp, dest));
+            match Unnamed::write(&dir, data) {
+                Ok(u) => {
+                    written.push((i, u, dest));
                     out.push(Ok(PutOutcome::Stored));
                 }
-                Err(e) => {
-                    let _ = fs::remove_file(&tmp);
-                    out.push(Err(CasError::io("write", &tmp, e)));
-                }
+                Err(e) => out.push(Err(CasError::io("write", &dir, e))),
             }
         }
         if written.is_empty() {
@@ -402,8 +499,8 @@ impl Cas for LocalCas {
         }
         if let Err(e) = sync_filesystem(&root) {
             let msg = e.to_string();
-            for (i, tmp, _) in written {
-                let _ = fs::remove_file(&tmp);
+            for (i, u, _) in written {
+                u.discard();
                 out[i] = Err(CasError::io(
                     "sync",
                     &self.root,
@@ -413,20 +510,16 @@ impl Cas for LocalCas {
             return out;
         }
         let mut dirs = std::collections::HashSet::new();
-        for (i, tmp, dest) in written {
-            if dest.exists() {
+        for (i, u, dest) in written {
+            match u.name(&dest) {
+                Ok(true) => {
+                    if let Some(d) = dest.parent() {
+                        dirs.insert(d.to_path_buf());
+                    }
+                }
                 // Stored meanwhile by another writer: objects are immutable, keep theirs.
-                let _ = fs::remove_file(&tmp);
-                out[i] = Ok(PutOutcome::AlreadyPresent);
-                continue;
-            }
-            if let Err(e) = fs::rename(&tmp, &dest) {
-                let _ = fs::remove_file(&tmp);
-                out[i] = Err(CasError::io("rename", &dest, e));
-                continue;
-            }
-            if let Some(d) = dest.parent() {
-                dirs.insert(d.to_path_buf());
+                Ok(false) => out[i] = Ok(PutOutcome::AlreadyPresent),
+                Err(e) => out[i] = Err(CasError::io("link", &dest, e)),
             }
         }
         match &self.pending_dirs {
@@ -452,7 +545,7 @@ impl Cas for LocalCas {
 
     fn batch_hint(&self) -> usize {
         if self.durable {
-            256
+            128
         } else {
             1
         }
@@ -703,6 +796,40 @@ mod tests {
                 .iter()
                 .all(|r| *r.as_ref().unwrap() == PutOutcome::AlreadyPresent));
         }
+    }
+
+    #[test]
+    fn unnamed_bytes_take_a_free_name_and_yield_to_an_existing_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // Anonymous (where the filesystem has O_TMPFILE) and the temporary-name fallback.
+        let tmp = d.join(".tmp.test");
+        fs::write(&tmp, b"fallback").unwrap();
+        for (u, body) in [
+            (Unnamed::write(d, b"anonymous").unwrap(), &b"anonymous"[..]),
+            (Unnamed::Temp(tmp), &b"fallback"[..]),
+        ] {
+            let dest = d.join(format!("obj-{}", body.len()));
+            let taken = d.join(format!("taken-{}", body.len()));
+            fs::write(&taken, b"theirs").unwrap();
+            let again = match &u {
+                Unnamed::Temp(_) => {
+                    fs::write(d.join(".tmp.test2"), body).unwrap();
+                    Unnamed::Temp(d.join(".tmp.test2"))
+                }
+                _ => Unnamed::write(d, body).unwrap(),
+            };
+            assert!(u.name(&dest).unwrap());
+            assert_eq!(fs::read(&dest).unwrap(), body);
+            assert!(!again.name(&taken).unwrap());
+            assert_eq!(fs::read(&taken).unwrap(), b"theirs");
+        }
+        let left: Vec<_> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

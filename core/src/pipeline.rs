@@ -57,9 +57,12 @@ struct Put {
 /// (a duplicate file or chunk) waits for the first one's outcome instead of compressing again.
 type InflightKey = (usize, RawKey);
 
+/// A task waiting for another one's object: its tag and where to answer.
+type Waiter = (usize, Sender<Encoded>);
+
 #[derive(Default)]
 struct Inflight {
-    waiting: Mutex<HashMap<InflightKey, Vec<(usize, Sender<Encoded>)>>>,
+    waiting: Mutex<HashMap<InflightKey, Vec<Waiter>>>,
 }
 
 impl Inflight {
@@ -219,6 +222,9 @@ impl StorePool {
     }
 }
 
+/// What the raw-content index learns of one stored object.
+type Encoding = (RawKey, ObjectId, u64);
+
 /// Stores one batch (objects for one store) and answers every task in it and its waiters.
 fn store_batch(batch: Vec<Put>, stats: &StoreStats, budget: &Budget, inflight: &Inflight) {
     use std::sync::atomic::Ordering::Relaxed;
@@ -229,7 +235,7 @@ fn store_batch(batch: Vec<Put>, stats: &StoreStats, budget: &Budget, inflight: &
         .filter(|o| o.len() == items.len());
     drop(items);
     let mut outcomes = outcomes.map(|o| o.into_iter());
-    let mut recorded: Vec<(Arc<RawIndex>, Vec<(RawKey, ObjectId, u64)>)> = Vec::new();
+    let mut recorded: Vec<(Arc<RawIndex>, Vec<Encoding>)> = Vec::new();
     let mut done = Vec::with_capacity(batch.len());
     for p in batch {
         let put = match outcomes.as_mut().and_then(|o| o.next()) {
