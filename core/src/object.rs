@@ -306,6 +306,45 @@ pub fn compress_metadata(data: &[u8], suffix: Suffix) -> (ObjectId, Vec<u8>) {
 
 /// One-shot zlib compression with stock zlib.
 pub fn zlib_compress(data: &[u8], level: u32) -> Vec<u8> {
+    use flate2::{Compress, FlushCompress, Status};
+    thread_local! {
+        // One deflate state per thread and level, reset between objects: setting up zlib's
+        // window and tables costs more than compressing a small file. deflateReset gives the
+        // same stream as a fresh deflateInit, so the bytes (and object names) do not change.
+        static STATE: std::cell::RefCell<Option<(u32, Compress)>> = const { std::cell::RefCell::new(None) };
+    }
+    STATE.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let z = match &mut *cell {
+            Some((l, z)) if *l == level => {
+                z.reset();
+                z
+            }
+            slot => {
+                &mut slot
+                    .insert((level, Compress::new(flate2::Compression::new(level), true)))
+                    .1
+            }
+        };
+        let mut out = Vec::with_capacity(data.len() / 2 + 64);
+        loop {
+            let consumed = z.total_in() as usize;
+            match z.compress_vec(&data[consumed..], &mut out, FlushCompress::Finish) {
+                Ok(Status::StreamEnd) => return out,
+                // Out of room: grow and go on (deflate keeps what it has not emitted yet).
+                Ok(_) => out.reserve(out.capacity().max(64)),
+                // Cannot happen for in-memory input; a fresh state answers next time.
+                Err(_) => {
+                    *cell = None;
+                    return zlib_compress_fresh(data, level);
+                }
+            }
+        }
+    })
+}
+
+/// zlib with a state of its own (the fallback of [`zlib_compress`]).
+fn zlib_compress_fresh(data: &[u8], level: u32) -> Vec<u8> {
     let mut enc = ZlibEncoder::new(
         Vec::with_capacity(data.len() / 2 + 64),
         flate2::Compression::new(level),
@@ -419,6 +458,31 @@ impl Write for CountingWriter<'_> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reused_deflate_state_gives_the_bytes_of_a_fresh_one() {
+        let mut x = 7u64;
+        let inputs: Vec<Vec<u8>> = [0usize, 1, 5000, 300_000, 64, 1 << 20, 3]
+            .iter()
+            .map(|&n| {
+                (0..n)
+                    .map(|i| {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        if i % 3 == 0 {
+                            (x >> 60) as u8
+                        } else {
+                            b'a' + (i % 7) as u8
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        for level in [6, 6, 1, 9, 6] {
+            for d in &inputs {
+                assert_eq!(zlib_compress(d, level), zlib_compress_fresh(d, level));
+            }
+        }
+    }
+
     use super::*;
     use crate::cas::LocalCas;
 
