@@ -194,7 +194,32 @@ fn raise_open_file_limit() {
     }
 }
 
+/// Malloc settings for a daemon that moves large buffers between threads: two arenas instead
+/// of eight per core (per-thread arenas kept the pages of buffers freed by other threads), and
+/// buffers of 4 MiB and more (chunks of big files) always mapped, so they go back to the system
+/// when freed instead of raising glibc's adaptive threshold and staying in an arena. Measured
+/// with the benchmark harness: peak RSS on a software tree 173 -> 121 MiB, on a 1 GiB file
+/// 202 -> 114 MiB, at the same speed. MALLOC_ARENA_MAX / MALLOC_MMAP_THRESHOLD_ in the
+/// environment win.
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt before any thread is started.
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            unsafe {
+                libc::mallopt(libc::M_ARENA_MAX, 2);
+            }
+        }
+        if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_none() {
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+            }
+        }
+    }
+}
+
 fn main() {
+    tune_malloc();
     raise_open_file_limit();
     let mut cli = Cli::parse();
     let res = match cli.cmd.take() {

@@ -89,6 +89,14 @@ fn ioe(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
 /// Writes a file durably: temp name in the same directory, write, fsync, rename, fsync dir — so
 /// a crash leaves either the old or the new content, never a torn file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
+    write_atomic_with(path, |f| f.write_all(data))
+}
+
+/// [`write_atomic`] with the content written by `fill`.
+fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> Result<(), SpoolError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp",
@@ -97,9 +105,7 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
             .unwrap_or_default()
     ));
     let mut f = File::create(&tmp).map_err(ioe(&tmp))?;
-    f.write_all(data)
-        .and_then(|_| f.sync_all())
-        .map_err(ioe(&tmp))?;
+    fill(&mut f).and_then(|_| f.sync_all()).map_err(ioe(&tmp))?;
     fs::rename(&tmp, path).map_err(ioe(path))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -233,11 +239,12 @@ impl Spool {
     /// Stores a job's processed change set durably.
     pub fn save_changeset(&self, id: &str, cs: &ChangeSet) -> Result<(), SpoolError> {
         let p = self.changeset_path(id);
-        let data = serde_json::to_vec(cs).map_err(|e| SpoolError::Corrupt {
-            path: p.display().to_string(),
-            msg: e.to_string(),
-        })?;
-        write_atomic(&p, &data)
+        // Streamed to the file: a change set of many entries is not held twice in memory.
+        write_atomic_with(&p, |f| {
+            let mut w = io::BufWriter::with_capacity(1 << 20, f);
+            serde_json::to_writer(&mut w, cs).map_err(io::Error::other)?;
+            w.flush()
+        })
     }
 
     /// Loads a job's change set, if it was saved.

@@ -224,19 +224,102 @@ where
     S: futures_util::Stream<Item = Result<web::Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
+    let spool_err = |e: std::io::Error| ApiError::Unavailable(format!("spool write failed: {e}"));
+    let out = file.try_clone().map_err(spool_err)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Upload>(32);
+    let writer = std::thread::Builder::new()
+        .name("upload-writer".into())
+        .spawn(move || write_upload(out, rx))
+        .map_err(spool_err)?;
     let mut n = 0u64;
-    let mut sha = Sha256::new();
+    let mut refused = None;
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| bad("bad-upload", format!("reading the upload: {e}")))?;
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                refused = Some(bad("bad-upload", format!("reading the upload: {e}")));
+                break;
+            }
+        };
         n += chunk.len() as u64;
         if n > limit {
-            return Err(ApiError::TooLarge(limit));
+            refused = Some(ApiError::TooLarge(limit));
+            break;
         }
-        sha.update(&chunk);
-        file.write_all(&chunk)
-            .map_err(|e| ApiError::Unavailable(format!("spool write failed: {e}")))?;
+        if tx.send(Upload::Piece(chunk)).await.is_err() {
+            break; // The writer stopped on an error, reported below.
+        }
     }
-    Ok((n, hex::encode(sha.finalize())))
+    if refused.is_none() {
+        let _ = tx.send(Upload::End).await;
+    }
+    drop(tx);
+    let written = web::block(move || writer.join())
+        .await
+        .map_err(|_| ApiError::Unavailable("spool writer unavailable".into()))?
+        .map_err(|_| ApiError::Unavailable("spool writer panicked".into()))?;
+    if let Some(e) = refused {
+        return Err(e);
+    }
+    let digest = written.map_err(spool_err)?;
+    Ok((n, digest))
+}
+
+/// What the upload writer is given.
+enum Upload {
+    Piece(web::Bytes),
+    /// The body is complete: make it durable.
+    End,
+}
+
+/// The upload's writer thread (no file I/O or hashing on the async workers): appends each
+/// piece, hashes it, and starts the disk writes of every 16 MiB as it goes, so that the final
+/// fsync finds most of the tar on disk already. Returns the SHA-256; an upload cut off before
+/// its end is not synced.
+fn write_upload(
+    mut f: std::fs::File,
+    mut rx: tokio::sync::mpsc::Receiver<Upload>,
+) -> std::io::Result<String> {
+    const WRITEBACK: u64 = 16 << 20;
+    let mut sha = Sha256::new();
+    let (mut written, mut started) = (0u64, 0u64);
+    while let Some(m) = rx.blocking_recv() {
+        match m {
+            Upload::Piece(b) => {
+                sha.update(&b);
+                f.write_all(&b)?;
+                written += b.len() as u64;
+                if written - started >= WRITEBACK {
+                    start_writeback(&f, started, written - started);
+                    started = written;
+                }
+            }
+            Upload::End => {
+                f.sync_all()?;
+                return Ok(hex::encode(sha.finalize()));
+            }
+        }
+    }
+    Err(std::io::Error::other("upload ended early"))
+}
+
+/// Asks the kernel to start writing `len` bytes at `offset` to disk now, without waiting.
+fn start_writeback(f: &std::fs::File, offset: u64, len: u64) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a plain syscall on an open descriptor; failure only loses the head start.
+        unsafe {
+            libc::sync_file_range(
+                f.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (f, offset, len);
 }
 
 /// Reads a submission's body (multipart or raw tar with headers) into `file`; returns the
