@@ -657,7 +657,7 @@ fn main() {
     ));
 
     // Local CAS, one daemon for the tree stages.
-    let mut local = daemon(d, "local", None, 16);
+    let mut local = daemon(d, "local", None, env_or("BENCH_LOCAL_CONCURRENCY", 16));
     let cold = publish(&local, &tar, "/python/stdlib");
     rows.push(row(
         "cold publish of the tree (upload → published)",
