@@ -7,9 +7,6 @@
 //! avoid, without HTTP.
 //! Run with `cargo bench --bench distribution`.
 
-use std::net::TcpListener;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,62 +14,8 @@ use prepub_actors::s1_distributor::{push_objects, DistributionSettings, Payload}
 use prepub_core::cas::{get_all, Cas, LocalCas};
 use prepub_core::hash::{Digest20, ObjectId, Suffix};
 
-const REPO: &str = "bench.example.org";
-const SECRET: &str = "bench-receiver-secret";
-
-struct Receiver {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn receiver(dir: &Path, name: &str) -> Receiver {
-    let root = dir.join(name);
-    std::fs::create_dir_all(&root).unwrap();
-    let cfg = root.join("receiver.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "mode: receiver\ncas:\n  root: {}\nrepositories:\n  - name: {REPO}\n",
-            root.join("cas").display()
-        ),
-    )
-    .unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
-        .args([
-            "--config",
-            cfg.to_str().unwrap(),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .env("PREPUB_RECEIVER_SECRET", SECRET)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let r = Receiver {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    };
-    let http = reqwest::blocking::Client::new();
-    for _ in 0..400 {
-        if http.get(format!("{}/api/v1/health", r.url)).send().is_ok() {
-            return r;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("receiver did not start");
-}
+mod common;
+use common::{receiver, Receiver, REPO, SECRET};
 
 /// xorshift bytes: incompressible, reproducible.
 fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {

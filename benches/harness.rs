@@ -16,7 +16,6 @@
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -26,9 +25,10 @@ use prepub_actors::s1_distributor::{push_objects, DistributionSettings, Payload}
 use prepub_core::cas::{Cas, LocalCas};
 use prepub_core::hash::Suffix;
 
-const REPO: &str = "bench.example.org";
+mod common;
+use common::{free_port, receiver, wait_up, Receiver, REPO, SECRET};
+
 const TOKEN: &str = "bench";
-const SECRET: &str = "bench-receiver-secret";
 
 fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
     std::env::var(k)
@@ -47,30 +47,11 @@ fn exe() -> &'static str {
     env!("CARGO_BIN_EXE_cvmfs-prepub")
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn http() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(None)
         .build()
         .unwrap()
-}
-
-fn wait_up(url: &str) {
-    let c = http();
-    for _ in 0..400 {
-        if c.get(url).send().is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("{url} did not come up");
 }
 
 fn stdlib() -> PathBuf {
@@ -289,30 +270,31 @@ fn daemon(dir: &Path, name: &str, s3: Option<(&str, &str)>, concurrency: usize) 
     std::fs::create_dir_all(&root).unwrap();
     let keys = dir.join("keys");
     let storage = root.join("storage");
+    // A fresh signed repository where the daemon will publish.
+    let init = |at: &[&str]| {
+        let st = Command::new(exe())
+            .args(["repo", "init"])
+            .args(at)
+            .args(["--name", REPO, "--keys-dir"])
+            .arg(&keys)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
     let cas = match s3 {
         None => {
-            let st = Command::new(exe())
-                .args(["repo", "init", "--repo-dir"])
-                .arg(storage.join(REPO))
-                .args(["--name", REPO, "--keys-dir"])
-                .arg(&keys)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .unwrap();
-            assert!(st.success());
+            init(&["--repo-dir", storage.join(REPO).to_str().unwrap()]);
             format!("cas:\n  root: {}\n", storage.display())
         }
         Some((endpoint, bucket)) => {
-            let st = Command::new(exe())
-                .args(["repo", "init", "--s3", &format!("{bucket}/{REPO}")])
-                .args(["--s3-endpoint", endpoint, "--name", REPO, "--keys-dir"])
-                .arg(&keys)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .unwrap();
-            assert!(st.success());
+            init(&[
+                "--s3",
+                &format!("{bucket}/{REPO}"),
+                "--s3-endpoint",
+                endpoint,
+            ]);
             format!("cas:\n  type: s3\n  bucket: {bucket}\n  endpoint: {endpoint}\n")
         }
     };
@@ -437,45 +419,6 @@ fn publish(d: &Daemon, tar: &Path, path: &str) -> Published {
         rss_mib: peak_rss(d.child.id()),
         compressed: job["progress"]["objects_new"].as_i64().unwrap_or(-1),
     }
-}
-
-struct Receiver {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn receiver(dir: &Path, name: &str) -> Receiver {
-    let root = dir.join(name);
-    std::fs::create_dir_all(&root).unwrap();
-    let cfg = root.join("receiver.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "mode: receiver\ncas:\n  root: {}\nrepositories:\n  - name: {REPO}\n",
-            root.join("cas").display()
-        ),
-    )
-    .unwrap();
-    let port = free_port();
-    let child = Command::new(exe())
-        .arg("--config")
-        .arg(&cfg)
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .env("PREPUB_RECEIVER_SECRET", SECRET)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    wait_up(&format!("{url}/api/v1/health"));
-    Receiver { child, url }
 }
 
 /// Pushes every object of `storage` to each receiver at once; the wall time until all hold them.
