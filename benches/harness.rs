@@ -9,10 +9,10 @@
 //! contents on every core at once (nothing else done), and SHA-1 throughput on every core.
 //! Stages, each through a real daemon (release build, standalone mode) to `published`:
 //! cold publish (local CAS), warm re-publish to another path, the 5%-changed tree over the first
-//! path, the tiny files, the big file (each with the daemon's peak RSS), the cold publish into
-//! S3 (`moto_server` on loopback) at `upload_concurrency` 1, 16 and 64, and the pre-warm push of
-//! the published objects to one Stratum 1 receiver and to three at once (real
-//! `cvmfs-prepub --mode receiver` processes). BENCH_SKIP=s3,big,receivers leaves stages out.
+//! path, the pre-warm push of the tree's data objects to one Stratum 1 receiver and to three at
+//! once (real `cvmfs-prepub --mode receiver` processes), the tiny files, the big file (each with
+//! the daemon's peak RSS), and the cold publish into S3 (`moto_server` on loopback) at
+//! `upload_concurrency` 1, 16 and 64. BENCH_SKIP=s3,big,receivers leaves stages out.
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -652,6 +652,39 @@ fn main() {
         &format!(">= 6x: {}", met(x >= 6.0)),
     ));
 
+    if !skipped("receivers") {
+        // The tree's objects (both publishes so far) pushed as a pre-warm would push them.
+        let storage = local.storage.clone();
+        let one = vec![receiver(d, "s1-one")];
+        let t1 = push_all(d, &storage, &one, "one");
+        drop(one);
+        let three: Vec<Receiver> = (0..3).map(|i| receiver(d, &format!("s1-{i}"))).collect();
+        let t3 = push_all(d, &storage, &three, "three");
+        drop(three);
+        let n = LocalCas::open(&storage)
+            .unwrap()
+            .list()
+            .unwrap()
+            .iter()
+            .filter(|o| matches!(o.suffix, Suffix::None | Suffix::Partial))
+            .count();
+        rows.push(row(
+            format!("pre-warm push of the tree's data objects ({n}) to 1 receiver"),
+            format!("{:.2} s ({:.0} objects/s)", s(t1), n as f64 / s(t1)),
+            String::new(),
+            "",
+        ));
+        rows.push(row(
+            "  the same to 3 receivers at once",
+            format!(
+                "{:.2} s ({:.0} objects/s in all)",
+                s(t3),
+                3.0 * n as f64 / s(t3)
+            ),
+            format!("{:.2}x the time of one", s(t3) / s(t1)),
+            "",
+        ));
+    }
     let tiny_n: usize = env_or("BENCH_TINY", 100_000);
     let tiny = d.join("tiny.tar");
     tiny_tar(tiny_n, &tiny);
@@ -709,39 +742,6 @@ fn main() {
         std::fs::remove_file(&big).ok();
     }
 
-    if !skipped("receivers") {
-        // The tree's objects (cold publish) pushed as a pre-warm would push them.
-        let storage = local.storage.clone();
-        let one = vec![receiver(d, "s1-one")];
-        let t1 = push_all(d, &storage, &one, "one");
-        drop(one);
-        let three: Vec<Receiver> = (0..3).map(|i| receiver(d, &format!("s1-{i}"))).collect();
-        let t3 = push_all(d, &storage, &three, "three");
-        drop(three);
-        let n = LocalCas::open(&storage)
-            .unwrap()
-            .list()
-            .unwrap()
-            .iter()
-            .filter(|o| matches!(o.suffix, Suffix::None | Suffix::Partial))
-            .count();
-        rows.push(row(
-            format!("pre-warm push of the published objects ({n}) to 1 receiver"),
-            format!("{:.2} s ({:.0} objects/s)", s(t1), n as f64 / s(t1)),
-            String::new(),
-            "",
-        ));
-        rows.push(row(
-            "  the same to 3 receivers at once",
-            format!(
-                "{:.2} s ({:.0} objects/s in all)",
-                s(t3),
-                3.0 * n as f64 / s(t3)
-            ),
-            format!("{:.2}x the time of one", s(t3) / s(t1)),
-            "",
-        ));
-    }
     drop(local);
 
     if !skipped("s3") {
