@@ -121,7 +121,15 @@ impl Manifest {
             }
             let mut chars = line.chars();
             if let Some(k) = chars.next() {
-                kv.insert(k, chars.as_str().to_string());
+                let v = chars.as_str();
+                // A carriage return or other control character is in no valid value (and a
+                // trailing \r would not survive writing the line back).
+                if v.chars().any(char::is_control) {
+                    return Err(ManifestError::Malformed(format!(
+                        "key {k}: control character in the value"
+                    )));
+                }
+                kv.insert(k, v.to_string());
             }
         }
         let need = |k: char| {
@@ -324,6 +332,23 @@ mod tests {
         let (parsed, block) = Manifest::parse(body.as_bytes()).unwrap();
         assert!(block.is_none());
         assert_eq!(parsed, m);
+    }
+
+    #[test]
+    fn control_characters_in_values_are_refused() {
+        // Found by fuzzing (fuzz/regressions/manifest_whitelist/crash-7f96…): a name ending in
+        // \r parsed, but lost the \r when written back (a manifest that does not round-trip).
+        let crash = include_bytes!(
+            "../../fuzz/regressions/manifest_whitelist/crash-7f965c82564314dd40e171930d295941f2350788"
+        );
+        let e = Manifest::parse(crash).unwrap_err();
+        assert!(e.to_string().contains("control character"), "{e}");
+        let body = sample().body().replace("\nN", "\nNname\r");
+        let e = Manifest::parse(body.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("key N: control character"), "{e}");
+        // CRLF line endings are still line endings.
+        let crlf = sample().body().replace('\n', "\r\n");
+        assert_eq!(Manifest::parse(crlf.as_bytes()).unwrap().0, sample());
     }
 
     #[test]
