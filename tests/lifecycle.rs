@@ -63,17 +63,22 @@ fn lifecycle(d: &Daemon) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap()
 }
 
+/// The paths a lifecycle answer lists as expired.
+fn expired_paths(v: &serde_json::Value) -> Vec<&str> {
+    v["expired"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect()
+}
+
 #[test]
 fn unseen_paths_leave_and_seen_or_exempt_ones_stay() {
     let dir = tempfile::tempdir().unwrap();
     let d = setup(dir.path(), "");
     let v = lifecycle(&d);
-    let expired: Vec<&str> = v["expired"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["path"].as_str().unwrap())
-        .collect();
+    let expired = expired_paths(&v);
     assert_eq!(expired, vec!["/sw/a"], "{v}");
     let jobs = v["submitted"].as_array().unwrap();
     assert_eq!(jobs.len(), 1);
@@ -137,12 +142,7 @@ fn paths_in_a_revision_an_exempt_tag_names_stay() {
     }
     std::thread::sleep(Duration::from_millis(3200));
     let v = lifecycle(&d);
-    let expired: Vec<&str> = v["expired"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["path"].as_str().unwrap())
-        .collect();
+    let expired = expired_paths(&v);
     assert_eq!(expired, vec!["/sw/loose"], "{v}");
     let j = d.wait_terminal(v["submitted"][0].as_str().unwrap(), 60);
     assert_eq!(j["state"], "published", "{j}");

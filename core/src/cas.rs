@@ -208,14 +208,9 @@ impl LocalCas {
     /// unwritten blocks after a crash, and the directory is fsynced after so the rename itself
     /// survives. `no_clobber` keeps an existing object (objects are immutable).
     fn place(&self, tmp: &Path, dest: &Path, no_clobber: bool) -> Result<PutOutcome, CasError> {
-        if no_clobber && dest.exists() {
-            let _ = fs::remove_file(tmp);
+        if !name_temp(tmp, dest, no_clobber).map_err(|e| CasError::io("rename", dest, e))? {
             return Ok(PutOutcome::AlreadyPresent);
         }
-        fs::rename(tmp, dest).map_err(|e| {
-            let _ = fs::remove_file(tmp);
-            CasError::io("rename", dest, e)
-        })?;
         if self.durable {
             if let Some(dir) = dest.parent() {
                 match &self.pending_dirs {
@@ -232,17 +227,40 @@ impl LocalCas {
     }
 
     fn write_temp(&self, dir: &Path, data: &[u8]) -> Result<PathBuf, CasError> {
-        let tmp = dir.join(temp_name());
-        let mut f = File::create(&tmp).map_err(|e| CasError::io("create", &tmp, e))?;
-        let res = f
-            .write_all(data)
-            .and_then(|_| if self.durable { f.sync_all() } else { Ok(()) });
-        if let Err(e) = res {
-            let _ = fs::remove_file(&tmp);
-            return Err(CasError::io("write", &tmp, e));
-        }
-        Ok(tmp)
+        write_temp_file(dir, data, self.durable).map_err(|(op, tmp, e)| CasError::io(op, &tmp, e))
     }
+}
+
+/// Writes `data` to a new temporary file in `dir`, fsynced when `sync`; nothing is left behind
+/// on error (which names the failed step and the file).
+fn write_temp_file(
+    dir: &Path,
+    data: &[u8],
+    sync: bool,
+) -> Result<PathBuf, (&'static str, PathBuf, io::Error)> {
+    let tmp = dir.join(temp_name());
+    let mut f = File::create(&tmp).map_err(|e| ("create", tmp.clone(), e))?;
+    let res = f
+        .write_all(data)
+        .and_then(|_| if sync { f.sync_all() } else { Ok(()) });
+    if let Err(e) = res {
+        let _ = fs::remove_file(&tmp);
+        return Err(("write", tmp, e));
+    }
+    Ok(tmp)
+}
+
+/// Renames `tmp` to `dest`; with `no_clobber`, an existing `dest` is kept and `tmp` dropped
+/// (`Ok(false)`). A failed rename drops `tmp` too.
+fn name_temp(tmp: &Path, dest: &Path, no_clobber: bool) -> io::Result<bool> {
+    if no_clobber && dest.exists() {
+        let _ = fs::remove_file(tmp);
+        return Ok(false);
+    }
+    fs::rename(tmp, dest).inspect_err(|_| {
+        let _ = fs::remove_file(tmp);
+    })?;
+    Ok(true)
 }
 
 /// A new object's bytes written but not yet named: an anonymous file (`O_TMPFILE`) that a
@@ -287,13 +305,9 @@ impl Unnamed {
                 Err(e) => return Err(e),
             }
         }
-        let tmp = dir.join(temp_name());
-        let res = File::create(&tmp).and_then(|mut f| f.write_all(data));
-        if let Err(e) = res {
-            let _ = fs::remove_file(&tmp);
-            return Err(e);
-        }
-        Ok(Unnamed::Temp(tmp))
+        write_temp_file(dir, data, false)
+            .map(Unnamed::Temp)
+            .map_err(|(_, _, e)| e)
     }
 
     /// Gives the bytes the name `dest` unless it exists; `Ok(false)` if it did.
@@ -326,16 +340,7 @@ impl Unnamed {
                 }
                 Err(e)
             }
-            Unnamed::Temp(tmp) => {
-                if dest.exists() {
-                    let _ = fs::remove_file(&tmp);
-                    return Ok(false);
-                }
-                fs::rename(&tmp, dest).inspect_err(|_| {
-                    let _ = fs::remove_file(&tmp);
-                })?;
-                Ok(true)
-            }
+            Unnamed::Temp(tmp) => name_temp(&tmp, dest, true),
         }
     }
 
