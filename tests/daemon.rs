@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use prepub_core::cas::Cas;
 
 fn job_id(r: reqwest::blocking::Response) -> String {
     assert_eq!(
@@ -621,4 +622,87 @@ fn job_events_stream_snapshot_then_changes_then_closes() {
         .send()
         .unwrap();
     assert_eq!(unauth.status().as_u16(), 401);
+}
+
+fn data_file(path: &'static str, data: Vec<u8>) -> Spec {
+    Spec::File {
+        path,
+        mode: 0o644,
+        data,
+        xattrs: vec![],
+    }
+}
+
+#[test]
+fn a_tar_is_processed_while_it_uploads() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let d = Daemon::start(dir.path(), &[]);
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    let first = pseudo_random(100_000, 71);
+    let second = pseudo_random(300_000, 72);
+    let specs = vec![
+        data_file("early/first.bin", first.clone()),
+        data_file("early/second.bin", second.clone()),
+    ];
+    let tar = tar_bytes(&specs);
+    let up = d.begin_upload("/sw/early", &tar, cut_after(&tar, &first));
+    // The first file is stored while the rest of the tar has not been sent: no job exists yet.
+    assert!(
+        eventually(30, || cas.exists(&object_of_small_file(&first)).unwrap()),
+        "the first file was not processed before the upload ended\n{}",
+        d.log_text()
+    );
+    assert_eq!(d.jobs()["jobs"].as_array().unwrap().len(), 0);
+    assert!(!cas.exists(&object_of_small_file(&second)).unwrap());
+    let (status, body) = up.finish();
+    assert_eq!(status, 202, "{body}");
+    let id = body["job_id"].as_str().unwrap();
+    let j = d.wait_terminal(id, 60);
+    assert_eq!(j["state"], "published", "{j}");
+    assert_eq!(j["attempts"], 1, "{j}");
+    assert_eq!(j["progress"]["objects_new"], 2, "{j}");
+    let url = serve(d.storage.clone());
+    verify(
+        &open_reader(&url, &dir.path().join("cache")),
+        "/sw/early",
+        &specs,
+    );
+    check_repo(&d.storage);
+}
+
+#[test]
+fn uploads_cut_off_while_processed_leave_no_job_and_free_their_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let d = Daemon::start(dir.path(), &[]);
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    // More than the two uploads processed at once: each is processed while it arrives only if
+    // the ones cut off before it gave their reader back.
+    for seed in 0..4u64 {
+        let first = pseudo_random(50_000, 100 + seed);
+        let tar = tar_bytes(&[
+            data_file("cut/first.bin", first.clone()),
+            data_file("cut/rest.bin", pseudo_random(200_000, 200 + seed)),
+        ]);
+        let up = d.begin_upload("/sw/cut", &tar, cut_after(&tar, &first));
+        assert!(
+            eventually(30, || cas.exists(&object_of_small_file(&first)).unwrap()),
+            "upload {seed} was not processed while it arrived\n{}",
+            d.log_text()
+        );
+        drop(up);
+    }
+    assert!(eventually(30, || std::fs::read_dir(
+        dir.path().join("spool/incoming")
+    )
+    .unwrap()
+    .next()
+    .is_none()));
+    assert_eq!(d.jobs()["jobs"].as_array().unwrap().len(), 0);
+    // The path publishes normally afterwards.
+    let specs = vec![data_file("cut/first.bin", b"whole".to_vec())];
+    let id = job_id(d.submit_raw(ADMIN, "/sw/cut", &tar_bytes(&specs), None));
+    assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
+    check_repo(&d.storage);
 }

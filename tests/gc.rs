@@ -37,10 +37,7 @@ fn publish(d: &Daemon, path: &str, specs: &[Spec], tag: Option<&str>) -> serde_j
 }
 
 fn object(data: &[u8]) -> ObjectId {
-    // Small files are stored zlib-compressed; the name is the SHA-1 of the stored bytes.
-    let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
-    std::io::Write::write_all(&mut enc, data).unwrap();
-    ObjectId::new(Digest20::of(&enc.finish().unwrap()), Suffix::None)
+    object_of_small_file(data)
 }
 
 fn ctl(d: &Daemon, args: &[&str]) -> std::process::Output {
@@ -866,4 +863,51 @@ fn a_dry_run_plans_exactly_what_the_real_run_then_deletes() {
         "/sw/app",
         &[file("bin/app", v(3))],
     );
+}
+
+#[test]
+fn a_collection_during_an_upload_cancels_its_early_processing_and_the_job_stays_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    gc_dir(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}",
+    );
+    let d = Daemon::start(dir.path(), &[]);
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    // An unreferenced object with the content of the upload's first file: processing the
+    // upload finds it stored, then the collection deletes it.
+    let shared = b"content already stored, but referenced by nothing ".repeat(40);
+    let stored = object(&shared);
+    cas.put_bytes(&stored, &zlib6(&shared)).unwrap();
+    let marks: Vec<Vec<u8>> = (0..3).map(|i| pseudo_random(30_000, 300 + i)).collect();
+    let mut specs = vec![file("up/shared.txt", shared.clone())];
+    specs.push(file("up/m0", marks[0].clone()));
+    specs.push(file("up/m1", marks[1].clone()));
+    specs.push(file("up/m2", marks[2].clone()));
+    specs.push(file("up/tail", pseudo_random(100_000, 399)));
+    let tar = tar_bytes(&specs);
+    let up = d.begin_upload("/sw/up", &tar, cut_after(&tar, &marks[2]));
+    assert!(
+        eventually(30, || marks.iter().all(|m| cas.exists(&object(m)).unwrap())),
+        "the upload was not processed while it arrived\n{}",
+        d.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let o = ctl(&d, &["gc", "run", "--repo", REPO]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        !cas.exists(&stored).unwrap(),
+        "the collection kept the object"
+    );
+    // Accepted after the collection: processed again, so the object it needs is stored again.
+    let (status, body) = up.finish();
+    assert_eq!(status, 202, "{body}");
+    let j = d.wait_terminal(body["job_id"].as_str().unwrap(), 60);
+    assert_eq!(j["state"], "published", "{j}");
+    assert!(
+        cas.exists(&stored).unwrap(),
+        "the published file has no object"
+    );
+    // A repository check (read_back) verifies every referenced object exists and hashes right.
+    read_back(&d, &dir.path().join("cache"), "/sw/up", &specs);
 }

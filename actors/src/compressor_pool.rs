@@ -7,6 +7,9 @@
 //! CPU work ever runs on an async arbiter and one job uses every core. Each task
 //! reports progress and its outcome back to the recipients given with it. Work is checked for
 //! abort between reads, so an aborted job stops within one read buffer.
+//!
+//! A tar still being uploaded ([`TarSource::Upload`]) gets a reader thread of its own: it waits
+//! for the client's bytes, and must not hold up the shared readers of accepted jobs while it does.
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -17,6 +20,7 @@ use std::thread;
 use actix::prelude::*;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use prepub_core::cas::Cas;
+use prepub_core::growing::FollowReader;
 use prepub_core::intake::{read_tar_parallel, ChangeSet, IntakeError, IntakeLimits};
 use prepub_core::jobs::Progress;
 use prepub_core::object::EncodeParams;
@@ -27,6 +31,8 @@ use prepub_core::pipeline::{Pipeline, StorePool};
 #[rtype(result = "()")]
 pub struct Processed {
     pub job_id: String,
+    /// The [`ProcessJob::run`] this answers.
+    pub run: u64,
     pub outcome: Result<ChangeSet, ProcessError>,
 }
 
@@ -47,12 +53,23 @@ pub struct ProcessError {
     pub retryable: bool,
 }
 
+/// Where a job's tar is read from.
+pub enum TarSource {
+    /// The accepted tar in the spool.
+    Spool(PathBuf),
+    /// An upload still arriving, followed as it grows.
+    Upload(FollowReader),
+}
+
 /// Processes one job's tar into its repository's CAS.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ProcessJob {
     pub job_id: String,
-    pub tar: PathBuf,
+    /// Which processing of the job this is: echoed in [`Processed`], so the job manager can tell
+    /// a stale answer (a run it gave up on) from the one it waits for.
+    pub run: u64,
+    pub tar: TarSource,
     pub target: crate::publisher::RepoTarget,
     pub top_level: bool,
     pub params: EncodeParams,
@@ -65,6 +82,7 @@ pub struct ProcessJob {
 pub struct CompressorPool {
     tx: Sender<ProcessJob>,
     workers: usize,
+    pipeline: Pipeline,
 }
 
 impl CompressorPool {
@@ -85,7 +103,11 @@ impl CompressorPool {
                     }
                 });
         }
-        CompressorPool { tx, workers: n }
+        CompressorPool {
+            tx,
+            workers: n,
+            pipeline,
+        }
     }
 
     pub fn workers(&self) -> usize {
@@ -100,6 +122,26 @@ impl Actor for CompressorPool {
 impl Handler<ProcessJob> for CompressorPool {
     type Result = ();
     fn handle(&mut self, m: ProcessJob, _: &mut Context<Self>) {
+        if let TarSource::Upload(_) = m.tar {
+            let (done, job_id, run) = (m.done.clone(), m.job_id.clone(), m.run);
+            let pipeline = self.pipeline.clone();
+            let spawned = thread::Builder::new()
+                .name("upload-reader".into())
+                .spawn(move || run_task(m, &pipeline));
+            if let Err(e) = spawned {
+                // Retryable: an accepted job is then processed again from its spooled tar.
+                done.do_send(Processed {
+                    job_id,
+                    run,
+                    outcome: Err(ProcessError {
+                        code: "spool-read",
+                        message: format!("no thread to read the upload: {e}"),
+                        retryable: true,
+                    }),
+                });
+            }
+            return;
+        }
         // The receiving threads live as long as the process; a send cannot fail while they do.
         let _ = self.tx.send(m);
     }
@@ -148,9 +190,14 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
             .target
             .cas(true)
             .map_err(|e| io_err("cas-unavailable", e.to_string()))?;
-        let f = std::fs::File::open(&t.tar).map_err(|e| io_err("spool-read", e.to_string()))?;
+        let input: Box<dyn Read> = match t.tar {
+            TarSource::Spool(ref p) => {
+                Box::new(std::fs::File::open(p).map_err(|e| io_err("spool-read", e.to_string()))?)
+            }
+            TarSource::Upload(r) => Box::new(r),
+        };
         let watched = Watched {
-            inner: std::io::BufReader::with_capacity(1 << 20, f),
+            inner: std::io::BufReader::with_capacity(1 << 20, input),
             abort: t.abort.clone(),
             read: 0,
             last_report: 0,
@@ -181,6 +228,7 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
     crate::testhook::point("processed");
     t.done.do_send(Processed {
         job_id: t.job_id,
+        run: t.run,
         outcome,
     });
 }

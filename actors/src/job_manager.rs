@@ -7,6 +7,15 @@
 //! from the journal and every unfinished job resumes from its last durable step: a job with a
 //! saved change set is not unpacked again, and a job whose commit may have happened is checked
 //! against the repository before anything is committed (see `publisher`).
+//!
+//! A tar is processed while it is still being uploaded ([`ProcessUpload`]): its outcome is kept
+//! aside and becomes the job's processing when the upload is accepted ([`SubmitJob`]) for the same
+//! repository and path. Nothing of it is journaled — if the upload fails, is refused, or the
+//! process restarts, the result is dropped (the objects it stored are garbage for a later
+//! collection) and an accepted job is processed from its spooled tar as before. A garbage
+//! collection that starts cancels the repository's upload processing, so no dedup decision made
+//! before it is used after it. Every processing run has a number, and only the answer of the
+//! run the job waits for counts.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -20,7 +29,9 @@ use prepub_core::jobs::{now_ms, JobRecord, JobState, Progress};
 use prepub_core::object::EncodeParams;
 use prepub_core::spool::SpoolError;
 
-use crate::compressor_pool::{CompressorPool, ProcessJob, Processed, ProgressMade};
+use crate::compressor_pool::{
+    CompressorPool, ProcessError, ProcessJob, Processed, ProgressMade, TarSource,
+};
 use crate::metrics::Metrics;
 use crate::publisher::{CommitJob, CommitStarting, CommitWaiting, Committed, RepoTarget};
 use crate::spool_journal::{AcceptJob, RecordJob, SaveChangeset, Snapshot, SpoolJournal};
@@ -102,6 +113,27 @@ pub struct JobManager {
     phase_seen: HashMap<String, JobState>,
     /// Repositories being garbage-collected: their new jobs wait in `queued`.
     gc_running: std::collections::HashSet<String>,
+    /// Tars being processed while they upload, by job id (not jobs yet).
+    uploads: HashMap<String, UploadRun>,
+    /// The processing run each processing job waits for.
+    runs: HashMap<String, u64>,
+    next_run: u64,
+}
+
+/// At most this many uploads are processed while they arrive; later ones wait for acceptance.
+const MAX_UPLOAD_RUNS: usize = 2;
+
+/// A tar processed while it uploads.
+struct UploadRun {
+    repo: String,
+    path: String,
+    run: u64,
+    abort: Arc<AtomicBool>,
+    started: Instant,
+    /// The outcome, once the run answered.
+    outcome: Option<Result<ChangeSet, ProcessError>>,
+    /// Given up (upload failed, garbage collection began): only waits for its thread to answer.
+    cancelled: bool,
 }
 
 impl JobManager {
@@ -126,7 +158,73 @@ impl JobManager {
             distributed: std::collections::HashSet::new(),
             phase_seen: HashMap::new(),
             gc_running: Default::default(),
+            uploads: HashMap::new(),
+            runs: HashMap::new(),
+            next_run: 0,
         }
+    }
+
+    fn new_run(&mut self) -> u64 {
+        self.next_run += 1;
+        self.next_run
+    }
+
+    /// Gives up an upload's processing run; its entry stays until the run answers, so the number
+    /// of reader threads stays bounded.
+    fn cancel_upload_run(&mut self, id: &str) {
+        if let Some(u) = self.uploads.get_mut(id) {
+            u.cancelled = true;
+            u.abort.store(true, Ordering::SeqCst);
+            if u.outcome.is_some() {
+                self.uploads.remove(id);
+            }
+        }
+    }
+
+    /// The job `id` was just accepted: takes over the processing of its upload when that ran for
+    /// the same repository and path. Returns false when the job must be processed from the spool.
+    fn adopt_upload_run(&mut self, id: &str, ctx: &mut Context<Self>) -> bool {
+        let Some(job) = self.jobs.get(id).cloned() else {
+            return false;
+        };
+        let usable = matches!(self.uploads.get(id), Some(u) if !u.cancelled
+            && u.repo == job.repo
+            && u.path == job.path
+            && !job.removal
+            && !self.gc_running.contains(&job.repo));
+        if !usable {
+            self.cancel_upload_run(id);
+            return false;
+        }
+        let Some(u) = self.uploads.remove(id) else {
+            return false;
+        };
+        let mut job = job;
+        job.attempts += 1;
+        job.transition(JobState::Processing, now_ms());
+        self.runs.insert(id.to_string(), u.run);
+        self.aborts.insert(id.to_string(), u.abort);
+        self.started_at.insert(id.to_string(), u.started);
+        let id = id.to_string();
+        // The journal takes this record before the change set a finished run leads to.
+        self.save(job, ctx, {
+            let id = id.clone();
+            move |act, ctx, ok| {
+                if ok {
+                    crate::testhook::point("processing-journaled");
+                } else {
+                    act.journal_retry(id, ctx);
+                }
+            }
+        });
+        if let Some(outcome) = u.outcome {
+            ctx.notify(Processed {
+                job_id: id,
+                run: u.run,
+                outcome,
+            });
+        }
+        true
     }
 
     fn update_gauges(&self) {
@@ -165,6 +263,7 @@ impl JobManager {
         self.observe_phase(&rec);
         if rec.state.is_terminal() {
             self.aborts.remove(&rec.id);
+            self.runs.remove(&rec.id);
             self.started_at.remove(&rec.id);
             self.phase_seen.remove(&rec.id);
         }
@@ -264,6 +363,8 @@ impl JobManager {
         };
         job.attempts += 1;
         job.transition(JobState::Processing, now_ms());
+        let run = self.new_run();
+        self.runs.insert(id.clone(), run);
         if job.removal {
             // Nothing to unpack: the change set removes the target from its parent.
             let name = prepub_core::catalog::split_path(&job.path).1.to_string();
@@ -275,6 +376,7 @@ impl JobManager {
                 if ok {
                     ctx.notify(crate::compressor_pool::Processed {
                         job_id: id,
+                        run,
                         outcome: Ok(cs),
                     });
                 } else {
@@ -302,7 +404,8 @@ impl JobManager {
             act.started_at.insert(id.clone(), Instant::now());
             act.pool.do_send(ProcessJob {
                 job_id: id,
-                tar,
+                run,
+                tar: TarSource::Spool(tar),
                 target,
                 top_level,
                 params,
@@ -646,9 +749,15 @@ impl Supervised for JobManager {
             .actor_restarts_total
             .with_label_values(&["JobManager"])
             .inc();
-        // In-memory state is rebuilt from the journal in `started`.
+        // In-memory state is rebuilt from the journal in `started`; runs given before are
+        // stale (their answers are ignored) and uploads are processed again once accepted.
         self.jobs.clear();
         self.started_at.clear();
+        self.runs.clear();
+        for u in self.uploads.values() {
+            u.abort.store(true, Ordering::SeqCst);
+        }
+        self.uploads.clear();
     }
 }
 
@@ -698,7 +807,9 @@ impl Handler<SubmitJob> for JobManager {
                         .inc();
                     act.jobs.insert(rec.id.clone(), rec.clone());
                     act.update_gauges();
-                    act.start_processing(rec.id.clone(), ctx);
+                    if !act.adopt_upload_run(&rec.id, ctx) {
+                        act.start_processing(rec.id.clone(), ctx);
+                    }
                     Ok(rec)
                 }),
         )
@@ -799,6 +910,17 @@ impl Handler<ProgressMade> for JobManager {
 impl Handler<Processed> for JobManager {
     type Result = ();
     fn handle(&mut self, m: Processed, ctx: &mut Context<Self>) {
+        if let Some(u) = self.uploads.get_mut(&m.job_id).filter(|u| u.run == m.run) {
+            if u.cancelled {
+                self.uploads.remove(&m.job_id);
+            } else {
+                u.outcome = Some(m.outcome); // until the upload is accepted
+            }
+            return;
+        }
+        if self.runs.get(&m.job_id) != Some(&m.run) {
+            return; // a run given up on: retried, restarted, or an upload that was cancelled
+        }
         let Some(job) = self.jobs.get(&m.job_id).cloned() else {
             return;
         };
@@ -1158,6 +1280,16 @@ impl Handler<GcBegin> for JobManager {
                 busy[0].state.as_str()
             ));
         }
+        // Dedup decisions of uploads processed so far could name objects this run deletes.
+        let running: Vec<String> = self
+            .uploads
+            .iter()
+            .filter(|(_, u)| u.repo == m.repo)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in running {
+            self.cancel_upload_run(&id);
+        }
         self.gc_running.insert(m.repo);
         Ok(())
     }
@@ -1214,5 +1346,80 @@ impl Handler<Crash> for JobManager {
         // A supervised actor is restarted when it stops; stopping mid-flight loses the message
         // being handled, exactly as a panic would.
         ctx.stop();
+    }
+}
+
+/// Processes a tar while it is being uploaded (refused silently — the job is then processed
+/// once accepted — when the repository is unknown or being collected, the service drains, or
+/// [`MAX_UPLOAD_RUNS`] uploads are processed already).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ProcessUpload {
+    /// The id the job will have if the upload is accepted.
+    pub job_id: String,
+    pub repo: String,
+    pub path: String,
+    pub tar: prepub_core::growing::FollowReader,
+}
+
+impl Handler<ProcessUpload> for JobManager {
+    type Result = ();
+    fn handle(&mut self, m: ProcessUpload, ctx: &mut Context<Self>) {
+        let Some(target) = self.settings.repos.get(&m.repo).cloned() else {
+            return;
+        };
+        if self.settings.draining.load(Ordering::SeqCst)
+            || self.gc_running.contains(&m.repo)
+            || self.uploads.len() >= MAX_UPLOAD_RUNS
+            || self.uploads.contains_key(&m.job_id)
+            || self.jobs.contains_key(&m.job_id)
+        {
+            return;
+        }
+        let run = self.new_run();
+        let abort = Arc::new(AtomicBool::new(false));
+        let mut tar = m.tar;
+        tar.stop_when(abort.clone());
+        self.uploads.insert(
+            m.job_id.clone(),
+            UploadRun {
+                repo: m.repo,
+                path: m.path.clone(),
+                run,
+                abort: abort.clone(),
+                started: Instant::now(),
+                outcome: None,
+                cancelled: false,
+            },
+        );
+        self.pool.do_send(ProcessJob {
+            job_id: m.job_id,
+            run,
+            tar: TarSource::Upload(tar),
+            target,
+            top_level: m.path.is_empty(),
+            params: self.settings.params,
+            limits: self.settings.limits,
+            abort,
+            done: ctx.address().recipient(),
+            progress: ctx.address().recipient(),
+        });
+    }
+}
+
+/// An upload processed by [`ProcessUpload`] ended without becoming a job (refused, cut off,
+/// checksum mismatch): its run is cancelled.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct UploadAbandoned {
+    pub job_id: String,
+}
+
+impl Handler<UploadAbandoned> for JobManager {
+    type Result = ();
+    fn handle(&mut self, m: UploadAbandoned, _: &mut Context<Self>) {
+        if !self.jobs.contains_key(&m.job_id) {
+            self.cancel_upload_run(&m.job_id);
+        }
     }
 }

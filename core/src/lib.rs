@@ -16,6 +16,7 @@ pub mod cron;
 pub mod gateway;
 pub mod gc;
 pub mod gcrun;
+pub mod growing;
 pub mod hash;
 pub mod history;
 pub mod intake;

@@ -13,9 +13,11 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use prepub_actors::job_manager::{
-    AbortError, AbortJob, CountJobs, GetJob, JobManager, ListJobs, SubmitJob,
+    AbortError, AbortJob, CountJobs, GetJob, JobManager, ListJobs, ProcessUpload, SubmitJob,
+    UploadAbandoned,
 };
 use prepub_actors::metrics::Metrics;
+use prepub_core::growing::{FinishGuard, Growing};
 use prepub_core::jobs::{now_ms, valid_client_tag, JobRecord, JobState};
 use sha2::{Digest, Sha256};
 
@@ -215,10 +217,12 @@ fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
 }
 
 /// Streams one body into `file`, enforcing the size limit; returns (bytes, sha256 hex).
+/// `growing`, when the tar is processed while it uploads, is told of every byte written.
 async fn stream_to_file<S, E>(
     mut body: S,
     file: &mut std::fs::File,
     limit: u64,
+    growing: Option<Arc<Growing>>,
 ) -> Result<(u64, String), ApiError>
 where
     S: futures_util::Stream<Item = Result<web::Bytes, E>> + Unpin,
@@ -229,7 +233,7 @@ where
     let (tx, rx) = tokio::sync::mpsc::channel::<Upload>(32);
     let writer = std::thread::Builder::new()
         .name("upload-writer".into())
-        .spawn(move || write_upload(out, rx))
+        .spawn(move || write_upload(out, rx, growing.map(FinishGuard::new)))
         .map_err(spool_err)?;
     let mut n = 0u64;
     let mut refused = None;
@@ -275,10 +279,12 @@ enum Upload {
 /// The upload's writer thread (no file I/O or hashing on the async workers): appends each
 /// piece, hashes it, and starts the disk writes of every 16 MiB as it goes, so that the final
 /// fsync finds most of the tar on disk already. Returns the SHA-256; an upload cut off before
-/// its end is not synced.
+/// its end is not synced. `follow` (the tar is processed as it arrives) learns each new length,
+/// and that the upload is complete before the fsync, so processing does not wait for the disk.
 fn write_upload(
     mut f: std::fs::File,
     mut rx: tokio::sync::mpsc::Receiver<Upload>,
+    follow: Option<FinishGuard>,
 ) -> std::io::Result<String> {
     const WRITEBACK: u64 = 16 << 20;
     let mut sha = Sha256::new();
@@ -289,12 +295,18 @@ fn write_upload(
                 sha.update(&b);
                 f.write_all(&b)?;
                 written += b.len() as u64;
+                if let Some(g) = &follow {
+                    g.grew(written);
+                }
                 if written - started >= WRITEBACK {
                     start_writeback(&f, started, written - started);
                     started = written;
                 }
             }
             Upload::End => {
+                if let Some(g) = follow {
+                    g.complete();
+                }
                 f.sync_all()?;
                 return Ok(hex::encode(sha.finalize()));
             }
@@ -322,8 +334,44 @@ fn start_writeback(f: &std::fs::File, offset: u64, len: u64) {
     let _ = (f, offset, len);
 }
 
+/// Starts processing the upload `id` (spooled at `upload`) while it arrives, when its
+/// repository and path are known and valid before the tar; returns what its writer tells the
+/// reader. The job manager may decline; then the job is processed once accepted.
+fn process_while_uploading(
+    st: &AppState,
+    who: &Principal,
+    f: &Fields,
+    id: &str,
+    upload: &std::path::Path,
+    run: &mut UploadRunGuard,
+) -> Option<Arc<Growing>> {
+    let (repo, path) = validate(f, st, who).ok()?;
+    let reader = std::fs::File::open(upload).ok()?;
+    let growing = Growing::new();
+    st.jobs.do_send(ProcessUpload {
+        job_id: id.to_string(),
+        repo,
+        path,
+        tar: growing.reader(reader),
+    });
+    run.0 = Some((st.jobs.clone(), id.to_string()));
+    Some(growing)
+}
+
+/// Cancels the processing of an upload that does not become a job (the job manager ignores it
+/// for one that did).
+struct UploadRunGuard(Option<(Addr<JobManager>, String)>);
+impl Drop for UploadRunGuard {
+    fn drop(&mut self) {
+        if let Some((jobs, job_id)) = self.0.take() {
+            jobs.do_send(UploadAbandoned { job_id });
+        }
+    }
+}
+
 /// Reads a submission's body (multipart or raw tar with headers) into `file`; returns the
 /// fields, the tar's size and its SHA-256.
+#[allow(clippy::too_many_arguments)]
 async fn read_upload<S>(
     req: &HttpRequest,
     payload: S,
@@ -331,6 +379,8 @@ async fn read_upload<S>(
     who: &Principal,
     file: &mut std::fs::File,
     limit: u64,
+    (id, upload): (&str, &std::path::Path),
+    run: &mut UploadRunGuard,
 ) -> Result<(Fields, u64, String), ApiError>
 where
     S: futures_util::Stream<Item = Result<web::Bytes, actix_web::error::PayloadError>>
@@ -351,7 +401,8 @@ where
                 if got_tar.is_some() {
                     return Err(bad("bad-multipart", "more than one 'tar' field"));
                 }
-                got_tar = Some(stream_to_file(&mut field, file, limit).await?);
+                let growing = process_while_uploading(st, who, &f, id, upload, run);
+                got_tar = Some(stream_to_file(&mut field, file, limit, growing).await?);
                 continue;
             }
             let mut v = Vec::new();
@@ -389,7 +440,8 @@ where
         f.tar_sha256 = header_str(h, "x-cvmfs-tar-sha256").map(|s| s.trim().to_ascii_lowercase());
         // Refuse before reading a single body byte.
         validate(&f, st, who)?;
-        let (n, d) = stream_to_file(payload, file, limit).await?;
+        let growing = process_while_uploading(st, who, &f, id, upload, run);
+        let (n, d) = stream_to_file(payload, file, limit, growing).await?;
         tar_bytes = n;
         digest = d;
     }
@@ -488,15 +540,25 @@ pub async fn submit(
         std::fs::File::create(&upload).map_err(|e| ApiError::Unavailable(format!("spool: {e}")))?;
     let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let body = idle_limited(payload, st.cfg.upload_idle, stalled.clone());
-    let (f, tar_bytes, digest) = read_upload(&req, body, &st, &who, &mut file, limit)
-        .await
-        .map_err(|e| {
-            if stalled.load(std::sync::atomic::Ordering::SeqCst) {
-                ApiError::Stalled(st.cfg.upload_idle.as_secs())
-            } else {
-                e
-            }
-        })?;
+    let mut run = UploadRunGuard(None);
+    let (f, tar_bytes, digest) = read_upload(
+        &req,
+        body,
+        &st,
+        &who,
+        &mut file,
+        limit,
+        (&id, &upload),
+        &mut run,
+    )
+    .await
+    .map_err(|e| {
+        if stalled.load(std::sync::atomic::Ordering::SeqCst) {
+            ApiError::Stalled(st.cfg.upload_idle.as_secs())
+        } else {
+            e
+        }
+    })?;
     let (repo, path) = validate(&f, &st, &who)?;
     if tar_bytes == 0 {
         return Err(bad("missing-tar", "the tar is empty"));

@@ -482,6 +482,91 @@ impl Drop for Daemon {
     }
 }
 
+/// The name of the object a small (unchunked, zlib-stored) file's `data` becomes.
+pub fn object_of_small_file(data: &[u8]) -> prepub_core::hash::ObjectId {
+    prepub_core::hash::ObjectId::new(
+        prepub_core::hash::Digest20::of(&zlib6(data)),
+        prepub_core::hash::Suffix::None,
+    )
+}
+
+/// `data` as stock zlib level 6 stores it.
+pub fn zlib6(data: &[u8]) -> Vec<u8> {
+    let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+/// Where `tar` should be cut so the first part ends just after the (padded) content `data`.
+pub fn cut_after(tar: &[u8], data: &[u8]) -> usize {
+    let at = tar
+        .windows(data.len())
+        .position(|w| w == data)
+        .expect("content in the tar");
+    (at + data.len()).div_ceil(512) * 512
+}
+
+/// A raw-tar submission sent over one connection in two parts: the first at once, the rest on
+/// [`SlowUpload::finish`] — or never, when it is dropped.
+pub struct SlowUpload {
+    stream: std::net::TcpStream,
+    rest: Vec<u8>,
+}
+
+impl SlowUpload {
+    /// Sends the rest; returns the status and JSON body of the answer.
+    pub fn finish(mut self) -> (u16, serde_json::Value) {
+        self.stream.write_all(&self.rest).unwrap();
+        let mut answer = Vec::new();
+        self.stream.read_to_end(&mut answer).unwrap();
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {text}"));
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+        (
+            status,
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        )
+    }
+}
+
+impl Daemon {
+    /// Starts submitting `tar` to `path` and sends its first `first` bytes.
+    pub fn begin_upload(&self, path: &str, tar: &[u8], first: usize) -> SlowUpload {
+        let addr = self.url.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+            .unwrap();
+        let head = format!(
+            "POST /api/v1/jobs HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN}\r\n\
+             X-Cvmfs-Repo: {REPO}\r\nX-Cvmfs-Path: {path}\r\nContent-Type: application/x-tar\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            tar.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(&tar[..first]).unwrap();
+        SlowUpload {
+            stream,
+            rest: tar[first..].to_vec(),
+        }
+    }
+}
+
+/// Polls `cond` every 20 ms for up to `secs`; true once it held.
+pub fn eventually(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
+    for _ in 0..secs * 50 {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
 pub fn client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .timeout(std::time::Duration::from_secs(60))
