@@ -36,7 +36,7 @@ fn conflict(path: &str, msg: &str) -> MergeError {
 
 /// Metadata and content equality, ignoring what a catalog derives itself (link counts of
 /// directories, nested-catalog transition flags, chunk hash algorithm bits).
-fn same(a: &Entry, b: &Entry) -> bool {
+pub(crate) fn same(a: &Entry, b: &Entry) -> bool {
     let mask = !(flags::DIR_NESTED_MOUNTPOINT | flags::DIR_NESTED_ROOT);
     let dirs = a.is_dir() && b.is_dir();
     a.name == b.name

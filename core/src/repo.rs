@@ -458,6 +458,12 @@ fn read_small_file(cas: &dyn Cas, e: &Entry) -> Result<Vec<u8>, RepoError> {
 /// as directories; markers and dirtab rules create nested catalogs; hard links inside one
 /// directory become a hardlink group, across directories independent copies (as upstream's
 /// ingest does).
+///
+/// `Replace` gives the same tree as removing the target and adding the change set, but touches
+/// only what differs: entries the change set lacks are removed, entries equal to what would be
+/// added stay as they are, and nested catalogs no longer marked are merged back. A republish
+/// that changes a few files thus rewrites a few rows, and catalogs it does not touch keep
+/// their hash.
 pub fn apply_changeset(
     tree: &mut CatalogTree<'_>,
     cas: &dyn Cas,
@@ -489,18 +495,28 @@ pub fn apply_changeset(
         }
     }
 
-    // The target itself.
-    if mode == ApplyMode::Replace {
-        if target.is_empty() {
-            for ch in tree.list("")? {
-                if ch.name != ".cvmfs" {
-                    tree.remove(&format!("/{}", ch.name))?;
-                }
+    // Dirtab: from the change set if it brings one at the repository root, else the tree (a
+    // replaced root without one has none).
+    let dirtab = match cs.nodes.get(".cvmfsdirtab").filter(|_| target.is_empty()) {
+        Some(n) => Dirtab::parse(&String::from_utf8_lossy(&read_small_file(cas, &n.entry)?)),
+        None if target.is_empty() && mode == ApplyMode::Replace => Dirtab::default(),
+        None => match tree.lookup("/.cvmfsdirtab")? {
+            Some(e) if e.kind() == Kind::Regular => {
+                Dirtab::parse(&String::from_utf8_lossy(&read_small_file(cas, &e)?))
             }
-        } else {
-            tree.remove(target)?;
-        }
+            _ => Dirtab::default(),
+        },
+    };
+
+    // The target itself.
+    let mut was_nested = Vec::new();
+    if mode == ApplyMode::Replace {
+        was_nested = prune_to(tree, target, cs, &dirtab)?;
     }
+    let default_meta = || {
+        (mode == ApplyMode::Replace)
+            .then(|| Entry::directory(split_path(target).1, 0o755, 0, 0, now))
+    };
     if target.is_empty() {
         if let Some(meta) = &cs.root {
             tree.touch_dir("", meta)?;
@@ -508,8 +524,16 @@ pub fn apply_changeset(
     } else {
         match tree.lookup(target)? {
             Some(e) if e.is_dir() => {
-                if let Some(meta) = &cs.root {
-                    tree.touch_dir(target, meta)?;
+                if let Some(meta) = cs.root.clone().or_else(default_meta) {
+                    if !crate::merge::same(
+                        &e,
+                        &Entry {
+                            name: e.name.clone(),
+                            ..meta.clone()
+                        },
+                    ) {
+                        tree.touch_dir(target, &meta)?;
+                    }
                 }
             }
             existing => {
@@ -542,21 +566,6 @@ pub fn apply_changeset(
         }
     }
 
-    // Dirtab: from the change set if it brings one at the repository root, else the tree.
-    let dirtab_rel = if target.is_empty() {
-        Some(".cvmfsdirtab")
-    } else {
-        None
-    };
-    let dirtab = match dirtab_rel.and_then(|r| cs.nodes.get(r)) {
-        Some(n) => Dirtab::parse(&String::from_utf8_lossy(&read_small_file(cas, &n.entry)?)),
-        None => match tree.lookup("/.cvmfsdirtab")? {
-            Some(e) if e.kind() == Kind::Regular => {
-                Dirtab::parse(&String::from_utf8_lossy(&read_small_file(cas, &e)?))
-            }
-            _ => Dirtab::default(),
-        },
-    };
     let mut empty_marker: Option<crate::object::EncodedFile> = None;
     let mut nest =
         |tree: &mut CatalogTree<'_>, dir: &str, marker_in_cs: bool| -> Result<(), RepoError> {
@@ -620,7 +629,11 @@ pub fn apply_changeset(
         if node.entry.is_dir() {
             match existing {
                 Some(e) if e.is_dir() => {
-                    if !node.synthesized {
+                    // A replaced tree has what the change set says, also for the directories
+                    // it only implies; a merge keeps theirs.
+                    if (mode == ApplyMode::Replace || !node.synthesized)
+                        && !as_stored_equal(&e, &node.entry)
+                    {
                         tree.touch_dir(&path, &node.entry)?;
                     }
                 }
@@ -636,11 +649,20 @@ pub fn apply_changeset(
             }
             continue;
         }
-        if existing.is_some() {
+        let group_root = node.hardlink_of.as_deref().unwrap_or(rel.as_str());
+        if let Some(old) = existing {
+            let mut plain = node.entry.clone();
+            plain.hardlink_group = 0;
+            plain.linkcount = 1;
+            if !groups_pending.contains_key(group_root)
+                && old.hardlink_group == 0
+                && as_stored_equal(&old, &plain)
+            {
+                continue; // already as it would be added
+            }
             tree.remove(&path)?;
         }
         let mut e = node.entry.clone();
-        let group_root = node.hardlink_of.as_deref().unwrap_or(rel.as_str());
         if let Some(&count) = groups_pending.get(group_root) {
             let (gid, _) = match group_of.get(group_root) {
                 Some(g) => *g,
@@ -658,7 +680,73 @@ pub fn apply_changeset(
         }
         tree.add(&path, &e)?;
     }
+
+    // Nested catalogs of the replaced tree that nothing marks any more go back into their
+    // parents, deepest first.
+    was_nested.sort_by_key(|(p, _)| std::cmp::Reverse(p.matches('/').count()));
+    for (path, rel) in was_nested {
+        let still =
+            cs.markers.contains(rel.as_str()) || (!dirtab.is_empty() && dirtab.matches(&path));
+        if !still && tree.is_nested_root(&path)? {
+            tree.remove_nested(&path)?;
+        }
+    }
     Ok(())
+}
+
+/// Whether `new` written into a catalog would give the row `old` has (type flags are derived
+/// on write, so they are compared as they would be stored).
+fn as_stored_equal(old: &Entry, new: &Entry) -> bool {
+    let (mut a, mut b) = (old.clone(), new.clone());
+    a.flags = a.normalized_flags();
+    b.flags = b.normalized_flags();
+    crate::merge::same(&a, &b)
+}
+
+/// For `Replace`: removes what the change set does not have under `target` (an entry whose kind
+/// changes goes too, to be added anew) and returns the nested catalog roots found there, with
+/// their paths relative to the target. Empty `.cvmfscatalog` markers that the dirtab creates are
+/// kept where it still applies, so those catalogs stay unchanged.
+fn prune_to(
+    tree: &mut CatalogTree<'_>,
+    target: &str,
+    cs: &ChangeSet,
+    dirtab: &Dirtab,
+) -> Result<Vec<(String, String)>, RepoError> {
+    let mut nested = Vec::new();
+    match tree.lookup(target)? {
+        Some(e) if e.is_dir() => {}
+        _ => return Ok(nested),
+    }
+    let mut stack = vec![(target.to_string(), String::new())];
+    while let Some((path, rel)) = stack.pop() {
+        if tree.is_nested_root(&path)? {
+            nested.push((path.clone(), rel.clone()));
+        }
+        for ch in tree.list(&path)? {
+            if path.is_empty() && ch.name == ".cvmfs" {
+                continue;
+            }
+            let crel = if rel.is_empty() {
+                ch.name.clone()
+            } else {
+                format!("{rel}/{}", ch.name)
+            };
+            let cpath = format!("{path}/{}", ch.name);
+            match cs.nodes.get(&crel) {
+                Some(n) if n.entry.is_dir() && ch.is_dir() => stack.push((cpath, crel)),
+                Some(n) if !n.entry.is_dir() && !ch.is_dir() => {}
+                None if ch.name == ".cvmfscatalog"
+                    && !ch.is_dir()
+                    && !dirtab.is_empty()
+                    && dirtab.matches(&path) => {}
+                _ => {
+                    tree.remove(&cpath)?;
+                }
+            }
+        }
+    }
+    Ok(nested)
 }
 
 /// A directory listing line for `repo ls`.
@@ -929,6 +1017,123 @@ mod tests {
             stats_of(&f, &p.commit.root).subtree,
             crate::catalog::Counters::default()
         );
+    }
+
+    /// Every entry below `base` with what a reader sees of it (hardlink groups as "grouped",
+    /// not their ids), and the nested catalog roots.
+    fn dump(f: &Fixture, base: &str) -> (Vec<String>, Vec<String>) {
+        with_current_tree(&f.cas, |t| {
+            let (mut rows, mut nested) = (Vec::new(), Vec::new());
+            let mut stack = vec![base.to_string()];
+            while let Some(dir) = stack.pop() {
+                if t.is_nested_root(&dir)? {
+                    nested.push(dir.clone());
+                }
+                for e in t.list(&dir)? {
+                    let p = format!("{dir}/{}", e.name);
+                    rows.push(format!(
+                        "{p} mode={:o} size={} hash={:?} chunks={:?} link={} mtime={} owner={}:{} nlink={} grouped={} xattrs={:?}",
+                        e.mode, e.size, e.hash, e.chunks, e.symlink, e.mtime, e.uid, e.gid,
+                        e.linkcount, e.hardlink_group > 0, e.xattrs
+                    ));
+                    if e.is_dir() {
+                        stack.push(p);
+                    }
+                }
+            }
+            rows.sort();
+            nested.sort();
+            Ok((rows, nested))
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn replacing_a_path_touches_only_what_differs_and_equals_a_fresh_publish() {
+        let before = tar_of(&[
+            ("keep.txt", Some(b"unchanged")),
+            ("edit.txt", Some(b"old text")),
+            ("gone.txt", Some(b"removed later")),
+            ("becomes_dir", Some(b"a file first")),
+            ("becomes_file/inner", Some(b"in a dir first")),
+            ("n1/.cvmfscatalog", Some(b"")),
+            ("n1/a", Some(b"in n1")),
+            ("n1/deep/.cvmfscatalog", Some(b"")),
+            ("n1/deep/b", Some(b"in n1/deep")),
+            ("still/.cvmfscatalog", Some(b"")),
+            ("still/c", Some(b"a nested catalog nothing changes")),
+        ]);
+        let after = tar_of(&[
+            ("keep.txt", Some(b"unchanged")),
+            ("edit.txt", Some(b"new text, longer")),
+            ("becomes_dir/now", Some(b"a dir now")),
+            ("becomes_file", Some(b"a file now")),
+            ("n1/a", Some(b"in n1")),
+            ("n1/deep/.cvmfscatalog", Some(b"")),
+            ("n1/deep/b", Some(b"in n1/deep")),
+            ("n2/.cvmfscatalog", Some(b"")),
+            ("n2/d", Some(b"newly nested")),
+            ("still/.cvmfscatalog", Some(b"")),
+            ("still/c", Some(b"a nested catalog nothing changes")),
+        ]);
+        let f = fixture();
+        ingest(&f, "/sw", &before, ApplyMode::Replace, &[]);
+        let before_nested = nested_of(
+            &f,
+            &current_manifest(&f.cas).unwrap().unwrap().0.root_catalog,
+        );
+        let still = before_nested.iter().find(|n| n.0 == "/sw/still").cloned();
+        assert!(still.is_some(), "{before_nested:?}");
+        ingest(&f, "/sw", &after, ApplyMode::Replace, &[]);
+        let fresh = fixture();
+        ingest(&fresh, "/sw", &after, ApplyMode::Replace, &[]);
+        let (rows, nested) = dump(&f, "/sw");
+        assert_eq!((rows, nested.clone()), dump(&fresh, "/sw"));
+        assert_eq!(nested, vec!["/sw/n1/deep", "/sw/n2", "/sw/still"]);
+        // The untouched nested catalog is the same object; republishing the same tar rewrites
+        // only the root catalog.
+        let (m, _) = current_manifest(&f.cas).unwrap().unwrap();
+        assert!(nested_of(&f, &m.root_catalog).contains(&still.unwrap()));
+        let again = ingest(&f, "/sw", &after, ApplyMode::Replace, &[]);
+        assert_eq!(
+            again.commit.written.len(),
+            1,
+            "only the root catalog is rewritten"
+        );
+        assert_eq!(dump(&f, "/sw"), dump(&fresh, "/sw"));
+    }
+
+    #[test]
+    fn replacing_under_a_dirtab_keeps_its_catalogs_and_follows_rule_changes() {
+        let f = fixture();
+        let fresh = fixture();
+        for fx in [&f, &fresh] {
+            ingest(
+                fx,
+                "/",
+                &tar_of(&[(".cvmfsdirtab", Some(b"/sw/*\n"))]),
+                ApplyMode::Merge,
+                &[],
+            );
+        }
+        let t = tar_of(&[("1.0/t", Some(b"a")), ("2.0/u", Some(b"b"))]);
+        ingest(&f, "/sw", &t, ApplyMode::Replace, &[]);
+        let again = ingest(&f, "/sw", &t, ApplyMode::Replace, &[]);
+        assert_eq!(
+            again.commit.written.len(),
+            1,
+            "dirtab catalogs stay as they were"
+        );
+        ingest(&fresh, "/sw", &t, ApplyMode::Replace, &[]);
+        assert_eq!(dump(&f, "/sw"), dump(&fresh, "/sw"));
+        // A root republish without the dirtab drops its catalogs, as a fresh publish has none.
+        let root = tar_of(&[("sw/1.0/t", Some(b"a")), ("sw/2.0/u", Some(b"b"))]);
+        ingest(&f, "/", &root, ApplyMode::Replace, &[]);
+        let (_, nested) = dump(&f, "");
+        assert!(nested.is_empty(), "{nested:?}");
+        let other = fixture();
+        ingest(&other, "/", &root, ApplyMode::Replace, &[]);
+        assert_eq!(dump(&f, ""), dump(&other, ""));
     }
 
     #[test]
