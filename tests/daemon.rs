@@ -706,3 +706,63 @@ fn uploads_cut_off_while_processed_leave_no_job_and_free_their_reader() {
     assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
     check_repo(&d.storage);
 }
+
+#[test]
+fn an_upload_processed_before_its_tar_is_on_disk_is_accepted_with_its_change_set() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let specs = small_tree("early");
+    let t = tar_bytes(&specs);
+    // The tar's fsync is held: the job is accepted once processed, already in `processing`.
+    let hold = [("CVMFS_PREPUB_TEST_HOLD", "tar-sync=5000")];
+    let d = Daemon::start(dir.path(), &hold);
+    let r = d.submit_raw(ADMIN, "/early", &t, None);
+    assert_eq!(r.status(), 202);
+    let body: serde_json::Value = r.json().unwrap();
+    assert_eq!(body["state"], "processing", "{body}");
+    let id = body["job_id"].as_str().unwrap().to_string();
+    assert!(dir
+        .path()
+        .join(format!("spool/jobs/{id}/changeset.json"))
+        .is_file());
+    assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
+    drop(d);
+
+    // Killed right after such an acceptance, with the tar lost (it was never synced): the job
+    // goes on from its change set.
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let mut d = Daemon::start(
+        dir.path(),
+        &[hold[0], ("CVMFS_PREPUB_TEST_CRASH", "accepted")],
+    );
+    // No answer comes: the daemon dies before it sends one.
+    let _ = client()
+        .post(format!("{}/api/v1/jobs", d.url))
+        .bearer_auth(ADMIN)
+        .header("X-Cvmfs-Repo", REPO)
+        .header("X-Cvmfs-Path", "/early")
+        .body(t.clone())
+        .send();
+    assert!(d.wait_exit(30), "no crash at accepted:\n{}", d.log_text());
+    drop(d);
+    let jobs: Vec<_> = std::fs::read_dir(dir.path().join("spool/jobs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(jobs.len(), 1);
+    std::fs::write(jobs[0].join("payload.tar"), b"").unwrap();
+    let d = Daemon::start(dir.path(), &[]);
+    let all = d.jobs();
+    assert_eq!(all["total"], 1, "{all}");
+    let id = all["jobs"][0]["job_id"].as_str().unwrap().to_string();
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    let url = serve(d.storage.clone());
+    verify(
+        &open_reader(&url, &dir.path().join("cache")),
+        "/early",
+        &specs,
+    );
+    check_repo(&d.storage);
+}

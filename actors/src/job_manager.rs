@@ -134,6 +134,17 @@ struct UploadRun {
     outcome: Option<Result<ChangeSet, ProcessError>>,
     /// Given up (upload failed, garbage collection began): only waits for its thread to answer.
     cancelled: bool,
+    /// [`AwaitUploadRun`] callers: told whether the run ended with a change set.
+    waiters: Vec<tokio::sync::oneshot::Sender<bool>>,
+}
+
+impl UploadRun {
+    fn tell_waiters(&mut self) {
+        let ok = !self.cancelled && matches!(self.outcome, Some(Ok(_)));
+        for w in self.waiters.drain(..) {
+            let _ = w.send(ok);
+        }
+    }
 }
 
 impl JobManager {
@@ -164,6 +175,42 @@ impl JobManager {
         }
     }
 
+    /// A job's change set is ready: its progress and the pipeline counters.
+    fn count_processed(&self, job: &mut JobRecord, cs: &ChangeSet) {
+        job.progress = progress_of(cs);
+        self.metrics
+            .pipeline_dedup_hits_total
+            .with_label_values(&[&job.path])
+            .inc_by(cs.stats.dedup_hits);
+        self.metrics
+            .pipeline_objects_new_total
+            .with_label_values(&[&job.path])
+            .inc_by(cs.stats.new_objects);
+        self.metrics
+            .pipeline_bytes_total
+            .with_label_values(&[&job.path])
+            .inc_by(cs.stats.bytes_in);
+    }
+
+    /// The change set of the finished run of upload `id`, taken for its acceptance, when the
+    /// run may stand for the job (see [`adopt_upload_run`](Self::adopt_upload_run)).
+    fn take_processed_upload(&mut self, rec: &JobRecord) -> Option<(u64, Instant, ChangeSet)> {
+        let usable = matches!(self.uploads.get(&rec.id), Some(u) if !u.cancelled
+            && u.repo == rec.repo
+            && u.path == rec.path
+            && !rec.removal
+            && matches!(u.outcome, Some(Ok(_)))
+            && !self.gc_running.contains(&rec.repo));
+        if !usable {
+            return None;
+        }
+        let u = self.uploads.remove(&rec.id)?;
+        match u.outcome {
+            Some(Ok(cs)) => Some((u.run, u.started, cs)),
+            _ => None,
+        }
+    }
+
     fn new_run(&mut self) -> u64 {
         self.next_run += 1;
         self.next_run
@@ -175,6 +222,7 @@ impl JobManager {
         if let Some(u) = self.uploads.get_mut(id) {
             u.cancelled = true;
             u.abort.store(true, Ordering::SeqCst);
+            u.tell_waiters();
             if u.outcome.is_some() {
                 self.uploads.remove(id);
             }
@@ -754,8 +802,10 @@ impl Supervised for JobManager {
         self.jobs.clear();
         self.started_at.clear();
         self.runs.clear();
-        for u in self.uploads.values() {
+        for u in self.uploads.values_mut() {
+            u.cancelled = true;
             u.abort.store(true, Ordering::SeqCst);
+            u.tell_waiters();
         }
         self.uploads.clear();
     }
@@ -770,6 +820,8 @@ pub enum SubmitError {
     Spool(#[from] SpoolError),
     #[error("job manager unavailable")]
     Unavailable,
+    #[error("the upload's processing was given up; its tar must be on disk to accept it")]
+    NotProcessed,
 }
 
 /// Accepts a spooled upload as a job.
@@ -778,20 +830,28 @@ pub enum SubmitError {
 pub struct SubmitJob {
     pub record: JobRecord,
     pub upload: PathBuf,
+    /// False when the tar is not known to be on disk: then the upload must have been processed
+    /// while it arrived ([`AwaitUploadRun`] said so), and the job is accepted with its change
+    /// set; otherwise [`SubmitError::NotProcessed`].
+    pub tar_synced: bool,
 }
 
 impl Handler<SubmitJob> for JobManager {
     type Result = ResponseActFuture<Self, Result<JobRecord, SubmitError>>;
     fn handle(&mut self, m: SubmitJob, _: &mut Context<Self>) -> Self::Result {
-        let rec = m.record.clone();
         if self.settings.draining.load(Ordering::SeqCst) {
             return Box::pin(fut::ready(Err(SubmitError::Draining)));
         }
+        if !m.tar_synced {
+            return self.accept_processed(m.record, m.upload);
+        }
+        let rec = m.record.clone();
         Box::pin(
             self.journal
                 .send(AcceptJob {
                     record: m.record,
                     upload: m.upload,
+                    changeset: None,
                 })
                 .into_actor(self)
                 .map(move |res, act, ctx| {
@@ -915,6 +975,7 @@ impl Handler<Processed> for JobManager {
                 self.uploads.remove(&m.job_id);
             } else {
                 u.outcome = Some(m.outcome); // until the upload is accepted
+                u.tell_waiters();
             }
             return;
         }
@@ -935,19 +996,7 @@ impl Handler<Processed> for JobManager {
         match m.outcome {
             Ok(cs) => {
                 let mut job = job;
-                job.progress = progress_of(&cs);
-                self.metrics
-                    .pipeline_dedup_hits_total
-                    .with_label_values(&[&job.path])
-                    .inc_by(cs.stats.dedup_hits);
-                self.metrics
-                    .pipeline_objects_new_total
-                    .with_label_values(&[&job.path])
-                    .inc_by(cs.stats.new_objects);
-                self.metrics
-                    .pipeline_bytes_total
-                    .with_label_values(&[&job.path])
-                    .inc_by(cs.stats.bytes_in);
+                self.count_processed(&mut job, &cs);
                 self.jobs.insert(job.id.clone(), job);
                 let id = m.job_id.clone();
                 ctx.spawn(
@@ -1390,6 +1439,7 @@ impl Handler<ProcessUpload> for JobManager {
                 started: Instant::now(),
                 outcome: None,
                 cancelled: false,
+                waiters: Vec::new(),
             },
         );
         self.pool.do_send(ProcessJob {
@@ -1421,5 +1471,78 @@ impl Handler<UploadAbandoned> for JobManager {
         if !self.jobs.contains_key(&m.job_id) {
             self.cancel_upload_run(&m.job_id);
         }
+    }
+}
+
+impl JobManager {
+    /// Accepts an upload processed while it arrived, with its change set (the spool makes that
+    /// durable before the record), and walks on from there as after any processing.
+    fn accept_processed(
+        &mut self,
+        mut rec: JobRecord,
+        upload: PathBuf,
+    ) -> ResponseActFuture<Self, Result<JobRecord, SubmitError>> {
+        let Some((run, started, cs)) = self.take_processed_upload(&rec) else {
+            return Box::pin(fut::ready(Err(SubmitError::NotProcessed)));
+        };
+        rec.attempts = 1;
+        rec.transition(JobState::Processing, now_ms());
+        self.count_processed(&mut rec, &cs);
+        let id = rec.id.clone();
+        Box::pin(
+            self.journal
+                .send(AcceptJob {
+                    record: rec.clone(),
+                    upload,
+                    changeset: Some(cs),
+                })
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    match res {
+                        Err(_) => return Err(SubmitError::Unavailable),
+                        Ok(Err(e)) => return Err(SubmitError::Spool(e)),
+                        Ok(Ok(())) => {}
+                    }
+                    crate::testhook::point("accepted");
+                    act.metrics
+                        .jobs_submitted_total
+                        .with_label_values(&[&rec.path])
+                        .inc();
+                    act.metrics
+                        .cas_upload_duration_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                    act.runs.insert(id.clone(), run);
+                    act.jobs.insert(id.clone(), rec.clone());
+                    act.update_gauges();
+                    crate::testhook::point("changeset-saved");
+                    act.after_saved_changeset(id, ctx);
+                    Ok(rec)
+                }),
+        )
+    }
+}
+
+/// Waits for the processing of upload `job_id` to end: true when it produced a change set
+/// that [`SubmitJob`] with `tar_synced: false` can accept; false when it failed, was cancelled,
+/// or never ran.
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct AwaitUploadRun {
+    pub job_id: String,
+}
+
+impl Handler<AwaitUploadRun> for JobManager {
+    type Result = ResponseFuture<bool>;
+    fn handle(&mut self, m: AwaitUploadRun, _: &mut Context<Self>) -> Self::Result {
+        let Some(u) = self.uploads.get_mut(&m.job_id) else {
+            return Box::pin(async { false });
+        };
+        if u.cancelled || u.outcome.is_some() {
+            let ok = !u.cancelled && matches!(u.outcome, Some(Ok(_)));
+            return Box::pin(async move { ok });
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        u.waiters.push(tx);
+        Box::pin(async move { rx.await.unwrap_or(false) })
     }
 }

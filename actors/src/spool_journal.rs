@@ -34,12 +34,17 @@ impl Actor for SpoolJournal {
 pub struct AcceptJob {
     pub record: JobRecord,
     pub upload: PathBuf,
+    /// The change set, when the upload was processed before it was accepted.
+    pub changeset: Option<ChangeSet>,
 }
 
 impl Handler<AcceptJob> for SpoolJournal {
     type Result = Result<(), SpoolError>;
     fn handle(&mut self, m: AcceptJob, _: &mut SyncContext<Self>) -> Self::Result {
-        self.spool.accept(&m.record, &m.upload)?;
+        match &m.changeset {
+            Some(cs) => self.spool.accept_processed(&m.record, &m.upload, cs)?,
+            None => self.spool.accept(&m.record, &m.upload)?,
+        }
         self.latest.insert(m.record.id.clone(), m.record);
         Ok(())
     }

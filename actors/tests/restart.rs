@@ -91,6 +91,7 @@ async fn job_manager_restarts_from_the_journal() {
                 now_ms(),
             ),
             upload,
+            tar_synced: true,
         }
     };
     jm.send(submit("job-1", "/one")).await.unwrap().unwrap();

@@ -218,6 +218,27 @@ impl Spool {
         self.record(rec)
     }
 
+    /// Accepts an upload that was processed while it arrived: its change set is made durable
+    /// before the record, so the job never needs its tar again and the tar's own fsync need not
+    /// be waited for (it is moved into the job directory for inspection, like any tar). `rec`
+    /// is in `processing`: a restart continues from the change set.
+    pub fn accept_processed(
+        &mut self,
+        rec: &JobRecord,
+        upload: &Path,
+        cs: &ChangeSet,
+    ) -> Result<(), SpoolError> {
+        let dir = self.job_dir(&rec.id);
+        fs::create_dir_all(&dir).map_err(ioe(&dir))?;
+        self.save_changeset(&rec.id, cs)?;
+        let dest = self.tar_path(&rec.id);
+        fs::rename(upload, &dest).map_err(ioe(&dest))?;
+        File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(ioe(&dir))?;
+        self.record(rec)
+    }
+
     /// Appends `rec` to the journal (fsynced) and refreshes `job.json`.
     pub fn record(&mut self, rec: &JobRecord) -> Result<(), SpoolError> {
         let wal_path = self.root.join("journal.wal");

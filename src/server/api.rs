@@ -13,8 +13,8 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use prepub_actors::job_manager::{
-    AbortError, AbortJob, CountJobs, GetJob, JobManager, ListJobs, ProcessUpload, SubmitJob,
-    UploadAbandoned,
+    AbortError, AbortJob, AwaitUploadRun, CountJobs, GetJob, JobManager, ListJobs, ProcessUpload,
+    SubmitJob, UploadAbandoned,
 };
 use prepub_actors::metrics::Metrics;
 use prepub_core::growing::{FinishGuard, Growing};
@@ -279,8 +279,9 @@ enum Upload {
 /// The upload's writer thread (no file I/O or hashing on the async workers): appends each
 /// piece, hashes it, and starts the disk writes of every 16 MiB as it goes, so that the final
 /// fsync finds most of the tar on disk already. Returns the SHA-256; an upload cut off before
-/// its end is not synced. `follow` (the tar is processed as it arrives) learns each new length,
-/// and that the upload is complete before the fsync, so processing does not wait for the disk.
+/// its end is not synced. With `follow` (the tar is processed as it arrives) it reports each
+/// new length and leaves the disk alone: the job may never need the tar on disk (see
+/// `submit`), and writeback started here would only slow the writes the processing waits for.
 fn write_upload(
     mut f: std::fs::File,
     mut rx: tokio::sync::mpsc::Receiver<Upload>,
@@ -298,16 +299,16 @@ fn write_upload(
                 if let Some(g) = &follow {
                     g.grew(written);
                 }
-                if written - started >= WRITEBACK {
+                if follow.is_none() && written - started >= WRITEBACK {
                     start_writeback(&f, started, written - started);
                     started = written;
                 }
             }
             Upload::End => {
-                if let Some(g) = follow {
-                    g.complete();
+                match follow {
+                    Some(g) => g.complete(),
+                    None => f.sync_all()?,
                 }
-                f.sync_all()?;
                 return Ok(hex::encode(sha.finalize()));
             }
         }
@@ -571,6 +572,11 @@ pub async fn submit(
             ));
         }
     }
+    let tar_synced = if run.0.is_some() {
+        tar_on_disk_or_processed(&st, &id, &file).await?
+    } else {
+        true // the writer synced it
+    };
     drop(file);
     let mut rec = JobRecord::new(id.clone(), repo, path, now_ms());
     rec.tag_name = f.tag_name;
@@ -578,7 +584,7 @@ pub async fn submit(
     rec.tar_sha256 = Some(digest);
     rec.owner = who.owner();
     rec.tar_bytes = tar_bytes;
-    let accepted = hand_over(&st, rec, upload, &mut guard).await?;
+    let accepted = hand_over(&st, rec, upload, tar_synced, &mut guard).await?;
     Ok(HttpResponse::Accepted().json(Submitted {
         job_id: accepted.id,
         state: accepted.state.as_str().into(),
@@ -656,26 +662,71 @@ pub(crate) async fn accept_removal(
     rec.tag_description = f.tag_description.clone();
     rec.owner = owner;
     rec.removal = true;
-    hand_over(st, rec, upload, &mut guard).await
+    hand_over(st, rec, upload, true, &mut guard).await
+}
+
+/// Waits until the upload processed while it arrived is either on disk or processed, whichever
+/// comes first; returns whether it is on disk. A job whose change set is ready does not need
+/// its tar any more, so its acceptance does not wait for the tar's fsync (which goes on).
+async fn tar_on_disk_or_processed(
+    st: &AppState,
+    id: &str,
+    file: &std::fs::File,
+) -> Result<bool, ApiError> {
+    let spool_err = |e: std::io::Error| ApiError::Unavailable(format!("spool write failed: {e}"));
+    let f = file.try_clone().map_err(spool_err)?;
+    let sync = Box::pin(web::block(move || {
+        prepub_actors::testhook::point("tar-sync");
+        f.sync_all()
+    }));
+    let processed = Box::pin(st.jobs.send(AwaitUploadRun {
+        job_id: id.to_string(),
+    }));
+    let synced = |r: Result<std::io::Result<()>, actix_web::error::BlockingError>| {
+        r.map_err(|_| ApiError::Unavailable("spool writer unavailable".into()))?
+            .map_err(spool_err)
+    };
+    match futures_util::future::select(sync, processed).await {
+        futures_util::future::Either::Left((r, _)) => synced(r).map(|()| true),
+        futures_util::future::Either::Right((Ok(true), _)) => Ok(false),
+        futures_util::future::Either::Right((_, sync)) => synced(sync.await).map(|()| true),
+    }
 }
 
 /// Hands a spooled upload and its record to the job manager; once it is accepted the spool owns
-/// the upload (the guard no longer deletes it).
+/// the upload (the guard no longer deletes it). An upload whose processing was given up after
+/// all (a garbage collection began) is made durable and handed over again.
 async fn hand_over(
     st: &AppState,
     record: JobRecord,
     upload: PathBuf,
+    tar_synced: bool,
     guard: &mut UploadGuard,
 ) -> Result<JobRecord, ApiError> {
-    let accepted = st
-        .jobs
-        .send(SubmitJob { record, upload })
+    use prepub_actors::job_manager::SubmitError;
+    let submit = |record: JobRecord, tar_synced: bool| {
+        st.jobs.send(SubmitJob {
+            record,
+            upload: upload.clone(),
+            tar_synced,
+        })
+    };
+    let unavailable = |_| ApiError::Unavailable("job manager unavailable".into());
+    let mut answer = submit(record.clone(), tar_synced)
         .await
-        .map_err(|_| ApiError::Unavailable("job manager unavailable".into()))?
-        .map_err(|e| match e {
-            prepub_actors::job_manager::SubmitError::Draining => ApiError::Draining,
-            e => ApiError::Unavailable(e.to_string()),
-        })?;
+        .map_err(unavailable)?;
+    if let Err(SubmitError::NotProcessed) = answer {
+        let path = upload.clone();
+        web::block(move || std::fs::File::open(path)?.sync_all())
+            .await
+            .map_err(|_| ApiError::Unavailable("spool writer unavailable".into()))?
+            .map_err(|e| ApiError::Unavailable(format!("spool write failed: {e}")))?;
+        answer = submit(record, true).await.map_err(unavailable)?;
+    }
+    let accepted = answer.map_err(|e| match e {
+        SubmitError::Draining => ApiError::Draining,
+        e => ApiError::Unavailable(e.to_string()),
+    })?;
     guard.0 = None;
     Ok(accepted)
 }
