@@ -7,7 +7,7 @@
 //! revision intact and readable (everything written before it is unreferenced content).
 //! A lock file serialises publishers on one storage.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -508,6 +508,13 @@ pub fn apply_changeset(
         },
     };
 
+    // A target that is not a directory yet is built from nothing: its entries need no lookups.
+    let fresh = !target.is_empty() && !matches!(tree.lookup(target)?, Some(e) if e.is_dir());
+    let mut fresh_dirs: HashSet<String> = HashSet::new();
+    if fresh {
+        fresh_dirs.insert(target.to_string());
+    }
+
     // The target itself.
     let mut was_nested = Vec::new();
     if mode == ApplyMode::Replace {
@@ -623,9 +630,17 @@ pub fn apply_changeset(
         }
     }
 
+    // Parents come before their children in the change set's order.
+    let add = |tree: &mut CatalogTree<'_>, fresh_dirs: &HashSet<String>, path: &str, e: &Entry| {
+        if fresh_dirs.contains(split_path(path).0) {
+            tree.add_new_child(path, e)
+        } else {
+            tree.add(path, e)
+        }
+    };
     for (rel, node) in &cs.nodes {
         let path = join(target, rel);
-        let existing = tree.lookup(&path)?;
+        let existing = if fresh { None } else { tree.lookup(&path)? };
         if node.entry.is_dir() {
             match existing {
                 Some(e) if e.is_dir() => {
@@ -641,7 +656,12 @@ pub fn apply_changeset(
                     tree.remove(&path)?;
                     tree.add(&path, &node.entry)?;
                 }
-                None => tree.add(&path, &node.entry)?,
+                None => {
+                    add(tree, &fresh_dirs, &path, &node.entry)?;
+                    if fresh {
+                        fresh_dirs.insert(path.clone());
+                    }
+                }
             }
             let marked = cs.markers.contains(rel.as_str());
             if marked || (!dirtab.is_empty() && dirtab.matches(&path)) {
@@ -678,7 +698,7 @@ pub fn apply_changeset(
             e.hardlink_group = 0;
             e.linkcount = 1;
         }
-        tree.add(&path, &e)?;
+        add(tree, &fresh_dirs, &path, &e)?;
     }
 
     // Nested catalogs of the replaced tree that nothing marks any more go back into their

@@ -314,6 +314,11 @@ impl<'a> CatalogTree<'a> {
         if self.db(c)?.lookup(path)?.is_some() {
             return Err(TreeError::Exists { path: path.into() });
         }
+        self.insert_entry(c, path, entry)
+    }
+
+    /// Writes a new row for `entry` at `path` into catalog `c` (which holds its parent).
+    fn insert_entry(&mut self, c: usize, path: &str, entry: &Entry) -> Result<(), TreeError> {
         let mut e = entry.clone();
         e.flags &= !(flags::DIR_NESTED_MOUNTPOINT | flags::DIR_NESTED_ROOT);
         if e.is_dir() {
@@ -323,9 +328,21 @@ impl<'a> CatalogTree<'a> {
         self.db(c)?.insert(path, &e)?;
         self.cats[c].dirty = true;
         if e.is_dir() {
-            self.adjust_dir_links(parent, 1)?;
+            self.adjust_dir_links(split_path(path).0, 1)?;
         }
         Ok(())
+    }
+
+    /// Like [`add`](Self::add) for a caller that added the parent of `path` as a directory in
+    /// this edit and adds nothing twice (building a new subtree): skips the parent and existence
+    /// lookups. The catalog's primary key still refuses a duplicate.
+    pub fn add_new_child(&mut self, path: &str, entry: &Entry) -> Result<(), TreeError> {
+        let (parent, name) = split_path(path);
+        if path.is_empty() || name != entry.name {
+            return self.add(path, entry);
+        }
+        let c = self.catalog_for(parent)?;
+        self.insert_entry(c, path, entry)
     }
 
     /// Replaces the metadata of the existing directory at `path`, keeping its children, link
