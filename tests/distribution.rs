@@ -157,12 +157,23 @@ fn three_receivers_quorum_and_incremental_pushes() {
     let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
     let j = submit(&d, "/sw/three", &tree("three", 1));
     assert_eq!(j["state"], "published", "{j}");
-    assert!(
+    // The dead endpoint is retried for a few seconds (a restarting receiver is back by then):
+    // `pending` when the quorum let the commit go ahead, then its failure.
+    let id = j["job_id"].as_str().unwrap();
+    let seen = |j: &serde_json::Value| {
         j["distribution"][&down_url]
             .as_str()
             .unwrap_or("")
-            .starts_with("failed"),
+            .to_string()
+    };
+    assert!(
+        seen(&j).starts_with("pending") || seen(&j).starts_with("failed"),
         "{j}"
+    );
+    assert!(
+        eventually(30, || seen(&d.job(id)).starts_with("failed")),
+        "{}",
+        d.job(id)
     );
     drop(d);
     // ... 0.75 without commit_anyway fails with the reason ...
@@ -269,6 +280,35 @@ fn a_receiver_restarted_mid_push_completes() {
     assert_eq!(r.url, url);
     let j = d.wait_terminal(&id, 120);
     assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    assert_prewarmed(&d.storage, &r);
+}
+
+#[test]
+fn a_receiver_down_at_the_announcement_and_back_soon_gets_the_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let r = receiver_with(dir.path(), "late", Some(port), &[]);
+    with_distribution(dir.path(), &[&r], 1.0, false, "60s");
+    drop(r); // down when the job announces its payload ...
+    let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
+    let id = d.submit_id(ADMIN, "/sw/late", &tar_bytes(&tree("late", 3)), None);
+    d.wait_state(&id, "distributing", 30);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let r = receiver_with(dir.path(), "late", Some(port), &[]); // ... back a moment later
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    assert!(
+        j["distribution"][&r.url]
+            .as_str()
+            .unwrap()
+            .starts_with("ok:"),
+        "{j}"
+    );
     assert_prewarmed(&d.storage, &r);
 }
 

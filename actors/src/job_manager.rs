@@ -1081,6 +1081,21 @@ impl Handler<crate::s1_distributor::Distributed> for JobManager {
             results, started, ..
         }) = self.distributing.get_mut(&m.job_id)
         else {
+            // After the quorum settled: an endpoint still trying then gets its outcome now.
+            if let Some(mut job) = self.jobs.get(&m.job_id).cloned() {
+                if job
+                    .distribution
+                    .get(&m.endpoint)
+                    .is_some_and(|v| v.starts_with("pending"))
+                {
+                    let text = match &m.outcome {
+                        Ok(r) => format!("ok (after the commit went ahead): {r}"),
+                        Err(e) => format!("failed (after the commit went ahead): {e}"),
+                    };
+                    job.distribution.insert(m.endpoint, text);
+                    self.save(job, ctx, |_, _, _| {});
+                }
+            }
             return;
         };
         let elapsed = started.elapsed().as_secs_f64();

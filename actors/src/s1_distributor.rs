@@ -193,13 +193,47 @@ impl Pusher {
         })
     }
 
+    /// [`ok`](Self::ok) with up to ~6 s of retries when the receiver is unreachable or
+    /// answers 5xx/429 (a receiver restarting is back by then); a refusal is final.
+    fn ok_retrying(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> Result<serde_json::Value, String> {
+        let mut last = String::new();
+        for attempt in 0..6u32 {
+            match self.answer(method, path, body.to_vec()) {
+                Ok(v) => return Ok(v),
+                Err((status, e)) => {
+                    if status.is_some_and(|s| s < 500 && s != 429) {
+                        return Err(e);
+                    }
+                    last = e;
+                }
+            }
+            thread::sleep(Duration::from_millis((100u64 << attempt).min(2000)));
+        }
+        Err(last)
+    }
+
     fn ok(&self, method: &str, path: &str, body: Vec<u8>) -> Result<serde_json::Value, String> {
-        let r = self.send(method, path, body)?;
+        self.answer(method, path, body).map_err(|(_, e)| e)
+    }
+
+    /// The JSON of a 2xx answer; otherwise the status (none when there was no answer) and why.
+    fn answer(
+        &self,
+        method: &str,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<serde_json::Value, (Option<u16>, String)> {
+        let r = self.send(method, path, body).map_err(|e| (None, e))?;
         let status = r.status().as_u16();
         let v: serde_json::Value = r.json().unwrap_or_default();
         if !(200..300).contains(&status) {
             let msg = v["error"]["message"].as_str().unwrap_or("").to_string();
-            return Err(format!("HTTP {status}: {msg}"));
+            return Err((Some(status), format!("HTTP {status}: {msg}")));
         }
         Ok(v)
     }
@@ -301,10 +335,10 @@ pub fn push_objects(
     });
     let repo = payload.repo;
     if payload.grant.is_none() {
-        p.ok(
+        p.ok_retrying(
             "POST",
             &format!("/api/v1/repos/{repo}/announce"),
-            serde_json::to_vec(&serde_json::json!({"payload_id": payload.id, "objects": total, "bytes": payload.bytes}))
+            &serde_json::to_vec(&serde_json::json!({"payload_id": payload.id, "objects": total, "bytes": payload.bytes}))
                 .unwrap_or_default(),
         )?;
     }
@@ -322,7 +356,7 @@ pub fn push_objects(
     }
     for batch in objects.chunks(5000).filter(|_| told.is_none()) {
         let body = serde_json::to_vec(&serde_json::json!({"objects": batch.iter().map(|i| i.to_string()).collect::<Vec<_>>()})).unwrap_or_default();
-        let v = p.ok("POST", &format!("/api/v1/repos/{repo}/inventory"), body)?;
+        let v = p.ok_retrying("POST", &format!("/api/v1/repos/{repo}/inventory"), &body)?;
         let lacks: std::collections::HashSet<ObjectId> = v["missing"]
             .as_array()
             .map(|a| {
@@ -377,26 +411,8 @@ pub fn push_objects(
                         let body = get_all(cas.as_ref(), &id).map_err(|e| e.to_string())?;
                         let len = body.len() as u64;
                         let path = format!("/api/v1/repos/{repo}/objects/{id}");
-                        let mut last = String::new();
-                        let mut done = false;
-                        // Up to ~6 s of retries: a receiver restarting is back by then.
-                        for attempt in 0..6u32 {
-                            match p.ok("PUT", &path, body.clone()) {
-                                Ok(_) => {
-                                    done = true;
-                                    break;
-                                }
-                                Err(e) => {
-                                    last = e;
-                                    thread::sleep(Duration::from_millis(
-                                        (100u64 << attempt).min(2000),
-                                    ));
-                                }
-                            }
-                        }
-                        if !done {
-                            return Err(format!("object {id}: {last}"));
-                        }
+                        p.ok_retrying("PUT", &path, &body)
+                            .map_err(|e| format!("object {id}: {e}"))?;
                         if let Some(log) = acks {
                             log.append(&[id]).map_err(|e| e.to_string())?;
                         }
