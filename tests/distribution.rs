@@ -252,11 +252,7 @@ fn a_slow_receiver_runs_into_the_timeout() {
 fn a_receiver_restarted_mid_push_completes() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let r = receiver_with(
         dir.path(),
         "restarting",
@@ -287,11 +283,7 @@ fn a_receiver_restarted_mid_push_completes() {
 fn a_receiver_down_at_the_announcement_and_back_soon_gets_the_payload() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let r = receiver_with(dir.path(), "late", Some(port), &[]);
     with_distribution(dir.path(), &[&r], 1.0, false, "60s");
     drop(r); // down when the job announces its payload ...

@@ -842,16 +842,29 @@ impl Handler<SubmitJob> for JobManager {
         if self.settings.draining.load(Ordering::SeqCst) {
             return Box::pin(fut::ready(Err(SubmitError::Draining)));
         }
+        let mut rec = m.record;
+        // A tar not known to be on disk is accepted with the change set processed from it (the
+        // spool makes that durable before the record), and walks on as after any processing.
+        let mut processed = None;
         if !m.tar_synced {
-            return self.accept_processed(m.record, m.upload);
+            let Some((run, started, cs)) = self.take_processed_upload(&rec) else {
+                return Box::pin(fut::ready(Err(SubmitError::NotProcessed)));
+            };
+            rec.attempts = 1;
+            rec.transition(JobState::Processing, now_ms());
+            self.count_processed(&mut rec, &cs);
+            processed = Some((run, started, cs));
         }
-        let rec = m.record.clone();
+        let (changeset, run) = match processed {
+            Some((run, started, cs)) => (Some(cs), Some((run, started))),
+            None => (None, None),
+        };
         Box::pin(
             self.journal
                 .send(AcceptJob {
-                    record: m.record,
+                    record: rec.clone(),
                     upload: m.upload,
-                    changeset: None,
+                    changeset,
                 })
                 .into_actor(self)
                 .map(move |res, act, ctx| {
@@ -867,8 +880,20 @@ impl Handler<SubmitJob> for JobManager {
                         .inc();
                     act.jobs.insert(rec.id.clone(), rec.clone());
                     act.update_gauges();
-                    if !act.adopt_upload_run(&rec.id, ctx) {
-                        act.start_processing(rec.id.clone(), ctx);
+                    match run {
+                        Some((run, started)) => {
+                            act.metrics
+                                .cas_upload_duration_seconds
+                                .observe(started.elapsed().as_secs_f64());
+                            act.runs.insert(rec.id.clone(), run);
+                            crate::testhook::point("changeset-saved");
+                            act.after_saved_changeset(rec.id.clone(), ctx);
+                        }
+                        None => {
+                            if !act.adopt_upload_run(&rec.id, ctx) {
+                                act.start_processing(rec.id.clone(), ctx);
+                            }
+                        }
                     }
                     Ok(rec)
                 }),
@@ -1486,54 +1511,6 @@ impl Handler<UploadAbandoned> for JobManager {
         if !self.jobs.contains_key(&m.job_id) {
             self.cancel_upload_run(&m.job_id);
         }
-    }
-}
-
-impl JobManager {
-    /// Accepts an upload processed while it arrived, with its change set (the spool makes that
-    /// durable before the record), and walks on from there as after any processing.
-    fn accept_processed(
-        &mut self,
-        mut rec: JobRecord,
-        upload: PathBuf,
-    ) -> ResponseActFuture<Self, Result<JobRecord, SubmitError>> {
-        let Some((run, started, cs)) = self.take_processed_upload(&rec) else {
-            return Box::pin(fut::ready(Err(SubmitError::NotProcessed)));
-        };
-        rec.attempts = 1;
-        rec.transition(JobState::Processing, now_ms());
-        self.count_processed(&mut rec, &cs);
-        let id = rec.id.clone();
-        Box::pin(
-            self.journal
-                .send(AcceptJob {
-                    record: rec.clone(),
-                    upload,
-                    changeset: Some(cs),
-                })
-                .into_actor(self)
-                .map(move |res, act, ctx| {
-                    match res {
-                        Err(_) => return Err(SubmitError::Unavailable),
-                        Ok(Err(e)) => return Err(SubmitError::Spool(e)),
-                        Ok(Ok(())) => {}
-                    }
-                    crate::testhook::point("accepted");
-                    act.metrics
-                        .jobs_submitted_total
-                        .with_label_values(&[&rec.path])
-                        .inc();
-                    act.metrics
-                        .cas_upload_duration_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                    act.runs.insert(id.clone(), run);
-                    act.jobs.insert(id.clone(), rec.clone());
-                    act.update_gauges();
-                    crate::testhook::point("changeset-saved");
-                    act.after_saved_changeset(id, ctx);
-                    Ok(rec)
-                }),
-        )
     }
 }
 

@@ -287,7 +287,8 @@ pub const REPO: &str = "daemon.example.org";
 pub const ADMIN: &str = "admin-token-for-tests";
 pub const SCOPED: &str = "scoped-token-for-tests";
 
-fn free_port() -> u16 {
+/// A port free on loopback right now.
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
