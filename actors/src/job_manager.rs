@@ -192,16 +192,21 @@ impl JobManager {
             .inc_by(cs.stats.bytes_in);
     }
 
-    /// The change set of the finished run of upload `id`, taken for its acceptance, when the
-    /// run may stand for the job (see [`adopt_upload_run`](Self::adopt_upload_run)).
-    fn take_processed_upload(&mut self, rec: &JobRecord) -> Option<(u64, Instant, ChangeSet)> {
-        let usable = matches!(self.uploads.get(&rec.id), Some(u) if !u.cancelled
+    /// Whether the upload run of `rec`'s id may stand for the job's processing: not cancelled,
+    /// for the same repository and path, and no garbage collection of it began since.
+    fn upload_run_fits(&self, rec: &JobRecord) -> bool {
+        matches!(self.uploads.get(&rec.id), Some(u) if !u.cancelled
             && u.repo == rec.repo
             && u.path == rec.path
             && !rec.removal
-            && matches!(u.outcome, Some(Ok(_)))
-            && !self.gc_running.contains(&rec.repo));
-        if !usable {
+            && !self.gc_running.contains(&rec.repo))
+    }
+
+    /// The change set of the finished run of upload `id`, taken for its acceptance, when the
+    /// run may stand for the job (see [`adopt_upload_run`](Self::adopt_upload_run)).
+    fn take_processed_upload(&mut self, rec: &JobRecord) -> Option<(u64, Instant, ChangeSet)> {
+        let done = matches!(self.uploads.get(&rec.id), Some(u) if matches!(u.outcome, Some(Ok(_))));
+        if !done || !self.upload_run_fits(rec) {
             return None;
         }
         let u = self.uploads.remove(&rec.id)?;
@@ -235,12 +240,7 @@ impl JobManager {
         let Some(job) = self.jobs.get(id).cloned() else {
             return false;
         };
-        let usable = matches!(self.uploads.get(id), Some(u) if !u.cancelled
-            && u.repo == job.repo
-            && u.path == job.path
-            && !job.removal
-            && !self.gc_running.contains(&job.repo));
-        if !usable {
+        if !self.upload_run_fits(&job) {
             self.cancel_upload_run(id);
             return false;
         }

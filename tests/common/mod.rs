@@ -634,13 +634,7 @@ pub fn start_receiver(
         ),
     )
     .unwrap();
-    let port = port.unwrap_or_else(|| {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    });
+    let port = port.unwrap_or_else(free_port);
     let child = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
         .args([
             "--config",
