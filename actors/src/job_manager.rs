@@ -882,6 +882,8 @@ impl Handler<SubmitJob> for JobManager {
                     act.update_gauges();
                     match run {
                         Some((run, started)) => {
+                            // Queued for no time: its phase is recorded like any job's.
+                            act.observe_phase(&rec);
                             act.metrics
                                 .cas_upload_duration_seconds
                                 .observe(started.elapsed().as_secs_f64());
