@@ -364,54 +364,192 @@ fn read_message(
     Some((head, body))
 }
 
-/// A proxy in front of moto that answers the first `n` requests with `503 SlowDown`, as S3 does
-/// when it throttles, and forwards the rest.
-fn throttling_proxy(target: &str, n: usize) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+/// A canned answer of a [`proxy`], instead of forwarding a request.
+type Answer = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// A proxy in front of moto that writes down every request head it sees and answers those
+/// `answer` has a canned response for (given the head), forwarding the rest.
+fn proxy(target: &str, answer: Answer) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
-    let throttled = Arc::new(AtomicUsize::new(0));
-    let t2 = throttled.clone();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    let answer = Arc::new(answer);
     let target = target.trim_start_matches("http://").to_string();
     std::thread::spawn(move || {
         for conn in l.incoming() {
             let Ok(mut client_s) = conn else { continue };
-            let throttled = t2.clone();
-            let target = target.clone();
+            let (seen, answer, target) = (seen2.clone(), answer.clone(), target.clone());
             std::thread::spawn(move || {
                 let mut r = BufReader::new(client_s.try_clone().unwrap());
-                let Some((head, body)) = read_message(&mut r, false) else {
-                    return;
-                };
-                if throttled.fetch_add(1, Ordering::SeqCst) < n {
-                    let xml = "<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
-                    let _ = client_s.write_all(
-                        format!("HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}", xml.len()).as_bytes(),
-                    );
-                    return;
-                }
-                throttled.fetch_sub(1, Ordering::SeqCst);
-                let is_head = head.starts_with("HEAD ");
-                let Ok(mut up) = std::net::TcpStream::connect(&target) else {
-                    return;
-                };
-                if up
-                    .write_all(head.as_bytes())
-                    .and_then(|_| up.write_all(&body))
-                    .is_err()
-                {
-                    return;
-                }
-                let mut ur = BufReader::new(up);
-                if let Some((rh, rb)) = read_message(&mut ur, is_head) {
-                    let _ = client_s
+                while let Some((head, body)) = read_message(&mut r, false) {
+                    seen.lock().unwrap().push(head.clone());
+                    if let Some(canned) = answer(&head) {
+                        let _ = client_s.write_all(canned.as_bytes());
+                        return;
+                    }
+                    let is_head = head.starts_with("HEAD ");
+                    let Ok(mut up) = std::net::TcpStream::connect(&target) else {
+                        return;
+                    };
+                    // One request per upstream connection: moto closes or keeps it as it likes.
+                    let head = head.replacen("\r\n\r\n", "\r\nConnection: close\r\n\r\n", 1);
+                    if up
+                        .write_all(head.as_bytes())
+                        .and_then(|_| up.write_all(&body))
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let mut ur = BufReader::new(up);
+                    let Some((rh, rb)) = read_message(&mut ur, is_head) else {
+                        return;
+                    };
+                    let rh = rh
+                        .lines()
+                        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                        .collect::<Vec<_>>()
+                        .join("\r\n")
+                        + "\r\n";
+                    if client_s
                         .write_all(rh.as_bytes())
-                        .and_then(|_| client_s.write_all(&rb));
+                        .and_then(|_| client_s.write_all(&rb))
+                        .is_err()
+                    {
+                        return;
+                    }
                 }
             });
         }
     });
-    (url, throttled)
+    (url, seen)
+}
+
+/// An S3 error answer that closes the connection.
+fn s3_error(status: &str, code: &str) -> String {
+    let xml = format!("<Error><Code>{code}</Code><Message>{code}</Message></Error>");
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{xml}",
+        xml.len()
+    )
+}
+
+/// A proxy in front of moto that answers the first `n` requests with `503 SlowDown`, as S3 does
+/// when it throttles, and forwards the rest.
+fn throttling_proxy(target: &str, n: usize) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
+    let count = std::sync::atomic::AtomicUsize::new(0);
+    proxy(
+        target,
+        Box::new(move |_| {
+            (count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n)
+                .then(|| s3_error("503 Slow Down", "SlowDown"))
+        }),
+    )
+}
+
+/// The requests a proxy saw, as "METHOD conditional?" per request for object keys.
+fn object_requests(seen: &std::sync::Mutex<Vec<String>>) -> Vec<String> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|h| h.contains("/data/"))
+        .map(|h| {
+            let method = h.split(' ').next().unwrap_or("").to_string();
+            let conditional = h
+                .lines()
+                .any(|l| l.to_ascii_lowercase().starts_with("if-none-match: *"));
+            if conditional {
+                format!("{method} if-none-match")
+            } else {
+                method
+            }
+        })
+        .collect()
+}
+
+fn store_at(endpoint: &str, bucket: &str) -> prepub_actors::s3_cas::S3Cas {
+    prepub_actors::s3_cas::S3Cas::new(prepub_actors::s3_cas::S3Settings {
+        bucket: bucket.into(),
+        region: "us-east-1".into(),
+        endpoint: endpoint.into(),
+        prefix: REPO.into(),
+        multipart_threshold: 8 << 20,
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_small_new_object_costs_one_conditional_put_and_an_existing_one_is_kept() {
+    use prepub_core::cas::PutOutcome;
+    use prepub_core::hash::{ObjectId, Suffix};
+    for (k, v) in creds() {
+        std::env::set_var(k, v);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = Moto::start(dir.path());
+    m.bucket("cvmfs");
+    let (url, seen) = proxy(&m.endpoint, Box::new(|_| None));
+    let id = |n: u8| ObjectId::new(prepub_core::hash::Digest20([n; 20]), Suffix::None);
+    let s = store_at(&url, "cvmfs");
+    assert_eq!(s.put_bytes(&id(1), b"first").unwrap(), PutOutcome::Stored);
+    assert_eq!(object_requests(&seen), ["PUT if-none-match"]);
+    // Known now: no request at all.
+    assert_eq!(
+        s.put_bytes(&id(1), b"first").unwrap(),
+        PutOutcome::AlreadyPresent
+    );
+    assert_eq!(object_requests(&seen).len(), 1);
+    // Another process (nothing known): the store refuses the PUT, HEAD confirms, and the
+    // object already there is not replaced.
+    seen.lock().unwrap().clear();
+    let other = store_at(&url, "cvmfs");
+    assert_eq!(
+        other.put_bytes(&id(1), b"other bytes").unwrap(),
+        PutOutcome::AlreadyPresent
+    );
+    assert_eq!(object_requests(&seen), ["PUT if-none-match", "HEAD"]);
+    assert_eq!(prepub_core::cas::get_all(&other, &id(1)).unwrap(), b"first");
+    // A large object is asked about first, then sent.
+    seen.lock().unwrap().clear();
+    let big = pseudo_random(prepub_actors::s3_cas::CONDITIONAL_PUT_MAX, 9);
+    assert_eq!(other.put_bytes(&id(2), &big).unwrap(), PutOutcome::Stored);
+    assert_eq!(object_requests(&seen), ["HEAD", "PUT"]);
+    assert_eq!(prepub_core::cas::get_all(&s, &id(2)).unwrap(), big);
+}
+
+#[test]
+fn a_store_without_conditional_puts_is_asked_head_then_put() {
+    use prepub_core::cas::PutOutcome;
+    use prepub_core::hash::{ObjectId, Suffix};
+    for (k, v) in creds() {
+        std::env::set_var(k, v);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = Moto::start(dir.path());
+    m.bucket("cvmfs");
+    // Refuses every PUT that carries If-None-Match, as a store without the feature may.
+    let (url, seen) = proxy(
+        &m.endpoint,
+        Box::new(|h| {
+            h.lines()
+                .any(|l| l.to_ascii_lowercase().starts_with("if-none-match"))
+                .then(|| s3_error("501 Not Implemented", "NotImplemented"))
+        }),
+    );
+    let id = |n: u8| ObjectId::new(prepub_core::hash::Digest20([n; 20]), Suffix::None);
+    let s = store_at(&url, "cvmfs");
+    assert_eq!(s.put_bytes(&id(1), b"one").unwrap(), PutOutcome::Stored);
+    // The client retries 5xx answers a few times before the refusal counts.
+    let r = object_requests(&seen);
+    let tried = r.iter().take_while(|x| *x == "PUT if-none-match").count();
+    assert!(tried >= 1, "{r:?}");
+    assert_eq!(r[tried..], ["HEAD", "PUT"]);
+    // Remembered: the next object goes HEAD-then-PUT straight away.
+    seen.lock().unwrap().clear();
+    assert_eq!(s.put_bytes(&id(2), b"two").unwrap(), PutOutcome::Stored);
+    assert_eq!(object_requests(&seen), ["HEAD", "PUT"]);
+    assert_eq!(prepub_core::cas::get_all(&s, &id(1)).unwrap(), b"one");
+    assert_eq!(prepub_core::cas::get_all(&s, &id(2)).unwrap(), b"two");
 }
 
 #[test]
@@ -423,7 +561,7 @@ fn throttling_answers_are_retried() {
     let m = Moto::start(dir.path());
     m.bucket("cvmfs");
     init_in_s3(dir.path(), &m, "cvmfs");
-    let (proxy, throttled) = throttling_proxy(&m.endpoint, 6);
+    let (proxy, seen) = throttling_proxy(&m.endpoint, 6);
     s3_config(dir.path(), &proxy, "cvmfs");
     let d = Daemon::start(dir.path(), &creds());
     let specs = vec![Spec::File {
@@ -435,10 +573,7 @@ fn throttling_answers_are_retried() {
     let id = d.submit_id(ADMIN, "/throttle", &tar_bytes(&specs), None);
     let j = d.wait_terminal(&id, 120);
     assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
-    assert!(
-        throttled.load(std::sync::atomic::Ordering::SeqCst) >= 6,
-        "the proxy throttled"
-    );
+    assert!(seen.lock().unwrap().len() > 6, "the proxy throttled");
     check_in_s3(dir.path(), &m);
 }
 

@@ -1,8 +1,13 @@
 //! The S3 backend of the [`Cas`] trait, on `object_store` (aws, rustls).
 //!
 //! Layout matches a CVMFS S3 repository: `<prefix>/data/XX/<rest><suffix>` and root files at
-//! `<prefix>/` (cvmfs-formats.md §1.3). Existence is checked with HEAD and remembered in an
-//! in-process set of known objects, so a re-publish does not HEAD every object twice. Puts are
+//! `<prefix>/` (cvmfs-formats.md §1.3). An object below [`CONDITIONAL_PUT_MAX`] is stored with
+//! one conditional PUT (`If-None-Match: *`: the store refuses it with 412 when the name exists,
+//! and the existing object is kept), so a new small object costs one request instead of a HEAD
+//! and a PUT; larger objects are checked with HEAD first, so bytes the store has are not sent
+//! again. A store that does not implement conditional PUTs (501, or an error naming it) is
+//! remembered and asked HEAD-then-PUT from then on. Objects seen are kept in an in-process set,
+//! so a re-publish does not ask about them twice. Puts are
 //! atomic in S3 (an object appears whole or not at all); objects above `multipart_threshold` are
 //! uploaded in parts. Throttling and 5xx answers are retried with capped backoff by the client.
 //! `object_store` is async: calls run on a small runtime owned by this struct, and the caller
@@ -11,6 +16,7 @@
 
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,7 +25,8 @@ use futures_util::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart,
+    BackoffConfig, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    WriteMultipart,
 };
 use prepub_core::cas::{Cas, CasError, PendingObject, PutOutcome};
 use prepub_core::hash::ObjectId;
@@ -42,6 +49,23 @@ pub struct S3Cas {
     rt: tokio::runtime::Runtime,
     settings: S3Settings,
     known: Mutex<HashSet<ObjectId>>,
+    /// Cleared when the store answers a conditional PUT with "not implemented".
+    conditional: AtomicBool,
+}
+
+/// Objects smaller than this are put with `If-None-Match: *` and no HEAD before (sending such
+/// an object again costs about what a HEAD does); larger ones are HEADed first.
+pub const CONDITIONAL_PUT_MAX: usize = 1 << 20;
+
+/// What a conditional PUT found.
+enum Conditional {
+    Stored,
+    /// 412: the name exists (or, with 409, another write of it is under way): ask with HEAD.
+    Exists,
+    /// The store does not do conditional PUTs.
+    Unsupported,
+    /// Anything else (a transport error: a conditional PUT is not retried like a plain one).
+    Failed,
 }
 
 fn s3err(op: &'static str, path: &str, e: impl std::fmt::Display) -> CasError {
@@ -92,7 +116,39 @@ impl S3Cas {
             rt,
             settings,
             known: Mutex::new(HashSet::new()),
+            conditional: AtomicBool::new(true),
         })
+    }
+
+    /// One `If-None-Match: *` PUT of a small object.
+    fn put_if_absent(&self, key: Path, data: Vec<u8>) -> Conditional {
+        let store = self.store.clone();
+        self.run(async move {
+            let opts = PutOptions {
+                mode: PutMode::Create,
+                ..Default::default()
+            };
+            match store.put_opts(&key, PutPayload::from(data), opts).await {
+                Ok(_) => Conditional::Stored,
+                Err(object_store::Error::AlreadyExists { .. }) => Conditional::Exists,
+                Err(object_store::Error::NotImplemented { .. }) => Conditional::Unsupported,
+                Err(e) => {
+                    let s = e.to_string();
+                    if s.contains("501") || s.contains("NotImplemented") {
+                        Conditional::Unsupported
+                    } else {
+                        Conditional::Failed
+                    }
+                }
+            }
+        })
+    }
+
+    fn remember(&self, id: &ObjectId) {
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(*id);
     }
 
     /// Runs a future on the store's runtime and waits for it on a plain channel.
@@ -257,23 +313,36 @@ impl Cas for S3Cas {
             }
         })?;
         if found {
-            self.known
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(*id);
+            self.remember(id);
         }
         Ok(found)
     }
 
     fn put_bytes(&self, id: &ObjectId, data: &[u8]) -> Result<PutOutcome, CasError> {
+        let known = || {
+            self.known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(id)
+        };
+        if data.len() < CONDITIONAL_PUT_MAX && self.conditional.load(Ordering::Relaxed) && !known()
+        {
+            match self.put_if_absent(self.key(&id.path()), data.to_vec()) {
+                Conditional::Stored => {
+                    self.remember(id);
+                    return Ok(PutOutcome::Stored);
+                }
+                Conditional::Unsupported => self.conditional.store(false, Ordering::Relaxed),
+                // Told apart below: HEAD says whether it is there, and a plain (retried) PUT
+                // stores it if not.
+                Conditional::Exists | Conditional::Failed => {}
+            }
+        }
         if self.exists(id)? {
             return Ok(PutOutcome::AlreadyPresent);
         }
         self.upload(self.key(&id.path()), data.to_vec())?;
-        self.known
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(*id);
+        self.remember(id);
         Ok(PutOutcome::Stored)
     }
 
