@@ -36,6 +36,20 @@ fn publish(d: &Daemon, path: &str, specs: &[Spec], tag: Option<&str>) -> serde_j
     d.wait_terminal(&id, 60)
 }
 
+/// The tags of the repository's current history.
+fn history_tags(cas: &dyn Cas) -> Vec<prepub_core::history::Tag> {
+    let (m, _) = prepub_core::repo::current_manifest(cas).unwrap().unwrap();
+    let h = m.history.unwrap();
+    let bytes = prepub_core::cas::get_all(cas, &h).unwrap();
+    let db = prepub_core::object::decode_to_vec(&h, &bytes, true).unwrap();
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), db).unwrap();
+    prepub_core::history::History::open(tmp.path())
+        .unwrap()
+        .tags()
+        .unwrap()
+}
+
 fn object(data: &[u8]) -> ObjectId {
     object_of_small_file(data)
 }
@@ -135,6 +149,30 @@ fn unreferenced_objects_go_and_every_kept_revision_stays_whole() {
     }
     // The current revision checks clean; the audit log lists every deletion.
     ok(&["repo", "check", "--repo-dir", d.storage.to_str().unwrap()]);
+    // Every tag the history lists still names a whole root catalog: the automatic tags of
+    // releases 2 and 3 were dropped by the publishes after them (auto_tag_timespan 0s), not
+    // left naming collected catalogs.
+    let tags = history_tags(&cas);
+    let names: Vec<&str> = tags.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names.len(), 4, "{names:?}");
+    assert!(
+        names.contains(&"app-1") && names.contains(&"trunk"),
+        "{names:?}"
+    );
+    assert!(names.contains(&"trunk-previous"), "{names:?}");
+    assert_eq!(
+        names.iter().filter(|n| n.starts_with("prepub-")).count(),
+        1,
+        "{names:?}"
+    );
+    for t in &tags {
+        let root = ObjectId::new(Digest20::from_hex(&t.hash).unwrap(), Suffix::Catalog);
+        assert!(
+            cas.exists(&root).unwrap(),
+            "tag {} names a collected catalog",
+            t.name
+        );
+    }
     let audit = std::fs::read_to_string(dir.path().join("spool/gc/audit.log")).unwrap();
     assert_eq!(audit.lines().count() as u64, deleted);
     assert!(audit.contains(&format!("{REPO} deleted {}", object(&v(2)))));

@@ -36,6 +36,9 @@ pub struct RepoTarget {
     pub s3: Option<Arc<crate::s3_cas::S3Cas>>,
     /// The storage's raw-content index (`pipeline.raw_index`).
     pub raw_index: Option<Arc<prepub_core::rawindex::RawIndex>>,
+    /// Expired automatic tags to drop at each publish (`gc.auto_tag_timespan`, with garbage
+    /// collection enabled).
+    pub tag_expiry: Option<repo::TagExpiry>,
 }
 
 impl std::fmt::Debug for RepoTarget {
@@ -295,7 +298,8 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
     let now = prepub_core::timefmt::now();
     let abort = job.abort.clone();
     let proceed = move || !abort.load(Ordering::SeqCst);
-    let p = repo::publish_guarded(cas, &keys, &tags, now, &proceed, |tree| {
+    let expiry = t.tag_expiry.as_ref();
+    let p = repo::publish_guarded(cas, &keys, &tags, expiry, now, &proceed, |tree| {
         // A removal applies its change set (one removal) to the parent, merging.
         let (target, mode) = if job.job.removal {
             (

@@ -54,6 +54,7 @@ async fn job_manager_restarts_from_the_journal() {
         keys_dir,
         s3: None,
         raw_index: None,
+        tag_expiry: None,
     };
     let publisher = Publisher::new(vec![target.clone()]).start();
     let settings = Arc::new(Settings {

@@ -47,11 +47,9 @@ pub struct GcPolicy {
     pub keep_revisions: usize,
     /// Objects stored less than this many seconds ago are never deleted.
     pub grace_secs: i64,
-    /// Automatic tags (`prepub-<job id>`, made when a job names no tag) keep their revision
-    /// only while younger than this; `None` keeps them forever. Named tags always keep theirs.
-    pub auto_tag_secs: Option<i64>,
-    /// Tag-name globs (`*` wildcards) whose revisions are always kept, automatic tags
-    /// included.
+    /// Tag-name globs (`*` wildcards) whose tags are reported as exempt. Every tag the
+    /// history lists keeps its revision: expired automatic tags are dropped from the history by
+    /// the next publish ([`crate::repo::TagExpiry`]), never left naming collected catalogs.
     pub exempt_tags: Vec<String>,
 }
 
@@ -204,7 +202,6 @@ fn collect_revision(
 pub fn references(
     cas: &dyn Cas,
     policy: &GcPolicy,
-    now: i64,
 ) -> Result<(u64, Vec<KeptRevision>, HashSet<ObjectId>), GcError> {
     let m = manifest(cas)?;
     let mut refs: HashSet<ObjectId> = HashSet::new();
@@ -246,12 +243,6 @@ pub fn references(
         let hist = History::open(tmp.path()).map_err(|e| unreadable("history", &h, e))?;
         for t in hist.tags().map_err(|e| unreadable("history", &h, e))? {
             let exempt = tag_exempt(&policy.exempt_tags, &t.name);
-            if let (true, false, Some(span)) = (is_auto_tag(&t.name), exempt, policy.auto_tag_secs)
-            {
-                if now - t.timestamp >= span {
-                    continue; // an expired automatic tag keeps nothing
-                }
-            }
             let d = Digest20::from_hex(&t.hash).map_err(|e| unreadable("history", &h, e))?;
             let root = ObjectId::new(d, Suffix::Catalog);
             if kept.iter().any(|k| k.root_catalog == t.hash) {
@@ -274,7 +265,7 @@ pub fn references(
 
 /// Scans the storage: what is referenced, what is not, and what of that is old enough to go.
 pub fn plan(cas: &dyn Cas, policy: &GcPolicy, now: i64) -> Result<Plan, GcError> {
-    let (revision, kept, refs) = references(cas, policy, now)?;
+    let (revision, kept, refs) = references(cas, policy)?;
     let stored = cas.list()?;
     let mut young = 0;
     let mut candidates = Vec::new();
@@ -402,7 +393,6 @@ mod tests {
         let policy = GcPolicy {
             keep_revisions: 2,
             grace_secs: 0,
-            auto_tag_secs: None,
             exempt_tags: Vec::new(),
         };
         let p = plan(&cas, &policy, crate::timefmt::now()).unwrap();
@@ -417,7 +407,6 @@ mod tests {
         let strict = GcPolicy {
             keep_revisions: 2,
             grace_secs: 3600,
-            auto_tag_secs: None,
             exempt_tags: Vec::new(),
         };
         let p = plan(&cas, &strict, crate::timefmt::now()).unwrap();

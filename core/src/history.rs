@@ -120,6 +120,14 @@ impl History {
         Ok(())
     }
 
+    /// Removes a tag; whether it was there.
+    pub fn remove_tag(&self, name: &str) -> Result<bool, HistoryError> {
+        Ok(self
+            .conn
+            .execute("DELETE FROM tags WHERE name = ?1", params![name])?
+            > 0)
+    }
+
     /// Records a publish: `trunk` → `trunk-previous`, new `trunk`, and the named tags.
     pub fn record_publish(&self, trunk: &Tag, named: &[Tag]) -> Result<(), HistoryError> {
         if let Some(mut prev) = self.tag("trunk")? {

@@ -82,11 +82,23 @@ pub struct TagRequest {
     pub description: String,
 }
 
+/// Which automatic tags (`prepub-<job id>`) a publish drops from the history: those older than
+/// `span_secs`, unless a glob of `exempt` names them. Dropped at publish, as `cvmfs_server` drops
+/// expired automatic tags, so a tag the history lists always names a revision that garbage
+/// collection keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagExpiry {
+    pub span_secs: i64,
+    pub exempt: Vec<String>,
+}
+
 /// The outcome of a publish.
 #[derive(Debug, Clone)]
 pub struct Published {
     pub manifest: Manifest,
     pub commit: CommitResult,
+    /// Expired automatic tags the publish dropped from the history.
+    pub expired_tags: Vec<String>,
 }
 
 /// Normalises a repository path given by a user (`/a/b/`, `a/b`) to catalog form (`/a/b`,
@@ -187,7 +199,9 @@ pub fn init(
     let commit = tree.commit(now)?;
     cas.put_root_file(WHITELIST, &make_whitelist(keys, now, WHITELIST_DAYS)?)?;
     cas.put_root_file(MASTER_REPLICA, b"")?;
-    finish_publish(cas, keys, None, commit, &[], tmp.path(), now, &|| true)
+    finish_publish(cas, keys, None, commit, &[], None, tmp.path(), now, &|| {
+        true
+    })
 }
 
 /// Publishes a new revision: `edit` changes the catalog tree, then catalogs, history, reflog and
@@ -202,16 +216,17 @@ pub fn publish<F>(
 where
     F: FnOnce(&mut CatalogTree<'_>) -> Result<(), RepoError>,
 {
-    publish_guarded(cas, keys, tags, now, &|| true, edit)
+    publish_guarded(cas, keys, tags, None, now, &|| true, edit)
 }
 
-/// Like [`publish`], but asks `proceed` just before the manifest is replaced; if it answers
-/// `false` nothing is published (what was written so far is unreferenced content) and
-/// [`RepoError::Cancelled`] is returned.
+/// Like [`publish`], but drops the automatic tags `expiry` says have expired, and asks
+/// `proceed` just before the manifest is replaced; if it answers `false` nothing is published
+/// (what was written so far is unreferenced content) and [`RepoError::Cancelled`] is returned.
 pub fn publish_guarded<F>(
     cas: &dyn Cas,
     keys: &RepoKeys,
     tags: &[TagRequest],
+    expiry: Option<&TagExpiry>,
     now: i64,
     proceed: &dyn Fn() -> bool,
     edit: F,
@@ -251,6 +266,7 @@ where
         Some(&old),
         commit,
         tags,
+        expiry,
         tmp.path(),
         now,
         proceed,
@@ -264,6 +280,7 @@ fn finish_publish(
     old: Option<&Manifest>,
     commit: CommitResult,
     tags: &[TagRequest],
+    expiry: Option<&TagExpiry>,
     scratch: &Path,
     now: i64,
     proceed: &dyn Fn() -> bool,
@@ -282,6 +299,18 @@ fn finish_publish(
         }
         None => History::create(&hist_file, &keys.name)?,
     };
+    let mut expired_tags = Vec::new();
+    if let Some(x) = expiry {
+        for t in history.tags()? {
+            if crate::gc::is_auto_tag(&t.name)
+                && !crate::gc::tag_exempt(&x.exempt, &t.name)
+                && now - t.timestamp >= x.span_secs
+                && history.remove_tag(&t.name)?
+            {
+                expired_tags.push(t.name);
+            }
+        }
+    }
     let trunk = Tag {
         name: "trunk".into(),
         hash: commit.root.digest.hex(),
@@ -338,7 +367,11 @@ fn finish_publish(
     refresh_whitelist(cas, keys, now)?;
     // The manifest goes last: until it is replaced, readers see the previous revision.
     cas.put_root_file(MANIFEST, &manifest.sign(keys))?;
-    Ok(Published { manifest, commit })
+    Ok(Published {
+        manifest,
+        commit,
+        expired_tags,
+    })
 }
 
 /// Re-signs the whitelist when it expires within 7 days and the master key is at hand.
@@ -943,6 +976,76 @@ mod tests {
             .unwrap()
             .read_statistics()
             .unwrap()
+    }
+
+    /// The tag names of the current history.
+    fn tag_names(f: &Fixture) -> Vec<String> {
+        let (m, _) = current_manifest(&f.cas).unwrap().unwrap();
+        let h = m.history.unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let file = tmp.path().join("h.db");
+        std::fs::write(
+            &file,
+            decode_to_vec(&h, &get_all(&f.cas, &h).unwrap(), true).unwrap(),
+        )
+        .unwrap();
+        let mut v: Vec<String> = History::open(&file)
+            .unwrap()
+            .tags()
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_publish_drops_expired_automatic_tags_only() {
+        let f = fixture();
+        let auto = |n: u32| format!("prepub-{n:08x}-0000-4000-8000-000000000000");
+        let tag = |name: &str| TagRequest {
+            name: name.into(),
+            description: "d".into(),
+        };
+        let expiry = TagExpiry {
+            span_secs: 100,
+            exempt: vec!["prepub-00000002-*".into()],
+        };
+        let step = |n: u32, now: i64, extra: Option<&str>| {
+            let mut tags = vec![tag(&auto(n))];
+            tags.extend(extra.map(tag));
+            publish_guarded(&f.cas, &f.keys, &tags, Some(&expiry), now, &|| true, |_| {
+                Ok(())
+            })
+            .unwrap()
+        };
+        // Three automatic tags (the second exempt) and a named one, within 100 s.
+        assert!(step(1, 1_700_001_000, Some("release-1"))
+            .expired_tags
+            .is_empty());
+        assert!(step(2, 1_700_001_050, None).expired_tags.is_empty());
+        assert!(step(3, 1_700_001_099, None).expired_tags.is_empty());
+        // 150 s after the first: it has expired; the second (100 s old) is exempt, the third
+        // younger; named tags and the new one stay.
+        let p = step(4, 1_700_001_100 + 50, None);
+        assert_eq!(p.expired_tags, [auto(1)]);
+        assert_eq!(
+            tag_names(&f),
+            [
+                auto(2),
+                auto(3),
+                auto(4),
+                "release-1".into(),
+                "trunk".into(),
+                "trunk-previous".into()
+            ]
+        );
+        // Without an expiry nothing is dropped, however old.
+        publish(&f.cas, &f.keys, &[tag(&auto(5))], 1_800_000_000, |_| Ok(())).unwrap();
+        assert_eq!(tag_names(&f).len(), 7);
+        let report = crate::check::check(&f.cas, Some(&f.keys.master_pub), 1_800_000_100);
+        assert!(report.ok(), "check findings: {:#?}", report.findings);
     }
 
     #[test]

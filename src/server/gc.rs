@@ -110,7 +110,6 @@ fn gc_policy(g: &crate::config::GcConfig) -> prepub_core::gc::GcPolicy {
     prepub_core::gc::GcPolicy {
         keep_revisions: g.keep_revisions,
         grace_secs: g.grace.as_secs() as i64,
-        auto_tag_secs: Some(g.auto_tag_timespan.as_secs() as i64),
         exempt_tags: g.exempt_tags.clone(),
     }
 }

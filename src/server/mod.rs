@@ -324,6 +324,10 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 keys_dir: r.keys_dir.clone(),
                 s3: s3_stores.get(&r.name).cloned(),
                 raw_index,
+                tag_expiry: r.gc.enabled.then(|| prepub_core::repo::TagExpiry {
+                    span_secs: r.gc.auto_tag_timespan.as_secs() as i64,
+                    exempt: r.gc.exempt_tags.clone(),
+                }),
             });
         }
         for t in &targets {
