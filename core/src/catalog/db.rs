@@ -44,6 +44,11 @@ pub struct CatalogDb {
     conn: Connection,
     file: PathBuf,
     revision_schema: i64,
+    /// The `nested_catalogs` paths, read on first use and kept in step by
+    /// [`CatalogDb::set_nested`] and [`CatalogDb::remove_nested`] (the only writers): finding
+    /// the catalog of a path asks about every ancestor, and a query each was a tenth of a
+    /// commit.
+    nested: std::cell::RefCell<Option<std::collections::HashSet<String>>>,
 }
 
 const DDL: &str = "
@@ -98,6 +103,7 @@ impl CatalogDb {
             conn,
             file: file.to_path_buf(),
             revision_schema: SCHEMA_REVISION,
+            nested: Default::default(),
         };
         db.conn.execute_batch(DDL).map_err(|e| db.err(e))?;
         db.conn
@@ -154,6 +160,7 @@ impl CatalogDb {
             conn,
             file: file.to_path_buf(),
             revision_schema: 0,
+            nested: Default::default(),
         };
         let schema = db.property("schema")?.unwrap_or_default();
         let rev: i64 = db
@@ -607,11 +614,19 @@ impl CatalogDb {
 
     /// Whether `path` is registered in `nested_catalogs`.
     pub fn has_nested(&self, path: &str) -> Result<bool, CatalogError> {
-        self.conn
-            .prepare_cached("SELECT 1 FROM nested_catalogs WHERE path = ?1")
-            .map_err(|e| self.err(e))?
-            .exists(params![path])
-            .map_err(|e| self.err(e))
+        let mut cache = self.nested.borrow_mut();
+        if cache.is_none() {
+            let mut st = self
+                .conn
+                .prepare_cached("SELECT path FROM nested_catalogs")
+                .map_err(|e| self.err(e))?;
+            let paths = st
+                .query_map([], |r| r.get::<_, String>(0))
+                .and_then(|rows| rows.collect::<Result<_, _>>())
+                .map_err(|e| self.err(e))?;
+            *cache = Some(paths);
+        }
+        Ok(cache.as_ref().is_some_and(|c| c.contains(path)))
     }
 
     /// Inserts or updates a `nested_catalogs` row (hash text without the `C`, §3.8).
@@ -627,6 +642,9 @@ impl CatalogDb {
                 params![path, hash.map(|h| h.hex()).unwrap_or_default(), size as i64],
             )
             .map_err(|e| self.err(e))?;
+        if let Some(c) = self.nested.borrow_mut().as_mut() {
+            c.insert(path.to_string());
+        }
         Ok(())
     }
 
@@ -634,6 +652,9 @@ impl CatalogDb {
         self.conn
             .execute("DELETE FROM nested_catalogs WHERE path = ?1", params![path])
             .map_err(|e| self.err(e))?;
+        if let Some(c) = self.nested.borrow_mut().as_mut() {
+            c.remove(path);
+        }
         Ok(())
     }
 
