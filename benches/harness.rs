@@ -834,7 +834,7 @@ fn main() {
             tree.display(),
             contents.len()
         );
-        let _ = writeln!(md, "- Daemon: release build, standalone mode, `pipeline.workers: 0` (one encoder per core), `upload_concurrency: 16` unless a row says otherwise; every time is wall time from the first byte of the upload to `published`.\n");
+        let _ = writeln!(md, "- Daemon: release build, standalone mode, `pipeline.workers: 0` (one encoder per core), `upload_concurrency: 16` unless a row says otherwise (with local storage the daemon starts at most two store threads per core); every time is wall time from the first byte of the upload to `published`.\n");
         let _ = writeln!(md, "| What | Measured | Ratio | Goal |");
         let _ = writeln!(md, "|---|---|---|---|");
         for r in &rows {

@@ -296,10 +296,11 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                 .expect("the spool journal is started once, on one thread");
             SpoolJournal::new(s, j)
         });
-        let cas_writer = CasWriter::new(cfg.upload_concurrency);
+        let store_threads = store_threads(&cfg);
+        let cas_writer = CasWriter::new(store_threads);
         let store = cas_writer.store();
         let cas_writer = cas_writer.start();
-        info!(log, "CAS writer started"; "actor" => "CasWriter", "upload_concurrency" => cfg.upload_concurrency);
+        info!(log, "CAS writer started"; "actor" => "CasWriter", "upload_concurrency" => cfg.upload_concurrency, "store_threads" => store_threads);
         let pool = CompressorPool::new(cfg.workers, &store);
         info!(log, "compressor pool started"; "actor" => "CompressorPool", "workers" => pool.workers());
         let pool = pool.start();
@@ -551,4 +552,18 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
         System::current().stop();
         Ok(())
     })
+}
+
+/// Store threads: `upload_concurrency` puts in flight when objects go to S3 (each waits on the
+/// network); with local storage only, at most two per core — creating files and syncing the
+/// filesystem is kernel work that more threads only contend for, in smaller batches (harness,
+/// 2 cores: 100,000 tiny files at 7,200 files/s with 16 threads, 11,700–12,700 with 4).
+fn store_threads(cfg: &Config) -> usize {
+    if cfg.repos.values().any(|r| r.s3.is_some()) {
+        return cfg.upload_concurrency;
+    }
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    cfg.upload_concurrency.min(2 * cores).max(1)
 }
