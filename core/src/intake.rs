@@ -244,6 +244,7 @@ pub fn read_tar_parallel<R: Read>(
 ) -> Result<ChangeSet, IntakeError> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let IndexedCas { cas, index } = cas.into();
+    let written = index.clone();
     let mut sink = ParallelSink {
         cas,
         index,
@@ -254,7 +255,13 @@ pub fn read_tar_parallel<R: Read>(
         next_tag: 0,
         files: Vec::new(),
     };
-    read_tar_with(input, top_level, limits, &mut sink, now)
+    let cs = read_tar_with(input, top_level, limits, &mut sink, now);
+    // What this job taught the index is written before the job goes on (the next job's
+    // lookups would find it held anyway; this keeps it across a restart).
+    if let Some(ix) = written {
+        ix.flush();
+    }
+    cs
 }
 
 fn read_tar_with<R: Read>(

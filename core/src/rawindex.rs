@@ -8,7 +8,13 @@
 //! say — or differs is dropped), so it can never name an object that does not exist. It lives outside the served storage (the daemon
 //! keeps `<spool>/rawindex/<repo>.db`); a missing or unreadable index is started afresh and
 //! fills again as content is encoded.
+//!
+//! New entries are held in memory and written in one transaction, in key order, when
+//! [`FLUSH_AT`] have gathered or the job that encoded them ends ([`RawIndex::flush`]): each
+//! small transaction rewrote the random pages its keys fell on (a sixth of the store threads'
+//! time on 100,000 tiny files). Lookups see held entries; a crash loses only hints.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -50,9 +56,15 @@ impl RawKey {
     }
 }
 
+/// Entries held in memory before they are written.
+pub const FLUSH_AT: usize = 32_768;
+
 /// The index; safe to share between encoder threads.
 pub struct RawIndex {
     conn: Mutex<Connection>,
+    /// Recorded, not written yet. Lock order: `conn` before `pending` (a flush holds `conn`
+    /// while it takes the entries, so a lookup that misses them here waits for them there).
+    pending: Mutex<HashMap<RawKey, (ObjectId, u64)>>,
     path: PathBuf,
 }
 
@@ -90,6 +102,7 @@ impl RawIndex {
         };
         Ok(RawIndex {
             conn: Mutex::new(conn),
+            pending: Mutex::new(HashMap::new()),
             path: path.to_path_buf(),
         })
     }
@@ -99,6 +112,14 @@ impl RawIndex {
     }
 
     fn get(&self, k: &RawKey) -> Option<(ObjectId, u64)> {
+        if let Some(v) = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(k)
+        {
+            return Some(*v);
+        }
         let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         let row: Option<(String, i64)> = c
             .prepare_cached(
@@ -139,12 +160,32 @@ impl RawIndex {
         self.record_many(&[(*k, *id, stored)]);
     }
 
-    /// Records several encodings in one transaction (a store batch).
+    /// Records several encodings (a store batch); written with the next [`RawIndex::flush`],
+    /// at once when [`FLUSH_AT`] are held.
     pub fn record_many(&self, items: &[(RawKey, ObjectId, u64)]) {
+        let full = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.extend(items.iter().map(|(k, id, n)| (*k, (*id, *n))));
+            p.len() >= FLUSH_AT
+        };
+        if full {
+            self.flush();
+        }
+    }
+
+    /// Writes the held entries in one transaction, in key order (each page of the table is
+    /// written once however many of them it takes). Failures are ignored, like any hint.
+    pub fn flush(&self) {
+        let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let mut items: Vec<(RawKey, (ObjectId, u64))> =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_iter()
+                .collect();
         if items.is_empty() {
             return;
         }
-        let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        // The table's key order (ties, the same raw bytes encoded otherwise, are rare).
+        items.sort_unstable_by_key(|(k, _)| (k.raw.0, k.len));
         let Ok(tx) = c.transaction() else { return };
         {
             let Ok(mut st) = tx.prepare_cached(
@@ -152,7 +193,7 @@ impl RawIndex {
             ) else {
                 return;
             };
-            for (k, id, stored) in items {
+            for (k, (id, stored)) in &items {
                 let _ = st.execute(params![
                     k.raw.hex(),
                     k.len as i64,
@@ -168,14 +209,19 @@ impl RawIndex {
 
     fn forget(&self, k: &RawKey) {
         let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(k);
         let _ = c.execute(
             "DELETE FROM raw WHERE raw = ?1 AND len = ?2 AND comp = ?3 AND suffix = ?4",
             params![k.raw.hex(), k.len as i64, k.comp(), k.suffix()],
         );
     }
 
-    /// Entries held.
+    /// Entries held (written first).
     pub fn len(&self) -> u64 {
+        self.flush();
         let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         c.query_row("SELECT COUNT(*) FROM raw", [], |r| r.get::<_, i64>(0))
             .map(|n| n.max(0) as u64)
@@ -184,6 +230,12 @@ impl RawIndex {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl Drop for RawIndex {
+    fn drop(&mut self) {
+        self.flush();
     }
 }
 
@@ -241,6 +293,45 @@ mod tests {
         cas.delete(&id).unwrap();
         assert_eq!(ix.lookup(&k, &cas), None);
         assert!(ix.is_empty());
+    }
+
+    #[test]
+    fn entries_are_held_until_a_flush_and_found_meanwhile() {
+        let d = tempfile::tempdir().unwrap();
+        let cas = LocalCas::create(&d.path().join("cas")).unwrap();
+        let p = d.path().join("raw.db");
+        let ix = RawIndex::open(&p).unwrap();
+        let other = RawIndex::open(&p).unwrap();
+        let data = b"held content".repeat(9);
+        let k = RawKey::of(&data, Compression::Zlib(6), Suffix::None);
+        let (id, bytes) = compress_metadata(&data, Suffix::None);
+        cas.put_bytes(&id, &bytes).unwrap();
+        ix.record(&k, &id, bytes.len() as u64);
+        // Found by the index that holds it; not written yet.
+        assert_eq!(ix.lookup(&k, &cas), Some((id, bytes.len() as u64)));
+        assert_eq!(other.lookup(&k, &cas), None);
+        ix.flush();
+        assert_eq!(other.lookup(&k, &cas), Some((id, bytes.len() as u64)));
+        // A full buffer is written by itself, in one go.
+        let many: Vec<(RawKey, ObjectId, u64)> = (0..FLUSH_AT as u32)
+            .map(|i| {
+                let raw = i.to_be_bytes().repeat(3);
+                (
+                    RawKey::of(&raw, Compression::Zlib(6), Suffix::None),
+                    id,
+                    bytes.len() as u64,
+                )
+            })
+            .collect();
+        ix.record_many(&many[..FLUSH_AT - 1]);
+        assert_eq!(other.len(), 1);
+        ix.record_many(&many[FLUSH_AT - 1..]);
+        assert_eq!(other.len(), 1 + FLUSH_AT as u64);
+        // Held entries of a dropped index are written.
+        let last = RawKey::of(b"last", Compression::Zlib(6), Suffix::None);
+        ix.record(&last, &id, bytes.len() as u64);
+        drop(ix);
+        assert_eq!(other.lookup(&last, &cas), Some((id, bytes.len() as u64)));
     }
 
     #[test]
