@@ -68,12 +68,16 @@ impl Drop for Moto {
 }
 
 fn store(m: &Moto, bucket: &str) -> prepub_actors::s3_cas::S3Cas {
+    store_at(&m.endpoint, bucket, 1 << 20)
+}
+
+fn store_at(endpoint: &str, bucket: &str, multipart: usize) -> prepub_actors::s3_cas::S3Cas {
     prepub_actors::s3_cas::S3Cas::new(prepub_actors::s3_cas::S3Settings {
         bucket: bucket.into(),
         region: "us-east-1".into(),
-        endpoint: m.endpoint.clone(),
+        endpoint: endpoint.into(),
         prefix: REPO.into(),
-        multipart_threshold: 1 << 20,
+        multipart_threshold: multipart,
     })
     .unwrap()
 }
@@ -467,78 +471,75 @@ fn object_requests(seen: &std::sync::Mutex<Vec<String>>) -> Vec<String> {
         .collect()
 }
 
-fn store_at(endpoint: &str, bucket: &str) -> prepub_actors::s3_cas::S3Cas {
-    prepub_actors::s3_cas::S3Cas::new(prepub_actors::s3_cas::S3Settings {
-        bucket: bucket.into(),
-        region: "us-east-1".into(),
-        endpoint: endpoint.into(),
-        prefix: REPO.into(),
-        multipart_threshold: 8 << 20,
-    })
-    .unwrap()
+/// Moto with bucket `cvmfs` behind a [`proxy`] with `answer`; the proxy's URL and log.
+fn moto_behind_proxy(
+    dir: &Path,
+    answer: Answer,
+) -> (Moto, String, Arc<std::sync::Mutex<Vec<String>>>) {
+    for (k, v) in creds() {
+        std::env::set_var(k, v);
+    }
+    let m = Moto::start(dir);
+    m.bucket("cvmfs");
+    let (url, seen) = proxy(&m.endpoint, answer);
+    (m, url, seen)
+}
+
+fn oid(n: u8) -> prepub_core::hash::ObjectId {
+    use prepub_core::hash::{Digest20, ObjectId, Suffix};
+    ObjectId::new(Digest20([n; 20]), Suffix::None)
 }
 
 #[test]
 fn a_small_new_object_costs_one_conditional_put_and_an_existing_one_is_kept() {
     use prepub_core::cas::PutOutcome;
-    use prepub_core::hash::{ObjectId, Suffix};
-    for (k, v) in creds() {
-        std::env::set_var(k, v);
-    }
     let dir = tempfile::tempdir().unwrap();
-    let m = Moto::start(dir.path());
-    m.bucket("cvmfs");
-    let (url, seen) = proxy(&m.endpoint, Box::new(|_| None));
-    let id = |n: u8| ObjectId::new(prepub_core::hash::Digest20([n; 20]), Suffix::None);
-    let s = store_at(&url, "cvmfs");
-    assert_eq!(s.put_bytes(&id(1), b"first").unwrap(), PutOutcome::Stored);
+    let (_m, url, seen) = moto_behind_proxy(dir.path(), Box::new(|_| None));
+    let s = store_at(&url, "cvmfs", 8 << 20);
+    assert_eq!(s.put_bytes(&oid(1), b"first").unwrap(), PutOutcome::Stored);
     assert_eq!(object_requests(&seen), ["PUT if-none-match"]);
     // Known now: no request at all.
     assert_eq!(
-        s.put_bytes(&id(1), b"first").unwrap(),
+        s.put_bytes(&oid(1), b"first").unwrap(),
         PutOutcome::AlreadyPresent
     );
     assert_eq!(object_requests(&seen).len(), 1);
     // Another process (nothing known): the store refuses the PUT, HEAD confirms, and the
     // object already there is not replaced.
     seen.lock().unwrap().clear();
-    let other = store_at(&url, "cvmfs");
+    let other = store_at(&url, "cvmfs", 8 << 20);
     assert_eq!(
-        other.put_bytes(&id(1), b"other bytes").unwrap(),
+        other.put_bytes(&oid(1), b"other bytes").unwrap(),
         PutOutcome::AlreadyPresent
     );
     assert_eq!(object_requests(&seen), ["PUT if-none-match", "HEAD"]);
-    assert_eq!(prepub_core::cas::get_all(&other, &id(1)).unwrap(), b"first");
+    assert_eq!(
+        prepub_core::cas::get_all(&other, &oid(1)).unwrap(),
+        b"first"
+    );
     // A large object is asked about first, then sent.
     seen.lock().unwrap().clear();
     let big = pseudo_random(prepub_actors::s3_cas::CONDITIONAL_PUT_MAX, 9);
-    assert_eq!(other.put_bytes(&id(2), &big).unwrap(), PutOutcome::Stored);
+    assert_eq!(other.put_bytes(&oid(2), &big).unwrap(), PutOutcome::Stored);
     assert_eq!(object_requests(&seen), ["HEAD", "PUT"]);
-    assert_eq!(prepub_core::cas::get_all(&s, &id(2)).unwrap(), big);
+    assert_eq!(prepub_core::cas::get_all(&s, &oid(2)).unwrap(), big);
 }
 
 #[test]
 fn a_store_without_conditional_puts_is_asked_head_then_put() {
     use prepub_core::cas::PutOutcome;
-    use prepub_core::hash::{ObjectId, Suffix};
-    for (k, v) in creds() {
-        std::env::set_var(k, v);
-    }
     let dir = tempfile::tempdir().unwrap();
-    let m = Moto::start(dir.path());
-    m.bucket("cvmfs");
     // Refuses every PUT that carries If-None-Match, as a store without the feature may.
-    let (url, seen) = proxy(
-        &m.endpoint,
+    let (_m, url, seen) = moto_behind_proxy(
+        dir.path(),
         Box::new(|h| {
             h.lines()
                 .any(|l| l.to_ascii_lowercase().starts_with("if-none-match"))
                 .then(|| s3_error("501 Not Implemented", "NotImplemented"))
         }),
     );
-    let id = |n: u8| ObjectId::new(prepub_core::hash::Digest20([n; 20]), Suffix::None);
-    let s = store_at(&url, "cvmfs");
-    assert_eq!(s.put_bytes(&id(1), b"one").unwrap(), PutOutcome::Stored);
+    let s = store_at(&url, "cvmfs", 8 << 20);
+    assert_eq!(s.put_bytes(&oid(1), b"one").unwrap(), PutOutcome::Stored);
     // The client retries 5xx answers a few times before the refusal counts.
     let r = object_requests(&seen);
     let tried = r.iter().take_while(|x| *x == "PUT if-none-match").count();
@@ -546,10 +547,10 @@ fn a_store_without_conditional_puts_is_asked_head_then_put() {
     assert_eq!(r[tried..], ["HEAD", "PUT"]);
     // Remembered: the next object goes HEAD-then-PUT straight away.
     seen.lock().unwrap().clear();
-    assert_eq!(s.put_bytes(&id(2), b"two").unwrap(), PutOutcome::Stored);
+    assert_eq!(s.put_bytes(&oid(2), b"two").unwrap(), PutOutcome::Stored);
     assert_eq!(object_requests(&seen), ["HEAD", "PUT"]);
-    assert_eq!(prepub_core::cas::get_all(&s, &id(1)).unwrap(), b"one");
-    assert_eq!(prepub_core::cas::get_all(&s, &id(2)).unwrap(), b"two");
+    assert_eq!(prepub_core::cas::get_all(&s, &oid(1)).unwrap(), b"one");
+    assert_eq!(prepub_core::cas::get_all(&s, &oid(2)).unwrap(), b"two");
 }
 
 #[test]
