@@ -26,7 +26,6 @@ use prepub_core::catalog::tree::CatalogTree;
 use prepub_core::gateway::{lease_path, PackBuilder};
 use prepub_core::hash::ObjectId;
 use prepub_core::history::History;
-use prepub_core::intake::ChangeSet;
 use prepub_core::jobs::{JobRecord, JobResult};
 use prepub_core::object::decode_to_vec;
 use prepub_core::repo::{self, ApplyMode};
@@ -426,9 +425,7 @@ fn commit(
     repo_name: &str,
     job: CommitJob,
 ) -> Result<JobResult, CommitError> {
-    let data = std::fs::read(&job.changeset).map_err(|e| err("spool-read", e, true))?;
-    let cs: ChangeSet =
-        serde_json::from_slice(&data).map_err(|e| err("spool-corrupt", e, false))?;
+    let cs = crate::publisher::load_changeset(&job.changeset)?;
     let url = format!("{}/{}", s.stratum0_url.trim_end_matches('/'), repo_name);
     let remote: Arc<dyn Cas> =
         Arc::new(HttpStore::new(&url).map_err(|e| err("stratum0-unreadable", e, true))?);

@@ -191,6 +191,13 @@ fn err(code: &'static str, e: impl ToString, retryable: bool) -> CommitError {
     }
 }
 
+/// A job's saved change set; the file's bytes are gone before the commit goes on (they are as
+/// large as the parsed change set).
+pub(crate) fn load_changeset(path: &std::path::Path) -> Result<ChangeSet, CommitError> {
+    let data = std::fs::read(path).map_err(|e| err("spool-read", e, true))?;
+    serde_json::from_slice(&data).map_err(|e| err("spool-corrupt", e, false))
+}
+
 /// The tag that marks a job's revision: `prepub-<job id>`. It is added to every revision this
 /// daemon publishes and never reused, which is how a restarted daemon recognises its own commit.
 pub fn marker_tag(job: &JobRecord) -> TagRequest {
@@ -263,9 +270,7 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
     if let Some(done) = already_committed(cas, &job.job)? {
         return Ok(done);
     }
-    let data = std::fs::read(&job.changeset).map_err(|e| err("spool-read", e, true))?;
-    let cs: ChangeSet =
-        serde_json::from_slice(&data).map_err(|e| err("spool-corrupt", e, false))?;
+    let cs = load_changeset(&job.changeset)?;
     let (m, _) = repo::current_manifest(cas)
         .map_err(|e| err("repository-unreadable", e, true))?
         .ok_or_else(|| {

@@ -259,9 +259,12 @@ fn push(
     http: reqwest::blocking::Client,
     m: &Distribute,
 ) -> Result<PushReport, String> {
-    let data = std::fs::read(&m.changeset).map_err(|e| format!("spool: {e}"))?;
-    let cs: ChangeSet = serde_json::from_slice(&data).map_err(|e| format!("spool: {e}"))?;
-    let objects = data_objects(&cs);
+    // Only the object list and the byte count are needed while the push runs.
+    let (objects, new_bytes) = {
+        let data = std::fs::read(&m.changeset).map_err(|e| format!("spool: {e}"))?;
+        let cs: ChangeSet = serde_json::from_slice(&data).map_err(|e| format!("spool: {e}"))?;
+        (data_objects(&cs), cs.stats.new_bytes)
+    };
     let job_dir = m.changeset.parent().unwrap_or(std::path::Path::new("."));
     let (job_id, ep, rcpt) = (m.job_id.clone(), endpoint.to_string(), m.progress.clone());
     let progress = move |done, total, bytes| {
@@ -277,7 +280,7 @@ fn push(
         id: &m.job_id,
         repo: &m.repo,
         objects: &objects,
-        bytes: cs.stats.new_bytes,
+        bytes: new_bytes,
         cas: m.cas.clone(),
         ack_log: Some(AckLog::path(job_dir, endpoint)),
         progress: Some(&progress),

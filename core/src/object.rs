@@ -307,16 +307,61 @@ pub fn compress_metadata(data: &[u8], suffix: Suffix) -> (ObjectId, Vec<u8>) {
     (ObjectId::new(Digest20::of(&bytes), suffix), bytes)
 }
 
-/// One-shot zlib compression with stock zlib.
-pub fn zlib_compress(data: &[u8], level: u32) -> Vec<u8> {
-    use flate2::{Compress, FlushCompress, Status};
-    thread_local! {
-        // One deflate state per thread and level, reset between objects: setting up zlib's
-        // window and tables costs more than compressing a small file. deflateReset gives the
-        // same stream as a fresh deflateInit, so the bytes (and object names) do not change.
-        static STATE: std::cell::RefCell<Option<(u32, Compress)>> = const { std::cell::RefCell::new(None) };
-    }
-    STATE.with(|cell| {
+/// Like [`compress_metadata`], reading the metadata from `file` a piece at a time instead of
+/// holding it whole (a catalog of many entries is tens of MB): the same bytes and name, and the
+/// uncompressed size.
+pub fn compress_metadata_file(
+    file: &std::path::Path,
+    suffix: Suffix,
+) -> io::Result<(ObjectId, Vec<u8>, u64)> {
+    use flate2::{FlushCompress, Status};
+    let mut f = std::fs::File::open(file)?;
+    let len = f.metadata()?.len();
+    let mut buf = vec![0u8; 1 << 20];
+    let (bytes, raw) = with_deflate(6, |z| -> io::Result<(Vec<u8>, u64)> {
+        let mut out = Vec::with_capacity(len as usize / 4 + 64);
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                // Deflate's output does not depend on how its input was divided: the bytes are
+                // those of a one-shot compression.
+                loop {
+                    match z.compress_vec(&[], &mut out, FlushCompress::Finish) {
+                        Ok(Status::StreamEnd) => return Ok((out, z.total_in())),
+                        Ok(_) => out.reserve(out.capacity().max(64)),
+                        Err(e) => return Err(io::Error::other(e)),
+                    }
+                }
+            }
+            let start = z.total_in();
+            while ((z.total_in() - start) as usize) < n {
+                if out.len() == out.capacity() {
+                    out.reserve(out.capacity().max(64));
+                }
+                let done = (z.total_in() - start) as usize;
+                z.compress_vec(&buf[done..n], &mut out, FlushCompress::None)
+                    .map_err(io::Error::other)?;
+            }
+        }
+    })?;
+    debug_assert_eq!(raw, len);
+    Ok((ObjectId::new(Digest20::of(&bytes), suffix), bytes, raw))
+}
+
+thread_local! {
+    // One deflate state per thread and level, reset between objects: setting up zlib's
+    // window and tables costs more than compressing a small file. deflateReset gives the
+    // same stream as a fresh deflateInit, so the bytes (and object names) do not change.
+    static DEFLATE: std::cell::RefCell<Option<(u32, flate2::Compress)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's deflate state for `level`, reset; a state `f` fails with is
+/// dropped (the next call starts a fresh one).
+fn with_deflate<T, E>(
+    level: u32,
+    f: impl FnOnce(&mut flate2::Compress) -> Result<T, E>,
+) -> Result<T, E> {
+    DEFLATE.with(|cell| {
         let mut cell = cell.borrow_mut();
         let z = match &mut *cell {
             Some((l, z)) if *l == level => {
@@ -325,25 +370,38 @@ pub fn zlib_compress(data: &[u8], level: u32) -> Vec<u8> {
             }
             slot => {
                 &mut slot
-                    .insert((level, Compress::new(flate2::Compression::new(level), true)))
+                    .insert((
+                        level,
+                        flate2::Compress::new(flate2::Compression::new(level), true),
+                    ))
                     .1
             }
         };
+        let r = f(z);
+        if r.is_err() {
+            *cell = None;
+        }
+        r
+    })
+}
+
+/// One-shot zlib compression with stock zlib.
+pub fn zlib_compress(data: &[u8], level: u32) -> Vec<u8> {
+    use flate2::{FlushCompress, Status};
+    with_deflate(level, |z| {
         let mut out = Vec::with_capacity(data.len() / 2 + 64);
         loop {
             let consumed = z.total_in() as usize;
             match z.compress_vec(&data[consumed..], &mut out, FlushCompress::Finish) {
-                Ok(Status::StreamEnd) => return out,
+                Ok(Status::StreamEnd) => return Ok(out),
                 // Out of room: grow and go on (deflate keeps what it has not emitted yet).
                 Ok(_) => out.reserve(out.capacity().max(64)),
                 // Cannot happen for in-memory input; a fresh state answers next time.
-                Err(_) => {
-                    *cell = None;
-                    return zlib_compress_fresh(data, level);
-                }
+                Err(_) => return Err(()),
             }
         }
     })
+    .unwrap_or_else(|()| zlib_compress_fresh(data, level))
 }
 
 /// zlib with a state of its own (the fallback of [`zlib_compress`]).
@@ -461,6 +519,34 @@ impl Write for CountingWriter<'_> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn metadata_from_a_file_is_the_same_object_as_from_memory() {
+        let d = tempfile::tempdir().unwrap();
+        let mut data = Vec::new();
+        let mut x = 1u32;
+        // Several read pieces, compressible and not.
+        while data.len() < 3 * (1 << 20) + 4321 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            data.extend_from_slice(format!("entry {} {}\n", x % 1000, x).as_bytes());
+            data.push((x >> 24) as u8);
+        }
+        for n in [0, 1, 5000, data.len()] {
+            let p = d.path().join(format!("m{n}"));
+            std::fs::write(&p, &data[..n]).unwrap();
+            let (id, bytes, raw) = compress_metadata_file(&p, Suffix::Catalog).unwrap();
+            assert_eq!(
+                (id, bytes),
+                compress_metadata(&data[..n], Suffix::Catalog),
+                "{n}"
+            );
+            assert_eq!(raw, n as u64);
+        }
+        assert!(compress_metadata_file(&d.path().join("missing"), Suffix::Catalog).is_err());
+        // The thread's state still serves one-shot compression afterwards.
+        assert_eq!(zlib_compress(b"abc", 6), zlib_compress_fresh(b"abc", 6));
+    }
+
     #[test]
     fn reused_deflate_state_gives_the_bytes_of_a_fresh_one() {
         let mut x = 7u64;

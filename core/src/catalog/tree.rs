@@ -22,7 +22,7 @@ use super::db::{CatalogDb, CatalogError, NestedRef};
 use super::{flags, is_under, split_path, Counters, Entry, Statistics};
 use crate::cas::{Cas, CasError};
 use crate::hash::{ObjectId, Suffix};
-use crate::object::{compress_metadata, decode_object, DecodeError};
+use crate::object::{compress_metadata_file, decode_object, DecodeError};
 
 /// Errors of catalog editing.
 #[derive(Debug, thiserror::Error)]
@@ -589,9 +589,8 @@ impl<'a> CatalogTree<'a> {
             db.commit()?;
             db.compact()?;
             let file = db.close()?;
-            let bytes =
-                fs::read(&file).map_err(|e| TreeError::Scratch(file.display().to_string(), e))?;
-            let (id, stored) = compress_metadata(&bytes, Suffix::Catalog);
+            let (id, stored, raw_len) = compress_metadata_file(&file, Suffix::Catalog)
+                .map_err(|e| TreeError::Scratch(file.display().to_string(), e))?;
             self.cas.put_bytes(&id, &stored)?;
             let _ = fs::remove_file(&file);
             written.push(id);
@@ -599,14 +598,13 @@ impl<'a> CatalogTree<'a> {
             match self.cats[i].parent {
                 Some(p) => {
                     let mp = self.cats[i].mountpoint.clone();
-                    self.db(p)?
-                        .set_nested(&mp, Some(&id.digest), bytes.len() as u64)?;
+                    self.db(p)?.set_nested(&mp, Some(&id.digest), raw_len)?;
                     self.cats[p].dirty = true;
                 }
                 None => {
                     result = Some(CommitResult {
                         root: id,
-                        root_size: bytes.len() as u64,
+                        root_size: raw_len,
                         revision,
                         last_modified: now,
                         ttl,
