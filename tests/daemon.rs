@@ -432,13 +432,7 @@ fn crash_and_recover(point: &str) {
     prepare_daemon_dir(dir.path(), "", "");
     let t = tar_bytes(&small_tree("crash"));
     let mut d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_CRASH", point)]);
-    let r = client()
-        .post(format!("{}/api/v1/jobs", d.url))
-        .bearer_auth(ADMIN)
-        .header("X-Cvmfs-Repo", REPO)
-        .header("X-Cvmfs-Path", "/crash")
-        .body(t.clone())
-        .send();
+    let r = d.post_job(ADMIN, "/crash", &t, None);
     let submitted = r.ok().filter(|r| r.status().as_u16() == 202).map(|r| {
         r.json::<serde_json::Value>().unwrap()["job_id"]
             .as_str()
@@ -750,13 +744,7 @@ fn an_upload_processed_before_its_tar_is_on_disk_is_accepted_with_its_change_set
         &[hold[0], ("CVMFS_PREPUB_TEST_CRASH", "accepted")],
     );
     // No answer comes: the daemon dies before it sends one.
-    let _ = client()
-        .post(format!("{}/api/v1/jobs", d.url))
-        .bearer_auth(ADMIN)
-        .header("X-Cvmfs-Repo", REPO)
-        .header("X-Cvmfs-Path", "/early")
-        .body(t.clone())
-        .send();
+    let _ = d.post_job(ADMIN, "/early", &t, None);
     assert!(d.wait_exit(30), "no crash at accepted:\n{}", d.log_text());
     drop(d);
     let jobs: Vec<_> = std::fs::read_dir(dir.path().join("spool/jobs"))

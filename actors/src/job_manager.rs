@@ -139,8 +139,13 @@ struct UploadRun {
 }
 
 impl UploadRun {
+    /// Ended with a change set that may still be used.
+    fn produced(&self) -> bool {
+        !self.cancelled && matches!(self.outcome, Some(Ok(_)))
+    }
+
     fn tell_waiters(&mut self) {
-        let ok = !self.cancelled && matches!(self.outcome, Some(Ok(_)));
+        let ok = self.produced();
         for w in self.waiters.drain(..) {
             let _ = w.send(ok);
         }
@@ -205,7 +210,7 @@ impl JobManager {
     /// The change set of the finished run of upload `id`, taken for its acceptance, when the
     /// run may stand for the job (see [`adopt_upload_run`](Self::adopt_upload_run)).
     fn take_processed_upload(&mut self, rec: &JobRecord) -> Option<(u64, Instant, ChangeSet)> {
-        let done = matches!(self.uploads.get(&rec.id), Some(u) if matches!(u.outcome, Some(Ok(_))));
+        let done = self.uploads.get(&rec.id).is_some_and(|u| u.produced());
         if !done || !self.upload_run_fits(rec) {
             return None;
         }
@@ -845,20 +850,17 @@ impl Handler<SubmitJob> for JobManager {
         let mut rec = m.record;
         // A tar not known to be on disk is accepted with the change set processed from it (the
         // spool makes that durable before the record), and walks on as after any processing.
-        let mut processed = None;
+        let (mut changeset, mut run) = (None, None);
         if !m.tar_synced {
-            let Some((run, started, cs)) = self.take_processed_upload(&rec) else {
+            let Some((r, started, cs)) = self.take_processed_upload(&rec) else {
                 return Box::pin(fut::ready(Err(SubmitError::NotProcessed)));
             };
             rec.attempts = 1;
             rec.transition(JobState::Processing, now_ms());
             self.count_processed(&mut rec, &cs);
-            processed = Some((run, started, cs));
+            changeset = Some(cs);
+            run = Some((r, started));
         }
-        let (changeset, run) = match processed {
-            Some((run, started, cs)) => (Some(cs), Some((run, started))),
-            None => (None, None),
-        };
         Box::pin(
             self.journal
                 .send(AcceptJob {
@@ -1532,7 +1534,7 @@ impl Handler<AwaitUploadRun> for JobManager {
             return Box::pin(async { false });
         };
         if u.cancelled || u.outcome.is_some() {
-            let ok = !u.cancelled && matches!(u.outcome, Some(Ok(_)));
+            let ok = u.produced();
             return Box::pin(async move { ok });
         }
         let (tx, rx) = tokio::sync::oneshot::channel();

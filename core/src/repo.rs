@@ -565,7 +565,7 @@ pub fn apply_changeset(
         match tree.lookup(target)? {
             Some(e) if e.is_dir() => {
                 if let Some(meta) = cs.root.clone().or_else(default_meta) {
-                    if !crate::merge::same(
+                    if !as_stored_equal(
                         &e,
                         &Entry {
                             name: e.name.clone(),
@@ -948,14 +948,20 @@ mod tests {
         p
     }
 
-    fn nested_of(f: &Fixture, root: &ObjectId) -> Vec<(String, Option<ObjectId>)> {
+    /// Object `id` decoded into a scratch file (kept while the directory lives).
+    fn scratch_copy(f: &Fixture, id: &ObjectId) -> (tempfile::TempDir, PathBuf) {
         let tmp = tempfile::tempdir().unwrap();
-        let file = tmp.path().join("c.db");
+        let file = tmp.path().join("object.db");
         std::fs::write(
             &file,
-            decode_to_vec(root, &get_all(&f.cas, root).unwrap(), true).unwrap(),
+            decode_to_vec(id, &get_all(&f.cas, id).unwrap(), true).unwrap(),
         )
         .unwrap();
+        (tmp, file)
+    }
+
+    fn nested_of(f: &Fixture, root: &ObjectId) -> Vec<(String, Option<ObjectId>)> {
+        let (_tmp, file) = scratch_copy(f, root);
         let db = CatalogDb::open(&file, false).unwrap();
         db.nested()
             .unwrap()
@@ -965,13 +971,7 @@ mod tests {
     }
 
     fn stats_of(f: &Fixture, id: &ObjectId) -> crate::catalog::Statistics {
-        let tmp = tempfile::tempdir().unwrap();
-        let file = tmp.path().join("c.db");
-        std::fs::write(
-            &file,
-            decode_to_vec(id, &get_all(&f.cas, id).unwrap(), true).unwrap(),
-        )
-        .unwrap();
+        let (_tmp, file) = scratch_copy(f, id);
         CatalogDb::open(&file, false)
             .unwrap()
             .read_statistics()
@@ -981,14 +981,7 @@ mod tests {
     /// The tag names of the current history.
     fn tag_names(f: &Fixture) -> Vec<String> {
         let (m, _) = current_manifest(&f.cas).unwrap().unwrap();
-        let h = m.history.unwrap();
-        let tmp = tempfile::tempdir().unwrap();
-        let file = tmp.path().join("h.db");
-        std::fs::write(
-            &file,
-            decode_to_vec(&h, &get_all(&f.cas, &h).unwrap(), true).unwrap(),
-        )
-        .unwrap();
+        let (_tmp, file) = scratch_copy(f, &m.history.unwrap());
         let mut v: Vec<String> = History::open(&file)
             .unwrap()
             .tags()

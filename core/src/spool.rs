@@ -205,17 +205,10 @@ impl Spool {
     /// Accepts an uploaded tar: moves it into the job directory (durably) and journals the
     /// first record. Once this returns, the job is accepted and will not be lost.
     pub fn accept(&mut self, rec: &JobRecord, upload: &Path) -> Result<(), SpoolError> {
-        let dir = self.job_dir(&rec.id);
-        fs::create_dir_all(&dir).map_err(ioe(&dir))?;
-        let dest = self.tar_path(&rec.id);
         File::open(upload)
             .and_then(|f| f.sync_all())
             .map_err(ioe(upload))?;
-        fs::rename(upload, &dest).map_err(ioe(&dest))?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(ioe(&dir))?;
-        self.record(rec)
+        self.file_and_record(rec, upload)
     }
 
     /// Accepts an upload that was processed while it arrived: its change set is made durable
@@ -231,6 +224,13 @@ impl Spool {
         let dir = self.job_dir(&rec.id);
         fs::create_dir_all(&dir).map_err(ioe(&dir))?;
         self.save_changeset(&rec.id, cs)?;
+        self.file_and_record(rec, upload)
+    }
+
+    /// Moves `upload` into the job's directory, makes the move durable and journals `rec`.
+    fn file_and_record(&mut self, rec: &JobRecord, upload: &Path) -> Result<(), SpoolError> {
+        let dir = self.job_dir(&rec.id);
+        fs::create_dir_all(&dir).map_err(ioe(&dir))?;
         let dest = self.tar_path(&rec.id);
         fs::rename(upload, &dest).map_err(ioe(&dest))?;
         File::open(&dir)

@@ -228,13 +228,12 @@ where
     S: futures_util::Stream<Item = Result<web::Bytes, E>> + Unpin,
     E: std::fmt::Display,
 {
-    let spool_err = |e: std::io::Error| ApiError::Unavailable(format!("spool write failed: {e}"));
-    let out = file.try_clone().map_err(spool_err)?;
+    let out = file.try_clone().map_err(spool_write_failed)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Upload>(32);
     let writer = std::thread::Builder::new()
         .name("upload-writer".into())
         .spawn(move || write_upload(out, rx, growing.map(FinishGuard::new)))
-        .map_err(spool_err)?;
+        .map_err(spool_write_failed)?;
     let mut n = 0u64;
     let mut refused = None;
     while let Some(chunk) = body.next().await {
@@ -265,7 +264,7 @@ where
     if let Some(e) = refused {
         return Err(e);
     }
-    let digest = written.map_err(spool_err)?;
+    let digest = written.map_err(spool_write_failed)?;
     Ok((n, digest))
 }
 
@@ -673,24 +672,36 @@ async fn tar_on_disk_or_processed(
     id: &str,
     file: &std::fs::File,
 ) -> Result<bool, ApiError> {
-    let spool_err = |e: std::io::Error| ApiError::Unavailable(format!("spool write failed: {e}"));
-    let f = file.try_clone().map_err(spool_err)?;
-    let sync = Box::pin(web::block(move || {
-        prepub_actors::testhook::point("tar-sync");
-        f.sync_all()
-    }));
+    let f = file.try_clone().map_err(spool_write_failed)?;
+    let sync = Box::pin(sync_spool_file(move || Ok(f), Some("tar-sync")));
     let processed = Box::pin(st.jobs.send(AwaitUploadRun {
         job_id: id.to_string(),
     }));
-    let synced = |r: Result<std::io::Result<()>, actix_web::error::BlockingError>| {
-        r.map_err(|_| ApiError::Unavailable("spool writer unavailable".into()))?
-            .map_err(spool_err)
-    };
     match futures_util::future::select(sync, processed).await {
-        futures_util::future::Either::Left((r, _)) => synced(r).map(|()| true),
+        futures_util::future::Either::Left((r, _)) => r.map(|()| true),
         futures_util::future::Either::Right((Ok(true), _)) => Ok(false),
-        futures_util::future::Either::Right((_, sync)) => synced(sync.await).map(|()| true),
+        futures_util::future::Either::Right((_, sync)) => sync.await.map(|()| true),
     }
+}
+
+fn spool_write_failed(e: std::io::Error) -> ApiError {
+    ApiError::Unavailable(format!("spool write failed: {e}"))
+}
+
+/// Opens (`open`) and fsyncs a spool file on a blocking thread, after test hook `hook`.
+async fn sync_spool_file(
+    open: impl FnOnce() -> std::io::Result<std::fs::File> + Send + 'static,
+    hook: Option<&'static str>,
+) -> Result<(), ApiError> {
+    web::block(move || {
+        if let Some(h) = hook {
+            prepub_actors::testhook::point(h);
+        }
+        open()?.sync_all()
+    })
+    .await
+    .map_err(|_| ApiError::Unavailable("spool writer unavailable".into()))?
+    .map_err(spool_write_failed)
 }
 
 /// Hands a spooled upload and its record to the job manager; once it is accepted the spool owns
@@ -717,10 +728,7 @@ async fn hand_over(
         .map_err(unavailable)?;
     if let Err(SubmitError::NotProcessed) = answer {
         let path = upload.clone();
-        web::block(move || std::fs::File::open(path)?.sync_all())
-            .await
-            .map_err(|_| ApiError::Unavailable("spool writer unavailable".into()))?
-            .map_err(|e| ApiError::Unavailable(format!("spool write failed: {e}")))?;
+        sync_spool_file(move || std::fs::File::open(path), None).await?;
         answer = submit(record, true).await.map_err(unavailable)?;
     }
     let accepted = answer.map_err(|e| match e {

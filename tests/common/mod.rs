@@ -391,6 +391,17 @@ impl Daemon {
         tar: &[u8],
         tag: Option<&str>,
     ) -> reqwest::blocking::Response {
+        self.post_job(token, path, tar, tag).unwrap()
+    }
+
+    /// The submission's answer, or the transport error (a daemon that dies before answering).
+    pub fn post_job(
+        &self,
+        token: &str,
+        path: &str,
+        tar: &[u8],
+        tag: Option<&str>,
+    ) -> reqwest::Result<reqwest::blocking::Response> {
         let mut r = client()
             .post(format!("{}/api/v1/jobs", self.url))
             .bearer_auth(token)
@@ -400,7 +411,7 @@ impl Daemon {
         if let Some(t) = tag {
             r = r.header("X-Cvmfs-Tag-Name", t);
         }
-        r.send().unwrap()
+        r.send()
     }
 
     /// Submits a raw tar and returns the new job's id (the submission must be accepted).
