@@ -373,26 +373,41 @@ struct Published {
     compressed: i64,
 }
 
+/// `POST /api/v1/jobs` of `tar` to `path` as a raw tar body, the bytes sent from the file by
+/// the kernel (`std::io::copy` from a file to a socket is `sendfile` on Linux). The client
+/// shares the machine with the daemon, so it should cost as little as a CI runner's curl would
+/// on its own machine: reqwest's blocking body hands the socket 8 KiB at a time across a
+/// channel and took a third of a core per 300 MB/s here.
+fn post_tar(base: &str, tar: &Path, path: &str) -> serde_json::Value {
+    let addr = base.strip_prefix("http://").expect("an http:// base");
+    let mut file = std::fs::File::open(tar).unwrap();
+    let len = file.metadata().unwrap().len();
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_nodelay(true).unwrap();
+    let head = format!(
+        "POST /api/v1/jobs HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\n\
+         X-Cvmfs-Repo: {REPO}\r\nX-Cvmfs-Path: {path}\r\nContent-Type: application/x-tar\r\n\
+         Content-Length: {len}\r\nConnection: close\r\n\r\n"
+    );
+    sock.write_all(head.as_bytes()).unwrap();
+    assert_eq!(std::io::copy(&mut file, &mut sock).unwrap(), len);
+    let mut answer = Vec::new();
+    sock.read_to_end(&mut answer).unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    let (status, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(
+        status.starts_with("HTTP/1.1 202"),
+        "submission refused: {text}"
+    );
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
 /// Submits `tar` to `path` and waits for `published`: wall time from the first byte sent.
 fn publish(d: &Daemon, tar: &Path, path: &str) -> Published {
     let c = http();
     reset_peak_rss(d.child.id());
-    let len = std::fs::metadata(tar).unwrap().len();
     let start = Instant::now();
-    let r: serde_json::Value = c
-        .post(format!("{}/api/v1/jobs", d.base))
-        .bearer_auth(TOKEN)
-        .header("X-Cvmfs-Repo", REPO)
-        .header("X-Cvmfs-Path", path)
-        .header("Content-Type", "application/x-tar")
-        .body(reqwest::blocking::Body::sized(
-            std::fs::File::open(tar).unwrap(),
-            len,
-        ))
-        .send()
-        .unwrap()
-        .json()
-        .unwrap();
+    let r = post_tar(&d.base, tar, path);
     let accepted = start.elapsed();
     let id = r["job_id"]
         .as_str()

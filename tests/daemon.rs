@@ -330,9 +330,49 @@ fn authentication_and_validation_errors() {
         .send()
         .unwrap();
     assert_eq!(status_and_code(r), (400, "checksum-mismatch".into()));
+    // The checksum after the tar field (the spooled tar is hashed then), and as a header: a
+    // wrong one is refused either way, the right one accepted.
+    let right = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&t));
+    let after_tar = |sum: &str, path: &str| {
+        let form = reqwest::blocking::multipart::Form::new()
+            .text("repo", REPO)
+            .text("path", path.to_string())
+            .part("tar", reqwest::blocking::multipart::Part::bytes(t.clone()))
+            .text("tar_sha256", sum.to_string());
+        client()
+            .post(format!("{}/api/v1/jobs", d.url))
+            .bearer_auth(ADMIN)
+            .multipart(form)
+            .send()
+            .unwrap()
+    };
+    let as_header = |sum: &str, path: &str| {
+        client()
+            .post(format!("{}/api/v1/jobs", d.url))
+            .bearer_auth(ADMIN)
+            .header("X-Cvmfs-Repo", REPO)
+            .header("X-Cvmfs-Path", path)
+            .header("X-Cvmfs-Tar-Sha256", sum)
+            .body(t.clone())
+            .send()
+            .unwrap()
+    };
+    let wrong = "ab".repeat(32);
+    let r = after_tar(&wrong, "/x");
+    assert_eq!(status_and_code(r), (400, "checksum-mismatch".into()));
+    let r = as_header(&wrong, "/x");
+    let (status, body) = (r.status().as_u16(), r.text().unwrap());
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains(&format!("tar SHA-256 is {right}")), "{body}");
+    for id in [
+        job_id(after_tar(&right, "/sum-after")),
+        job_id(as_header(&right.to_uppercase(), "/sum-header")),
+    ] {
+        assert_eq!(d.wait_terminal(&id, 30)["state"], "published");
+    }
     // Nothing refused was queued; uploads left nothing in the spool.
     let all: serde_json::Value = d.jobs();
-    assert_eq!(all["total"], 2);
+    assert_eq!(all["total"], 4);
     assert_eq!(
         std::fs::read_dir(dir.path().join("spool/incoming"))
             .unwrap()
