@@ -12,7 +12,8 @@
 //! path, the pre-warm push of the tree's data objects to one Stratum 1 receiver and to three at
 //! once (real `cvmfs-prepub --mode receiver` processes), the tiny files, the big file (each with
 //! the daemon's peak RSS), and the cold publish into S3 (`moto_server` on loopback) at
-//! `upload_concurrency` 1, 16 and 64. BENCH_SKIP=s3,big,receivers,tiny leaves stages out.
+//! `upload_concurrency` 1, 16 and 64. BENCH_SKIP=s3,big,receivers,tiny,tree leaves stages out
+//! (without the tree stages, the receivers and S3 stages, which need them, are left out too).
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -359,6 +360,22 @@ fn peak_rss(pid: u32) -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// CPU time (user + system, seconds) the process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): state is field 3, utime 14, stime 15.
+    let rest = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // SAFETY: sysconf only reads a configuration value.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    f.get(11)
+        .zip(f.get(12))
+        .map_or(0.0, |(u, s)| (u + s) / tick)
+}
+
 fn reset_peak_rss(pid: u32) {
     let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
@@ -371,6 +388,8 @@ struct Published {
     commit: f64,
     rss_mib: f64,
     compressed: i64,
+    /// The daemon's CPU time during the publish (user + system).
+    cpu: f64,
 }
 
 /// `POST /api/v1/jobs` of `tar` to `path` as a raw tar body, the bytes sent from the file by
@@ -402,10 +421,22 @@ fn post_tar(base: &str, tar: &Path, path: &str) -> serde_json::Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
 
+/// Where a publish's time went, and the daemon's CPU time during it.
+fn phases(p: &Published) -> String {
+    format!(
+        "accepted after {:.2} s, processing {:.2} s, commit {:.2} s; daemon CPU {:.1} s",
+        p.accepted.as_secs_f64(),
+        p.processing,
+        p.commit,
+        p.cpu
+    )
+}
+
 /// Submits `tar` to `path` and waits for `published`: wall time from the first byte sent.
 fn publish(d: &Daemon, tar: &Path, path: &str) -> Published {
     let c = http();
     reset_peak_rss(d.child.id());
+    let cpu_before = cpu_seconds(d.child.id());
     let start = Instant::now();
     let r = post_tar(&d.base, tar, path);
     let accepted = start.elapsed();
@@ -438,6 +469,7 @@ fn publish(d: &Daemon, tar: &Path, path: &str) -> Published {
         processing: st("uploading") - st("processing"),
         commit: st("published") - st("committing"),
         rss_mib: peak_rss(d.child.id()),
+        cpu: cpu_seconds(d.child.id()) - cpu_before,
         compressed: job["progress"]["objects_new"].as_i64().unwrap_or(-1),
     }
 }
@@ -623,90 +655,89 @@ fn main() {
 
     // Local CAS, one daemon for the tree stages.
     let mut local = daemon(d, "local", None, env_or("BENCH_LOCAL_CONCURRENCY", 16));
-    let cold = publish(&local, &tar, "/python/stdlib");
-    rows.push(row(
-        "cold publish of the tree (upload → published)",
-        format!(
-            "{:.2} s (accepted after {:.2} s, processing {:.2} s, commit {:.2} s), peak RSS {:.0} MiB",
-            s(cold.took),
-            s(cold.accepted),
-            cold.processing,
-            cold.commit,
-            cold.rss_mib
-        ),
-        format!("{:.2} of the zlib-6 limit", s(zlib) / s(cold.took)),
-        &format!(">= 0.90: {}", met(s(zlib) / s(cold.took) >= 0.9)),
-    ));
-    rows.push(row(
-        "  peak RSS, tree",
-        format!("{:.0} MiB", cold.rss_mib),
-        String::new(),
-        &format!("< 200 MiB: {}", met(cold.rss_mib < 200.0)),
-    ));
-    let warm = publish(&local, &tar, "/python/stdlib-again");
-    let x = s(cold.took) / s(warm.took);
-    rows.push(row(
-        "warm re-publish of the tree to another path",
-        format!(
-            "{:.2} s (accepted after {:.2} s, processing {:.2} s, commit {:.2} s), {} objects compressed",
-            s(warm.took),
-            s(warm.accepted),
-            warm.processing,
-            warm.commit,
-            warm.compressed
-        ),
-        format!("{x:.1}x faster than cold"),
-        &format!(">= 10x: {}", met(x >= 10.0)),
-    ));
-    let five = publish(&local, &changed_tar, "/python/stdlib");
-    let x = s(cold.took) / s(five.took);
-    rows.push(row(
-        format!("publish with 5% of files changed ({changed} files) over the first path"),
-        format!(
-            "{:.2} s (accepted after {:.2} s, processing {:.2} s, commit {:.2} s), {} objects compressed",
-            s(five.took),
-            s(five.accepted),
-            five.processing,
-            five.commit,
-            five.compressed
-        ),
-        format!("{x:.1}x faster than cold"),
-        &format!(">= 6x: {}", met(x >= 6.0)),
-    ));
-
-    if !skipped("receivers") {
-        // The tree's objects (both publishes so far) pushed as a pre-warm would push them.
-        let storage = local.storage.clone();
-        let one = vec![receiver(d, "s1-one")];
-        let t1 = push_all(d, &storage, &one, "one");
-        drop(one);
-        let three: Vec<Receiver> = (0..3).map(|i| receiver(d, &format!("s1-{i}"))).collect();
-        let t3 = push_all(d, &storage, &three, "three");
-        drop(three);
-        let n = LocalCas::open(&storage)
-            .unwrap()
-            .list()
-            .unwrap()
-            .iter()
-            .filter(|o| matches!(o.suffix, Suffix::None | Suffix::Partial))
-            .count();
+    let mut cold_took = None;
+    if !skipped("tree") {
+        let cold = publish(&local, &tar, "/python/stdlib");
         rows.push(row(
-            format!("pre-warm push of the tree's data objects ({n}) to 1 receiver"),
-            format!("{:.2} s ({:.0} objects/s)", s(t1), n as f64 / s(t1)),
-            String::new(),
-            "",
-        ));
-        rows.push(row(
-            "  the same to 3 receivers at once",
+            "cold publish of the tree (upload → published)",
             format!(
-                "{:.2} s ({:.0} objects/s in all)",
-                s(t3),
-                3.0 * n as f64 / s(t3)
+                "{:.2} s ({}), peak RSS {:.0} MiB",
+                s(cold.took),
+                phases(&cold),
+                cold.rss_mib
             ),
-            format!("{:.2}x the time of one", s(t3) / s(t1)),
-            "",
+            format!("{:.2} of the zlib-6 limit", s(zlib) / s(cold.took)),
+            &format!(">= 0.90: {}", met(s(zlib) / s(cold.took) >= 0.9)),
         ));
+        rows.push(row(
+            "  peak RSS, tree",
+            format!("{:.0} MiB", cold.rss_mib),
+            String::new(),
+            &format!("< 200 MiB: {}", met(cold.rss_mib < 200.0)),
+        ));
+        let warm = publish(&local, &tar, "/python/stdlib-again");
+        let x = s(cold.took) / s(warm.took);
+        rows.push(row(
+            "warm re-publish of the tree to another path",
+            format!(
+                "{:.2} s ({}), {} objects compressed",
+                s(warm.took),
+                phases(&warm),
+                warm.compressed
+            ),
+            format!("{x:.1}x faster than cold"),
+            &format!(">= 10x: {}", met(x >= 10.0)),
+        ));
+        let five = publish(&local, &changed_tar, "/python/stdlib");
+        let x = s(cold.took) / s(five.took);
+        rows.push(row(
+            format!("publish with 5% of files changed ({changed} files) over the first path"),
+            format!(
+                "{:.2} s ({}), {} objects compressed",
+                s(five.took),
+                phases(&five),
+                five.compressed
+            ),
+            format!("{x:.1}x faster than cold"),
+            &format!(">= 6x: {}", met(x >= 6.0)),
+        ));
+
+        if !skipped("receivers") {
+            // The tree's objects (both publishes so far) pushed as a pre-warm would push them.
+            let storage = local.storage.clone();
+            let one = vec![receiver(d, "s1-one")];
+            let t1 = push_all(d, &storage, &one, "one");
+            drop(one);
+            let three: Vec<Receiver> = (0..3).map(|i| receiver(d, &format!("s1-{i}"))).collect();
+            let t3 = push_all(d, &storage, &three, "three");
+            drop(three);
+            let n = LocalCas::open(&storage)
+                .unwrap()
+                .list()
+                .unwrap()
+                .iter()
+                .filter(|o| matches!(o.suffix, Suffix::None | Suffix::Partial))
+                .count();
+            rows.push(row(
+                format!("pre-warm push of the tree's data objects ({n}) to 1 receiver"),
+                format!("{:.2} s ({:.0} objects/s)", s(t1), n as f64 / s(t1)),
+                String::new(),
+                "",
+            ));
+            rows.push(row(
+                "  the same to 3 receivers at once",
+                format!(
+                    "{:.2} s ({:.0} objects/s in all)",
+                    s(t3),
+                    3.0 * n as f64 / s(t3)
+                ),
+                format!("{:.2}x the time of one", s(t3) / s(t1)),
+                "",
+            ));
+        }
+        cold_took = Some(cold.took);
     }
+
     if !skipped("tiny") {
         let tiny_n: usize = env_or("BENCH_TINY", 100_000);
         let tiny = d.join("tiny.tar");
@@ -718,11 +749,9 @@ fn main() {
         rows.push(row(
             format!("{tiny_n} tiny files"),
             format!(
-                "{:.2} s (accepted after {:.2} s, processing {:.2} s, commit {:.2} s), peak RSS {:.0} MiB",
+                "{:.2} s ({}), peak RSS {:.0} MiB",
                 s(t.took),
-                s(t.accepted),
-                t.processing,
-                t.commit,
+                phases(&t),
                 t.rss_mib
             ),
             format!("{rate:.0} files/s"),
@@ -769,7 +798,7 @@ fn main() {
 
     drop(local);
 
-    if !skipped("s3") {
+    if let (false, Some(cold)) = (skipped("s3"), cold_took) {
         std::env::set_var("AWS_ACCESS_KEY_ID", "bench");
         std::env::set_var("AWS_SECRET_ACCESS_KEY", "bench");
         let port = free_port();
@@ -786,16 +815,10 @@ fn main() {
             http().put(format!("{endpoint}/{bucket}")).send().unwrap();
             let dm = daemon(d, &format!("s3-{c}"), Some((&endpoint, &bucket)), c);
             let p = publish(&dm, &tar, "/python/stdlib");
-            let x = s(p.took) / s(cold.took);
+            let x = s(p.took) / s(cold);
             rows.push(row(
                 format!("cold publish into S3 (moto), upload_concurrency {c}"),
-                format!(
-                    "{:.2} s (accepted after {:.2} s, processing {:.2} s, commit {:.2} s)",
-                    s(p.took),
-                    s(p.accepted),
-                    p.processing,
-                    p.commit
-                ),
+                format!("{:.2} s ({})", s(p.took), phases(&p)),
                 format!("{x:.2}x the local-CAS time"),
                 &if c == 64 {
                     format!("<= 2x: {}", met(x <= 2.0))

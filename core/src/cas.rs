@@ -132,6 +132,50 @@ pub struct LocalCas {
     /// With deferred directory sync, directories that received a rename since the last
     /// [`Cas::flush`] (fsynced there, once each, instead of once per object).
     pending_dirs: Option<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
+    shards: Shards,
+}
+
+/// Open descriptors of the shard directories `data/00`…`data/ff`, each opened on first use
+/// (Linux): an object is then found, created and named inside its shard by one path component
+/// instead of a walk of the whole storage path for every stat, create and link. A shard that
+/// cannot be opened is used by path.
+#[derive(Debug)]
+struct Shards(#[cfg(target_os = "linux")] Box<[std::sync::OnceLock<Option<File>>]>);
+
+impl Default for Shards {
+    fn default() -> Self {
+        Shards(
+            #[cfg(target_os = "linux")]
+            (0..256).map(|_| std::sync::OnceLock::new()).collect(),
+        )
+    }
+}
+
+/// An object's shard directory (open) and its name inside it.
+#[cfg(target_os = "linux")]
+struct InShard<'a> {
+    dir: &'a File,
+    name: std::ffi::CString,
+}
+
+#[cfg(target_os = "linux")]
+impl InShard<'_> {
+    /// `fstatat` of the object: its metadata, `Ok(None)` if absent.
+    fn stat(&self) -> io::Result<Option<libc::stat>> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `stat` is plain old data that fstatat fills; the name is NUL-terminated.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::fstatat(self.dir.as_raw_fd(), self.name.as_ptr(), &mut st, 0) };
+        if r == 0 {
+            return Ok(Some(st));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() == io::ErrorKind::NotFound {
+            Ok(None)
+        } else {
+            Err(e)
+        }
+    }
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -158,6 +202,7 @@ impl LocalCas {
             root: root.to_path_buf(),
             durable: true,
             pending_dirs: None,
+            shards: Shards::default(),
         })
     }
 
@@ -178,6 +223,7 @@ impl LocalCas {
             root: root.to_path_buf(),
             durable: true,
             pending_dirs: None,
+            shards: Shards::default(),
         })
     }
 
@@ -202,6 +248,18 @@ impl LocalCas {
 
     fn object_path(&self, id: &ObjectId) -> PathBuf {
         self.root.join(id.path())
+    }
+
+    /// The object's open shard directory and its name there, unless the shard cannot be opened.
+    #[cfg(target_os = "linux")]
+    fn in_shard(&self, id: &ObjectId) -> Option<InShard<'_>> {
+        let path = id.path(); // data/xx/name
+        let shard = usize::from(id.digest.0[0]);
+        let dir = self.shards.0[shard]
+            .get_or_init(|| File::open(self.root.join(&path[..7])).ok())
+            .as_ref()?;
+        let name = std::ffi::CString::new(&path[8..]).ok()?;
+        Some(InShard { dir, name })
     }
 
     /// Durable placement: the temp file is fsynced before the rename so the name never points at
@@ -273,18 +331,43 @@ enum Unnamed {
 }
 
 impl Unnamed {
-    fn write(dir: &Path, data: &[u8]) -> io::Result<Unnamed> {
+    /// Writes `data` as a new file of `dir`, which `shard` is open on when given.
+    fn write(
+        dir: &Path,
+        #[cfg(target_os = "linux")] shard: Option<&File>,
+        data: &[u8],
+    ) -> io::Result<Unnamed> {
         // Naming an anonymous file goes through /proc/self/fd (linkat without privileges).
         #[cfg(target_os = "linux")]
         static PROC_FD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         #[cfg(target_os = "linux")]
         if *PROC_FD.get_or_init(|| Path::new("/proc/self/fd").is_dir()) {
+            use std::os::fd::{AsRawFd, FromRawFd};
             use std::os::unix::fs::OpenOptionsExt;
-            match OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_TMPFILE)
-                .open(dir)
-            {
+            let opened = match shard {
+                Some(d) => {
+                    // SAFETY: a plain syscall on an open descriptor and a NUL-terminated name;
+                    // a non-negative result is a new descriptor that the File then owns.
+                    let fd = unsafe {
+                        libc::openat(
+                            d.as_raw_fd(),
+                            c".".as_ptr(),
+                            libc::O_TMPFILE | libc::O_WRONLY | libc::O_CLOEXEC,
+                            0o666 as libc::c_uint,
+                        )
+                    };
+                    if fd < 0 {
+                        Err(io::Error::last_os_error())
+                    } else {
+                        Ok(unsafe { File::from_raw_fd(fd) })
+                    }
+                }
+                None => OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_TMPFILE)
+                    .open(dir),
+            };
+            match opened {
                 Ok(mut f) => {
                     f.write_all(data)?;
                     return Ok(Unnamed::Anonymous(f));
@@ -310,8 +393,13 @@ impl Unnamed {
             .map_err(|(_, _, e)| e)
     }
 
-    /// Gives the bytes the name `dest` unless it exists; `Ok(false)` if it did.
-    fn name(self, dest: &Path) -> io::Result<bool> {
+    /// Gives the bytes the name `dest` (`at`: the same, inside its open shard) unless it
+    /// exists; `Ok(false)` if it did.
+    fn name(
+        self,
+        dest: &Path,
+        #[cfg(target_os = "linux")] at: Option<&InShard>,
+    ) -> io::Result<bool> {
         match self {
             #[cfg(target_os = "linux")]
             Unnamed::Anonymous(f) => {
@@ -320,13 +408,22 @@ impl Unnamed {
                 use std::os::unix::ffi::OsStrExt;
                 let from = CString::new(format!("/proc/self/fd/{}", f.as_raw_fd()))
                     .map_err(io::Error::other)?;
-                let to = CString::new(dest.as_os_str().as_bytes()).map_err(io::Error::other)?;
-                // SAFETY: both paths are NUL-terminated and outlive the call; `f` stays open.
+                let whole;
+                let (dir, to) = match at {
+                    Some(s) => (s.dir.as_raw_fd(), s.name.as_c_str()),
+                    None => {
+                        whole =
+                            CString::new(dest.as_os_str().as_bytes()).map_err(io::Error::other)?;
+                        (libc::AT_FDCWD, whole.as_c_str())
+                    }
+                };
+                // SAFETY: both names are NUL-terminated and outlive the call; `f` and the
+                // shard directory stay open.
                 let r = unsafe {
                     libc::linkat(
                         libc::AT_FDCWD,
                         from.as_ptr(),
-                        libc::AT_FDCWD,
+                        dir,
                         to.as_ptr(),
                         libc::AT_SYMLINK_FOLLOW,
                     )
@@ -421,6 +518,7 @@ impl PendingObject for LocalPending {
             root: self.cas_root.clone(),
             durable: self.durable,
             pending_dirs: None,
+            shards: Shards::default(),
         };
         let dest = cas.object_path(id);
         if dest.exists() {
@@ -483,17 +581,22 @@ impl Cas for LocalCas {
             }
         };
         let mut out: Vec<Result<PutOutcome, CasError>> = Vec::with_capacity(items.len());
-        let mut written: Vec<(usize, Unnamed, PathBuf)> = Vec::new();
+        let mut written: Vec<(usize, Unnamed, PathBuf, Option<InShard>)> = Vec::new();
         for (i, (id, data)) in items.iter().enumerate() {
             let dest = self.object_path(id);
-            if dest.exists() {
+            let at = self.in_shard(id);
+            let present = match &at {
+                Some(s) => matches!(s.stat(), Ok(Some(_))),
+                None => dest.exists(),
+            };
+            if present {
                 out.push(Ok(PutOutcome::AlreadyPresent));
                 continue;
             }
             let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
-            match Unnamed::write(&dir, data) {
+            match Unnamed::write(&dir, at.as_ref().map(|s| s.dir), data) {
                 Ok(u) => {
-                    written.push((i, u, dest));
+                    written.push((i, u, dest, at));
                     out.push(Ok(PutOutcome::Stored));
                 }
                 Err(e) => out.push(Err(CasError::io("write", &dir, e))),
@@ -504,7 +607,7 @@ impl Cas for LocalCas {
         }
         if let Err(e) = sync_filesystem(&root) {
             let msg = e.to_string();
-            for (i, u, _) in written {
+            for (i, u, _, _) in written {
                 u.discard();
                 out[i] = Err(CasError::io(
                     "sync",
@@ -515,8 +618,8 @@ impl Cas for LocalCas {
             return out;
         }
         let mut dirs = std::collections::HashSet::new();
-        for (i, u, dest) in written {
-            match u.name(&dest) {
+        for (i, u, dest, at) in written {
+            match u.name(&dest, at.as_ref()) {
                 Ok(true) => {
                     if let Some(d) = dest.parent() {
                         dirs.insert(d.to_path_buf());
@@ -607,6 +710,14 @@ impl Cas for LocalCas {
     }
 
     fn size(&self, id: &ObjectId) -> Result<u64, CasError> {
+        #[cfg(target_os = "linux")]
+        if let Some(s) = self.in_shard(id) {
+            return match s.stat() {
+                Ok(Some(st)) => Ok(st.st_size as u64),
+                Ok(None) => Err(CasError::NotFound(id.to_string())),
+                Err(e) => Err(CasError::io("stat", &self.object_path(id), e)),
+            };
+        }
         let p = self.object_path(id);
         match fs::metadata(&p) {
             Ok(m) => Ok(m.len()),
@@ -750,10 +861,14 @@ mod tests {
         assert_eq!(get_all(&cas, &id).unwrap(), b"x");
         assert_eq!(cas.list().unwrap(), vec![id]);
         assert!(dir.path().join(id.path()).is_file());
-        assert!(matches!(
-            cas.get(&ObjectId::new(Digest20::of(b"y"), Suffix::None)),
-            Err(CasError::NotFound(_))
-        ));
+        let absent = ObjectId::new(Digest20::of(b"y"), Suffix::None);
+        assert!(matches!(cas.get(&absent), Err(CasError::NotFound(_))));
+        assert!(matches!(cas.size(&absent), Err(CasError::NotFound(_))));
+        // The size of the object under its full name and under its suffix-less twin.
+        let plain = ObjectId::new(Digest20::of(b"x"), Suffix::None);
+        assert!(matches!(cas.size(&plain), Err(CasError::NotFound(_))));
+        cas.put_bytes(&plain, b"xyz").unwrap();
+        assert_eq!((cas.size(&plain).unwrap(), cas.size(&id).unwrap()), (3, 1));
     }
 
     #[test]
@@ -807,12 +922,27 @@ mod tests {
     fn unnamed_bytes_take_a_free_name_and_yield_to_an_existing_one() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        // Anonymous (where the filesystem has O_TMPFILE) and the temporary-name fallback.
+        // Anonymous (where the filesystem has O_TMPFILE), anonymous and named through an open
+        // directory (a shard), and the temporary-name fallback.
         let tmp = d.join(".tmp.test");
         fs::write(&tmp, b"fallback").unwrap();
-        for (u, body) in [
-            (Unnamed::write(d, b"anonymous").unwrap(), &b"anonymous"[..]),
-            (Unnamed::Temp(tmp), &b"fallback"[..]),
+        let open_dir = File::open(d).unwrap();
+        let shard = |p: &Path| InShard {
+            dir: &open_dir,
+            name: std::ffi::CString::new(p.file_name().unwrap().to_str().unwrap()).unwrap(),
+        };
+        for (u, body, by_fd) in [
+            (
+                Unnamed::write(d, None, b"anonymous").unwrap(),
+                &b"anonymous"[..],
+                false,
+            ),
+            (
+                Unnamed::write(d, Some(&open_dir), b"in its shard").unwrap(),
+                &b"in its shard"[..],
+                true,
+            ),
+            (Unnamed::Temp(tmp), &b"fallback"[..], false),
         ] {
             let dest = d.join(format!("obj-{}", body.len()));
             let taken = d.join(format!("taken-{}", body.len()));
@@ -822,11 +952,13 @@ mod tests {
                     fs::write(d.join(".tmp.test2"), body).unwrap();
                     Unnamed::Temp(d.join(".tmp.test2"))
                 }
-                _ => Unnamed::write(d, body).unwrap(),
+                _ => Unnamed::write(d, by_fd.then_some(&open_dir), body).unwrap(),
             };
-            assert!(u.name(&dest).unwrap());
+            assert!(u.name(&dest, by_fd.then(|| shard(&dest)).as_ref()).unwrap());
             assert_eq!(fs::read(&dest).unwrap(), body);
-            assert!(!again.name(&taken).unwrap());
+            assert!(!again
+                .name(&taken, by_fd.then(|| shard(&taken)).as_ref())
+                .unwrap());
             assert_eq!(fs::read(&taken).unwrap(), b"theirs");
         }
         let left: Vec<_> = fs::read_dir(d)
