@@ -527,8 +527,16 @@ const READING: &str = "## Reading the table
   fsynced write rate allows, `dd conv=fsync` measures it), hashes every object, creates one
   file per object (kernel work that grows with the number of objects, not their bytes), builds
   and signs the catalogs. Identical contents inside one tar are compressed once.
-- \"processing\" is the job's time from `processing` to `uploading`, \"commit\" from
-  `committing` to `published`; the rest of a row's time is the upload and the queue.
+- The tar is sent by a minimal client on this same machine (`sendfile` over one HTTP/1.1
+  connection), and processed by the daemon while it uploads: \"accepted after\" is the upload
+  and the spool fsync (or the processing, when that ends first), \"processing\" the part of the
+  job's processing left once it was accepted (job states `processing` to `uploading`),
+  \"commit\" from `committing` to `published`. \"daemon CPU\" is the daemon's user + system
+  time during the publish (two cores give two CPU-seconds per second).
+- Run to run, on this virtual machine, the same stage's times vary by up to a third: the
+  kernel's share (copying the upload into the page cache, creating and writing back one file
+  per object) moves most; profiles saw the upload's copy take 0.3 to 1.5 CPU-seconds for the
+  same 614 MiB tar.
 - Peak RSS is the daemon's VmHWM for that stage (the daemon is restarted before the tiny-file
   and big-file stages; the tree stages share one process).
 - On ext4 without a journal the kernel skips inodes freed in the last 60 s (300 s while their

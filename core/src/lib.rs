@@ -27,6 +27,7 @@ pub mod manifest;
 pub mod merge;
 pub mod object;
 pub mod pipeline;
+pub mod pzlib;
 pub mod rawindex;
 pub mod receiver;
 pub mod repo;

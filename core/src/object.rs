@@ -298,13 +298,26 @@ pub fn encode_file<R: Read>(
 }
 
 /// Compresses an in-memory metadata object (catalog, history, certificate) with zlib level 6
-/// and returns its stored bytes and name. Metadata objects are always zlib (§1.2), in one pass
-/// like `cvmfs_server`'s: a block-parallel stream (pigz's sync-flush markers, empty stored
-/// blocks) is valid zlib but was misread by the independent reader the tests use, which takes
-/// an empty block for the end of the stream.
+/// and returns its stored bytes and name. Metadata objects are always zlib (§1.2); a large one
+/// (a catalog of many entries, compressed while the repository is locked) is compressed on
+/// every core as one stream ([`crate::pzlib`]).
 pub fn compress_metadata(data: &[u8], suffix: Suffix) -> (ObjectId, Vec<u8>) {
-    let bytes = zlib_compress(data, 6);
+    let bytes = match metadata_threads(data.len() as u64) {
+        Some(threads) => crate::pzlib::compress(data.len() as u64, 6, threads, &|at, buf| {
+            buf.copy_from_slice(&data[at as usize..at as usize + buf.len()]);
+            Ok(())
+        })
+        .unwrap_or_else(|_| zlib_compress(data, 6)),
+        None => zlib_compress(data, 6),
+    };
     (ObjectId::new(Digest20::of(&bytes), suffix), bytes)
+}
+
+/// The threads to compress `len` bytes of metadata on, when more than one is worth it: at
+/// least two blocks and two cores.
+fn metadata_threads(len: u64) -> Option<usize> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores > 1 && len >= 2 * crate::pzlib::BLOCK as u64).then_some(cores)
 }
 
 /// Like [`compress_metadata`], reading the metadata from `file` a piece at a time instead of
@@ -317,6 +330,11 @@ pub fn compress_metadata_file(
     use flate2::{FlushCompress, Status};
     let mut f = std::fs::File::open(file)?;
     let len = f.metadata()?.len();
+    if let Some(threads) = metadata_threads(len) {
+        use std::os::unix::fs::FileExt;
+        let bytes = crate::pzlib::compress(len, 6, threads, &|at, buf| f.read_exact_at(buf, at))?;
+        return Ok((ObjectId::new(Digest20::of(&bytes), suffix), bytes, len));
+    }
     let mut buf = vec![0u8; 1 << 20];
     let (bytes, raw) = with_deflate(6, |z| -> io::Result<(Vec<u8>, u64)> {
         let mut out = Vec::with_capacity(len as usize / 4 + 64);
@@ -536,11 +554,12 @@ mod tests {
             std::fs::write(&p, &data[..n]).unwrap();
             let (id, bytes, raw) = compress_metadata_file(&p, Suffix::Catalog).unwrap();
             assert_eq!(
-                (id, bytes),
+                (id, bytes.clone()),
                 compress_metadata(&data[..n], Suffix::Catalog),
                 "{n}"
             );
             assert_eq!(raw, n as u64);
+            assert_eq!(decode_to_vec(&id, &bytes, true).unwrap(), &data[..n]);
         }
         assert!(compress_metadata_file(&d.path().join("missing"), Suffix::Catalog).is_err());
         // The thread's state still serves one-shot compression afterwards.

@@ -1,0 +1,446 @@
+//! Block-parallel zlib for large metadata objects (catalogs compressed while the repository is
+//! locked): one standard zlib stream, written by several threads.
+//!
+//! The input is cut into [`BLOCK`]-sized blocks. Each is compressed as raw deflate with the
+//! 32 KiB before it as its dictionary; every block but the last ends with its final byte in a
+//! one-byte *stored* block, which leaves the stream on a byte boundary so the next block's
+//! output can simply follow. Joints made by a sync flush (pigz's way) are empty stored blocks,
+//! which some inflaters (the `compress` crate under the `cvmfs` reader the tests use) take for
+//! the end of the stream; a stored block with a byte in it is read by every inflater. One zlib
+//! header and the Adler-32 of the whole input frame the blocks.
+//!
+//! The output depends only on the input and the level (not on the number of threads), so a
+//! catalog's name does not depend on the machine. It differs from a one-pass compression's
+//! bytes: only for metadata objects, whose names nothing dedups against (data objects must
+//! match `cvmfs_server`'s bytes and are compressed in one pass).
+
+use std::ffi::{c_int, c_uint, c_void};
+use std::io;
+
+use libz_sys as z;
+
+/// Input bytes per block.
+pub const BLOCK: usize = 1 << 20;
+const WINDOW: usize = 32 << 10;
+
+extern "C" {
+    // zlib >= 1.2.5.1; libz-sys leaves it out of its bindings.
+    fn deflatePending(strm: z::z_streamp, pending: *mut c_uint, bits: *mut c_int) -> c_int;
+}
+
+unsafe extern "C" fn zalloc(_: *mut c_void, items: z::uInt, size: z::uInt) -> *mut c_void {
+    // SAFETY: plain allocation; zlib frees it with `zfree`.
+    unsafe { libc::calloc(items as usize, size as usize) }
+}
+
+unsafe extern "C" fn zfree(_: *mut c_void, p: *mut c_void) {
+    // SAFETY: `p` came from `zalloc`.
+    unsafe { libc::free(p) }
+}
+
+/// A raw deflate state, ended on drop.
+struct Deflate(Box<z::z_stream>);
+
+impl Deflate {
+    fn new(level: u32) -> io::Result<Deflate> {
+        let mut s = Box::new(z::z_stream {
+            next_in: std::ptr::null_mut(),
+            avail_in: 0,
+            total_in: 0,
+            next_out: std::ptr::null_mut(),
+            avail_out: 0,
+            total_out: 0,
+            msg: std::ptr::null_mut(),
+            state: std::ptr::null_mut(),
+            zalloc,
+            zfree,
+            opaque: std::ptr::null_mut(),
+            data_type: 0,
+            adler: 0,
+            reserved: 0,
+        });
+        // SAFETY: a zeroed stream with allocators; the version and size are zlib's own.
+        let rc = unsafe {
+            z::deflateInit2_(
+                &mut *s,
+                level as c_int,
+                z::Z_DEFLATED,
+                -15, // raw deflate, 32 KiB window
+                8,
+                z::Z_DEFAULT_STRATEGY,
+                z::zlibVersion(),
+                std::mem::size_of::<z::z_stream>() as c_int,
+            )
+        };
+        if rc != z::Z_OK {
+            return Err(io::Error::other(format!("deflateInit2: {rc}")));
+        }
+        Ok(Deflate(s))
+    }
+
+    fn dictionary(&mut self, dict: &[u8]) -> io::Result<()> {
+        // SAFETY: zlib copies the dictionary before returning.
+        let rc =
+            unsafe { z::deflateSetDictionary(&mut *self.0, dict.as_ptr(), dict.len() as z::uInt) };
+        check(rc, "deflateSetDictionary")
+    }
+
+    /// Compresses all of `input` with `flush` into `out`; returns the last return code.
+    fn run(&mut self, input: &[u8], flush: c_int, out: &mut Vec<u8>) -> io::Result<c_int> {
+        let s = &mut *self.0;
+        s.next_in = input.as_ptr() as *mut u8;
+        s.avail_in = input.len() as c_uint;
+        let result = loop {
+            if out.capacity() - out.len() < 4096 {
+                out.reserve(out.capacity().max(64 << 10));
+            }
+            let room = out.capacity() - out.len();
+            // SAFETY: the output pointer covers `room` spare bytes of `out`, whose length is
+            // raised by exactly what zlib wrote; the input outlives the call.
+            let rc = unsafe {
+                s.next_out = out.as_mut_ptr().add(out.len());
+                s.avail_out = room.min(c_uint::MAX as usize) as c_uint;
+                let rc = z::deflate(s, flush);
+                let wrote = room.min(c_uint::MAX as usize) - s.avail_out as usize;
+                out.set_len(out.len() + wrote);
+                rc
+            };
+            match rc {
+                z::Z_STREAM_END => break Ok(rc),
+                // Done once the input is in and zlib left output space unused.
+                z::Z_OK | z::Z_BUF_ERROR if s.avail_in == 0 && s.avail_out > 0 => break Ok(rc),
+                z::Z_OK => continue,
+                rc => break Err(io::Error::other(format!("deflate: {rc}"))),
+            }
+        };
+        // No pointers into the caller's buffers outlive the call.
+        s.next_in = std::ptr::null_mut();
+        s.avail_in = 0;
+        s.next_out = std::ptr::null_mut();
+        s.avail_out = 0;
+        result
+    }
+
+    /// (bytes, bits) held back by zlib, not yet in the output.
+    fn pending(&mut self) -> io::Result<(u32, i32)> {
+        let (mut bytes, mut bits) = (0 as c_uint, 0 as c_int);
+        // SAFETY: a plain query on an initialised stream.
+        check(
+            unsafe { deflatePending(&mut *self.0, &mut bytes, &mut bits) },
+            "deflatePending",
+        )?;
+        Ok((bytes, bits))
+    }
+
+    fn prime(&mut self, bits: c_int) -> io::Result<()> {
+        // SAFETY: inserts `bits` zero bits into the stream's bit buffer.
+        check(
+            unsafe { z::deflatePrime(&mut *self.0, bits, 0) },
+            "deflatePrime",
+        )
+    }
+}
+
+impl Drop for Deflate {
+    fn drop(&mut self) {
+        // SAFETY: the stream was initialised by deflateInit2 and is ended once.
+        unsafe { z::deflateEnd(&mut *self.0) };
+    }
+}
+
+fn check(rc: c_int, what: &str) -> io::Result<()> {
+    if rc == z::Z_OK {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("{what}: {rc}")))
+    }
+}
+
+/// Compresses block `block` (preceded by `dict`, the input's 32 KiB before it); `last` ends the
+/// stream, otherwise the block ends on a byte boundary with its final byte stored.
+fn deflate_block(block: &[u8], dict: &[u8], last: bool, level: u32) -> io::Result<Vec<u8>> {
+    let mut d = Deflate::new(level)?;
+    if !dict.is_empty() {
+        d.dictionary(dict)?;
+    }
+    let mut out = Vec::with_capacity(block.len() / 2 + 64);
+    if last {
+        let rc = d.run(block, z::Z_FINISH, &mut out)?;
+        if rc != z::Z_STREAM_END {
+            return Err(io::Error::other("deflate did not finish"));
+        }
+        return Ok(out);
+    }
+    let (body, tail) = block.split_at(block.len() - 1);
+    d.run(body, z::Z_BLOCK, &mut out)?;
+    // A stored block's header (BFINAL 0, BTYPE 00) and the padding to the next byte.
+    let (_, held) = d.pending()?;
+    d.prime(3 + (8 - (held + 3) % 8) % 8)?;
+    // Only the primed bytes are left to come out.
+    d.run(&[], z::Z_BLOCK, &mut out)?;
+    if d.pending()? != (0, 0) {
+        return Err(io::Error::other("deflate block not byte-aligned"));
+    }
+    // LEN 1, NLEN !1 (little-endian), the byte.
+    out.extend_from_slice(&[0x01, 0x00, 0xfe, 0xff, tail[0]]);
+    Ok(out)
+}
+
+/// One compressed block: its index, deflate bytes, and the Adler-32 and length of its input.
+struct Part {
+    index: usize,
+    bytes: Vec<u8>,
+    adler: u32,
+    len: usize,
+}
+
+/// zlib (`level`) of `len` bytes that `read_at(offset, buf)` fills, on `threads` threads.
+/// `len` must be at least 1.
+pub fn compress(
+    len: u64,
+    level: u32,
+    threads: usize,
+    read_at: &(dyn Fn(u64, &mut [u8]) -> io::Result<()> + Sync),
+) -> io::Result<Vec<u8>> {
+    let blocks = len.div_ceil(BLOCK as u64) as usize;
+    if blocks == 0 {
+        return Err(io::Error::other("nothing to compress"));
+    }
+    let threads = threads.clamp(1, blocks);
+    // Each worker takes every `threads`-th block: its output and the Adler-32 of its input.
+    let work = |first: usize| -> io::Result<Vec<Part>> {
+        let mut done = Vec::new();
+        let mut buf = vec![0u8; WINDOW + BLOCK];
+        for i in (first..blocks).step_by(threads) {
+            let start = i as u64 * BLOCK as u64;
+            let n = (len - start).min(BLOCK as u64) as usize;
+            let d = if i == 0 { 0 } else { WINDOW };
+            read_at(start - d as u64, &mut buf[..d + n])?;
+            let (dict, block) = buf[..d + n].split_at(d);
+            let out = deflate_block(block, dict, i + 1 == blocks, level)?;
+            // SAFETY: adler32 reads `n` bytes of `block`.
+            let adler = unsafe { z::adler32(1, block.as_ptr(), n as z::uInt) } as u32;
+            done.push(Part {
+                index: i,
+                bytes: out,
+                adler,
+                len: n,
+            });
+        }
+        Ok(done)
+    };
+    let mut parts = std::thread::scope(|s| -> io::Result<Vec<Part>> {
+        let workers: Vec<_> = (1..threads)
+            .map(|t| {
+                let work = &work;
+                s.spawn(move || work(t))
+            })
+            .collect();
+        let mut all = work(0)?;
+        for w in workers {
+            // A panic in a worker is a bug; let it reach the caller like the one-pass path.
+            all.extend(w.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?);
+        }
+        Ok(all)
+    })?;
+    parts.sort_unstable_by_key(|p| p.index);
+    // Header: deflate with a 32 KiB window, FLEVEL from the level, no dictionary, FCHECK.
+    let flevel: u8 = match level {
+        0 | 1 => 0,
+        2..=5 => 1,
+        6 => 2,
+        _ => 3,
+    };
+    let cmf = 0x78u8;
+    let mut flg = flevel << 6;
+    flg += 31 - ((u16::from(cmf) * 256 + u16::from(flg)) % 31) as u8;
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.bytes.len()).sum::<usize>() + 6);
+    out.extend_from_slice(&[cmf, flg]);
+    let mut adler = 1u32;
+    for p in &parts {
+        out.extend_from_slice(&p.bytes);
+        adler = adler32_combine(adler, p.adler, p.len as u64);
+    }
+    out.extend_from_slice(&adler.to_be_bytes());
+    Ok(out)
+}
+
+/// The Adler-32 of A followed by B from those of A and of B (`len2` bytes): with s1, s2 the
+/// sums of B alone, the joined sums are s1(A) + s1(B) - 1 and
+/// s2(A) + s2(B) + len2 * (s1(A) - 1), modulo 65521.
+fn adler32_combine(adler1: u32, adler2: u32, len2: u64) -> u32 {
+    const BASE: u64 = 65_521;
+    let (a1, b1) = (u64::from(adler1 & 0xffff), u64::from(adler1 >> 16));
+    let (a2, b2) = (u64::from(adler2 & 0xffff), u64::from(adler2 >> 16));
+    let rem = len2 % BASE;
+    let s1 = (a1 + a2 + BASE - 1) % BASE;
+    let s2 = (b1 + b2 + rem * a1 + BASE * 2 - rem) % BASE;
+    (s1 | (s2 << 16)) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// Catalog-like input: SQLite-ish text with random 20-byte hashes and runs of zeros.
+    fn sample(len: usize) -> Vec<u8> {
+        let mut data = Vec::with_capacity(len + 64);
+        let mut x = 7u64;
+        while data.len() < len {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            match x % 7 {
+                0 => data.extend_from_slice(&[0u8; 300]),
+                1 | 2 => data.extend_from_slice(&x.to_le_bytes().repeat(3)[..20]),
+                _ => data.extend_from_slice(
+                    format!("/usr/lib/python3/site-{}/mod{}.py\0", x % 97, x % 5).as_bytes(),
+                ),
+            }
+        }
+        data.truncate(len);
+        data
+    }
+
+    #[test]
+    fn adler32_of_two_pieces_combines_to_that_of_the_whole() {
+        let data = sample(200_000);
+        let adler = |b: &[u8]| unsafe { z::adler32(1, b.as_ptr(), b.len() as z::uInt) } as u32;
+        for cut in [0, 1, 5552, 65_521, 65_522, 131_042, 199_999, 200_000] {
+            let (a, b) = data.split_at(cut);
+            assert_eq!(
+                adler32_combine(adler(a), adler(b), b.len() as u64),
+                adler(&data),
+                "cut {cut}"
+            );
+        }
+    }
+
+    fn compress_mem(data: &[u8], threads: usize) -> Vec<u8> {
+        compress(data.len() as u64, 6, threads, &|off, buf: &mut [u8]| {
+            buf.copy_from_slice(&data[off as usize..off as usize + buf.len()]);
+            Ok(())
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn one_valid_stream_whatever_the_threads_with_no_empty_stored_block() {
+        let data = sample(3 * BLOCK + 12_345);
+        // Incompressible input makes zlib choose stored blocks of its own inside a block.
+        let mut noise = vec![0u8; 2 * BLOCK + 7];
+        let mut x = 1u32;
+        for b in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        for input in [
+            &data[..1],
+            &data[..BLOCK - 1],
+            &data[..BLOCK],
+            &data[..BLOCK + 1],
+            &data[..2 * BLOCK],
+            &data[..],
+            &noise[..],
+        ] {
+            let one = compress_mem(input, 1);
+            for threads in [2, 3, 8] {
+                assert_eq!(compress_mem(input, threads), one, "len {}", input.len());
+            }
+            // Stock zlib's inflate checks the header and the Adler-32 trailer.
+            let mut back = Vec::new();
+            flate2::read::ZlibDecoder::new(&one[..])
+                .read_to_end(&mut back)
+                .unwrap();
+            assert_eq!(back, input, "len {}", input.len());
+            // Within a few bytes per block of one-pass zlib.
+            let single = crate::object::zlib_compress(input, 6);
+            let blocks = input.len().div_ceil(BLOCK);
+            assert!(
+                one.len() <= single.len() + 64 * blocks,
+                "len {}: {} vs {}",
+                input.len(),
+                one.len(),
+                single.len()
+            );
+            // Every joint is a stored block holding one byte, never an empty one: walking the
+            // stream with a reader that returns each block's bytes separately would show an
+            // empty read. Stock inflate with Z_BLOCK stops at each block boundary.
+            assert!(no_empty_block(&one), "len {}", input.len());
+        }
+        // The check itself: a sync flush's empty stored block is caught, one pass is clean.
+        let mut z = flate2::Compress::new(flate2::Compression::new(6), true);
+        let mut synced = Vec::with_capacity(2 * BLOCK);
+        z.compress_vec(&data[..BLOCK], &mut synced, flate2::FlushCompress::Sync)
+            .unwrap();
+        z.compress_vec(
+            &data[BLOCK..2 * BLOCK],
+            &mut synced,
+            flate2::FlushCompress::Finish,
+        )
+        .unwrap();
+        assert!(!no_empty_block(&synced));
+        assert!(no_empty_block(&crate::object::zlib_compress(&data, 6)));
+    }
+
+    /// Inflates `zlib` one deflate block at a time (`Z_BLOCK`); false if a non-final block
+    /// produced no output (an empty stored block, as a sync flush writes).
+    fn no_empty_block(zlib: &[u8]) -> bool {
+        let mut s = Box::new(z::z_stream {
+            next_in: zlib.as_ptr() as *mut u8,
+            avail_in: zlib.len() as c_uint,
+            total_in: 0,
+            next_out: std::ptr::null_mut(),
+            avail_out: 0,
+            total_out: 0,
+            msg: std::ptr::null_mut(),
+            state: std::ptr::null_mut(),
+            zalloc,
+            zfree,
+            opaque: std::ptr::null_mut(),
+            data_type: 0,
+            adler: 0,
+            reserved: 0,
+        });
+        let mut out = vec![0u8; 8 << 20];
+        // SAFETY: test-only FFI on buffers that outlive every call.
+        unsafe {
+            assert_eq!(
+                z::inflateInit_(
+                    &mut *s,
+                    z::zlibVersion(),
+                    std::mem::size_of::<z::z_stream>() as c_int
+                ),
+                z::Z_OK
+            );
+            let mut ok = true;
+            let mut before = 0;
+            // The first stop is right after the zlib header, before the first block.
+            let mut header = true;
+            loop {
+                s.next_out = out.as_mut_ptr();
+                s.avail_out = out.len() as c_uint;
+                let rc = z::inflate(&mut *s, z::Z_BLOCK);
+                assert!(rc == z::Z_OK || rc == z::Z_STREAM_END, "inflate {rc}");
+                // data_type bit 7: stopped at the end of a block (not the last).
+                let at_block_end = s.data_type & 128 != 0 && s.data_type & 64 == 0;
+                if at_block_end && std::mem::take(&mut header) {
+                    // After the header: nothing to compare yet.
+                } else if at_block_end {
+                    if s.total_out == before {
+                        ok = false;
+                    }
+                    before = s.total_out;
+                }
+                if rc == z::Z_STREAM_END {
+                    break;
+                }
+            }
+            z::inflateEnd(&mut *s);
+            ok
+        }
+    }
+}
