@@ -534,6 +534,40 @@ fn crash_at_every_journaled_step_recovers_exactly_once() {
 }
 
 #[test]
+fn a_corrupt_change_set_fails_its_commit_and_publishes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let t = tar_bytes(&small_tree("corrupt"));
+    let mut d = Daemon::start(
+        dir.path(),
+        &[("CVMFS_PREPUB_TEST_CRASH", "committing-journaled")],
+    );
+    let _ = d.post_job(ADMIN, "/corrupt", &t, None);
+    assert!(d.wait_exit(30), "no crash:\n{}", d.log_text());
+    drop(d);
+    let jobs: Vec<_> = std::fs::read_dir(dir.path().join("spool/jobs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(jobs.len(), 1);
+    let cs = jobs[0].join("changeset.json");
+    let text = std::fs::read(&cs).unwrap();
+    std::fs::write(&cs, &text[..text.len() / 2]).unwrap();
+    // The commit parses the change set on its own thread while it opens the repository.
+    let d = Daemon::start(dir.path(), &[]);
+    let id = d.jobs()["jobs"][0]["job_id"].as_str().unwrap().to_string();
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "spool-corrupt", "{j}");
+    assert_eq!(j["error"]["state"], "committing", "{j}");
+    let (m, _) = prepub_core::manifest::Manifest::parse(
+        &std::fs::read(d.storage.join(".cvmfspublished")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(m.revision, 1, "nothing published");
+}
+
+#[test]
 fn finished_jobs_keep_their_record_and_lose_their_tar_after_retention() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "  tar_retention: 2s\n");

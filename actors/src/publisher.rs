@@ -256,6 +256,15 @@ fn already_committed(
 }
 
 fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
+    // The change set is parsed on its own thread while the repository is opened (for many
+    // entries both take a fraction of a second: the parse, and decompressing the root catalog).
+    let parsing = {
+        let path = job.changeset.clone();
+        thread::Builder::new()
+            .name("changeset".into())
+            .spawn(move || load_changeset(&path))
+            .map_err(|e| err("internal", e, true))?
+    };
     let cas_arc = t.cas(false).map_err(|e| err("cas-unavailable", e, true))?;
     let cas = cas_arc.as_ref();
     let keys =
@@ -270,7 +279,6 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
     if let Some(done) = already_committed(cas, &job.job)? {
         return Ok(done);
     }
-    let cs = load_changeset(&job.changeset)?;
     let (m, _) = repo::current_manifest(cas)
         .map_err(|e| err("repository-unreadable", e, true))?
         .ok_or_else(|| {
@@ -304,7 +312,16 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
     let abort = job.abort.clone();
     let proceed = move || !abort.load(Ordering::SeqCst);
     let expiry = t.tag_expiry.as_ref();
+    let mut unparsed = None;
     let p = repo::publish_guarded(cas, &keys, &tags, expiry, now, &proceed, |tree| {
+        let cs = match parsing.join() {
+            Ok(Ok(cs)) => cs,
+            Ok(Err(e)) => {
+                unparsed = Some(e);
+                return Err(RepoError::Invalid("the change set cannot be read".into()));
+            }
+            Err(panic) => std::panic::resume_unwind(panic),
+        };
         // A removal applies its change set (one removal) to the parent, merging.
         let (target, mode) = if job.job.removal {
             (
@@ -324,6 +341,7 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
     })
     .inspect(|_| crate::testhook::point("manifest-written"))
     .map_err(|e| match e {
+        _ if unparsed.is_some() => unparsed.take().expect("checked"),
         RepoError::Cancelled => err(
             "aborted",
             "job aborted during its commit; nothing was published",
