@@ -581,15 +581,20 @@ fn machine() -> String {
                 .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:").map(|v| v.trim().to_string()))
-        .unwrap_or_default();
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+            .unwrap_or_default()
+    };
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!(
-        "{} cores ({cpu}), {mem} memory, Linux {}",
+        "{} cores ({cpu}), {} memory ({} free when the run began: with little free, every page \
+         the publishes write is reclaimed from the page cache first), Linux {}",
         cores(),
+        field("MemTotal:"),
+        field("MemFree:"),
         kernel.trim()
     )
 }
@@ -615,6 +620,8 @@ fn main() {
         Err(_) => tempfile::tempdir().unwrap(),
     };
     let d = dir.path();
+    // Before the run fills the page cache.
+    let machine = machine();
     let tree = stdlib();
     let list = files(&tree);
     let contents: Vec<Vec<u8>> = list
@@ -867,7 +874,7 @@ fn main() {
             md,
             "Written by `make bench` (`cargo bench --bench harness`, benches/harness.rs); do not edit by hand.\n"
         );
-        let _ = writeln!(md, "- Machine: {}", machine());
+        let _ = writeln!(md, "- Machine: {machine}");
         let _ = writeln!(
             md,
             "- Scratch space (spool and local CAS): {}",

@@ -256,10 +256,10 @@ pub fn read_tar_parallel<R: Read>(
         files: Vec::new(),
     };
     let cs = read_tar_with(input, top_level, limits, &mut sink, now);
-    // What this job taught the index is written before the job goes on (the next job's
-    // lookups would find it held anyway; this keeps it across a restart).
+    // What this job taught the index is written while the job goes on (lookups find it held
+    // meanwhile; written, it is kept across a restart).
     if let Some(ix) = written {
-        ix.flush();
+        ix.flush_in_background();
     }
     cs
 }

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -161,7 +161,7 @@ impl RawIndex {
     }
 
     /// Records several encodings (a store batch); written with the next [`RawIndex::flush`],
-    /// at once when [`FLUSH_AT`] are held.
+    /// at once when [`FLUSH_AT`] are held and no write is under way.
     pub fn record_many(&self, items: &[(RawKey, ObjectId, u64)]) {
         let full = {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -169,18 +169,30 @@ impl RawIndex {
             p.len() >= FLUSH_AT
         };
         if full {
-            self.flush();
+            // Unless the index is busy (a write under way takes these too, or the next one).
+            match self.conn.try_lock() {
+                Ok(c) => self.flush_locked(c),
+                Err(std::sync::TryLockError::Poisoned(c)) => self.flush_locked(c.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
         }
     }
 
     /// Writes the held entries in one transaction, in key order (each page of the table is
-    /// written once however many of them it takes). Failures are ignored, like any hint.
+    /// written once however many of them it takes). Failures are ignored, like any hint. The
+    /// entries stay held (found without waiting for the write) until they are written.
     pub fn flush(&self) {
-        let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        let mut items: Vec<(RawKey, (ObjectId, u64))> =
-            std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
-                .into_iter()
-                .collect();
+        self.flush_locked(self.conn.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn flush_locked(&self, mut c: std::sync::MutexGuard<'_, Connection>) {
+        let mut items: Vec<(RawKey, (ObjectId, u64))> = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
         if items.is_empty() {
             return;
         }
@@ -205,6 +217,26 @@ impl RawIndex {
             }
         }
         let _ = tx.commit();
+        // Written (or failed: a hint is not retried): no longer held, unless recorded anew.
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for (k, v) in &items {
+            if p.get(k) == Some(v) {
+                p.remove(k);
+            }
+        }
+    }
+
+    /// [`RawIndex::flush`] on a thread of its own, so the caller goes on at once (the entries
+    /// are found meanwhile, and a crash before the write only costs their next encoding).
+    pub fn flush_in_background(self: &Arc<Self>) {
+        let ix = self.clone();
+        if std::thread::Builder::new()
+            .name("rawindex-flush".into())
+            .spawn(move || ix.flush())
+            .is_err()
+        {
+            self.flush();
+        }
     }
 
     fn forget(&self, k: &RawKey) {
@@ -312,6 +344,25 @@ mod tests {
         assert_eq!(other.lookup(&k, &cas), None);
         ix.flush();
         assert_eq!(other.lookup(&k, &cas), Some((id, bytes.len() as u64)));
+        // Written in the background: found at once by the index that holds it, by another
+        // handle once written.
+        let ix = Arc::new(ix);
+        let data2 = b"background".repeat(9);
+        let k2 = RawKey::of(&data2, Compression::Zlib(6), Suffix::None);
+        ix.record(&k2, &id, bytes.len() as u64);
+        ix.flush_in_background();
+        assert_eq!(ix.get(&k2), Some((id, bytes.len() as u64)));
+        let start = std::time::Instant::now();
+        while other.get(&k2).is_none() {
+            assert!(start.elapsed().as_secs() < 10, "never written");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let start = std::time::Instant::now();
+        // Written entries are no longer held; the writer's handle goes with its thread.
+        while !ix.pending.lock().unwrap().is_empty() || Arc::strong_count(&ix) > 1 {
+            assert!(start.elapsed().as_secs() < 10, "still held once written");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         // A full buffer is written by itself, in one go.
         let many: Vec<(RawKey, ObjectId, u64)> = (0..FLUSH_AT as u32)
             .map(|i| {
@@ -324,9 +375,9 @@ mod tests {
             })
             .collect();
         ix.record_many(&many[..FLUSH_AT - 1]);
-        assert_eq!(other.len(), 1);
+        assert_eq!(other.len(), 2);
         ix.record_many(&many[FLUSH_AT - 1..]);
-        assert_eq!(other.len(), 1 + FLUSH_AT as u64);
+        assert_eq!(other.len(), 2 + FLUSH_AT as u64);
         // Held entries of a dropped index are written.
         let last = RawKey::of(b"last", Compression::Zlib(6), Suffix::None);
         ix.record(&last, &id, bytes.len() as u64);
