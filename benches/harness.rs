@@ -523,10 +523,10 @@ const READING: &str = "## Reading the table
 
 - The zlib-6 limit is compression alone, of every file's contents on every core, from memory.
   A publish also receives the upload and writes it durably to the spool before it is accepted
-  (a disk-bound step: the spool write of a tar this size takes about as long as the disk's
-  fsynced write rate allows, `dd conv=fsync` measures it), hashes every object, creates one
-  file per object (kernel work that grows with the number of objects, not their bytes), builds
-  and signs the catalogs. Identical contents inside one tar are compressed once.
+  (copying it into the page cache and writing it back is kernel work on these cores; the
+  disk's own fsynced rate, `dd conv=fsync`, is not the bound here), hashes every object,
+  creates one file per object (kernel work that grows with the number of objects, not their
+  bytes), builds and signs the catalogs. Identical contents inside one tar are compressed once.
 - The tar is sent by a minimal client on this same machine (`sendfile` over one HTTP/1.1
   connection), and processed by the daemon while it uploads: \"accepted after\" is the upload
   and the spool fsync (or the processing, when that ends first), \"processing\" the part of the
@@ -590,8 +590,7 @@ fn machine() -> String {
     };
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!(
-        "{} cores ({cpu}), {} memory ({} free when the run began: with little free, every page \
-         the publishes write is reclaimed from the page cache first), Linux {}",
+        "{} cores ({cpu}), {} memory ({} free when the run began), Linux {}",
         cores(),
         field("MemTotal:"),
         field("MemFree:"),
