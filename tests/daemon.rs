@@ -533,24 +533,34 @@ fn crash_at_every_journaled_step_recovers_exactly_once() {
     }
 }
 
+/// Submits `tar` to `path` on a daemon started with `env` (which makes it crash), waits for the
+/// crash (the answer may never come), and returns the one job directory left in the spool.
+fn crash_with_one_job(
+    dir: &std::path::Path,
+    env: &[(&str, &str)],
+    path: &str,
+    tar: &[u8],
+) -> std::path::PathBuf {
+    let mut d = Daemon::start(dir, env);
+    let _ = d.post_job(ADMIN, path, tar, None);
+    assert!(d.wait_exit(30), "no crash with {env:?}:\n{}", d.log_text());
+    drop(d);
+    let jobs: Vec<_> = std::fs::read_dir(dir.join("spool/jobs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    jobs.into_iter().next().unwrap()
+}
+
 #[test]
 fn a_corrupt_change_set_fails_its_commit_and_publishes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
     let t = tar_bytes(&small_tree("corrupt"));
-    let mut d = Daemon::start(
-        dir.path(),
-        &[("CVMFS_PREPUB_TEST_CRASH", "committing-journaled")],
-    );
-    let _ = d.post_job(ADMIN, "/corrupt", &t, None);
-    assert!(d.wait_exit(30), "no crash:\n{}", d.log_text());
-    drop(d);
-    let jobs: Vec<_> = std::fs::read_dir(dir.path().join("spool/jobs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    assert_eq!(jobs.len(), 1);
-    let cs = jobs[0].join("changeset.json");
+    let crash = [("CVMFS_PREPUB_TEST_CRASH", "committing-journaled")];
+    let job = crash_with_one_job(dir.path(), &crash, "/corrupt", &t);
+    let cs = job.join("changeset.json");
     let text = std::fs::read(&cs).unwrap();
     std::fs::write(&cs, &text[..text.len() / 2]).unwrap();
     // The commit parses the change set on its own thread while it opens the repository.
@@ -813,20 +823,9 @@ fn an_upload_processed_before_its_tar_is_on_disk_is_accepted_with_its_change_set
     // goes on from its change set.
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
-    let mut d = Daemon::start(
-        dir.path(),
-        &[hold[0], ("CVMFS_PREPUB_TEST_CRASH", "accepted")],
-    );
-    // No answer comes: the daemon dies before it sends one.
-    let _ = d.post_job(ADMIN, "/early", &t, None);
-    assert!(d.wait_exit(30), "no crash at accepted:\n{}", d.log_text());
-    drop(d);
-    let jobs: Vec<_> = std::fs::read_dir(dir.path().join("spool/jobs"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    assert_eq!(jobs.len(), 1);
-    std::fs::write(jobs[0].join("payload.tar"), b"").unwrap();
+    let crash = [hold[0], ("CVMFS_PREPUB_TEST_CRASH", "accepted")];
+    let job = crash_with_one_job(dir.path(), &crash, "/early", &t);
+    std::fs::write(job.join("payload.tar"), b"").unwrap();
     let d = Daemon::start(dir.path(), &[]);
     let all = d.jobs();
     assert_eq!(all["total"], 1, "{all}");

@@ -38,27 +38,32 @@ unsafe extern "C" fn zfree(_: *mut c_void, p: *mut c_void) {
     unsafe { libc::free(p) }
 }
 
+/// A z_stream with no buffers, allocating with `calloc`, for deflateInit2/inflateInit.
+fn blank_stream() -> Box<z::z_stream> {
+    Box::new(z::z_stream {
+        next_in: std::ptr::null_mut(),
+        avail_in: 0,
+        total_in: 0,
+        next_out: std::ptr::null_mut(),
+        avail_out: 0,
+        total_out: 0,
+        msg: std::ptr::null_mut(),
+        state: std::ptr::null_mut(),
+        zalloc,
+        zfree,
+        opaque: std::ptr::null_mut(),
+        data_type: 0,
+        adler: 0,
+        reserved: 0,
+    })
+}
+
 /// A raw deflate state, ended on drop.
 struct Deflate(Box<z::z_stream>);
 
 impl Deflate {
     fn new(level: u32) -> io::Result<Deflate> {
-        let mut s = Box::new(z::z_stream {
-            next_in: std::ptr::null_mut(),
-            avail_in: 0,
-            total_in: 0,
-            next_out: std::ptr::null_mut(),
-            avail_out: 0,
-            total_out: 0,
-            msg: std::ptr::null_mut(),
-            state: std::ptr::null_mut(),
-            zalloc,
-            zfree,
-            opaque: std::ptr::null_mut(),
-            data_type: 0,
-            adler: 0,
-            reserved: 0,
-        });
+        let mut s = blank_stream();
         // SAFETY: a zeroed stream with allocators; the version and size are zlib's own.
         let rc = unsafe {
             z::deflateInit2_(
@@ -389,22 +394,9 @@ mod tests {
     /// Inflates `zlib` one deflate block at a time (`Z_BLOCK`); false if a non-final block
     /// produced no output (an empty stored block, as a sync flush writes).
     fn no_empty_block(zlib: &[u8]) -> bool {
-        let mut s = Box::new(z::z_stream {
-            next_in: zlib.as_ptr() as *mut u8,
-            avail_in: zlib.len() as c_uint,
-            total_in: 0,
-            next_out: std::ptr::null_mut(),
-            avail_out: 0,
-            total_out: 0,
-            msg: std::ptr::null_mut(),
-            state: std::ptr::null_mut(),
-            zalloc,
-            zfree,
-            opaque: std::ptr::null_mut(),
-            data_type: 0,
-            adler: 0,
-            reserved: 0,
-        });
+        let mut s = blank_stream();
+        s.next_in = zlib.as_ptr() as *mut u8;
+        s.avail_in = zlib.len() as c_uint;
         let mut out = vec![0u8; 8 << 20];
         // SAFETY: test-only FFI on buffers that outlive every call.
         unsafe {
