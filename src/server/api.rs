@@ -280,9 +280,10 @@ enum Upload {
 /// piece, hashes it when `hash` (the client gave a checksum to verify: hashing costs a core
 /// about 0.4 s per 600 MiB, so nobody else's upload pays it), and starts the disk writes of
 /// every 16 MiB as it goes, so that the final fsync finds most of the tar on disk already.
-/// Returns the SHA-256 when hashed; an upload cut off before its end is not synced. With `follow` (the tar is processed as it arrives) it reports each
-/// new length and leaves the disk alone: the job may never need the tar on disk (see
-/// `submit`), and writeback started here would only slow the writes the processing waits for.
+/// Returns the SHA-256 when hashed; an upload cut off before its end is not synced. With
+/// `follow` (the tar is processed as it arrives) it reports each new length and leaves the
+/// disk alone: the job may never need the tar on disk (see `submit`), and writeback started
+/// here would only slow the writes the processing waits for.
 fn write_upload(
     mut f: std::fs::File,
     mut rx: tokio::sync::mpsc::Receiver<Upload>,
