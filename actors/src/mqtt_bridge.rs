@@ -17,7 +17,6 @@ use std::time::Duration;
 use actix::prelude::*;
 use prepub_core::control::{self, Announce, Reject};
 use prepub_core::hash::ObjectId;
-use prepub_core::intake::ChangeSet;
 use slog::{info, warn, Logger};
 
 use crate::metrics::Metrics;
@@ -303,9 +302,7 @@ impl Handler<Incoming> for MqttBridge {
 impl Handler<AnnouncePayload> for MqttBridge {
     type Result = ();
     fn handle(&mut self, m: AnnouncePayload, _: &mut Context<Self>) {
-        let cs = std::fs::read(&m.changeset)
-            .map_err(|e| e.to_string())
-            .and_then(|d| serde_json::from_slice::<ChangeSet>(&d).map_err(|e| e.to_string()));
+        let cs = prepub_core::spool::read_changeset(&m.changeset);
         let cs = match cs {
             Ok(c) => c,
             Err(e) => {
@@ -314,7 +311,7 @@ impl Handler<AnnouncePayload> for MqttBridge {
                         job_id: m.job_id.clone(),
                         endpoint: norm(&ep.url),
                         node_id: String::new(),
-                        grant: Err(format!("spool: {e}")),
+                        grant: Err(e.to_string()),
                     });
                 }
                 return;

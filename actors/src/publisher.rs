@@ -191,11 +191,12 @@ fn err(code: &'static str, e: impl ToString, retryable: bool) -> CommitError {
     }
 }
 
-/// A job's saved change set; the file's bytes are gone before the commit goes on (they are as
-/// large as the parsed change set).
+/// A job's saved change set: unreadable is worth a retry, unparsable is not.
 pub(crate) fn load_changeset(path: &std::path::Path) -> Result<ChangeSet, CommitError> {
-    let data = std::fs::read(path).map_err(|e| err("spool-read", e, true))?;
-    serde_json::from_slice(&data).map_err(|e| err("spool-corrupt", e, false))
+    prepub_core::spool::read_changeset(path).map_err(|e| match e {
+        prepub_core::spool::SpoolError::Io { .. } => err("spool-read", e, true),
+        e => err("spool-corrupt", e, false),
+    })
 }
 
 /// The tag that marks a job's revision: `prepub-<job id>`. It is added to every revision this

@@ -261,8 +261,7 @@ fn push(
 ) -> Result<PushReport, String> {
     // Only the object list and the byte count are needed while the push runs.
     let (objects, new_bytes) = {
-        let data = std::fs::read(&m.changeset).map_err(|e| format!("spool: {e}"))?;
-        let cs: ChangeSet = serde_json::from_slice(&data).map_err(|e| format!("spool: {e}"))?;
+        let cs = prepub_core::spool::read_changeset(&m.changeset).map_err(|e| e.to_string())?;
         (data_objects(&cs), cs.stats.new_bytes)
     };
     let job_dir = m.changeset.parent().unwrap_or(std::path::Path::new("."));

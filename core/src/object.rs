@@ -300,90 +300,56 @@ pub fn encode_file<R: Read>(
 /// Compresses an in-memory metadata object (catalog, history, certificate) with zlib level 6
 /// and returns its stored bytes and name. Metadata objects are always zlib (§1.2); a large one
 /// (a catalog of many entries, compressed while the repository is locked) is compressed on
-/// every core as one stream ([`crate::pzlib`]).
+/// every core as one stream ([`crate::pzlib`]), with the same bytes whatever the core count.
 pub fn compress_metadata(data: &[u8], suffix: Suffix) -> (ObjectId, Vec<u8>) {
-    let bytes = match metadata_threads(data.len() as u64) {
-        Some(threads) => crate::pzlib::compress(data.len() as u64, 6, threads, &|at, buf| {
-            buf.copy_from_slice(&data[at as usize..at as usize + buf.len()]);
-            Ok(())
-        })
-        .unwrap_or_else(|_| zlib_compress(data, 6)),
-        None => zlib_compress(data, 6),
-    };
+    let parallel = parallel_metadata(data.len() as u64, &|at, buf| {
+        buf.copy_from_slice(&data[at as usize..at as usize + buf.len()]);
+        Ok(())
+    });
+    let bytes = parallel.unwrap_or_else(|| zlib_compress(data, 6));
     (ObjectId::new(Digest20::of(&bytes), suffix), bytes)
 }
 
-/// The threads to compress `len` bytes of metadata on, when more than one is worth it: at
-/// least two blocks and two cores.
-fn metadata_threads(len: u64) -> Option<usize> {
+/// The block-parallel compression of `len` bytes of metadata that `read_at` fills, when it is
+/// at least two blocks long; `None` below that, or should zlib refuse a step (the caller then
+/// compresses in one pass).
+fn parallel_metadata(
+    len: u64,
+    read_at: &(dyn Fn(u64, &mut [u8]) -> io::Result<()> + Sync),
+) -> Option<Vec<u8>> {
+    if len < 2 * crate::pzlib::BLOCK as u64 {
+        return None;
+    }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores > 1 && len >= 2 * crate::pzlib::BLOCK as u64).then_some(cores)
+    crate::pzlib::compress(len, 6, cores, read_at).ok()
 }
 
-/// Like [`compress_metadata`], reading the metadata from `file` a piece at a time instead of
-/// holding it whole (a catalog of many entries is tens of MB): the same bytes and name, and the
-/// uncompressed size.
+/// Like [`compress_metadata`], reading the metadata from `file` (a catalog of many entries is
+/// tens of MB, read a block at a time): the same bytes and name, and the uncompressed size.
 pub fn compress_metadata_file(
     file: &std::path::Path,
     suffix: Suffix,
 ) -> io::Result<(ObjectId, Vec<u8>, u64)> {
-    use flate2::{FlushCompress, Status};
-    let mut f = std::fs::File::open(file)?;
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(file)?;
     let len = f.metadata()?.len();
-    if let Some(threads) = metadata_threads(len) {
-        use std::os::unix::fs::FileExt;
-        // Should the parallel path fail (zlib refusing a step), the one-pass path below answers.
-        if let Ok(bytes) =
-            crate::pzlib::compress(len, 6, threads, &|at, buf| f.read_exact_at(buf, at))
-        {
-            return Ok((ObjectId::new(Digest20::of(&bytes), suffix), bytes, len));
-        }
+    let bytes = match parallel_metadata(len, &|at, buf| f.read_exact_at(buf, at)) {
+        Some(b) => b,
+        None => zlib_compress(&std::fs::read(file)?, 6),
+    };
+    Ok((ObjectId::new(Digest20::of(&bytes), suffix), bytes, len))
+}
+
+/// One-shot zlib compression with stock zlib.
+pub fn zlib_compress(data: &[u8], level: u32) -> Vec<u8> {
+    use flate2::{Compress, FlushCompress, Status};
+    thread_local! {
+        // One deflate state per thread and level, reset between objects: setting up zlib's
+        // window and tables costs more than compressing a small file. deflateReset gives the
+        // same stream as a fresh deflateInit, so the bytes (and object names) do not change.
+        static STATE: std::cell::RefCell<Option<(u32, Compress)>> = const { std::cell::RefCell::new(None) };
     }
-    let mut buf = vec![0u8; 1 << 20];
-    let (bytes, raw) = with_deflate(6, |z| -> io::Result<(Vec<u8>, u64)> {
-        let mut out = Vec::with_capacity(len as usize / 4 + 64);
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                // Deflate's output does not depend on how its input was divided: the bytes are
-                // those of a one-shot compression.
-                loop {
-                    match z.compress_vec(&[], &mut out, FlushCompress::Finish) {
-                        Ok(Status::StreamEnd) => return Ok((out, z.total_in())),
-                        Ok(_) => out.reserve(out.capacity().max(64)),
-                        Err(e) => return Err(io::Error::other(e)),
-                    }
-                }
-            }
-            let start = z.total_in();
-            while ((z.total_in() - start) as usize) < n {
-                if out.len() == out.capacity() {
-                    out.reserve(out.capacity().max(64));
-                }
-                let done = (z.total_in() - start) as usize;
-                z.compress_vec(&buf[done..n], &mut out, FlushCompress::None)
-                    .map_err(io::Error::other)?;
-            }
-        }
-    })?;
-    debug_assert_eq!(raw, len);
-    Ok((ObjectId::new(Digest20::of(&bytes), suffix), bytes, raw))
-}
-
-thread_local! {
-    // One deflate state per thread and level, reset between objects: setting up zlib's
-    // window and tables costs more than compressing a small file. deflateReset gives the
-    // same stream as a fresh deflateInit, so the bytes (and object names) do not change.
-    static DEFLATE: std::cell::RefCell<Option<(u32, flate2::Compress)>> = const { std::cell::RefCell::new(None) };
-}
-
-/// Runs `f` with this thread's deflate state for `level`, reset; a state `f` fails with is
-/// dropped (the next call starts a fresh one).
-fn with_deflate<T, E>(
-    level: u32,
-    f: impl FnOnce(&mut flate2::Compress) -> Result<T, E>,
-) -> Result<T, E> {
-    DEFLATE.with(|cell| {
+    STATE.with(|cell| {
         let mut cell = cell.borrow_mut();
         let z = match &mut *cell {
             Some((l, z)) if *l == level => {
@@ -392,38 +358,25 @@ fn with_deflate<T, E>(
             }
             slot => {
                 &mut slot
-                    .insert((
-                        level,
-                        flate2::Compress::new(flate2::Compression::new(level), true),
-                    ))
+                    .insert((level, Compress::new(flate2::Compression::new(level), true)))
                     .1
             }
         };
-        let r = f(z);
-        if r.is_err() {
-            *cell = None;
-        }
-        r
-    })
-}
-
-/// One-shot zlib compression with stock zlib.
-pub fn zlib_compress(data: &[u8], level: u32) -> Vec<u8> {
-    use flate2::{FlushCompress, Status};
-    with_deflate(level, |z| {
         let mut out = Vec::with_capacity(data.len() / 2 + 64);
         loop {
             let consumed = z.total_in() as usize;
             match z.compress_vec(&data[consumed..], &mut out, FlushCompress::Finish) {
-                Ok(Status::StreamEnd) => return Ok(out),
+                Ok(Status::StreamEnd) => return out,
                 // Out of room: grow and go on (deflate keeps what it has not emitted yet).
                 Ok(_) => out.reserve(out.capacity().max(64)),
                 // Cannot happen for in-memory input; a fresh state answers next time.
-                Err(_) => return Err(()),
+                Err(_) => {
+                    *cell = None;
+                    return zlib_compress_fresh(data, level);
+                }
             }
         }
     })
-    .unwrap_or_else(|()| zlib_compress_fresh(data, level))
 }
 
 /// zlib with a state of its own (the fallback of [`zlib_compress`]).

@@ -10,7 +10,8 @@
 //! fills again as content is encoded.
 //!
 //! New entries are held in memory and written in one transaction, in key order, when
-//! [`FLUSH_AT`] have gathered or the job that encoded them ends ([`RawIndex::flush`]): each
+//! [`FLUSH_AT`] have gathered or, in the background, once the job that encoded them ends
+//! ([`RawIndex::flush`], [`RawIndex::flush_in_background`]): each
 //! small transaction rewrote the random pages its keys fell on (a sixth of the store threads'
 //! time on 100,000 tiny files). Lookups see held entries; a crash loses only hints.
 
@@ -62,8 +63,8 @@ pub const FLUSH_AT: usize = 32_768;
 /// The index; safe to share between encoder threads.
 pub struct RawIndex {
     conn: Mutex<Connection>,
-    /// Recorded, not written yet. Lock order: `conn` before `pending` (a flush holds `conn`
-    /// while it takes the entries, so a lookup that misses them here waits for them there).
+    /// Recorded, not written yet: kept until written, so a lookup finds an entry here or, once
+    /// it is gone from here, in the table. Lock order: `conn` before `pending`.
     pending: Mutex<HashMap<RawKey, (ObjectId, u64)>>,
     path: PathBuf,
 }

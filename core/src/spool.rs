@@ -86,6 +86,16 @@ fn ioe(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
     }
 }
 
+/// Reads a saved change set (`jobs/<id>/changeset.json`, as [`Spool::save_changeset`] wrote
+/// it); its file's bytes are dropped once parsed (they are as large as the change set).
+pub fn read_changeset(path: &Path) -> Result<ChangeSet, SpoolError> {
+    let b = fs::read(path).map_err(ioe(path))?;
+    serde_json::from_slice(&b).map_err(|e| SpoolError::Corrupt {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    })
+}
+
 /// Writes a file durably: temp name in the same directory, write, fsync, rename, fsync dir — so
 /// a crash leaves either the old or the new content, never a torn file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
@@ -270,16 +280,11 @@ impl Spool {
 
     /// Loads a job's change set, if it was saved.
     pub fn load_changeset(&self, id: &str) -> Result<Option<ChangeSet>, SpoolError> {
-        let p = self.changeset_path(id);
-        match fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| SpoolError::Corrupt {
-                    path: p.display().to_string(),
-                    msg: e.to_string(),
-                }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(ioe(&p)(e)),
+        match read_changeset(&self.changeset_path(id)) {
+            Err(SpoolError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                Ok(None)
+            }
+            r => r.map(Some),
         }
     }
 
