@@ -471,7 +471,13 @@ fn crash_and_recover(point: &str) {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
     let t = tar_bytes(&small_tree("crash"));
-    let mut d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_CRASH", point)]);
+    let mut env = vec![("CVMFS_PREPUB_TEST_CRASH", point)];
+    if point == "processed" {
+        // A tar processed as it uploads may be processed before it is accepted (a crash then
+        // loses nothing accepted): hold the processing's start so the crash comes after.
+        env.push(("CVMFS_PREPUB_TEST_HOLD", "processing=500"));
+    }
+    let mut d = Daemon::start(dir.path(), &env);
     let r = d.post_job(ADMIN, "/crash", &t, None);
     let submitted = r.ok().filter(|r| r.status().as_u16() == 202).map(|r| {
         r.json::<serde_json::Value>().unwrap()["job_id"]

@@ -20,6 +20,7 @@ use std::thread;
 use actix::prelude::*;
 use crossbeam_channel::{unbounded, Receiver, Sender};
 use prepub_core::cas::Cas;
+use prepub_core::directio::DirectReader;
 use prepub_core::growing::FollowReader;
 use prepub_core::intake::{read_tar_parallel, ChangeSet, IntakeError, IntakeLimits};
 use prepub_core::jobs::Progress;
@@ -191,13 +192,15 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
             .cas(true)
             .map_err(|e| io_err("cas-unavailable", e.to_string()))?;
         let input: Box<dyn Read> = match t.tar {
-            TarSource::Spool(ref p) => {
-                Box::new(std::fs::File::open(p).map_err(|e| io_err("spool-read", e.to_string()))?)
-            }
+            // Read around the page cache, in blocks, like the upload it was written as.
+            TarSource::Spool(ref p) => Box::new(DirectReader::new(
+                std::fs::File::open(p).map_err(|e| io_err("spool-read", e.to_string()))?,
+                true,
+            )),
             TarSource::Upload(r) => Box::new(r),
         };
         let watched = Watched {
-            inner: std::io::BufReader::with_capacity(1 << 20, input),
+            inner: input,
             abort: t.abort.clone(),
             read: 0,
             last_report: 0,

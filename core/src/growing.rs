@@ -1,28 +1,84 @@
 //! A file that is still being written, read as it grows: lets a job's tar be processed while
 //! its upload is still arriving.
 //!
-//! The writer (the upload's writer thread) reports each new length with [`Growing::grew`] and
-//! the end with [`Growing::finish`] — complete, or cut off. A [`FollowReader`] on its own
-//! descriptor of the same file returns bytes up to the reported length, waits when it has caught
-//! up, returns end-of-file only once the upload is complete, and an error if it was cut off.
+//! The writer (the upload's writer thread) hands each piece it received to [`Growing::received`]
+//! before writing it, reports how much the file holds with [`Growing::grew`], and the end with
+//! [`Growing::finish`] — complete, or cut off. A [`FollowReader`] takes the bytes from the
+//! writer's recent pieces while it keeps up (a window of at most [`WINDOW`] bytes of pieces it
+//! has not read yet), and from its own descriptor of the file once it falls further behind;
+//! it waits when it has caught up, returns end-of-file only once the upload is complete, and an
+//! error if it was cut off. So a tar processed as fast as it arrives is never read back from
+//! the file (which the writer fills around the page cache, see [`crate::directio`]).
 //! Nothing here is durable: whether the bytes become a job is decided by the spool once the
 //! upload is accepted. [`FinishGuard`] makes sure a writer that stops for any reason (error,
 //! panic, request dropped) wakes its reader.
 
+use crate::directio::DirectReader;
+use bytes::Bytes;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
+/// Most bytes of received pieces held for a reader that has not read them yet (pieces the file
+/// does not hold yet are held whatever their size: a writer's block, see `directio::BLOCK`).
+pub const WINDOW: usize = 8 << 20;
+
 #[derive(Default)]
 struct State {
-    len: u64,
+    /// Bytes received, and how many of them the file holds.
+    received: u64,
+    on_disk: u64,
+    /// Received pieces from offset `window_at` on, not yet read or dropped.
+    window: VecDeque<Bytes>,
+    window_at: u64,
+    window_bytes: usize,
+    /// How far the reader has read.
+    read: u64,
     /// `Some(true)`: the upload is complete; `Some(false)`: it was cut off.
     end: Option<bool>,
 }
 
-/// The shared length and end state of a file being written.
+impl State {
+    /// Drops pieces the reader is past, and the oldest ones beyond [`WINDOW`] that the file
+    /// holds (the reader finds those in the file).
+    fn trim(&mut self) {
+        while let Some(front) = self.window.front() {
+            let end = self.window_at + front.len() as u64;
+            let passed = end <= self.read;
+            let spill = self.window_bytes > WINDOW && end <= self.on_disk;
+            if !(passed || spill) {
+                break;
+            }
+            self.window_bytes -= front.len();
+            self.window_at = end;
+            self.window.pop_front();
+        }
+    }
+
+    /// Copies bytes at `pos` from the window into `buf`; None when `pos` is not in it.
+    fn copy_from_window(&mut self, pos: u64, buf: &mut [u8]) -> Option<usize> {
+        if pos < self.window_at {
+            return None;
+        }
+        let mut at = self.window_at;
+        for piece in &self.window {
+            let end = at + piece.len() as u64;
+            if pos < end {
+                let from = (pos - at) as usize;
+                let n = buf.len().min(piece.len() - from);
+                buf[..n].copy_from_slice(&piece[from..from + n]);
+                return Some(n);
+            }
+            at = end;
+        }
+        None
+    }
+}
+
+/// The shared state of a file being written: its length, recent pieces, and end.
 #[derive(Default)]
 pub struct Growing {
     state: Mutex<State>,
@@ -34,10 +90,30 @@ impl Growing {
         Arc::new(Growing::default())
     }
 
+    /// The next piece of the upload (to be written to the file after it).
+    pub fn received(&self, piece: Bytes) {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if s.window.is_empty() {
+            s.window_at = s.received;
+        }
+        s.received += piece.len() as u64;
+        s.window_bytes += piece.len();
+        s.window.push_back(piece);
+        s.trim();
+        self.changed.notify_all();
+    }
+
     /// The file now holds `len` bytes.
     pub fn grew(&self, len: u64) {
         let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        s.len = s.len.max(len);
+        s.on_disk = s.on_disk.max(len);
+        if s.received < s.on_disk {
+            // A writer that does not hand over its pieces: the file is all there is.
+            s.received = s.on_disk;
+            s.window.clear();
+            s.window_bytes = 0;
+        }
+        s.trim();
         self.changed.notify_all();
     }
 
@@ -54,8 +130,7 @@ impl Growing {
     /// A reader of `file` (opened separately from the writer's descriptor) from its start.
     pub fn reader(self: &Arc<Growing>, file: File) -> FollowReader {
         FollowReader {
-            file,
-            pos: 0,
+            file: DirectReader::new(file, true),
             growing: self.clone(),
             stop: None,
         }
@@ -68,6 +143,12 @@ pub struct FinishGuard(Option<Arc<Growing>>);
 impl FinishGuard {
     pub fn new(g: Arc<Growing>) -> FinishGuard {
         FinishGuard(Some(g))
+    }
+
+    pub fn received(&self, piece: Bytes) {
+        if let Some(g) = &self.0 {
+            g.received(piece);
+        }
     }
 
     pub fn grew(&self, len: u64) {
@@ -93,8 +174,7 @@ impl Drop for FinishGuard {
 
 /// Reads a [`Growing`] file as it is written.
 pub struct FollowReader {
-    file: File,
-    pos: u64,
+    file: DirectReader,
     growing: Arc<Growing>,
     stop: Option<Arc<AtomicBool>>,
 }
@@ -114,15 +194,16 @@ impl Read for FollowReader {
         if buf.is_empty() {
             return Ok(0);
         }
-        let available = {
+        let pos = self.file.position();
+        let on_disk = {
             let mut s = self
                 .growing
                 .state
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             loop {
-                if s.len > self.pos {
-                    break s.len - self.pos;
+                if s.received > pos {
+                    break;
                 }
                 match s.end {
                     Some(true) => return Ok(0),
@@ -146,11 +227,17 @@ impl Read for FollowReader {
                     }
                 }
             }
+            if let Some(n) = s.copy_from_window(pos, buf) {
+                s.read = pos + n as u64;
+                s.trim();
+                drop(s);
+                self.file.skip_to(pos + n as u64);
+                return Ok(n);
+            }
+            s.on_disk
         };
-        let want = buf
-            .len()
-            .min(usize::try_from(available).unwrap_or(usize::MAX));
-        let n = self.file.read(&mut buf[..want])?;
+        // Behind the window: the file holds everything before it.
+        let n = self.file.read_upto(buf, on_disk)?;
         if n == 0 {
             // The writer reported bytes the file does not hold: not the same file.
             return Err(io::Error::new(
@@ -158,7 +245,6 @@ impl Read for FollowReader {
                 "the upload file is shorter than written",
             ));
         }
-        self.pos += n as u64;
         Ok(n)
     }
 }
@@ -200,6 +286,84 @@ mod tests {
         writer.join().unwrap();
         let want: Vec<u8> = (0..50u8).flat_map(|i| vec![i; 1000 + i as usize]).collect();
         assert_eq!(got, want);
+    }
+
+    /// A writer like the upload's: hands each piece over, then writes it, reporting what the
+    /// file holds after every `flush_every` pieces (as whole blocks reach the file).
+    fn write_handing_over(mut w: File, g: Arc<Growing>, pieces: Vec<Vec<u8>>, flush_every: usize) {
+        let guard = FinishGuard::new(g);
+        let mut pending = Vec::new();
+        let mut on_disk = 0u64;
+        for (i, p) in pieces.into_iter().enumerate() {
+            guard.received(Bytes::from(p.clone()));
+            pending.extend_from_slice(&p);
+            if (i + 1) % flush_every == 0 {
+                w.write_all(&pending).unwrap();
+                on_disk += pending.len() as u64;
+                pending.clear();
+                guard.grew(on_disk);
+            }
+        }
+        w.write_all(&pending).unwrap();
+        guard.grew(on_disk + pending.len() as u64);
+        guard.complete();
+    }
+
+    #[test]
+    fn a_reader_that_keeps_up_reads_from_the_pieces_not_the_file() {
+        let (_d, w, g, mut r) = pair();
+        let pieces: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 3000 + i as usize]).collect();
+        let want: Vec<u8> = pieces.concat();
+        // Each piece read before the next arrives: none left in the window to hold.
+        let guard = FinishGuard::new(g.clone());
+        let mut got = Vec::new();
+        for p in &pieces {
+            guard.received(Bytes::from(p.clone()));
+            let mut buf = vec![0u8; p.len()];
+            r.read_exact(&mut buf).unwrap();
+            got.extend_from_slice(&buf);
+            assert_eq!(g.state.lock().unwrap().window_bytes, 0);
+        }
+        guard.complete();
+        assert_eq!(r.read(&mut [0u8; 8]).unwrap(), 0);
+        assert!(got == want);
+        // The file was never written: the bytes can only have come from the pieces.
+        assert_eq!(w.metadata().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_reader_that_falls_behind_the_window_reads_the_rest_from_the_file() {
+        let (_d, w, g, mut r) = pair();
+        let piece = 1 << 20;
+        let pieces: Vec<Vec<u8>> = (0..3 * WINDOW / piece)
+            .map(|i| (0..piece).map(|j| (i * 31 + j / 7) as u8).collect())
+            .collect();
+        let want: Vec<u8> = pieces.concat();
+        let g2 = g.clone();
+        // The whole upload arrives before the reader starts: most of it spills to the file.
+        write_handing_over(w, g2, pieces, 1);
+        {
+            let s = g.state.lock().unwrap();
+            assert!(s.window_bytes <= WINDOW, "held {} bytes", s.window_bytes);
+            assert!(s.window_at > 0, "the oldest pieces were dropped");
+        }
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        assert!(got == want);
+    }
+
+    #[test]
+    fn pieces_the_file_does_not_hold_yet_stay_in_the_window() {
+        let (_d, w, g, mut r) = pair();
+        let pieces: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 1 << 20]).collect();
+        let want: Vec<u8> = pieces.concat();
+        let g2 = g.clone();
+        // Writes reach the file only every 16 pieces: the window may exceed its size then.
+        let writer = std::thread::spawn(move || write_handing_over(w, g2, pieces, 16));
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        writer.join().unwrap();
+        assert!(got == want);
     }
 
     #[test]

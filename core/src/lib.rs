@@ -13,6 +13,7 @@ pub mod check;
 pub mod chunker;
 pub mod control;
 pub mod cron;
+pub mod directio;
 pub mod gateway;
 pub mod gc;
 pub mod gcrun;

@@ -2,7 +2,6 @@
 //! messages to the job manager — nothing else. Errors are JSON `{"error":{"code","message"}}`
 //! with a stable kebab-case code.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +16,7 @@ use prepub_actors::job_manager::{
     SubmitJob, UploadAbandoned,
 };
 use prepub_actors::metrics::Metrics;
+use prepub_core::directio::{DirectAppender, DirectReader};
 use prepub_core::growing::{FinishGuard, Growing};
 use prepub_core::jobs::{now_ms, valid_client_tag, JobRecord, JobState};
 use sha2::{Digest, Sha256};
@@ -277,41 +277,52 @@ enum Upload {
 }
 
 /// The upload's writer thread (no file I/O or hashing on the async workers): appends each
-/// piece, hashes it when `hash` (the client gave a checksum to verify: hashing costs a core
-/// about 0.4 s per 600 MiB, so nobody else's upload pays it), and starts the disk writes of
-/// every 16 MiB as it goes, so that the final fsync finds most of the tar on disk already.
-/// Returns the SHA-256 when hashed; an upload cut off before its end is not synced. With
-/// `follow` (the tar is processed as it arrives) it reports each new length and leaves the
-/// disk alone: the job may never need the tar on disk (see `submit`), and writeback started
-/// here would only slow the writes the processing waits for.
+/// piece around the page cache ([`DirectAppender`]: the tar is read once, by its job, and
+/// filling the page cache with it costs a copy and a writeback per byte), hashes it when
+/// `hash` (the client gave a checksum to verify: hashing costs a core about 0.4 s per
+/// 600 MiB, so nobody else's upload pays it). Where the filesystem refuses direct I/O, it
+/// starts the disk writes of every 16 MiB as it goes, so that the final fsync finds most of
+/// the tar on disk already — except with `follow` (the tar is processed as it arrives): the
+/// job may never need the tar on disk (see `submit`). With `follow` it hands each piece to the
+/// processing's reader and reports each length the file holds. Returns the SHA-256 when
+/// hashed; an upload cut off before its end is not synced.
 fn write_upload(
-    mut f: std::fs::File,
+    f: std::fs::File,
     mut rx: tokio::sync::mpsc::Receiver<Upload>,
     follow: Option<FinishGuard>,
     hash: bool,
 ) -> std::io::Result<Option<String>> {
     const WRITEBACK: u64 = 16 << 20;
     let mut sha = hash.then(Sha256::new);
-    let (mut written, mut started) = (0u64, 0u64);
+    let mut out = DirectAppender::new(f, true);
+    let (mut total, mut started) = (0u64, 0u64);
     while let Some(m) = rx.blocking_recv() {
         match m {
             Upload::Piece(b) => {
                 if let Some(sha) = &mut sha {
                     sha.update(&b);
                 }
-                f.write_all(&b)?;
-                written += b.len() as u64;
+                if let Some(g) = &follow {
+                    g.received(b.clone());
+                }
+                out.append(&b)?;
+                total += b.len() as u64;
+                let written = out.on_disk();
                 if let Some(g) = &follow {
                     g.grew(written);
                 }
-                if follow.is_none() && written - started >= WRITEBACK {
-                    start_writeback(&f, started, written - started);
+                if follow.is_none() && !out.is_direct() && written - started >= WRITEBACK {
+                    start_writeback(out.file(), started, written - started);
                     started = written;
                 }
             }
             Upload::End => {
+                let f = out.finish()?;
                 match follow {
-                    Some(g) => g.complete(),
+                    Some(g) => {
+                        g.grew(total);
+                        g.complete()
+                    }
                     None => f.sync_all()?,
                 }
                 return Ok(sha.map(|s| hex::encode(s.finalize())));
@@ -464,7 +475,8 @@ where
 async fn hash_spooled(path: PathBuf) -> Result<String, ApiError> {
     web::block(move || {
         let mut sha = Sha256::new();
-        std::io::copy(&mut std::fs::File::open(path)?, &mut sha)?;
+        let file = std::fs::File::open(path)?;
+        std::io::copy(&mut DirectReader::new(file, true), &mut sha)?;
         Ok(hex::encode(sha.finalize()))
     })
     .await
