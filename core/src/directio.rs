@@ -520,12 +520,18 @@ mod tests {
         assert_eq!(direct, !fs_refuses);
     }
 
-    #[test]
-    fn reader_returns_the_file_and_respects_the_limit() {
+    /// A file of `len` pattern bytes (kept while the directory lives), and its bytes.
+    fn file_of(len: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("t");
-        let data = pattern(2 * BLOCK + 5000);
+        let data = pattern(len);
         std::fs::write(&p, &data).unwrap();
+        (dir, p, data)
+    }
+
+    #[test]
+    fn reader_returns_the_file_and_respects_the_limit() {
+        let (_d, p, data) = file_of(2 * BLOCK + 5000);
         for direct in [true, false] {
             let mut r = DirectReader::new(File::open(&p).unwrap(), direct);
             let mut got = Vec::new();
@@ -549,10 +555,7 @@ mod tests {
 
     #[test]
     fn reader_skips_what_was_had_elsewhere() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("t");
-        let data = pattern(5 * BLOCK + 777);
-        std::fs::write(&p, &data).unwrap();
+        let (_d, p, data) = file_of(5 * BLOCK + 777);
         for direct in [true, false] {
             let mut r = DirectReader::new(File::open(&p).unwrap(), direct);
             let mut buf = vec![0u8; 10_000];
@@ -600,12 +603,10 @@ mod tests {
 
     #[test]
     fn reader_stops_at_the_end_of_a_file_shorter_than_the_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("t");
-        std::fs::write(&p, pattern(7000)).unwrap();
+        let (_d, p, data) = file_of(7000);
         let mut r = DirectReader::new(File::open(&p).unwrap(), true);
         let mut got = Vec::new();
         r.read_to_end(&mut got).unwrap();
-        assert!(got == pattern(7000));
+        assert!(got == data);
     }
 }
