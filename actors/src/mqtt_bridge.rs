@@ -91,6 +91,8 @@ pub struct MqttBridge {
     link: Link,
     events: Option<crossbeam_channel::Receiver<LinkEvent>>,
     pending: HashMap<String, Pending>,
+    /// Jobs whose announcement is being built (see [`AnnounceBuilt`]).
+    building: HashSet<String>,
     /// endpoint URL -> the node bound to it (configured, or the first to answer for it).
     bound: HashMap<String, String>,
     connected: bool,
@@ -123,6 +125,7 @@ impl MqttBridge {
             link,
             events: Some(rx),
             pending: HashMap::new(),
+            building: HashSet::new(),
             bound,
             connected: false,
             metrics,
@@ -301,39 +304,90 @@ impl Handler<Incoming> for MqttBridge {
 
 impl Handler<AnnouncePayload> for MqttBridge {
     type Result = ();
-    fn handle(&mut self, m: AnnouncePayload, _: &mut Context<Self>) {
-        let cs = prepub_core::spool::read_changeset(&m.changeset);
-        let cs = match cs {
-            Ok(c) => c,
-            Err(e) => {
-                for ep in &self.settings.endpoints {
-                    m.reply.do_send(EndpointReady {
-                        job_id: m.job_id.clone(),
-                        endpoint: norm(&ep.url),
-                        node_id: String::new(),
-                        grant: Err(e.to_string()),
-                    });
-                }
-                return;
-            }
-        };
-        let objects = crate::s1_distributor::data_objects(&cs);
-        let mut a = Announce {
-            payload_id: m.job_id.clone(),
-            publisher_id: self.settings.publisher_id.clone(),
-            repo: m.repo.clone(),
-            object_count: objects.len() as u64,
-            bytes: cs.stats.new_bytes,
-            objects: (objects.len() <= control::MAX_OBJECTS)
-                .then(|| objects.iter().map(|i| i.to_string()).collect()),
-        };
-        let mut body = serde_json::to_vec(&a).unwrap_or_default();
-        if body.len() > control::MAX_LIST_MESSAGE {
-            // Too big for one message: receivers answer without the list, and the
-            // distributor asks their inventory over HTTP.
-            a.objects = None;
-            body = serde_json::to_vec(&a).unwrap_or_default();
+    fn handle(&mut self, m: AnnouncePayload, ctx: &mut Context<Self>) {
+        // Reading and parsing a change set takes a while for a large job: not on this actor's
+        // thread, which also carries the broker connection's events.
+        self.building.insert(m.job_id.clone());
+        let (job_id, reply) = (m.job_id.clone(), m.reply.clone());
+        let me = ctx.address();
+        let publisher_id = self.settings.publisher_id.clone();
+        let spawned = std::thread::Builder::new()
+            .name("mqtt-announce".into())
+            .spawn(move || {
+                let body = announce_body(&m.changeset, &m.job_id, &m.repo, publisher_id);
+                me.do_send(AnnounceBuilt { m, body });
+            });
+        if let Err(e) = spawned {
+            self.building.remove(&job_id);
+            self.refuse_all(
+                &job_id,
+                &reply,
+                &format!("cannot build the announcement: {e}"),
+            );
         }
+    }
+}
+
+impl MqttBridge {
+    /// Answers for every endpoint that the job's announcement failed.
+    fn refuse_all(&self, job_id: &str, reply: &Recipient<EndpointReady>, msg: &str) {
+        for ep in &self.settings.endpoints {
+            reply.do_send(EndpointReady {
+                job_id: job_id.to_string(),
+                endpoint: norm(&ep.url),
+                node_id: String::new(),
+                grant: Err(msg.to_string()),
+            });
+        }
+    }
+}
+
+/// The announcement of a job's data objects: the list, unless it makes the message too big
+/// (receivers then answer without it, and the distributor asks their inventory over HTTP).
+fn announce_body(
+    changeset: &std::path::Path,
+    job_id: &str,
+    repo: &str,
+    publisher_id: String,
+) -> Result<Vec<u8>, String> {
+    let cs = prepub_core::spool::read_changeset(changeset).map_err(|e| e.to_string())?;
+    let objects = crate::s1_distributor::data_objects(&cs);
+    let mut a = Announce {
+        payload_id: job_id.to_string(),
+        publisher_id,
+        repo: repo.to_string(),
+        object_count: objects.len() as u64,
+        bytes: cs.stats.new_bytes,
+        objects: (objects.len() <= control::MAX_OBJECTS)
+            .then(|| objects.iter().map(|i| i.to_string()).collect()),
+    };
+    let mut body = serde_json::to_vec(&a).unwrap_or_default();
+    if body.len() > control::MAX_LIST_MESSAGE {
+        a.objects = None;
+        body = serde_json::to_vec(&a).unwrap_or_default();
+    }
+    Ok(body)
+}
+
+/// An announcement built off the actor's thread.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct AnnounceBuilt {
+    m: AnnouncePayload,
+    body: Result<Vec<u8>, String>,
+}
+
+impl Handler<AnnounceBuilt> for MqttBridge {
+    type Result = ();
+    fn handle(&mut self, b: AnnounceBuilt, _: &mut Context<Self>) {
+        let m = b.m;
+        if !self.building.remove(&m.job_id) {
+            return; // forgotten meanwhile: nobody waits for the answers
+        }
+        let body = match b.body {
+            Ok(body) => body,
+            Err(e) => return self.refuse_all(&m.job_id, &m.reply, &e),
+        };
         self.pending.insert(
             m.job_id.clone(),
             Pending {
@@ -350,6 +404,53 @@ impl Handler<AnnouncePayload> for MqttBridge {
 impl Handler<Forget> for MqttBridge {
     type Result = ();
     fn handle(&mut self, m: Forget, _: &mut Context<Self>) {
+        self.building.remove(&m.job_id);
         self.pending.remove(&m.job_id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prepub_core::catalog::Entry;
+    use prepub_core::hash::Digest20;
+    use prepub_core::intake::{ChangeSet, Node};
+
+    #[test]
+    fn the_announcement_lists_the_change_sets_data_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("changeset.json");
+        let mut cs = ChangeSet::default();
+        let h = "0123456789abcdef0123456789abcdef01234567";
+        for (name, hash) in [("a", Some(h)), ("b", Some(h)), ("d", None)] {
+            let mut entry = Entry::directory(name, 0o644, 0, 0, 0);
+            entry.hash = hash.map(|x| Digest20::from_hex(x).unwrap());
+            let node = Node {
+                entry,
+                hardlink_of: None,
+                synthesized: false,
+            };
+            cs.nodes.insert(name.to_string(), node);
+        }
+        cs.stats.new_bytes = 42;
+        std::fs::write(&path, serde_json::to_vec(&cs).unwrap()).unwrap();
+        let body = announce_body(&path, "job-1", "r.example.org", "s0".into()).unwrap();
+        let a: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(a["payload_id"], "job-1");
+        assert_eq!(a["publisher_id"], "s0");
+        assert_eq!(a["repo"], "r.example.org");
+        assert_eq!(a["object_count"], 1, "one object, named twice");
+        assert_eq!(a["bytes"], 42);
+        assert_eq!(a["objects"], serde_json::json!([h]));
+    }
+
+    #[test]
+    fn an_unreadable_change_set_fails_the_announcement() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("changeset.json");
+        let e = announce_body(&missing, "job-1", "r", "s0".into()).unwrap_err();
+        assert!(e.contains("changeset.json"), "{e}");
+        std::fs::write(&missing, b"{not json").unwrap();
+        assert!(announce_body(&missing, "job-1", "r", "s0".into()).is_err());
     }
 }
