@@ -425,7 +425,7 @@ fn commit(
     repo_name: &str,
     job: CommitJob,
 ) -> Result<JobResult, CommitError> {
-    let cs = crate::publisher::load_changeset(&job.changeset)?;
+    let cs = job.load_changeset()?;
     let url = format!("{}/{}", s.stratum0_url.trim_end_matches('/'), repo_name);
     let remote: Arc<dyn Cas> =
         Arc::new(HttpStore::new(&url).map_err(|e| err("stratum0-unreadable", e, true))?);

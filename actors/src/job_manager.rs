@@ -17,7 +17,7 @@
 //! before it is used after it. Every processing run has a number, and only the answer of the
 //! run the job waits for counts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -98,6 +98,9 @@ struct DistState {
 pub struct JobManager {
     settings: Arc<Settings>,
     jobs: BTreeMap<String, JobRecord>,
+    /// The change sets of the last few jobs processed, as saved, for their commits to use
+    /// instead of reading them back (see [`JobManager::keep_fresh`]).
+    fresh: VecDeque<(String, Arc<ChangeSet>)>,
     aborts: HashMap<String, Arc<AtomicBool>>,
     started_at: HashMap<String, Instant>,
     journal: Addr<SpoolJournal>,
@@ -122,6 +125,8 @@ pub struct JobManager {
 
 /// At most this many uploads are processed while they arrive; later ones wait for acceptance.
 const MAX_UPLOAD_RUNS: usize = 2;
+/// Change sets held for their commits (see [`JobManager::keep_fresh`]).
+const FRESH: usize = 2;
 
 /// A tar processed while it uploads.
 struct UploadRun {
@@ -165,6 +170,7 @@ impl JobManager {
             jobs: BTreeMap::new(),
             aborts: HashMap::new(),
             started_at: HashMap::new(),
+            fresh: VecDeque::new(),
             journal,
             pool,
             publisher,
@@ -671,6 +677,22 @@ impl JobManager {
         }
     }
 
+    /// Holds a job's change set, as saved, for its commit; only the last [`FRESH`] jobs' (the
+    /// commit usually follows at once; a job that waits for the repository reads its own back).
+    fn keep_fresh(&mut self, id: &str, cs: Arc<ChangeSet>) {
+        self.fresh.retain(|(k, _)| k != id);
+        self.fresh.push_back((id.to_string(), cs));
+        while self.fresh.len() > FRESH {
+            self.fresh.pop_front();
+        }
+    }
+
+    /// The held change set of `id`, no longer held.
+    fn take_fresh(&mut self, id: &str) -> Option<Arc<ChangeSet>> {
+        let i = self.fresh.iter().position(|(k, _)| k == id)?;
+        self.fresh.remove(i).map(|(_, cs)| cs)
+    }
+
     fn start_commit(&mut self, id: String, ctx: &mut Context<Self>) {
         let Some(job) = self.jobs.get(&id).cloned() else {
             return;
@@ -682,7 +704,9 @@ impl JobManager {
             .entry(id.clone())
             .or_insert_with(Instant::now);
         let abort = self.abort_flag(&id);
+        let preloaded = self.take_fresh(&id);
         self.publisher.do_send(CommitJob {
+            preloaded,
             changeset: self
                 .settings
                 .spool_root
@@ -858,9 +882,10 @@ impl Handler<SubmitJob> for JobManager {
             rec.attempts = 1;
             rec.transition(JobState::Processing, now_ms());
             self.count_processed(&mut rec, &cs);
-            changeset = Some(cs);
+            changeset = Some(Arc::new(cs));
             run = Some((r, started));
         }
+        let saved = changeset.clone();
         Box::pin(
             self.journal
                 .send(AcceptJob {
@@ -884,6 +909,9 @@ impl Handler<SubmitJob> for JobManager {
                     act.update_gauges();
                     match run {
                         Some((run, started)) => {
+                            if let Some(cs) = saved {
+                                act.keep_fresh(&rec.id, cs);
+                            }
                             // Queued for no time: its phase is recorded like any job's.
                             act.observe_phase(&rec);
                             act.metrics
@@ -1028,6 +1056,8 @@ impl Handler<Processed> for JobManager {
                 self.count_processed(&mut job, &cs);
                 self.jobs.insert(job.id.clone(), job);
                 let id = m.job_id.clone();
+                let cs = Arc::new(cs);
+                let saved = cs.clone();
                 ctx.spawn(
                     self.journal
                         .send(SaveChangeset {
@@ -1038,6 +1068,7 @@ impl Handler<Processed> for JobManager {
                         .map(move |res, act, ctx| match res {
                             Ok(Ok(())) => {
                                 crate::testhook::point("changeset-saved");
+                                act.keep_fresh(&id, saved);
                                 act.after_saved_changeset(id, ctx)
                             }
                             Ok(Err(e)) => act.retry_or_fail(

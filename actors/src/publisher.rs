@@ -110,6 +110,9 @@ pub struct CommitError {
 pub struct CommitJob {
     pub job: JobRecord,
     pub changeset: PathBuf,
+    /// The change set saved at `changeset`, when the job manager still holds it from the
+    /// processing (the commit then need not read it back).
+    pub preloaded: Option<Arc<ChangeSet>>,
     pub params: EncodeParams,
     pub abort: Arc<AtomicBool>,
     pub starting: Recipient<CommitStarting>,
@@ -192,11 +195,21 @@ fn err(code: &'static str, e: impl ToString, retryable: bool) -> CommitError {
 }
 
 /// A job's saved change set: unreadable is worth a retry, unparsable is not.
-pub(crate) fn load_changeset(path: &std::path::Path) -> Result<ChangeSet, CommitError> {
+fn load_changeset(path: &std::path::Path) -> Result<ChangeSet, CommitError> {
     prepub_core::spool::read_changeset(path).map_err(|e| match e {
         prepub_core::spool::SpoolError::Io { .. } => err("spool-read", e, true),
         e => err("spool-corrupt", e, false),
     })
+}
+
+impl CommitJob {
+    /// The job's change set: the one held from its processing, else read from the spool.
+    pub(crate) fn load_changeset(&self) -> Result<Arc<ChangeSet>, CommitError> {
+        match &self.preloaded {
+            Some(cs) => Ok(cs.clone()),
+            None => load_changeset(&self.changeset).map(Arc::new),
+        }
+    }
 }
 
 /// The tag that marks a job's revision: `prepub-<job id>`. It is added to every revision this
@@ -256,15 +269,39 @@ fn already_committed(
     }))
 }
 
+/// A commit's change set: held already, or being parsed.
+enum Parsing {
+    Held(Arc<ChangeSet>),
+    Thread(thread::JoinHandle<Result<Arc<ChangeSet>, CommitError>>),
+}
+
+impl Parsing {
+    fn get(self) -> Result<Arc<ChangeSet>, CommitError> {
+        match self {
+            Parsing::Held(cs) => Ok(cs),
+            Parsing::Thread(h) => match h.join() {
+                Ok(r) => r,
+                Err(panic) => std::panic::resume_unwind(panic),
+            },
+        }
+    }
+}
+
 fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
-    // The change set is parsed on its own thread while the repository is opened (for many
-    // entries both take a fraction of a second: the parse, and decompressing the root catalog).
-    let parsing = {
-        let path = job.changeset.clone();
-        thread::Builder::new()
-            .name("changeset".into())
-            .spawn(move || load_changeset(&path))
-            .map_err(|e| err("internal", e, true))?
+    // Unless the job manager still holds it, the change set is parsed on its own thread while
+    // the repository is opened (for many entries both take a fraction of a second: the parse,
+    // and decompressing the root catalog).
+    let parsing = match &job.preloaded {
+        Some(cs) => Parsing::Held(cs.clone()),
+        None => {
+            let path = job.changeset.clone();
+            Parsing::Thread(
+                thread::Builder::new()
+                    .name("changeset".into())
+                    .spawn(move || load_changeset(&path).map(Arc::new))
+                    .map_err(|e| err("internal", e, true))?,
+            )
+        }
     };
     let cas_arc = t.cas(false).map_err(|e| err("cas-unavailable", e, true))?;
     let cas = cas_arc.as_ref();
@@ -315,13 +352,12 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
     let expiry = t.tag_expiry.as_ref();
     let mut unparsed = None;
     let p = repo::publish_guarded(cas, &keys, &tags, expiry, now, &proceed, |tree| {
-        let cs = match parsing.join() {
-            Ok(Ok(cs)) => cs,
-            Ok(Err(e)) => {
+        let cs = match parsing.get() {
+            Ok(cs) => cs,
+            Err(e) => {
                 unparsed = Some(e);
                 return Err(RepoError::Invalid("the change set cannot be read".into()));
             }
-            Err(panic) => std::panic::resume_unwind(panic),
         };
         // A removal applies its change set (one removal) to the parent, merging.
         let (target, mode) = if job.job.removal {

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use actix::prelude::*;
 use prepub_core::intake::ChangeSet;
@@ -35,7 +36,7 @@ pub struct AcceptJob {
     pub record: JobRecord,
     pub upload: PathBuf,
     /// The change set, when the upload was processed before it was accepted.
-    pub changeset: Option<ChangeSet>,
+    pub changeset: Option<Arc<ChangeSet>>,
 }
 
 impl Handler<AcceptJob> for SpoolJournal {
@@ -74,7 +75,7 @@ impl Handler<RecordJob> for SpoolJournal {
 #[rtype(result = "Result<(), SpoolError>")]
 pub struct SaveChangeset {
     pub id: String,
-    pub changeset: ChangeSet,
+    pub changeset: Arc<ChangeSet>,
 }
 
 impl Handler<SaveChangeset> for SpoolJournal {
