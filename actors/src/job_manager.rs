@@ -882,10 +882,10 @@ impl Handler<SubmitJob> for JobManager {
             rec.attempts = 1;
             rec.transition(JobState::Processing, now_ms());
             self.count_processed(&mut rec, &cs);
-            changeset = Some(Arc::new(cs));
-            run = Some((r, started));
+            let cs = Arc::new(cs);
+            changeset = Some(cs.clone());
+            run = Some((r, started, cs));
         }
-        let saved = changeset.clone();
         Box::pin(
             self.journal
                 .send(AcceptJob {
@@ -908,10 +908,8 @@ impl Handler<SubmitJob> for JobManager {
                     act.jobs.insert(rec.id.clone(), rec.clone());
                     act.update_gauges();
                     match run {
-                        Some((run, started)) => {
-                            if let Some(cs) = saved {
-                                act.keep_fresh(&rec.id, cs);
-                            }
+                        Some((run, started, cs)) => {
+                            act.keep_fresh(&rec.id, cs);
                             // Queued for no time: its phase is recorded like any job's.
                             act.observe_phase(&rec);
                             act.metrics

@@ -110,6 +110,11 @@ impl DirectAppender {
         self.on_disk
     }
 
+    /// How many bytes were appended (the file holds them once [`DirectAppender::finish`]ed).
+    pub fn appended(&self) -> u64 {
+        self.on_disk + self.filled as u64
+    }
+
     pub fn file(&self) -> &File {
         &self.file
     }
@@ -505,6 +510,7 @@ mod tests {
         assert_eq!(a.on_disk(), 0);
         a.append(&[1, 2]).unwrap();
         assert_eq!(a.on_disk(), BLOCK as u64);
+        assert_eq!(a.appended(), BLOCK as u64 + 1);
         let f = a.finish().unwrap();
         assert_eq!(f.metadata().unwrap().len(), BLOCK as u64 + 1);
     }

@@ -295,7 +295,7 @@ fn write_upload(
     const WRITEBACK: u64 = 16 << 20;
     let mut sha = hash.then(Sha256::new);
     let mut out = DirectAppender::new(f, true);
-    let (mut total, mut started) = (0u64, 0u64);
+    let mut started = 0u64;
     while let Some(m) = rx.blocking_recv() {
         match m {
             Upload::Piece(b) => {
@@ -306,7 +306,6 @@ fn write_upload(
                     g.received(b.clone());
                 }
                 out.append(&b)?;
-                total += b.len() as u64;
                 let written = out.on_disk();
                 if let Some(g) = &follow {
                     g.grew(written);
@@ -317,6 +316,7 @@ fn write_upload(
                 }
             }
             Upload::End => {
+                let total = out.appended();
                 let f = out.finish()?;
                 match follow {
                     Some(g) => {
