@@ -846,3 +846,73 @@ fn an_upload_processed_before_its_tar_is_on_disk_is_accepted_with_its_change_set
     );
     check_repo(&d.storage);
 }
+
+/// The `last_modified` of the catalog mounted at `path` in the current revision, and of the
+/// root catalog.
+fn catalog_times(storage: &std::path::Path, path: &str) -> (i64, i64) {
+    use prepub_core::catalog::db::CatalogDb;
+    let cas = prepub_core::cas::LocalCas::open(storage).unwrap();
+    let (m, _) = prepub_core::repo::current_manifest(&cas).unwrap().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let open = |id: &prepub_core::hash::ObjectId, name: &str| {
+        let bytes = prepub_core::cas::get_all(&cas, id).unwrap();
+        let file = tmp.path().join(name);
+        let raw = prepub_core::object::decode_to_vec(id, &bytes, true).unwrap();
+        std::fs::write(&file, raw).unwrap();
+        CatalogDb::open(&file, false).unwrap()
+    };
+    let time = |db: &CatalogDb| -> i64 {
+        db.property("last_modified")
+            .unwrap()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let root = open(&m.root_catalog, "root.db");
+    let nested = root
+        .nested()
+        .unwrap()
+        .into_iter()
+        .find(|n| n.path == path)
+        .and_then(|n| n.hash)
+        .expect("mounted in the root catalog");
+    (time(&open(&nested, "nested.db")), time(&root))
+}
+
+#[test]
+fn a_new_release_is_committed_with_the_catalogs_built_while_it_was_processed() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    // More than a second between the end of processing and the commit.
+    let d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_HOLD", "processed=1100")]);
+    let mut rel = big_tree();
+    rel.push(Spec::File {
+        path: ".cvmfscatalog",
+        mode: 0o644,
+        data: vec![],
+        xattrs: vec![],
+    });
+    rel.push(Spec::Hardlink("pkg/tool2", "pkg/tool"));
+    let id = job_id(d.submit_raw(ADMIN, "/rel/1.0", &tar_bytes(&rel), None));
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    // The release's catalog carries the time it was built, before the commit's.
+    let (built, committed) = catalog_times(&d.storage, "/rel/1.0");
+    assert!(built < committed, "built {built}, committed {committed}");
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    verify(&repo, "/rel/1.0", &rel);
+    let pkg = repo.lookup("/rel/1.0/pkg").unwrap();
+    assert!(pkg.is_nested_catalog_mountpoint() || pkg.is_nested_catalog_root());
+    drop(repo);
+    check_repo(&d.storage);
+
+    // Replacing it (the path exists now) builds its catalogs in the commit, as before.
+    let rel2 = small_tree("again");
+    let id = job_id(d.submit_raw(ADMIN, "/rel/1.0", &tar_bytes(&rel2), None));
+    assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
+    let repo = open_reader(&url, &dir.path().join("cache2"));
+    verify(&repo, "/rel/1.0", &rel2);
+    drop(repo);
+    check_repo(&d.storage);
+}

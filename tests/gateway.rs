@@ -457,3 +457,56 @@ fn removals_and_the_content_lifecycle_go_through_the_gateway() {
         .unwrap();
     assert_eq!(r.status(), 409);
 }
+
+/// A release: a nested catalog at its top, another below.
+fn release(tag: &'static str) -> Vec<Spec> {
+    let mut t = tree(tag);
+    t.push(Spec::File {
+        path: ".cvmfscatalog",
+        mode: 0o644,
+        data: vec![],
+        xattrs: vec![],
+    });
+    // (No hard links: gateway publishing breaks them, as upstream's does.)
+    t
+}
+
+#[test]
+fn a_new_release_gets_its_catalogs_built_before_the_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let gw = Double::start(dir.path(), &[], None);
+    // The commit stops where the release's catalogs are built and no lease is taken yet.
+    let mut d = gateway_daemon(
+        dir.path(),
+        &gw,
+        "",
+        &[("CVMFS_PREPUB_TEST_CRASH", "catalogs-prebuilt")],
+    );
+    let id = submit(&d, "/sw/rel/1.0", &release("r1"));
+    assert!(d.wait_exit(60), "no crash:\n{}", d.log_text());
+    drop(d);
+    // Restarted, the job builds them again (nothing held from before) and publishes.
+    let d = Daemon::start(dir.path(), &[("CVMFS_GATEWAY_SECRET", SECRET)]);
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    assert_eq!(j["revision"], 2);
+    // Then a second release next to it, and the first one replaced (no prebuild: it exists).
+    let next = submit(&d, "/sw/rel/2.0", &release("r2"));
+    assert_eq!(d.wait_terminal(&next, 60)["state"], "published");
+    let again = submit(&d, "/sw/rel/1.0", &release("r1b"));
+    assert_eq!(d.wait_terminal(&again, 60)["state"], "published");
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    verify(&repo, "/sw/rel/1.0", &release("r1b"));
+    verify(&repo, "/sw/rel/2.0", &release("r2"));
+    for p in ["/sw/rel/1.0", "/sw/rel/2.0/lib"] {
+        let e = repo.lookup(p).unwrap();
+        assert!(
+            e.is_nested_catalog_mountpoint() || e.is_nested_catalog_root(),
+            "{p} is not a nested catalog"
+        );
+    }
+    drop(repo);
+    check(&d.storage);
+}

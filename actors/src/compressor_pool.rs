@@ -72,7 +72,8 @@ pub struct ProcessJob {
     pub run: u64,
     pub tar: TarSource,
     pub target: crate::publisher::RepoTarget,
-    pub top_level: bool,
+    /// The job's path in the repository (`""`: the root).
+    pub path: String,
     pub params: EncodeParams,
     pub limits: IntakeLimits,
     pub abort: Arc<AtomicBool>,
@@ -179,6 +180,23 @@ impl<R: Read> Read for Watched<R> {
     }
 }
 
+/// The catalogs of a new release, built while the job is still processing (see
+/// `repo::prebuild`); stored with durable puts, as the commit stores catalogs. Any trouble only
+/// means the commit builds them itself.
+fn prebuild(
+    target: &crate::publisher::RepoTarget,
+    cs: &ChangeSet,
+    path: &str,
+    params: &EncodeParams,
+) -> Option<Arc<prepub_core::repo::Prebuilt>> {
+    let cas = target.cas(false).ok()?;
+    let now = prepub_core::timefmt::now();
+    prepub_core::repo::prebuild(cas.as_ref(), cs, path, params, now)
+        .ok()
+        .flatten()
+        .map(Arc::new)
+}
+
 fn run_task(t: ProcessJob, pipeline: &Pipeline) {
     crate::testhook::point("processing");
     let outcome = (|| -> Result<ChangeSet, ProcessError> {
@@ -212,7 +230,8 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
             cas,
             index: t.target.raw_index.clone(),
         };
-        read_tar_parallel(watched, t.top_level, &t.params, &t.limits, cas, pipeline, now).map_err(|e| {
+        let top_level = t.path.is_empty();
+        let mut cs = read_tar_parallel(watched, top_level, &t.params, &t.limits, cas, pipeline, now).map_err(|e| {
             if t.abort.load(Ordering::Relaxed) {
                 return ProcessError {
                     code: "aborted",
@@ -226,7 +245,11 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
                 message: e.to_string(),
                 retryable,
             }
-        })
+        })?;
+        if t.target.prebuild_catalogs && !t.abort.load(Ordering::Relaxed) {
+            cs.prebuilt = prebuild(&t.target, &cs, &t.path, &t.params);
+        }
+        Ok(cs)
     })();
     crate::testhook::point("processed");
     t.done.do_send(Processed {

@@ -489,6 +489,18 @@ fn commit(
                 false,
             ));
         }
+        // The catalogs of a new release are built (into the scratch store, uploaded with the
+        // others) before the lease, which then covers only grafting them; any trouble here
+        // only means they are built under the lease as before.
+        let prebuilt = if job.job.removal {
+            None
+        } else {
+            let now = prepub_core::timefmt::now();
+            repo::prebuild_in(&mut tree, &overlay, &cs, target, &job.params, now)
+                .ok()
+                .flatten()
+                .inspect(|_| crate::testhook::point("catalogs-prebuilt"))
+        };
         let lease_sub = choose_lease(&mut tree, target)?;
         let lpath = lease_path(repo_name, &lease_sub);
         // The lease is taken only now: everything before ran without locking the repository.
@@ -507,9 +519,18 @@ fn commit(
             return Err(err("spool-write", e, true));
         }
         let now = prepub_core::timefmt::now();
-        let built = repo::apply_changeset(&mut tree, &overlay, &cs, target, mode, &job.params, now)
-            .map_err(|e| err("commit-rejected", e, false))
-            .and_then(|_| tree.commit(now).map_err(|e| err("commit-io", e, true)));
+        let built = repo::apply_changeset_with(
+            &mut tree,
+            &overlay,
+            &cs,
+            target,
+            mode,
+            &job.params,
+            now,
+            prebuilt.as_ref(),
+        )
+        .map_err(|e| err("commit-rejected", e, false))
+        .and_then(|_| tree.commit(now).map_err(|e| err("commit-io", e, true)));
         let built = match built {
             Ok(b) => b,
             Err(e) => {

@@ -453,7 +453,7 @@ impl JobManager {
             .join("payload.tar");
         let params = self.settings.params;
         let limits = self.settings.limits;
-        let top_level = job.path.is_empty();
+        let path = job.path.clone();
         self.save(job, ctx, move |act, ctx, ok| {
             if !ok {
                 act.journal_retry(id, ctx);
@@ -466,7 +466,7 @@ impl JobManager {
                 run,
                 tar: TarSource::Spool(tar),
                 target,
-                top_level,
+                path,
                 params,
                 limits,
                 abort,
@@ -1520,7 +1520,7 @@ impl Handler<ProcessUpload> for JobManager {
             run,
             tar: TarSource::Upload(tar),
             target,
-            top_level: m.path.is_empty(),
+            path: m.path.clone(),
             params: self.settings.params,
             limits: self.settings.limits,
             abort,

@@ -39,6 +39,9 @@ pub struct RepoTarget {
     /// Expired automatic tags to drop at each publish (`gc.auto_tag_timespan`, with garbage
     /// collection enabled).
     pub tag_expiry: Option<repo::TagExpiry>,
+    /// Build the catalogs of a new release while its job is processed, so that the commit only
+    /// mounts them (standalone mode: this daemon writes the catalogs; see `repo::prebuild`).
+    pub prebuild_catalogs: bool,
 }
 
 impl std::fmt::Debug for RepoTarget {

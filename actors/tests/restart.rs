@@ -55,6 +55,7 @@ async fn job_manager_restarts_from_the_journal() {
         s3: None,
         raw_index: None,
         tag_expiry: None,
+        prebuild_catalogs: true,
     };
     let publisher = Publisher::new(vec![target.clone()]).start();
     let settings = Arc::new(Settings {

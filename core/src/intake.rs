@@ -136,6 +136,11 @@ pub struct ChangeSet {
     /// Relative paths to remove before the entries are applied (merge mode).
     pub removals: Vec<String>,
     pub stats: IntakeStats,
+    /// The nested catalog built from this change set ahead of its commit, if any (see
+    /// [`crate::repo::prebuild`]). Never saved: a change set read back from the spool has none,
+    /// and its commit builds its catalogs itself.
+    #[serde(skip)]
+    pub prebuilt: Option<Arc<crate::repo::Prebuilt>>,
 }
 
 /// Counts bytes read and fails once more than `limit` have passed (gzip-bomb guard).

@@ -12,7 +12,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::cas::{get_all, Cas, CasError};
-use crate::catalog::tree::{CatalogTree, CommitResult, TreeError};
+use crate::catalog::tree::{BuiltSubtree, CatalogTree, CommitResult, TreeError};
 use crate::catalog::{split_path, Entry, Kind};
 use crate::hash::{Digest20, ObjectId, Suffix};
 use crate::history::{valid_tag_name, History, HistoryError, RefType, Reflog, Tag};
@@ -392,7 +392,7 @@ fn refresh_whitelist(cas: &dyn Cas, keys: &RepoKeys, now: i64) -> Result<(), Rep
 }
 
 /// Dirtab rules (`/.cvmfsdirtab`): which directories get a nested catalog.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Dirtab {
     rules: Vec<(bool, Vec<String>, bool)>,
 }
@@ -506,6 +506,23 @@ pub fn apply_changeset(
     params: &EncodeParams,
     now: i64,
 ) -> Result<(), RepoError> {
+    let prebuilt = cs.prebuilt.as_deref();
+    apply_changeset_with(tree, cas, cs, target, mode, params, now, prebuilt)
+}
+
+/// [`apply_changeset`] with catalogs prebuilt from `cs` elsewhere than in the change set (see
+/// [`prebuild_in`]); grafted when they still fit, ignored otherwise.
+#[allow(clippy::too_many_arguments)]
+pub fn apply_changeset_with(
+    tree: &mut CatalogTree<'_>,
+    cas: &dyn Cas,
+    cs: &ChangeSet,
+    target: &str,
+    mode: ApplyMode,
+    params: &EncodeParams,
+    now: i64,
+    prebuilt: Option<&Prebuilt>,
+) -> Result<(), RepoError> {
     // Ancestors of the target.
     let mut prefix = String::new();
     for comp in target.split('/').filter(|c| !c.is_empty()) {
@@ -528,21 +545,62 @@ pub fn apply_changeset(
         }
     }
 
-    // Dirtab: from the change set if it brings one at the repository root, else the tree (a
-    // replaced root without one has none).
-    let dirtab = match cs.nodes.get(".cvmfsdirtab").filter(|_| target.is_empty()) {
-        Some(n) => Dirtab::parse(&String::from_utf8_lossy(&read_small_file(cas, &n.entry)?)),
-        None if target.is_empty() && mode == ApplyMode::Replace => Dirtab::default(),
-        None => match tree.lookup("/.cvmfsdirtab")? {
-            Some(e) if e.kind() == Kind::Regular => {
-                Dirtab::parse(&String::from_utf8_lossy(&read_small_file(cas, &e)?))
-            }
-            _ => Dirtab::default(),
-        },
-    };
+    let dirtab = dirtab_for(tree, cas, cs, target, mode)?;
 
     // A target that is not a directory yet is built from nothing: its entries need no lookups.
-    let fresh = !target.is_empty() && !matches!(tree.lookup(target)?, Some(e) if e.is_dir());
+    let existing = if target.is_empty() {
+        None
+    } else {
+        tree.lookup(target)?
+    };
+    let fresh = !target.is_empty() && !matches!(&existing, Some(e) if e.is_dir());
+    // Built already while the job was processed, and still what this commit would build.
+    if let (None, Some(pre)) = (&existing, prebuilt) {
+        if mode == ApplyMode::Replace && pre.fits(cs, target, &dirtab) && pre.stored(cas) {
+            tree.graft(&pre.sub)?;
+            return Ok(());
+        }
+    }
+    fill(tree, cas, cs, target, mode, params, now, &dirtab, fresh)
+}
+
+/// The dirtab that applies to a change set at `target`: the one it brings at the repository
+/// root, else the tree's (a replaced root without one has none).
+fn dirtab_for(
+    tree: &mut CatalogTree<'_>,
+    cas: &dyn Cas,
+    cs: &ChangeSet,
+    target: &str,
+    mode: ApplyMode,
+) -> Result<Dirtab, RepoError> {
+    Ok(
+        match cs.nodes.get(".cvmfsdirtab").filter(|_| target.is_empty()) {
+            Some(n) => Dirtab::parse(&String::from_utf8_lossy(&read_small_file(cas, &n.entry)?)),
+            None if target.is_empty() && mode == ApplyMode::Replace => Dirtab::default(),
+            None => match tree.lookup("/.cvmfsdirtab")? {
+                Some(e) if e.kind() == Kind::Regular => {
+                    Dirtab::parse(&String::from_utf8_lossy(&read_small_file(cas, &e)?))
+                }
+                _ => Dirtab::default(),
+            },
+        },
+    )
+}
+
+/// Applies a change set to `target`, whose ancestors exist (`fresh`: the target is not a
+/// directory yet, so nothing below it needs looking up).
+#[allow(clippy::too_many_arguments)]
+fn fill(
+    tree: &mut CatalogTree<'_>,
+    cas: &dyn Cas,
+    cs: &ChangeSet,
+    target: &str,
+    mode: ApplyMode,
+    params: &EncodeParams,
+    now: i64,
+    dirtab: &Dirtab,
+    fresh: bool,
+) -> Result<(), RepoError> {
     let mut fresh_dirs: HashSet<String> = HashSet::new();
     if fresh {
         fresh_dirs.insert(target.to_string());
@@ -551,7 +609,7 @@ pub fn apply_changeset(
     // The target itself.
     let mut was_nested = Vec::new();
     if mode == ApplyMode::Replace {
-        was_nested = prune_to(tree, target, cs, &dirtab)?;
+        was_nested = prune_to(tree, target, cs, dirtab)?;
     }
     let default_meta = || {
         (mode == ApplyMode::Replace)
@@ -747,6 +805,105 @@ pub fn apply_changeset(
     Ok(())
 }
 
+/// The nested catalog(s) of a new directory, built from its change set while the job was
+/// processed (see [`prebuild`]), so that the commit — under the repository lock — only grafts
+/// them instead of writing every row.
+#[derive(Debug)]
+pub struct Prebuilt {
+    sub: BuiltSubtree,
+    /// The dirtab it followed.
+    dirtab: Dirtab,
+    /// Entries of the change set it was built from (a guard against one edited since).
+    nodes: usize,
+}
+
+impl Prebuilt {
+    /// The catalog built for the target (for reports and tests).
+    pub fn catalog(&self) -> &ObjectId {
+        &self.sub.catalog
+    }
+
+    /// Whether a commit of `cs` at `target` under `dirtab` would build exactly this.
+    fn fits(&self, cs: &ChangeSet, target: &str, dirtab: &Dirtab) -> bool {
+        self.sub.path == target
+            && self.dirtab == *dirtab
+            && self.nodes == cs.nodes.len()
+            && cs.removals.is_empty()
+    }
+
+    /// Whether every catalog object it wrote is still stored (garbage collection runs only
+    /// while no job is in flight, but a store can be edited behind our back).
+    fn stored(&self, cas: &dyn Cas) -> bool {
+        self.sub.written.iter().all(|id| cas.size(id).is_ok())
+    }
+}
+
+/// Builds and stores, ahead of the commit, the catalogs that `cs` makes of `target` when that
+/// is a new directory (the current revision has nothing there) holding a nested catalog (a
+/// `.cvmfscatalog` at the top of the change set, or the repository's dirtab says so) — the
+/// usual shape of a release. The stored catalogs are unreferenced until a commit grafts them;
+/// `None` when the change set does not qualify. A commit that finds the repository changed in
+/// a way that matters (the path exists by then, the dirtab differs) builds the catalogs itself.
+pub fn prebuild(
+    cas: &dyn Cas,
+    cs: &ChangeSet,
+    target: &str,
+    params: &EncodeParams,
+    now: i64,
+) -> Result<Option<Prebuilt>, RepoError> {
+    if target.is_empty() || !cs.removals.is_empty() {
+        return Ok(None);
+    }
+    let Some((m, _)) = current_manifest(cas)? else {
+        return Ok(None);
+    };
+    let tmp = scratch()?;
+    let mut tree = CatalogTree::open(cas, tmp.path(), &m.root_catalog)?;
+    prebuild_in(&mut tree, cas, cs, target, params, now)
+}
+
+/// [`prebuild`] against the revision `tree` holds (a commit's base, opened already).
+pub fn prebuild_in(
+    tree: &mut CatalogTree<'_>,
+    cas: &dyn Cas,
+    cs: &ChangeSet,
+    target: &str,
+    params: &EncodeParams,
+    now: i64,
+) -> Result<Option<Prebuilt>, RepoError> {
+    if target.is_empty() || !cs.removals.is_empty() || tree.exists(target)? {
+        return Ok(None);
+    }
+    let dirtab = dirtab_for(tree, cas, cs, target, ApplyMode::Replace)?;
+    let nested = cs.markers.contains("") || (!dirtab.is_empty() && dirtab.matches(target));
+    if !nested {
+        return Ok(None);
+    }
+    // A scratch tree rooted at the target's parent: the catalogs below it are the ones the
+    // commit would write (rows are keyed by full path, so they are the same rows).
+    let tmp = scratch()?;
+    let parent = split_path(target).0;
+    let top = Entry::directory(split_path(parent).1, 0o755, 0, 0, now);
+    let mut tree = CatalogTree::create_at(cas, tmp.path(), parent, &top)?;
+    fill(
+        &mut tree,
+        cas,
+        cs,
+        target,
+        ApplyMode::Replace,
+        params,
+        now,
+        &dirtab,
+        true,
+    )?;
+    let sub = tree.commit_nested(target, now)?;
+    Ok(Some(Prebuilt {
+        sub,
+        dirtab,
+        nodes: cs.nodes.len(),
+    }))
+}
+
 /// Whether `new` written into a catalog would give the row `old` has (type flags are derived
 /// on write, so they are compared as they would be stored).
 fn as_stored_equal(old: &Entry, new: &Entry) -> bool {
@@ -868,6 +1025,7 @@ mod tests {
     use crate::chunker::ChunkParams;
     use crate::intake::{read_tar, IntakeLimits};
     use crate::object::Compression;
+    use std::sync::Arc;
 
     fn params() -> EncodeParams {
         EncodeParams {
@@ -1394,5 +1552,230 @@ mod tests {
             e.to_string(),
             "cannot publish under /file/sub: /file exists and is not a directory"
         );
+    }
+
+    /// A release tar: a nested catalog at its top, another one below, files in both.
+    fn release_tar(v: &str) -> Vec<u8> {
+        let big = format!("{v} ").repeat(400);
+        tar_of(&[
+            (".cvmfscatalog", Some(b"")),
+            ("bin", None),
+            ("bin/tool", Some(big.as_bytes())),
+            ("bin/sub", None),
+            ("bin/sub/x", Some(b"x")),
+            ("lib", None),
+            ("lib/.cvmfscatalog", Some(b"")),
+            ("lib/libz.so", Some(v.as_bytes())),
+            ("README", Some(b"read me")),
+        ])
+    }
+
+    /// A catalog's rows (with their keys) and properties, in key order.
+    fn rows_of(f: &Fixture, id: &ObjectId) -> Vec<String> {
+        let (_tmp, file) = scratch_copy(f, id);
+        let db = CatalogDb::open(&file, false).unwrap();
+        let mut rows: Vec<String> = db
+            .all_rows()
+            .unwrap()
+            .into_iter()
+            .map(|(e, k)| format!("{:?} {:?} {e:?}", k.path, k.parent))
+            .collect();
+        for p in [
+            "revision",
+            "last_modified",
+            "previous_revision",
+            "root_prefix",
+            "TTL",
+        ] {
+            rows.push(format!("{p}={:?}", db.property(p).unwrap()));
+        }
+        rows.sort();
+        rows
+    }
+
+    fn changeset_of(f: &Fixture, tar: &[u8]) -> ChangeSet {
+        read_tar(tar, false, &params(), &IntakeLimits::default(), &f.cas, 1).unwrap()
+    }
+
+    fn publish_cs(f: &Fixture, target: &str, cs: &ChangeSet, now: i64) -> Published {
+        let p = publish(&f.cas, &f.keys, &[], now, |t| {
+            apply_changeset(t, &f.cas, cs, target, ApplyMode::Replace, &params(), now)
+        })
+        .unwrap();
+        let report = crate::check::check(&f.cas, Some(&f.keys.master_pub), now + 100);
+        assert!(report.ok(), "check findings: {:#?}", report.findings);
+        p
+    }
+
+    #[test]
+    fn a_prebuilt_release_is_grafted_and_gives_the_catalogs_a_full_commit_writes() {
+        let (plain, early) = (fixture(), fixture());
+        let now = 1_700_000_100;
+        for f in [&plain, &early] {
+            publish_cs(f, "/sw/0.9", &changeset_of(f, &release_tar("old")), now);
+        }
+        let tar = release_tar("new");
+        let want = publish_cs(&plain, "/sw/1.0", &changeset_of(&plain, &tar), now);
+
+        let mut cs = changeset_of(&early, &tar);
+        let pre = prebuild(&early.cas, &cs, "/sw/1.0", &params(), now)
+            .unwrap()
+            .expect("a new release with a marker is prebuilt");
+        let built = *pre.catalog();
+        // Stored ahead of the commit, not yet referenced.
+        assert!(early.cas.size(&built).is_ok());
+        assert!(dump(&early, "/sw").0.iter().all(|r| !r.contains("1.0")));
+        cs.prebuilt = Some(Arc::new(pre));
+        let got = publish_cs(&early, "/sw/1.0", &cs, now);
+
+        // The same catalogs: the release's own byte for byte (the root catalog refers to them
+        // by hash), and a root that mounts them with the same rows, counters and properties
+        // (its file differs: the same rows were written in another order of operations).
+        assert_eq!(
+            nested_of(&early, &got.commit.root),
+            nested_of(&plain, &want.commit.root)
+        );
+        assert_eq!(
+            rows_of(&early, &got.commit.root),
+            rows_of(&plain, &want.commit.root)
+        );
+        assert_eq!(
+            stats_of(&early, &got.commit.root),
+            stats_of(&plain, &want.commit.root)
+        );
+        assert_eq!(dump(&early, ""), dump(&plain, ""));
+        assert_eq!(got.commit.written.len(), want.commit.written.len());
+        assert!(got.commit.written.contains(&built));
+
+        // Built earlier than committed: the commit mounts the prebuilt catalog as it is (one
+        // built by the commit would carry the commit's time, and another hash).
+        let later = fixture();
+        publish_cs(
+            &later,
+            "/sw/0.9",
+            &changeset_of(&later, &release_tar("old")),
+            now,
+        );
+        let mut cs = changeset_of(&later, &tar);
+        let pre = prebuild(&later.cas, &cs, "/sw/1.0", &params(), now - 50)
+            .unwrap()
+            .unwrap();
+        let built = *pre.catalog();
+        cs.prebuilt = Some(Arc::new(pre));
+        let got = publish(&later.cas, &later.keys, &[], now, |t| {
+            apply_changeset(
+                t,
+                &later.cas,
+                &cs,
+                "/sw/1.0",
+                ApplyMode::Replace,
+                &params(),
+                now,
+            )?;
+            // The grafted catalog opens when an edit reaches into it.
+            assert_eq!(t.lookup("/sw/1.0/lib/libz.so")?.unwrap().size, 3);
+            Ok(())
+        })
+        .unwrap();
+        let mounted: Vec<_> = nested_of(&later, &got.commit.root)
+            .into_iter()
+            .filter(|(p, _)| p == "/sw/1.0")
+            .collect();
+        assert_eq!(mounted, vec![("/sw/1.0".to_string(), Some(built))]);
+        assert_eq!(
+            rows_of(&later, &built)
+                .iter()
+                .find(|r| r.starts_with("last_modified="))
+                .unwrap(),
+            &format!("last_modified=Some(\"{}\")", now - 50)
+        );
+    }
+
+    #[test]
+    fn a_prebuilt_release_that_no_longer_fits_is_built_by_the_commit() {
+        let now = 1_700_000_100;
+        let tar = release_tar("new");
+        // A target that is not new, or a change set without a marker, is not prebuilt.
+        let f = fixture();
+        publish_cs(&f, "/sw/1.0", &changeset_of(&f, &release_tar("old")), now);
+        assert!(
+            prebuild(&f.cas, &changeset_of(&f, &tar), "/sw/1.0", &params(), now)
+                .unwrap()
+                .is_none()
+        );
+        let flat = tar_of(&[("a", Some(b"a"))]);
+        assert!(
+            prebuild(&f.cas, &changeset_of(&f, &flat), "/sw/2.0", &params(), now)
+                .unwrap()
+                .is_none()
+        );
+
+        // The path appeared between processing and commit: replaced as without a prebuild.
+        let (plain, raced) = (fixture(), fixture());
+        let mut cs = changeset_of(&raced, &tar);
+        cs.prebuilt = prebuild(&raced.cas, &cs, "/sw/1.0", &params(), now)
+            .unwrap()
+            .map(Arc::new);
+        assert!(cs.prebuilt.is_some());
+        for f in [&plain, &raced] {
+            publish_cs(f, "/sw/1.0", &changeset_of(f, &release_tar("old")), now);
+        }
+        let want = publish_cs(&plain, "/sw/1.0", &changeset_of(&plain, &tar), now);
+        let got = publish_cs(&raced, "/sw/1.0", &cs, now);
+        assert_eq!(dump(&raced, ""), dump(&plain, ""));
+        assert_eq!(
+            rows_of(&raced, &got.commit.root),
+            rows_of(&plain, &want.commit.root)
+        );
+
+        // A prebuilt catalog that vanished from the store is not grafted.
+        let (plain, lost) = (fixture(), fixture());
+        let mut cs = changeset_of(&lost, &tar);
+        let pre = prebuild(&lost.cas, &cs, "/sw/1.0", &params(), now)
+            .unwrap()
+            .unwrap();
+        let pre_id = &pre.catalog().clone();
+        std::fs::remove_file(lost._dir.path().join(pre.catalog().path())).unwrap();
+        cs.prebuilt = Some(Arc::new(pre));
+        let want = publish_cs(&plain, "/sw/1.0", &changeset_of(&plain, &tar), now);
+        let got = publish_cs(&lost, "/sw/1.0", &cs, now);
+        assert_eq!(
+            rows_of(&lost, &got.commit.root),
+            rows_of(&plain, &want.commit.root)
+        );
+        // Written again by the commit (the check above read every catalog).
+        assert!(got.commit.written.contains(pre_id));
+
+        // The dirtab changed meanwhile: the commit follows the new one.
+        let (plain, moved) = (fixture(), fixture());
+        let mut cs = changeset_of(&moved, &tar);
+        cs.prebuilt = prebuild(&moved.cas, &cs, "/sw/1.0", &params(), now)
+            .unwrap()
+            .map(Arc::new);
+        let dirtab = tar_of(&[(".cvmfsdirtab", Some(b"/sw/*/bin\n"))]);
+        for f in [&plain, &moved] {
+            let d = read_tar(
+                &dirtab[..],
+                true,
+                &params(),
+                &IntakeLimits::default(),
+                &f.cas,
+                1,
+            )
+            .unwrap();
+            publish(&f.cas, &f.keys, &[], now, |t| {
+                apply_changeset(t, &f.cas, &d, "", ApplyMode::Merge, &params(), now)
+            })
+            .unwrap();
+        }
+        let want = publish_cs(&plain, "/sw/1.0", &changeset_of(&plain, &tar), now);
+        let got = publish_cs(&moved, "/sw/1.0", &cs, now);
+        assert_eq!(
+            rows_of(&moved, &got.commit.root),
+            rows_of(&plain, &want.commit.root)
+        );
+        assert_eq!(dump(&moved, ""), dump(&plain, ""));
+        let nested = dump(&moved, "").1;
+        assert!(nested.contains(&"/sw/1.0/bin".to_string()), "{nested:?}");
     }
 }

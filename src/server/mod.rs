@@ -329,6 +329,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                     span_secs: r.gc.auto_tag_timespan.as_secs() as i64,
                     exempt: r.gc.exempt_tags.clone(),
                 }),
+                prebuild_catalogs: matches!(cfg.publish, PublishMode::Standalone),
             });
         }
         for t in &targets {

@@ -85,23 +85,55 @@ pub struct CatalogTree<'a> {
     cats: Vec<Loaded>,
     by_mount: HashMap<String, usize>,
     next_file: u64,
+    /// Catalog objects written before this edit and grafted into it (see [`CatalogTree::graft`]).
+    grafted: Vec<ObjectId>,
+}
+
+/// The catalogs of a new subtree, written and stored ahead of the commit that grafts them
+/// ([`CatalogTree::commit_nested`], [`CatalogTree::graft`]).
+#[derive(Debug, Clone)]
+pub struct BuiltSubtree {
+    /// Where it is mounted.
+    pub path: String,
+    /// The mountpoint's row for the parent catalog (nested-mountpoint flag, link count).
+    pub mountpoint: Entry,
+    /// The catalog rooted at `path`, its uncompressed size and its statistics.
+    pub catalog: ObjectId,
+    pub size: u64,
+    pub stats: Statistics,
+    pub revision: u64,
+    /// Every catalog object written for it, children first.
+    pub written: Vec<ObjectId>,
 }
 
 impl<'a> CatalogTree<'a> {
     /// Starts a brand-new repository whose root directory is `root`.
     pub fn create(cas: &'a dyn Cas, scratch: &Path, root: &Entry) -> Result<Self, TreeError> {
+        Self::create_at(cas, scratch, "", root)
+    }
+
+    /// Starts a scratch tree whose top catalog is rooted at `prefix` with the directory entry
+    /// `root`: a place to build the catalogs of a new subtree below `prefix` apart from the
+    /// repository (see [`CatalogTree::commit_nested`]); `""` starts a repository.
+    pub fn create_at(
+        cas: &'a dyn Cas,
+        scratch: &Path,
+        prefix: &str,
+        root: &Entry,
+    ) -> Result<Self, TreeError> {
         let mut t = CatalogTree {
             cas,
             scratch: scratch.to_path_buf(),
             cats: Vec::new(),
             by_mount: HashMap::new(),
             next_file: 0,
+            grafted: Vec::new(),
         };
         let file = t.scratch_file();
-        let db = CatalogDb::create(&file, "", root)?;
+        let db = CatalogDb::create(&file, prefix, root)?;
         db.scratch_mode()?;
         t.push(Loaded {
-            mountpoint: String::new(),
+            mountpoint: prefix.to_string(),
             db: Some(db),
             orig_hash: None,
             orig_stats: Statistics::default(),
@@ -123,6 +155,7 @@ impl<'a> CatalogTree<'a> {
             cats: Vec::new(),
             by_mount: HashMap::new(),
             next_file: 0,
+            grafted: Vec::new(),
         };
         let db = t.fetch(root)?;
         let prefix = db.root_prefix()?;
@@ -186,6 +219,15 @@ impl<'a> CatalogTree<'a> {
     fn load_child(&mut self, parent: usize, mp: &str) -> Result<usize, TreeError> {
         if let Some(&i) = self.by_mount.get(mp) {
             if !self.cats[i].removed {
+                if self.cats[i].db.is_none() {
+                    // Grafted unopened: read from the store the first time it is needed.
+                    let hash = self.cats[i].orig_hash.ok_or_else(|| TreeError::Invalid {
+                        path: mp.to_string(),
+                        msg: "catalog already closed".into(),
+                    })?;
+                    let db = self.fetch(&hash)?;
+                    self.cats[i].db = Some(db);
+                }
                 return Ok(i);
             }
         }
@@ -260,6 +302,16 @@ impl<'a> CatalogTree<'a> {
     pub fn lookup(&mut self, path: &str) -> Result<Option<Entry>, TreeError> {
         let c = self.catalog_for(path)?;
         Ok(self.db(c)?.lookup(path)?)
+    }
+
+    /// Whether there is an entry at `path`, without opening a nested catalog mounted there
+    /// (its mountpoint row in the parent catalog answers).
+    pub fn exists(&mut self, path: &str) -> Result<bool, TreeError> {
+        if path.is_empty() {
+            return Ok(true);
+        }
+        let c = self.catalog_for(split_path(path).0)?;
+        Ok(self.db(c)?.lookup(path)?.is_some())
     }
 
     /// The children of the directory at `path`.
@@ -536,12 +588,123 @@ impl<'a> CatalogTree<'a> {
         Ok(())
     }
 
+    /// Mounts `sub` — catalogs built apart for a new directory at `sub.path` and already
+    /// stored — at that path: its mountpoint row goes into the catalog holding the parent
+    /// (which must exist and be a directory; the path must not exist) and the parent registers
+    /// the nested catalog, whose counters join the parent's subtree counters at commit. The
+    /// grafted catalogs are not rewritten; they are opened only if a later edit reaches them.
+    pub fn graft(&mut self, sub: &BuiltSubtree) -> Result<(), TreeError> {
+        let path = sub.path.as_str();
+        let (parent, name) = split_path(path);
+        if path.is_empty() || name != sub.mountpoint.name || !sub.mountpoint.is_dir() {
+            return Err(TreeError::Invalid {
+                path: path.to_string(),
+                msg: "not a directory that can be grafted".into(),
+            });
+        }
+        let c = self.catalog_for(parent)?;
+        match self.db(c)?.lookup(parent)? {
+            None => return Err(TreeError::NoParent { path: path.into() }),
+            Some(p) if !p.is_dir() => {
+                return Err(TreeError::ParentNotDir {
+                    path: path.into(),
+                    parent: parent.into(),
+                })
+            }
+            Some(_) => {}
+        }
+        if self.db(c)?.lookup(path)?.is_some() {
+            return Err(TreeError::Exists { path: path.into() });
+        }
+        self.insert_entry(c, path, &sub.mountpoint)?;
+        // The row as built: mountpoint flag, and the link count its subdirectories give it.
+        self.db(c)?.update(path, &sub.mountpoint)?;
+        self.db(c)?
+            .set_nested(path, Some(&sub.catalog.digest), sub.size)?;
+        self.push(Loaded {
+            mountpoint: path.to_string(),
+            db: None,
+            orig_hash: Some(sub.catalog),
+            orig_stats: sub.stats,
+            orig_revision: sub.revision,
+            orig_parent: None,
+            parent: Some(c),
+            new_total: None,
+            dirty: false,
+            removed: false,
+        });
+        self.grafted.extend(sub.written.iter().copied());
+        Ok(())
+    }
+
     /// Writes every changed catalog bottom-up and returns the new root. The root catalog is
     /// always rewritten, so every commit is a new revision.
     pub fn commit(mut self, now: i64) -> Result<CommitResult, TreeError> {
         self.cats[0].dirty = true;
+        let (mut written, top) = self.write_dirty(0, now)?;
+        let (id, raw_len, revision, ttl, _) = top.ok_or_else(|| TreeError::Invalid {
+            path: "/".into(),
+            msg: "root catalog was not written".into(),
+        })?;
+        let mut all = std::mem::take(&mut self.grafted);
+        all.append(&mut written);
+        Ok(CommitResult {
+            root: id,
+            root_size: raw_len,
+            revision,
+            last_modified: now,
+            ttl,
+            written: all,
+        })
+    }
+
+    /// Writes the catalogs of the new directory at `path`, a nested catalog's root in this
+    /// scratch tree (see [`CatalogTree::create_at`]), bottom-up into the store, for a later
+    /// [`CatalogTree::graft`] into the repository. The tree's own top catalog is not written.
+    pub fn commit_nested(mut self, path: &str, now: i64) -> Result<BuiltSubtree, TreeError> {
+        let Some(&top) = self
+            .by_mount
+            .get(path)
+            .filter(|&&i| self.cats[i].parent.is_some() && !self.cats[i].removed)
+        else {
+            return Err(TreeError::Invalid {
+                path: path.to_string(),
+                msg: "not the root of a nested catalog of this tree".into(),
+            });
+        };
+        let (written, built) = self.write_dirty(top, now)?;
+        let (catalog, size, revision, _, stats) = built.ok_or_else(|| TreeError::Invalid {
+            path: path.to_string(),
+            msg: "nested catalog was not written".into(),
+        })?;
+        let parent = self.cats[top].parent.unwrap_or(0);
+        let mountpoint = self
+            .db(parent)?
+            .lookup(path)?
+            .ok_or_else(|| TreeError::Missing { path: path.into() })?;
+        Ok(BuiltSubtree {
+            path: path.to_string(),
+            mountpoint,
+            catalog,
+            size,
+            stats,
+            revision,
+            written,
+        })
+    }
+
+    /// Writes the changed catalogs at and below catalog `top`, deepest first, each recording
+    /// its new hash in its parent. Returns the objects written and `top`'s
+    /// (id, uncompressed size, revision, TTL, statistics).
+    #[allow(clippy::type_complexity)]
+    fn write_dirty(
+        &mut self,
+        top: usize,
+        now: i64,
+    ) -> Result<(Vec<ObjectId>, Option<(ObjectId, u64, u64, i64, Statistics)>), TreeError> {
+        let base = self.cats[top].mountpoint.clone();
         let mut order: Vec<usize> = (0..self.cats.len())
-            .filter(|&i| !self.cats[i].removed)
+            .filter(|&i| !self.cats[i].removed && is_under(&self.cats[i].mountpoint, &base))
             .collect();
         let depth = |m: &str| m.matches('/').count();
         order.sort_by_key(|&i| std::cmp::Reverse(depth(&self.cats[i].mountpoint)));
@@ -595,37 +758,16 @@ impl<'a> CatalogTree<'a> {
             let _ = fs::remove_file(&file);
             written.push(id);
             self.cats[i].new_total = Some(stats.total());
-            match self.cats[i].parent {
-                Some(p) => {
-                    let mp = self.cats[i].mountpoint.clone();
-                    self.db(p)?.set_nested(&mp, Some(&id.digest), raw_len)?;
-                    self.cats[p].dirty = true;
-                }
-                None => {
-                    result = Some(CommitResult {
-                        root: id,
-                        root_size: raw_len,
-                        revision,
-                        last_modified: now,
-                        ttl,
-                        written: Vec::new(),
-                    });
-                }
+            if i == top {
+                result = Some((id, raw_len, revision, ttl, stats));
+            }
+            if let Some(p) = self.cats[i].parent {
+                let mp = self.cats[i].mountpoint.clone();
+                self.db(p)?.set_nested(&mp, Some(&id.digest), raw_len)?;
+                self.cats[p].dirty = true;
             }
         }
-        for l in self.cats.iter_mut() {
-            if let Some(db) = l.db.take() {
-                if let Ok(f) = db.close() {
-                    let _ = fs::remove_file(f);
-                }
-            }
-        }
-        let mut r = result.ok_or_else(|| TreeError::Invalid {
-            path: "/".into(),
-            msg: "root catalog was not written".into(),
-        })?;
-        r.written = written;
-        Ok(r)
+        Ok((written, result))
     }
 }
 
