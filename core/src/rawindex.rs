@@ -60,12 +60,45 @@ impl RawKey {
 /// Entries held in memory before they are written.
 pub const FLUSH_AT: usize = 32_768;
 
+/// Entries written or found lately that are also kept in memory (in two generations of half
+/// this each; about 90 bytes an entry), so a repeat publish in the same daemon's lifetime —
+/// the nightly release that is mostly yesterday's — asks the table only for what it has not
+/// seen lately.
+pub const RECENT: usize = 262_144;
+
+/// Two generations of recently seen entries: when the young one is full it becomes the old one.
+#[derive(Default)]
+struct Recent {
+    young: HashMap<RawKey, (ObjectId, u64)>,
+    old: HashMap<RawKey, (ObjectId, u64)>,
+}
+
+impl Recent {
+    fn get(&self, k: &RawKey) -> Option<(ObjectId, u64)> {
+        self.young.get(k).or_else(|| self.old.get(k)).copied()
+    }
+
+    fn put(&mut self, k: RawKey, v: (ObjectId, u64)) {
+        if self.young.len() >= RECENT / 2 {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(k, v);
+    }
+
+    fn remove(&mut self, k: &RawKey) {
+        self.young.remove(k);
+        self.old.remove(k);
+    }
+}
+
 /// The index; safe to share between encoder threads.
 pub struct RawIndex {
     conn: Mutex<Connection>,
     /// Recorded, not written yet: kept until written, so a lookup finds an entry here or, once
     /// it is gone from here, in the table. Lock order: `conn` before `pending`.
     pending: Mutex<HashMap<RawKey, (ObjectId, u64)>>,
+    /// Written or found lately (a copy of table rows; see [`RECENT`]).
+    recent: Mutex<Recent>,
     path: PathBuf,
 }
 
@@ -104,6 +137,7 @@ impl RawIndex {
         Ok(RawIndex {
             conn: Mutex::new(conn),
             pending: Mutex::new(HashMap::new()),
+            recent: Mutex::new(Recent::default()),
             path: path.to_path_buf(),
         })
     }
@@ -121,6 +155,9 @@ impl RawIndex {
         {
             return Some(*v);
         }
+        if let Some(v) = self.recent.lock().unwrap_or_else(|e| e.into_inner()).get(k) {
+            return Some(v);
+        }
         let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         let row: Option<(String, i64)> = c
             .prepare_cached(
@@ -135,10 +172,16 @@ impl RawIndex {
             })
             .ok()
             .flatten();
+        drop(c);
         let (object, stored) = row?;
         let id = ObjectId::parse(&object).ok()?;
         // An entry of another suffix cannot answer (the key includes it; this guards the row).
-        (id.suffix == k.suffix).then_some((id, stored.max(0) as u64))
+        let found = (id.suffix == k.suffix).then_some((id, stored.max(0) as u64))?;
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .put(*k, found);
+        Some(found)
     }
 
     /// The object that `k` was encoded to, if the index knows it and `cas` still holds it with
@@ -217,7 +260,15 @@ impl RawIndex {
                 ]);
             }
         }
-        let _ = tx.commit();
+        let written = tx.commit().is_ok();
+        // Kept in memory as written (before they leave the held ones, so a lookup meanwhile
+        // finds them in one or the other).
+        if written {
+            let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            for (k, v) in &items {
+                r.put(*k, *v);
+            }
+        }
         // Written (or failed: a hint is not retried): no longer held, unless recorded anew.
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         for (k, v) in &items {
@@ -243,6 +294,10 @@ impl RawIndex {
     fn forget(&self, k: &RawKey) {
         let c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(k);
+        self.recent
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(k);
@@ -393,5 +448,63 @@ mod tests {
         std::fs::write(&p, b"this is not a database, and not an index either").unwrap();
         let ix = RawIndex::open(&p).unwrap();
         assert!(ix.is_empty());
+    }
+
+    #[test]
+    fn entries_written_or_found_lately_answer_from_memory_and_stay_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let cas = LocalCas::create(&d.path().join("cas")).unwrap();
+        let data = b"remembered content".repeat(40);
+        let (id, bytes) = compress_metadata(&data, Suffix::None);
+        cas.put_bytes(&id, &bytes).unwrap();
+        let k = RawKey::of(&data, Compression::Zlib(6), Suffix::None);
+        let want = Some((id, bytes.len() as u64));
+        let table = |ix: &RawIndex| -> i64 {
+            let c = ix.conn.lock().unwrap();
+            c.query_row("SELECT COUNT(*) FROM raw", [], |r| r.get(0))
+                .unwrap()
+        };
+        // Written by a flush: kept in memory too, and answered from there once the row is gone
+        // (another writer's doing, say), still checked against the store.
+        let ix = RawIndex::open(&d.path().join("raw.db")).unwrap();
+        ix.record(&k, &id, bytes.len() as u64);
+        ix.flush();
+        assert_eq!(table(&ix), 1);
+        ix.conn
+            .lock()
+            .unwrap()
+            .execute("DELETE FROM raw", [])
+            .unwrap();
+        assert_eq!(ix.lookup(&k, &cas), want);
+        drop(ix);
+        // Found in the table by a new index: remembered from then on.
+        let ix = RawIndex::open(&d.path().join("raw.db")).unwrap();
+        ix.record(&k, &id, bytes.len() as u64);
+        drop(ix);
+        let ix = RawIndex::open(&d.path().join("raw.db")).unwrap();
+        assert!(ix.recent.lock().unwrap().get(&k).is_none());
+        assert_eq!(ix.lookup(&k, &cas), want);
+        assert_eq!(ix.recent.lock().unwrap().get(&k), want);
+        // Its object gone, the entry goes from memory and table alike.
+        std::fs::remove_file(d.path().join("cas").join(id.path())).unwrap();
+        assert_eq!(ix.lookup(&k, &cas), None);
+        assert!(ix.recent.lock().unwrap().get(&k).is_none());
+        assert_eq!(table(&ix), 0);
+        // Bounded: two generations of at most half of RECENT each.
+        let mut r = Recent::default();
+        for i in 0..(RECENT + RECENT / 4) as u32 {
+            let key = RawKey::of(&i.to_le_bytes(), Compression::Zlib(6), Suffix::None);
+            r.put(key, (id, 1));
+        }
+        assert!(r.young.len() <= RECENT / 2 && r.old.len() <= RECENT / 2);
+        assert_eq!(r.young.len() + r.old.len(), RECENT / 2 + RECENT / 4);
+        let newest = RawKey::of(
+            &((RECENT + RECENT / 4 - 1) as u32).to_le_bytes(),
+            Compression::Zlib(6),
+            Suffix::None,
+        );
+        assert!(r.get(&newest).is_some());
+        let oldest = RawKey::of(&0u32.to_le_bytes(), Compression::Zlib(6), Suffix::None);
+        assert!(r.get(&oldest).is_none());
     }
 }
