@@ -608,8 +608,12 @@ fn fill(
 
     // The target itself.
     let mut was_nested = Vec::new();
+    let mut known = Listed::default();
     if mode == ApplyMode::Replace {
-        was_nested = prune_to(tree, target, cs, dirtab)?;
+        (was_nested, known) = prune_to(tree, target, cs, dirtab)?;
+    }
+    if !cs.removals.is_empty() {
+        known = Listed::default(); // what the removals take is not tracked there
     }
     let default_meta = || {
         (mode == ApplyMode::Replace)
@@ -731,7 +735,14 @@ fn fill(
     };
     for (rel, node) in &cs.nodes {
         let path = join(target, rel);
-        let existing = if fresh { None } else { tree.lookup(&path)? };
+        let existing = if fresh {
+            None
+        } else if !node.entry.is_dir() && known.dirs.contains(split_path(&path).0) {
+            // Its directory was listed while pruning: what it held then is what is there.
+            known.files.remove(&path)
+        } else {
+            tree.lookup(&path)?
+        };
         if node.entry.is_dir() {
             match existing {
                 Some(e) if e.is_dir() => {
@@ -913,20 +924,31 @@ fn as_stored_equal(old: &Entry, new: &Entry) -> bool {
     crate::merge::same(&a, &b)
 }
 
+/// What pruning saw of the replaced tree: the directories it listed and the files (every
+/// non-directory) it kept in them, so the change set's entries are compared without a lookup
+/// each. Only an entry's own step changes it afterwards (each is taken once); members of a
+/// hardlink group see their link counts change, but a grouped entry is never kept as it is.
+#[derive(Default)]
+struct Listed {
+    dirs: HashSet<String>,
+    files: HashMap<String, Entry>,
+}
+
 /// For `Replace`: removes what the change set does not have under `target` (an entry whose kind
 /// changes goes too, to be added anew) and returns the nested catalog roots found there, with
-/// their paths relative to the target. Empty `.cvmfscatalog` markers that the dirtab creates are
-/// kept where it still applies, so those catalogs stay unchanged.
+/// their paths relative to the target, and what it listed. Empty `.cvmfscatalog` markers that
+/// the dirtab creates are kept where it still applies, so those catalogs stay unchanged.
 fn prune_to(
     tree: &mut CatalogTree<'_>,
     target: &str,
     cs: &ChangeSet,
     dirtab: &Dirtab,
-) -> Result<Vec<(String, String)>, RepoError> {
+) -> Result<(Vec<(String, String)>, Listed), RepoError> {
     let mut nested = Vec::new();
+    let mut listed = Listed::default();
     match tree.lookup(target)? {
         Some(e) if e.is_dir() => {}
-        _ => return Ok(nested),
+        _ => return Ok((nested, listed)),
     }
     let mut stack = vec![(target.to_string(), String::new())];
     while let Some((path, rel)) = stack.pop() {
@@ -945,7 +967,9 @@ fn prune_to(
             let cpath = format!("{path}/{}", ch.name);
             match cs.nodes.get(&crel) {
                 Some(n) if n.entry.is_dir() && ch.is_dir() => stack.push((cpath, crel)),
-                Some(n) if !n.entry.is_dir() && !ch.is_dir() => {}
+                Some(n) if !n.entry.is_dir() && !ch.is_dir() => {
+                    listed.files.insert(cpath, ch);
+                }
                 None if ch.name == ".cvmfscatalog"
                     && !ch.is_dir()
                     && !dirtab.is_empty()
@@ -955,8 +979,9 @@ fn prune_to(
                 }
             }
         }
+        listed.dirs.insert(path);
     }
-    Ok(nested)
+    Ok((nested, listed))
 }
 
 /// A directory listing line for `repo ls`.
