@@ -1347,6 +1347,117 @@ mod tests {
         .unwrap()
     }
 
+    /// A file's content, or (`Err`) the name of the file it is a hard link to.
+    type Item<'a> = (&'a str, Result<&'a [u8], &'a str>);
+
+    /// A tar of files and hard links in one directory `d`.
+    fn tar_with_links(items: &[Item]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (p, what) in items {
+            let mut h = tar::Header::new_gnu();
+            h.set_mtime(1_700_000_000);
+            h.set_mode(0o644);
+            match what {
+                Ok(d) => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_size(d.len() as u64);
+                    h.set_path(format!("d/{p}")).unwrap();
+                    h.set_cksum();
+                    b.append(&h, *d).unwrap();
+                }
+                Err(to) => {
+                    h.set_entry_type(tar::EntryType::Link);
+                    h.set_size(0);
+                    h.set_path(format!("d/{p}")).unwrap();
+                    h.set_link_name(format!("d/{to}")).unwrap();
+                    h.set_cksum();
+                    b.append(&h, &[][..]).unwrap();
+                }
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn replacing_keeps_hardlink_groups_and_chunks_as_a_fresh_publish_has_them() {
+        let big: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let chunked = EncodeParams {
+            chunking: ChunkParams {
+                enabled: true,
+                min: 64 << 10,
+                avg: 256 << 10,
+                max: 1 << 20,
+            },
+            compression: Compression::Zlib(6),
+        };
+        let steps: [&[Item]; 3] = [
+            &[
+                ("a", Ok(b"one")),
+                ("a2", Err("a")),
+                ("b", Ok(b"two")),
+                ("big", Ok(&big)),
+            ],
+            // The group's content changes; b and the chunked file stay.
+            &[
+                ("a", Ok(b"one, edited")),
+                ("a2", Err("a")),
+                ("b", Ok(b"two")),
+                ("big", Ok(&big)),
+            ],
+            // The group dissolves, b joins a new one, the chunked file changes.
+            &[
+                ("a", Ok(b"one, edited")),
+                ("b", Ok(b"two")),
+                ("b2", Err("b")),
+                ("big", Ok(b"small now")),
+            ],
+        ];
+        let publish_tar = |f: &Fixture, tar: &[u8]| {
+            let cs = read_tar(tar, false, &chunked, &IntakeLimits::default(), &f.cas, 1).unwrap();
+            publish(&f.cas, &f.keys, &[], 1_700_000_100, |t| {
+                apply_changeset(
+                    t,
+                    &f.cas,
+                    &cs,
+                    "/sw",
+                    ApplyMode::Replace,
+                    &chunked,
+                    1_700_000_100,
+                )
+            })
+            .unwrap();
+            let report = crate::check::check(&f.cas, Some(&f.keys.master_pub), 1_700_000_200);
+            assert!(report.ok(), "check findings: {:#?}", report.findings);
+        };
+        let f = fixture();
+        for (i, step) in steps.iter().enumerate() {
+            let tar = tar_with_links(step);
+            publish_tar(&f, &tar);
+            let fresh = fixture();
+            publish_tar(&fresh, &tar);
+            assert_eq!(dump(&f, "/sw"), dump(&fresh, "/sw"), "step {i}");
+            if i == 1 {
+                let rows = dump(&f, "/sw").0;
+                let big = rows.iter().find(|r| r.starts_with("/sw/d/big ")).unwrap();
+                assert!(
+                    big.contains("offset: 0") && big.contains("hash=None"),
+                    "{big}"
+                );
+            }
+        }
+        let rows = dump(&f, "/sw").0;
+        let row = |name: &str| {
+            rows.iter()
+                .find(|r| r.starts_with(&format!("/sw/d/{name} ")))
+                .unwrap()
+                .clone()
+        };
+        assert!(row("b").contains("nlink=2 grouped=true"), "{rows:#?}");
+        assert!(row("a").contains("nlink=1 grouped=false"), "{rows:#?}");
+    }
+
     #[test]
     fn replacing_a_path_touches_only_what_differs_and_equals_a_fresh_publish() {
         let before = tar_of(&[
