@@ -345,13 +345,21 @@ impl<'a> CatalogTree<'a> {
         if path.is_empty() {
             return Err(TreeError::Exists { path: "/".into() });
         }
-        let (parent, name) = split_path(path);
+        let name = split_path(path).1;
         if name != entry.name {
             return Err(TreeError::Invalid {
                 path: path.to_string(),
                 msg: format!("entry name '{}' does not match the path", entry.name),
             });
         }
+        let c = self.catalog_for_new(path)?;
+        self.insert_entry(c, path, entry)
+    }
+
+    /// The catalog that is to hold a new entry at `path`: its parent must exist and be a
+    /// directory, and nothing may be at `path` yet.
+    fn catalog_for_new(&mut self, path: &str) -> Result<usize, TreeError> {
+        let parent = split_path(path).0;
         let c = self.catalog_for(parent)?;
         match self.db(c)?.lookup(parent)? {
             None => return Err(TreeError::NoParent { path: path.into() }),
@@ -366,7 +374,7 @@ impl<'a> CatalogTree<'a> {
         if self.db(c)?.lookup(path)?.is_some() {
             return Err(TreeError::Exists { path: path.into() });
         }
-        self.insert_entry(c, path, entry)
+        Ok(c)
     }
 
     /// Writes a new row for `entry` at `path` into catalog `c` (which holds its parent).
@@ -595,27 +603,14 @@ impl<'a> CatalogTree<'a> {
     /// grafted catalogs are not rewritten; they are opened only if a later edit reaches them.
     pub fn graft(&mut self, sub: &BuiltSubtree) -> Result<(), TreeError> {
         let path = sub.path.as_str();
-        let (parent, name) = split_path(path);
+        let name = split_path(path).1;
         if path.is_empty() || name != sub.mountpoint.name || !sub.mountpoint.is_dir() {
             return Err(TreeError::Invalid {
                 path: path.to_string(),
                 msg: "not a directory that can be grafted".into(),
             });
         }
-        let c = self.catalog_for(parent)?;
-        match self.db(c)?.lookup(parent)? {
-            None => return Err(TreeError::NoParent { path: path.into() }),
-            Some(p) if !p.is_dir() => {
-                return Err(TreeError::ParentNotDir {
-                    path: path.into(),
-                    parent: parent.into(),
-                })
-            }
-            Some(_) => {}
-        }
-        if self.db(c)?.lookup(path)?.is_some() {
-            return Err(TreeError::Exists { path: path.into() });
-        }
+        let c = self.catalog_for_new(path)?;
         self.insert_entry(c, path, &sub.mountpoint)?;
         // The row as built: mountpoint flag, and the link count its subdirectories give it.
         self.db(c)?.update(path, &sub.mountpoint)?;
