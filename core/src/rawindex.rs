@@ -97,7 +97,9 @@ pub struct RawIndex {
     /// Recorded, not written yet: kept until written, so a lookup finds an entry here or, once
     /// it is gone from here, in the table. Lock order: `conn` before `pending`.
     pending: Mutex<HashMap<RawKey, (ObjectId, u64)>>,
-    /// Written or found lately (a copy of table rows; see [`RECENT`]).
+    /// Written or found lately (a copy of table rows; see [`RECENT`]). Taken after `conn` when
+    /// both are held, never together with `pending`; a stale copy (its row forgotten meanwhile) fails the store check
+    /// of the next lookup like any stale entry, and goes.
     recent: Mutex<Recent>,
     path: PathBuf,
 }
