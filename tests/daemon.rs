@@ -898,6 +898,19 @@ fn a_new_release_is_committed_with_the_catalogs_built_while_it_was_processed() {
     assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
     // The release's catalog carries the time it was built, before the commit's.
     let (built, committed) = catalog_times(&d.storage, "/rel/1.0");
+    let prebuilt = || -> String {
+        let m = client()
+            .get(format!("{}/api/v1/metrics", d.url))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap();
+        m.lines()
+            .find_map(|l| l.strip_prefix("cvmfs_prepub_catalogs_prebuilt_total "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(prebuilt(), "1");
     assert!(built < committed, "built {built}, committed {committed}");
     let url = serve(d.storage.clone());
     let repo = open_reader(&url, &dir.path().join("cache"));
@@ -911,6 +924,7 @@ fn a_new_release_is_committed_with_the_catalogs_built_while_it_was_processed() {
     let rel2 = small_tree("again");
     let id = job_id(d.submit_raw(ADMIN, "/rel/1.0", &tar_bytes(&rel2), None));
     assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
+    assert_eq!(prebuilt(), "1");
     let repo = open_reader(&url, &dir.path().join("cache2"));
     verify(&repo, "/rel/1.0", &rel2);
     drop(repo);

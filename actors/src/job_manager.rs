@@ -201,6 +201,9 @@ impl JobManager {
             .pipeline_bytes_total
             .with_label_values(&[&job.path])
             .inc_by(cs.stats.bytes_in);
+        if cs.prebuilt.is_some() {
+            self.metrics.catalogs_prebuilt_total.inc();
+        }
     }
 
     /// Whether the upload run of `rec`'s id may stand for the job's processing: not cancelled,

@@ -15,6 +15,7 @@ pub struct Metrics {
     pub pipeline_dedup_hits_total: IntCounterVec,
     pub pipeline_objects_new_total: IntCounterVec,
     pub pipeline_bytes_total: IntCounterVec,
+    pub catalogs_prebuilt_total: IntCounter,
     pub cas_upload_duration_seconds: Histogram,
     pub commit_duration_seconds: Histogram,
     pub jobs_in_state: IntGaugeVec,
@@ -85,6 +86,14 @@ impl Metrics {
             "Uncompressed file bytes processed, by publish path",
             &["path"],
         );
+        let catalogs_prebuilt_total = IntCounter::new(
+            "cvmfs_prepub_catalogs_prebuilt_total",
+            "Jobs whose processing built their release's catalogs ahead of the commit",
+        )
+        .expect("valid metric definition");
+        registry
+            .register(Box::new(catalogs_prebuilt_total.clone()))
+            .expect("metric registered once");
         let jobs_recovered_total = IntCounter::new(
             "cvmfs_prepub_jobs_recovered_total",
             "Unfinished jobs resumed after a restart",
@@ -329,6 +338,7 @@ impl Metrics {
             pipeline_dedup_hits_total,
             pipeline_objects_new_total,
             pipeline_bytes_total,
+            catalogs_prebuilt_total,
             cas_upload_duration_seconds,
             commit_duration_seconds,
             jobs_in_state,
