@@ -115,12 +115,7 @@ fn publishes_plain_and_gzip_tars_and_the_reader_agrees() {
         .unwrap();
     assert_eq!(h["status"], "ok");
     assert_eq!(h["jobs"]["published"], 3);
-    let m = client()
-        .get(format!("{}/api/v1/metrics", d.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = d.metrics_text();
     assert!(
         m.contains("cvmfs_prepub_jobs_submitted_total{path=\"/sw/a\"} 2"),
         "{m}"
@@ -899,13 +894,8 @@ fn a_new_release_is_committed_with_the_catalogs_built_while_it_was_processed() {
     // The release's catalog carries the time it was built, before the commit's.
     let (built, committed) = catalog_times(&d.storage, "/rel/1.0");
     let prebuilt = || -> String {
-        let m = client()
-            .get(format!("{}/api/v1/metrics", d.url))
-            .send()
-            .unwrap()
-            .text()
-            .unwrap();
-        m.lines()
+        d.metrics_text()
+            .lines()
             .find_map(|l| l.strip_prefix("cvmfs_prepub_catalogs_prebuilt_total "))
             .unwrap_or_default()
             .to_string()

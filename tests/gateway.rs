@@ -94,12 +94,7 @@ fn publishes_through_the_gateway_with_forced_busy_paths() {
     drop(repo);
     check(&d.storage);
     // The lease heartbeat ticked and its lateness was measured.
-    let m = client()
-        .get(format!("{}/api/v1/metrics", d.url))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap();
+    let m = d.metrics_text();
     let ticks: f64 = m
         .lines()
         .find_map(|l| l.strip_prefix("cvmfs_prepub_lease_heartbeat_lateness_seconds_count "))

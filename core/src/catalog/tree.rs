@@ -89,6 +89,16 @@ pub struct CatalogTree<'a> {
     grafted: Vec<ObjectId>,
 }
 
+/// One catalog as [`CatalogTree::write_dirty`] wrote it.
+struct Written {
+    id: ObjectId,
+    /// Uncompressed size.
+    size: u64,
+    revision: u64,
+    ttl: i64,
+    stats: Statistics,
+}
+
 /// The catalogs of a new subtree, written and stored ahead of the commit that grafts them
 /// ([`CatalogTree::commit_nested`], [`CatalogTree::graft`]).
 #[derive(Debug, Clone)]
@@ -637,18 +647,18 @@ impl<'a> CatalogTree<'a> {
     pub fn commit(mut self, now: i64) -> Result<CommitResult, TreeError> {
         self.cats[0].dirty = true;
         let (mut written, top) = self.write_dirty(0, now)?;
-        let (id, raw_len, revision, ttl, _) = top.ok_or_else(|| TreeError::Invalid {
+        let top = top.ok_or_else(|| TreeError::Invalid {
             path: "/".into(),
             msg: "root catalog was not written".into(),
         })?;
         let mut all = std::mem::take(&mut self.grafted);
         all.append(&mut written);
         Ok(CommitResult {
-            root: id,
-            root_size: raw_len,
-            revision,
+            root: top.id,
+            root_size: top.size,
+            revision: top.revision,
             last_modified: now,
-            ttl,
+            ttl: top.ttl,
             written: all,
         })
     }
@@ -668,7 +678,7 @@ impl<'a> CatalogTree<'a> {
             });
         };
         let (written, built) = self.write_dirty(top, now)?;
-        let (catalog, size, revision, _, stats) = built.ok_or_else(|| TreeError::Invalid {
+        let built = built.ok_or_else(|| TreeError::Invalid {
             path: path.to_string(),
             msg: "nested catalog was not written".into(),
         })?;
@@ -680,23 +690,21 @@ impl<'a> CatalogTree<'a> {
         Ok(BuiltSubtree {
             path: path.to_string(),
             mountpoint,
-            catalog,
-            size,
-            stats,
-            revision,
+            catalog: built.id,
+            size: built.size,
+            stats: built.stats,
+            revision: built.revision,
             written,
         })
     }
 
     /// Writes the changed catalogs at and below catalog `top`, deepest first, each recording
-    /// its new hash in its parent. Returns the objects written and `top`'s
-    /// (id, uncompressed size, revision, TTL, statistics).
-    #[allow(clippy::type_complexity)]
+    /// its new hash in its parent. Returns the objects written and what became of `top`.
     fn write_dirty(
         &mut self,
         top: usize,
         now: i64,
-    ) -> Result<(Vec<ObjectId>, Option<(ObjectId, u64, u64, i64, Statistics)>), TreeError> {
+    ) -> Result<(Vec<ObjectId>, Option<Written>), TreeError> {
         let base = self.cats[top].mountpoint.clone();
         let mut order: Vec<usize> = (0..self.cats.len())
             .filter(|&i| !self.cats[i].removed && is_under(&self.cats[i].mountpoint, &base))
@@ -754,7 +762,13 @@ impl<'a> CatalogTree<'a> {
             written.push(id);
             self.cats[i].new_total = Some(stats.total());
             if i == top {
-                result = Some((id, raw_len, revision, ttl, stats));
+                result = Some(Written {
+                    id,
+                    size: raw_len,
+                    revision,
+                    ttl,
+                    stats,
+                });
             }
             if let Some(p) = self.cats[i].parent {
                 let mp = self.cats[i].mountpoint.clone();
