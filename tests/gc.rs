@@ -827,7 +827,7 @@ fn objects_of_an_aborted_job_go_after_the_grace_period() {
     );
     let d = Daemon::start(
         dir.path(),
-        &[("CVMFS_PREPUB_TEST_HOLD", "committing-journaled=2500")],
+        &[("CVMFS_PREPUB_TEST_HOLD", "commit-started=2500")],
     );
     let kept = [file("bin/app", b"kept release".repeat(30))];
     assert_eq!(publish(&d, "/sw/app", &kept, None)["state"], "published");

@@ -752,7 +752,7 @@ fn objects_of_an_aborted_job_go_after_the_grace_period_in_s3() {
         "{enabled: true, keep_revisions: 1, grace_period: 5s, auto_tag_timespan: 0s}",
     );
     let mut env = creds();
-    env.push(("CVMFS_PREPUB_TEST_HOLD", "committing-journaled=2500"));
+    env.push(("CVMFS_PREPUB_TEST_HOLD", "commit-started=2500"));
     let d = Daemon::start(dir.path(), &env);
     let s3 = Arc::new(store(&m, "cvmfs"));
     aborted_job_objects_go_after_the_grace_period(&d, s3.as_ref());

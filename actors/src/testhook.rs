@@ -31,7 +31,10 @@ fn crash_at() -> &'static Option<String> {
 }
 
 /// Marks a point: crashes or sleeps there if a test asked for it. Only call from blocking
-/// threads when a hold is possible (holds sleep the calling thread). A crash point written
+/// threads when a hold is possible (holds sleep the calling thread). The `*-journaled` points
+/// run on the job manager's thread: a hold there stalls every request (a test's status poll
+/// and abort included), so tests crash there but hold elsewhere (`processing`,
+/// `commit-started`). A crash point written
 /// `<point>#<n>` crashes the n-th time the point is reached.
 pub fn point(name: &str) {
     if let Some(c) = crash_at().as_deref() {

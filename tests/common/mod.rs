@@ -685,7 +685,8 @@ pub fn start_receiver(
 }
 
 /// Garbage collection of what an aborted job left behind (the daemon holds jobs 2.5 s in
-/// `committing` — `CVMFS_PREPUB_TEST_HOLD=committing-journaled=2500` — and collects with
+/// `committing`, on the commit thread before the manifest is written —
+/// `CVMFS_PREPUB_TEST_HOLD=commit-started=2500` — and collects with
 /// `grace_period: 5s`): the job's new object is stored, a run right away keeps it as young,
 /// a run after the grace period deletes it; the head never names it. Returns the object.
 pub fn aborted_job_objects_go_after_the_grace_period(
