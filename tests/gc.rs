@@ -949,3 +949,74 @@ fn a_collection_during_an_upload_cancels_its_early_processing_and_the_job_stays_
     // A repository check (read_back) verifies every referenced object exists and hashes right.
     read_back(&d, &dir.path().join("cache"), "/sw/up", &specs);
 }
+
+/// With `auto_tag_timespan: 0s` every publish drops the earlier automatic tags — but not the
+/// marker of a job whose commit began and is not confirmed: job A's publish lands and the
+/// daemon dies before journaling it; after the restart job B (ready before A, its first
+/// commit refused by a held storage lock) publishes first. A's retried commit must still find
+/// its marker and report the revision it already made, not publish a second one.
+#[test]
+fn a_publish_keeps_the_marker_of_an_unconfirmed_commit_so_it_is_not_committed_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    gc_dir(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}",
+    );
+    let cfg = dir.path().join("config.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("retry_backoff: 200ms", "retry_backoff: 6s"),
+    )
+    .unwrap();
+    let storage = dir.path().join("storage").join(REPO);
+    let revision = || {
+        let cas = prepub_core::cas::LocalCas::open(&storage).unwrap();
+        prepub_core::repo::current_manifest(&cas)
+            .unwrap()
+            .unwrap()
+            .0
+            .revision
+    };
+    let initial = revision();
+
+    let mut d = Daemon::start(
+        dir.path(),
+        &[("CVMFS_PREPUB_TEST_CRASH", "manifest-written")],
+    );
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(storage.join(".cvmfs_prepub.lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    let tar = |name: &'static str| tar_bytes(&[file(name, name.repeat(50).into_bytes())]);
+    let b = d.submit_id(ADMIN, "/sw/b", &tar("bin/b"), None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while d.job(&b)["attempts"] != 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", d.job(&b));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(d.job(&b)["state"], "committing");
+    drop(lock);
+    // B retries in 6 s; A is committed before that, and the daemon dies once it is published.
+    let a = d.submit_id(ADMIN, "/sw/a", &tar("bin/a"), None);
+    assert!(d.wait_exit(30), "no crash:\n{}", d.log_text());
+    drop(d);
+    assert_eq!(revision(), initial + 1, "A's publish landed");
+
+    let d = Daemon::start(dir.path(), &[]);
+    let (jb, ja) = (d.wait_terminal(&b, 60), d.wait_terminal(&a, 60));
+    assert_eq!(
+        (&ja["state"], &jb["state"]),
+        (&"published".into(), &"published".into())
+    );
+    assert_eq!(
+        ja["revision"],
+        initial + 1,
+        "A recognised its own publish: {ja}"
+    );
+    assert_eq!(jb["revision"], initial + 2, "{jb}");
+    assert_eq!(revision(), initial + 2, "no second commit of A");
+}

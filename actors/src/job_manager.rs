@@ -708,7 +708,16 @@ impl JobManager {
             .or_insert_with(Instant::now);
         let abort = self.abort_flag(&id);
         let preloaded = self.take_fresh(&id);
+        let unconfirmed = self
+            .jobs
+            .values()
+            .filter(|j| {
+                j.id != id && j.repo == job.repo && !j.state.is_terminal() && j.base_root.is_some()
+            })
+            .map(|j| crate::publisher::marker_tag(j).name)
+            .collect();
         self.publisher.do_send(CommitJob {
+            unconfirmed,
             preloaded,
             changeset: self
                 .settings

@@ -117,6 +117,11 @@ pub struct CommitJob {
     /// processing (the commit then need not read it back).
     pub preloaded: Option<Arc<ChangeSet>>,
     pub params: EncodeParams,
+    /// Marker tags of the repository's other unfinished jobs whose commits began: this publish
+    /// must not drop them as expired (`gc.auto_tag_timespan`), because such a job may be
+    /// published already without its outcome journaled, and its marker is how its retried
+    /// commit recognises that instead of committing twice.
+    pub unconfirmed: Vec<String>,
     pub abort: Arc<AtomicBool>,
     pub starting: Recipient<CommitStarting>,
     pub waiting: Recipient<CommitWaiting>,
@@ -352,7 +357,11 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
     let now = prepub_core::timefmt::now();
     let abort = job.abort.clone();
     let proceed = move || !abort.load(Ordering::SeqCst);
-    let expiry = t.tag_expiry.as_ref();
+    let expiry = t.tag_expiry.clone().map(|mut x| {
+        x.exempt.extend(job.unconfirmed.iter().cloned());
+        x
+    });
+    let expiry = expiry.as_ref();
     let mut unparsed = None;
     let p = repo::publish_guarded(cas, &keys, &tags, expiry, now, &proceed, |tree| {
         let cs = match parsing.get() {
