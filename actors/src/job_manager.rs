@@ -711,9 +711,7 @@ impl JobManager {
         let unconfirmed = self
             .jobs
             .values()
-            .filter(|j| {
-                j.id != id && j.repo == job.repo && !j.state.is_terminal() && j.base_root.is_some()
-            })
+            .filter(|j| j.id != id && j.repo == job.repo && j.state == JobState::Committing)
             .map(|j| crate::publisher::marker_tag(j).name)
             .collect();
         self.publisher.do_send(CommitJob {

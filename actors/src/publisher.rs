@@ -117,10 +117,11 @@ pub struct CommitJob {
     /// processing (the commit then need not read it back).
     pub preloaded: Option<Arc<ChangeSet>>,
     pub params: EncodeParams,
-    /// Marker tags of the repository's other unfinished jobs whose commits began: this publish
-    /// must not drop them as expired (`gc.auto_tag_timespan`), because such a job may be
-    /// published already without its outcome journaled, and its marker is how its retried
-    /// commit recognises that instead of committing twice.
+    /// Marker tags of the repository's other jobs in `committing`: this publish must not drop
+    /// them as expired (`gc.auto_tag_timespan`), because such a job may be published already
+    /// without its outcome journaled (the daemon died, or an error came after the manifest was
+    /// written), and its marker is how its retried commit recognises that instead of committing
+    /// twice. A job whose commit has not begun has no marker yet; naming it keeps nothing.
     pub unconfirmed: Vec<String>,
     pub abort: Arc<AtomicBool>,
     pub starting: Recipient<CommitStarting>,
