@@ -368,11 +368,15 @@ fn read_message(
     Some((head, body))
 }
 
-/// A canned answer of a [`proxy`], instead of forwarding a request.
-type Answer = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+/// A canned answer of a [`proxy`] (given a request's head and body), instead of forwarding the
+/// request; an answer that starts with [`FORWARD_THEN`] is given after forwarding it (the
+/// request takes effect, its client hears otherwise).
+type Answer = Box<dyn Fn(&str, &[u8]) -> Option<String> + Send + Sync>;
+
+const FORWARD_THEN: &str = "\0forward-then\0";
 
 /// A proxy in front of moto that writes down every request head it sees and answers those
-/// `answer` has a canned response for (given the head), forwarding the rest.
+/// `answer` has a canned response for, forwarding the rest.
 fn proxy(target: &str, answer: Answer) -> (String, Arc<std::sync::Mutex<Vec<String>>>) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", l.local_addr().unwrap());
@@ -388,25 +392,25 @@ fn proxy(target: &str, answer: Answer) -> (String, Arc<std::sync::Mutex<Vec<Stri
                 let mut r = BufReader::new(client_s.try_clone().unwrap());
                 while let Some((head, body)) = read_message(&mut r, false) {
                     seen.lock().unwrap().push(head.clone());
-                    if let Some(canned) = answer(&head) {
-                        let _ = client_s.write_all(canned.as_bytes());
-                        return;
-                    }
-                    let is_head = head.starts_with("HEAD ");
-                    let Ok(mut up) = std::net::TcpStream::connect(&target) else {
-                        return;
+                    let canned = answer(&head, &body);
+                    let forward = || -> Option<(String, Vec<u8>)> {
+                        let mut up = std::net::TcpStream::connect(&target).ok()?;
+                        // One request per upstream connection: moto closes or keeps it as it
+                        // likes.
+                        let h = head.replacen("\r\n\r\n", "\r\nConnection: close\r\n\r\n", 1);
+                        up.write_all(h.as_bytes()).ok()?;
+                        up.write_all(&body).ok()?;
+                        read_message(&mut BufReader::new(up), head.starts_with("HEAD "))
                     };
-                    // One request per upstream connection: moto closes or keeps it as it likes.
-                    let head = head.replacen("\r\n\r\n", "\r\nConnection: close\r\n\r\n", 1);
-                    if up
-                        .write_all(head.as_bytes())
-                        .and_then(|_| up.write_all(&body))
-                        .is_err()
-                    {
+                    if let Some(canned) = canned {
+                        let after = canned.strip_prefix(FORWARD_THEN);
+                        if after.is_some() && forward().is_none() {
+                            return;
+                        }
+                        let _ = client_s.write_all(after.unwrap_or(&canned).as_bytes());
                         return;
                     }
-                    let mut ur = BufReader::new(up);
-                    let Some((rh, rb)) = read_message(&mut ur, is_head) else {
+                    let Some((rh, rb)) = forward() else {
                         return;
                     };
                     let rh = rh
@@ -444,7 +448,7 @@ fn throttling_proxy(target: &str, n: usize) -> (String, Arc<std::sync::Mutex<Vec
     let count = std::sync::atomic::AtomicUsize::new(0);
     proxy(
         target,
-        Box::new(move |_| {
+        Box::new(move |_, _| {
             (count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < n)
                 .then(|| s3_error("503 Slow Down", "SlowDown"))
         }),
@@ -494,7 +498,7 @@ fn oid(n: u8) -> prepub_core::hash::ObjectId {
 fn a_small_new_object_costs_one_conditional_put_and_an_existing_one_is_kept() {
     use prepub_core::cas::PutOutcome;
     let dir = tempfile::tempdir().unwrap();
-    let (_m, url, seen) = moto_behind_proxy(dir.path(), Box::new(|_| None));
+    let (_m, url, seen) = moto_behind_proxy(dir.path(), Box::new(|_, _| None));
     let s = store_at(&url, "cvmfs", 8 << 20);
     assert_eq!(s.put_bytes(&oid(1), b"first").unwrap(), PutOutcome::Stored);
     assert_eq!(object_requests(&seen), ["PUT if-none-match"]);
@@ -532,7 +536,7 @@ fn a_store_without_conditional_puts_is_asked_head_then_put() {
     // Refuses every PUT that carries If-None-Match, as a store without the feature may.
     let (_m, url, seen) = moto_behind_proxy(
         dir.path(),
-        Box::new(|h| {
+        Box::new(|h, _| {
             h.lines()
                 .any(|l| l.to_ascii_lowercase().starts_with("if-none-match"))
                 .then(|| s3_error("501 Not Implemented", "NotImplemented"))
@@ -759,4 +763,86 @@ fn objects_of_an_aborted_job_go_after_the_grace_period_in_s3() {
     check_in_s3(dir.path(), &m);
     let repo = open_reader(&http_view(s3.clone()), &dir.path().join("cache"));
     assert!(repo.lookup("/sw/aborted").is_err());
+}
+
+/// The manifest of job A's publish is stored but every PUT of it is answered `500`, so A's
+/// commit fails after it landed and A is retried; job B, waiting behind it, publishes first.
+/// With `auto_tag_timespan: 0s` B's publish must keep A's marker, by which A's retry recognises
+/// its own publish instead of publishing the same content again.
+#[test]
+fn a_commit_that_failed_after_its_manifest_landed_is_not_published_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let failing: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let f = failing.clone();
+    let (m, url, seen) = moto_behind_proxy(
+        dir.path(),
+        Box::new(move |head, body| {
+            let line = f.lock().unwrap().clone()?;
+            (head.starts_with("PUT ")
+                && head.contains("/.cvmfspublished")
+                && body.windows(line.len()).any(|w| w == line.as_bytes()))
+            .then(|| {
+                format!(
+                    "{FORWARD_THEN}{}",
+                    s3_error("500 Internal Server Error", "InternalError")
+                )
+            })
+        }),
+    );
+    init_in_s3(dir.path(), &m, "cvmfs");
+    s3_config(dir.path(), &url, "cvmfs");
+    set_gc(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}",
+    );
+    let s3 = store(&m, "cvmfs");
+    let revision = || {
+        prepub_core::repo::current_manifest(&s3)
+            .unwrap()
+            .unwrap()
+            .0
+            .revision
+    };
+    let initial = revision();
+    // The manifest of the next revision (A's) lands but is refused.
+    *failing.lock().unwrap() = Some(format!("\nS{}\n", initial + 1));
+    let d = Daemon::start(dir.path(), &creds());
+    let tar = |name: &str| {
+        tar_bytes(&[Spec::File {
+            path: "bin/tool",
+            mode: 0o755,
+            data: name.repeat(40).into_bytes(),
+            xattrs: vec![],
+        }])
+    };
+    let a = d.submit_id(ADMIN, "/sw/a", &tar("a"), None);
+    d.wait_state(&a, "committing", 30);
+    let b = d.submit_id(ADMIN, "/sw/b", &tar("b"), None);
+    let (ja, jb) = (d.wait_terminal(&a, 120), d.wait_terminal(&b, 120));
+    let refused = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|h| h.starts_with("PUT ") && h.contains("/.cvmfspublished"))
+        .count();
+    assert!(
+        refused >= 3,
+        "A's manifest was refused and retried: {refused} PUTs"
+    );
+    assert_eq!(
+        (&ja["state"], &jb["state"]),
+        (&"published".into(), &"published".into())
+    );
+    assert!(
+        ja["attempts"].as_u64().unwrap() >= 2,
+        "A's commit failed once: {ja}"
+    );
+    assert_eq!(
+        ja["revision"],
+        initial + 1,
+        "A recognised its own publish: {ja}"
+    );
+    assert_eq!(jb["revision"], initial + 2, "{jb}");
+    assert_eq!(revision(), initial + 2, "no second publish of A");
+    check_in_s3(dir.path(), &m);
 }
