@@ -682,7 +682,7 @@ impl FileSink for ParallelSink<'_> {
                 set_content(entry, enc, stats);
                 return Ok(());
             }
-            let mut data = self.pipeline.buffers().take(size as usize);
+            let mut data = Vec::with_capacity(size as usize);
             body.read_to_end(&mut data).map_err(read_err)?;
             stats.bytes_in += data.len() as u64;
             entry.size = data.len() as u64;

@@ -284,62 +284,12 @@ fn store_batch(batch: Vec<Put>, stats: &StoreStats, budget: &Budget, inflight: &
 /// write of a new entry later), so the index only grows and slows a tree of tiny files.
 pub const INDEX_MIN: usize = 512;
 
-/// Buffers for whole-file contents, handed back by the encoders once a file is hashed (and
-/// compressed), so the tar reader does not allocate, fault in and free a fresh buffer per file
-/// (measured: about a fifth of the reader's time on a warm re-publish went to the allocator).
-/// Capacities are powers of two from [`BufPool::MIN`] to [`BufPool::MAX`]; each size keeps at
-/// most [`BufPool::KEEP_BYTES`] (at least two buffers), so it holds a few MiB at most.
-#[derive(Default)]
-pub struct BufPool {
-    free: [Mutex<Vec<Vec<u8>>>; BufPool::CLASSES],
-}
-
-impl BufPool {
-    const MIN_SHIFT: u32 = 12;
-    pub const MIN: usize = 1 << Self::MIN_SHIFT;
-    pub const MAX: usize = 4 << 20;
-    const CLASSES: usize = 11;
-    pub const KEEP_BYTES: usize = 2 << 20;
-
-    fn class(cap: usize) -> usize {
-        (cap.max(Self::MIN).next_power_of_two().trailing_zeros() - Self::MIN_SHIFT) as usize
-    }
-
-    /// An empty buffer with room for at least `len` bytes.
-    pub fn take(&self, len: usize) -> Vec<u8> {
-        if len > Self::MAX {
-            return Vec::with_capacity(len);
-        }
-        let c = Self::class(len);
-        let reused = self.free[c].lock().unwrap_or_else(|e| e.into_inner()).pop();
-        reused.unwrap_or_else(|| Vec::with_capacity(Self::MIN << c))
-    }
-
-    /// Keeps `buf` for a later [`take`](Self::take) if it is one of the pool's sizes and that
-    /// size has room; drops it otherwise.
-    pub fn give(&self, mut buf: Vec<u8>) {
-        let cap = buf.capacity();
-        if !(Self::MIN..=Self::MAX).contains(&cap) || !cap.is_power_of_two() {
-            return;
-        }
-        let keep = (Self::KEEP_BYTES / cap).max(2);
-        let mut free = self.free[Self::class(cap)]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if free.len() < keep {
-            buf.clear();
-            free.push(buf);
-        }
-    }
-}
-
 /// The CPU side: threads that compress and hash, feeding a [`StorePool`].
 #[derive(Clone)]
 pub struct Pipeline {
     cpu: Sender<Task>,
     budget: Arc<Budget>,
     cpu_workers: usize,
-    buffers: Arc<BufPool>,
 }
 
 fn encode(data: &[u8], c: Compression) -> Vec<u8> {
@@ -366,27 +316,23 @@ impl Pipeline {
             cpu_workers
         };
         let (cpu_tx, cpu_rx) = bounded::<Task>(cpu_workers * 2);
-        let buffers = Arc::new(BufPool::default());
         for i in 0..cpu_workers {
             let rx: Receiver<Task> = cpu_rx.clone();
             let io_tx = store.tx.clone();
             let budget = store.budget.clone();
             let inflight = store.inflight.clone();
-            let buffers = buffers.clone();
             let _ = thread::Builder::new()
                 .name(format!("cpu-{i}"))
                 .spawn(move || {
                     while let Ok(mut t) = rx.recv() {
-                        let data = std::mem::take(&mut t.data);
-                        let key = RawKey::of(&data, t.compression, t.suffix);
-                        if data.len() < INDEX_MIN {
+                        let key = RawKey::of(&t.data, t.compression, t.suffix);
+                        if t.data.len() < INDEX_MIN {
                             t.index = None;
                         }
                         // Content encoded before, still stored: one SHA-1 pass, no zlib, no put.
                         if let Some(ix) = &t.index {
                             if let Some((id, stored)) = ix.lookup(&key, t.cas.as_ref()) {
-                                budget.release(data.len());
-                                buffers.give(data);
+                                budget.release(t.data.len());
                                 let _ = t.reply.send(Encoded {
                                     tag: t.tag,
                                     result: Ok((id, stored, PutOutcome::AlreadyPresent)),
@@ -397,31 +343,28 @@ impl Pipeline {
                         // The same content is being encoded right now: its outcome answers.
                         let claim = (store_addr(&t.cas), key);
                         if !inflight.claim(claim, t.tag, &t.reply) {
-                            budget.release(data.len());
-                            buffers.give(data);
+                            budget.release(t.data.len());
                             continue;
                         }
                         // A panic must not swallow the reply: the submitter would wait forever.
-                        let Ok(bytes) = std::panic::catch_unwind(|| encode(&data, t.compression))
+                        let Ok(bytes) = std::panic::catch_unwind(|| encode(&t.data, t.compression))
                         else {
                             let result = Err(CasError::Io {
                                 op: "encode",
                                 path: String::new(),
                                 source: std::io::Error::other("encoder panicked"),
                             });
-                            budget.release(data.len());
+                            budget.release(t.data.len());
                             inflight.settle(&claim, &result);
                             let _ = t.reply.send(Encoded { tag: t.tag, result });
                             continue;
                         };
-                        let raw_len = data.len();
-                        buffers.give(data);
                         let id = ObjectId::new(Digest20(Sha1::digest(&bytes).into()), t.suffix);
                         let put = Put {
                             tag: t.tag,
                             id,
                             bytes,
-                            raw_len,
+                            raw_len: t.data.len(),
                             cas: t.cas,
                             index: t.index.map(|ix| (ix, key)),
                             inflight: claim,
@@ -437,17 +380,11 @@ impl Pipeline {
             cpu: cpu_tx,
             budget: store.budget.clone(),
             cpu_workers,
-            buffers,
         }
     }
 
     pub fn cpu_workers(&self) -> usize {
         self.cpu_workers
-    }
-
-    /// Where whole-file buffers for [`Pipeline::submit`] come from; the encoders hand them back.
-    pub fn buffers(&self) -> &BufPool {
-        &self.buffers
     }
 
     /// Hands a task to the pool; blocks while the byte budget or the queue is full.
@@ -474,35 +411,6 @@ impl Pipeline {
 mod tests {
     use super::*;
     use crate::cas::LocalCas;
-
-    #[test]
-    fn the_buffer_pool_reuses_its_own_sizes_within_bounds() {
-        let pool = BufPool::default();
-        let a = pool.take(5000);
-        assert_eq!((a.len(), a.capacity()), (0, 8192));
-        let ptr = a.as_ptr();
-        let mut a = a;
-        a.extend_from_slice(&[7; 5000]);
-        pool.give(a);
-        // The same size class gets the same (emptied) buffer back.
-        let b = pool.take(8000);
-        assert_eq!((b.as_ptr(), b.len(), b.capacity()), (ptr, 0, 8192));
-        // Not one of its sizes, or beyond its largest: dropped, not kept.
-        pool.give(Vec::with_capacity(5000));
-        pool.give(Vec::with_capacity(BufPool::MAX * 2));
-        assert!(pool.free.iter().all(|f| f.lock().unwrap().is_empty()));
-        assert_eq!(pool.take(BufPool::MAX + 1).capacity(), BufPool::MAX + 1);
-        assert_eq!(pool.take(0).capacity(), BufPool::MIN);
-        // Each size keeps at most KEEP_BYTES (and at least two buffers).
-        for _ in 0..1000 {
-            pool.give(Vec::with_capacity(BufPool::MIN));
-            pool.give(Vec::with_capacity(BufPool::MAX));
-        }
-        let kept: Vec<usize> = pool.free.iter().map(|f| f.lock().unwrap().len()).collect();
-        assert_eq!(kept[0], BufPool::KEEP_BYTES / BufPool::MIN);
-        assert_eq!(kept[BufPool::CLASSES - 1], 2);
-        drop(b);
-    }
 
     #[test]
     fn identical_content_gets_one_object_and_every_task_its_answer() {
