@@ -1020,3 +1020,70 @@ fn a_publish_keeps_the_marker_of_an_unconfirmed_commit_so_it_is_not_committed_tw
     assert_eq!(jb["revision"], initial + 2, "{jb}");
     assert_eq!(revision(), initial + 2, "no second commit of A");
 }
+
+/// A job accepted with the change set processed while it uploaded goes on to its commit with
+/// dedup decisions taken before; while the spool journals its acceptance it is in flight for
+/// garbage collection already. Here it re-publishes an orphaned release's content (one stored
+/// object, found by dedup) and a run is asked for in that window: refused, and the object
+/// the job names survives.
+#[test]
+fn a_job_being_accepted_holds_off_a_run_that_would_delete_what_it_deduplicated() {
+    let dir = tempfile::tempdir().unwrap();
+    gc_dir(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}",
+    );
+    // The tar's fsync is held, so the processing wins and the job is accepted with its change
+    // set; the acceptance is held long enough for a run to be asked for meanwhile.
+    let d = Daemon::start(
+        dir.path(),
+        &[("CVMFS_PREPUB_TEST_HOLD", "tar-sync=6000,accepting=2500")],
+    );
+    let v = |n: u8| format!("release {n} of the app ").repeat(40).into_bytes();
+    // Release 1 is referenced by nothing kept (2 is trunk-previous, 3 current).
+    for n in [1, 2, 3] {
+        let j = publish(&d, "/sw/app", &[file("bin/app", v(n))], None);
+        assert_eq!(j["state"], "published", "{j}");
+    }
+    let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
+    std::io::Write::write_all(&mut enc, &v(1)).unwrap();
+    let old = ObjectId::new(Digest20::of(&enc.finish().unwrap()), Suffix::None);
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    assert!(cas.exists(&old).unwrap());
+
+    let (refusal, again) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            d.submit_id(
+                ADMIN,
+                "/sw/again",
+                &tar_bytes(&[file("bin/app", v(1))]),
+                None,
+            )
+        });
+        std::thread::sleep(Duration::from_millis(1000));
+        let r = client()
+            .post(format!("{}/api/v1/gc/{REPO}/run", d.url))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap();
+        let refusal = (r.status().as_u16(), r.text().unwrap());
+        (refusal, h.join().unwrap())
+    });
+    assert_eq!(refusal.0, 409, "{}", refusal.1);
+    assert!(refusal.1.contains("being accepted"), "{}", refusal.1);
+    assert_eq!(d.wait_terminal(&again, 30)["state"], "published");
+    assert!(
+        cas.exists(&old).unwrap(),
+        "the re-published object was deleted"
+    );
+    read_back(
+        &d,
+        &dir.path().join("cache"),
+        "/sw/again",
+        &[file("bin/app", v(1))],
+    );
+    // Idle again: a run goes ahead and keeps it.
+    let o = ctl(&d, &["gc", "run", "--repo", REPO, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(cas.exists(&old).unwrap());
+}

@@ -118,6 +118,10 @@ pub struct JobManager {
     gc_running: std::collections::HashSet<String>,
     /// Tars being processed while they upload, by job id (not jobs yet).
     uploads: HashMap<String, UploadRun>,
+    /// Jobs submitted and being journaled (id → repository): not in `jobs` yet, but in flight
+    /// for garbage collection — one accepted with the change set of its upload's processing
+    /// goes straight on to its commit, with dedup decisions taken before.
+    accepting: HashMap<String, String>,
     /// The processing run each processing job waits for.
     runs: HashMap<String, u64>,
     next_run: u64,
@@ -181,6 +185,7 @@ impl JobManager {
             phase_seen: HashMap::new(),
             gc_running: Default::default(),
             uploads: HashMap::new(),
+            accepting: HashMap::new(),
             runs: HashMap::new(),
             next_run: 0,
         }
@@ -896,6 +901,7 @@ impl Handler<SubmitJob> for JobManager {
             changeset = Some(cs.clone());
             run = Some((r, started, cs));
         }
+        self.accepting.insert(rec.id.clone(), rec.repo.clone());
         Box::pin(
             self.journal
                 .send(AcceptJob {
@@ -905,6 +911,7 @@ impl Handler<SubmitJob> for JobManager {
                 })
                 .into_actor(self)
                 .map(move |res, act, ctx| {
+                    act.accepting.remove(&rec.id);
                     match res {
                         Err(_) => return Err(SubmitError::Unavailable),
                         Ok(Err(e)) => return Err(SubmitError::Spool(e)),
@@ -1398,18 +1405,23 @@ impl Handler<GcBegin> for JobManager {
         if self.gc_running.contains(&m.repo) {
             return Err(format!("a garbage collection of {} is running", m.repo));
         }
-        let busy: Vec<&JobRecord> = self
+        let busy: Vec<(&str, &str)> = self
             .jobs
             .values()
             .filter(|j| j.repo == m.repo && !j.state.is_terminal())
+            .map(|j| (j.id.as_str(), j.state.as_str()))
+            .chain(
+                self.accepting
+                    .iter()
+                    .filter(|(_, repo)| **repo == m.repo)
+                    .map(|(id, _)| (id.as_str(), "being accepted")),
+            )
             .collect();
-        if !busy.is_empty() {
+        if let Some((id, state)) = busy.first() {
             return Err(format!(
-                "{} jobs of {} are in flight (e.g. {} {}); garbage collection runs when the repository is idle",
+                "{} jobs of {} are in flight (e.g. {id} {state}); garbage collection runs when the repository is idle",
                 busy.len(),
                 m.repo,
-                busy[0].id,
-                busy[0].state.as_str()
             ));
         }
         // Dedup decisions of uploads processed so far could name objects this run deletes.

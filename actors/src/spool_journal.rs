@@ -42,6 +42,7 @@ pub struct AcceptJob {
 impl Handler<AcceptJob> for SpoolJournal {
     type Result = Result<(), SpoolError>;
     fn handle(&mut self, m: AcceptJob, _: &mut SyncContext<Self>) -> Self::Result {
+        crate::testhook::point("accepting");
         match &m.changeset {
             Some(cs) => self.spool.accept_processed(&m.record, &m.upload, cs)?,
             None => self.spool.accept(&m.record, &m.upload)?,
