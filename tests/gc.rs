@@ -1087,3 +1087,81 @@ fn a_job_being_accepted_holds_off_a_run_that_would_delete_what_it_deduplicated()
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(cas.exists(&old).unwrap());
 }
+
+/// A run holds the local storage's publish lock from its plan to its last deletion, as every
+/// writer does (`repo ingest` dedups against the store and commits under it): a run asked for
+/// while another writer holds it is refused, and a writer starting during a run is refused.
+#[test]
+fn a_run_and_another_writer_of_the_storage_exclude_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    gc_dir(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}",
+    );
+    let d = Daemon::start(
+        dir.path(),
+        &[("CVMFS_PREPUB_TEST_HOLD", "gc-scanning=3000")],
+    );
+    let v = |n: u8| format!("release {n} of the app ").repeat(40).into_bytes();
+    for n in [1, 2, 3] {
+        assert_eq!(
+            publish(&d, "/sw/app", &[file("bin/app", v(n))], None)["state"],
+            "published"
+        );
+    }
+    let run = || {
+        let r = client()
+            .post(format!("{}/api/v1/gc/{REPO}/run", d.url))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap();
+        (r.status().as_u16(), r.text().unwrap())
+    };
+    // Another writer holds the lock: refused, nothing deleted.
+    let objects = || {
+        prepub_core::cas::LocalCas::open(&d.storage)
+            .unwrap()
+            .list()
+            .unwrap()
+            .len()
+    };
+    let before = objects();
+    let lock = prepub_core::repo::lock_storage(&d.storage).unwrap();
+    let (status, body) = run();
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("another publish holds"), "{body}");
+    assert_eq!(objects(), before);
+    drop(lock);
+
+    // During a run, a writer is refused.
+    let tar = dir.path().join("ingest.tar");
+    std::fs::write(&tar, tar_bytes(&[file("bin/other", v(9))])).unwrap();
+    let (status, body, ingest) = std::thread::scope(|s| {
+        let h = s.spawn(run);
+        std::thread::sleep(Duration::from_millis(1500));
+        let ingest = prepub(&[
+            "repo",
+            "ingest",
+            tar.to_str().unwrap(),
+            "--repo-dir",
+            d.storage.to_str().unwrap(),
+            "--keys-dir",
+            dir.path().join("keys").to_str().unwrap(),
+            "--path",
+            "/sw/other",
+        ]);
+        let (status, body) = h.join().unwrap();
+        (status, body, ingest)
+    });
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"state\":\"complete\""), "{body}");
+    assert!(!ingest.0, "ingest ran during the run: {}", ingest.1);
+    assert!(ingest.2.contains("another publish holds"), "{}", ingest.2);
+    assert!(objects() < before, "the run deleted release 1");
+    read_back(
+        &d,
+        &dir.path().join("cache"),
+        "/sw/app",
+        &[file("bin/app", v(3))],
+    );
+}

@@ -38,6 +38,8 @@ pub enum GcError {
     Moved { planned: u64, now: u64 },
     #[error("audit log: {0}")]
     Audit(std::io::Error),
+    #[error("{0} (garbage collection takes the storage's publish lock too)")]
+    Locked(String),
 }
 
 /// What to keep and how old a deletable object must be.

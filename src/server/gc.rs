@@ -91,20 +91,28 @@ pub fn recover(cfg: &crate::config::Config) -> Result<Vec<GcRun>, String> {
 
 /// The repository's storage as the daemon's jobs see it (the shared S3 store, so its
 /// known-object cache forgets what is deleted).
-fn gc_store(
-    st: &AppState,
-    repo: &str,
-) -> Result<(Arc<dyn prepub_core::cas::Cas>, crate::config::GcConfig), ApiError> {
+fn gc_store(st: &AppState, repo: &str) -> Result<GcStore, ApiError> {
     let rc = served(st, repo)?;
-    let cas: Arc<dyn prepub_core::cas::Cas> = match st.s3.get(repo) {
-        Some(s) => s.clone(),
-        None => Arc::new(
-            prepub_core::cas::LocalCas::open(&rc.storage)
-                .map_err(|e| ApiError::Unavailable(e.to_string()))?,
+    let (cas, local): (Arc<dyn prepub_core::cas::Cas>, _) = match st.s3.get(repo) {
+        Some(s) => (s.clone(), None),
+        None => (
+            Arc::new(
+                prepub_core::cas::LocalCas::open(&rc.storage)
+                    .map_err(|e| ApiError::Unavailable(e.to_string()))?,
+            ),
+            Some(rc.storage.clone()),
         ),
     };
-    Ok((cas, rc.gc.clone()))
+    Ok((cas, rc.gc.clone(), local))
 }
+
+/// A repository's store, its GC settings, and its storage directory when local (whose publish
+/// lock a run holds).
+type GcStore = (
+    Arc<dyn prepub_core::cas::Cas>,
+    crate::config::GcConfig,
+    Option<std::path::PathBuf>,
+);
 
 fn gc_policy(g: &crate::config::GcConfig) -> prepub_core::gc::GcPolicy {
     prepub_core::gc::GcPolicy {
@@ -116,7 +124,7 @@ fn gc_policy(g: &crate::config::GcConfig) -> prepub_core::gc::GcPolicy {
 
 fn gc_error(e: GcError) -> ApiError {
     match e {
-        GcError::Moved { .. } => ApiError::Conflict(e.to_string()),
+        GcError::Moved { .. } | GcError::Locked(_) => ApiError::Conflict(e.to_string()),
         e => ApiError::Unavailable(e.to_string()),
     }
 }
@@ -139,7 +147,7 @@ pub async fn gc_plan(
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     admin_only(&auth(&req, &st)?)?;
-    let (cas, g) = gc_store(&st, &repo)?;
+    let (cas, g, _) = gc_store(&st, &repo)?;
     let plan = web::block(move || prepub_core::gc::plan(cas.as_ref(), &gc_policy(&g), now()))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -200,7 +208,7 @@ pub async fn run_gc(
     repo: String,
     trigger: Trigger,
 ) -> Result<serde_json::Value, ApiError> {
-    let (cas, g) = gc_store(st, &repo)?;
+    let (cas, g, local) = gc_store(st, &repo)?;
     let refused = |st: &AppState, e: ApiError| {
         st.metrics
             .gc_runs_total
@@ -303,6 +311,7 @@ pub async fn run_gc(
     let work = web::block(move || {
         let out = collect(
             cas.as_ref(),
+            local.as_deref(),
             &g,
             &db,
             &audit_dir,
@@ -481,6 +490,7 @@ type Collected = (Plan, Swept, Tombstoning);
 #[allow(clippy::too_many_arguments)]
 fn collect(
     cas: &dyn prepub_core::cas::Cas,
+    local: Option<&std::path::Path>,
     g: &crate::config::GcConfig,
     db: &std::path::Path,
     audit_dir: &std::path::Path,
@@ -518,6 +528,16 @@ fn collect(
         ));
         run.enter(RunState::Aborted, now());
         journal.save(run).map_err(io)
+    };
+    // Other writers of a local storage (`repo ingest`, another publisher) hold its publish
+    // lock while they dedup against what is stored and commit; a run holds it from its plan to
+    // its last deletion, so neither can name an object the run is deleting. (An S3 store has no
+    // such lock: other writers must not run alongside a collection.)
+    let _lock = match local {
+        Some(dir) => {
+            Some(prepub_core::repo::lock_storage(dir).map_err(|e| GcError::Locked(e.to_string()))?)
+        }
+        None => None,
     };
     step(run, RunState::Scanning, "gc-scanning")?;
     let t0 = now();
@@ -717,7 +737,7 @@ pub async fn gc_status(
 ) -> Result<HttpResponse, ApiError> {
     admin_only(&auth(&req, &st)?)?;
     let repo = repo.into_inner();
-    let (_, g) = gc_store(&st, &repo)?;
+    let (_, g, _) = gc_store(&st, &repo)?;
     let running = st
         .jobs
         .send(GcRunning { repo: repo.clone() })
