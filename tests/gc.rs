@@ -1165,3 +1165,57 @@ fn a_run_and_another_writer_of_the_storage_exclude_each_other() {
         &[file("bin/app", v(3))],
     );
 }
+
+/// A client that asks for a run and goes away before it ends neither stops the run halfway nor
+/// leaves the repository held: the run completes, the next run is not refused as "in
+/// progress", and a job submitted afterwards publishes.
+#[test]
+fn a_run_whose_client_went_away_still_ends_and_releases_the_repository() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    gc_dir(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}",
+    );
+    let d = Daemon::start(
+        dir.path(),
+        &[("CVMFS_PREPUB_TEST_HOLD", "gc-scanning=2000")],
+    );
+    let v = |n: u8| format!("release {n} of the app ").repeat(40).into_bytes();
+    for n in [1, 2, 3] {
+        assert_eq!(
+            publish(&d, "/sw/app", &[file("bin/app", v(n))], None)["state"],
+            "published"
+        );
+    }
+    let addr = d.url.trim_start_matches("http://").to_string();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(
+        s,
+        "POST /api/v1/gc/{REPO}/run HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    s.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(s);
+    // The run goes on (held 2 s in scanning) and ends by itself.
+    let status = || -> serde_json::Value {
+        client()
+            .get(format!("{}/api/v1/gc/{REPO}/status", d.url))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while status()["running"] != false {
+        assert!(std::time::Instant::now() < deadline, "{}", status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(status()["last_run"]["state"], "complete", "{}", status());
+    let o = ctl(&d, &["gc", "run", "--repo", REPO, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j = publish(&d, "/sw/after", &[file("bin/after", v(7))], None);
+    assert_eq!(j["state"], "published", "{j}");
+}

@@ -165,7 +165,13 @@ pub async fn gc_run(
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     admin_only(&auth(&req, &st)?)?;
-    let v = run_gc(&st, repo.into_inner(), Trigger::Api).await?;
+    // A task of its own, so that the whole run — holding the repository, collecting, releasing
+    // it — ends the same whether or not the client waits for the answer (a dropped request
+    // must not leave the repository held or the run claimed).
+    let st2 = st.clone();
+    let v = actix_rt::spawn(async move { run_gc(&st2, repo.into_inner(), Trigger::Api).await })
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
     Ok(HttpResponse::Ok().json(v))
 }
 
