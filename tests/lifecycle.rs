@@ -208,3 +208,31 @@ fn a_scheduled_run_cleans_first_then_collects() {
     assert!(repo.lookup("/sw/old").is_err());
     assert!(repo.lookup("/sw").is_ok());
 }
+
+/// An exempt path inside a published tree keeps the whole tree: the tree was published at
+/// `/sw` (the tracked path), its `lts-2` release matches `exempt_paths`.
+#[test]
+fn a_tree_holding_an_exempt_path_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    set_gc(dir.path(), "{enabled: true, access_ttl: 2s, exempt_paths: ['/sw/lts-*'], keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}");
+    let d = Daemon::start(dir.path(), &[]);
+    let spec = |rel: &'static str| Spec::File {
+        path: rel,
+        mode: 0o644,
+        data: format!("library in {rel} ").repeat(100).into_bytes(),
+        xattrs: vec![],
+    };
+    let files = [spec("lts-2/lib.so"), spec("dev/lib.so")];
+    let id = d.submit_id(ADMIN, "/sw", &tar_bytes(&files), None);
+    assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
+    let other = d.submit_id(ADMIN, "/other", &tar_bytes(&tree("/other")), None);
+    assert_eq!(d.wait_terminal(&other, 60)["state"], "published");
+    std::thread::sleep(Duration::from_millis(3200));
+    let v = lifecycle(&d);
+    // The unexempt tree beside it goes, as a check that the TTL has passed.
+    assert_eq!(expired_paths(&v), vec!["/other"], "{v}");
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    verify(&repo, "/sw", &files);
+}

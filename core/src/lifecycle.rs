@@ -3,9 +3,10 @@
 //!
 //! Candidates are the paths the access store tracks (every publish records its path, so each
 //! release directory is one) whose last-seen time is older than the cutoff, that still exist in
-//! the current revision, that no exemption glob matches, under which no tracked path was seen
-//! since the cutoff, and none of whose files' objects was seen since the cutoff (the subtree is
-//! read from the catalogs). A candidate inside another candidate is left to the outer one.
+//! the current revision, that no exemption glob matches (neither the path nor anything in its
+//! subtree), under which no tracked path was seen since the cutoff, and none of whose files'
+//! objects was seen since the cutoff (the subtree is read from the catalogs). A candidate inside
+//! another candidate is left to the outer one.
 
 use crate::access::AccessStore;
 use crate::cas::Cas;
@@ -97,9 +98,13 @@ pub fn expired(
             let Some(root) = tree.lookup(path)? else {
                 continue; // already gone
             };
-            // Every object of the subtree must be unseen since the cutoff.
+            // Every object of the subtree must be unseen since the cutoff, and no path in it
+            // exempt (an exempt release inside a published tree keeps the tree).
             let mut todo: Vec<(String, Entry)> = vec![(path.clone(), root)];
             while let Some((p, e)) = todo.pop() {
+                if exempt.iter().any(|g| glob_match(g, &p)) {
+                    continue 'next;
+                }
                 match e.kind() {
                     Kind::Directory => {
                         for ch in tree.list(&p)? {
