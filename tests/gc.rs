@@ -1019,6 +1019,13 @@ fn a_publish_keeps_the_marker_of_an_unconfirmed_commit_so_it_is_not_committed_tw
     );
     assert_eq!(jb["revision"], initial + 2, "{jb}");
     assert_eq!(revision(), initial + 2, "no second commit of A");
+    // A garbage-collected repository says so in its manifest (G=yes).
+    let cas = prepub_core::cas::LocalCas::open(&storage).unwrap();
+    let m = prepub_core::repo::current_manifest(&cas)
+        .unwrap()
+        .unwrap()
+        .0;
+    assert!(m.garbage_collectable);
 }
 
 /// A job accepted with the change set processed while it uploaded goes on to its commit with

@@ -85,7 +85,9 @@ pub struct TagRequest {
 /// Which automatic tags (`prepub-<job id>`) a publish drops from the history: those older than
 /// `span_secs`, unless a glob of `exempt` names them. Dropped at publish, as `cvmfs_server` drops
 /// expired automatic tags, so a tag the history lists always names a revision that garbage
-/// collection keeps.
+/// collection keeps. Given only for a garbage-collected repository: the manifest then says so
+/// (`G=yes`), as upstream's for `CVMFS_GARBAGE_COLLECTION=true` — a Stratum 1 replicating the
+/// history skips revisions already collected, and may collect its own copy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TagExpiry {
     pub span_secs: i64,
@@ -355,7 +357,8 @@ fn finish_publish(
         root_size: commit.root_size,
         ttl: commit.ttl,
         revision: commit.revision,
-        garbage_collectable: false,
+        // Once collected, always: old revisions may be gone even if collection is off now.
+        garbage_collectable: expiry.is_some() || old.is_some_and(|m| m.garbage_collectable),
         alt_paths: false,
         name: keys.name.clone(),
         certificate: Some(cert_id),
@@ -1217,9 +1220,19 @@ mod tests {
                 "trunk-previous".into()
             ]
         );
+        // A collected repository says so in its manifest, and keeps saying so.
+        let gc_flag = || {
+            current_manifest(&f.cas)
+                .unwrap()
+                .unwrap()
+                .0
+                .garbage_collectable
+        };
+        assert!(gc_flag());
         // Without an expiry nothing is dropped, however old.
         publish(&f.cas, &f.keys, &[tag(&auto(5))], 1_800_000_000, |_| Ok(())).unwrap();
         assert_eq!(tag_names(&f).len(), 7);
+        assert!(gc_flag());
         let report = crate::check::check(&f.cas, Some(&f.keys.master_pub), 1_800_000_100);
         assert!(report.ok(), "check findings: {:#?}", report.findings);
     }
