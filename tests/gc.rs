@@ -420,6 +420,9 @@ fn a_client_leaving_mid_run_neither_stops_it_nor_holds_jobs_forever() {
     );
     let audit = std::fs::read_to_string(dir.path().join("spool/gc/audit.log")).unwrap();
     assert!(audit.lines().count() >= 8);
+    // Nor does it stay claimed: the next run is not refused as in progress.
+    let o = ctl(&d, &["gc", "run", "--repo", REPO, "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     read_back(
         &d,
         &dir.path().join("cache"),
@@ -1028,6 +1031,36 @@ fn a_publish_keeps_the_marker_of_an_unconfirmed_commit_so_it_is_not_committed_tw
     assert!(m.garbage_collectable);
 }
 
+/// Release `n` of `/sw/app` in the tests below.
+fn release(n: u8) -> Vec<u8> {
+    format!("release {n} of the app ").repeat(40).into_bytes()
+}
+
+/// A daemon (started with `env`, collecting at once) whose `/sw/app` had releases 1, 2 and 3:
+/// release 1 is referenced by nothing kept (2 is trunk-previous, 3 current).
+fn three_releases(dir: &std::path::Path, env: &[(&str, &str)]) -> Daemon {
+    gc_dir(
+        dir,
+        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}",
+    );
+    let d = Daemon::start(dir, env);
+    for n in [1, 2, 3] {
+        let j = publish(&d, "/sw/app", &[file("bin/app", release(n))], None);
+        assert_eq!(j["state"], "published", "{j}");
+    }
+    d
+}
+
+/// `POST /api/v1/gc/{repo}/run`: status and body.
+fn api_run(d: &Daemon) -> (u16, String) {
+    let r = client()
+        .post(format!("{}/api/v1/gc/{REPO}/run", d.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
+    (r.status().as_u16(), r.text().unwrap())
+}
+
 /// A job accepted with the change set processed while it uploaded goes on to its commit with
 /// dedup decisions taken before; while the spool journals its acceptance it is in flight for
 /// garbage collection already. Here it re-publishes an orphaned release's content (one stored
@@ -1036,62 +1069,33 @@ fn a_publish_keeps_the_marker_of_an_unconfirmed_commit_so_it_is_not_committed_tw
 #[test]
 fn a_job_being_accepted_holds_off_a_run_that_would_delete_what_it_deduplicated() {
     let dir = tempfile::tempdir().unwrap();
-    gc_dir(
-        dir.path(),
-        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}",
-    );
     // The tar's fsync is held, so the processing wins and the job is accepted with its change
     // set; the acceptance is held long enough for a run to be asked for meanwhile.
-    let d = Daemon::start(
+    let d = three_releases(
         dir.path(),
         &[("CVMFS_PREPUB_TEST_HOLD", "tar-sync=6000,accepting=2500")],
     );
-    let v = |n: u8| format!("release {n} of the app ").repeat(40).into_bytes();
-    // Release 1 is referenced by nothing kept (2 is trunk-previous, 3 current).
-    for n in [1, 2, 3] {
-        let j = publish(&d, "/sw/app", &[file("bin/app", v(n))], None);
-        assert_eq!(j["state"], "published", "{j}");
-    }
-    let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
-    std::io::Write::write_all(&mut enc, &v(1)).unwrap();
-    let old = ObjectId::new(Digest20::of(&enc.finish().unwrap()), Suffix::None);
+    let old = object(&release(1));
     let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
     assert!(cas.exists(&old).unwrap());
 
-    let (refusal, again) = std::thread::scope(|s| {
-        let h = s.spawn(|| {
-            d.submit_id(
-                ADMIN,
-                "/sw/again",
-                &tar_bytes(&[file("bin/app", v(1))]),
-                None,
-            )
-        });
+    let again = [file("bin/app", release(1))];
+    let (refusal, id) = std::thread::scope(|s| {
+        let h = s.spawn(|| d.submit_id(ADMIN, "/sw/again", &tar_bytes(&again), None));
         std::thread::sleep(Duration::from_millis(1000));
-        let r = client()
-            .post(format!("{}/api/v1/gc/{REPO}/run", d.url))
-            .bearer_auth(ADMIN)
-            .send()
-            .unwrap();
-        let refusal = (r.status().as_u16(), r.text().unwrap());
+        let refusal = api_run(&d);
         (refusal, h.join().unwrap())
     });
     assert_eq!(refusal.0, 409, "{}", refusal.1);
     assert!(refusal.1.contains("being accepted"), "{}", refusal.1);
-    assert_eq!(d.wait_terminal(&again, 30)["state"], "published");
+    assert_eq!(d.wait_terminal(&id, 30)["state"], "published");
     assert!(
         cas.exists(&old).unwrap(),
         "the re-published object was deleted"
     );
-    read_back(
-        &d,
-        &dir.path().join("cache"),
-        "/sw/again",
-        &[file("bin/app", v(1))],
-    );
+    read_back(&d, &dir.path().join("cache"), "/sw/again", &again);
     // Idle again: a run goes ahead and keeps it.
-    let o = ctl(&d, &["gc", "run", "--repo", REPO, "--json"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(api_run(&d).0, 200);
     assert!(cas.exists(&old).unwrap());
 }
 
@@ -1101,30 +1105,10 @@ fn a_job_being_accepted_holds_off_a_run_that_would_delete_what_it_deduplicated()
 #[test]
 fn a_run_and_another_writer_of_the_storage_exclude_each_other() {
     let dir = tempfile::tempdir().unwrap();
-    gc_dir(
-        dir.path(),
-        "{enabled: true, keep_revisions: 1, grace_period: 0s, auto_tag_timespan: 0s}",
-    );
-    let d = Daemon::start(
+    let d = three_releases(
         dir.path(),
         &[("CVMFS_PREPUB_TEST_HOLD", "gc-scanning=3000")],
     );
-    let v = |n: u8| format!("release {n} of the app ").repeat(40).into_bytes();
-    for n in [1, 2, 3] {
-        assert_eq!(
-            publish(&d, "/sw/app", &[file("bin/app", v(n))], None)["state"],
-            "published"
-        );
-    }
-    let run = || {
-        let r = client()
-            .post(format!("{}/api/v1/gc/{REPO}/run", d.url))
-            .bearer_auth(ADMIN)
-            .send()
-            .unwrap();
-        (r.status().as_u16(), r.text().unwrap())
-    };
-    // Another writer holds the lock: refused, nothing deleted.
     let objects = || {
         prepub_core::cas::LocalCas::open(&d.storage)
             .unwrap()
@@ -1132,9 +1116,10 @@ fn a_run_and_another_writer_of_the_storage_exclude_each_other() {
             .unwrap()
             .len()
     };
+    // Another writer holds the lock: refused, nothing deleted.
     let before = objects();
     let lock = prepub_core::repo::lock_storage(&d.storage).unwrap();
-    let (status, body) = run();
+    let (status, body) = api_run(&d);
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("another publish holds"), "{body}");
     assert_eq!(objects(), before);
@@ -1142,9 +1127,9 @@ fn a_run_and_another_writer_of_the_storage_exclude_each_other() {
 
     // During a run, a writer is refused.
     let tar = dir.path().join("ingest.tar");
-    std::fs::write(&tar, tar_bytes(&[file("bin/other", v(9))])).unwrap();
-    let (status, body, ingest) = std::thread::scope(|s| {
-        let h = s.spawn(run);
+    std::fs::write(&tar, tar_bytes(&[file("bin/other", release(9))])).unwrap();
+    let ((status, body), ingest) = std::thread::scope(|s| {
+        let h = s.spawn(|| api_run(&d));
         std::thread::sleep(Duration::from_millis(1500));
         let ingest = prepub(&[
             "repo",
@@ -1157,8 +1142,7 @@ fn a_run_and_another_writer_of_the_storage_exclude_each_other() {
             "--path",
             "/sw/other",
         ]);
-        let (status, body) = h.join().unwrap();
-        (status, body, ingest)
+        (h.join().unwrap(), ingest)
     });
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"state\":\"complete\""), "{body}");
@@ -1169,13 +1153,10 @@ fn a_run_and_another_writer_of_the_storage_exclude_each_other() {
         &d,
         &dir.path().join("cache"),
         "/sw/app",
-        &[file("bin/app", v(3))],
+        &[file("bin/app", release(3))],
     );
 }
 
-/// A client that asks for a run and goes away before it ends neither stops the run halfway nor
-/// leaves the repository held: the run completes, the next run is not refused as "in
-/// progress", and a job submitted afterwards publishes.
 #[test]
 fn a_run_whose_client_went_away_still_ends_and_releases_the_repository() {
     use std::io::Write;
