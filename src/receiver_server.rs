@@ -236,6 +236,8 @@ struct State {
     allowed_clients: Vec<String>,
     window: i64,
     seen: Mutex<HashMap<String, i64>>,
+    /// `server.max_body_size`, in bytes.
+    max_body: usize,
     metrics: Metrics,
     roots: HashMap<String, PathBuf>,
     min_free: u64,
@@ -305,15 +307,29 @@ fn err(status: actix_web::http::StatusCode, code: &str, msg: impl ToString) -> H
     HttpResponse::build(status).json(json!({"error": {"code": code, "message": msg.to_string()}}))
 }
 
-/// Checks the credentials of a request for `repo`; `None` when it is acceptable.
-fn authorize(st: &State, req: &HttpRequest, repo: &str, body: &[u8]) -> Option<HttpResponse> {
+/// What the credentials of a request say before its body is read.
+enum Credentials {
+    /// An upload token or an allowed client certificate: accepted.
+    Accepted,
+    /// A signed request, well-formed and inside the replay window; its signature covers the
+    /// body, so it is checked once the body is read.
+    Signed { ts: i64, nonce: String, sig: String },
+}
+
+/// Checks what a request for `repo` can show before its body is read (a request without
+/// acceptable credentials is refused without reading a byte of its body).
+fn credentials(
+    st: &State,
+    req: &HttpRequest,
+    repo: &str,
+) -> Result<Credentials, Box<HttpResponse>> {
     use actix_web::http::StatusCode;
     let unauthorized = |m: &str| {
         st.metrics
             .rejected
             .with_label_values(&["unauthorized"])
             .inc();
-        Some(err(StatusCode::UNAUTHORIZED, "unauthorized", m))
+        Box::new(err(StatusCode::UNAUTHORIZED, "unauthorized", m))
     };
     // An upload token from an MQTT ready answer, valid for this repository.
     if let Some(t) = req
@@ -323,23 +339,25 @@ fn authorize(st: &State, req: &HttpRequest, repo: &str, body: &[u8]) -> Option<H
         .and_then(|v| v.strip_prefix("Bearer "))
     {
         if st.tokens.check(repo, t.trim()) {
-            return None;
+            return Ok(Credentials::Accepted);
         }
-        return unauthorized("upload token unknown, expired, or for another repository");
+        return Err(unauthorized(
+            "upload token unknown, expired, or for another repository",
+        ));
     }
     // Mutual TLS: rustls already verified the chain against `server.client_ca`.
     if let Some(cc) = req.conn_data::<crate::server::ClientCert>() {
         if st.allowed_clients.is_empty() || st.allowed_clients.contains(&cc.0) {
-            return None;
+            return Ok(Credentials::Accepted);
         }
-        return unauthorized(&format!(
+        return Err(unauthorized(&format!(
             "client certificate '{}' is not in auth.allowed_clients",
             cc.0
-        ));
+        )));
     }
-    let Some(secret) = &st.secret else {
-        return unauthorized("a client certificate is required");
-    };
+    if st.secret.is_none() {
+        return Err(unauthorized("a client certificate is required"));
+    }
     let h = |n: &str| {
         req.headers()
             .get(n)
@@ -351,38 +369,97 @@ fn authorize(st: &State, req: &HttpRequest, repo: &str, body: &[u8]) -> Option<H
         h("x-prepub-nonce"),
         h("authorization"),
     ) else {
-        return unauthorized("signed request required (X-Prepub-Timestamp, X-Prepub-Nonce, Authorization: PREPUB-HMAC)");
+        return Err(unauthorized("signed request required (X-Prepub-Timestamp, X-Prepub-Nonce, Authorization: PREPUB-HMAC)"));
     };
     if nonce.is_empty() || nonce.len() > 64 {
-        return unauthorized("bad nonce");
+        return Err(unauthorized("bad nonce"));
     }
     let Ok(ts) = ts.parse::<i64>() else {
-        return unauthorized("bad timestamp");
+        return Err(unauthorized("bad timestamp"));
     };
-    let now = prepub_core::timefmt::now();
-    if (now - ts).abs() > st.window {
-        return unauthorized("timestamp outside the replay window");
+    if (prepub_core::timefmt::now() - ts).abs() > st.window {
+        return Err(unauthorized("timestamp outside the replay window"));
     }
     let Some(sig) = auth.strip_prefix("PREPUB-HMAC ") else {
-        return unauthorized("unsupported authorization scheme");
+        return Err(unauthorized("unsupported authorization scheme"));
+    };
+    Ok(Credentials::Signed {
+        ts,
+        nonce,
+        sig: sig.to_string(),
+    })
+}
+
+/// Reads the body of a request whose credentials passed [`credentials`], up to `max_body`
+/// bytes, and completes the check (a signed request's signature covers the body).
+async fn authorized_body(
+    st: &State,
+    req: &HttpRequest,
+    repo: &str,
+    mut payload: web::Payload,
+) -> Result<web::Bytes, HttpResponse> {
+    use actix_web::http::StatusCode;
+    use futures_util::StreamExt;
+    let creds = credentials(st, req, repo).map_err(|r| *r)?;
+    let too_large = || {
+        st.metrics.rejected.with_label_values(&["too-large"]).inc();
+        err(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            format!(
+                "the body exceeds server.max_body_size ({} bytes)",
+                st.max_body
+            ),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > st.max_body) {
+        return Err(too_large());
+    }
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| err(StatusCode::BAD_REQUEST, "bad-request", e))?;
+        if body.len() + chunk.len() > st.max_body {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let body = body.freeze();
+    let Credentials::Signed { ts, nonce, sig } = creds else {
+        return Ok(body);
+    };
+    let unauthorized = |m: &str| {
+        st.metrics
+            .rejected
+            .with_label_values(&["unauthorized"])
+            .inc();
+        err(StatusCode::UNAUTHORIZED, "unauthorized", m)
+    };
+    let Some(secret) = &st.secret else {
+        return Err(unauthorized("a client certificate is required"));
     };
     if !verify(
         secret,
         req.method().as_str(),
         req.path(),
-        body,
+        &body,
         ts,
         &nonce,
-        sig,
+        &sig,
     ) {
-        return unauthorized("bad signature");
+        return Err(unauthorized("bad signature"));
     }
+    let now = prepub_core::timefmt::now();
     let mut seen = st.seen.lock().unwrap_or_else(|e| e.into_inner());
     seen.retain(|_, t| (now - *t).abs() <= st.window);
     if seen.insert(nonce, ts).is_some() {
-        return unauthorized("replayed request");
+        return Err(unauthorized("replayed request"));
     }
-    None
+    Ok(body)
 }
 
 fn receive_error(st: &State, e: ReceiveError) -> HttpResponse {
@@ -513,12 +590,13 @@ struct Announce {
 async fn announce(
     req: HttpRequest,
     repo: web::Path<String>,
-    body: web::Bytes,
+    payload: web::Payload,
     st: Shared,
 ) -> HttpResponse {
-    if let Some(r) = authorize(&st, &req, &repo, &body) {
-        return r;
-    }
+    let body = match authorized_body(&st, &req, &repo, payload).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let a: Announce = match serde_json::from_slice(&body) {
         Ok(a) => a,
         Err(e) => return err(actix_web::http::StatusCode::BAD_REQUEST, "bad-request", e),
@@ -541,12 +619,13 @@ async fn announce(
 async fn inventory(
     req: HttpRequest,
     repo: web::Path<String>,
-    body: web::Bytes,
+    payload: web::Payload,
     st: Shared,
 ) -> HttpResponse {
-    if let Some(r) = authorize(&st, &req, &repo, &body) {
-        return r;
-    }
+    let body = match authorized_body(&st, &req, &repo, payload).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let ids = match prepub_core::receiver::parse_inventory(&body) {
         Ok(ids) => ids,
         Err(e) => return err(actix_web::http::StatusCode::BAD_REQUEST, "bad-request", e),
@@ -568,12 +647,13 @@ async fn inventory(
 async fn put_object(
     req: HttpRequest,
     path: web::Path<(String, String)>,
-    body: web::Bytes,
+    payload: web::Payload,
     st: Shared,
 ) -> HttpResponse {
-    if let Some(r) = authorize(&st, &req, &path.0, &body) {
-        return r;
-    }
+    let body = match authorized_body(&st, &req, &path.0, payload).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let (repo, name) = path.into_inner();
     let Ok(id) = ObjectId::parse(&name) else {
         return err(
@@ -614,12 +694,13 @@ async fn put_object(
 async fn put_batch(
     req: HttpRequest,
     repo: web::Path<String>,
-    body: web::Bytes,
+    payload: web::Payload,
     st: Shared,
 ) -> HttpResponse {
-    if let Some(r) = authorize(&st, &req, &repo, &body) {
-        return r;
-    }
+    let body = match authorized_body(&st, &req, &repo, payload).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let h = |n: &str| {
         req.headers()
             .get(n)
@@ -911,6 +992,7 @@ pub fn run(file: ReceiverFile, o: ReceiverOverrides) -> anyhow::Result<()> {
             secret: secret.map(String::into_bytes),
             allowed_clients: file.auth.allowed_clients.clone(),
             window: window.as_secs() as i64,
+            max_body: max_body as usize,
             seen: Mutex::new(HashMap::new()),
             metrics: rmetrics,
             roots,

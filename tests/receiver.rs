@@ -384,3 +384,46 @@ fn announcements_reserve_the_space_they_were_granted() {
     );
     assert_eq!(announce("second").status(), 200);
 }
+
+/// A request without acceptable credentials is refused before its body is read: an
+/// unauthenticated client declaring a huge body gets its 401 at once, without sending a byte
+/// of it (the receiver never buffers what nobody may store).
+#[test]
+fn credentials_are_checked_before_the_body_is_read() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let r = start(dir.path());
+    let addr = r.url.trim_start_matches("http://").to_string();
+    let (a, _) = compress_metadata(b"chunk a", Suffix::Partial);
+    for (what, auth) in [
+        ("no credentials", String::new()),
+        (
+            "an unknown upload token",
+            "Authorization: Bearer not-a-token\r\n".into(),
+        ),
+        (
+            "a stale signature",
+            format!(
+                "X-Prepub-Timestamp: {}\r\nX-Prepub-Nonce: n1\r\nAuthorization: PREPUB-HMAC 00\r\n",
+                now() - 86_400
+            ),
+        ),
+    ] {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        write!(
+            s,
+            "PUT /api/v1/repos/{REPO}/objects/{a} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 1000000000\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = vec![0u8; 4096];
+        let n = s.read(&mut answer).unwrap_or(0);
+        let answer = String::from_utf8_lossy(&answer[..n]);
+        assert!(
+            answer.starts_with("HTTP/1.1 401"),
+            "{what}: no refusal before the body: {answer:?}"
+        );
+        assert!(answer.contains("\"unauthorized\""), "{what}: {answer}");
+    }
+}
