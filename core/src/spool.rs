@@ -127,6 +127,10 @@ fn write_atomic_with(
 pub struct Spool {
     root: PathBuf,
     wal: File,
+    /// An append failed: it may have left part of a line at the end of the journal, so the
+    /// next record starts on a line of its own (the fragment is skipped at replay, and must
+    /// not swallow an acknowledged record).
+    torn: bool,
 }
 
 impl Spool {
@@ -186,6 +190,7 @@ impl Spool {
             Spool {
                 root: root.to_path_buf(),
                 wal,
+                torn: false,
             },
             jobs,
         ))
@@ -257,7 +262,14 @@ impl Spool {
             msg: e.to_string(),
         })?;
         line.push(b'\n');
-        self.wal.write_all(&line).map_err(ioe(&wal_path))?;
+        if self.torn {
+            line.insert(0, b'\n');
+        }
+        if let Err(e) = self.wal.write_all(&line) {
+            self.torn = true;
+            return Err(ioe(&wal_path)(e));
+        }
+        self.torn = false;
         self.wal.sync_data().map_err(ioe(&wal_path))?;
         let dir = self.job_dir(&rec.id);
         if dir.is_dir() {
@@ -518,5 +530,39 @@ mod tests {
         assert!(!dir.path().join("jobs/ghost").exists());
         let wal = fs::read_to_string(dir.path().join("journal.wal")).unwrap();
         assert_eq!(wal.lines().count(), 1);
+    }
+
+    /// A failed append (a full disk, say) may leave part of a line behind; the next record,
+    /// acknowledged, must not be glued to it and lost at the next start.
+    #[test]
+    fn a_record_after_a_failed_append_survives_the_fragment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sp, _) = Spool::open(dir.path()).unwrap();
+        let accept = |sp: &mut Spool, id: &str| {
+            let up = sp.incoming_path(id);
+            fs::write(&up, b"tar").unwrap();
+            let rec = JobRecord::new(id.into(), "r".into(), "/p".into(), 1);
+            sp.accept(&rec, &up)
+        };
+        accept(&mut sp, "a").unwrap();
+        // The append fails (here: a descriptor that cannot write) after leaving a fragment.
+        let wal_path = dir.path().join("journal.wal");
+        let writable = std::mem::replace(&mut sp.wal, File::open(&wal_path).unwrap());
+        let mut rec = JobRecord::new("a".into(), "r".into(), "/p".into(), 1);
+        rec.transition(JobState::Processing, 2);
+        assert!(sp.record(&rec).is_err());
+        OpenOptions::new()
+            .append(true)
+            .open(&wal_path)
+            .unwrap()
+            .write_all(b"{\"id\":\"a\",\"sta")
+            .unwrap();
+        sp.wal = writable;
+        accept(&mut sp, "b").unwrap();
+        drop(sp);
+        let (_sp, jobs) = Spool::open(dir.path()).unwrap();
+        assert_eq!(jobs.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(jobs["a"].state, JobState::Queued);
+        assert!(dir.path().join("jobs/b").is_dir());
     }
 }
