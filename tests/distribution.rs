@@ -568,3 +568,33 @@ fn a_publisher_crash_mid_push_resumes_from_the_journaled_acknowledgements() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A job aborted while it pre-warms stays `aborted` when its pre-warming later ends, even
+/// without a quorum (`commit_anyway: false` would otherwise fail it).
+#[test]
+fn a_job_aborted_while_distributing_stays_aborted() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let slow = receiver_with(
+        dir.path(),
+        "slow",
+        None,
+        &[("CVMFS_PREPUB_TEST_HOLD", "receiver-put=3000")],
+    );
+    with_distribution(dir.path(), &[&slow], 1.0, false, "2s");
+    let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
+    let id = d.submit_id(ADMIN, "/sw/gone", &tar_bytes(&tree("gone", 3)), None);
+    d.wait_state(&id, "distributing", 30);
+    let r = client()
+        .post(format!("{}/api/v1/jobs/{id}/abort", d.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().unwrap());
+    assert_eq!(d.wait_terminal(&id, 30)["state"], "aborted");
+    // Past the pre-warming timeout: still aborted, no failure recorded.
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let j = d.job(&id);
+    assert_eq!(j["state"], "aborted", "{j}");
+    assert!(j["error"].is_null(), "{j}");
+}

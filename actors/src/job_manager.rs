@@ -664,6 +664,9 @@ impl JobManager {
             mq.forget
                 .do_send(crate::mqtt_bridge::Forget { job_id: id.clone() });
         }
+        if job.state.is_terminal() {
+            return; // aborted meanwhile: its pre-warming ends with it, whatever the quorum
+        }
         if met || dist.settings.commit_anyway {
             self.distributed.insert(id.clone());
             self.jobs.insert(id.clone(), job);
