@@ -476,6 +476,19 @@ fn receive_error(st: &State, e: ReceiveError) -> HttpResponse {
 
 type Shared = web::Data<Arc<State>>;
 
+/// The receiver's API.
+fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/api/v1/health", web::get().to(health))
+        .route("/api/v1/metrics", web::get().to(metrics))
+        .route("/api/v1/repos/{repo}/announce", web::post().to(announce))
+        .route("/api/v1/repos/{repo}/inventory", web::post().to(inventory))
+        .route("/api/v1/repos/{repo}/objects", web::post().to(put_batch))
+        .route(
+            "/api/v1/repos/{repo}/objects/{name}",
+            web::put().to(put_object),
+        );
+}
+
 /// Free bytes of the filesystem holding `path` (statvfs).
 fn free_bytes(path: &std::path::Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -1007,15 +1020,10 @@ pub fn run(file: ReceiverFile, o: ReceiverOverrides) -> anyhow::Result<()> {
             App::new()
                 .app_data(data.clone())
                 .app_data(web::PayloadConfig::new(max_body as usize))
-                .route("/api/v1/health", web::get().to(health))
-                .route("/api/v1/metrics", web::get().to(metrics))
-                .route("/api/v1/repos/{repo}/announce", web::post().to(announce))
-                .route("/api/v1/repos/{repo}/inventory", web::post().to(inventory))
-                .route("/api/v1/repos/{repo}/objects", web::post().to(put_batch))
-                .route(
-                    "/api/v1/repos/{repo}/objects/{name}",
-                    web::put().to(put_object),
-                )
+                // Also under `/cvmfs`: endpoints are commonly written `https://s1:9100/cvmfs`
+                // (the install guide's form), and the sender keeps the endpoint's path.
+                .service(web::scope("/cvmfs").configure(routes))
+                .configure(routes)
         })
         .on_connect(crate::server::client_cert_on_connect)
         .shutdown_timeout(10)

@@ -598,3 +598,23 @@ fn a_job_aborted_while_distributing_stays_aborted() {
     assert_eq!(j["state"], "aborted", "{j}");
     assert!(j["error"].is_null(), "{j}");
 }
+
+/// An endpoint written with the CVMFS base path, as the install guide writes them
+/// (`https://s1:9100/cvmfs`), is pushed to like one without it (signed requests included).
+#[test]
+fn an_endpoint_with_the_cvmfs_path_is_pushed_to() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let r = receiver(dir.path(), "s1-path");
+    with_distribution(dir.path(), &[&r], 1.0, false, "60s");
+    let cfg = dir.path().join("config.yaml");
+    let endpoint = format!("{}/cvmfs", r.url);
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace(&r.url, &endpoint)).unwrap();
+    let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
+    let j = submit(&d, "/sw/path", &tree("path", 3));
+    assert_eq!(j["state"], "published", "{j}");
+    let outcome = j["distribution"][&endpoint].as_str().unwrap_or("");
+    assert!(outcome.starts_with("ok:"), "{j}");
+    assert_prewarmed(&d.storage, &r);
+}

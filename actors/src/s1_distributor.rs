@@ -168,13 +168,19 @@ impl Pusher {
         body: Vec<u8>,
     ) -> Result<reqwest::blocking::Response, String> {
         let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
-        let mut r = self.http.request(m, format!("{}{path}", self.base));
+        let url = format!("{}{path}", self.base);
+        // Signed as the receiver sees it: with the endpoint's own path (`https://s1:9100/cvmfs`
+        // sends `/cvmfs/api/v1/…`).
+        let signed_path = reqwest::Url::parse(&url)
+            .map(|u| u.path().to_string())
+            .unwrap_or_else(|_| path.to_string());
+        let mut r = self.http.request(m, url);
         if let Some(t) = &self.token {
             r = r.bearer_auth(t);
         } else if let Some(secret) = &self.secret {
             let ts = prepub_core::timefmt::now();
             let n = nonce();
-            let sig = prepub_core::receiver::sign(secret, method, path, &body, ts, &n);
+            let sig = prepub_core::receiver::sign(secret, method, &signed_path, &body, ts, &n);
             r = r
                 .header("X-Prepub-Timestamp", ts.to_string())
                 .header("X-Prepub-Nonce", n)
