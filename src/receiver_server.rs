@@ -520,6 +520,25 @@ fn reserve_space(st: &State, repo: &str, payload: &str, bytes: u64) -> Result<()
     Ok(())
 }
 
+/// Whether `bytes` more can be written for `repo` and still leave `server.min_free_space`
+/// free (announcements reserve ahead; this holds for every write, announced or not).
+fn room_to_write(st: &State, repo: &str, bytes: u64) -> Option<HttpResponse> {
+    let free = st.roots.get(repo).and_then(|r| free_bytes(r))?;
+    let need = bytes.saturating_add(st.min_free);
+    if free >= need {
+        return None;
+    }
+    st.metrics.rejected.with_label_values(&["disk-full"]).inc();
+    Some(err(
+        actix_web::http::StatusCode::INSUFFICIENT_STORAGE,
+        "insufficient-storage",
+        format!(
+            "{bytes} bytes would leave less than server.min_free_space ({}) of {free} free",
+            st.min_free
+        ),
+    ))
+}
+
 /// The answer to an MQTT announcement: space reserved, absent objects listed, a token issued.
 fn answer_announce(
     st: &State,
@@ -676,6 +695,9 @@ async fn put_object(
         );
     };
     let len = body.len();
+    if let Some(r) = room_to_write(&st, &repo, len as u64) {
+        return r;
+    }
     let put = Put {
         repo,
         body,
@@ -750,6 +772,9 @@ async fn put_batch(
         .any(|(id, _)| id.suffix == prepub_core::hash::Suffix::Catalog)
     {
         return receive_error(&st, ReceiveError::Catalog);
+    }
+    if let Some(r) = room_to_write(&st, &repo, body.len() as u64) {
+        return r;
     }
     let repo = repo.into_inner();
     match st

@@ -427,3 +427,28 @@ fn credentials_are_checked_before_the_body_is_read() {
         assert!(answer.contains("\"unauthorized\""), "{what}: {answer}");
     }
 }
+
+/// Writes, announced or not, leave `server.min_free_space` free: with more asked for than the
+/// disk has, a valid object is refused (507) and not stored.
+#[test]
+fn a_write_that_would_eat_into_the_minimum_free_space_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start_receiver(
+        dir.path(),
+        RSECRET,
+        None,
+        &[],
+        "server:\n  min_free_space: 1000000TiB\n",
+    );
+    let (a, ab) = compress_metadata(b"chunk a", Suffix::Partial);
+    let path = format!("/api/v1/repos/{REPO}/objects/{a}");
+    assert_eq!(
+        code(
+            signed("PUT", &r.url, &path, ab, RSECRET, now())
+                .send()
+                .unwrap()
+        ),
+        (507, "insufficient-storage".into())
+    );
+    assert!(!r.storage.join(a.path()).exists());
+}
