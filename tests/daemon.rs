@@ -920,3 +920,42 @@ fn a_new_release_is_committed_with_the_catalogs_built_while_it_was_processed() {
     drop(repo);
     check_repo(&d.storage);
 }
+
+/// A job's final record that fails to be journaled once is journaled again: after a restart
+/// the job is `published` as it was, not resumed and committed once more.
+#[test]
+fn a_final_record_that_failed_to_journal_is_journaled_again() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let d = Daemon::start(
+        dir.path(),
+        &[("CVMFS_PREPUB_TEST_FAIL", "record-published")],
+    );
+    let id = d.submit_id(ADMIN, "/p/final", &tar_bytes(&small_tree("final")), None);
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(j["state"], "published", "{j}");
+    let journaled = || {
+        std::fs::read_to_string(dir.path().join("spool/journal.wal"))
+            .unwrap()
+            .lines()
+            .any(|l| l.contains(&id) && l.contains("\"state\":\"published\""))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !journaled() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "published never journaled"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(d);
+    let d = Daemon::start(dir.path(), &[]);
+    let again = d.job(&id);
+    assert_eq!(again["state"], "published", "{again}");
+    assert_eq!(again["revision"], j["revision"]);
+    assert!(
+        d.metrics_text()
+            .contains("cvmfs_prepub_jobs_recovered_total 0"),
+        "the job was resumed after the restart"
+    );
+}

@@ -336,15 +336,40 @@ impl JobManager {
         }
         self.jobs.insert(rec.id.clone(), rec.clone());
         self.update_gauges();
+        let terminal = rec.state.is_terminal().then(|| rec.clone());
         ctx.spawn(
             self.journal
                 .send(RecordJob(rec))
                 .into_actor(self)
                 .map(move |res, act, ctx| {
                     let ok = matches!(res, Ok(Ok(())));
+                    if let (false, Some(rec)) = (ok, terminal) {
+                        act.journal_terminal_later(rec, ctx);
+                    }
                     then(act, ctx, ok)
                 }),
         );
+    }
+
+    /// A job's final record could not be journaled: it is journaled again after the retry
+    /// backoff (until it is), or a restart would resume the job from its last journaled step
+    /// — committing a published job once more, or carrying on with an aborted one.
+    fn journal_terminal_later(&mut self, rec: JobRecord, ctx: &mut Context<Self>) {
+        ctx.run_later(self.settings.retry_backoff, move |act, ctx| {
+            if act.jobs.get(&rec.id) != Some(&rec) {
+                return; // superseded (forgotten, or a newer record)
+            }
+            ctx.spawn(
+                act.journal
+                    .send(RecordJob(rec.clone()))
+                    .into_actor(act)
+                    .map(move |res, act, ctx| {
+                        if !matches!(res, Ok(Ok(()))) {
+                            act.journal_terminal_later(rec, ctx);
+                        }
+                    }),
+            );
+        });
     }
 
     /// When `rec` has entered a new state, the time it spent in the one before goes into

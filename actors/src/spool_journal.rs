@@ -60,6 +60,12 @@ pub struct RecordJob(pub JobRecord);
 impl Handler<RecordJob> for SpoolJournal {
     type Result = Result<(), SpoolError>;
     fn handle(&mut self, m: RecordJob, _: &mut SyncContext<Self>) -> Self::Result {
+        if crate::testhook::fails(&format!("record-{}", m.0.state.as_str())) {
+            return Err(prepub_core::spool::SpoolError::Io {
+                path: "journal.wal".into(),
+                source: std::io::Error::other("test hook: journal write failed"),
+            });
+        }
         self.spool.record(&m.0)?;
         if m.0.tar_deleted {
             self.spool.delete_payload(&m.0.id);

@@ -1,7 +1,9 @@
 //! Test-only fault injection, driven by environment variables that production never sets:
 //! `CVMFS_PREPUB_TEST_CRASH=<point>` aborts the process (like SIGKILL: no cleanup, no flush)
 //! when execution reaches `<point>`; `CVMFS_PREPUB_TEST_HOLD=<point>=<ms>,...` sleeps there, to
-//! hold a job in a state. Points are named after the journaled steps of a job.
+//! hold a job in a state; `CVMFS_PREPUB_TEST_FAIL=<point>#<n>` makes the n-th pass of a point
+//! that can fail (see [`fails`]) report an I/O error. Points are named after the journaled
+//! steps of a job.
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -54,4 +56,19 @@ pub fn point(name: &str) {
     if let Some(ms) = holds().get(name) {
         std::thread::sleep(Duration::from_millis(*ms));
     }
+}
+
+/// Whether the step at `name` is to fail this time (`CVMFS_PREPUB_TEST_FAIL=<point>#<n>`: the
+/// n-th time it is reached, the first when `#<n>` is left out).
+pub fn fails(name: &str) -> bool {
+    static FAIL: OnceLock<Option<(String, usize)>> = OnceLock::new();
+    static REACHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let Some((point, nth)) = FAIL.get_or_init(|| {
+        let v = std::env::var("CVMFS_PREPUB_TEST_FAIL").ok()?;
+        let (p, n) = v.split_once('#').unwrap_or((v.as_str(), "1"));
+        Some((p.to_string(), n.parse().unwrap_or(1)))
+    }) else {
+        return false;
+    };
+    point == name && REACHED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == *nth
 }
