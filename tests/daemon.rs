@@ -959,3 +959,49 @@ fn a_final_record_that_failed_to_journal_is_journaled_again() {
         "the job was resumed after the restart"
     );
 }
+
+/// A job whose processing takes the daemon down every time is not resumed forever: after
+/// `max_attempts` (3) interrupted attempts the next start ends it `failed`, with the reason, and
+/// the service goes on.
+#[test]
+fn a_job_that_stops_the_daemon_each_time_fails_after_max_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let crash = [("CVMFS_PREPUB_TEST_CRASH", "processing-journaled")];
+    let mut d = Daemon::start(dir.path(), &crash);
+    let _ = d.post_job(ADMIN, "/p/poison", &tar_bytes(&small_tree("poison")), None);
+    assert!(d.wait_exit(30), "no crash:\n{}", d.log_text());
+    drop(d);
+    // Two more starts, each resuming the job and stopping at the same step (the crash may come
+    // before the daemon answers its health check, so these are plain processes).
+    for _ in 0..2 {
+        let mut p = std::process::Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
+            .args([
+                "--config",
+                dir.path().join("config.yaml").to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .env("PREPUB_API_TOKEN", ADMIN)
+            .env("CVMFS_PREPUB_TEST_CRASH", "processing-journaled")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while p.try_wait().unwrap().is_none() {
+            assert!(std::time::Instant::now() < deadline, "no crash on resume");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    let d = Daemon::start(dir.path(), &[]);
+    let all = d.jobs();
+    let id = all["jobs"][0]["job_id"].as_str().unwrap().to_string();
+    let j = d.wait_terminal(&id, 30);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "processing-interrupted", "{j}");
+    assert_eq!(j["attempts"], 3, "{j}");
+    // The service goes on.
+    let ok = d.submit_id(ADMIN, "/p/fine", &tar_bytes(&small_tree("fine")), None);
+    assert_eq!(d.wait_terminal(&ok, 60)["state"], "published");
+}

@@ -453,6 +453,22 @@ impl JobManager {
             self.save(job, ctx, |_, _, _| {});
             return;
         };
+        if job.attempts >= self.settings.max_attempts {
+            // Each attempt ended with the daemon (a retried failure would have been counted
+            // and stopped by `retry_or_fail`): a job that takes the process down is not resumed
+            // forever, holding up the queue.
+            let message = format!(
+                "processing was started {} times and never finished (the daemon stopped during each attempt); not tried again",
+                job.attempts
+            );
+            job.fail("processing-interrupted", message, now_ms());
+            self.metrics
+                .job_failures_by_class_total
+                .with_label_values(&["permanent"])
+                .inc();
+            self.save(job, ctx, |_, _, _| {});
+            return;
+        }
         job.attempts += 1;
         job.transition(JobState::Processing, now_ms());
         let run = self.new_run();
