@@ -441,16 +441,8 @@ impl JobManager {
             return;
         }
         let Some(target) = self.settings.repos.get(&job.repo).cloned() else {
-            job.fail(
-                "unknown-repository",
-                format!("repository {} is not configured", job.repo),
-                now_ms(),
-            );
-            self.metrics
-                .job_failures_by_class_total
-                .with_label_values(&["permanent"])
-                .inc();
-            self.save(job, ctx, |_, _, _| {});
+            let message = format!("repository {} is not configured", job.repo);
+            self.end_failed(job, "unknown-repository", message, "permanent", ctx);
             return;
         };
         if job.attempts >= self.settings.max_attempts {
@@ -461,12 +453,7 @@ impl JobManager {
                 "processing was started {} times and never finished (the daemon stopped during each attempt); not tried again",
                 job.attempts
             );
-            job.fail("processing-interrupted", message, now_ms());
-            self.metrics
-                .job_failures_by_class_total
-                .with_label_values(&["permanent"])
-                .inc();
-            self.save(job, ctx, |_, _, _| {});
+            self.end_failed(job, "processing-interrupted", message, "permanent", ctx);
             return;
         }
         job.attempts += 1;
@@ -713,19 +700,11 @@ impl JobManager {
             self.jobs.insert(id.clone(), job);
             self.after_saved_changeset(id, ctx);
         } else {
-            job.fail(
-                "distribution-quorum",
-                format!(
-                    "{ok} of {total} Stratum 1 endpoints were pre-warmed, the quorum is {}",
-                    dist.settings.quorum
-                ),
-                now_ms(),
+            let message = format!(
+                "{ok} of {total} Stratum 1 endpoints were pre-warmed, the quorum is {}",
+                dist.settings.quorum
             );
-            self.metrics
-                .job_failures_by_class_total
-                .with_label_values(&["transient"])
-                .inc();
-            self.save(job, ctx, |_, _, _| {});
+            self.end_failed(job, "distribution-quorum", message, "transient", ctx);
         }
     }
 
@@ -790,7 +769,7 @@ impl JobManager {
         ctx: &mut Context<Self>,
         again: fn(&mut Self, String, &mut Context<Self>),
     ) {
-        let Some(mut job) = self.jobs.get(&id).cloned() else {
+        let Some(job) = self.jobs.get(&id).cloned() else {
             return;
         };
         if retryable && job.attempts < self.settings.max_attempts {
@@ -799,8 +778,21 @@ impl JobManager {
             ctx.run_later(backoff, move |act, ctx| again(act, id, ctx));
             return;
         }
-        job.fail(code, message, now_ms());
         let class = if retryable { "transient" } else { "permanent" };
+        self.end_failed(job, code, message, class, ctx);
+    }
+
+    /// Ends `job` `failed` with `code` and `message`, counted under `class` (`transient` or
+    /// `permanent`), and journals it.
+    fn end_failed(
+        &mut self,
+        mut job: JobRecord,
+        code: &str,
+        message: String,
+        class: &str,
+        ctx: &mut Context<Self>,
+    ) {
+        job.fail(code, message, now_ms());
         self.metrics
             .job_failures_by_class_total
             .with_label_values(&[class])
