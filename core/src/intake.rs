@@ -1127,15 +1127,7 @@ mod tests {
             .raw(b"d/link", EntryType::Link, b"", b"d/big")
             .raw(b"e/link2", EntryType::Link, b"", b"d/small")
             .done();
-        let chunked = EncodeParams {
-            chunking: ChunkParams {
-                enabled: true,
-                min: 64 << 10,
-                avg: 256 << 10,
-                max: 1 << 20,
-            },
-            compression: Compression::Zlib(6),
-        };
+        let chunked = EncodeParams::small_chunks();
         let d1 = tempfile::tempdir().unwrap();
         let inline_cas = LocalCas::create(d1.path()).unwrap().without_fsync();
         let a = read_tar(

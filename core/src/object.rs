@@ -68,6 +68,23 @@ impl Default for EncodeParams {
     }
 }
 
+#[cfg(test)]
+impl EncodeParams {
+    /// zlib-6 with chunks of 64 KiB–1 MiB (256 KiB on average): small enough that a test file
+    /// of a few MB is cut into several.
+    pub(crate) fn small_chunks() -> EncodeParams {
+        EncodeParams {
+            chunking: crate::chunker::ChunkParams {
+                enabled: true,
+                min: 64 << 10,
+                avg: 256 << 10,
+                max: 1 << 20,
+            },
+            compression: Compression::Zlib(6),
+        }
+    }
+}
+
 /// One chunk of a chunked file: uncompressed offset and size, and its `P` object.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FileChunk {

@@ -1396,15 +1396,7 @@ mod tests {
         let big: Vec<u8> = (0..3_000_000u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
-        let chunked = EncodeParams {
-            chunking: ChunkParams {
-                enabled: true,
-                min: 64 << 10,
-                avg: 256 << 10,
-                max: 1 << 20,
-            },
-            compression: Compression::Zlib(6),
-        };
+        let chunked = EncodeParams::small_chunks();
         let steps: [&[Item]; 3] = [
             &[
                 ("a", Ok(b"one")),
