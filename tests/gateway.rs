@@ -505,3 +505,44 @@ fn a_new_release_gets_its_catalogs_built_before_the_lease() {
     drop(repo);
     check(&d.storage);
 }
+
+#[test]
+fn a_lease_left_by_an_aborted_job_is_given_back_at_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let gw = Double::start(dir.path(), &[], None);
+    // The commit holds the lease (for the double's default two hours) and stops there; the job
+    // is aborted (its commit not journaled yet, so it ends at once) and the daemon is killed
+    // before the commit thread could give the lease back.
+    let d = gateway_daemon(
+        dir.path(),
+        &gw,
+        "",
+        &[("CVMFS_PREPUB_TEST_HOLD", "lease-acquired=60000")],
+    );
+    let id = submit(&d, "/sw/held", &tree("held"));
+    let lease_file = dir.path().join("spool/jobs").join(&id).join("lease.token");
+    assert!(
+        eventually(30, || lease_file.exists()),
+        "no lease taken:\n{}",
+        d.log_text()
+    );
+    let r = client()
+        .post(format!("{}/api/v1/jobs/{id}/abort", d.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().unwrap());
+    assert_eq!(d.wait_terminal(&id, 10)["state"], "aborted");
+    drop(d);
+    // Restarted, the daemon cancels it: the next job on the same path gets the lease at once
+    // (without, it waits `lease_wait`, 30 s, for a lease that lives two hours, and fails).
+    let d = Daemon::start(dir.path(), &[("CVMFS_GATEWAY_SECRET", SECRET)]);
+    let next = submit(&d, "/sw/held", &tree("next"));
+    let j = d.wait_terminal(&next, 25);
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    assert_eq!(j["revision"], 2);
+    assert!(!lease_file.exists(), "lease file kept");
+    assert_eq!(d.job(&id)["state"], "aborted");
+    check(&d.storage);
+}

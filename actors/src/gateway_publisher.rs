@@ -14,6 +14,7 @@
 //! for the manifest to advance and starts over; bad credentials fail the job at once.
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -213,24 +214,31 @@ pub struct GatewayPublisher {
 }
 
 impl GatewayPublisher {
+    /// One commit thread per repository of `repos`; `spool` is the spool root, whose job
+    /// directories may hold leases a stopped daemon did not give back.
     pub fn new(
         repos: Vec<String>,
         settings: Arc<GatewaySettings>,
         client: Arc<GatewayClient>,
         heartbeat: Addr<GatewayLease>,
+        spool: PathBuf,
     ) -> GatewayPublisher {
         let mut queues = HashMap::new();
         for name in repos {
             let (tx, rx) = unbounded::<CommitJob>();
-            let (s, c, hb, repo) = (
+            let (s, c, hb, repo, spool) = (
                 settings.clone(),
                 client.clone(),
                 heartbeat.clone(),
                 name.clone(),
+                spool.clone(),
             );
             let _ = thread::Builder::new()
                 .name(format!("gw-commit-{name}"))
                 .spawn(move || {
+                    // Before any commit of the repository: a job resumed later cancels its
+                    // own lease anyway, but one that ended (aborted) never runs again.
+                    give_back_leases(&spool, &repo, &c);
                     while let Ok(job) = rx.recv() {
                         let id = job.job.id.clone();
                         let done = job.done.clone();
@@ -279,6 +287,36 @@ impl Handler<CommitJob> for GatewayPublisher {
                 false,
             )),
         });
+    }
+}
+
+/// Cancels the leases that commits of `repo`'s jobs held when the daemon stopped
+/// (`jobs/<id>/lease.token`, the job's repository read from its `job.json`). A job's commit
+/// that finds its own lease file does the same, but a job that ended while its commit held a
+/// lease (aborted before the commit was journaled, then the daemon killed before the commit
+/// thread gave the lease back) never commits again: without this, its path stays busy until
+/// the gateway expires the lease.
+fn give_back_leases(spool: &Path, repo: &str, client: &GatewayClient) {
+    let Ok(dirs) = std::fs::read_dir(spool.join("jobs")) else {
+        return;
+    };
+    for dir in dirs.flatten().map(|e| e.path()) {
+        let lease_file = dir.join("lease.token");
+        let Ok(token) = std::fs::read_to_string(&lease_file) else {
+            continue;
+        };
+        let of_repo = std::fs::read(dir.join("job.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<JobRecord>(&b).ok())
+            .is_some_and(|j| j.repo == repo);
+        if !of_repo {
+            continue;
+        }
+        // An error means it was consumed by a commit, or expired: nothing to give back.
+        if client.cancel(token.trim()).is_ok() {
+            crate::testhook::point("stale-lease-cancelled");
+        }
+        let _ = std::fs::remove_file(&lease_file);
     }
 }
 
@@ -518,6 +556,7 @@ fn commit(
             release(true);
             return Err(err("spool-write", e, true));
         }
+        crate::testhook::point("lease-acquired");
         let now = prepub_core::timefmt::now();
         let built = repo::apply_changeset_with(
             &mut tree,
