@@ -582,6 +582,7 @@ fn commit(
             job.starting.do_send(CommitStarting {
                 job_id: job.job.id.clone(),
                 base_root: base.to_string(),
+                not_landed: true,
                 ack: ack_tx,
             });
             if !ack_rx.recv().unwrap_or(false) {

@@ -1176,6 +1176,21 @@ impl Handler<CommitStarting> for JobManager {
             let _ = m.ack.send(false);
             return;
         }
+        if m.not_landed && job.base_root.is_some() {
+            // The start of an earlier commit was journaled, and it neither landed nor failed:
+            // the daemon stopped during it. A commit that takes the process down is not
+            // resumed forever (the repository's queue waits behind it).
+            if job.attempts >= self.settings.max_attempts {
+                let message = format!(
+                    "the commit was interrupted (the daemon stopped during it) after {} attempts of the job; not tried again, nothing of it was published",
+                    job.attempts
+                );
+                let _ = m.ack.send(false);
+                self.end_failed(job, "commit-interrupted", message, "permanent", ctx);
+                return;
+            }
+            job.attempts += 1;
+        }
         job.base_root = Some(m.base_root);
         job.updated = now_ms();
         let ack = m.ack;

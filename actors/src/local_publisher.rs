@@ -315,6 +315,7 @@ fn commit(
     job.starting.do_send(CommitStarting {
         job_id: job.job.id.clone(),
         base_root: String::new(),
+        not_landed: false,
         ack: ack_tx,
     });
     if !ack_rx.recv().unwrap_or(false) {

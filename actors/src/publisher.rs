@@ -75,12 +75,17 @@ impl RepoTarget {
 }
 
 /// Sent by a commit thread before it changes the repository. The manager journals `base_root`
-/// and answers on `ack` whether to go on (false: the job was aborted meanwhile).
+/// and answers on `ack` whether to go on (false: the job was aborted meanwhile, or its commit
+/// was interrupted too often, see `not_landed`).
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct CommitStarting {
     pub job_id: String,
     pub base_root: String,
+    /// The commit thread found the job's commit not in the repository: a start journaled
+    /// before was interrupted (the daemon stopped) without publishing, and counts as an
+    /// attempt. False where the publisher cannot tell (local mode).
+    pub not_landed: bool,
     pub ack: Sender<bool>,
 }
 
@@ -339,6 +344,7 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
     job.starting.do_send(CommitStarting {
         job_id: job.job.id.clone(),
         base_root: m.root_catalog.to_string(),
+        not_landed: true,
         ack: ack_tx,
     });
     if !ack_rx.recv().unwrap_or(false) {
