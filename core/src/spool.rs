@@ -12,7 +12,8 @@
 //!   is removed.
 //!
 //! On open the journal is replayed (a torn last line from a crash is ignored) and compacted to
-//! one record per job.
+//! one record per job; a running daemon compacts it again whenever it has doubled (and grown by
+//! at least [`COMPACT_MIN`]) since.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -131,6 +132,59 @@ pub struct Spool {
     /// next record starts on a line of its own (the fragment is skipped at replay, and must
     /// not swallow an acknowledged record).
     torn: bool,
+    /// Bytes in the journal, and the size at which it is compacted next.
+    size: u64,
+    compact_at: u64,
+    compact_min: u64,
+}
+
+/// The journal is compacted (to one line per job) once it has grown by this much and to twice
+/// its size after the last compaction: a long-running daemon's journal stays within a few
+/// times the size of its jobs' current records, at an amortised cost of a few bytes rewritten
+/// per byte appended, instead of growing with every transition until the next start.
+pub const COMPACT_MIN: u64 = 8 << 20;
+
+fn compact_threshold(size: u64, min: u64) -> u64 {
+    size.saturating_mul(2).max(size + min)
+}
+
+/// Every job's latest record in the journal at `wal_path` (none if there is no journal).
+fn replay(wal_path: &Path) -> Result<BTreeMap<String, JobRecord>, SpoolError> {
+    let mut jobs: BTreeMap<String, JobRecord> = BTreeMap::new();
+    if !wal_path.exists() {
+        return Ok(jobs);
+    }
+    let f = File::open(wal_path).map_err(ioe(wal_path))?;
+    for line in BufReader::new(f).split(b'\n') {
+        let line = line.map_err(ioe(wal_path))?;
+        if line.is_empty() {
+            continue;
+        }
+        // A torn line (crash or failed write mid-append) was never acknowledged: skip it.
+        if let Ok(rec) = serde_json::from_slice::<JobRecord>(&line) {
+            jobs.insert(rec.id.clone(), rec);
+        }
+    }
+    Ok(jobs)
+}
+
+/// Rewrites the journal as one line per job, atomically (a crash leaves the old journal or the
+/// new one, each with every job's latest record); returns it opened for appending, and its size.
+fn compact(wal_path: &Path, jobs: &BTreeMap<String, JobRecord>) -> Result<(File, u64), SpoolError> {
+    let mut compacted = Vec::new();
+    for rec in jobs.values() {
+        compacted.extend(serde_json::to_vec(rec).map_err(|e| SpoolError::Corrupt {
+            path: wal_path.display().to_string(),
+            msg: e.to_string(),
+        })?);
+        compacted.push(b'\n');
+    }
+    write_atomic(wal_path, &compacted)?;
+    let wal = OpenOptions::new()
+        .append(true)
+        .open(wal_path)
+        .map_err(ioe(wal_path))?;
+    Ok((wal, compacted.len() as u64))
 }
 
 impl Spool {
@@ -142,20 +196,7 @@ impl Spool {
         }
         migrate(root)?;
         let wal_path = root.join("journal.wal");
-        let mut jobs: BTreeMap<String, JobRecord> = BTreeMap::new();
-        if wal_path.exists() {
-            let f = File::open(&wal_path).map_err(ioe(&wal_path))?;
-            for line in BufReader::new(f).split(b'\n') {
-                let line = line.map_err(ioe(&wal_path))?;
-                if line.is_empty() {
-                    continue;
-                }
-                // A torn final line (crash mid-append) was never acknowledged: skip it.
-                if let Ok(rec) = serde_json::from_slice::<JobRecord>(&line) {
-                    jobs.insert(rec.id.clone(), rec);
-                }
-            }
-        }
+        let jobs = replay(&wal_path)?;
         // Uploads that never became jobs.
         let incoming = root.join("incoming");
         if let Ok(rd) = fs::read_dir(&incoming) {
@@ -172,28 +213,37 @@ impl Spool {
                 }
             }
         }
-        // Compact: one line per job, written atomically.
-        let mut compacted = Vec::new();
-        for rec in jobs.values() {
-            compacted.extend(serde_json::to_vec(rec).map_err(|e| SpoolError::Corrupt {
-                path: wal_path.display().to_string(),
-                msg: e.to_string(),
-            })?);
-            compacted.push(b'\n');
-        }
-        write_atomic(&wal_path, &compacted)?;
-        let wal = OpenOptions::new()
-            .append(true)
-            .open(&wal_path)
-            .map_err(ioe(&wal_path))?;
+        let (wal, size) = compact(&wal_path, &jobs)?;
         Ok((
             Spool {
                 root: root.to_path_buf(),
                 wal,
                 torn: false,
+                size,
+                compact_at: compact_threshold(size, COMPACT_MIN),
+                compact_min: COMPACT_MIN,
             },
             jobs,
         ))
+    }
+
+    /// Compacts the journal if it has grown enough since it last was (see [`COMPACT_MIN`]).
+    /// Trouble leaves the journal as it is (every record in it still counts) and is tried again
+    /// after as much growth once more.
+    fn maybe_compact(&mut self) {
+        if self.size < self.compact_at {
+            return;
+        }
+        let wal_path = self.root.join("journal.wal");
+        match replay(&wal_path).and_then(|jobs| compact(&wal_path, &jobs)) {
+            Ok((wal, size)) => {
+                self.wal = wal;
+                self.size = size;
+                self.torn = false;
+                self.compact_at = compact_threshold(size, self.compact_min);
+            }
+            Err(_) => self.compact_at = self.size + self.compact_min,
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -267,10 +317,14 @@ impl Spool {
         }
         if let Err(e) = self.wal.write_all(&line) {
             self.torn = true;
+            // Part of it may be there.
+            self.size += line.len() as u64;
             return Err(ioe(&wal_path)(e));
         }
         self.torn = false;
+        self.size += line.len() as u64;
         self.wal.sync_data().map_err(ioe(&wal_path))?;
+        self.maybe_compact();
         let dir = self.job_dir(&rec.id);
         if dir.is_dir() {
             let pretty = serde_json::to_vec_pretty(rec).unwrap_or_default();
@@ -421,6 +475,47 @@ impl Drop for AckLog {
 mod tests {
     use super::*;
     use crate::jobs::JobState;
+
+    #[test]
+    fn the_journal_is_compacted_while_it_grows() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut spool, _) = Spool::open(dir.path()).unwrap();
+        spool.compact_min = 16 << 10;
+        spool.compact_at = compact_threshold(spool.size, spool.compact_min);
+        let wal = dir.path().join("journal.wal");
+        // One job that ended long ago, then many transitions of a few others.
+        let mut old = JobRecord::new("old".into(), "r".into(), "/old".into(), 1);
+        old.transition(JobState::Published, 2);
+        spool.record(&old).unwrap();
+        let one = serde_json::to_vec(&old).unwrap().len() as u64 + 1;
+        let mut largest = 0;
+        for i in 0..2000 {
+            let mut rec = JobRecord::new(format!("j{}", i % 4), "r".into(), "/p".into(), 1);
+            rec.updated = i;
+            spool.record(&rec).unwrap();
+            let size = fs::metadata(&wal).unwrap().len();
+            assert_eq!(size, spool.size);
+            largest = largest.max(size);
+        }
+        // Without compaction it would hold all 2,001 lines; it stays within twice the
+        // threshold (five current records are far below it).
+        assert!(
+            2001 * one > 10 * (32 << 10),
+            "records too small for the test"
+        );
+        assert!(
+            largest <= 2 * (16 << 10) + 2 * one,
+            "journal grew to {largest}"
+        );
+        // Every job's latest record is there, the old one too, after a restart.
+        drop(spool);
+        let (_, jobs) = Spool::open(dir.path()).unwrap();
+        assert_eq!(jobs.len(), 5);
+        assert_eq!(jobs["old"].state, JobState::Published);
+        for (k, last) in [("j0", 1996), ("j1", 1997), ("j2", 1998), ("j3", 1999)] {
+            assert_eq!(jobs[k].updated, last, "{k}");
+        }
+    }
 
     #[test]
     fn format_is_stamped_migrated_and_never_downgraded() {
