@@ -1207,3 +1207,46 @@ fn a_run_whose_client_went_away_still_ends_and_releases_the_repository() {
     let j = publish(&d, "/sw/after", &[file("bin/after", v(7))], None);
     assert_eq!(j["state"], "published", "{j}");
 }
+
+/// Temporary files that writes cut off by a stopped process left in the storage go with a run
+/// once they are older than the grace period; younger ones (a write that may still be going
+/// on) and the objects stay.
+#[test]
+fn a_run_removes_leftovers_of_interrupted_writes_older_than_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    gc_dir(
+        dir.path(),
+        "{enabled: true, keep_revisions: 1, grace_period: 1h, auto_tag_timespan: 0s}",
+    );
+    let d = Daemon::start(dir.path(), &[]);
+    let kept = [file("bin/app", release(1))];
+    assert_eq!(publish(&d, "/sw/app", &kept, None)["state"], "published");
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(7200);
+    let leftover = |path: std::path::PathBuf, len: usize, old: bool| {
+        std::fs::write(&path, vec![7u8; len]).unwrap();
+        if old {
+            let f = std::fs::File::options().write(true).open(&path).unwrap();
+            f.set_modified(two_hours_ago).unwrap();
+        }
+        path
+    };
+    let data = d.storage.join("data");
+    let old = [
+        leftover(data.join("3f/.tmp.4242.17"), 1000, true),
+        leftover(data.join("txn/.tmp.4242.18"), 200, true),
+        leftover(d.storage.join(".tmp.4242.19"), 30, true),
+    ];
+    let young = leftover(data.join("3f/.tmp.4242.20"), 50, false);
+    let (status, body) = api_run(&d);
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let run = &v["run"];
+    assert_eq!(run["leftovers_removed"], 3, "{run}");
+    assert_eq!(run["deleted"], 0, "{run}");
+    assert_eq!(run["bytes_reclaimed"], 1230, "{run}");
+    for p in &old {
+        assert!(!p.exists(), "{} kept", p.display());
+    }
+    assert!(young.exists(), "a young temporary file was removed");
+    read_back(&d, &dir.path().join("cache"), "/sw/app", &kept);
+}

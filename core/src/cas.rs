@@ -178,6 +178,50 @@ impl InShard<'_> {
     }
 }
 
+/// Removes the temporary files (`.tmp.*`) of a local storage at `root` — its top directory,
+/// `data/00`…`data/ff` and `data/txn` — last modified before `before` (UNIX seconds): the
+/// leftovers of writes that never completed because their process stopped mid-write (a
+/// completed write renames its temporary file, a failed one removes it). Returns how many were
+/// removed and their bytes. Only for a storage no one writes to right now, or with `before`
+/// well in the past.
+pub fn sweep_temps(root: &Path, before: i64) -> Result<(usize, u64), CasError> {
+    let data = root.join("data");
+    let dirs = std::iter::once(root.to_path_buf())
+        .chain((0..=255u8).map(|i| data.join(format!("{i:02x}"))))
+        .chain(std::iter::once(data.join("txn")));
+    let (mut n, mut bytes) = (0, 0);
+    for d in dirs {
+        let rd = match fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(CasError::io("list", &d, e)),
+        };
+        for ent in rd.flatten() {
+            if !ent.file_name().to_string_lossy().starts_with(".tmp.") {
+                continue;
+            }
+            let Ok(meta) = ent.metadata() else { continue };
+            let modified = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(i64::MAX, |d| d.as_secs() as i64);
+            if !meta.is_file() || modified >= before {
+                continue;
+            }
+            match fs::remove_file(ent.path()) {
+                Ok(()) => {
+                    n += 1;
+                    bytes += meta.len();
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(CasError::io("delete", &ent.path(), e)),
+            }
+        }
+    }
+    Ok((n, bytes))
+}
+
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn temp_name() -> String {

@@ -83,6 +83,10 @@ pub struct GcRun {
     pub deleted: usize,
     #[serde(default)]
     pub bytes_reclaimed: u64,
+    /// Temporary files of writes that never completed (a process stopped mid-write), older than
+    /// the grace period, removed from a local storage; their bytes are in `bytes_reclaimed`.
+    #[serde(default)]
+    pub leftovers_removed: usize,
 }
 
 impl GcRun {
@@ -106,6 +110,7 @@ impl GcRun {
             revoked: 0,
             deleted: 0,
             bytes_reclaimed: 0,
+            leftovers_removed: 0,
         }
     }
 

@@ -610,6 +610,13 @@ fn collect(
     })?;
     run.deleted = swept.deleted;
     run.bytes_reclaimed = swept.bytes;
+    if let (Some(dir), false) = (local, swept.stopped) {
+        // Still under the storage's lock: no writer of this daemon or another is at work, and
+        // the grace period covers one that does not take the lock.
+        let (n, bytes) = prepub_core::cas::sweep_temps(dir, t0 - g.grace.as_secs() as i64)?;
+        run.leftovers_removed = n;
+        run.bytes_reclaimed += bytes;
+    }
     if !due_ids.is_empty() {
         let mut store = AccessStore::open(db, 0).map_err(ae)?;
         let deleted = &plan.candidates[..swept.deleted];
