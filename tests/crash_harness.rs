@@ -378,6 +378,7 @@ fn gateway_mode_with_receivers_survives_kills_of_the_daemon_the_gateway_and_a_re
         "distribution-ack#3",
         "committing-journaled#1",
         "commit-started#2",
+        "lease-acquired#1",
         "manifest-written#1",
     ];
     for point in points {

@@ -973,7 +973,11 @@ fn a_job_that_stops_the_daemon_each_time_fails_after_max_attempts() {
     assert!(d.wait_exit(30), "no crash:\n{}", d.log_text());
     drop(d);
     // Two more starts, each resuming the job and stopping at the same step.
-    crash_on_resume(dir.path(), "processing-journaled", 2);
+    crash_on_resume(
+        dir.path(),
+        &[("CVMFS_PREPUB_TEST_CRASH", "processing-journaled")],
+        2,
+    );
     let d = Daemon::start(dir.path(), &[]);
     let all = d.jobs();
     let id = all["jobs"][0]["job_id"].as_str().unwrap().to_string();
@@ -984,32 +988,6 @@ fn a_job_that_stops_the_daemon_each_time_fails_after_max_attempts() {
     // The service goes on.
     let ok = d.submit_id(ADMIN, "/p/fine", &tar_bytes(&small_tree("fine")), None);
     assert_eq!(d.wait_terminal(&ok, 60)["state"], "published");
-}
-
-/// Starts the daemon `times` times with a crash at `point`, each start waited for until the
-/// process stops (the crash may come before the daemon answers its health check, so these are
-/// plain processes).
-fn crash_on_resume(dir: &std::path::Path, point: &str, times: usize) {
-    for _ in 0..times {
-        let mut p = std::process::Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
-            .args([
-                "--config",
-                dir.join("config.yaml").to_str().unwrap(),
-                "--listen",
-                &format!("127.0.0.1:{}", free_port()),
-            ])
-            .env("PREPUB_API_TOKEN", ADMIN)
-            .env("CVMFS_PREPUB_TEST_CRASH", point)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while p.try_wait().unwrap().is_none() {
-            assert!(std::time::Instant::now() < deadline, "no crash on resume");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    }
 }
 
 /// The same for a commit that takes the daemon down: every resumed commit finds its job's
@@ -1024,7 +1002,7 @@ fn a_commit_that_stops_the_daemon_each_time_fails_after_max_attempts() {
     let id = d.submit_id(ADMIN, "/p/poison", &tar_bytes(&small_tree("poison")), None);
     assert!(d.wait_exit(30), "no crash:\n{}", d.log_text());
     drop(d);
-    crash_on_resume(dir.path(), "commit-started", 2);
+    crash_on_resume(dir.path(), &crash, 2);
     let d = Daemon::start(dir.path(), &[]);
     let j = d.wait_terminal(&id, 30);
     assert_eq!(j["state"], "failed", "{j}");

@@ -201,11 +201,12 @@ fn a_lease_that_expires_mid_job_is_replaced() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
     let gw = Double::start(dir.path(), &["--max-lease-time", "1s"], None);
+    // The first lease runs out while the commit is held; the next one is not held.
     let d = gateway_daemon(
         dir.path(),
         &gw,
         "",
-        &[("CVMFS_PREPUB_TEST_HOLD", "commit-started=1500")],
+        &[("CVMFS_PREPUB_TEST_HOLD", "lease-acquired#1=1500")],
     );
     let id = submit(&d, "/sw/e", &tree("e"));
     let j = d.wait_terminal(&id, 90);
@@ -223,7 +224,7 @@ fn survives_a_gateway_restart() {
         dir.path(),
         &gw,
         "",
-        &[("CVMFS_PREPUB_TEST_HOLD", "commit-started=1500")],
+        &[("CVMFS_PREPUB_TEST_HOLD", "lease-acquired#1=1500")],
     );
     let id = submit(&d, "/sw/r", &tree("r"));
     for _ in 0..200 {
@@ -506,14 +507,16 @@ fn a_new_release_gets_its_catalogs_built_before_the_lease() {
     check(&d.storage);
 }
 
+/// An abort asked for while the commit holds the gateway lease is carried out by the commit
+/// (which gives the lease back), also when the daemon is killed first: the abort is journaled,
+/// and the resumed commit gives back the lease the killed one held and aborts. Nothing is
+/// published, and the next job on the same path gets the lease at once.
 #[test]
-fn a_lease_left_by_an_aborted_job_is_given_back_at_restart() {
+fn an_abort_during_a_gateway_commit_survives_a_restart_and_the_lease_goes_back() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
     let gw = Double::start(dir.path(), &[], None);
-    // The commit holds the lease (for the double's default two hours) and stops there; the job
-    // is aborted (its commit not journaled yet, so it ends at once) and the daemon is killed
-    // before the commit thread could give the lease back.
+    // The commit takes the lease (for the double's default two hours) and stops there.
     let d = gateway_daemon(
         dir.path(),
         &gw,
@@ -533,16 +536,47 @@ fn a_lease_left_by_an_aborted_job_is_given_back_at_restart() {
         .send()
         .unwrap();
     assert!(r.status().is_success(), "{}", r.text().unwrap());
-    assert_eq!(d.wait_terminal(&id, 10)["state"], "aborted");
+    // The commit thread carries it out; it is held, so the job is still committing.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(d.job(&id)["state"], "committing");
     drop(d);
-    // Restarted, the daemon cancels it: the next job on the same path gets the lease at once
-    // (without, it waits `lease_wait`, 30 s, for a lease that lives two hours, and fails).
     let d = Daemon::start(dir.path(), &[("CVMFS_GATEWAY_SECRET", SECRET)]);
+    let j = d.wait_terminal(&id, 30);
+    assert_eq!(j["state"], "aborted", "{j}\n{}", d.log_text());
+    assert!(!lease_file.exists(), "lease file kept");
+    // (without giving the lease back, this waits `lease_wait`, 30 s, and does not finish)
     let next = submit(&d, "/sw/held", &tree("next"));
     let j = d.wait_terminal(&next, 25);
     assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
     assert_eq!(j["revision"], 2);
-    assert!(!lease_file.exists(), "lease file kept");
-    assert_eq!(d.job(&id)["state"], "aborted");
     check(&d.storage);
+}
+
+/// A gateway commit that takes the daemon down while it holds the lease (building the
+/// catalogs, say) is counted at each start like any commit: after `max_attempts` the job fails
+/// `commit-interrupted` instead of being resumed for ever, and the next job publishes.
+#[test]
+fn a_gateway_commit_that_stops_the_daemon_each_time_fails_after_max_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let gw = Double::start(dir.path(), &[], None);
+    let crash = [("CVMFS_PREPUB_TEST_CRASH", "lease-acquired")];
+    let mut d = gateway_daemon(dir.path(), &gw, "", &crash);
+    let id = submit(&d, "/sw/poison", &tree("poison"));
+    assert!(d.wait_exit(30), "no crash:\n{}", d.log_text());
+    drop(d);
+    let env = [
+        ("CVMFS_GATEWAY_SECRET", SECRET),
+        ("CVMFS_PREPUB_TEST_CRASH", "lease-acquired"),
+    ];
+    crash_on_resume(dir.path(), &env, 2);
+    let d = Daemon::start(dir.path(), &[("CVMFS_GATEWAY_SECRET", SECRET)]);
+    let j = d.wait_terminal(&id, 30);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "commit-interrupted", "{j}");
+    assert_eq!(j["attempts"], 3, "{j}");
+    let next = submit(&d, "/sw/poison", &tree("next"));
+    let jn = d.wait_terminal(&next, 25);
+    assert_eq!(jn["state"], "published", "{jn}\n{}", d.log_text());
+    assert_eq!(jn["revision"], 2, "{jn}");
 }

@@ -4,17 +4,17 @@
 //! Per repository, one commit thread (so commits stay in order) runs each job as the stock
 //! publisher does, but with the lease held only for the catalog work: the job's objects are
 //! already in the CAS that is the Stratum 0 storage. Steps: read and verify `.cvmfspublished`
-//! from the Stratum 0 (C_O); choose the lease path (the target, or its first ancestor missing in
-//! the repository, since a receiver applies changes only inside the lease); take the lease,
-//! waiting with backoff on `path_busy` up to `lease_wait`; build the new catalogs from C_O with
-//! the core's editor (catalogs fetched over HTTP, new ones written to scratch); journal the start;
-//! send the catalogs as object packs (children before parents); commit with old and new root.
+//! from the Stratum 0 (C_O); unless the job's tag is there already, journal the start; choose
+//! the lease path (the target, or its first ancestor missing in the repository, since a receiver
+//! applies changes only inside the lease); take the lease, waiting with backoff on `path_busy` up
+//! to `lease_wait`; build the new catalogs from C_O with the core's editor (catalogs fetched over
+//! HTTP, new ones written to scratch); send the catalogs as object packs (children before
+//! parents); commit with old and new root.
 //! Quirks handled: an expired `lease_ttl` is never committed on (cancel, new lease, resubmit); a
 //! failed commit is never retried on the same lease; `merge_error` (a lagging manifest) waits
 //! for the manifest to advance and starts over; bad credentials fail the job at once.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -214,31 +214,24 @@ pub struct GatewayPublisher {
 }
 
 impl GatewayPublisher {
-    /// One commit thread per repository of `repos`; `spool` is the spool root, whose job
-    /// directories may hold leases a stopped daemon did not give back.
     pub fn new(
         repos: Vec<String>,
         settings: Arc<GatewaySettings>,
         client: Arc<GatewayClient>,
         heartbeat: Addr<GatewayLease>,
-        spool: PathBuf,
     ) -> GatewayPublisher {
         let mut queues = HashMap::new();
         for name in repos {
             let (tx, rx) = unbounded::<CommitJob>();
-            let (s, c, hb, repo, spool) = (
+            let (s, c, hb, repo) = (
                 settings.clone(),
                 client.clone(),
                 heartbeat.clone(),
                 name.clone(),
-                spool.clone(),
             );
             let _ = thread::Builder::new()
                 .name(format!("gw-commit-{name}"))
                 .spawn(move || {
-                    // Before any commit of the repository: a job resumed later cancels its
-                    // own lease anyway, but one that ended (aborted) never runs again.
-                    give_back_leases(&spool, &repo, &c);
                     while let Ok(job) = rx.recv() {
                         let id = job.job.id.clone();
                         let done = job.done.clone();
@@ -287,36 +280,6 @@ impl Handler<CommitJob> for GatewayPublisher {
                 false,
             )),
         });
-    }
-}
-
-/// Cancels the leases that commits of `repo`'s jobs held when the daemon stopped
-/// (`jobs/<id>/lease.token`, the job's repository read from its `job.json`). A job's commit
-/// that finds its own lease file does the same, but a job that ended while its commit held a
-/// lease (aborted before the commit was journaled, then the daemon killed before the commit
-/// thread gave the lease back) never commits again: without this, its path stays busy until
-/// the gateway expires the lease.
-fn give_back_leases(spool: &Path, repo: &str, client: &GatewayClient) {
-    let Ok(dirs) = std::fs::read_dir(spool.join("jobs")) else {
-        return;
-    };
-    for dir in dirs.flatten().map(|e| e.path()) {
-        let lease_file = dir.join("lease.token");
-        let Ok(token) = std::fs::read_to_string(&lease_file) else {
-            continue;
-        };
-        let of_repo = std::fs::read(dir.join("job.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<JobRecord>(&b).ok())
-            .is_some_and(|j| j.repo == repo);
-        if !of_repo {
-            continue;
-        }
-        // An error means it was consumed by a commit, or expired: nothing to give back.
-        if client.cancel(token.trim()).is_ok() {
-            crate::testhook::point("stale-lease-cancelled");
-        }
-        let _ = std::fs::remove_file(&lease_file);
     }
 }
 
@@ -471,9 +434,19 @@ fn commit(
     // give it back first, or the path stays busy until the gateway expires it.
     let lease_file = job.changeset.with_file_name("lease.token");
     if let Ok(old) = std::fs::read_to_string(&lease_file) {
-        // An error means it was consumed by a commit, or expired: nothing to give back.
-        if client.cancel(old.trim()).is_ok() {
-            crate::testhook::point("stale-lease-cancelled");
+        match client.cancel(old.trim()) {
+            Ok(()) => crate::testhook::point("stale-lease-cancelled"),
+            // Unreachable: kept, to be given back by the next attempt (a new lease on the path
+            // waits for it meanwhile).
+            Err(GwError::Transport(e)) => {
+                return Err(err(
+                    "gateway-unavailable",
+                    format!("giving back the lease held before the restart: {e}"),
+                    true,
+                ))
+            }
+            // Refused: consumed by a commit, or expired; nothing to give back.
+            Err(_) => {}
         }
         let _ = std::fs::remove_file(&lease_file);
     }
@@ -493,6 +466,30 @@ fn commit(
             return Ok(done);
         }
         let base = m.root_catalog;
+        if !handshake_done {
+            // Journaled before anything heavy (the catalog build, the lease): an abort from now
+            // on is carried out by this thread, which gives back what it holds, and a start
+            // that never ends (the daemon stopped) counts as an attempt when it resumes.
+            let (ack_tx, ack_rx) = bounded(1);
+            job.starting.do_send(CommitStarting {
+                job_id: job.job.id.clone(),
+                base_root: base.to_string(),
+                not_landed: true,
+                ack: ack_tx,
+            });
+            if !ack_rx.recv().unwrap_or(false) {
+                if job.abort.load(Ordering::SeqCst) {
+                    return Err(err("aborted", "job aborted before its commit", false));
+                }
+                return Err(err(
+                    "commit-handshake",
+                    "the start of the commit was not journaled; retrying",
+                    true,
+                ));
+            }
+            handshake_done = true;
+            crate::testhook::point("commit-started");
+        }
         let scratch = tempfile::tempdir().map_err(|e| err("scratch", e, true))?;
         let local = LocalCas::create(&scratch.path().join("cas"))
             .map_err(|e| err("scratch", e, true))?
@@ -577,27 +574,13 @@ fn commit(
                 return Err(e);
             }
         };
-        if !handshake_done {
-            let (ack_tx, ack_rx) = bounded(1);
-            job.starting.do_send(CommitStarting {
-                job_id: job.job.id.clone(),
-                base_root: base.to_string(),
-                not_landed: true,
-                ack: ack_tx,
-            });
-            if !ack_rx.recv().unwrap_or(false) {
-                release(true);
-                if job.abort.load(Ordering::SeqCst) {
-                    return Err(err("aborted", "job aborted before its commit", false));
-                }
-                return Err(err(
-                    "commit-handshake",
-                    "the start of the commit was not journaled; retrying",
-                    true,
-                ));
-            }
-            handshake_done = true;
-            crate::testhook::point("commit-started");
+        if job.abort.load(Ordering::SeqCst) {
+            release(true);
+            return Err(err(
+                "aborted",
+                "job aborted during its commit; nothing was published",
+                false,
+            ));
         }
         // Catalogs, children before parents (the order the tree wrote them), in bounded packs.
         let mut pack = PackBuilder::new();

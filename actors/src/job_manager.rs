@@ -735,6 +735,9 @@ impl JobManager {
             .entry(id.clone())
             .or_insert_with(Instant::now);
         let abort = self.abort_flag(&id);
+        if job.abort_requested {
+            abort.store(true, Ordering::SeqCst);
+        }
         let preloaded = self.take_fresh(&id);
         let unconfirmed = self
             .jobs
@@ -1057,7 +1060,13 @@ impl Handler<AbortJob> for JobManager {
         }
         self.abort_flag(&m.0).store(true, Ordering::SeqCst);
         if job.state == JobState::Committing && job.base_root.is_some() {
-            // The commit thread is running; it reports the outcome.
+            // The commit thread is running; it reports the outcome. Journaled, so that a commit
+            // resumed after a restart carries the abort out too.
+            if !job.abort_requested {
+                job.abort_requested = true;
+                job.updated = now_ms();
+                self.save(job.clone(), ctx, |_, _, _| {});
+            }
             return Ok(job);
         }
         job.transition(JobState::Aborted, now_ms());

@@ -9,18 +9,35 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-fn holds() -> &'static HashMap<String, u64> {
-    static H: OnceLock<HashMap<String, u64>> = OnceLock::new();
+/// Holds by point: how long, and at which pass only (`<point>#<n>=<ms>`; every pass without).
+fn holds() -> &'static HashMap<String, (u64, Option<usize>)> {
+    static H: OnceLock<HashMap<String, (u64, Option<usize>)>> = OnceLock::new();
     H.get_or_init(|| {
         std::env::var("CVMFS_PREPUB_TEST_HOLD")
             .unwrap_or_default()
             .split(',')
             .filter_map(|kv| {
                 let (k, v) = kv.split_once('=')?;
-                Some((k.trim().to_string(), v.trim().parse().ok()?))
+                let ms = v.trim().parse().ok()?;
+                Some(match k.trim().split_once('#') {
+                    Some((p, n)) => (p.to_string(), (ms, Some(n.parse().ok()?))),
+                    None => (k.trim().to_string(), (ms, None)),
+                })
             })
             .collect()
     })
+}
+
+/// Passes of each held point so far (for holds at one pass only).
+fn passes(name: &str) -> usize {
+    static P: OnceLock<std::sync::Mutex<HashMap<String, usize>>> = OnceLock::new();
+    let mut m = P
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let n = m.entry(name.to_string()).or_insert(0);
+    *n += 1;
+    *n
 }
 
 fn crash_at() -> &'static Option<String> {
@@ -37,7 +54,8 @@ fn crash_at() -> &'static Option<String> {
 /// run on the job manager's thread: a hold there stalls every request (a test's status poll
 /// and abort included), so tests crash there but hold elsewhere (`processing`,
 /// `commit-started`). A crash point written
-/// `<point>#<n>` crashes the n-th time the point is reached.
+/// `<point>#<n>` crashes the n-th time the point is reached; a hold written `<point>#<n>=<ms>`
+/// holds only the n-th time.
 pub fn point(name: &str) {
     if let Some(c) = crash_at().as_deref() {
         let (p, nth) = match c.split_once('#') {
@@ -53,8 +71,10 @@ pub fn point(name: &str) {
             }
         }
     }
-    if let Some(ms) = holds().get(name) {
-        std::thread::sleep(Duration::from_millis(*ms));
+    if let Some((ms, nth)) = holds().get(name) {
+        if nth.is_none_or(|n| passes(name) == n) {
+            std::thread::sleep(Duration::from_millis(*ms));
+        }
     }
 }
 

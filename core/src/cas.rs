@@ -181,21 +181,17 @@ impl InShard<'_> {
 /// Removes the temporary files (`.tmp.*`) of a local storage at `root` — its top directory,
 /// `data/00`…`data/ff` and `data/txn` — last modified before `before` (UNIX seconds): the
 /// leftovers of writes that never completed because their process stopped mid-write (a
-/// completed write renames its temporary file, a failed one removes it). Returns how many were
-/// removed and their bytes. Only for a storage no one writes to right now, or with `before`
-/// well in the past.
-pub fn sweep_temps(root: &Path, before: i64) -> Result<(usize, u64), CasError> {
+/// completed write renames its temporary file, a failed one removes it). Best effort: what
+/// cannot be listed or removed is left. Returns how many were removed and their bytes. Only for
+/// a storage no one writes to right now, or with `before` well in the past.
+pub fn sweep_temps(root: &Path, before: i64) -> (usize, u64) {
     let data = root.join("data");
     let dirs = std::iter::once(root.to_path_buf())
         .chain((0..=255u8).map(|i| data.join(format!("{i:02x}"))))
         .chain(std::iter::once(data.join("txn")));
     let (mut n, mut bytes) = (0, 0);
     for d in dirs {
-        let rd = match fs::read_dir(&d) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(CasError::io("list", &d, e)),
-        };
+        let Ok(rd) = fs::read_dir(&d) else { continue };
         for ent in rd.flatten() {
             if !ent.file_name().to_string_lossy().starts_with(".tmp.") {
                 continue;
@@ -206,20 +202,13 @@ pub fn sweep_temps(root: &Path, before: i64) -> Result<(usize, u64), CasError> {
                 .ok()
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map_or(i64::MAX, |d| d.as_secs() as i64);
-            if !meta.is_file() || modified >= before {
-                continue;
-            }
-            match fs::remove_file(ent.path()) {
-                Ok(()) => {
-                    n += 1;
-                    bytes += meta.len();
-                }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(CasError::io("delete", &ent.path(), e)),
+            if meta.is_file() && modified < before && fs::remove_file(ent.path()).is_ok() {
+                n += 1;
+                bytes += meta.len();
             }
         }
     }
-    Ok((n, bytes))
+    (n, bytes)
 }
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);

@@ -132,6 +132,10 @@ pub struct JobRecord {
     /// Stratum 1 pre-warming: each endpoint's outcome.
     #[serde(default)]
     pub distribution: BTreeMap<String, String>,
+    /// An abort was asked for while the commit ran: carried out by the commit (unless it had
+    /// published already), also after a restart.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub abort_requested: bool,
 }
 
 impl JobRecord {
@@ -161,6 +165,7 @@ impl JobRecord {
             removal: false,
             waiting: None,
             distribution: BTreeMap::new(),
+            abort_requested: false,
         }
     }
 

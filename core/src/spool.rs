@@ -132,6 +132,9 @@ pub struct Spool {
     /// next record starts on a line of its own (the fragment is skipped at replay, and must
     /// not swallow an acknowledged record).
     torn: bool,
+    /// A compaction replaced the journal but the directory's fsync failed: no record is
+    /// acknowledged until the replacement is durable (a crash could bring the old file back).
+    unsynced_rename: bool,
     /// Bytes in the journal, and the size at which it is compacted next.
     size: u64,
     compact_at: u64,
@@ -169,8 +172,14 @@ fn replay(wal_path: &Path) -> Result<BTreeMap<String, JobRecord>, SpoolError> {
 }
 
 /// Rewrites the journal as one line per job, atomically (a crash leaves the old journal or the
-/// new one, each with every job's latest record); returns it opened for appending, and its size.
-fn compact(wal_path: &Path, jobs: &BTreeMap<String, JobRecord>) -> Result<(File, u64), SpoolError> {
+/// new one, each with every job's latest record); returns the new one opened for appending, its
+/// size, and whether the rename was made durable (the directory's fsync). An error means the old
+/// journal is still in place; once the rename happened, the new journal is returned whatever
+/// follows, so that nothing is appended to the replaced file.
+fn compact(
+    wal_path: &Path,
+    jobs: &BTreeMap<String, JobRecord>,
+) -> Result<(File, u64, bool), SpoolError> {
     let mut compacted = Vec::new();
     for rec in jobs.values() {
         compacted.extend(serde_json::to_vec(rec).map_err(|e| SpoolError::Corrupt {
@@ -179,12 +188,20 @@ fn compact(wal_path: &Path, jobs: &BTreeMap<String, JobRecord>) -> Result<(File,
         })?);
         compacted.push(b'\n');
     }
-    write_atomic(wal_path, &compacted)?;
+    let dir = wal_path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(".journal.wal.tmp");
+    let mut f = File::create(&tmp).map_err(ioe(&tmp))?;
+    f.write_all(&compacted)
+        .and_then(|_| f.sync_all())
+        .map_err(ioe(&tmp))?;
+    // Opened before the rename: the handle follows the file.
     let wal = OpenOptions::new()
         .append(true)
-        .open(wal_path)
-        .map_err(ioe(wal_path))?;
-    Ok((wal, compacted.len() as u64))
+        .open(&tmp)
+        .map_err(ioe(&tmp))?;
+    fs::rename(&tmp, wal_path).map_err(ioe(wal_path))?;
+    let synced = File::open(dir).and_then(|d| d.sync_all()).is_ok();
+    Ok((wal, compacted.len() as u64, synced))
 }
 
 impl Spool {
@@ -213,12 +230,18 @@ impl Spool {
                 }
             }
         }
-        let (wal, size) = compact(&wal_path, &jobs)?;
+        let (wal, size, synced) = compact(&wal_path, &jobs)?;
+        if !synced {
+            File::open(root)
+                .and_then(|d| d.sync_all())
+                .map_err(ioe(root))?;
+        }
         Ok((
             Spool {
                 root: root.to_path_buf(),
                 wal,
                 torn: false,
+                unsynced_rename: false,
                 size,
                 compact_at: compact_threshold(size, COMPACT_MIN),
                 compact_min: COMPACT_MIN,
@@ -236,10 +259,11 @@ impl Spool {
         }
         let wal_path = self.root.join("journal.wal");
         match replay(&wal_path).and_then(|jobs| compact(&wal_path, &jobs)) {
-            Ok((wal, size)) => {
+            Ok((wal, size, synced)) => {
                 self.wal = wal;
                 self.size = size;
                 self.torn = false;
+                self.unsynced_rename = !synced;
                 self.compact_at = compact_threshold(size, self.compact_min);
             }
             Err(_) => self.compact_at = self.size + self.compact_min,
@@ -324,6 +348,12 @@ impl Spool {
         self.torn = false;
         self.size += line.len() as u64;
         self.wal.sync_data().map_err(ioe(&wal_path))?;
+        if self.unsynced_rename {
+            File::open(&self.root)
+                .and_then(|d| d.sync_all())
+                .map_err(ioe(&self.root))?;
+            self.unsynced_rename = false;
+        }
         self.maybe_compact();
         let dir = self.job_dir(&rec.id);
         if dir.is_dir() {

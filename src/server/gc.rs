@@ -494,6 +494,9 @@ type Collected = (Plan, Swept, Tombstoning);
 /// The run's steps after the repository is held: scanning, tombstoned, reaping, complete (or
 /// aborted at the step boundary or deletion where the abort flag is seen). Blocking.
 #[allow(clippy::too_many_arguments)]
+/// Temporary files of object writes younger than this are never removed as leftovers.
+const LEFTOVER_AGE_SECS: u64 = 3600;
+
 fn collect(
     cas: &dyn prepub_core::cas::Cas,
     local: Option<&std::path::Path>,
@@ -611,9 +614,12 @@ fn collect(
     run.deleted = swept.deleted;
     run.bytes_reclaimed = swept.bytes;
     if let (Some(dir), false) = (local, swept.stopped) {
-        // Still under the storage's lock: no writer of this daemon or another is at work, and
-        // the grace period covers one that does not take the lock.
-        let (n, bytes) = prepub_core::cas::sweep_temps(dir, t0 - g.grace.as_secs() as i64)?;
+        // Still under the storage's lock, and no job of the repository in flight; an upload's
+        // processing that the run cancelled may still be finishing a write, and writers that
+        // take no lock may be at work: only files older than the grace period, and than an hour,
+        // go.
+        let age = g.grace.as_secs().max(LEFTOVER_AGE_SECS) as i64;
+        let (n, bytes) = prepub_core::cas::sweep_temps(dir, t0 - age);
         run.leftovers_removed = n;
         run.bytes_reclaimed += bytes;
     }

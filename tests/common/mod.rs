@@ -833,3 +833,29 @@ pub fn gateway_daemon(
     }
     Daemon::start(dir, &env)
 }
+
+/// Starts the daemon of `dir` `times` times with `env` (a crash hook among it), each start
+/// waited for until the process stops (the crash may come before the daemon answers its health
+/// check, so these are plain processes).
+pub fn crash_on_resume(dir: &Path, env: &[(&str, &str)], times: usize) {
+    for _ in 0..times {
+        let mut p = Command::new(env!("CARGO_BIN_EXE_cvmfs-prepub"))
+            .args([
+                "--config",
+                dir.join("config.yaml").to_str().unwrap(),
+                "--listen",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .env("PREPUB_API_TOKEN", ADMIN)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while p.try_wait().unwrap().is_none() {
+            assert!(std::time::Instant::now() < deadline, "no crash on resume");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
