@@ -580,3 +580,39 @@ fn a_gateway_commit_that_stops_the_daemon_each_time_fails_after_max_attempts() {
     assert_eq!(jn["state"], "published", "{jn}\n{}", d.log_text());
     assert_eq!(jn["revision"], 2, "{jn}");
 }
+
+/// The daemon stops while a commit holds its lease, and the gateway is gone when it comes back:
+/// the lease cannot be given back, the job fails `gateway-unavailable` (one attempt here) and
+/// keeps the lease's file for a later attempt, and neither its error (public: job views,
+/// events) nor the log names the lease token (a request error's text carries its URL, and lease
+/// tokens are part of the URLs of commits, renewals and cancellations).
+#[test]
+fn a_lease_that_cannot_be_given_back_is_kept_and_its_token_never_shown() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "  max_attempts: 1\n", "");
+    let gw = Double::start(dir.path(), &[], None);
+    let crash = [("CVMFS_PREPUB_TEST_CRASH", "lease-acquired")];
+    let mut d = gateway_daemon(dir.path(), &gw, "", &crash);
+    let id = submit(&d, "/sw/gone", &tree("gone"));
+    assert!(d.wait_exit(30), "no crash:\n{}", d.log_text());
+    drop(d);
+    let lease_file = dir.path().join("spool/jobs").join(&id).join("lease.token");
+    let token = std::fs::read_to_string(&lease_file).unwrap();
+    let token = token.trim();
+    assert!(token.len() >= 8, "{token}");
+    drop(gw);
+    let d = Daemon::start(dir.path(), &[("CVMFS_GATEWAY_SECRET", SECRET)]);
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "gateway-unavailable", "{j}");
+    assert!(
+        j["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("giving back the lease"),
+        "{j}"
+    );
+    assert!(!j.to_string().contains(token), "{j}");
+    assert!(!d.log_text().contains(token), "the log names the token");
+    assert_eq!(std::fs::read_to_string(&lease_file).unwrap().trim(), token);
+}

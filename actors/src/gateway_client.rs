@@ -19,6 +19,12 @@ pub enum GwError {
     Refused(String),
 }
 
+/// A failed request, without its URL: lease tokens are part of the URLs of commits, payloads,
+/// renewals and cancellations, and this text reaches job errors and the log.
+fn transport(e: reqwest::Error) -> GwError {
+    GwError::Transport(e.without_url().to_string())
+}
+
 impl std::fmt::Display for GwError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -96,7 +102,7 @@ impl GatewayClient {
         let http = reqwest::blocking::Client::builder()
             .timeout(timeout)
             .build()
-            .map_err(|e| GwError::Transport(e.to_string()))?;
+            .map_err(transport)?;
         Ok(GatewayClient {
             base: base.trim_end_matches('/').to_string(),
             key_id: key_id.to_string(),
@@ -106,11 +112,9 @@ impl GatewayClient {
     }
 
     fn send(&self, r: reqwest::blocking::RequestBuilder) -> Result<Value, GwError> {
-        let resp = r.send().map_err(|e| GwError::Transport(e.to_string()))?;
+        let resp = r.send().map_err(transport)?;
         let status = resp.status().as_u16();
-        let body = resp
-            .bytes()
-            .map_err(|e| GwError::Transport(e.to_string()))?;
+        let body = resp.bytes().map_err(transport)?;
         classify(status, &body)
     }
 
@@ -229,14 +233,12 @@ impl GatewayClient {
             .put(format!("{}/api/v1/leases/{token}", self.base))
             .header("Authorization", auth)
             .send()
-            .map_err(|e| GwError::Transport(e.to_string()))?;
+            .map_err(transport)?;
         let status = resp.status().as_u16();
         if status == 405 || status == 404 {
             return Ok(false);
         }
-        let body = resp
-            .bytes()
-            .map_err(|e| GwError::Transport(e.to_string()))?;
+        let body = resp.bytes().map_err(transport)?;
         classify(status, &body).map(|_| true)
     }
 }
