@@ -618,3 +618,58 @@ fn an_endpoint_with_the_cvmfs_path_is_pushed_to() {
     assert!(outcome.starts_with("ok:"), "{j}");
     assert_prewarmed(&d.storage, &r);
 }
+
+/// An endpoint answering every request `200` with something that is not the receiver's JSON
+/// (a proxy's page in front of a Stratum 1, say): its inventory answer is unreadable, so the
+/// endpoint fails with that reason instead of counting every object as held (which met the
+/// quorum with nothing pre-warmed).
+#[test]
+fn an_unreadable_inventory_answer_fails_the_endpoint() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut s) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut len = 0usize;
+                loop {
+                    let mut h = String::new();
+                    if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                }
+                let mut body = vec![0; len];
+                let _ = r.read_exact(&mut body);
+                let page = "<html>maintenance</html>";
+                let _ = write!(
+                    s,
+                    "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                    page.len()
+                );
+            });
+        }
+    });
+    let cfg = dir.path().join("config.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{text}distribution:\n  stratum1_endpoints: [\"{url}\"]\n  quorum: 1.0\n  commit_anyway: false\n  timeout: 30s\n"),
+    )
+    .unwrap();
+    let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
+    let j = submit(&d, "/sw/proxy", &tree("proxy", 1));
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "distribution-quorum", "{j}");
+    let outcome = j["distribution"][&url].as_str().unwrap();
+    assert!(
+        outcome.starts_with("failed: unreadable inventory answer"),
+        "{outcome}"
+    );
+}

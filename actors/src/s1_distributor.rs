@@ -145,11 +145,14 @@ impl Actor for S1Distributor {
     type Context = Context<Self>;
 }
 
-fn nonce() -> String {
+/// A fresh request nonce; None when the system's random source cannot be read (a fixed one
+/// would be refused by the receiver as a replay).
+fn nonce() -> Option<String> {
     let mut b = [0u8; 16];
-    let _ = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
-    hex::encode(b)
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .ok()?;
+    Some(hex::encode(b))
 }
 
 struct Pusher {
@@ -179,7 +182,7 @@ impl Pusher {
             r = r.bearer_auth(t);
         } else if let Some(secret) = &self.secret {
             let ts = prepub_core::timefmt::now();
-            let n = nonce();
+            let n = nonce().ok_or("the system's random source (/dev/urandom) cannot be read")?;
             let sig = prepub_core::receiver::sign(secret, method, &signed_path, &body, ts, &n);
             r = r
                 .header("X-Prepub-Timestamp", ts.to_string())
@@ -243,6 +246,24 @@ impl Pusher {
         }
         Ok(v)
     }
+}
+
+/// The objects an inventory answer (`{"missing": [...]}`) says the receiver lacks. Anything
+/// else (an answer that is not that JSON — a proxy's page, a cut-off body — or a name that does
+/// not parse) is an error: read as "nothing missing" it would count every object as held.
+fn missing_in(v: &serde_json::Value) -> Result<std::collections::HashSet<ObjectId>, String> {
+    let unreadable = || {
+        let mut text = v.to_string();
+        text.truncate(200);
+        format!("unreadable inventory answer: {text}")
+    };
+    v["missing"]
+        .as_array()
+        .ok_or_else(unreadable)?
+        .iter()
+        .map(|s| s.as_str().and_then(|s| ObjectId::parse(s).ok()))
+        .collect::<Option<_>>()
+        .ok_or_else(unreadable)
 }
 
 /// The data objects a change set references (whole files and chunks; never catalogs).
@@ -365,14 +386,7 @@ pub fn push_objects(
     for batch in objects.chunks(5000).filter(|_| told.is_none()) {
         let body = serde_json::to_vec(&serde_json::json!({"objects": batch.iter().map(|i| i.to_string()).collect::<Vec<_>>()})).unwrap_or_default();
         let v = p.ok_retrying("POST", &format!("/api/v1/repos/{repo}/inventory"), &body)?;
-        let lacks: std::collections::HashSet<ObjectId> = v["missing"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s.as_str().and_then(|s| ObjectId::parse(s).ok()))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let lacks = missing_in(&v)?;
         let (absent, there): (Vec<ObjectId>, Vec<ObjectId>) =
             batch.iter().partition(|id| lacks.contains(id));
         if let Some(log) = &acks {

@@ -133,8 +133,10 @@ impl S3Cas {
                 Err(object_store::Error::AlreadyExists { .. }) => Conditional::Exists,
                 Err(object_store::Error::NotImplemented { .. }) => Conditional::Unsupported,
                 Err(e) => {
+                    // The status line or the S3 error code: not any "501" (object keys are hex,
+                    // and one that holds it must not switch conditional puts off).
                     let s = e.to_string();
-                    if s.contains("501") || s.contains("NotImplemented") {
+                    if s.contains("501 Not Implemented") || s.contains("NotImplemented") {
                         Conditional::Unsupported
                     } else {
                         Conditional::Failed
