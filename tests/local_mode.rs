@@ -268,3 +268,27 @@ fn a_removal_deletes_the_path_in_a_transaction() {
         "{calls}"
     );
 }
+
+/// Local mode publishes from the tar (cvmfs_server's transaction gets it extracted), so an
+/// upload processed before its tar is on disk is not accepted until the tar's fsync is done
+/// (held here for 3 s): the 202 never comes earlier, and the job publishes.
+#[test]
+fn an_upload_is_accepted_only_once_its_tar_is_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = setup(dir.path(), "");
+    let d = start(
+        dir.path(),
+        &l,
+        &[("CVMFS_PREPUB_TEST_HOLD", "tar-sync=3000")],
+    );
+    let t0 = std::time::Instant::now();
+    let r = submit(&d, "/sw/synced", &tree(), None);
+    let took = t0.elapsed();
+    let id = id_of(r);
+    assert!(
+        took >= std::time::Duration::from_millis(2900),
+        "accepted after {took:?}, before the tar was on disk"
+    );
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+}

@@ -607,10 +607,16 @@ pub async fn submit(
             ));
         }
     }
-    let tar_synced = if run.0.is_some() {
-        tar_on_disk_or_processed(&st, &id, &file).await?
-    } else {
+    let tar_synced = if run.0.is_none() {
         true // the writer synced it
+    } else if matches!(st.cfg.publish, crate::config::PublishMode::Local(_)) {
+        // Local mode publishes from the tar itself (extracted into the transaction), not from
+        // the change set: it is accepted only once the tar is on disk.
+        let f = file.try_clone().map_err(spool_write_failed)?;
+        sync_spool_file(move || Ok(f), Some("tar-sync")).await?;
+        true
+    } else {
+        tar_on_disk_or_processed(&st, &id, &file).await?
     };
     drop(file);
     let mut rec = JobRecord::new(id.clone(), repo, path, now_ms());
