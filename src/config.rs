@@ -886,14 +886,33 @@ impl FileConfig {
                 if g.key_id.is_empty() || g.key_id.contains(char::is_whitespace) {
                     return Err(cerr("gateway.key_id", "must be a non-empty word"));
                 }
+                let positive = |key: &str, v: &str| {
+                    parse_duration(v)
+                        .and_then(|d| {
+                            if d.is_zero() {
+                                Err("must be more than zero".to_string())
+                            } else {
+                                Ok(d)
+                            }
+                        })
+                        .map_err(|m| cerr(key, m))
+                };
+                let lease_ttl = positive("gateway.lease_ttl", &g.lease_ttl)?;
+                let heartbeat_interval =
+                    positive("gateway.heartbeat_interval", &g.heartbeat_interval)?;
+                if heartbeat_interval >= lease_ttl {
+                    return Err(cerr(
+                        "gateway.heartbeat_interval",
+                        "must be shorter than gateway.lease_ttl",
+                    ));
+                }
+                positive("gateway.request_timeout", &g.request_timeout)?;
                 PublishMode::Gateway(GatewayConfig {
                     url: g.url,
                     key_id: g.key_id,
                     secret_env: g.key_secret_env,
-                    lease_ttl: parse_duration(&g.lease_ttl)
-                        .map_err(|m| cerr("gateway.lease_ttl", m))?,
-                    heartbeat_interval: parse_duration(&g.heartbeat_interval)
-                        .map_err(|m| cerr("gateway.heartbeat_interval", m))?,
+                    lease_ttl,
+                    heartbeat_interval,
                     stratum0_url: g.stratum0_url,
                     lease_wait: parse_duration(&g.lease_wait)
                         .map_err(|m| cerr("gateway.lease_wait", m))?,
@@ -1108,6 +1127,19 @@ impl FileConfig {
                     .map_err(|e| cerr(&format!("{key}.prefixes[{j}]"), e.to_string()))?;
                 prefixes.push((repo.to_string(), path));
             }
+            // A job's owner is its token's name: two tokens of one name would share their jobs.
+            if tokens.iter().any(|o: &ScopedToken| o.name == t.name) {
+                return Err(cerr(
+                    &format!("{key}.name"),
+                    format!("'{}' is the name of another token", t.name),
+                ));
+            }
+            if tokens.iter().any(|o: &ScopedToken| o.digest == digest) {
+                return Err(cerr(
+                    &format!("{key}.sha256"),
+                    "is the digest of another token",
+                ));
+            }
             tokens.push(ScopedToken {
                 name: t.name.clone(),
                 digest,
@@ -1283,6 +1315,28 @@ mod tests {
         assert_eq!(e.key, "server.api_tokens[0].sha256");
         let e = parse("repositories: [{name: a.org}]\nserver: {api_tokens: [{name: t, sha256: '0000000000000000000000000000000000000000000000000000000000000000', prefixes: [b.org/x]}]}").unwrap_err();
         assert_eq!(e.key, "server.api_tokens[0].prefixes[0]");
+        // Token names own jobs: no two tokens share one (nor a digest).
+        let z = "0".repeat(64);
+        let o = format!("{}1", "0".repeat(63));
+        let e = parse(&format!("repositories: [{{name: a.org}}]\nserver: {{api_tokens: [{{name: ci, sha256: '{z}', prefixes: [a.org]}}, {{name: ci, sha256: '{o}', prefixes: [a.org]}}]}}")).unwrap_err();
+        assert_eq!(e.key, "server.api_tokens[1].name");
+        let e = parse(&format!("repositories: [{{name: a.org}}]\nserver: {{api_tokens: [{{name: a, sha256: '{z}', prefixes: [a.org]}}, {{name: b, sha256: '{z}', prefixes: [a.org]}}]}}")).unwrap_err();
+        assert_eq!(e.key, "server.api_tokens[1].sha256");
+        // Gateway durations: more than zero, the heartbeat within the lease.
+        let gw = "repositories: [{name: a.org}]\nserver: {publish_mode: gateway}\ngateway: {url: 'http://g:4929', key_id: k, stratum0_url: 'http://s0/cvmfs'";
+        for (extra, key) in [
+            (", heartbeat_interval: 0s", "gateway.heartbeat_interval"),
+            (", lease_ttl: 0s", "gateway.lease_ttl"),
+            (", request_timeout: 0s", "gateway.request_timeout"),
+            (
+                ", lease_ttl: 10s, heartbeat_interval: 10s",
+                "gateway.heartbeat_interval",
+            ),
+        ] {
+            let e = parse(&format!("{gw}{extra}}}")).unwrap_err();
+            assert_eq!(e.key, key, "{extra}");
+        }
+        assert!(parse(&format!("{gw}}}")).is_ok());
         let c = parse(
             "repositories: [{name: a.org}]\nserver: {listen: ':9000', max_upload_size: 1GiB}",
         )

@@ -60,20 +60,38 @@ pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .collect();
-    // An environment file names it; a file of one line is the bare token (base64 tokens may
-    // end in '=', so '=' alone does not make an environment file).
-    let token = match lines
-        .iter()
-        .find_map(|l| l.strip_prefix("PREPUB_API_TOKEN="))
-    {
+    // An environment file names it; a file of one line is the bare token, unless that line is
+    // an assignment of another variable (`CVMFS_GATEWAY_SECRET=…`: never to become the admin
+    // token). Base64 tokens may end in '=', so '=' alone does not make an assignment.
+    let token = match lines.iter().find_map(|l| {
+        l.strip_prefix("export ")
+            .map(str::trim_start)
+            .unwrap_or(l)
+            .strip_prefix("PREPUB_API_TOKEN=")
+    }) {
         Some(v) => Some(v.trim().trim_matches('"').trim_matches('\'').to_string()),
-        None if lines.len() == 1 => Some(lines[0].to_string()),
+        None if lines.len() == 1 && !is_assignment(lines[0]) => Some(lines[0].to_string()),
         None => None,
     };
     match token {
         Some(t) if !t.is_empty() => Ok(t),
         _ => Err(format!("{}: no PREPUB_API_TOKEN in it", path.display())),
     }
+}
+
+/// Whether `line` assigns a shell variable (`NAME=value`, `export NAME=value`) rather than being
+/// a bare token (base64, whose only '=' are its trailing padding).
+fn is_assignment(line: &str) -> bool {
+    let line = line.strip_prefix("export ").unwrap_or(line);
+    let Some((name, value)) = line.split_once('=') else {
+        return false;
+    };
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !value.trim_matches('=').is_empty()
 }
 
 impl std::fmt::Debug for Tokens {
@@ -151,6 +169,20 @@ mod tests {
         assert!(read_token_file(&p)
             .unwrap_err()
             .contains("no PREPUB_API_TOKEN"));
+        // One line assigning another variable is not the admin token.
+        for other in ["CVMFS_GATEWAY_SECRET=s3cret\n", "export OTHER=x\n"] {
+            std::fs::write(&p, other).unwrap();
+            assert!(read_token_file(&p)
+                .unwrap_err()
+                .contains("no PREPUB_API_TOKEN"));
+        }
+        std::fs::write(&p, "export PREPUB_API_TOKEN=tok\n").unwrap();
+        assert_eq!(read_token_file(&p).unwrap(), "tok");
+        // Base64 with padding is a bare token.
+        for bare in ["QUJDRA==\n", "tok=\n"] {
+            std::fs::write(&p, bare).unwrap();
+            assert_eq!(read_token_file(&p).unwrap(), bare.trim());
+        }
         let t = Tokens::new(Some("old"), vec![]);
         let clone = t.clone();
         t.set_admin("new");
