@@ -241,6 +241,35 @@ fn oversized_stalled_and_malformed_requests_get_clear_errors() {
             "bad-request",
         );
     }
+    // Query strings and bodies that do not parse, or are too large: the JSON error too.
+    for q in ["limit=abc", "offset=-1", "offset="] {
+        check(
+            q,
+            c.get(format!("{jobs}?{q}"))
+                .bearer_auth(ADMIN)
+                .send()
+                .unwrap(),
+            400,
+            "bad-query",
+        );
+    }
+    let r = c
+        .get(format!("{jobs}?state=&repo="))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "empty parameters filter nothing");
+    check(
+        "removal: too large",
+        c.post(&removals)
+            .bearer_auth(ADMIN)
+            .header("Content-Type", "application/json")
+            .body(vec![b' '; 300 << 10])
+            .send()
+            .unwrap(),
+        413,
+        "payload-too-large",
+    );
     // Path tricks in job ids find nothing (and never a file).
     for id in [
         "..%2F..%2Fetc%2Fpasswd",

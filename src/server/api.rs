@@ -658,13 +658,14 @@ pub struct RemovalRequest {
 /// backend: a standalone commit, a gateway lease on the parent, or a `cvmfs_server` transaction.
 pub async fn submit_removal(
     req: HttpRequest,
-    body: web::Bytes,
+    mut payload: web::Payload,
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let who = auth(&req, &st)?;
     if st.draining.load(std::sync::atomic::Ordering::SeqCst) {
         return Err(ApiError::Draining);
     }
+    let body = small_body(&mut payload, 256 << 10).await?;
     let body: RemovalRequest =
         serde_json::from_slice(&body).map_err(|e| bad("bad-request", format!("removal: {e}")))?;
     let f = Fields {
@@ -807,7 +808,8 @@ pub async fn list_jobs(
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let who = auth(&req, &st)?;
-    let state = match &q.state {
+    // An empty parameter (`?state=`) is no filter.
+    let state = match q.state.as_deref().filter(|s| !s.is_empty()) {
         None => None,
         Some(s) => Some(
             JobState::parse(s)
@@ -820,7 +822,7 @@ pub async fn list_jobs(
         .jobs
         .send(ListJobs {
             state,
-            repo: q.repo.clone(),
+            repo: q.repo.clone().filter(|r| !r.is_empty()),
             owner: who.owner(),
             offset,
             limit,
@@ -1273,6 +1275,19 @@ fn may_touch_repo(who: &Principal, repo: &str) -> bool {
 
 /// `POST /api/v1/access-events`: a batch of accesses (from log shippers or proxies) for one
 /// repository; 202 `{applied, collapsed}`.
+/// A request body of at most `limit` bytes (413 beyond), read whole.
+async fn small_body(payload: &mut web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| bad("bad-upload", format!("reading the body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::TooLarge(limit as u64));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 pub async fn access_events(
     req: HttpRequest,
     mut payload: web::Payload,
@@ -1280,15 +1295,7 @@ pub async fn access_events(
 ) -> Result<HttpResponse, ApiError> {
     let who = auth(&req, &st)?;
     // At most 8 MiB of JSON (10 000 events fit comfortably).
-    const LIMIT: usize = 8 << 20;
-    let mut body = web::BytesMut::new();
-    while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| bad("bad-upload", format!("reading the body: {e}")))?;
-        if body.len() + chunk.len() > LIMIT {
-            return Err(ApiError::TooLarge(LIMIT as u64));
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let body = small_body(&mut payload, 8 << 20).await?;
     let batch: AccessBatch = serde_json::from_slice(&body)
         .map_err(|e| bad("bad-request", format!("access events: {e}")))?;
     served(&st, &batch.repo)?;

@@ -518,6 +518,10 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                // A query string that does not parse gets the API's JSON error, not text.
+                .app_data(web::QueryConfig::default().error_handler(|e, _| {
+                    api::ApiError::BadRequest("bad-query", e.to_string()).into()
+                }))
                 .wrap(logging::AccessLog(http_log.clone()))
                 .wrap(middleware::NormalizePath::trim())
                 .route("/api/v1/jobs", web::post().to(api::submit))
