@@ -353,3 +353,42 @@ fn oversized_stalled_and_malformed_requests_get_clear_errors() {
     assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
     println!("http abuse: {} oversized, stalled, malformed or tricky requests, each refused with its status; daemon healthy, spool clean", tried.get());
 }
+
+/// Health checks asked for at once (several monitors, a load balancer) each write and remove a
+/// probe file of their own: none reports the spool unwritable because another removed its file.
+#[test]
+fn concurrent_health_checks_all_see_a_healthy_service() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let d = Daemon::start(dir.path(), &[]);
+    let url = format!("{}/api/v1/health", d.url);
+    let bad: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| {
+                s.spawn(|| {
+                    let c = client();
+                    (0..25)
+                        .filter_map(|_| {
+                            let r = c.get(&url).send().unwrap();
+                            let status = r.status().as_u16();
+                            (status != 200).then(|| format!("{status}: {}", r.text().unwrap()))
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        bad.is_empty(),
+        "{} of 200 not healthy: {:?}",
+        bad.len(),
+        bad.first()
+    );
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("spool/incoming"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}

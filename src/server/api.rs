@@ -938,7 +938,11 @@ pub async fn health(st: web::Data<AppState>) -> HttpResponse {
     let s3 = st.s3.clone();
     let checks = web::block(move || {
         let mut c = std::collections::BTreeMap::new();
-        let probe = cfg.spool_root.join("incoming").join(".health-probe");
+        // A name of its own: probes running at once must not remove each other's file.
+        let probe = cfg
+            .spool_root
+            .join("incoming")
+            .join(format!(".health-probe-{}", uuid::Uuid::new_v4()));
         let spool_ok = std::fs::write(&probe, b"ok").and_then(|_| std::fs::remove_file(&probe));
         c.insert(
             "spool".to_string(),
