@@ -900,12 +900,6 @@ impl FileConfig {
                 let lease_ttl = positive("gateway.lease_ttl", &g.lease_ttl)?;
                 let heartbeat_interval =
                     positive("gateway.heartbeat_interval", &g.heartbeat_interval)?;
-                if heartbeat_interval >= lease_ttl {
-                    return Err(cerr(
-                        "gateway.heartbeat_interval",
-                        "must be shorter than gateway.lease_ttl",
-                    ));
-                }
                 positive("gateway.request_timeout", &g.request_timeout)?;
                 PublishMode::Gateway(GatewayConfig {
                     url: g.url,
@@ -1322,16 +1316,12 @@ mod tests {
         assert_eq!(e.key, "server.api_tokens[1].name");
         let e = parse(&format!("repositories: [{{name: a.org}}]\nserver: {{api_tokens: [{{name: a, sha256: '{z}', prefixes: [a.org]}}, {{name: b, sha256: '{z}', prefixes: [a.org]}}]}}")).unwrap_err();
         assert_eq!(e.key, "server.api_tokens[1].sha256");
-        // Gateway durations: more than zero, the heartbeat within the lease.
+        // Gateway durations: more than zero.
         let gw = "repositories: [{name: a.org}]\nserver: {publish_mode: gateway}\ngateway: {url: 'http://g:4929', key_id: k, stratum0_url: 'http://s0/cvmfs'";
         for (extra, key) in [
             (", heartbeat_interval: 0s", "gateway.heartbeat_interval"),
             (", lease_ttl: 0s", "gateway.lease_ttl"),
             (", request_timeout: 0s", "gateway.request_timeout"),
-            (
-                ", lease_ttl: 10s, heartbeat_interval: 10s",
-                "gateway.heartbeat_interval",
-            ),
         ] {
             let e = parse(&format!("{gw}{extra}}}")).unwrap_err();
             assert_eq!(e.key, key, "{extra}");

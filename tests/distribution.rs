@@ -585,12 +585,7 @@ fn a_job_aborted_while_distributing_stays_aborted() {
     let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
     let id = d.submit_id(ADMIN, "/sw/gone", &tar_bytes(&tree("gone", 3)), None);
     d.wait_state(&id, "distributing", 30);
-    let r = client()
-        .post(format!("{}/api/v1/jobs/{id}/abort", d.url))
-        .bearer_auth(ADMIN)
-        .send()
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().unwrap());
+    d.abort(&id);
     assert_eq!(d.wait_terminal(&id, 30)["state"], "aborted");
     // Past the pre-warming timeout: still aborted, no failure recorded.
     std::thread::sleep(std::time::Duration::from_millis(3500));

@@ -530,12 +530,7 @@ fn an_abort_during_a_gateway_commit_survives_a_restart_and_the_lease_goes_back()
         "no lease taken:\n{}",
         d.log_text()
     );
-    let r = client()
-        .post(format!("{}/api/v1/jobs/{id}/abort", d.url))
-        .bearer_auth(ADMIN)
-        .send()
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().unwrap());
+    d.abort(&id);
     // The commit thread carries it out; it is held, so the job is still committing.
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(d.job(&id)["state"], "committing");

@@ -21,7 +21,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use crossbeam_channel::{bounded, unbounded, Sender};
+use crossbeam_channel::{unbounded, Sender};
 use prepub_core::cas::{get_all, Cas, LocalCas, OverlayCas};
 use prepub_core::catalog::tree::CatalogTree;
 use prepub_core::gateway::{lease_path, PackBuilder};
@@ -33,7 +33,7 @@ use prepub_core::repo::{self, ApplyMode};
 
 use crate::gateway_client::{GatewayClient, GwError, LeaseReply};
 use crate::http_store::HttpStore;
-use crate::publisher::{CommitError, CommitJob, CommitStarting, CommitWaiting, Committed};
+use crate::publisher::{CommitError, CommitJob, CommitWaiting, Committed};
 
 /// Settings of gateway mode.
 #[derive(Debug, Clone)]
@@ -283,6 +283,14 @@ impl Handler<CommitJob> for GatewayPublisher {
     }
 }
 
+fn aborted_during() -> CommitError {
+    err(
+        "aborted",
+        "job aborted during its commit; nothing was published",
+        false,
+    )
+}
+
 /// The marker a job's tag description carries, so a restarted daemon recognises its commit.
 fn marker(job: &JobRecord) -> String {
     format!("[cvmfs-prepub job {}]", job.id)
@@ -470,23 +478,7 @@ fn commit(
             // Journaled before anything heavy (the catalog build, the lease): an abort from now
             // on is carried out by this thread, which gives back what it holds, and a start
             // that never ends (the daemon stopped) counts as an attempt when it resumes.
-            let (ack_tx, ack_rx) = bounded(1);
-            job.starting.do_send(CommitStarting {
-                job_id: job.job.id.clone(),
-                base_root: base.to_string(),
-                not_landed: true,
-                ack: ack_tx,
-            });
-            if !ack_rx.recv().unwrap_or(false) {
-                if job.abort.load(Ordering::SeqCst) {
-                    return Err(err("aborted", "job aborted before its commit", false));
-                }
-                return Err(err(
-                    "commit-handshake",
-                    "the start of the commit was not journaled; retrying",
-                    true,
-                ));
-            }
+            job.begin(base.to_string(), true)?;
             handshake_done = true;
             crate::testhook::point("commit-started");
         }
@@ -576,11 +568,7 @@ fn commit(
         };
         if job.abort.load(Ordering::SeqCst) {
             release(true);
-            return Err(err(
-                "aborted",
-                "job aborted during its commit; nothing was published",
-                false,
-            ));
+            return Err(aborted_during());
         }
         // Catalogs, children before parents (the order the tree wrote them), in bounded packs.
         let mut pack = PackBuilder::new();
@@ -624,11 +612,7 @@ fn commit(
         }
         if job.abort.load(Ordering::SeqCst) {
             release(true);
-            return Err(err(
-                "aborted",
-                "job aborted during its commit; nothing was published",
-                false,
-            ));
+            return Err(aborted_during());
         }
         if acquired.elapsed() >= s.lease_ttl {
             // Never commit on a lease that may have run out: start over with a new one.

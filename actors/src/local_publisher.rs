@@ -22,12 +22,12 @@ use std::sync::Arc;
 use std::thread;
 
 use actix::prelude::*;
-use crossbeam_channel::{bounded, unbounded, Sender};
+use crossbeam_channel::{unbounded, Sender};
 use prepub_core::intake::{detect_compression, normalize};
 use prepub_core::jobs::JobResult;
 use tar::EntryType;
 
-use crate::publisher::{CommitError, CommitJob, CommitStarting, Committed};
+use crate::publisher::{CommitError, CommitJob, Committed};
 
 /// Which repositories are publishing right now (shared with the API, which refuses with 409).
 #[derive(Clone, Default)]
@@ -311,23 +311,8 @@ fn commit(
         .join("jobs")
         .join(&job.job.id)
         .join("payload.tar");
-    let (ack_tx, ack_rx) = bounded(1);
-    job.starting.do_send(CommitStarting {
-        job_id: job.job.id.clone(),
-        base_root: String::new(),
-        not_landed: false,
-        ack: ack_tx,
-    });
-    if !ack_rx.recv().unwrap_or(false) {
-        if job.abort.load(Ordering::SeqCst) {
-            return Err(err("aborted", "job aborted before its commit", false));
-        }
-        return Err(err(
-            "commit-handshake",
-            "the start of the commit was not journaled; retrying",
-            true,
-        ));
-    }
+    // Not `not_landed`: an interrupted commit cannot be told from one that landed here.
+    job.begin(String::new(), false)?;
     busy.store(true, Ordering::SeqCst);
     cvmfs_server(bin, &["transaction", repo]).map_err(|e| err("transaction-failed", e, true))?;
     let abort_tx = |why: CommitError| -> CommitError {

@@ -217,6 +217,30 @@ fn load_changeset(path: &std::path::Path) -> Result<ChangeSet, CommitError> {
 }
 
 impl CommitJob {
+    /// Journals the start of the commit from `base_root` (see [`CommitStarting`]) and waits for
+    /// the manager's answer; an error when it refused (the job was aborted) or did not answer
+    /// (journal trouble, manager restart: retried).
+    pub(crate) fn begin(&self, base_root: String, not_landed: bool) -> Result<(), CommitError> {
+        let (ack_tx, ack_rx) = bounded(1);
+        self.starting.do_send(CommitStarting {
+            job_id: self.job.id.clone(),
+            base_root,
+            not_landed,
+            ack: ack_tx,
+        });
+        if ack_rx.recv().unwrap_or(false) {
+            return Ok(());
+        }
+        if self.abort.load(Ordering::SeqCst) {
+            return Err(err("aborted", "job aborted before its commit", false));
+        }
+        Err(err(
+            "commit-handshake",
+            "the start of the commit was not journaled; retrying",
+            true,
+        ))
+    }
+
     /// The job's change set: the one held from its processing, else read from the spool.
     pub(crate) fn load_changeset(&self) -> Result<Arc<ChangeSet>, CommitError> {
         match &self.preloaded {
@@ -340,25 +364,7 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
                 false,
             )
         })?;
-    let (ack_tx, ack_rx) = bounded(1);
-    job.starting.do_send(CommitStarting {
-        job_id: job.job.id.clone(),
-        base_root: m.root_catalog.to_string(),
-        not_landed: true,
-        ack: ack_tx,
-    });
-    if !ack_rx.recv().unwrap_or(false) {
-        // Refused because the job was aborted, or not acknowledged (journal trouble, manager
-        // restart): only the first ends the job.
-        if job.abort.load(Ordering::SeqCst) {
-            return Err(err("aborted", "job aborted before its commit", false));
-        }
-        return Err(err(
-            "commit-handshake",
-            "the start of the commit was not journaled; retrying",
-            true,
-        ));
-    }
+    job.begin(m.root_catalog.to_string(), true)?;
     crate::testhook::point("commit-started");
     let tags = job_tags(&job.job);
     let now = prepub_core::timefmt::now();

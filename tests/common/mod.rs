@@ -455,6 +455,16 @@ impl Daemon {
             .unwrap()
     }
 
+    /// Asks for the job's abort (admin token); the request must be accepted.
+    pub fn abort(&self, id: &str) {
+        let r = client()
+            .post(format!("{}/api/v1/jobs/{id}/abort", self.url))
+            .bearer_auth(ADMIN)
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.text().unwrap());
+    }
+
     /// Polls until the job reaches a terminal state; returns its view.
     pub fn wait_terminal(&self, id: &str, secs: u64) -> serde_json::Value {
         for _ in 0..secs * 20 {
@@ -706,12 +716,7 @@ pub fn aborted_job_objects_go_after_the_grace_period(
     }];
     let job = d.submit_id(ADMIN, "/sw/aborted", &tar_bytes(&spec), None);
     d.wait_state(&job, "committing", 60);
-    let r = client()
-        .post(format!("{}/api/v1/jobs/{job}/abort", d.url))
-        .bearer_auth(ADMIN)
-        .send()
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.text().unwrap());
+    d.abort(&job);
     assert_eq!(d.wait_terminal(&job, 30)["state"], "aborted");
     assert!(
         cas.exists(&id).unwrap(),
