@@ -227,13 +227,9 @@ fn survives_a_gateway_restart() {
         &[("CVMFS_PREPUB_TEST_HOLD", "lease-acquired#1=1500")],
     );
     let id = submit(&d, "/sw/r", &tree("r"));
-    for _ in 0..200 {
-        if d.job(&id)["state"] == "committing" {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    drop(gw); // the gateway goes away mid-commit ...
+    let lease_file = dir.path().join("spool/jobs").join(&id).join("lease.token");
+    assert!(eventually(30, || lease_file.exists()), "no lease taken");
+    drop(gw); // the gateway goes away mid-commit, holding the lease ...
     std::thread::sleep(std::time::Duration::from_millis(500));
     let _gw2 = Double::start(dir.path(), &[], Some(port)); // ... and comes back.
     let j = d.wait_terminal(&id, 90);
@@ -576,11 +572,48 @@ fn a_gateway_commit_that_stops_the_daemon_each_time_fails_after_max_attempts() {
     assert_eq!(jn["revision"], 2, "{jn}");
 }
 
-/// The daemon stops while a commit holds its lease, and the gateway is gone when it comes back:
-/// the lease cannot be given back, the job fails `gateway-unavailable` (one attempt here) and
-/// keeps the lease's file for a later attempt, and neither its error (public: job views,
-/// events) nor the log names the lease token (a request error's text carries its URL, and lease
-/// tokens are part of the URLs of commits, renewals and cancellations).
+/// A TCP proxy in front of the gateway that forwards while `up`, and drops every connection
+/// otherwise (the gateway unreachable, while it keeps its leases).
+struct Proxy {
+    url: String,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn proxy(to: &str) -> Proxy {
+    use std::sync::atomic::Ordering;
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", l.local_addr().unwrap());
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (to, on) = (to.trim_start_matches("http://").to_string(), up.clone());
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            if !on.load(Ordering::SeqCst) {
+                continue; // dropped: reset
+            }
+            let Ok(g) = std::net::TcpStream::connect(&to) else {
+                continue;
+            };
+            let (mut c2, mut g2) = (c.try_clone().unwrap(), g.try_clone().unwrap());
+            let (mut c, mut g) = (c, g);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c, &mut g2);
+                let _ = g2.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut g, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    Proxy { url, up }
+}
+
+/// The daemon stops while a commit holds its lease, and the gateway cannot be reached when it
+/// comes back: the lease cannot be given back, the job fails `gateway-unavailable` (one
+/// attempt here) and keeps the lease's file; neither its error (public: job views, events) nor
+/// the log names the lease token (a request error's text carries its URL, and lease tokens are
+/// part of the URLs of commits, renewals and cancellations). Once the gateway is reachable, the
+/// next commit gives the ended job's lease back first, and a job on the same path publishes.
 #[test]
 fn a_lease_that_cannot_be_given_back_is_kept_and_its_token_never_shown() {
     let dir = tempfile::tempdir().unwrap();
@@ -595,7 +628,16 @@ fn a_lease_that_cannot_be_given_back_is_kept_and_its_token_never_shown() {
     let token = std::fs::read_to_string(&lease_file).unwrap();
     let token = token.trim();
     assert!(token.len() >= 8, "{token}");
-    drop(gw);
+    // From now on the gateway API goes through a proxy (the Stratum 0 is read directly).
+    let p = proxy(&gw.url);
+    let cfg = dir.path().join("config.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text = text.replace(
+        &format!("  url: {}\n", gw.url),
+        &format!("  url: {}\n", p.url),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    p.up.store(false, std::sync::atomic::Ordering::SeqCst);
     let d = Daemon::start(dir.path(), &[("CVMFS_GATEWAY_SECRET", SECRET)]);
     let j = d.wait_terminal(&id, 60);
     assert_eq!(j["state"], "failed", "{j}");
@@ -610,4 +652,12 @@ fn a_lease_that_cannot_be_given_back_is_kept_and_its_token_never_shown() {
     assert!(!j.to_string().contains(token), "{j}");
     assert!(!d.log_text().contains(token), "the log names the token");
     assert_eq!(std::fs::read_to_string(&lease_file).unwrap().trim(), token);
+    // The gateway is reachable again: the next commit gives the ended job's lease back first
+    // (without, the path stays busy for the lease's two hours and this job does not finish).
+    p.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    let next = submit(&d, "/sw/gone", &tree("next"));
+    let j = d.wait_terminal(&next, 25);
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    assert_eq!(j["revision"], 2);
+    assert!(!lease_file.exists(), "the ended job's lease file is kept");
 }

@@ -15,6 +15,7 @@
 //! for the manifest to advance and starts over; bad credentials fail the job at once.
 
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -214,25 +215,35 @@ pub struct GatewayPublisher {
 }
 
 impl GatewayPublisher {
+    /// One commit thread per repository of `repos`; `spool` is the spool root, whose job
+    /// directories may hold leases that jobs which ended could not give back.
     pub fn new(
         repos: Vec<String>,
         settings: Arc<GatewaySettings>,
         client: Arc<GatewayClient>,
         heartbeat: Addr<GatewayLease>,
+        spool: PathBuf,
     ) -> GatewayPublisher {
         let mut queues = HashMap::new();
         for name in repos {
             let (tx, rx) = unbounded::<CommitJob>();
-            let (s, c, hb, repo) = (
+            let (s, c, hb, repo, spool) = (
                 settings.clone(),
                 client.clone(),
                 heartbeat.clone(),
                 name.clone(),
+                spool.clone(),
             );
             let _ = thread::Builder::new()
                 .name(format!("gw-commit-{name}"))
                 .spawn(move || {
+                    // Before the first commit, and after a commit that failed (it may have
+                    // kept a lease it could not give back, or panicked holding one).
+                    let (mut sweep, mut left) = (true, false);
                     while let Ok(job) = rx.recv() {
+                        if sweep || left {
+                            left = give_back_ended_leases(&spool, &repo, &c);
+                        }
                         let id = job.job.id.clone();
                         let done = job.done.clone();
                         let outcome =
@@ -246,6 +257,7 @@ impl GatewayPublisher {
                                     false,
                                 ))
                             });
+                        sweep = outcome.is_err();
                         done.do_send(Committed {
                             job_id: id,
                             outcome,
@@ -281,6 +293,49 @@ impl Handler<CommitJob> for GatewayPublisher {
             )),
         });
     }
+}
+
+/// Gives back the leases journaled (`jobs/<id>/lease.token`) by `repo`'s jobs that have ended
+/// (their `job.json` says so): a job's own commit gives back a lease it finds, but one that
+/// ended never commits again — its retries ran out while the gateway could not be reached to
+/// cancel it, or its commit panicked holding it. Without this the path stays busy until the
+/// gateway expires the lease. A lease that cannot be given back now (gateway unreachable)
+/// stays for the next sweep. Returns whether any lease file of another job is left (one not
+/// ended yet, or not given back): the next commit sweeps again.
+fn give_back_ended_leases(spool: &Path, repo: &str, client: &GatewayClient) -> bool {
+    let Ok(dirs) = std::fs::read_dir(spool.join("jobs")) else {
+        return false;
+    };
+    let mut left = false;
+    for dir in dirs.flatten().map(|e| e.path()) {
+        let lease_file = dir.join("lease.token");
+        let Ok(token) = std::fs::read_to_string(&lease_file) else {
+            continue;
+        };
+        let ended = std::fs::read(dir.join("job.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<JobRecord>(&b).ok())
+            .map(|j| (j.repo == repo, j.state.is_terminal()));
+        match ended {
+            Some((true, true)) => {}
+            Some((true, false)) => {
+                left = true;
+                continue;
+            }
+            _ => continue,
+        }
+        match client.cancel(token.trim()) {
+            Ok(()) => crate::testhook::point("stale-lease-cancelled"),
+            Err(GwError::Transport(_)) => {
+                left = true;
+                continue;
+            }
+            // Refused: consumed by a commit, or expired.
+            Err(_) => {}
+        }
+        let _ = std::fs::remove_file(&lease_file);
+    }
+    left
 }
 
 fn aborted_during() -> CommitError {
@@ -482,6 +537,9 @@ fn commit(
             handshake_done = true;
             crate::testhook::point("commit-started");
         }
+        if job.abort.load(Ordering::SeqCst) {
+            return Err(aborted_during());
+        }
         let scratch = tempfile::tempdir().map_err(|e| err("scratch", e, true))?;
         let local = LocalCas::create(&scratch.path().join("cas"))
             .map_err(|e| err("scratch", e, true))?
@@ -528,6 +586,9 @@ fn commit(
                 .flatten()
                 .inspect(|_| crate::testhook::point("catalogs-prebuilt"))
         };
+        if job.abort.load(Ordering::SeqCst) {
+            return Err(aborted_during());
+        }
         let lease_sub = choose_lease(&mut tree, target)?;
         let lpath = lease_path(repo_name, &lease_sub);
         // The lease is taken only now: everything before ran without locking the repository.

@@ -1065,7 +1065,14 @@ impl Handler<AbortJob> for JobManager {
             if !job.abort_requested {
                 job.abort_requested = true;
                 job.updated = now_ms();
-                self.save(job.clone(), ctx, |_, _, _| {});
+                let id = job.id.clone();
+                self.save(job.clone(), ctx, move |act, _, ok| {
+                    // Not journaled: the flag holds for this process only; a repeated abort
+                    // journals it again.
+                    if let (false, Some(j)) = (ok, act.jobs.get_mut(&id)) {
+                        j.abort_requested = false;
+                    }
+                });
             }
             return Ok(job);
         }

@@ -1277,8 +1277,6 @@ fn may_touch_repo(who: &Principal, repo: &str) -> bool {
     }
 }
 
-/// `POST /api/v1/access-events`: a batch of accesses (from log shippers or proxies) for one
-/// repository; 202 `{applied, collapsed}`.
 /// A request body of at most `limit` bytes (413 beyond), read whole.
 async fn small_body(payload: &mut web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
     let mut body = web::BytesMut::new();
@@ -1292,6 +1290,8 @@ async fn small_body(payload: &mut web::Payload, limit: usize) -> Result<web::Byt
     Ok(body)
 }
 
+/// `POST /api/v1/access-events`: a batch of accesses (from log shippers or proxies) for one
+/// repository; 202 `{applied, collapsed}`.
 pub async fn access_events(
     req: HttpRequest,
     mut payload: web::Payload,

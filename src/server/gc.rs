@@ -491,12 +491,12 @@ pub struct Tombstoning {
 
 type Collected = (Plan, Swept, Tombstoning);
 
-/// The run's steps after the repository is held: scanning, tombstoned, reaping, complete (or
-/// aborted at the step boundary or deletion where the abort flag is seen). Blocking.
-#[allow(clippy::too_many_arguments)]
 /// Temporary files of object writes younger than this are never removed as leftovers.
 const LEFTOVER_AGE_SECS: u64 = 3600;
 
+/// The run's steps after the repository is held: scanning, tombstoned, reaping, complete (or
+/// aborted at the step boundary or deletion where the abort flag is seen). Blocking.
+#[allow(clippy::too_many_arguments)]
 fn collect(
     cas: &dyn prepub_core::cas::Cas,
     local: Option<&std::path::Path>,

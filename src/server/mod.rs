@@ -373,7 +373,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
                     pack_bytes: g.pack_bytes,
                     public_keys_dir: g.public_keys_dir.clone(),
                 });
-                let p = GatewayPublisher::new(targets.iter().map(|t| t.name.clone()).collect(), settings, client, heartbeat).start();
+                let p = GatewayPublisher::new(targets.iter().map(|t| t.name.clone()).collect(), settings, client, heartbeat, cfg.spool_root.clone()).start();
                 info!(log, "publisher started"; "actor" => "GatewayPublisher", "mode" => "gateway", "gateway" => &g.url, "repositories" => targets.len());
                 p.recipient()
             }
