@@ -392,3 +392,63 @@ fn concurrent_health_checks_all_see_a_healthy_service() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// A submission header that is not plain ASCII is refused with the reason (it used to be taken
+/// as absent: the job published without its tag description); a multipart content type is
+/// recognised whatever its case (it used to be taken for a raw tar: `missing-repo`).
+#[test]
+fn non_ascii_headers_are_refused_and_the_multipart_type_is_case_blind() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let d = Daemon::start(dir.path(), &[]);
+    let tar = tar_bytes(&[Spec::File {
+        path: "f",
+        mode: 0o644,
+        data: b"x".to_vec(),
+        xattrs: vec![],
+    }]);
+    let r = client()
+        .post(format!("{}/api/v1/jobs", d.url))
+        .bearer_auth(ADMIN)
+        .header("X-Cvmfs-Repo", REPO)
+        .header("X-Cvmfs-Path", "/sw/accent")
+        .header(
+            "X-Cvmfs-Tag-Description",
+            reqwest::header::HeaderValue::from_bytes(b"caf\xc3\xa9 build").unwrap(),
+        )
+        .body(tar.clone())
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: Value = r.json().unwrap();
+    assert_eq!(v["error"]["code"], "bad-header", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("x-cvmfs-tag-description"),
+        "{v}"
+    );
+    let mut body = Vec::new();
+    for (name, value) in [("repo", REPO), ("path", "/sw/case")] {
+        body.extend_from_slice(
+            format!("--B\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n")
+                .as_bytes(),
+        );
+    }
+    body.extend_from_slice(b"--B\r\nContent-Disposition: form-data; name=\"tar\"; filename=\"t.tar\"\r\nContent-Type: application/x-tar\r\n\r\n");
+    body.extend_from_slice(&tar);
+    body.extend_from_slice(b"\r\n--B--\r\n");
+    let r = client()
+        .post(format!("{}/api/v1/jobs", d.url))
+        .bearer_auth(ADMIN)
+        .header("Content-Type", "Multipart/Form-Data; boundary=B")
+        .body(body)
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let v: Value = r.json().unwrap();
+    assert_eq!(status, 202, "{v}");
+    let id = v["job_id"].as_str().unwrap().to_string();
+    assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
+}

@@ -216,6 +216,20 @@ fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
         .map(|s| s.to_string())
 }
 
+/// A submission header's value; one that is there but not plain ASCII is refused (taken as
+/// absent it would publish without a tag description, or report a missing repository).
+fn submission_header(h: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+    match h.get(name) {
+        None => Ok(None),
+        Some(v) => v.to_str().map(|s| Some(s.to_string())).map_err(|_| {
+            bad(
+                "bad-header",
+                format!("header {name} is not plain ASCII (send UTF-8 values as multipart fields)"),
+            )
+        }),
+    }
+}
+
 /// Streams one body into `file`, enforcing the size limit; returns (bytes, SHA-256 hex when
 /// `hash`). `growing`, when the tar is processed while it uploads, is told of every byte written.
 async fn stream_to_file<S, E>(
@@ -404,7 +418,9 @@ where
         + Unpin
         + 'static,
 {
-    let ctype = header_str(req.headers(), "content-type").unwrap_or_default();
+    let ctype = header_str(req.headers(), "content-type")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
     let mut f = Fields::default();
     let (tar_bytes, digest);
     if ctype.starts_with("multipart/form-data") {
@@ -455,11 +471,12 @@ where
         validate(&f, st, who)?;
     } else {
         let h = req.headers();
-        f.repo = header_str(h, "x-cvmfs-repo");
-        f.path = header_str(h, "x-cvmfs-path");
-        f.tag_name = header_str(h, "x-cvmfs-tag-name").filter(|x| !x.is_empty());
-        f.tag_description = header_str(h, "x-cvmfs-tag-description");
-        f.tar_sha256 = header_str(h, "x-cvmfs-tar-sha256").map(|s| s.trim().to_ascii_lowercase());
+        f.repo = submission_header(h, "x-cvmfs-repo")?;
+        f.path = submission_header(h, "x-cvmfs-path")?;
+        f.tag_name = submission_header(h, "x-cvmfs-tag-name")?.filter(|x| !x.is_empty());
+        f.tag_description = submission_header(h, "x-cvmfs-tag-description")?;
+        f.tar_sha256 =
+            submission_header(h, "x-cvmfs-tar-sha256")?.map(|s| s.trim().to_ascii_lowercase());
         // Refuse before reading a single body byte.
         validate(&f, st, who)?;
         let growing = process_while_uploading(st, who, &f, id, upload, run);
