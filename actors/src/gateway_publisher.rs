@@ -324,18 +324,24 @@ fn give_back_ended_leases(spool: &Path, repo: &str, client: &GatewayClient) -> b
             }
             _ => continue,
         }
-        match client.cancel(token.trim()) {
-            Ok(()) => crate::testhook::point("stale-lease-cancelled"),
-            Err(GwError::Transport(_)) => {
-                left = true;
-                continue;
-            }
-            // Refused: consumed by a commit, or expired.
-            Err(_) => {}
+        if give_back(client, &lease_file, token.trim()).is_err() {
+            left = true;
         }
-        let _ = std::fs::remove_file(&lease_file);
     }
     left
+}
+
+/// Cancels the journaled lease `token` and removes its file `lease_file`, also when the gateway
+/// refuses (the lease was consumed by a commit, or expired: nothing to give back). When the
+/// gateway cannot be reached the file is kept and the transport error returned.
+fn give_back(client: &GatewayClient, lease_file: &Path, token: &str) -> Result<(), String> {
+    match client.cancel(token) {
+        Ok(()) => crate::testhook::point("stale-lease-cancelled"),
+        Err(GwError::Transport(e)) => return Err(e),
+        Err(_) => {}
+    }
+    let _ = std::fs::remove_file(lease_file);
+    Ok(())
 }
 
 fn aborted_during() -> CommitError {
@@ -497,21 +503,15 @@ fn commit(
     // give it back first, or the path stays busy until the gateway expires it.
     let lease_file = job.changeset.with_file_name("lease.token");
     if let Ok(old) = std::fs::read_to_string(&lease_file) {
-        match client.cancel(old.trim()) {
-            Ok(()) => crate::testhook::point("stale-lease-cancelled"),
-            // Unreachable: kept, to be given back by the next attempt (a new lease on the path
-            // waits for it meanwhile).
-            Err(GwError::Transport(e)) => {
-                return Err(err(
-                    "gateway-unavailable",
-                    format!("giving back the lease held before the restart: {e}"),
-                    true,
-                ))
-            }
-            // Refused: consumed by a commit, or expired; nothing to give back.
-            Err(_) => {}
-        }
-        let _ = std::fs::remove_file(&lease_file);
+        // Unreachable: kept, to be given back by the next attempt (a new lease on the path
+        // waits for it meanwhile).
+        give_back(client, &lease_file, old.trim()).map_err(|e| {
+            err(
+                "gateway-unavailable",
+                format!("giving back the lease held before the restart: {e}"),
+                true,
+            )
+        })?;
     }
     let mut handshake_done = false;
     for _round in 0..5 {

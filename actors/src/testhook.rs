@@ -9,6 +9,15 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+/// `<point>#<n>`: the point, and the `n` given (None without `#`; Some(None) when it does not
+/// parse).
+fn split_nth(spec: &str) -> (&str, Option<Option<usize>>) {
+    match spec.trim().split_once('#') {
+        Some((p, n)) => (p, Some(n.parse().ok())),
+        None => (spec.trim(), None),
+    }
+}
+
 /// Holds by point: how long, and at which pass only (`<point>#<n>=<ms>`; every pass without).
 fn holds() -> &'static HashMap<String, (u64, Option<usize>)> {
     static H: OnceLock<HashMap<String, (u64, Option<usize>)>> = OnceLock::new();
@@ -19,10 +28,12 @@ fn holds() -> &'static HashMap<String, (u64, Option<usize>)> {
             .filter_map(|kv| {
                 let (k, v) = kv.split_once('=')?;
                 let ms = v.trim().parse().ok()?;
-                Some(match k.trim().split_once('#') {
-                    Some((p, n)) => (p.to_string(), (ms, Some(n.parse().ok()?))),
-                    None => (k.trim().to_string(), (ms, None)),
-                })
+                let (p, nth) = split_nth(k);
+                let nth = match nth {
+                    Some(n) => Some(n?),
+                    None => None,
+                };
+                Some((p.to_string(), (ms, nth)))
             })
             .collect()
     })
@@ -40,13 +51,17 @@ fn passes(name: &str) -> usize {
     *n
 }
 
-fn crash_at() -> &'static Option<String> {
-    static C: OnceLock<Option<String>> = OnceLock::new();
-    C.get_or_init(|| {
-        std::env::var("CVMFS_PREPUB_TEST_CRASH")
-            .ok()
-            .filter(|s| !s.is_empty())
-    })
+/// The crash point and the pass to crash at (the first unless `#<n>` says otherwise).
+fn crash_at() -> &'static Option<(String, usize)> {
+    static C: OnceLock<Option<(String, usize)>> = OnceLock::new();
+    C.get_or_init(|| nth_of_var("CVMFS_PREPUB_TEST_CRASH"))
+}
+
+/// A `<point>#<n>` variable: the point and `n` (1 when left out or unreadable).
+fn nth_of_var(var: &str) -> Option<(String, usize)> {
+    let v = std::env::var(var).ok().filter(|s| !s.is_empty())?;
+    let (p, n) = split_nth(&v);
+    Some((p.to_string(), n.flatten().unwrap_or(1)))
 }
 
 /// Marks a point: crashes or sleeps there if a test asked for it. Only call from blocking
@@ -57,15 +72,11 @@ fn crash_at() -> &'static Option<String> {
 /// `<point>#<n>` crashes the n-th time the point is reached; a hold written `<point>#<n>=<ms>`
 /// holds only the n-th time.
 pub fn point(name: &str) {
-    if let Some(c) = crash_at().as_deref() {
-        let (p, nth) = match c.split_once('#') {
-            Some((p, n)) => (p, n.parse::<usize>().unwrap_or(1)),
-            None => (c, 1),
-        };
+    if let Some((p, nth)) = crash_at() {
         if p == name {
             static REACHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
             let k = REACHED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-            if k == nth {
+            if k == *nth {
                 eprintln!("test hook: crashing at {name} (time {k})");
                 std::process::abort();
             }
@@ -83,11 +94,7 @@ pub fn point(name: &str) {
 pub fn fails(name: &str) -> bool {
     static FAIL: OnceLock<Option<(String, usize)>> = OnceLock::new();
     static REACHED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let Some((point, nth)) = FAIL.get_or_init(|| {
-        let v = std::env::var("CVMFS_PREPUB_TEST_FAIL").ok()?;
-        let (p, n) = v.split_once('#').unwrap_or((v.as_str(), "1"));
-        Some((p.to_string(), n.parse().unwrap_or(1)))
-    }) else {
+    let Some((point, nth)) = FAIL.get_or_init(|| nth_of_var("CVMFS_PREPUB_TEST_FAIL")) else {
         return false;
     };
     point == name && REACHED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == *nth
