@@ -176,7 +176,10 @@ fn a_scheduled_run_cleans_first_then_collects() {
             .iter()
             .find(|r| r["removals"].as_array().is_some_and(|a| !a.is_empty()))
             .cloned();
-        if let Some(r) = done.filter(|r| r["state"] != "cleaning") {
+        // Until the run has ended (the status may show any step before).
+        if let Some(r) =
+            done.filter(|r| matches!(r["state"].as_str(), Some("complete" | "aborted" | "failed")))
+        {
             break r;
         }
         assert!(start.elapsed() < Duration::from_secs(30), "{s}");
