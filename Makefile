@@ -25,9 +25,10 @@ lint:
 bench:
 	$(CARGO) bench --bench harness
 
-## fuzz: every cargo-fuzz target for FUZZ_SECONDS each (nightly toolchain + cargo-fuzz)
+## fuzz: every cargo-fuzz target for FUZZ_SECONDS each (nightly toolchain + cargo-fuzz);
+## FUZZ_BUILD=--dev builds them unoptimised (quicker to build, as CI does)
 fuzz:
-	FUZZ_SECONDS=$(or $(FUZZ_SECONDS),20) scripts/fuzz.sh
+	FUZZ_SECONDS=$(or $(FUZZ_SECONDS),20) FUZZ_BUILD=$(FUZZ_BUILD) scripts/fuzz.sh
 
 ## run-demo: start the daemon on config/demo.yaml, publish a sample tar, check it, stop
 run-demo: build
@@ -35,7 +36,7 @@ run-demo: build
 
 ## run-sim: publisher + gateway double in one process, concurrent communities, chaos on
 run-sim:
-	$(CARGO) build --bin cvmfs-prepub
+	$(CARGO) build --bin cvmfs-prepub --example run_sim
 	$(CARGO) run --example run_sim -- --jobs 12 --communities 3 --error-rate 0.1 --drop-rate 0.05 --latency 20ms --manifest-lag 1s
 
 ## demo: create a repository, publish a sample tar into it, and check it

@@ -7,12 +7,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${FUZZ_SECONDS:-20}
+# FUZZ_BUILD=--dev builds the targets unoptimised: much quicker to build (CI), fewer executions
+# per second. The default is optimised (-O).
+mode=${FUZZ_BUILD:--O}
 root=$(pwd)/fuzz
-cargo +nightly fuzz build -O
+cargo +nightly fuzz build "$mode"
 for t in $(cargo +nightly fuzz list); do
     mkdir -p "$root/corpus/$t" "$root/regressions/$t" "$root/seeds/$t"
     log=$(mktemp)
-    if ! cargo +nightly fuzz run -O "$t" "$root/corpus/$t" "$root/seeds/$t" "$root/regressions/$t" \
+    if ! cargo +nightly fuzz run "$mode" "$t" "$root/corpus/$t" "$root/seeds/$t" "$root/regressions/$t" \
         -- -max_total_time="$secs" -rss_limit_mb=2048 -timeout=10 >"$log" 2>&1; then
         tail -40 "$log"
         echo "fuzz $t: CRASH — the input is in fuzz/artifacts/$t; fix it, then keep it in fuzz/regressions/$t"
