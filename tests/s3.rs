@@ -245,6 +245,61 @@ fn publishes_into_s3_and_reads_back() {
 }
 
 #[test]
+fn a_large_unchunked_file_is_streamed_into_s3_in_parts() {
+    let (dir, m) = s3_daemon_dir();
+    let cfg = dir.path().join("config.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "  retry_backoff: 200ms\n",
+        "  retry_backoff: 200ms\n  chunking:\n    enabled: false\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let d = Daemon::start(dir.path(), &creds());
+    // Above the size read whole into memory (16 MiB), and incompressible: about 20 MiB stored.
+    let specs = vec![
+        Spec::Dir("big", 0o755),
+        Spec::File {
+            path: "big/image.bin",
+            mode: 0o644,
+            data: pseudo_random(20 << 20, 7),
+            xattrs: vec![],
+        },
+    ];
+    let id = d.submit_id(ADMIN, "/big", &tar_bytes(&specs), None);
+    let j = d.wait_terminal(&id, 120);
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    let s3 = Arc::new(store(&m, "cvmfs"));
+    let url = http_view(s3.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    verify(&repo, "/big", &specs);
+    drop(repo);
+    check_in_s3(dir.path(), &m);
+    // One object, not chunked, uploaded from its spill file in parts of 8 MiB (a multipart
+    // ETag ends with the number of parts).
+    let multipart: Vec<String> = s3
+        .list()
+        .unwrap()
+        .iter()
+        .filter_map(|id| {
+            let r = client()
+                .head(format!("{}/cvmfs/{REPO}/{}", m.endpoint, id.path()))
+                .send()
+                .unwrap();
+            let etag = r.headers().get("etag")?.to_str().ok()?.trim_matches('"');
+            etag.contains('-').then(|| format!("{id} {etag}"))
+        })
+        .collect();
+    assert_eq!(multipart.len(), 1, "{multipart:?}");
+    assert!(multipart[0].ends_with("-3"), "{multipart:?}");
+    assert!(
+        !s3.list()
+            .unwrap()
+            .iter()
+            .any(|i| i.suffix == prepub_core::hash::Suffix::Partial),
+        "no chunks"
+    );
+}
+
+#[test]
 fn a_missing_bucket_stops_the_start_with_the_cause() {
     let dir = tempfile::tempdir().unwrap();
     let m = Moto::start(dir.path());

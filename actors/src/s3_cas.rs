@@ -9,7 +9,10 @@
 //! remembered and asked HEAD-then-PUT from then on. Objects seen are kept in an in-process set,
 //! so a re-publish does not ask about them twice. Puts are
 //! atomic in S3 (an object appears whole or not at all); objects above `multipart_threshold` are
-//! uploaded in parts. Throttling and 5xx answers are retried with capped backoff by the client.
+//! uploaded in parts of [`PART_SIZE`], at most [`PARTS_IN_FLIGHT`] at once, and an object
+//! written as a stream (a large unchunked file) is read back from its spill file a part at a
+//! time, so memory stays at a few parts whatever the object's size; reads stream the body
+//! too. Throttling and 5xx answers are retried with capped backoff by the client.
 //! `object_store` is async: calls run on a small runtime owned by this struct, and the caller
 //! waits on a plain channel, so it is safe from any thread (also from async ones that must not
 //! start a nested runtime).
@@ -45,13 +48,84 @@ pub struct S3Settings {
 }
 
 pub struct S3Cas {
-    store: Arc<AmazonS3>,
-    rt: tokio::runtime::Runtime,
-    settings: S3Settings,
-    known: Mutex<HashSet<ObjectId>>,
-    /// Cleared when the store answers a conditional PUT with "not implemented".
-    conditional: AtomicBool,
+    /// Owns the threads the client's requests run on.
+    _rt: tokio::runtime::Runtime,
+    client: Client,
 }
+
+/// The store's client, shared with the objects being written ([`S3Pending`]).
+#[derive(Clone)]
+pub struct Client {
+    store: Arc<AmazonS3>,
+    handle: tokio::runtime::Handle,
+    settings: Arc<S3Settings>,
+    known: Arc<Mutex<Seen>>,
+    /// Cleared when the store answers a conditional PUT with "not implemented".
+    conditional: Arc<AtomicBool>,
+}
+
+impl std::ops::Deref for S3Cas {
+    type Target = Client;
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+/// Objects known to be in the store, in two generations of at most `max` each: when the newer
+/// one fills up, the older is dropped. Memory stays bounded however many objects a long-lived
+/// daemon stores; an object forgotten is only asked about again.
+pub struct Seen {
+    new: HashSet<ObjectId>,
+    old: HashSet<ObjectId>,
+    max: usize,
+}
+
+/// Objects per generation of [`Seen`] (about 44 bytes each in the set: both generations full
+/// take about 46 MB).
+pub const SEEN_MAX: usize = 1 << 19;
+
+impl Seen {
+    pub fn new(max: usize) -> Seen {
+        Seen {
+            new: HashSet::new(),
+            old: HashSet::new(),
+            max: max.max(1),
+        }
+    }
+    /// Whether `id` is known; one known from the older generation moves to the newer, so
+    /// objects asked about often are not forgotten.
+    pub fn contains(&mut self, id: &ObjectId) -> bool {
+        if self.new.contains(id) {
+            return true;
+        }
+        if self.old.remove(id) {
+            self.insert(*id);
+            return true;
+        }
+        false
+    }
+    pub fn insert(&mut self, id: ObjectId) {
+        if self.new.len() >= self.max && !self.new.contains(&id) {
+            self.old = std::mem::take(&mut self.new);
+        }
+        self.new.insert(id);
+    }
+    pub fn remove(&mut self, id: &ObjectId) {
+        self.new.remove(id);
+        self.old.remove(id);
+    }
+    pub fn len(&self) -> usize {
+        self.new.len() + self.old.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Bytes per part of a multipart upload, and how many parts are on their way at once: an
+/// upload holds about `PARTS_IN_FLIGHT + 1` parts in memory, whatever the object's size.
+pub const PART_SIZE: usize = 8 << 20;
+pub const PARTS_IN_FLIGHT: usize = 4;
 
 /// Objects smaller than this are put with `If-None-Match: *` and no HEAD before (sending such
 /// an object again costs about what a HEAD does); larger ones are HEADed first.
@@ -111,15 +185,18 @@ impl S3Cas {
             .enable_all()
             .build()
             .map_err(|e| s3err("runtime", &settings.bucket, e))?;
-        Ok(S3Cas {
+        let client = Client {
             store: Arc::new(store),
-            rt,
-            settings,
-            known: Mutex::new(HashSet::new()),
-            conditional: AtomicBool::new(true),
-        })
+            handle: rt.handle().clone(),
+            settings: Arc::new(settings),
+            known: Arc::new(Mutex::new(Seen::new(SEEN_MAX))),
+            conditional: Arc::new(AtomicBool::new(true)),
+        };
+        Ok(S3Cas { _rt: rt, client })
     }
+}
 
+impl Client {
     /// One `If-None-Match: *` PUT of a small object.
     fn put_if_absent(&self, key: Path, data: Vec<u8>) -> Conditional {
         let store = self.store.clone();
@@ -147,10 +224,11 @@ impl S3Cas {
     }
 
     fn remember(&self, id: &ObjectId) {
-        self.known
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(*id);
+        self.seen().insert(*id);
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+        self.known.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs a future on the store's runtime and waits for it on a plain channel.
@@ -158,12 +236,7 @@ impl S3Cas {
         &self,
         fut: impl std::future::Future<Output = T> + Send + 'static,
     ) -> T {
-        let (tx, rx) = bounded(1);
-        self.rt.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        // The task always sends; a dropped runtime means the process is shutting down.
-        rx.recv().unwrap_or_else(|_| unreachable_shutdown())
+        run_on(&self.handle, fut)
     }
 
     /// The object's metadata (a HEAD); `NotFound` when absent.
@@ -189,6 +262,10 @@ impl S3Cas {
         }
     }
 
+    fn describe(&self) -> String {
+        format!("s3://{}/{}", self.settings.bucket, self.settings.prefix)
+    }
+
     /// Start-up and health check: the bucket exists and the credentials work (a one-key listing,
     /// which a missing bucket or refused credentials fail, unlike a HEAD of a missing key).
     pub fn probe(&self) -> Result<(), CasError> {
@@ -205,30 +282,163 @@ impl S3Cas {
     }
 
     fn upload(&self, key: Path, data: Vec<u8>) -> Result<(), CasError> {
+        if !data.is_empty() && data.len() >= self.settings.multipart_threshold {
+            let len = data.len() as u64;
+            return self.upload_parts(key, &mut &data[..], len);
+        }
         let store = self.store.clone();
-        let threshold = self.settings.multipart_threshold;
         let shown = key.to_string();
         self.run(async move {
-            if data.len() < threshold {
-                store
-                    .put(&key, PutPayload::from(data))
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| s3err("put", &shown, explain(&e)))
-            } else {
-                let upload = store
-                    .put_multipart(&key)
-                    .await
-                    .map_err(|e| s3err("put", &shown, explain(&e)))?;
-                let mut w = WriteMultipart::new_with_chunk_size(upload, 16 << 20);
-                w.write(&data);
-                w.finish()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| s3err("put", &shown, explain(&e)))
-            }
+            store
+                .put(&key, PutPayload::from(data))
+                .await
+                .map(|_| ())
+                .map_err(|e| s3err("put", &shown, explain(&e)))
         })
     }
+
+    /// A multipart upload of the `len` bytes `src` yields (see [`send_parts`]).
+    fn upload_parts(&self, key: Path, src: &mut dyn Read, len: u64) -> Result<(), CasError> {
+        let store = self.store.clone();
+        let k = key.clone();
+        let shown = key.to_string();
+        let upload = self
+            .run(async move { store.put_multipart(&k).await })
+            .map_err(|e| s3err("put", &shown, explain(&e)))?;
+        send_parts(&self.handle, upload, src, part_size(len)).map_err(|e| s3err("put", &shown, e))
+    }
+
+    /// Stores the `len` bytes of `file` (read from its start) as `id`, unless the store has it.
+    fn put_file(
+        &self,
+        id: &ObjectId,
+        file: &mut std::fs::File,
+        len: u64,
+    ) -> Result<PutOutcome, CasError> {
+        if self.exists(id)? {
+            return Ok(PutOutcome::AlreadyPresent);
+        }
+        let key = self.key(&id.path());
+        if len > 0 && len >= self.settings.multipart_threshold as u64 {
+            self.upload_parts(key, file, len)?;
+        } else {
+            let mut data = Vec::with_capacity(len as usize);
+            file.read_to_end(&mut data)
+                .map_err(|e| s3err("spill", "temp", e))?;
+            self.upload(key, data)?;
+        }
+        self.remember(id);
+        Ok(PutOutcome::Stored)
+    }
+
+    /// Whether the store has `id` (the set of objects seen first, then a HEAD).
+    fn exists(&self, id: &ObjectId) -> Result<bool, CasError> {
+        if self.seen().contains(id) {
+            return Ok(true);
+        }
+        let store = self.store.clone();
+        let key = self.key(&id.path());
+        let shown = key.to_string();
+        let found = self.run(async move {
+            match store.head(&key).await {
+                Ok(_) => Ok(true),
+                Err(e) if is_not_found(&e) => Ok(false),
+                Err(e) => Err(s3err("head", &shown, explain(&e))),
+            }
+        })?;
+        if found {
+            self.remember(id);
+        }
+        Ok(found)
+    }
+}
+
+/// Runs a future on `handle` and waits for it on a plain channel.
+fn run_on<T: Send + 'static>(
+    handle: &tokio::runtime::Handle,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    // The task always sends; a dropped runtime means the process is shutting down.
+    try_run_on(handle, fut).unwrap_or_else(unreachable_shutdown)
+}
+
+/// [`run_on`], or `None` when the runtime is gone (its store was dropped).
+fn try_run_on<T: Send + 'static>(
+    handle: &tokio::runtime::Handle,
+    fut: impl std::future::Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = bounded(1);
+    handle.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().ok()
+}
+
+/// The part size for an object of `len` bytes: [`PART_SIZE`], or more for an object that
+/// would need more than the 10,000 parts S3 allows.
+fn part_size(len: u64) -> usize {
+    (PART_SIZE as u64).max(len.div_ceil(10_000)) as usize
+}
+
+/// Reads until `buf` is full or the input ends; how much it read.
+fn read_full(src: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match src.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Sends what `src` yields as the parts of `upload`, `part` bytes each, and completes it. The
+/// input is read on the calling thread a part at a time, and a part read is handed over only
+/// once fewer than [`PARTS_IN_FLIGHT`] are on their way: an object of any size costs about
+/// `PARTS_IN_FLIGHT + 1` parts of memory. On failure the upload is aborted, so the store
+/// drops the parts it holds.
+fn send_parts(
+    handle: &tokio::runtime::Handle,
+    upload: Box<dyn object_store::MultipartUpload>,
+    src: &mut dyn Read,
+    part_len: usize,
+) -> Result<(), String> {
+    let mut w = WriteMultipart::new_with_chunk_size(upload, part_len);
+    loop {
+        let mut part = vec![0u8; part_len];
+        let n = match read_full(src, &mut part) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = run_on(handle, w.abort());
+                return Err(format!("reading the object: {e}"));
+            }
+        };
+        if n == 0 {
+            break;
+        }
+        part.truncate(n);
+        let (back, r) = run_on(handle, async move {
+            let r = w.wait_for_capacity(PARTS_IN_FLIGHT).await;
+            if r.is_ok() {
+                // Spawns the part's upload once the part is full (on this runtime).
+                w.put(bytes::Bytes::from(part));
+            }
+            (w, r)
+        });
+        w = back;
+        if let Err(e) = r {
+            let _ = run_on(handle, w.abort());
+            return Err(explain(&e));
+        }
+        if n < part_len {
+            break;
+        }
+    }
+    run_on(handle, w.finish())
+        .map(|_| ())
+        .map_err(|e| explain(&e))
 }
 
 fn unreachable_shutdown<T>() -> T {
@@ -260,18 +470,11 @@ fn explain(e: &object_store::Error) -> String {
     }
 }
 
-/// A streamed put: bytes go to a local temporary file, then to S3 when the name is known.
+/// A streamed put: bytes go to a local temporary file, then to S3 when the name is known,
+/// read back a part at a time (see [`send_parts`]).
 struct S3Pending {
     file: tempfile::NamedTempFile,
-    cas: Arc<S3Inner>,
-}
-
-/// Stores a finished pending object under its name.
-type PutFn = Box<dyn Fn(&ObjectId, Vec<u8>) -> Result<PutOutcome, CasError> + Send + Sync>;
-
-/// What a pending object needs of its store.
-struct S3Inner {
-    put: PutFn,
+    client: Client,
 }
 
 impl Write for S3Pending {
@@ -285,48 +488,83 @@ impl Write for S3Pending {
 
 impl PendingObject for S3Pending {
     fn commit(mut self: Box<Self>, id: &ObjectId) -> Result<PutOutcome, CasError> {
-        let mut data = Vec::new();
         self.file.flush().map_err(|e| s3err("spill", "temp", e))?;
         let mut f = self.file.reopen().map_err(|e| s3err("spill", "temp", e))?;
-        f.read_to_end(&mut data)
-            .map_err(|e| s3err("spill", "temp", e))?;
-        (self.cas.put)(id, data)
+        let len = f.metadata().map_err(|e| s3err("spill", "temp", e))?.len();
+        self.client.put_file(id, &mut f, len)
+    }
+}
+
+/// An object's body read as the store sends it, about [`READ_AHEAD`] bytes at a time, so a
+/// large object is never held whole.
+struct S3Reader {
+    handle: tokio::runtime::Handle,
+    /// `None` once the body has ended.
+    body: Option<futures_util::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>>,
+    ready: std::collections::VecDeque<bytes::Bytes>,
+    shown: String,
+    /// Why the body broke off: reported once what arrived before is read.
+    failed: Option<String>,
+}
+
+/// How much of a body one trip to the runtime collects.
+const READ_AHEAD: usize = 1 << 20;
+
+impl Read for S3Reader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.ready.is_empty() {
+            if let Some(m) = &self.failed {
+                return Err(io::Error::other(m.clone()));
+            }
+            let Some(mut body) = self.body.take() else {
+                return Ok(0);
+            };
+            let Some((body, got, end)) = try_run_on(&self.handle, async move {
+                let mut got = Vec::new();
+                let mut n = 0;
+                loop {
+                    match body.next().await {
+                        None => return (body, got, Ok(true)),
+                        Some(Err(e)) => return (body, got, Err(e)),
+                        Some(Ok(b)) => {
+                            n += b.len();
+                            got.push(b);
+                            if n >= READ_AHEAD {
+                                return (body, got, Ok(false));
+                            }
+                        }
+                    }
+                }
+            }) else {
+                return Err(io::Error::other(format!(
+                    "get {}: the store was closed",
+                    self.shown
+                )));
+            };
+            self.ready.extend(got.into_iter().filter(|b| !b.is_empty()));
+            match end {
+                Ok(false) => self.body = Some(body),
+                Ok(true) => {}
+                Err(e) => self.failed = Some(format!("get {}: {}", self.shown, explain(&e))),
+            }
+        }
+        let chunk = self.ready.front_mut().expect("not empty");
+        let n = buf.len().min(chunk.len());
+        buf[..n].copy_from_slice(&chunk.split_to(n));
+        if chunk.is_empty() {
+            self.ready.pop_front();
+        }
+        Ok(n)
     }
 }
 
 impl Cas for S3Cas {
     fn exists(&self, id: &ObjectId) -> Result<bool, CasError> {
-        if self
-            .known
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(id)
-        {
-            return Ok(true);
-        }
-        let store = self.store.clone();
-        let key = self.key(&id.path());
-        let shown = key.to_string();
-        let found = self.run(async move {
-            match store.head(&key).await {
-                Ok(_) => Ok(true),
-                Err(e) if is_not_found(&e) => Ok(false),
-                Err(e) => Err(s3err("head", &shown, explain(&e))),
-            }
-        })?;
-        if found {
-            self.remember(id);
-        }
-        Ok(found)
+        self.client.exists(id)
     }
 
     fn put_bytes(&self, id: &ObjectId, data: &[u8]) -> Result<PutOutcome, CasError> {
-        let known = || {
-            self.known
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(id)
-        };
+        let known = || self.seen().contains(id);
         if data.len() < CONDITIONAL_PUT_MAX && self.conditional.load(Ordering::Relaxed) && !known()
         {
             match self.put_if_absent(self.key(&id.path()), data.to_vec()) {
@@ -349,55 +587,9 @@ impl Cas for S3Cas {
     }
 
     fn begin(&self) -> Result<Box<dyn PendingObject>, CasError> {
-        // The pending object needs to call back into this store after the caller is done
-        // writing; a fresh handle on the same client and settings does that.
-        let store = self.store.clone();
-        let settings = self.settings.clone();
-        let handle = self.rt.handle().clone();
-        let put = move |id: &ObjectId, data: Vec<u8>| -> Result<PutOutcome, CasError> {
-            let key = if settings.prefix.is_empty() {
-                Path::from(id.path())
-            } else {
-                Path::from(format!(
-                    "{}/{}",
-                    settings.prefix.trim_matches('/'),
-                    id.path()
-                ))
-            };
-            let store = store.clone();
-            let shown = key.to_string();
-            let threshold = settings.multipart_threshold;
-            let (tx, rx) = bounded(1);
-            handle.spawn(async move {
-                let exists = store.head(&key).await.is_ok();
-                let r = if exists {
-                    Ok(PutOutcome::AlreadyPresent)
-                } else if data.len() < threshold {
-                    store
-                        .put(&key, PutPayload::from(data))
-                        .await
-                        .map(|_| PutOutcome::Stored)
-                        .map_err(|e| s3err("put", &shown, explain(&e)))
-                } else {
-                    match store.put_multipart(&key).await {
-                        Ok(up) => {
-                            let mut w = WriteMultipart::new_with_chunk_size(up, 16 << 20);
-                            w.write(&data);
-                            w.finish()
-                                .await
-                                .map(|_| PutOutcome::Stored)
-                                .map_err(|e| s3err("put", &shown, explain(&e)))
-                        }
-                        Err(e) => Err(s3err("put", &shown, explain(&e))),
-                    }
-                };
-                let _ = tx.send(r);
-            });
-            rx.recv().unwrap_or_else(|_| unreachable_shutdown())
-        };
         Ok(Box::new(S3Pending {
             file: tempfile::NamedTempFile::new().map_err(|e| s3err("spill", "temp", e))?,
-            cas: Arc::new(S3Inner { put: Box::new(put) }),
+            client: self.client.clone(),
         }))
     }
 
@@ -406,27 +598,28 @@ impl Cas for S3Cas {
         let key = self.key(&id.path());
         let shown = key.to_string();
         let idt = id.to_string();
-        let bytes = self.run(async move {
+        let shown2 = shown.clone();
+        let body = self.run(async move {
             match store.get(&key).await {
-                Ok(r) => r
-                    .bytes()
-                    .await
-                    .map_err(|e| s3err("get", &shown, explain(&e))),
+                Ok(r) => Ok(r.into_stream()),
                 Err(e) if is_not_found(&e) => Err(CasError::NotFound(idt)),
-                Err(e) => Err(s3err("get", &shown, explain(&e))),
+                Err(e) => Err(s3err("get", &shown2, explain(&e))),
             }
         })?;
-        Ok(Box::new(io::Cursor::new(bytes)))
+        Ok(Box::new(S3Reader {
+            handle: self.handle.clone(),
+            body: Some(body),
+            ready: std::collections::VecDeque::new(),
+            shown,
+            failed: None,
+        }))
     }
 
     fn delete(&self, id: &ObjectId) -> Result<(), CasError> {
         let store = self.store.clone();
         let key = self.key(&id.path());
         let shown = key.to_string();
-        self.known
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        self.seen().remove(id);
         self.run(async move {
             match store.delete(&key).await {
                 Ok(()) => Ok(()),
@@ -500,6 +693,252 @@ impl Cas for S3Cas {
     }
 
     fn describe(&self) -> String {
-        format!("s3://{}/{}", self.settings.bucket, self.settings.prefix)
+        self.client.describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::{MultipartUpload, PutResult, UploadPart};
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::atomic::AtomicUsize;
+
+    /// What a [`SlowUpload`] received: each part by its place, and the bytes it has finished.
+    #[derive(Debug, Default)]
+    struct Received {
+        parts: Mutex<Vec<(usize, Vec<u8>)>>,
+        next: AtomicUsize,
+        sent: AtomicUsize,
+        aborted: AtomicBool,
+    }
+
+    /// A store's multipart upload that takes a while for every part.
+    #[derive(Debug)]
+    struct SlowUpload(Arc<Received>);
+
+    type Boxed<'a, T> = Pin<Box<dyn Future<Output = object_store::Result<T>> + Send + 'a>>;
+
+    impl MultipartUpload for SlowUpload {
+        fn put_part(&mut self, data: PutPayload) -> UploadPart {
+            let r = self.0.clone();
+            let at = r.next.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                let bytes: Vec<u8> = data.iter().flat_map(|b| b.iter().copied()).collect();
+                r.sent.fetch_add(bytes.len(), Ordering::SeqCst);
+                r.parts.lock().unwrap().push((at, bytes));
+                Ok(())
+            })
+        }
+        fn complete<'a, 'b>(&'a mut self) -> Boxed<'b, PutResult>
+        where
+            'a: 'b,
+            Self: 'b,
+        {
+            Box::pin(async {
+                Ok(PutResult {
+                    e_tag: None,
+                    version: None,
+                    extensions: object_store::Extensions::default(),
+                })
+            })
+        }
+        fn abort<'a, 'b>(&'a mut self) -> Boxed<'b, ()>
+        where
+            'a: 'b,
+            Self: 'b,
+        {
+            self.0.aborted.store(true, Ordering::SeqCst);
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// `len` bytes of a pattern, recording how far its reading ran ahead of the bytes the
+    /// upload had finished; fails with an error at `fail_at` if given.
+    struct Source {
+        len: usize,
+        pos: usize,
+        received: Arc<Received>,
+        most_ahead: usize,
+        fail_at: Option<usize>,
+    }
+
+    fn pattern(i: usize) -> u8 {
+        (i * 31 % 251) as u8
+    }
+
+    impl Read for Source {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if Some(self.pos) == self.fail_at {
+                return Err(io::Error::other("disk gone"));
+            }
+            let end = self.len.min(self.pos + buf.len().min(1 << 20));
+            let end = self.fail_at.map_or(end, |f| end.min(f));
+            for (b, i) in buf.iter_mut().zip(self.pos..end) {
+                *b = pattern(i);
+            }
+            let n = end - self.pos;
+            self.pos = end;
+            let ahead = self.pos - self.received.sent.load(Ordering::SeqCst);
+            self.most_ahead = self.most_ahead.max(ahead);
+            Ok(n)
+        }
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_large_object_is_read_a_few_parts_ahead_of_its_upload() {
+        let rt = runtime();
+        let received = Arc::new(Received::default());
+        let part = 64 << 10;
+        let len = 12 * part + 123;
+        let mut src = Source {
+            len,
+            pos: 0,
+            received: received.clone(),
+            most_ahead: 0,
+            fail_at: None,
+        };
+        send_parts(
+            rt.handle(),
+            Box::new(SlowUpload(received.clone())),
+            &mut src,
+            part,
+        )
+        .unwrap();
+        // Reading an object whole before sending it would be `len` ahead.
+        assert!(
+            src.most_ahead <= (PARTS_IN_FLIGHT + 1) * part,
+            "read {} bytes ahead of the upload",
+            src.most_ahead
+        );
+        let mut parts = std::mem::take(&mut *received.parts.lock().unwrap());
+        assert_eq!(parts.len(), 13);
+        parts.sort_by_key(|p| p.0);
+        let all: Vec<u8> = parts.into_iter().flat_map(|p| p.1).collect();
+        assert_eq!(all.len(), len);
+        assert!(all.iter().enumerate().all(|(i, b)| *b == pattern(i)));
+        assert!(!received.aborted.load(Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_read_error_aborts_the_upload() {
+        let rt = runtime();
+        let received = Arc::new(Received::default());
+        let mut src = Source {
+            len: 4 << 20,
+            pos: 0,
+            received: received.clone(),
+            most_ahead: 0,
+            fail_at: Some((2 << 20) + 5),
+        };
+        let e = send_parts(
+            rt.handle(),
+            Box::new(SlowUpload(received.clone())),
+            &mut src,
+            64 << 10,
+        )
+        .unwrap_err();
+        assert!(e.contains("disk gone"), "{e}");
+        assert!(received.aborted.load(Ordering::SeqCst));
+    }
+
+    fn reader(
+        rt: &tokio::runtime::Runtime,
+        body: Vec<object_store::Result<bytes::Bytes>>,
+    ) -> S3Reader {
+        S3Reader {
+            handle: rt.handle().clone(),
+            body: Some(futures_util::stream::iter(body).boxed()),
+            ready: Default::default(),
+            shown: "cvmfs/data/ab/cd".into(),
+            failed: None,
+        }
+    }
+
+    #[test]
+    fn a_body_is_read_in_pieces_and_a_broken_one_is_an_error_not_an_end() {
+        let rt = runtime();
+        let pieces: Vec<bytes::Bytes> = (0..40)
+            .map(|i| bytes::Bytes::from(vec![i as u8; 100_000 + i]))
+            .collect();
+        let whole: Vec<u8> = pieces.iter().flat_map(|b| b.iter().copied()).collect();
+        let mut r = reader(&rt, pieces.iter().cloned().map(Ok).collect());
+        let mut got = Vec::new();
+        let mut buf = [0u8; 7777];
+        loop {
+            let n = r.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, whole);
+        // The bytes before the failure, then the failure (again on every read).
+        let broken = vec![
+            Ok(pieces[0].clone()),
+            Err(object_store::Error::Generic {
+                store: "S3",
+                source: "connection reset".into(),
+            }),
+            Ok(pieces[1].clone()),
+        ];
+        let mut r = reader(&rt, broken);
+        let mut got = Vec::new();
+        let e = r.read_to_end(&mut got).unwrap_err();
+        assert_eq!(got, pieces[0]);
+        assert!(e.to_string().contains("connection reset"), "{e}");
+        assert!(r.read(&mut buf).is_err());
+    }
+
+    fn id(n: u32) -> ObjectId {
+        let mut d = [0u8; 20];
+        d[..4].copy_from_slice(&n.to_be_bytes());
+        ObjectId::new(
+            prepub_core::hash::Digest20(d),
+            prepub_core::hash::Suffix::None,
+        )
+    }
+
+    #[test]
+    fn the_set_of_objects_seen_stays_within_two_generations() {
+        let mut s = Seen::new(1000);
+        for n in 0..10_000 {
+            s.insert(id(n));
+            assert!(s.len() <= 2000);
+        }
+        // The newest generation and the one before are remembered, older ones not.
+        assert!(!s.contains(&id(7_999)) && !s.contains(&id(0)));
+        assert!(s.contains(&id(9_999)));
+        // One asked about from the older generation moves to the newer (which was full: the
+        // generations turn), so it outlives its generation.
+        assert!(s.contains(&id(8_000)));
+        for n in 10_000..10_999 {
+            s.insert(id(n));
+        }
+        s.insert(id(20_000));
+        assert!(s.contains(&id(8_000)));
+        assert!(!s.contains(&id(9_999)));
+        // Removed: gone.
+        s.remove(&id(10_500));
+        assert!(!s.contains(&id(10_500)));
+    }
+
+    #[test]
+    fn parts_grow_for_objects_s3_would_need_more_than_10000_parts_for() {
+        assert_eq!(part_size(0), PART_SIZE);
+        assert_eq!(part_size(10_000 * PART_SIZE as u64), PART_SIZE);
+        let huge = 200u64 << 30;
+        assert!(part_size(huge) > PART_SIZE);
+        assert!(part_size(huge) as u64 * 10_000 >= huge);
     }
 }
