@@ -297,6 +297,17 @@ fn authentication_and_validation_errors() {
     assert_eq!(sub(REPO, "/.cvmfs/x", None), (400, "bad-path".into()));
     assert_eq!(sub(REPO, "/x", Some("bad tag")), (400, "bad-tag".into()));
     assert_eq!(sub(REPO, "/x", Some("trunk")), (400, "bad-tag".into()));
+    // The automatic tag form is reserved: another job's marker would make that job take
+    // itself for published on a retried commit.
+    let marker = format!("prepub-{admins}");
+    assert_eq!(sub(REPO, "/x", Some(&marker)), (400, "bad-tag".into()));
+    let removal = client()
+        .post(format!("{}/api/v1/removals", d.url))
+        .bearer_auth(ADMIN)
+        .json(&serde_json::json!({"repo": REPO, "path": "/x", "tag_name": marker}))
+        .send()
+        .unwrap();
+    assert_eq!(status_and_code(removal), (400, "bad-tag".into()));
     // Oversize bodies: 413.
     let big = vec![0u8; 2 << 20];
     assert_eq!(

@@ -182,6 +182,15 @@ fn validate(f: &Fields, st: &AppState, who: &Principal) -> Result<(String, Strin
         if !valid_client_tag(t) || t == "trunk" || t == "trunk-previous" {
             return Err(bad("bad-tag", format!("tag name '{t}' must match ^[A-Za-z0-9._-]+$, be at most 255 characters and not be trunk or trunk-previous")));
         }
+        // `prepub-<job id>` names a job's own revision: a restarted commit recognises its
+        // publish by it, and automatic tags expire. A client's tag of that form could make
+        // another job take itself for published, or vanish with the automatic ones.
+        if prepub_core::gc::is_auto_tag(t) {
+            return Err(bad(
+                "bad-tag",
+                format!("tag name '{t}' is reserved: prepub-<job id> marks the revisions this publisher makes"),
+            ));
+        }
     }
     if let Some(d) = &f.tag_description {
         if d.len() > 4096 || d.contains('\0') {
