@@ -245,10 +245,11 @@ struct State {
     reserved: Mutex<Reservations>,
     /// Upload tokens handed out in MQTT ready answers.
     tokens: prepub_core::receiver::UploadTokens,
-    /// Recent answers to announcements, by (publisher, payload): a repeated announcement (the
-    /// publisher repeats them while any endpoint is silent) gets the same answer and token
-    /// without another inventory pass.
-    answers: Mutex<HashMap<(String, String), (prepub_core::control::Ready, std::time::Instant)>>,
+    /// Recent answers to announcements, by (publisher, payload, repository): a repeated
+    /// announcement (the publisher repeats them while any endpoint is silent) gets the same
+    /// answer and token without another inventory pass; the same payload name for another
+    /// repository is a different question (its objects are looked up in that store).
+    answers: Mutex<HashMap<AnswerKey, (prepub_core::control::Ready, std::time::Instant)>>,
 }
 
 /// Space held for announced payloads, so two announcements at the same moment cannot both be
@@ -539,6 +540,9 @@ fn room_to_write(st: &State, repo: &str, bytes: u64) -> Option<HttpResponse> {
     ))
 }
 
+/// Publisher, payload and repository of an announcement.
+type AnswerKey = (String, String, String);
+
 /// The answer to an MQTT announcement: space reserved, absent objects listed, a token issued.
 fn answer_announce(
     st: &State,
@@ -547,7 +551,7 @@ fn answer_announce(
     token_ttl: Duration,
     a: &prepub_core::control::Announce,
 ) -> prepub_core::control::Ready {
-    let key = (a.publisher_id.clone(), a.payload_id.clone());
+    let key = (a.publisher_id.clone(), a.payload_id.clone(), a.repo.clone());
     {
         let mut cache = st.answers.lock().unwrap_or_else(|e| e.into_inner());
         // Half the token's life: a repeated answer still leaves the publisher time to push.

@@ -299,6 +299,45 @@ fn a_large_unchunked_file_is_streamed_into_s3_in_parts() {
     );
 }
 
+/// Health needs no token: checks asked for in a burst share one look at the store (before,
+/// every check listed the bucket and read the manifest).
+#[test]
+fn a_burst_of_health_checks_asks_the_store_once() {
+    let (dir, m) = s3_daemon_dir();
+    let (url, seen) = proxy(&m.endpoint, Box::new(|_, _| None));
+    s3_config(dir.path(), &url, "cvmfs");
+    let d = Daemon::start(dir.path(), &creds());
+    // The check made while the daemon started is reused for a while: wait it out.
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    seen.lock().unwrap().clear();
+    let health = format!("{}/api/v1/health", d.url);
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..10)
+            .map(|_| {
+                s.spawn(|| {
+                    let c = client();
+                    (0..2)
+                        .map(|_| c.get(&health).send().unwrap().status().as_u16())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(statuses, vec![200; 20]);
+    let listings = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|h| h.starts_with("GET ") && h.contains("list-type"))
+        .count();
+    // One check (two if the burst straddled the end of a result's two seconds).
+    assert!(
+        (1..=2).contains(&listings),
+        "{listings} bucket listings for 20 health checks"
+    );
+}
+
 #[test]
 fn a_missing_bucket_stops_the_start_with_the_cause() {
     let dir = tempfile::tempdir().unwrap();

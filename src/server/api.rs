@@ -45,6 +45,46 @@ pub struct AppState {
     pub gc_active: Arc<super::gc::ActiveRuns>,
     pub gc_next: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
     pub started: std::time::Instant,
+    /// Recent results of the health checks that ask other servers.
+    pub remote_checks: Arc<RemoteChecks>,
+}
+
+/// How long the result of a health check that asks other servers (an S3 store, the Stratum 0
+/// and the gateway) is reused. Health needs no token: a burst of checks must not become a
+/// burst of requests to those servers.
+pub const REMOTE_CHECK_TTL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The last result of each remote health check and when it was taken. One check per
+/// repository runs at a time; checks asked for meanwhile wait for its result.
+#[derive(Default)]
+pub struct RemoteChecks(std::sync::Mutex<std::collections::HashMap<String, Arc<RemoteSlot>>>);
+
+type RemoteSlot = std::sync::Mutex<Option<(std::time::Instant, Result<String, String>)>>;
+
+impl RemoteChecks {
+    /// The result of `check` for `key`, taken at most [`REMOTE_CHECK_TTL`] ago.
+    fn get(
+        &self,
+        key: &str,
+        check: impl FnOnce() -> Result<String, String>,
+    ) -> Result<String, String> {
+        let slot = self
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let mut last = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, r)) = &*last {
+            if at.elapsed() < REMOTE_CHECK_TTL {
+                return r.clone();
+            }
+        }
+        let r = check();
+        *last = Some((std::time::Instant::now(), r.clone()));
+        r
+    }
 }
 
 /// API errors and their statuses.
@@ -962,6 +1002,7 @@ fn event(j: &JobRecord) -> web::Bytes {
 pub async fn health(st: web::Data<AppState>) -> HttpResponse {
     let cfg = st.cfg.clone();
     let s3 = st.s3.clone();
+    let remote = st.remote_checks.clone();
     let checks = web::block(move || {
         let mut c = std::collections::BTreeMap::new();
         // A name of its own: probes running at once must not remove each other's file.
@@ -981,7 +1022,7 @@ pub async fn health(st: web::Data<AppState>) -> HttpResponse {
             },
         );
         for (name, r) in &cfg.repos {
-            let res = (|| -> Result<String, String> {
+            let check = || -> Result<String, String> {
                 let cas: Arc<dyn prepub_core::cas::Cas> = match s3.get(name) {
                     Some(store) => {
                         store.probe().map_err(|e| e.to_string())?;
@@ -1034,7 +1075,14 @@ pub async fn health(st: web::Data<AppState>) -> HttpResponse {
                     ));
                 }
                 Ok(format!("revision {} at {}", m.revision, cas.describe()))
-            })();
+            };
+            let asks_others = s3.contains_key(name)
+                || matches!(cfg.publish, crate::config::PublishMode::Gateway(_));
+            let res = if asks_others {
+                remote.get(name, check)
+            } else {
+                check()
+            };
             c.insert(
                 format!("repository:{name}"),
                 Check {

@@ -464,6 +464,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
             incoming: cfg.spool_root.join("incoming"),
             draining,
             started: std::time::Instant::now(),
+            remote_checks: Default::default(),
             access,
             gc_active: Default::default(),
             gc_next: Default::default(),
