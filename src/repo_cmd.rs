@@ -265,6 +265,12 @@ fn ingest(a: IngestArgs) -> anyhow::Result<()> {
         let rel = repo::normalize_repo_path(r)?;
         cs.removals.push(rel.trim_start_matches('/').to_string());
     }
+    if let Some(t) = &a.tag {
+        // The automatic form names a publisher job's revision (see the API's bad-tag).
+        if prepub_core::gc::is_auto_tag(t) {
+            anyhow::bail!("tag name '{t}' is reserved: prepub-<job id> marks the revisions cvmfs-prepub jobs make");
+        }
+    }
     let tag = a.tag.map(|name| TagRequest {
         name,
         description: a.tag_description.clone(),

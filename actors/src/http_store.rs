@@ -14,8 +14,13 @@ pub struct HttpStore {
 
 impl HttpStore {
     pub fn new(url: &str) -> Result<HttpStore, reqwest::Error> {
+        HttpStore::with_timeout(url, Duration::from_secs(300))
+    }
+
+    /// A store whose every request gives up after `timeout`.
+    pub fn with_timeout(url: &str, timeout: Duration) -> Result<HttpStore, reqwest::Error> {
         let client = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(300))
+            .timeout(timeout)
             .build()?;
         Ok(HttpStore {
             base: url.trim_end_matches('/').to_string(),

@@ -55,11 +55,27 @@ pub struct AppState {
 pub const REMOTE_CHECK_TTL: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The last result of each remote health check and when it was taken. One check per
-/// repository runs at a time; checks asked for meanwhile wait for its result.
+/// repository runs at a time; checks asked for meanwhile get the last result (they do not
+/// wait: a slow server must not hold a blocking thread per health request).
 #[derive(Default)]
 pub struct RemoteChecks(std::sync::Mutex<std::collections::HashMap<String, Arc<RemoteSlot>>>);
 
-type RemoteSlot = std::sync::Mutex<Option<(std::time::Instant, Result<String, String>)>>;
+#[derive(Default)]
+struct RemoteSlotState {
+    last: Option<(std::time::Instant, Result<String, String>)>,
+    running: bool,
+}
+
+type RemoteSlot = std::sync::Mutex<RemoteSlotState>;
+
+/// Clears a slot's `running` mark however its check ends (a panic included).
+struct Running<'a>(&'a RemoteSlot);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).running = false;
+    }
+}
 
 impl RemoteChecks {
     /// The result of `check` for `key`, taken at most [`REMOTE_CHECK_TTL`] ago.
@@ -75,14 +91,21 @@ impl RemoteChecks {
             .entry(key.to_string())
             .or_default()
             .clone();
-        let mut last = slot.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, r)) = &*last {
-            if at.elapsed() < REMOTE_CHECK_TTL {
-                return r.clone();
+        {
+            let mut st = slot.lock().unwrap_or_else(|e| e.into_inner());
+            match &st.last {
+                Some((at, r)) if st.running || at.elapsed() < REMOTE_CHECK_TTL => return r.clone(),
+                None if st.running => {
+                    return Err("the first check of this repository is still running".into())
+                }
+                _ => st.running = true,
             }
         }
+        let running = Running(&slot);
         let r = check();
-        *last = Some((std::time::Instant::now(), r.clone()));
+        slot.lock().unwrap_or_else(|e| e.into_inner()).last =
+            Some((std::time::Instant::now(), r.clone()));
+        drop(running);
         r
     }
 }
@@ -1044,8 +1067,11 @@ pub async fn health(st: web::Data<AppState>) -> HttpResponse {
                     // Gateway mode: the CAS must exist here; the repository is read from the
                     // Stratum 0 and written by the gateway.
                     let url = format!("{}/{name}", g.stratum0_url.trim_end_matches('/'));
-                    let s0 = prepub_actors::http_store::HttpStore::new(&url)
-                        .map_err(|e| e.to_string())?;
+                    let s0 = prepub_actors::http_store::HttpStore::with_timeout(
+                        &url,
+                        std::time::Duration::from_secs(10),
+                    )
+                    .map_err(|e| e.to_string())?;
                     let (m, _) = prepub_core::repo::current_manifest(&s0)
                         .map_err(|e| format!("{url}: {e}"))?
                         .ok_or_else(|| format!("{url} has no .cvmfspublished"))?;
@@ -1094,7 +1120,18 @@ pub async fn health(st: web::Data<AppState>) -> HttpResponse {
         c
     })
     .await
-    .unwrap_or_default();
+    .unwrap_or_else(|e| {
+        // The checks did not finish (a panic): say so rather than leave them out.
+        let mut c = std::collections::BTreeMap::new();
+        c.insert(
+            "checks".to_string(),
+            Check {
+                ok: false,
+                detail: format!("the storage checks failed to run: {e}"),
+            },
+        );
+        c
+    });
     let jobs = st.jobs.send(CountJobs).await;
     let mut checks = checks;
     checks.insert(
@@ -1504,4 +1541,44 @@ pub async fn metrics(st: web::Data<AppState>) -> HttpResponse {
 /// Unknown routes: JSON 404.
 pub async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound("no such endpoint".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_remote_check_runs_once_at_a_time_and_nobody_waits_for_it() {
+        let checks = Arc::new(RemoteChecks::default());
+        let (started_tx, started) = crossbeam_channel::bounded(1);
+        let (go, go_rx) = crossbeam_channel::bounded::<()>(1);
+        let c = checks.clone();
+        let first = std::thread::spawn(move || {
+            c.get("repo", || {
+                started_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+                Ok("revision 7".into())
+            })
+        });
+        started.recv().unwrap();
+        // While the first check runs: an answer at once, without running another.
+        let t = std::time::Instant::now();
+        let r = checks.get("repo", || panic!("a second check ran"));
+        assert!(r.unwrap_err().contains("still running"));
+        assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        go.send(()).unwrap();
+        assert_eq!(first.join().unwrap().unwrap(), "revision 7");
+        // Fresh: reused.
+        assert_eq!(
+            checks.get("repo", || panic!("checked again")).unwrap(),
+            "revision 7"
+        );
+        // A panicking check leaves no "running" mark behind; the next one runs.
+        let c = checks.clone();
+        let _ = std::thread::spawn(move || {
+            let _ = c.get("other", || panic!("boom"));
+        })
+        .join();
+        assert_eq!(checks.get("other", || Ok("fine".into())).unwrap(), "fine");
+    }
 }
