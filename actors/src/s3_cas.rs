@@ -281,9 +281,15 @@ impl Client {
         })
     }
 
+    /// Whether an object of `len` bytes is uploaded in parts (an empty one never is: S3
+    /// refuses a multipart upload without parts).
+    fn in_parts(&self, len: u64) -> bool {
+        len > 0 && len >= self.settings.multipart_threshold as u64
+    }
+
     fn upload(&self, key: Path, data: Vec<u8>) -> Result<(), CasError> {
-        if !data.is_empty() && data.len() >= self.settings.multipart_threshold {
-            let len = data.len() as u64;
+        let len = data.len() as u64;
+        if self.in_parts(len) {
             return self.upload_parts(key, &mut &data[..], len);
         }
         let store = self.store.clone();
@@ -319,7 +325,7 @@ impl Client {
             return Ok(PutOutcome::AlreadyPresent);
         }
         let key = self.key(&id.path());
-        if len > 0 && len >= self.settings.multipart_threshold as u64 {
+        if self.in_parts(len) {
             self.upload_parts(key, file, len)?;
         } else {
             let mut data = Vec::with_capacity(len as usize);
