@@ -466,6 +466,7 @@ async fn commit_lease(
             vec![TagRequest {
                 name: tag_name,
                 description: tag_description,
+                owner: None,
             }]
         };
         let p = repo::publish(cas, &keys, &tags, prepub_core::timefmt::now(), |head| {

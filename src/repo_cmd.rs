@@ -274,6 +274,7 @@ fn ingest(a: IngestArgs) -> anyhow::Result<()> {
     let tag = a.tag.map(|name| TagRequest {
         name,
         description: a.tag_description.clone(),
+        owner: None,
     });
     let mode = if a.merge || !a.remove.is_empty() {
         ApplyMode::Merge

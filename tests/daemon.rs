@@ -1025,3 +1025,60 @@ fn a_commit_that_stops_the_daemon_each_time_fails_after_max_attempts() {
     // The failed job's commit never landed: the next one is the first revision after init.
     assert_eq!(jf["revision"], 2, "{jf}");
 }
+
+#[test]
+fn a_scoped_token_names_new_tags_and_moves_only_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let d = Daemon::start(dir.path(), &[]);
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    let t = tar_bytes(&small_tree("tags"));
+    let publish = |token: &str, path: &str, tag: &str| {
+        d.wait_terminal(&d.submit_id(token, path, &t, Some(tag)), 60)
+    };
+    let tag = |name: &str| {
+        history_tags(&cas)
+            .into_iter()
+            .find(|t| t.name == name)
+            .unwrap()
+    };
+    let revision = || {
+        prepub_core::repo::current_manifest(&cas)
+            .unwrap()
+            .unwrap()
+            .0
+            .revision
+    };
+    // A tag the admin token's job made is not the scoped token's: its job fails, nothing is
+    // published and the tag stays where it was.
+    let j = publish(ADMIN, "/allowed/a", "stable");
+    assert_eq!(j["state"], "published", "{j}");
+    let stable = tag("stable");
+    let before = revision();
+    let j = publish(SCOPED, "/allowed/b", "stable");
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "tag-taken", "{j}");
+    assert_eq!(revision(), before);
+    let now = tag("stable");
+    assert_eq!((now.revision, now.hash), (stable.revision, stable.hash));
+    // A new tag becomes the token's, and the token may move it.
+    let j = publish(SCOPED, "/allowed/b", "team-nightly");
+    assert_eq!(j["state"], "published", "{j}");
+    let mine = tag("team-nightly");
+    assert!(
+        mine.description.ends_with(" [cvmfs-prepub owner scoped]"),
+        "{}",
+        mine.description
+    );
+    let j = publish(SCOPED, "/allowed/c", "team-nightly");
+    assert_eq!(j["state"], "published", "{j}");
+    assert_eq!(
+        tag("team-nightly").revision,
+        j["revision"].as_u64().unwrap()
+    );
+    // The admin token may move any tag; moved by it, the tag is no longer the token's.
+    let j = publish(ADMIN, "/allowed/d", "team-nightly");
+    assert_eq!(j["state"], "published", "{j}");
+    let j = publish(SCOPED, "/allowed/e", "team-nightly");
+    assert_eq!(j["error"]["code"], "tag-taken", "{j}");
+}

@@ -661,3 +661,46 @@ fn a_lease_that_cannot_be_given_back_is_kept_and_its_token_never_shown() {
     assert_eq!(j["revision"], 2);
     assert!(!lease_file.exists(), "the ended job's lease file is kept");
 }
+
+#[test]
+fn a_scoped_token_moves_only_its_own_tags_through_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let gw = Double::start(dir.path(), &[], None);
+    let d = gateway_daemon(dir.path(), &gw, "", &[]);
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    let t = tar_bytes(&tree("tags"));
+    let publish = |token: &str, path: &str, tag: &str| {
+        d.wait_terminal(&d.submit_id(token, path, &t, Some(tag)), 60)
+    };
+    let tag = |name: &str| {
+        history_tags(&cas)
+            .into_iter()
+            .find(|t| t.name == name)
+            .unwrap()
+    };
+    let j = publish(ADMIN, "/allowed/a", "stable");
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    let stable = tag("stable");
+    let j = publish(SCOPED, "/allowed/b", "stable");
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["error"]["code"], "tag-taken", "{j}");
+    assert_eq!(tag("stable"), stable);
+    // Its own tag: the owner note, then the job marker the gateway commit is recognised by.
+    let j = publish(SCOPED, "/allowed/b", "team-nightly");
+    assert_eq!(j["state"], "published", "{j}");
+    let id = j["job_id"].as_str().unwrap();
+    assert!(
+        tag("team-nightly").description.ends_with(&format!(
+            " [cvmfs-prepub owner scoped] [cvmfs-prepub job {id}]"
+        )),
+        "{:?}",
+        tag("team-nightly")
+    );
+    let j = publish(SCOPED, "/allowed/c", "team-nightly");
+    assert_eq!(j["state"], "published", "{j}");
+    assert_eq!(
+        tag("team-nightly").revision,
+        j["revision"].as_u64().unwrap()
+    );
+}

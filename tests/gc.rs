@@ -36,20 +36,6 @@ fn publish(d: &Daemon, path: &str, specs: &[Spec], tag: Option<&str>) -> serde_j
     d.wait_terminal(&id, 60)
 }
 
-/// The tags of the repository's current history.
-fn history_tags(cas: &dyn Cas) -> Vec<prepub_core::history::Tag> {
-    let (m, _) = prepub_core::repo::current_manifest(cas).unwrap().unwrap();
-    let h = m.history.unwrap();
-    let bytes = prepub_core::cas::get_all(cas, &h).unwrap();
-    let db = prepub_core::object::decode_to_vec(&h, &bytes, true).unwrap();
-    let tmp = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(tmp.path(), db).unwrap();
-    prepub_core::history::History::open(tmp.path())
-        .unwrap()
-        .tags()
-        .unwrap()
-}
-
 fn object(data: &[u8]) -> ObjectId {
     object_of_small_file(data)
 }
@@ -450,7 +436,12 @@ fn scheduled_runs_and_dry_runs() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert!(d.log_text().contains("scheduled garbage collection"));
+    // The run is logged once it ends, after its deletions.
+    assert!(
+        eventually(10, || d.log_text().contains("scheduled garbage collection")),
+        "{}",
+        d.log_text()
+    );
     let o = ctl(&d, &["gc", "status", "--repo", REPO, "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["schedule"], "@every 1s", "{v}");

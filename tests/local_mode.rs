@@ -292,3 +292,26 @@ fn an_upload_is_accepted_only_once_its_tar_is_on_disk() {
     let j = d.wait_terminal(&id, 60);
     assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
 }
+
+#[test]
+fn a_scoped_token_names_no_tags_in_local_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let l = setup(dir.path(), "");
+    let d = start(dir.path(), &l, &[]);
+    let t = tar_bytes(&tree());
+    // `cvmfs_server publish -a` would move a tag whoever made it: refused before anything is kept.
+    let r = d.submit_raw(SCOPED, "/allowed/a", &t, Some("stable"));
+    assert_eq!(r.status().as_u16(), 403);
+    let v: serde_json::Value = r.json().unwrap();
+    assert_eq!(v["error"]["code"], "forbidden", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("'stable'"),
+        "{v}"
+    );
+    assert_eq!(d.jobs()["total"], 0);
+    // Without a tag it publishes; the admin token may name one.
+    let id = id_of(d.submit_raw(SCOPED, "/allowed/a", &t, None));
+    assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
+    let id = id_of(d.submit_raw(ADMIN, "/allowed/a", &t, Some("stable")));
+    assert_eq!(d.wait_terminal(&id, 60)["state"], "published");
+}

@@ -30,7 +30,7 @@ use prepub_core::hash::ObjectId;
 use prepub_core::history::History;
 use prepub_core::jobs::{JobRecord, JobResult};
 use prepub_core::object::decode_to_vec;
-use prepub_core::repo::{self, ApplyMode};
+use prepub_core::repo::{self, ApplyMode, TagRequest};
 
 use crate::gateway_client::{GatewayClient, GwError, LeaseReply};
 use crate::http_store::HttpStore;
@@ -362,20 +362,25 @@ fn tag_for(job: &JobRecord) -> (String, String) {
         .tag_name
         .clone()
         .unwrap_or_else(|| format!("prepub-{}", job.id));
-    let desc = match job.tag_description.as_deref() {
-        Some(d) if !d.is_empty() => format!("{d} {}", marker(job)),
-        _ => format!("published by cvmfs-prepub {}", marker(job)),
+    let mut desc = match job.tag_description.as_deref() {
+        Some(d) if !d.is_empty() => d.to_string(),
+        _ => "published by cvmfs-prepub".to_string(),
     };
-    (name, desc)
+    // A scoped token's tag says whose it is (see `repo::may_take_tag`); the job marker ends it.
+    if let (Some(owner), Some(_)) = (&job.owner, &job.tag_name) {
+        desc = format!("{desc} {}", repo::owner_note(owner));
+    }
+    (name, format!("{desc} {}", marker(job)))
 }
 
-/// The job's revision if its commit is already in the repository's history.
-fn already_committed(
+/// The tags of the Stratum 0's current history (none without one).
+fn remote_tags(
     remote: &dyn Cas,
     m: &prepub_core::manifest::Manifest,
-    job: &JobRecord,
-) -> Result<Option<JobResult>, CommitError> {
-    let Some(h) = m.history else { return Ok(None) };
+) -> Result<Vec<prepub_core::history::Tag>, CommitError> {
+    let Some(h) = m.history else {
+        return Ok(Vec::new());
+    };
     let bytes = get_all(remote, &h)
         .map_err(|e| err("stratum0-unreadable", e, true))
         .and_then(|b| {
@@ -384,18 +389,34 @@ fn already_committed(
     let tmp = tempfile::NamedTempFile::new().map_err(|e| err("scratch", e, true))?;
     std::fs::write(tmp.path(), bytes).map_err(|e| err("scratch", e, true))?;
     let hist = History::open(tmp.path()).map_err(|e| err("stratum0-unreadable", e, true))?;
+    hist.tags().map_err(|e| err("stratum0-unreadable", e, true))
+}
+
+/// The job's revision if its commit is already in the repository's history (`tags`).
+fn already_committed(tags: &[prepub_core::history::Tag], job: &JobRecord) -> Option<JobResult> {
     let mark = marker(job);
-    let tags = hist
-        .tags()
-        .map_err(|e| err("stratum0-unreadable", e, true))?;
-    Ok(tags
-        .into_iter()
+    tags.iter()
         .find(|t| t.description.ends_with(&mark))
         .map(|t| JobResult {
             root_hash: format!("{}C", t.hash),
             revision: t.revision,
-            tag: t.name,
-        }))
+            tag: t.name.clone(),
+        })
+}
+
+/// Fails a scoped token's job whose tag the history holds as someone else's (checked again
+/// at every attempt: the tag may have been taken since the job was accepted).
+fn check_tag_owner(tags: &[prepub_core::history::Tag], job: &JobRecord) -> Result<(), CommitError> {
+    let Some(name) = &job.tag_name else {
+        return Ok(());
+    };
+    let want = TagRequest {
+        name: name.clone(),
+        description: String::new(),
+        owner: job.owner.clone(),
+    };
+    repo::may_take_tag(&want, tags.iter().find(|t| &t.name == name))
+        .map_err(|e| err("tag-taken", e, false))
 }
 
 /// The lease sub-path for a publish at `target`: the target itself if its parent exists in the
@@ -525,9 +546,11 @@ fn commit(
                 )
             })?;
         verify_whitelist(s, repo_name, remote.as_ref(), &cert_pem)?;
-        if let Some(done) = already_committed(remote.as_ref(), &m, &job.job)? {
+        let tags = remote_tags(remote.as_ref(), &m)?;
+        if let Some(done) = already_committed(&tags, &job.job) {
             return Ok(done);
         }
+        check_tag_owner(&tags, &job.job)?;
         let base = m.root_catalog;
         if !handshake_done {
             // Journaled before anything heavy (the catalog build, the lease): an abort from now

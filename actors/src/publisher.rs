@@ -256,6 +256,21 @@ pub fn marker_tag(job: &JobRecord) -> TagRequest {
     TagRequest {
         name: format!("prepub-{}", job.id),
         description: format!("published by cvmfs-prepub job {}", job.id),
+        owner: None,
+    }
+}
+
+/// The description of the client's tag: the client's text (or a default), and the owner note
+/// of a scoped token's job (see `repo::may_take_tag`).
+pub fn client_tag_description(job: &JobRecord) -> String {
+    let text = job
+        .tag_description
+        .clone()
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| format!("published by cvmfs-prepub job {}", job.id));
+    match &job.owner {
+        Some(owner) => format!("{text} {}", repo::owner_note(owner)),
+        None => text,
     }
 }
 
@@ -265,11 +280,8 @@ pub fn job_tags(job: &JobRecord) -> Vec<TagRequest> {
     if let Some(name) = &job.tag_name {
         v.push(TagRequest {
             name: name.clone(),
-            description: job
-                .tag_description
-                .clone()
-                .filter(|d| !d.is_empty())
-                .unwrap_or_else(|| format!("published by cvmfs-prepub job {}", job.id)),
+            description: client_tag_description(job),
+            owner: job.owner.clone(),
         });
     }
     v
@@ -409,6 +421,7 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
             "job aborted during its commit; nothing was published",
             false,
         ),
+        e @ RepoError::TagTaken(_) => err("tag-taken", e, false),
         e => {
             let r = e.is_retryable();
             err(if r { "commit-io" } else { "commit-rejected" }, e, r)

@@ -51,6 +51,8 @@ pub enum RepoError {
     Scratch(#[from] std::io::Error),
     #[error("publish cancelled before the manifest was written")]
     Cancelled,
+    #[error("tag '{0}' exists and is not this token's: a scoped token may name a new tag or move one of its own")]
+    TagTaken(String),
 }
 
 impl RepoError {
@@ -80,6 +82,39 @@ pub enum ApplyMode {
 pub struct TagRequest {
     pub name: String,
     pub description: String,
+    /// The scoped token the publishing job belongs to: the publish fails
+    /// ([`RepoError::TagTaken`]) if the history has this tag already and it is not that
+    /// token's (see [`tag_owner`]). `None` (admin jobs, operator commands): any tag may move.
+    /// The description should carry [`owner_note`] then, so that the tag is the token's.
+    pub owner: Option<String>,
+}
+
+const OWNER_NOTE: &str = "[cvmfs-prepub owner ";
+
+/// What a tag's description ends with when a scoped token's job made the tag: the token's name.
+pub fn owner_note(owner: &str) -> String {
+    format!("{OWNER_NOTE}{owner}]")
+}
+
+/// The scoped token a tag belongs to: the name in the last [`owner_note`] of its description
+/// (the service appends the note after the client's text, so a note a client wrote into its
+/// own description never counts).
+pub fn tag_owner(description: &str) -> Option<&str> {
+    let rest = &description[description.rfind(OWNER_NOTE)? + OWNER_NOTE.len()..];
+    Some(&rest[..rest.find(']')?])
+}
+
+/// Whether a publish may give its revision the tag `want`, which the history holds as
+/// `existing`: always for a new tag or a job without an owner; otherwise only if the tag is the
+/// owner's. A scoped token thus never moves a tag that an operator, an admin-token job or
+/// another token made.
+pub fn may_take_tag(want: &TagRequest, existing: Option<&Tag>) -> Result<(), RepoError> {
+    match (&want.owner, existing) {
+        (Some(owner), Some(t)) if tag_owner(&t.description) != Some(owner.as_str()) => {
+            Err(RepoError::TagTaken(want.name.clone()))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Which automatic tags (`prepub-<job id>`) a publish drops from the history: those older than
@@ -321,6 +356,9 @@ fn finish_publish(
         description: "latest published revision".into(),
         size: commit.root_size,
     };
+    for t in tags {
+        may_take_tag(t, history.tag(&t.name)?.as_ref())?;
+    }
     let named: Vec<Tag> = tags
         .iter()
         .filter(|t| t.name != "trunk")
@@ -1180,12 +1218,52 @@ mod tests {
     }
 
     #[test]
+    fn a_tag_is_the_token_whose_note_the_service_appended_last() {
+        assert_eq!(tag_owner("nightly [cvmfs-prepub owner ci]"), Some("ci"));
+        // A note a client wrote into its text comes before the one appended for its token.
+        let forged = format!("x {} {}", owner_note("victim"), owner_note("ci"));
+        assert_eq!(tag_owner(&forged), Some("ci"));
+        // Gateway descriptions end with the job marker after the note.
+        assert_eq!(
+            tag_owner("x [cvmfs-prepub owner ci] [cvmfs-prepub job 1]"),
+            Some("ci")
+        );
+        assert_eq!(tag_owner("made by an operator"), None);
+        assert_eq!(tag_owner("[cvmfs-prepub owner unterminated"), None);
+        let had = |description: &str| Tag {
+            name: "n".into(),
+            hash: "00".repeat(20),
+            revision: 2,
+            timestamp: 0,
+            description: description.into(),
+            size: 0,
+        };
+        let want = |owner: Option<&str>| TagRequest {
+            name: "n".into(),
+            description: String::new(),
+            owner: owner.map(Into::into),
+        };
+        let ci = want(Some("ci"));
+        assert!(may_take_tag(&ci, None).is_ok());
+        assert!(may_take_tag(&ci, Some(&had(&owner_note("ci")))).is_ok());
+        for other in [owner_note("other"), "made by an operator".into()] {
+            let refused = may_take_tag(&ci, Some(&had(&other)));
+            assert!(
+                matches!(&refused, Err(RepoError::TagTaken(n)) if n == "n"),
+                "{refused:?}"
+            );
+            assert!(may_take_tag(&want(None), Some(&had(&other))).is_ok());
+        }
+    }
+
+    #[test]
     fn a_publish_drops_expired_automatic_tags_only() {
         let f = fixture();
         let auto = |n: u32| format!("prepub-{n:08x}-0000-4000-8000-000000000000");
         let tag = |name: &str| TagRequest {
             name: name.into(),
             description: "d".into(),
+            owner: None,
         };
         let expiry = TagExpiry {
             span_secs: 100,

@@ -273,6 +273,15 @@ fn validate(f: &Fields, st: &AppState, who: &Principal) -> Result<(String, Strin
             "this token may not publish to {repo}{path}"
         )));
     }
+    // A scoped token may move only tags of its own, which standalone and gateway commits check
+    // in the repository's history; `cvmfs_server publish` would move any tag unchecked.
+    if let (Principal::Scoped { .. }, Some(t), crate::config::PublishMode::Local(_)) =
+        (who, &f.tag_name, &st.cfg.publish)
+    {
+        return Err(ApiError::Forbidden(format!(
+            "tag '{t}': in local mode only the admin token may name tags (whose a tag is cannot be checked there)"
+        )));
+    }
     if matches!(st.cfg.publish, crate::config::PublishMode::Local(_)) && st.busy.is_busy(&repo) {
         // Local mode, as the install guide says: one transaction per repository, fail fast.
         return Err(ApiError::Conflict(format!(
