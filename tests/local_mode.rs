@@ -125,7 +125,9 @@ fn publishes_through_cvmfs_server() {
     let calls = std::fs::read_to_string(l.state.join("calls.log")).unwrap();
     assert_eq!(
         calls,
-        format!("transaction {REPO}\npublish -a app-1 {REPO}\n")
+        format!(
+            "transaction {REPO}\npublish -a app-1 -m published by cvmfs-prepub job {id} {REPO}\n"
+        )
     );
     // Publishing the same path again replaces it.
     let id = id_of(submit(
@@ -240,7 +242,7 @@ fn a_removal_deletes_the_path_in_a_transaction() {
         let r = client()
             .post(format!("{}/api/v1/removals", d.url))
             .bearer_auth(ADMIN)
-            .json(&serde_json::json!({"repo": REPO, "path": path, "tag_name": "gone"}))
+            .json(&serde_json::json!({"repo": REPO, "path": path, "tag_name": "gone", "tag_description": "app retired"}))
             .send()
             .unwrap();
         d.wait_terminal(&id_of(r), 60)
@@ -263,10 +265,13 @@ fn a_removal_deletes_the_path_in_a_transaction() {
     let calls = std::fs::read_to_string(l.state.join("calls.log")).unwrap();
     assert!(
         calls.ends_with(&format!(
-            "transaction {REPO}\npublish -a gone {REPO}\ntransaction {REPO}\nabort -f {REPO}\n"
+            "transaction {REPO}\npublish -a gone -m app retired {REPO}\ntransaction {REPO}\nabort -f {REPO}\n"
         )),
         "{calls}"
     );
+    // The tag's description went to `cvmfs_server publish -m`.
+    let tags = std::fs::read_to_string(l.state.join("tags")).unwrap();
+    assert!(tags.contains("gone\tapp retired\n"), "{tags}");
 }
 
 /// Local mode publishes from the tar (cvmfs_server's transaction gets it extracted), so an

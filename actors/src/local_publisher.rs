@@ -3,7 +3,7 @@
 //!
 //! Per repository one commit thread: `cvmfs_server transaction <repo>`, extraction of the job's
 //! tar into `<cvmfs_mount>/<repo>/<path>` (the old content at the path is replaced), then
-//! `cvmfs_server publish [-a <tag>] <repo>`; any failure after the transaction opened runs
+//! `cvmfs_server publish -a <tag> -m <description> <repo>`; any failure after the transaction opened runs
 //! `cvmfs_server abort -f <repo>`. A removal job deletes the path in the transaction instead of
 //! extracting. Extraction is defensive on top of the intake rules the tar
 //! already passed: every directory on the way is checked with `lstat` and never followed if it is a
@@ -375,7 +375,11 @@ fn commit(
         .tag_name
         .clone()
         .unwrap_or_else(|| format!("prepub-{}", job.job.id));
-    match cvmfs_server(bin, &["publish", "-a", &tag, repo]) {
+    let description = match &job.job.tag_name {
+        Some(_) => crate::publisher::client_tag_description(&job.job),
+        None => crate::publisher::marker_tag(&job.job).description,
+    };
+    match cvmfs_server(bin, &["publish", "-a", &tag, "-m", &description, repo]) {
         Ok(_) => {
             crate::testhook::point("manifest-written");
             Ok(JobResult {
