@@ -255,13 +255,18 @@ struct State {
 /// Space held for announced payloads, so two announcements at the same moment cannot both be
 /// granted the same free bytes. A payload's reservation shrinks as objects are stored and
 /// lapses after [`Reservations::HOLD`]; re-announcing a payload replaces its reservation (a
-/// publisher announces `bytes: 0` when it is done, releasing the rest). All
-/// repositories count against each other (their storages usually share one filesystem).
+/// publisher announces `bytes: 0` when it is done, releasing the rest). A reservation is the
+/// announcing publisher's for one repository: the same payload name from another publisher or
+/// for another repository is another reservation, never a replacement. All repositories count
+/// against each other (their storages usually share one filesystem).
 #[derive(Default)]
 struct Reservations {
-    /// payload id -> (bytes still expected, expiry)
-    held: Vec<(String, u64, std::time::Instant)>,
+    /// (publisher, repository, payload) -> (bytes still expected, expiry)
+    held: Vec<(ReservationKey, u64, std::time::Instant)>,
 }
+
+/// Publisher (empty when the channel does not say: the HTTP announcement), repository, payload.
+type ReservationKey = (String, String, String);
 
 impl Reservations {
     const HOLD: Duration = Duration::from_secs(30 * 60);
@@ -271,23 +276,20 @@ impl Reservations {
         self.held.retain(|(_, b, t)| *b > 0 && *t > now);
     }
 
-    /// Bytes reserved for payloads other than `payload`.
-    fn others(&mut self, payload: &str) -> u64 {
+    /// Bytes reserved for announcements other than `key`.
+    fn others(&mut self, key: &ReservationKey) -> u64 {
         self.prune();
         self.held
             .iter()
-            .filter(|(p, _, _)| p != payload)
+            .filter(|(k, _, _)| k != key)
             .map(|(_, b, _)| *b)
             .sum()
     }
 
-    fn reserve(&mut self, payload: &str, bytes: u64) {
-        self.held.retain(|(p, _, _)| p != payload);
-        self.held.push((
-            payload.to_string(),
-            bytes,
-            std::time::Instant::now() + Self::HOLD,
-        ));
+    fn reserve(&mut self, key: ReservationKey, bytes: u64) {
+        self.held.retain(|(k, _, _)| *k != key);
+        self.held
+            .push((key, bytes, std::time::Instant::now() + Self::HOLD));
     }
 
     /// `bytes` were stored: the oldest reservations are that much closer to filled.
@@ -502,12 +504,19 @@ fn free_bytes(path: &std::path::Path) -> Option<u64> {
 
 /// Room for `bytes` of payload plus 10 % and `server.min_free_space` for the replica itself,
 /// besides what other accepted payloads still hold; reserved when there is.
-fn reserve_space(st: &State, repo: &str, payload: &str, bytes: u64) -> Result<(), String> {
+fn reserve_space(
+    st: &State,
+    publisher: &str,
+    repo: &str,
+    payload: &str,
+    bytes: u64,
+) -> Result<(), String> {
     let Some(free) = st.roots.get(repo).and_then(|r| free_bytes(r)) else {
         return Ok(());
     };
+    let key = (publisher.to_string(), repo.to_string(), payload.to_string());
     let mut reserved = st.reserved.lock().unwrap_or_else(|e| e.into_inner());
-    let others = reserved.others(payload);
+    let others = reserved.others(&key);
     let need = bytes
         .saturating_add(bytes / 10)
         .saturating_add(st.min_free)
@@ -517,7 +526,7 @@ fn reserve_space(st: &State, repo: &str, payload: &str, bytes: u64) -> Result<()
             "payload {payload} needs {need} bytes ({others} held for other payloads), {free} are free"
         ));
     }
-    reserved.reserve(payload, bytes);
+    reserved.reserve(key, bytes);
     Ok(())
 }
 
@@ -590,7 +599,7 @@ fn compute_answer(
         ready.error = Some(format!("repository {} is not served here", a.repo));
         return ready;
     }
-    if let Err(msg) = reserve_space(st, &a.repo, &a.payload_id, a.bytes) {
+    if let Err(msg) = reserve_space(st, &a.publisher_id, &a.repo, &a.payload_id, a.bytes) {
         st.metrics.rejected.with_label_values(&["disk-full"]).inc();
         ready.error = Some(format!("insufficient storage: {msg}"));
         return ready;
@@ -640,7 +649,7 @@ async fn announce(
     if st.receiver.store(&repo).is_err() {
         return receive_error(&st, ReceiveError::UnknownRepo(repo.to_string()));
     }
-    if let Err(msg) = reserve_space(&st, &repo, &a.payload_id, a.bytes) {
+    if let Err(msg) = reserve_space(&st, "", &repo, &a.payload_id, a.bytes) {
         st.metrics.rejected.with_label_values(&["disk-full"]).inc();
         return err(
             actix_web::http::StatusCode::INSUFFICIENT_STORAGE,
@@ -1076,5 +1085,29 @@ pub fn run(file: ReceiverFile, o: ReceiverOverrides) -> anyhow::Result<()> {
         }
         Ok(None) => Ok(()),
         Err(e) => Err(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(publisher: &str, repo: &str, payload: &str) -> ReservationKey {
+        (publisher.into(), repo.into(), payload.into())
+    }
+
+    #[test]
+    fn the_same_payload_name_elsewhere_is_another_reservation() {
+        let mut r = Reservations::default();
+        r.reserve(key("s0-a", "a.org", "nightly"), 100);
+        // Another repository's, and another publisher's, payload of that name hold their own.
+        r.reserve(key("s0-a", "b.org", "nightly"), 50);
+        r.reserve(key("s0-b", "a.org", "nightly"), 7);
+        assert_eq!(r.others(&key("s0-a", "a.org", "nightly")), 57);
+        assert_eq!(r.others(&key("s0-a", "b.org", "nightly")), 107);
+        assert_eq!(r.others(&key("", "c.org", "x")), 157);
+        // Re-announced by its own publisher for its repository: replaced, here released.
+        r.reserve(key("s0-a", "a.org", "nightly"), 0);
+        assert_eq!(r.others(&key("", "c.org", "x")), 57);
     }
 }
