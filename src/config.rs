@@ -351,6 +351,13 @@ pub struct CasFile {
     /// s3: objects at least this large are uploaded in parts.
     #[serde(default = "default_multipart")]
     pub multipart_threshold: String,
+    /// s3: longest one request may take, its body included.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: String,
+}
+
+fn default_request_timeout() -> String {
+    "10m".into()
 }
 
 fn default_region() -> String {
@@ -370,6 +377,7 @@ impl Default for CasFile {
             endpoint: String::new(),
             prefix: String::new(),
             multipart_threshold: default_multipart(),
+            request_timeout: default_request_timeout(),
         }
     }
 }
@@ -949,6 +957,11 @@ impl FileConfig {
         };
         let multipart_threshold = parse_size(&self.cas.multipart_threshold)
             .map_err(|m| cerr("cas.multipart_threshold", m))?;
+        let request_timeout = parse_duration(&self.cas.request_timeout)
+            .map_err(|m| cerr("cas.request_timeout", m))?;
+        if request_timeout.is_zero() {
+            return Err(cerr("cas.request_timeout", "must be more than 0s"));
+        }
         let max_upload = parse_size(&self.server.max_upload_size)
             .map_err(|m| cerr("server.max_upload_size", m))?;
         let upload_idle = parse_duration(&self.server.upload_idle_timeout)
@@ -1026,6 +1039,7 @@ impl FileConfig {
                         p => format!("{p}/{}", r.name),
                     },
                     multipart_threshold: multipart_threshold as usize,
+                    request_timeout,
                 }),
                 gc: GcConfig {
                     enabled: r.gc.enabled,
@@ -1293,6 +1307,24 @@ mod tests {
     fn parse(y: &str) -> Result<Config, ConfigError> {
         let f: FileConfig = serde_yaml::from_str(y).map_err(|e| cerr("yaml", e.to_string()))?;
         f.validate(&Overrides::default())
+    }
+
+    #[test]
+    fn s3_request_timeout_is_read_and_must_be_positive() {
+        let s3 = |extra: &str| {
+            parse(&format!(
+                "repositories: [{{name: a.org}}]\ncas: {{type: s3, bucket: b{extra}}}"
+            ))
+        };
+        let c = s3("").unwrap();
+        let t = |c: &Config| c.repos["a.org"].s3.as_ref().unwrap().request_timeout;
+        assert_eq!(t(&c), Duration::from_secs(600));
+        assert_eq!(
+            t(&s3(", request_timeout: 90s").unwrap()),
+            Duration::from_secs(90)
+        );
+        let e = s3(", request_timeout: 0s").unwrap_err();
+        assert_eq!(e.key, "cas.request_timeout");
     }
 
     #[test]

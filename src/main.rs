@@ -131,6 +131,7 @@ fn gateway_double(a: GatewayDoubleArgs) -> anyhow::Result<()> {
                 endpoint: a.s3_endpoint.clone(),
                 prefix: prefix.trim_matches('/').to_string(),
                 multipart_threshold: 64 << 20,
+                request_timeout: prepub_actors::s3_cas::DEFAULT_REQUEST_TIMEOUT,
             }
         }),
     };

@@ -70,6 +70,7 @@ impl S3Args {
             endpoint: self.s3_endpoint.clone(),
             prefix: prefix.trim_matches('/').to_string(),
             multipart_threshold: 64 << 20,
+            request_timeout: prepub_actors::s3_cas::DEFAULT_REQUEST_TIMEOUT,
         })?;
         store.probe()?;
         Ok(Some(store))

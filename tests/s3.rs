@@ -10,6 +10,7 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::*;
 use prepub_core::cas::Cas;
@@ -72,12 +73,27 @@ fn store(m: &Moto, bucket: &str) -> prepub_actors::s3_cas::S3Cas {
 }
 
 fn store_at(endpoint: &str, bucket: &str, multipart: usize) -> prepub_actors::s3_cas::S3Cas {
+    store_with(
+        endpoint,
+        bucket,
+        multipart,
+        prepub_actors::s3_cas::DEFAULT_REQUEST_TIMEOUT,
+    )
+}
+
+fn store_with(
+    endpoint: &str,
+    bucket: &str,
+    multipart: usize,
+    request_timeout: Duration,
+) -> prepub_actors::s3_cas::S3Cas {
     prepub_actors::s3_cas::S3Cas::new(prepub_actors::s3_cas::S3Settings {
         bucket: bucket.into(),
         region: "us-east-1".into(),
         endpoint: endpoint.into(),
         prefix: REPO.into(),
         multipart_threshold: multipart,
+        request_timeout,
     })
     .unwrap()
 }
@@ -939,4 +955,35 @@ fn a_commit_that_failed_after_its_manifest_landed_is_not_published_twice() {
     assert_eq!(jb["revision"], initial + 2, "{jb}");
     assert_eq!(revision(), initial + 2, "no second publish of A");
     check_in_s3(dir.path(), &m);
+}
+
+#[test]
+fn a_request_slower_than_the_request_timeout_is_given_up_and_retried() {
+    // The first request through each proxy is answered after 1.5 s.
+    let slow_first = || -> Answer {
+        let n = std::sync::atomic::AtomicUsize::new(0);
+        Box::new(move |_, _| {
+            if n.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+            None
+        })
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (m, url, seen) = moto_behind_proxy(dir.path(), slow_first());
+    // cas.request_timeout 1s: the client gives the conditional PUT up after 1 s and asks
+    // whether the object is there (then stores it, unless the slow PUT landed meanwhile).
+    let s = store_with(&url, "cvmfs", 8 << 20, Duration::from_secs(1));
+    s.put_bytes(&oid(1), b"first").unwrap();
+    let asked = object_requests(&seen);
+    assert!(
+        asked.len() >= 2 && asked[..2] == ["PUT if-none-match", "HEAD"],
+        "{asked:?}"
+    );
+    assert_eq!(prepub_core::cas::get_all(&s, &oid(1)).unwrap(), b"first");
+    // With time enough, the slow answer is waited for.
+    let (url, seen) = proxy(&m.endpoint, slow_first());
+    let s = store_with(&url, "cvmfs", 8 << 20, Duration::from_secs(5));
+    s.put_bytes(&oid(2), b"second").unwrap();
+    assert_eq!(object_requests(&seen), ["PUT if-none-match"]);
 }

@@ -28,8 +28,8 @@ use futures_util::StreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
-    WriteMultipart,
+    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig, WriteMultipart,
 };
 use prepub_core::cas::{Cas, CasError, PendingObject, PutOutcome};
 use prepub_core::hash::ObjectId;
@@ -45,7 +45,19 @@ pub struct S3Settings {
     pub prefix: String,
     /// Objects at least this large are uploaded in parts.
     pub multipart_threshold: usize,
+    /// Longest a request may take, its body included (an 8 MiB part, a whole object up to
+    /// `multipart_threshold`, or a large object read back): long enough for slow links, while a
+    /// connection that stalls fails after [`STALL_TIMEOUT`] without data. Retried like any
+    /// transport error.
+    pub request_timeout: Duration,
 }
+
+/// Default [`S3Settings::request_timeout`]. The client library's own default (30 s for the
+/// whole request) cut off any transfer slower than about 2 MiB/s for a 64 MiB object.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A request fails when its connection delivers nothing for this long.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct S3Cas {
     /// Owns the threads the client's requests run on.
@@ -169,7 +181,12 @@ impl S3Cas {
                 },
                 max_retries: 6,
                 retry_timeout: Duration::from_secs(180),
-            });
+            })
+            .with_client_options(
+                ClientOptions::new()
+                    .with_timeout(settings.request_timeout)
+                    .with_read_timeout(STALL_TIMEOUT.min(settings.request_timeout)),
+            );
         if !settings.endpoint.is_empty() {
             b = b
                 .with_endpoint(&settings.endpoint)
