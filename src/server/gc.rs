@@ -278,7 +278,7 @@ pub async fn run_gc(
             },
             now(),
         );
-        let _ = journal.save(&run);
+        let _ = save_off(&journal, &run).await;
         st.metrics
             .gc_runs_total
             .with_label_values(&[repo.as_str(), if aborted { "aborted" } else { "failed" }])
@@ -292,9 +292,7 @@ pub async fn run_gc(
                 .into(),
         );
         run.enter(RunState::Complete, now());
-        journal
-            .save(&run)
-            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        save_off(&journal, &run).await?;
         st.metrics
             .gc_runs_total
             .with_label_values(&[repo.as_str(), "cleaned"])
@@ -352,9 +350,7 @@ pub async fn run_gc(
                 .inc();
             run.reason = Some(e.to_string());
             run.enter(RunState::Failed, now());
-            journal
-                .save(&run)
-                .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+            save_off(&journal, &run).await?;
             return Err(gc_error(e));
         }
     };
@@ -391,6 +387,15 @@ pub async fn run_gc(
     }))
 }
 
+/// Journals `run` on a blocking thread (a save writes and fsyncs the record and its directory).
+async fn save_off(journal: &Arc<RunJournal>, run: &GcRun) -> Result<(), ApiError> {
+    let (j, r) = (journal.clone(), run.clone());
+    web::block(move || j.save(&r))
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .map_err(|e| ApiError::Unavailable(e.to_string()))
+}
+
 /// Holds the repository's jobs for the run (refused while any is in flight).
 async fn begin(st: &AppState, repo: &str) -> Result<(), ApiError> {
     match st
@@ -411,23 +416,18 @@ async fn begin(st: &AppState, repo: &str) -> Result<(), ApiError> {
 /// repository, a wait for it to be idle.
 async fn prepare_scheduled(
     st: &AppState,
-    journal: &RunJournal,
+    journal: &Arc<RunJournal>,
     run: &mut GcRun,
     g: &crate::config::GcConfig,
     abort: &AtomicBool,
     hold: bool,
 ) -> Result<(), ApiError> {
-    let save = |run: &GcRun| {
-        journal
-            .save(run)
-            .map_err(|e| ApiError::Unavailable(e.to_string()))
-    };
-    save(run)?;
+    save_off(journal, run).await?;
     let deadline = std::time::Instant::now() + IDLE_WAIT;
     let aborted = || ApiError::Conflict("the run was aborted".into());
     if g.access_ttl.is_some() {
         run.enter(RunState::Cleaning, now());
-        save(run)?;
+        save_off(journal, run).await?;
         let v = run_lifecycle(st, run.repo.clone()).await?;
         run.removals = v["submitted"]
             .as_array()
@@ -437,7 +437,7 @@ async fn prepare_scheduled(
                     .collect()
             })
             .unwrap_or_default();
-        save(run)?;
+        save_off(journal, run).await?;
         // The removals commit before the scan, so their objects count as unreferenced now.
         for id in run.removals.clone() {
             loop {
