@@ -987,3 +987,37 @@ fn a_request_slower_than_the_request_timeout_is_given_up_and_retried() {
     s.put_bytes(&oid(2), b"second").unwrap();
     assert_eq!(object_requests(&seen), ["PUT if-none-match"]);
 }
+
+#[test]
+fn a_collection_plan_in_s3_takes_sizes_and_times_from_the_listing() {
+    let (_dir, m) = s3_daemon_dir();
+    let (url, seen) = proxy(&m.endpoint, Box::new(|_, _| None));
+    let s = store_at(&url, "cvmfs", 8 << 20);
+    for n in 1..=3u8 {
+        s.put_bytes(&oid(n), &vec![n; 100 * n as usize]).unwrap();
+    }
+    seen.lock().unwrap().clear();
+    let policy = |grace_secs| prepub_core::gc::GcPolicy {
+        keep_revisions: 1,
+        grace_secs,
+        exempt_tags: vec![],
+    };
+    let now = prepub_core::timefmt::now();
+    // Past their grace period: the three unreferenced objects, with their sizes.
+    let plan = prepub_core::gc::plan(&s, &policy(0), now + 10).unwrap();
+    assert_eq!(
+        plan.candidates,
+        [(oid(1), 100), (oid(2), 200), (oid(3), 300)]
+    );
+    assert_eq!(plan.young, 0);
+    // Stored just now: young, kept.
+    let plan = prepub_core::gc::plan(&s, &policy(3600), now + 10).unwrap();
+    assert!(plan.candidates.is_empty(), "{:?}", plan.candidates);
+    assert_eq!(plan.young, 3);
+    // Neither plan asked for an object on its own (HEAD per object, twice each, before).
+    assert!(
+        !object_requests(&seen).iter().any(|r| r.starts_with("HEAD")),
+        "{:?}",
+        object_requests(&seen)
+    );
+}

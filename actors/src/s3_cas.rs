@@ -31,7 +31,7 @@ use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
     RetryConfig, WriteMultipart,
 };
-use prepub_core::cas::{Cas, CasError, PendingObject, PutOutcome};
+use prepub_core::cas::{Cas, CasError, PendingObject, PutOutcome, StoredObject};
 use prepub_core::hash::ObjectId;
 
 /// Where the store is.
@@ -214,6 +214,37 @@ impl S3Cas {
 }
 
 impl Client {
+    /// The objects under `data/`, with the size and time the listing gives for each.
+    fn list_data(&self) -> Result<Vec<StoredObject>, CasError> {
+        let store = self.store.clone();
+        let prefix = self.key("data");
+        let strip = if self.settings.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.settings.prefix.trim_matches('/'))
+        };
+        let shown = prefix.to_string();
+        let metas: Vec<object_store::ObjectMeta> = self.run(async move {
+            let mut out = Vec::new();
+            let mut s = store.list(Some(&prefix));
+            while let Some(m) = s.next().await {
+                out.push(m.map_err(|e| s3err("list", &shown, explain(&e)))?);
+            }
+            Ok::<_, CasError>(out)
+        })?;
+        Ok(metas
+            .iter()
+            .filter_map(|m| {
+                let k = m.location.as_ref();
+                Some(StoredObject {
+                    id: ObjectId::from_path(k.strip_prefix(&strip).unwrap_or(k))?,
+                    size: m.size,
+                    modified: m.last_modified.timestamp(),
+                })
+            })
+            .collect())
+    }
+
     /// One `If-None-Match: *` PUT of a small object.
     fn put_if_absent(&self, key: Path, data: Vec<u8>) -> Conditional {
         let store = self.store.clone();
@@ -661,30 +692,11 @@ impl Cas for S3Cas {
     }
 
     fn list(&self) -> Result<Vec<ObjectId>, CasError> {
-        let store = self.store.clone();
-        let prefix = self.key("data");
-        let strip = if self.settings.prefix.is_empty() {
-            String::new()
-        } else {
-            format!("{}/", self.settings.prefix.trim_matches('/'))
-        };
-        let shown = prefix.to_string();
-        let keys: Vec<String> = self.run(async move {
-            let mut out = Vec::new();
-            let mut s = store.list(Some(&prefix));
-            while let Some(m) = s.next().await {
-                out.push(
-                    m.map_err(|e| s3err("list", &shown, explain(&e)))?
-                        .location
-                        .to_string(),
-                );
-            }
-            Ok::<_, CasError>(out)
-        })?;
-        Ok(keys
-            .iter()
-            .filter_map(|k| ObjectId::from_path(k.strip_prefix(&strip).unwrap_or(k)))
-            .collect())
+        Ok(self.list_data()?.into_iter().map(|o| o.id).collect())
+    }
+
+    fn list_stat(&self) -> Result<Option<Vec<StoredObject>>, CasError> {
+        self.list_data().map(Some)
     }
 
     fn put_root_file(&self, name: &str, data: &[u8]) -> Result<(), CasError> {

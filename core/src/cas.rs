@@ -109,6 +109,20 @@ pub trait Cas: Send + Sync {
     fn modified(&self, _id: &ObjectId) -> Result<i64, CasError> {
         Err(CasError::Unsupported("modification times"))
     }
+    /// Every object with its size and [`Cas::modified`] time, when the store's listing gives
+    /// them at no extra cost (an S3 listing does); `None`: ask per object instead.
+    fn list_stat(&self) -> Result<Option<Vec<StoredObject>>, CasError> {
+        Ok(None)
+    }
+}
+
+/// An object as a listing describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredObject {
+    pub id: ObjectId,
+    pub size: u64,
+    /// UNIX seconds.
+    pub modified: i64,
 }
 
 /// Reads a whole object into memory (metadata objects).

@@ -268,35 +268,51 @@ pub fn references(
 /// Scans the storage: what is referenced, what is not, and what of that is old enough to go.
 pub fn plan(cas: &dyn Cas, policy: &GcPolicy, now: i64) -> Result<Plan, GcError> {
     let (revision, kept, refs) = references(cas, policy)?;
-    let stored = cas.list()?;
+    // From the listing when it says sizes and times (S3: no request per object), else asked.
+    let listed = cas.list_stat()?;
+    let ids = if listed.is_some() {
+        Vec::new()
+    } else {
+        cas.list()?
+    };
+    let stored = listed.as_ref().map_or(0, Vec::len) + ids.len();
     let mut young = 0;
     let mut candidates = Vec::new();
-    for id in &stored {
-        if refs.contains(id) {
-            continue;
+    let mut consider = |id: ObjectId,
+                        modified: &dyn Fn() -> Result<i64, CasError>,
+                        size: &dyn Fn() -> Result<u64, CasError>|
+     -> Result<(), GcError> {
+        if refs.contains(&id) {
+            return Ok(());
         }
-        let t = match cas.modified(id) {
+        let t = match modified() {
             Ok(t) => t,
-            Err(CasError::NotFound(_)) => continue, // gone meanwhile
+            Err(CasError::NotFound(_)) => return Ok(()), // gone meanwhile
             Err(e) => return Err(e.into()),
         };
         if now - t < policy.grace_secs {
             young += 1;
-            continue;
+            return Ok(());
         }
-        let size = match cas.size(id) {
-            Ok(s) => s,
-            Err(CasError::NotFound(_)) => continue,
+        match size() {
+            Ok(s) => candidates.push((id, s)),
+            Err(CasError::NotFound(_)) => {}
             Err(e) => return Err(e.into()),
-        };
-        candidates.push((*id, size));
+        }
+        Ok(())
+    };
+    for o in listed.into_iter().flatten() {
+        consider(o.id, &|| Ok(o.modified), &|| Ok(o.size))?;
+    }
+    for id in ids {
+        consider(id, &|| cas.modified(&id), &|| cas.size(&id))?;
     }
     candidates.sort();
     Ok(Plan {
         revision,
         kept,
         referenced: refs.len(),
-        stored: stored.len(),
+        stored,
         young,
         candidate_count: candidates.len(),
         candidate_bytes: candidates.iter().map(|(_, s)| s).sum(),
