@@ -1135,7 +1135,20 @@ impl FileConfig {
                     .map_err(|e| cerr(&format!("{key}.prefixes[{j}]"), e.to_string()))?;
                 prefixes.push((repo.to_string(), path));
             }
-            // A job's owner is its token's name: two tokens of one name would share their jobs.
+            // A job's owner is its token's name, also written into the descriptions of the
+            // tags its jobs make (`repo::owner_note`): plain characters only, so that no name
+            // can read back as another's.
+            let plain = |c: char| c.is_ascii_alphanumeric() || "._@+:-".contains(c);
+            if t.name.is_empty() || t.name.len() > 128 || !t.name.chars().all(plain) {
+                return Err(cerr(
+                    &format!("{key}.name"),
+                    format!(
+                        "'{}' is not a token name: 1 to 128 of A-Z a-z 0-9 . _ @ + : -",
+                        t.name
+                    ),
+                ));
+            }
+            // Two tokens of one name would share their jobs and tags.
             if tokens.iter().any(|o: &ScopedToken| o.name == t.name) {
                 return Err(cerr(
                     &format!("{key}.name"),
@@ -1346,6 +1359,17 @@ mod tests {
         let o = format!("{}1", "0".repeat(63));
         let e = parse(&format!("repositories: [{{name: a.org}}]\nserver: {{api_tokens: [{{name: ci, sha256: '{z}', prefixes: [a.org]}}, {{name: ci, sha256: '{o}', prefixes: [a.org]}}]}}")).unwrap_err();
         assert_eq!(e.key, "server.api_tokens[1].name");
+        // Token names go into tag descriptions: none can read back as another's.
+        for bad in [
+            "'ci]x'",
+            "'[cvmfs-prepub owner victim'",
+            "'two words'",
+            "''",
+        ] {
+            let e = parse(&format!("repositories: [{{name: a.org}}]\nserver: {{api_tokens: [{{name: {bad}, sha256: '{z}', prefixes: [a.org]}}]}}")).unwrap_err();
+            assert_eq!(e.key, "server.api_tokens[0].name", "{bad}");
+        }
+        parse(&format!("repositories: [{{name: a.org}}]\nserver: {{api_tokens: [{{name: 'ci-bot@atlas.cern.ch', sha256: '{z}', prefixes: [a.org]}}]}}")).unwrap();
         let e = parse(&format!("repositories: [{{name: a.org}}]\nserver: {{api_tokens: [{{name: a, sha256: '{z}', prefixes: [a.org]}}, {{name: b, sha256: '{z}', prefixes: [a.org]}}]}}")).unwrap_err();
         assert_eq!(e.key, "server.api_tokens[1].sha256");
         // Gateway durations: more than zero.

@@ -255,18 +255,18 @@ struct State {
 /// Space held for announced payloads, so two announcements at the same moment cannot both be
 /// granted the same free bytes. A payload's reservation shrinks as objects are stored and
 /// lapses after [`Reservations::HOLD`]; re-announcing a payload replaces its reservation (a
-/// publisher announces `bytes: 0` when it is done, releasing the rest). A reservation is the
-/// announcing publisher's for one repository: the same payload name from another publisher or
-/// for another repository is another reservation, never a replacement. All repositories count
+/// publisher announces `bytes: 0` when it is done, releasing the rest — over HTTP also when it
+/// was granted over MQTT). A reservation is for one repository: the same payload name for
+/// another repository is another reservation, never a replacement. All repositories count
 /// against each other (their storages usually share one filesystem).
 #[derive(Default)]
 struct Reservations {
-    /// (publisher, repository, payload) -> (bytes still expected, expiry)
+    /// (repository, payload) -> (bytes still expected, expiry)
     held: Vec<(ReservationKey, u64, std::time::Instant)>,
 }
 
-/// Publisher (empty when the channel does not say: the HTTP announcement), repository, payload.
-type ReservationKey = (String, String, String);
+/// Repository and payload.
+type ReservationKey = (String, String);
 
 impl Reservations {
     const HOLD: Duration = Duration::from_secs(30 * 60);
@@ -504,17 +504,11 @@ fn free_bytes(path: &std::path::Path) -> Option<u64> {
 
 /// Room for `bytes` of payload plus 10 % and `server.min_free_space` for the replica itself,
 /// besides what other accepted payloads still hold; reserved when there is.
-fn reserve_space(
-    st: &State,
-    publisher: &str,
-    repo: &str,
-    payload: &str,
-    bytes: u64,
-) -> Result<(), String> {
+fn reserve_space(st: &State, repo: &str, payload: &str, bytes: u64) -> Result<(), String> {
     let Some(free) = st.roots.get(repo).and_then(|r| free_bytes(r)) else {
         return Ok(());
     };
-    let key = (publisher.to_string(), repo.to_string(), payload.to_string());
+    let key = (repo.to_string(), payload.to_string());
     let mut reserved = st.reserved.lock().unwrap_or_else(|e| e.into_inner());
     let others = reserved.others(&key);
     let need = bytes
@@ -599,7 +593,7 @@ fn compute_answer(
         ready.error = Some(format!("repository {} is not served here", a.repo));
         return ready;
     }
-    if let Err(msg) = reserve_space(st, &a.publisher_id, &a.repo, &a.payload_id, a.bytes) {
+    if let Err(msg) = reserve_space(st, &a.repo, &a.payload_id, a.bytes) {
         st.metrics.rejected.with_label_values(&["disk-full"]).inc();
         ready.error = Some(format!("insufficient storage: {msg}"));
         return ready;
@@ -649,7 +643,7 @@ async fn announce(
     if st.receiver.store(&repo).is_err() {
         return receive_error(&st, ReceiveError::UnknownRepo(repo.to_string()));
     }
-    if let Err(msg) = reserve_space(&st, "", &repo, &a.payload_id, a.bytes) {
+    if let Err(msg) = reserve_space(&st, &repo, &a.payload_id, a.bytes) {
         st.metrics.rejected.with_label_values(&["disk-full"]).inc();
         return err(
             actix_web::http::StatusCode::INSUFFICIENT_STORAGE,
@@ -1092,22 +1086,20 @@ pub fn run(file: ReceiverFile, o: ReceiverOverrides) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn key(publisher: &str, repo: &str, payload: &str) -> ReservationKey {
-        (publisher.into(), repo.into(), payload.into())
+    fn key(repo: &str, payload: &str) -> ReservationKey {
+        (repo.into(), payload.into())
     }
 
     #[test]
-    fn the_same_payload_name_elsewhere_is_another_reservation() {
+    fn the_same_payload_name_for_another_repository_is_another_reservation() {
         let mut r = Reservations::default();
-        r.reserve(key("s0-a", "a.org", "nightly"), 100);
-        // Another repository's, and another publisher's, payload of that name hold their own.
-        r.reserve(key("s0-a", "b.org", "nightly"), 50);
-        r.reserve(key("s0-b", "a.org", "nightly"), 7);
-        assert_eq!(r.others(&key("s0-a", "a.org", "nightly")), 57);
-        assert_eq!(r.others(&key("s0-a", "b.org", "nightly")), 107);
-        assert_eq!(r.others(&key("", "c.org", "x")), 157);
-        // Re-announced by its own publisher for its repository: replaced, here released.
-        r.reserve(key("s0-a", "a.org", "nightly"), 0);
-        assert_eq!(r.others(&key("", "c.org", "x")), 57);
+        r.reserve(key("a.org", "nightly"), 100);
+        r.reserve(key("b.org", "nightly"), 50);
+        assert_eq!(r.others(&key("a.org", "nightly")), 50);
+        assert_eq!(r.others(&key("b.org", "nightly")), 100);
+        assert_eq!(r.others(&key("c.org", "x")), 150);
+        // Announced again for its repository: replaced, here released.
+        r.reserve(key("a.org", "nightly"), 0);
+        assert_eq!(r.others(&key("c.org", "x")), 50);
     }
 }

@@ -1055,10 +1055,13 @@ fn a_scoped_token_names_new_tags_and_moves_only_its_own() {
     assert_eq!(j["state"], "published", "{j}");
     let stable = tag("stable");
     let before = revision();
+    let objects = cas.list().unwrap().len();
     let j = publish(SCOPED, "/allowed/b", "stable");
     assert_eq!(j["state"], "failed", "{j}");
     assert_eq!(j["error"]["code"], "tag-taken", "{j}");
     assert_eq!(revision(), before);
+    // Refused before its catalogs were built (the tar's contents were stored already).
+    assert_eq!(cas.list().unwrap().len(), objects);
     let now = tag("stable");
     assert_eq!((now.revision, now.hash), (stable.revision, stable.hash));
     // A new tag becomes the token's, and the token may move it.

@@ -46,18 +46,16 @@ pub struct S3Settings {
     /// Objects at least this large are uploaded in parts.
     pub multipart_threshold: usize,
     /// Longest a request may take, its body included (an 8 MiB part, a whole object up to
-    /// `multipart_threshold`, or a large object read back): long enough for slow links, while a
-    /// connection that stalls fails after [`STALL_TIMEOUT`] without data. Retried like any
-    /// transport error.
+    /// `multipart_threshold`, or a large object read back while its reader consumes it). The
+    /// only time limit on a request besides the 5 s to connect: the HTTP client's per-read
+    /// timeout runs from sending the request to its answer's head, so it would bound an
+    /// upload's whole body as well.
     pub request_timeout: Duration,
 }
 
 /// Default [`S3Settings::request_timeout`]. The client library's own default (30 s for the
 /// whole request) cut off any transfer slower than about 2 MiB/s for a 64 MiB object.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(600);
-
-/// A request fails when its connection delivers nothing for this long.
-pub const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct S3Cas {
     /// Owns the threads the client's requests run on.
@@ -182,11 +180,7 @@ impl S3Cas {
                 max_retries: 6,
                 retry_timeout: Duration::from_secs(180),
             })
-            .with_client_options(
-                ClientOptions::new()
-                    .with_timeout(settings.request_timeout)
-                    .with_read_timeout(STALL_TIMEOUT.min(settings.request_timeout)),
-            );
+            .with_client_options(ClientOptions::new().with_timeout(settings.request_timeout));
         if !settings.endpoint.is_empty() {
             b = b
                 .with_endpoint(&settings.endpoint)
@@ -224,25 +218,22 @@ impl Client {
             format!("{}/", self.settings.prefix.trim_matches('/'))
         };
         let shown = prefix.to_string();
-        let metas: Vec<object_store::ObjectMeta> = self.run(async move {
+        self.run(async move {
             let mut out = Vec::new();
             let mut s = store.list(Some(&prefix));
             while let Some(m) = s.next().await {
-                out.push(m.map_err(|e| s3err("list", &shown, explain(&e)))?);
+                let m = m.map_err(|e| s3err("list", &shown, explain(&e)))?;
+                let k = m.location.as_ref();
+                if let Some(id) = ObjectId::from_path(k.strip_prefix(&strip).unwrap_or(k)) {
+                    out.push(StoredObject {
+                        id,
+                        size: m.size,
+                        modified: m.last_modified.timestamp(),
+                    });
+                }
             }
             Ok::<_, CasError>(out)
-        })?;
-        Ok(metas
-            .iter()
-            .filter_map(|m| {
-                let k = m.location.as_ref();
-                Some(StoredObject {
-                    id: ObjectId::from_path(k.strip_prefix(&strip).unwrap_or(k))?,
-                    size: m.size,
-                    modified: m.last_modified.timestamp(),
-                })
-            })
-            .collect())
+        })
     }
 
     /// One `If-None-Match: *` PUT of a small object.

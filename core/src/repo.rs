@@ -292,6 +292,16 @@ where
         }
     }
     let tmp = scratch()?;
+    // A scoped token's tag that is not its own fails the publish before any work (checked
+    // again when the history is written).
+    if let (Some(h), true) = (old.history, tags.iter().any(|t| t.owner.is_some())) {
+        let file = tmp.path().join("history-check.db");
+        fs::write(&file, decode_to_vec(&h, &get_all(cas, &h)?, true)?)?;
+        let history = History::open(&file)?;
+        for t in tags {
+            may_take_tag(t, history.tag(&t.name)?.as_ref())?;
+        }
+    }
     let mut tree = CatalogTree::open(cas, tmp.path(), &old.root_catalog)?;
     edit(&mut tree)?;
     // Catalog timestamps must not run behind the previous manifest (client ordering, §1.5).
