@@ -1036,12 +1036,7 @@ fn a_scoped_token_names_new_tags_and_moves_only_its_own() {
     let publish = |token: &str, path: &str, tag: &str| {
         d.wait_terminal(&d.submit_id(token, path, &t, Some(tag)), 60)
     };
-    let tag = |name: &str| {
-        history_tags(&cas)
-            .into_iter()
-            .find(|t| t.name == name)
-            .unwrap()
-    };
+    let tag = |name: &str| history_tag(&cas, name);
     let revision = || {
         prepub_core::repo::current_manifest(&cas)
             .unwrap()

@@ -673,12 +673,7 @@ fn a_scoped_token_moves_only_its_own_tags_through_the_gateway() {
     let publish = |token: &str, path: &str, tag: &str| {
         d.wait_terminal(&d.submit_id(token, path, &t, Some(tag)), 60)
     };
-    let tag = |name: &str| {
-        history_tags(&cas)
-            .into_iter()
-            .find(|t| t.name == name)
-            .unwrap()
-    };
+    let tag = |name: &str| history_tag(&cas, name);
     let j = publish(ADMIN, "/allowed/a", "stable");
     assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
     let stable = tag("stable");

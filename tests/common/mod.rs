@@ -878,3 +878,11 @@ pub fn history_tags(cas: &dyn prepub_core::cas::Cas) -> Vec<prepub_core::history
         .tags()
         .unwrap()
 }
+
+/// The tag `name` of the repository's current history (it must be there).
+pub fn history_tag(cas: &dyn prepub_core::cas::Cas, name: &str) -> prepub_core::history::Tag {
+    history_tags(cas)
+        .into_iter()
+        .find(|t| t.name == name)
+        .unwrap_or_else(|| panic!("no tag {name} in the history"))
+}
