@@ -1,9 +1,10 @@
 //! Receiver mode (`--mode receiver`): the Stratum 1 endpoint that publishers pre-warm before
 //! they commit (install guide §6). Every route but health and metrics needs a signed request:
-//! `X-Prepub-Timestamp: <unix seconds>`, `X-Prepub-Nonce: <unique>` and
-//! `Authorization: PREPUB-HMAC <hex>` where the HMAC-SHA256 with the shared secret covers method,
-//! path, SHA-256 of the body, timestamp and nonce; requests outside the replay window, or whose
-//! nonce was seen within it, are refused. Routes, per repository:
+//! `X-Prepub-Timestamp: <unix seconds>`, `X-Prepub-Nonce: <unique>`,
+//! `X-Prepub-Content-Sha256: <hex SHA-256 of the body>` and `Authorization: PREPUB-HMAC <hex>`
+//! where the HMAC-SHA256 with the shared secret covers method, path, that digest, timestamp and
+//! nonce; requests outside the replay window, or whose nonce was seen within it, are refused.
+//! The signature is checked before the body is read, the body against the digest as it arrives. Routes, per repository:
 //! `POST …/announce` (507 when the disk cannot take the payload), `POST …/inventory` (which of
 //! these objects are missing), `PUT …/objects/<hash><suffix>` (verified against its name; catalogs
 //! refused), `POST …/objects` (a `V2` pack of many small objects).
@@ -22,10 +23,11 @@ use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use prepub_actors::receiver_agent::{Missing, Put, ReceiverAgent};
 use prepub_core::cas::{Cas, LocalCas};
 use prepub_core::hash::ObjectId;
-use prepub_core::receiver::{verify, ReceiveError, Receiver};
+use prepub_core::receiver::{ReceiveError, Receiver};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use serde::Deserialize;
 use serde_json::json;
+use sha2::Digest;
 
 use crate::config::CasFile;
 use crate::units::parse_duration;
@@ -314,9 +316,9 @@ fn err(status: actix_web::http::StatusCode, code: &str, msg: impl ToString) -> H
 enum Credentials {
     /// An upload token or an allowed client certificate: accepted.
     Accepted,
-    /// A signed request, well-formed and inside the replay window; its signature covers the
-    /// body, so it is checked once the body is read.
-    Signed { ts: i64, nonce: String, sig: String },
+    /// A signed request whose signature (over the body digest it declares) checked out; the
+    /// body must still match that digest.
+    Signed { digest: [u8; 32] },
 }
 
 /// Checks what a request for `repo` can show before its body is read (a request without
@@ -367,12 +369,13 @@ fn credentials(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let (Some(ts), Some(nonce), Some(auth)) = (
+    let (Some(ts), Some(nonce), Some(auth), Some(digest_hex)) = (
         h("x-prepub-timestamp"),
         h("x-prepub-nonce"),
         h("authorization"),
+        h(prepub_core::receiver::BODY_DIGEST_HEADER),
     ) else {
-        return Err(unauthorized("signed request required (X-Prepub-Timestamp, X-Prepub-Nonce, Authorization: PREPUB-HMAC)"));
+        return Err(unauthorized("signed request required (X-Prepub-Timestamp, X-Prepub-Nonce, X-Prepub-Content-Sha256, Authorization: PREPUB-HMAC)"));
     };
     if nonce.is_empty() || nonce.len() > 64 {
         return Err(unauthorized("bad nonce"));
@@ -386,11 +389,34 @@ fn credentials(
     let Some(sig) = auth.strip_prefix("PREPUB-HMAC ") else {
         return Err(unauthorized("unsupported authorization scheme"));
     };
-    Ok(Credentials::Signed {
+    let mut digest = [0u8; 32];
+    if hex::decode_to_slice(&digest_hex, &mut digest).is_err() {
+        return Err(unauthorized(
+            "X-Prepub-Content-Sha256 is not 64 hex characters",
+        ));
+    }
+    // The signature covers the declared digest: checked before a byte of the body is read.
+    let Some(secret) = &st.secret else {
+        return Err(unauthorized("a client certificate is required"));
+    };
+    if !prepub_core::receiver::verify_digest(
+        secret,
+        req.method().as_str(),
+        req.path(),
+        &digest_hex,
         ts,
-        nonce,
-        sig: sig.to_string(),
-    })
+        &nonce,
+        sig,
+    ) {
+        return Err(unauthorized("bad signature"));
+    }
+    let now = prepub_core::timefmt::now();
+    let mut seen = st.seen.lock().unwrap_or_else(|e| e.into_inner());
+    seen.retain(|_, t| (now - *t).abs() <= st.window);
+    if seen.insert(nonce, ts).is_some() {
+        return Err(unauthorized("replayed request"));
+    }
+    Ok(Credentials::Signed { digest })
 }
 
 /// Reads the body of a request whose credentials passed [`credentials`], up to `max_body`
@@ -424,45 +450,31 @@ async fn authorized_body(
         return Err(too_large());
     }
     let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
+    let mut hasher = matches!(creds, Credentials::Signed { .. }).then(sha2::Sha256::new);
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| err(StatusCode::BAD_REQUEST, "bad-request", e))?;
         if body.len() + chunk.len() > st.max_body {
             return Err(too_large());
         }
+        if let Some(h) = hasher.as_mut() {
+            h.update(&chunk);
+        }
         body.extend_from_slice(&chunk);
     }
-    let body = body.freeze();
-    let Credentials::Signed { ts, nonce, sig } = creds else {
-        return Ok(body);
-    };
-    let unauthorized = |m: &str| {
-        st.metrics
-            .rejected
-            .with_label_values(&["unauthorized"])
-            .inc();
-        err(StatusCode::UNAUTHORIZED, "unauthorized", m)
-    };
-    let Some(secret) = &st.secret else {
-        return Err(unauthorized("a client certificate is required"));
-    };
-    if !verify(
-        secret,
-        req.method().as_str(),
-        req.path(),
-        &body,
-        ts,
-        &nonce,
-        &sig,
-    ) {
-        return Err(unauthorized("bad signature"));
+    if let (Credentials::Signed { digest }, Some(h)) = (creds, hasher) {
+        if h.finalize().as_slice() != digest {
+            st.metrics
+                .rejected
+                .with_label_values(&["unauthorized"])
+                .inc();
+            return Err(err(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "the body does not match its signed X-Prepub-Content-Sha256",
+            ));
+        }
     }
-    let now = prepub_core::timefmt::now();
-    let mut seen = st.seen.lock().unwrap_or_else(|e| e.into_inner());
-    seen.retain(|_, t| (now - *t).abs() <= st.window);
-    if seen.insert(nonce, ts).is_some() {
-        return Err(unauthorized("replayed request"));
-    }
-    Ok(body)
+    Ok(body.freeze())
 }
 
 fn receive_error(st: &State, e: ReceiveError) -> HttpResponse {

@@ -50,6 +50,10 @@ fn signed_nonce(
         .request(m, format!("{url}{path}"))
         .header("X-Prepub-Timestamp", ts.to_string())
         .header("X-Prepub-Nonce", nonce)
+        .header(
+            "X-Prepub-Content-Sha256",
+            prepub_core::receiver::body_digest(&body),
+        )
         .header("Authorization", format!("PREPUB-HMAC {sig}"))
         .body(body)
 }
@@ -408,6 +412,25 @@ fn credentials_are_checked_before_the_body_is_read() {
                 now() - 86_400
             ),
         ),
+        // Fresh and well-formed but not made with the secret: before, the receiver read all
+        // of a declared gigabyte to hash it before it could tell.
+        (
+            "a forged signature",
+            format!(
+                "X-Prepub-Timestamp: {}\r\nX-Prepub-Nonce: n2\r\nX-Prepub-Content-Sha256: {}\r\nAuthorization: PREPUB-HMAC {}\r\n",
+                now(),
+                "ab".repeat(32),
+                "cd".repeat(32)
+            ),
+        ),
+        (
+            "a signature without the body digest",
+            format!(
+                "X-Prepub-Timestamp: {}\r\nX-Prepub-Nonce: n3\r\nAuthorization: PREPUB-HMAC {}\r\n",
+                now(),
+                "cd".repeat(32)
+            ),
+        ),
     ] {
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
         s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
@@ -451,4 +474,51 @@ fn a_write_that_would_eat_into_the_minimum_free_space_is_refused() {
         (507, "insufficient-storage".into())
     );
     assert!(!r.storage.join(a.path()).exists());
+}
+
+/// A correctly signed request whose body is not the one its signature declares is refused
+/// (and stores nothing).
+#[test]
+fn a_body_that_is_not_the_signed_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start(dir.path());
+    let (id, data) = compress_metadata(b"chunk a", Suffix::Partial);
+    let path = format!("/api/v1/repos/{REPO}/objects/{id}");
+    let signed_for = |body: &[u8], nonce: &str| {
+        let ts = now();
+        let sig = prepub_core::receiver::sign(RSECRET.as_bytes(), "PUT", &path, body, ts, nonce);
+        client()
+            .put(format!("{}{path}", r.url))
+            .header("X-Prepub-Timestamp", ts.to_string())
+            .header("X-Prepub-Nonce", nonce)
+            .header(
+                "X-Prepub-Content-Sha256",
+                prepub_core::receiver::body_digest(body),
+            )
+            .header("Authorization", format!("PREPUB-HMAC {sig}"))
+    };
+    let mut other = data.clone();
+    other.push(0);
+    let resp = signed_for(&other, "swap-1")
+        .body(data.clone())
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    let v: serde_json::Value = resp.json().unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not match"),
+        "{v}"
+    );
+    let stored = r.storage.join(id.path());
+    assert!(!stored.exists());
+    // Signed for what it carries: stored.
+    let resp = signed_for(&data, "swap-2")
+        .body(data.clone())
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 201);
+    assert_eq!(std::fs::read(&stored).unwrap(), data);
 }

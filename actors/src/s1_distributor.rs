@@ -183,10 +183,13 @@ impl Pusher {
         } else if let Some(secret) = &self.secret {
             let ts = prepub_core::timefmt::now();
             let n = nonce().ok_or("the system's random source (/dev/urandom) cannot be read")?;
-            let sig = prepub_core::receiver::sign(secret, method, &signed_path, &body, ts, &n);
+            let digest = prepub_core::receiver::body_digest(&body);
+            let sig =
+                prepub_core::receiver::sign_digest(secret, method, &signed_path, &digest, ts, &n);
             r = r
                 .header("X-Prepub-Timestamp", ts.to_string())
                 .header("X-Prepub-Nonce", n)
+                .header(prepub_core::receiver::BODY_DIGEST_HEADER, digest)
                 .header("Authorization", format!("PREPUB-HMAC {sig}"));
         }
         // Keep the cause chain: a refused TLS handshake says why.
