@@ -360,9 +360,9 @@ fn credentials(
             cc.0
         )));
     }
-    if st.secret.is_none() {
+    let Some(secret) = &st.secret else {
         return Err(unauthorized("a client certificate is required"));
-    }
+    };
     let h = |n: &str| {
         req.headers()
             .get(n)
@@ -395,15 +395,13 @@ fn credentials(
             "X-Prepub-Content-Sha256 is not 64 hex characters",
         ));
     }
-    // The signature covers the declared digest: checked before a byte of the body is read.
-    let Some(secret) = &st.secret else {
-        return Err(unauthorized("a client certificate is required"));
-    };
+    // The signature covers the declared digest (as lowercase hex, whatever case the header
+    // used): checked before a byte of the body is read.
     if !prepub_core::receiver::verify_digest(
         secret,
         req.method().as_str(),
         req.path(),
-        &digest_hex,
+        &hex::encode(digest),
         ts,
         &nonce,
         sig,
@@ -420,7 +418,7 @@ fn credentials(
 }
 
 /// Reads the body of a request whose credentials passed [`credentials`], up to `max_body`
-/// bytes, and completes the check (a signed request's signature covers the body).
+/// bytes; a signed request's body must match the digest its signature covered.
 async fn authorized_body(
     st: &State,
     req: &HttpRequest,
@@ -450,18 +448,21 @@ async fn authorized_body(
         return Err(too_large());
     }
     let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
-    let mut hasher = matches!(creds, Credentials::Signed { .. }).then(sha2::Sha256::new);
+    let mut hasher = match creds {
+        Credentials::Signed { digest } => Some((sha2::Sha256::new(), digest)),
+        Credentials::Accepted => None,
+    };
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| err(StatusCode::BAD_REQUEST, "bad-request", e))?;
         if body.len() + chunk.len() > st.max_body {
             return Err(too_large());
         }
-        if let Some(h) = hasher.as_mut() {
+        if let Some((h, _)) = hasher.as_mut() {
             h.update(&chunk);
         }
         body.extend_from_slice(&chunk);
     }
-    if let (Credentials::Signed { digest }, Some(h)) = (creds, hasher) {
+    if let Some((h, digest)) = hasher {
         if h.finalize().as_slice() != digest {
             st.metrics
                 .rejected

@@ -399,18 +399,21 @@ fn credentials_are_checked_before_the_body_is_read() {
     let r = start(dir.path());
     let addr = r.url.trim_start_matches("http://").to_string();
     let (a, _) = compress_metadata(b"chunk a", Suffix::Partial);
-    for (what, auth) in [
-        ("no credentials", String::new()),
+    for (what, auth, why) in [
+        ("no credentials", String::new(), "signed request required"),
         (
             "an unknown upload token",
             "Authorization: Bearer not-a-token\r\n".into(),
+            "upload token unknown",
         ),
         (
             "a stale signature",
             format!(
-                "X-Prepub-Timestamp: {}\r\nX-Prepub-Nonce: n1\r\nAuthorization: PREPUB-HMAC 00\r\n",
-                now() - 86_400
+                "X-Prepub-Timestamp: {}\r\nX-Prepub-Nonce: n1\r\nX-Prepub-Content-Sha256: {}\r\nAuthorization: PREPUB-HMAC 00\r\n",
+                now() - 86_400,
+                "ab".repeat(32)
             ),
+            "outside the replay window",
         ),
         // Fresh and well-formed but not made with the secret: before, the receiver read all
         // of a declared gigabyte to hash it before it could tell.
@@ -422,6 +425,7 @@ fn credentials_are_checked_before_the_body_is_read() {
                 "ab".repeat(32),
                 "cd".repeat(32)
             ),
+            "bad signature",
         ),
         (
             "a signature without the body digest",
@@ -430,6 +434,7 @@ fn credentials_are_checked_before_the_body_is_read() {
                 now(),
                 "cd".repeat(32)
             ),
+            "signed request required",
         ),
     ] {
         let mut s = std::net::TcpStream::connect(&addr).unwrap();
@@ -448,6 +453,7 @@ fn credentials_are_checked_before_the_body_is_read() {
             "{what}: no refusal before the body: {answer:?}"
         );
         assert!(answer.contains("\"unauthorized\""), "{what}: {answer}");
+        assert!(answer.contains(why), "{what}: {answer}");
     }
 }
 
@@ -484,7 +490,7 @@ fn a_body_that_is_not_the_signed_one_is_refused() {
     let r = start(dir.path());
     let (id, data) = compress_metadata(b"chunk a", Suffix::Partial);
     let path = format!("/api/v1/repos/{REPO}/objects/{id}");
-    let signed_for = |body: &[u8], nonce: &str| {
+    let signed_as = |body: &[u8], nonce: &str, shown: &dyn Fn(String) -> String| {
         let ts = now();
         let sig = prepub_core::receiver::sign(RSECRET.as_bytes(), "PUT", &path, body, ts, nonce);
         client()
@@ -493,10 +499,11 @@ fn a_body_that_is_not_the_signed_one_is_refused() {
             .header("X-Prepub-Nonce", nonce)
             .header(
                 "X-Prepub-Content-Sha256",
-                prepub_core::receiver::body_digest(body),
+                shown(prepub_core::receiver::body_digest(body)),
             )
             .header("Authorization", format!("PREPUB-HMAC {sig}"))
     };
+    let signed_for = |body: &[u8], nonce: &str| signed_as(body, nonce, &|d| d);
     let mut other = data.clone();
     other.push(0);
     let resp = signed_for(&other, "swap-1")
@@ -521,4 +528,11 @@ fn a_body_that_is_not_the_signed_one_is_refused() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 201);
     assert_eq!(std::fs::read(&stored).unwrap(), data);
+    // The digest header in capitals names the same bytes: the signature (over lowercase hex,
+    // as documented) still holds.
+    let resp = signed_as(&data, "swap-3", &|d| d.to_uppercase())
+        .body(data.clone())
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text());
 }

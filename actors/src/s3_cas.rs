@@ -178,7 +178,9 @@ impl S3Cas {
                     base: 2.0,
                 },
                 max_retries: 6,
-                retry_timeout: Duration::from_secs(180),
+                // Counted from a request's first attempt: a request that used all of its
+                // `request_timeout` is still retried.
+                retry_timeout: settings.request_timeout + Duration::from_secs(180),
             })
             .with_client_options(ClientOptions::new().with_timeout(settings.request_timeout));
         if !settings.endpoint.is_empty() {
