@@ -91,7 +91,8 @@ pub struct TagRequest {
 
 const OWNER_NOTE: &str = "[cvmfs-prepub owner ";
 
-/// What a tag's description ends with when a scoped token's job made the tag: the token's name.
+/// The note the service appends to the description of a tag a scoped token's job makes or
+/// moves (after the client's text; in gateway mode the job marker follows): the token's name.
 pub fn owner_note(owner: &str) -> String {
     format!("{OWNER_NOTE}{owner}]")
 }
@@ -295,9 +296,7 @@ where
     // A scoped token's tag that is not its own fails the publish before any work (checked
     // again when the history is written).
     if let (Some(h), true) = (old.history, tags.iter().any(|t| t.owner.is_some())) {
-        let file = tmp.path().join("history-check.db");
-        fs::write(&file, decode_to_vec(&h, &get_all(cas, &h)?, true)?)?;
-        let history = History::open(&file)?;
+        let history = open_history(cas, &h, &tmp.path().join("history-check.db"))?;
         for t in tags {
             may_take_tag(t, history.tag(&t.name)?.as_ref())?;
         }
@@ -320,6 +319,12 @@ where
     )
 }
 
+/// History database `h` of `cas`, decompressed into `file` and opened.
+fn open_history(cas: &dyn Cas, h: &ObjectId, file: &Path) -> Result<History, RepoError> {
+    fs::write(file, decode_to_vec(h, &get_all(cas, h)?, true)?)?;
+    Ok(History::open(file)?)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn finish_publish(
     cas: &dyn Cas,
@@ -340,10 +345,7 @@ fn finish_publish(
     // History: previous database or a fresh one.
     let hist_file = scratch.join("history.db");
     let history = match old.and_then(|m| m.history) {
-        Some(h) => {
-            fs::write(&hist_file, decode_to_vec(&h, &get_all(cas, &h)?, true)?)?;
-            History::open(&hist_file)?
-        }
+        Some(h) => open_history(cas, &h, &hist_file)?,
         None => History::create(&hist_file, &keys.name)?,
     };
     let mut expired_tags = Vec::new();
