@@ -200,12 +200,23 @@ pub(crate) fn auth(req: &HttpRequest, st: &AppState) -> Result<Principal, ApiErr
     st.tokens.authenticate(h).ok_or(ApiError::Unauthorized)
 }
 
-/// Deletes an unaccepted upload when the request ends early.
+/// Deletes an unaccepted upload when the request ends early: on a blocking thread when there
+/// is a runtime (unlinking a large file is filesystem work — freeing its extents — that would
+/// hold an async worker). One the process stops before is cleared from `incoming/` at start-up.
 struct UploadGuard(Option<PathBuf>);
 impl Drop for UploadGuard {
     fn drop(&mut self) {
         if let Some(p) = self.0.take() {
-            let _ = std::fs::remove_file(p);
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => {
+                    rt.spawn_blocking(move || {
+                        let _ = std::fs::remove_file(p);
+                    });
+                }
+                Err(_) => {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
         }
     }
 }
