@@ -195,20 +195,8 @@ fn check_round(
             "{what}: orphan spool directory {name}"
         );
     }
-    let incoming = || -> Vec<_> {
-        std::fs::read_dir(spool.join("incoming"))
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect()
-    };
-    // Refused uploads are unlinked off the request's thread.
-    eventually(10, || incoming().is_empty());
-    assert!(
-        incoming().is_empty(),
-        "{what}: orphan uploads {:?}",
-        incoming()
-    );
+    let incoming = incoming_left(&spool);
+    assert!(incoming.is_empty(), "{what}: orphan uploads {incoming:?}");
     totals.rounds += 1;
 }
 

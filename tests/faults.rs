@@ -79,20 +79,8 @@ fn a_full_spool_refuses_new_work_and_loses_nothing_accepted() {
             .contains("No space left on device"),
         "{v}"
     );
-    let incoming = || -> Vec<_> {
-        std::fs::read_dir(spool.join("incoming"))
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name())
-            .collect()
-    };
-    // Refused uploads are unlinked off the request's thread.
-    eventually(10, || incoming().is_empty());
-    assert!(
-        incoming().is_empty(),
-        "partial upload left: {:?}",
-        incoming()
-    );
+    let incoming = incoming_left(&spool);
+    assert!(incoming.is_empty(), "partial upload left: {incoming:?}");
     let j = d.wait_terminal(&first, 60);
     assert_eq!(j["state"], "published", "{j}");
 

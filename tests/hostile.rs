@@ -579,14 +579,8 @@ fn hostile_archives_are_refused_and_nothing_escapes() {
     let escaped = std::path::Path::new("/tmp").join(format!("prepub-escape-{token}"));
     assert!(!escaped.exists());
     // The spool keeps nothing of the finished jobs but their records.
-    let leftovers = || -> Vec<_> {
-        std::fs::read_dir(dir.path().join("spool/incoming"))
-            .map(|r| r.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default()
-    };
-    // Refused uploads are unlinked off the request's thread.
-    eventually(10, || leftovers().is_empty());
-    assert!(leftovers().is_empty(), "{:?}", leftovers());
+    let leftovers = incoming_left(&dir.path().join("spool"));
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     println!(
         "hostile archives (standalone): {} tried, {refused} refused at submission, {failed} failed with the expected reason, {published} published as expected, 0 escapes",
         cases.len()

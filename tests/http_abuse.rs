@@ -23,15 +23,9 @@ fn healthy(d: &Daemon) {
     assert_eq!(h["status"], "ok", "{h}");
 }
 
-/// Refused uploads are unlinked off the request's thread: waits a little for them to go.
 fn incoming_empty(dir: &std::path::Path) {
-    let left = || -> Vec<_> {
-        std::fs::read_dir(dir.join("spool/incoming"))
-            .map(|r| r.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default()
-    };
-    eventually(10, || left().is_empty());
-    assert!(left().is_empty(), "uploads left in the spool: {:?}", left());
+    let left = incoming_left(&dir.join("spool"));
+    assert!(left.is_empty(), "uploads left in the spool: {left:?}");
 }
 
 /// Sends raw bytes and reads until the server answers or closes; returns what it said and

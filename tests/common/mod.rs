@@ -886,3 +886,15 @@ pub fn history_tag(cas: &dyn prepub_core::cas::Cas, name: &str) -> prepub_core::
         .find(|t| t.name == name)
         .unwrap_or_else(|| panic!("no tag {name} in the history"))
 }
+
+/// What is left in the spool's `incoming/` once refused uploads have had up to 10 s to go (the
+/// daemon unlinks them off the request's thread).
+pub fn incoming_left(spool: &Path) -> Vec<PathBuf> {
+    let list = || -> Vec<PathBuf> {
+        std::fs::read_dir(spool.join("incoming"))
+            .map(|r| r.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    eventually(10, || list().is_empty());
+    list()
+}
