@@ -15,7 +15,7 @@
 use std::collections::HashSet;
 use std::io::Write;
 
-use crate::cas::{get_all, Cas, CasError};
+use crate::cas::{get_all, Cas, CasError, StoredObject};
 use crate::catalog::db::CatalogDb;
 use crate::hash::{Digest20, ObjectId, Suffix};
 use crate::history::History;
@@ -268,51 +268,40 @@ pub fn references(
 /// Scans the storage: what is referenced, what is not, and what of that is old enough to go.
 pub fn plan(cas: &dyn Cas, policy: &GcPolicy, now: i64) -> Result<Plan, GcError> {
     let (revision, kept, refs) = references(cas, policy)?;
-    // From the listing when it says sizes and times (S3: no request per object), else asked.
-    let listed = cas.list_stat()?;
-    let ids = if listed.is_some() {
-        Vec::new()
-    } else {
-        cas.list()?
+    // Sizes and times from the listing when it has them (S3: no request per object), else
+    // asked per unreferenced object.
+    let stored: Vec<(ObjectId, Option<StoredObject>)> = match cas.list_stat()? {
+        Some(v) => v.into_iter().map(|o| (o.id, Some(o))).collect(),
+        None => cas.list()?.into_iter().map(|id| (id, None)).collect(),
     };
-    let stored = listed.as_ref().map_or(0, Vec::len) + ids.len();
     let mut young = 0;
     let mut candidates = Vec::new();
-    let mut consider = |id: ObjectId,
-                        modified: &dyn Fn() -> Result<i64, CasError>,
-                        size: &dyn Fn() -> Result<u64, CasError>|
-     -> Result<(), GcError> {
-        if refs.contains(&id) {
-            return Ok(());
+    for (id, listed) in &stored {
+        if refs.contains(id) {
+            continue;
         }
-        let t = match modified() {
+        let t = match listed.map_or_else(|| cas.modified(id), |o| Ok(o.modified)) {
             Ok(t) => t,
-            Err(CasError::NotFound(_)) => return Ok(()), // gone meanwhile
+            Err(CasError::NotFound(_)) => continue, // gone meanwhile
             Err(e) => return Err(e.into()),
         };
         if now - t < policy.grace_secs {
             young += 1;
-            return Ok(());
+            continue;
         }
-        match size() {
-            Ok(s) => candidates.push((id, s)),
-            Err(CasError::NotFound(_)) => {}
+        let size = match listed.map_or_else(|| cas.size(id), |o| Ok(o.size)) {
+            Ok(s) => s,
+            Err(CasError::NotFound(_)) => continue,
             Err(e) => return Err(e.into()),
-        }
-        Ok(())
-    };
-    for o in listed.into_iter().flatten() {
-        consider(o.id, &|| Ok(o.modified), &|| Ok(o.size))?;
-    }
-    for id in ids {
-        consider(id, &|| cas.modified(&id), &|| cas.size(&id))?;
+        };
+        candidates.push((*id, size));
     }
     candidates.sort();
     Ok(Plan {
         revision,
         kept,
         referenced: refs.len(),
-        stored,
+        stored: stored.len(),
         young,
         candidate_count: candidates.len(),
         candidate_bytes: candidates.iter().map(|(_, s)| s).sum(),
