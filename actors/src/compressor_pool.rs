@@ -22,10 +22,11 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use prepub_core::cas::Cas;
 use prepub_core::directio::DirectReader;
 use prepub_core::growing::FollowReader;
-use prepub_core::intake::{read_tar_parallel, ChangeSet, IntakeError, IntakeLimits};
+use prepub_core::intake::{read_tar_streamed, ChangeSet, IntakeError, IntakeLimits};
 use prepub_core::jobs::Progress;
 use prepub_core::object::EncodeParams;
 use prepub_core::pipeline::{Pipeline, StorePool};
+use prepub_core::repo::PrebuildStream;
 
 /// What finished processing reports.
 #[derive(Message, Debug)]
@@ -180,23 +181,6 @@ impl<R: Read> Read for Watched<R> {
     }
 }
 
-/// The catalogs of a new release, built while the job is still processing (see
-/// `repo::prebuild`); stored with durable puts, as the commit stores catalogs. Any trouble only
-/// means the commit builds them itself.
-fn prebuild(
-    target: &crate::publisher::RepoTarget,
-    cs: &ChangeSet,
-    path: &str,
-    params: &EncodeParams,
-) -> Option<Arc<prepub_core::repo::Prebuilt>> {
-    let cas = target.cas(false).ok()?;
-    let now = prepub_core::timefmt::now();
-    prepub_core::repo::prebuild(cas.as_ref(), cs, path, params, now)
-        .ok()
-        .flatten()
-        .map(Arc::new)
-}
-
 fn run_task(t: ProcessJob, pipeline: &Pipeline) {
     crate::testhook::point("processing");
     let outcome = (|| -> Result<ChangeSet, ProcessError> {
@@ -231,7 +215,17 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
             index: t.target.raw_index.clone(),
         };
         let top_level = t.path.is_empty();
-        let mut cs = read_tar_parallel(watched, top_level, &t.params, &t.limits, cas, pipeline, now).map_err(|e| {
+        // The catalogs of a new release are built while its tar is read (see
+        // `repo::PrebuildStream`); stored with durable puts, as the commit stores catalogs.
+        let stream = if t.target.prebuild_catalogs {
+            t.target.cas(false).ok().and_then(|c| {
+                PrebuildStream::start(c, &t.path, t.params, prepub_core::timefmt::now())
+            })
+        } else {
+            None
+        };
+        let tell = stream.as_ref().and_then(|s| s.sender());
+        let cs = read_tar_streamed(watched, top_level, &t.params, &t.limits, cas, pipeline, now, tell).map_err(|e| {
             if t.abort.load(Ordering::Relaxed) {
                 return ProcessError {
                     code: "aborted",
@@ -246,9 +240,14 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
                 retryable,
             }
         })?;
-        if t.target.prebuild_catalogs && !t.abort.load(Ordering::Relaxed) {
-            cs.prebuilt = prebuild(&t.target, &cs, &t.path, &t.params);
-        }
+        let cs = match stream {
+            Some(s) if !t.abort.load(Ordering::Relaxed) => {
+                let (mut cs, built) = s.finish(cs);
+                cs.prebuilt = built.map(Arc::new);
+                cs
+            }
+            _ => cs,
+        };
         Ok(cs)
     })();
     crate::testhook::point("processed");

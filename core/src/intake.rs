@@ -247,6 +247,40 @@ pub fn read_tar_parallel<R: Read>(
     pipeline: &Pipeline,
     now: i64,
 ) -> Result<ChangeSet, IntakeError> {
+    read_tar_streamed(input, top_level, params, limits, cas, pipeline, now, None)
+}
+
+/// What the change set being read holds so far, told while the tar is read (in an order where
+/// a directory comes before what it holds), for building its catalogs meanwhile (see
+/// [`crate::repo::PrebuildStream`]). Hard links, and files stored as a sole chunk, are not told:
+/// only the finished change set has them.
+#[derive(Debug, Clone)]
+pub enum Streamed {
+    /// The target's own metadata (the tar's `.` entry).
+    Root(Entry),
+    /// A directory (`replaces`: it replaces a placeholder told before, synthesised for a path
+    /// below it).
+    Dir {
+        rel: String,
+        entry: Entry,
+        replaces: bool,
+    },
+    /// A symlink, or a regular file whose content is stored, as the change set has it.
+    Leaf { rel: String, entry: Entry },
+}
+
+/// [`read_tar_parallel`] that also tells `stream` what it reads, as it reads it.
+#[allow(clippy::too_many_arguments)]
+pub fn read_tar_streamed<R: Read>(
+    input: R,
+    top_level: bool,
+    params: &EncodeParams,
+    limits: &IntakeLimits,
+    cas: impl Into<IndexedCas>,
+    pipeline: &Pipeline,
+    now: i64,
+    stream: Option<crossbeam_channel::Sender<Streamed>>,
+) -> Result<ChangeSet, IntakeError> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let IndexedCas { cas, index } = cas.into();
     let written = index.clone();
@@ -259,6 +293,12 @@ pub fn read_tar_parallel<R: Read>(
         rx,
         next_tag: 0,
         files: Vec::new(),
+        results: Vec::new(),
+        owner: Vec::new(),
+        received: 0,
+        failed: None,
+        stream,
+        last_pending: false,
     };
     let cs = read_tar_with(input, top_level, limits, &mut sink, now);
     // What this job taught the index is written while the job goes on (lookups find it held
@@ -495,6 +535,7 @@ fn read_tar_with<R: Read>(
             if !entry.is_dir() {
                 return Err(IntakeError::NotADirectory(shown));
             }
+            sink.root(&entry);
             cs.root = Some(entry);
             continue;
         }
@@ -510,30 +551,32 @@ fn read_tar_with<R: Read>(
             }
         }
         // A real directory entry replaces a synthesised placeholder.
-        cs.nodes.remove(&rel);
+        let replaces = cs.nodes.remove(&rel).is_some();
         // Synthesise missing parents now, so later checks see them as directories.
         let mut anc = parent_of(&rel).to_string();
+        let mut made = Vec::new();
         while !anc.is_empty() && !cs.nodes.contains_key(&anc) {
             let mut d = Entry::directory(name_of(&anc), 0o755, uid, gid, now);
             d.size = 4096;
-            cs.nodes.insert(
-                anc.clone(),
-                Node {
-                    entry: d,
-                    hardlink_of: None,
-                    synthesized: true,
-                },
-            );
+            let node = Node {
+                entry: d,
+                hardlink_of: None,
+                synthesized: true,
+            };
+            cs.nodes.insert(anc.clone(), node.clone());
+            made.push((anc.clone(), node));
             anc = parent_of(&anc).to_string();
         }
-        cs.nodes.insert(
-            rel,
-            Node {
-                entry,
-                hardlink_of,
-                synthesized: false,
-            },
-        );
+        for (anc, node) in made.iter().rev() {
+            sink.node(anc, node, false);
+        }
+        let node = Node {
+            entry,
+            hardlink_of,
+            synthesized: false,
+        };
+        sink.node(&rel, &node, replaces);
+        cs.nodes.insert(rel, node);
     }
     sink.finish(&mut cs)?;
     Ok(cs)
@@ -555,6 +598,13 @@ trait FileSink {
 
     /// Completes pending entries (and the hard links copied from them).
     fn finish(&mut self, cs: &mut ChangeSet) -> Result<(), IntakeError>;
+
+    /// `node` entered the change set at `rel` (after [`FileSink::file`] for a regular file);
+    /// `replaces`: a synthesised directory was there.
+    fn node(&mut self, _rel: &str, _node: &Node, _replaces: bool) {}
+
+    /// The target's own metadata was read.
+    fn root(&mut self, _entry: &Entry) {}
 }
 
 /// Encodes on the reading thread.
@@ -606,6 +656,9 @@ struct PendingFile {
     /// `(offset, size, tag)` of each chunk; a single whole-file object has one part at 0.
     parts: Vec<(u64, u64, usize)>,
     whole: bool,
+    /// Parts not answered yet, and the entry to tell once they are (when streaming).
+    left: usize,
+    entry: Option<Entry>,
 }
 
 /// Hands file bodies to the encode pipeline: small files whole, large ones as content-defined
@@ -620,6 +673,15 @@ struct ParallelSink<'a> {
     rx: crossbeam_channel::Receiver<crate::pipeline::Encoded>,
     next_tag: usize,
     files: Vec<PendingFile>,
+    /// What each task answered, by tag, and which file (index into `files`) it belongs to.
+    results: Vec<Option<(ObjectId, u64, PutOutcome)>>,
+    owner: Vec<usize>,
+    received: usize,
+    failed: Option<(usize, CasError)>,
+    /// Where finished entries are told (see [`Streamed`]).
+    stream: Option<crossbeam_channel::Sender<Streamed>>,
+    /// The last [`FileSink::file`] left its entry pending.
+    last_pending: bool,
 }
 
 /// Files up to this size are read whole and encoded as one task when not chunked.
@@ -629,6 +691,8 @@ impl ParallelSink<'_> {
     fn submit(&mut self, data: Vec<u8>, suffix: Suffix) -> usize {
         let tag = self.next_tag;
         self.next_tag += 1;
+        self.owner.push(self.files.len());
+        self.results.push(None);
         if let Some(tx) = &self.tx {
             self.pipeline.submit(Task {
                 tag,
@@ -641,6 +705,87 @@ impl ParallelSink<'_> {
             });
         }
         tag
+    }
+}
+
+impl ParallelSink<'_> {
+    /// Takes the answers that arrived (waiting for all of them when `all`), and tells the
+    /// stream each file they complete.
+    fn collect(&mut self, all: bool) {
+        while self.received < self.next_tag {
+            let e = if all {
+                match self.rx.recv() {
+                    Ok(e) => e,
+                    Err(_) => break,
+                }
+            } else {
+                match self.rx.try_recv() {
+                    Ok(e) => e,
+                    Err(_) => break,
+                }
+            };
+            self.received += 1;
+            match e.result {
+                Ok(r) => {
+                    self.results[e.tag] = Some(r);
+                    let Some(&i) = self.owner.get(e.tag) else {
+                        continue;
+                    };
+                    if let Some(f) = self.files.get_mut(i) {
+                        f.left -= 1;
+                        if f.left == 0 {
+                            self.tell_done(i);
+                        }
+                    }
+                }
+                Err(err) => {
+                    if self.failed.is_none() {
+                        self.failed = Some((e.tag, err));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Tells the stream the file `files[i]`, whose parts are all answered, if it waits for that.
+    fn tell_done(&mut self, i: usize) {
+        if self.failed.is_some() || self.stream.is_none() {
+            return;
+        }
+        let Some(f) = self.files.get_mut(i) else {
+            return;
+        };
+        let Some(mut entry) = f.entry.take() else {
+            return;
+        };
+        let get = |tag: usize| self.results.get(tag).copied().flatten();
+        if f.whole {
+            entry.hash = get(f.parts[0].2).map(|r| r.0.digest);
+        } else if f.parts.len() > 1 {
+            entry.chunks = f
+                .parts
+                .iter()
+                .filter_map(|&(offset, size, tag)| {
+                    get(tag).map(|r| FileChunk {
+                        offset,
+                        size,
+                        id: r.0,
+                    })
+                })
+                .collect();
+        } else {
+            return; // a sole chunk: completed by `finish`
+        }
+        let rel = f.rel.clone();
+        self.tell(Streamed::Leaf { rel, entry });
+    }
+
+    fn tell(&mut self, ev: Streamed) {
+        if let Some(s) = &self.stream {
+            if s.send(ev).is_err() {
+                self.stream = None;
+            }
+        }
     }
 }
 
@@ -680,6 +825,7 @@ impl FileSink for ParallelSink<'_> {
                     }
                 })?;
                 set_content(entry, enc, stats);
+                self.last_pending = false;
                 return Ok(());
             }
             let mut data = Vec::with_capacity(size as usize);
@@ -693,7 +839,11 @@ impl FileSink for ParallelSink<'_> {
                 shown: shown.to_string(),
                 parts: vec![(0, n, tag)],
                 whole: true,
+                left: 1,
+                entry: None,
             });
+            self.last_pending = true;
+            self.collect(false);
             return Ok(());
         }
         let mut det = Xor32Detector::new(chunking);
@@ -731,39 +881,67 @@ impl FileSink for ParallelSink<'_> {
         }
         stats.bytes_in += offset;
         entry.size = offset;
+        let left = parts.len();
         self.files.push(PendingFile {
             rel: rel.to_string(),
             shown: shown.to_string(),
             parts,
             whole,
+            left,
+            entry: None,
         });
+        self.last_pending = true;
+        self.collect(false);
         Ok(())
+    }
+
+    fn node(&mut self, rel: &str, node: &Node, replaces: bool) {
+        if self.stream.is_none() {
+            return;
+        }
+        let entry = node.entry.clone();
+        match entry.kind() {
+            crate::catalog::Kind::Directory => self.tell(Streamed::Dir {
+                rel: rel.to_string(),
+                entry,
+                replaces,
+            }),
+            crate::catalog::Kind::Regular if node.hardlink_of.is_some() => {}
+            crate::catalog::Kind::Regular if self.last_pending => {
+                // Told once its parts are answered (they may be already).
+                let i = self.files.len().wrapping_sub(1);
+                if let Some(f) = self.files.get_mut(i).filter(|f| f.rel == rel) {
+                    f.entry = Some(entry);
+                    if f.left == 0 {
+                        self.tell_done(i);
+                    }
+                }
+            }
+            _ => self.tell(Streamed::Leaf {
+                rel: rel.to_string(),
+                entry,
+            }),
+        }
+    }
+
+    fn root(&mut self, entry: &Entry) {
+        self.tell(Streamed::Root(entry.clone()));
     }
 
     fn finish(&mut self, cs: &mut ChangeSet) -> Result<(), IntakeError> {
         self.tx = None;
-        let mut results: Vec<Option<(ObjectId, u64, PutOutcome)>> = vec![None; self.next_tag];
-        let mut failed: Option<(usize, CasError)> = None;
-        for _ in 0..self.next_tag {
-            let Ok(e) = self.rx.recv() else { break };
-            match e.result {
-                Ok(r) => {
-                    match r.2 {
-                        PutOutcome::Stored => {
-                            cs.stats.new_objects += 1;
-                            cs.stats.new_bytes += r.1;
-                        }
-                        PutOutcome::AlreadyPresent => cs.stats.dedup_hits += 1,
-                    }
-                    results[e.tag] = Some(r);
+        self.collect(true);
+        let results = std::mem::take(&mut self.results);
+        for r in results.iter().flatten() {
+            match r.2 {
+                PutOutcome::Stored => {
+                    cs.stats.new_objects += 1;
+                    cs.stats.new_bytes += r.1;
                 }
-                Err(err) => {
-                    if failed.is_none() {
-                        failed = Some((e.tag, err));
-                    }
-                }
+                PutOutcome::AlreadyPresent => cs.stats.dedup_hits += 1,
             }
         }
+        let mut failed = self.failed.take();
         if failed.is_none() {
             // Objects must be durable before the change set that names them is relied on.
             if let Err(e) = self.cas.flush() {

@@ -968,6 +968,246 @@ pub fn prebuild_in(
     }))
 }
 
+/// A [`prebuild`] that builds while the tar is still read: a thread adds the rows of what the
+/// intake tells it ([`crate::intake::Streamed`]) to a scratch tree of the target's catalogs,
+/// nested from the start; once the change set is complete, [`PrebuildStream::finish`] applies
+/// it to that tree as a replacement — which keeps every row already right, adds what was not
+/// told (hard links, sole chunks) and corrects anything else, so the result has the rows a
+/// prebuild from nothing would have, with most of the work done while the upload arrived.
+/// Its catalog files hold the same rows in another order (so another hash) than a prebuild
+/// from nothing. Any trouble while streaming falls back to that prebuild; a change set that
+/// does not qualify (see [`prebuild`]) gets none.
+pub struct PrebuildStream {
+    events: Option<crossbeam_channel::Sender<crate::intake::Streamed>>,
+    end: crossbeam_channel::Sender<std::sync::Arc<ChangeSet>>,
+    thread: std::thread::JoinHandle<Option<Prebuilt>>,
+}
+
+impl PrebuildStream {
+    /// Starts the builder for a tar going to `target` (`None` when that is the repository
+    /// root, which is never prebuilt). The checks against the current revision run on its
+    /// thread.
+    pub fn start(
+        cas: std::sync::Arc<dyn Cas>,
+        target: &str,
+        params: EncodeParams,
+        now: i64,
+    ) -> Option<PrebuildStream> {
+        if target.is_empty() {
+            return None;
+        }
+        let (events, events_rx) = crossbeam_channel::unbounded();
+        let (end, end_rx) = crossbeam_channel::bounded(1);
+        let target = target.to_string();
+        let thread = std::thread::Builder::new()
+            .name("catalog-stream".into())
+            .spawn(move || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    stream_build(cas.as_ref(), &target, &params, now, events_rx, end_rx)
+                }))
+                .ok()
+                .flatten()
+            })
+            .ok()?;
+        Some(PrebuildStream {
+            events: Some(events),
+            end,
+            thread,
+        })
+    }
+
+    /// Where the intake tells what it reads.
+    pub fn sender(&self) -> Option<crossbeam_channel::Sender<crate::intake::Streamed>> {
+        self.events.clone()
+    }
+
+    /// Builds the catalogs of the complete change set `cs` (after everything told was told).
+    pub fn finish(mut self, cs: ChangeSet) -> (ChangeSet, Option<Prebuilt>) {
+        self.events = None;
+        let cs = std::sync::Arc::new(cs);
+        let sent = self.end.send(cs.clone()).is_ok();
+        let built = if sent {
+            self.thread.join().ok().flatten()
+        } else {
+            None
+        };
+        // The builder has dropped its reference (it returned, or it unwound).
+        let cs = std::sync::Arc::try_unwrap(cs).unwrap_or_else(|cs| (*cs).clone());
+        (cs, built)
+    }
+}
+
+/// The builder thread of a [`PrebuildStream`].
+fn stream_build(
+    cas: &dyn Cas,
+    target: &str,
+    params: &EncodeParams,
+    now: i64,
+    events: crossbeam_channel::Receiver<crate::intake::Streamed>,
+    end: crossbeam_channel::Receiver<std::sync::Arc<ChangeSet>>,
+) -> Option<Prebuilt> {
+    use crate::intake::Streamed;
+    // As `prebuild`: only a target new in the current revision, built under its dirtab.
+    let base = (|| -> Result<Option<Dirtab>, RepoError> {
+        let Some((m, _)) = current_manifest(cas)? else {
+            return Ok(None);
+        };
+        let tmp = scratch()?;
+        let mut tree = CatalogTree::open(cas, tmp.path(), &m.root_catalog)?;
+        if tree.exists(target)? {
+            return Ok(None);
+        }
+        let none = ChangeSet::default();
+        Ok(Some(dirtab_for(
+            &mut tree,
+            cas,
+            &none,
+            target,
+            ApplyMode::Replace,
+        )?))
+    })();
+    let dirtab = match base {
+        Ok(Some(d)) => d,
+        _ => {
+            drop(events);
+            let _ = end.recv();
+            return None;
+        }
+    };
+    let tmp = scratch().ok();
+    let parent = split_path(target).0;
+    let top = Entry::directory(split_path(parent).1, 0o755, 0, 0, now);
+    let mut tree = tmp.as_ref().and_then(|tmp| {
+        let mut tree = CatalogTree::create_at(cas, tmp.path(), parent, &top).ok()?;
+        let name = split_path(target).1;
+        tree.add(target, &Entry::directory(name, 0o755, 0, 0, now))
+            .ok()?;
+        // Nested, as it must be to be prebuilt (the change set says at its end).
+        tree.make_nested(target).ok()?;
+        Some(tree)
+    });
+    let nests = |path: &str| !dirtab.is_empty() && dirtab.matches(path);
+    // Directories added so far: a row goes in only below one of them (rows are added without
+    // looking their parents up).
+    let mut dirs: HashSet<String> = HashSet::from([target.to_string()]);
+    // What has its row already, by path relative to the target.
+    let mut told: HashSet<String> = HashSet::new();
+    let orphan = |path: &str| TreeError::NoParent { path: path.into() };
+    for ev in events {
+        let Some(t) = tree.as_mut() else { continue };
+        let done = match ev {
+            Streamed::Root(e) => {
+                let mut meta = e;
+                meta.name = split_path(target).1.to_string();
+                t.touch_dir(target, &meta)
+            }
+            Streamed::Dir {
+                rel,
+                entry,
+                replaces,
+            } => {
+                let path = join(target, &rel);
+                if replaces {
+                    t.touch_dir(&path, &entry)
+                } else if !dirs.contains(split_path(&path).0) {
+                    Err(orphan(&path))
+                } else {
+                    let added = t.add_new_child(&path, &entry).and_then(|()| {
+                        if nests(&path) {
+                            t.make_nested(&path)
+                        } else {
+                            Ok(())
+                        }
+                    });
+                    dirs.insert(path);
+                    told.insert(rel);
+                    added
+                }
+            }
+            Streamed::Leaf { rel, mut entry } => {
+                let path = join(target, &rel);
+                entry.hardlink_group = 0;
+                entry.linkcount = 1;
+                if !dirs.contains(split_path(&path).0) || entry.is_dir() {
+                    tree = None;
+                    continue;
+                }
+                told.insert(rel);
+                t.add_new_child(&path, &entry).and_then(|()| {
+                    let (dir, name) = split_path(&path);
+                    if name == ".cvmfscatalog" && dir != target && entry.kind() == Kind::Regular {
+                        t.make_nested(dir)
+                    } else {
+                        Ok(())
+                    }
+                })
+            }
+        };
+        if done.is_err() {
+            tree = None; // built from nothing below
+        }
+    }
+    let cs = end.recv().ok()?;
+    let nested = cs.markers.contains("") || nests(target);
+    if !nested || !cs.removals.is_empty() {
+        return None;
+    }
+    // What the rows told lack: the entries not told (hard links, sole chunks), every member
+    // of a hardlink group (told as plain files), and the directories a marker or the dirtab
+    // nests (their catalogs exist; a dirtab one may lack its empty marker). Merged into the
+    // tree as `fill` merges, they give the rows a build from nothing has. A told path the
+    // change set lacks would be a row too many: then the tree is built from nothing.
+    let streamed = tree
+        .filter(|_| told.iter().all(|rel| cs.nodes.contains_key(rel)))
+        .and_then(|mut tree| {
+            let mut grouped: HashSet<&str> = HashSet::new();
+            for (rel, n) in &cs.nodes {
+                if let Some(root) = &n.hardlink_of {
+                    grouped.insert(root);
+                    grouped.insert(rel);
+                }
+            }
+            let rest = ChangeSet {
+                root: cs.root.clone(),
+                markers: cs.markers.clone(),
+                nodes: cs
+                    .nodes
+                    .iter()
+                    .filter(|(rel, n)| {
+                        !told.contains(rel.as_str())
+                            || grouped.contains(rel.as_str())
+                            || (n.entry.is_dir()
+                                && (cs.markers.contains(rel.as_str()) || nests(&join(target, rel))))
+                    })
+                    .map(|(rel, n)| (rel.clone(), n.clone()))
+                    .collect(),
+                ..ChangeSet::default()
+            };
+            fill(
+                &mut tree,
+                cas,
+                &rest,
+                target,
+                ApplyMode::Merge,
+                params,
+                now,
+                &dirtab,
+                false,
+            )
+            .ok()?;
+            tree.commit_nested(target, now).ok()
+        });
+    drop(tmp);
+    match streamed {
+        Some(sub) => Some(Prebuilt {
+            sub,
+            dirtab,
+            nodes: cs.nodes.len(),
+        }),
+        None => prebuild(cas, &cs, target, params, now).ok().flatten(),
+    }
+}
+
 /// Whether `new` written into a catalog would give the row `old` has (type flags are derived
 /// on write, so they are compared as they would be stored).
 fn as_stored_equal(old: &Entry, new: &Entry) -> bool {
@@ -1101,8 +1341,9 @@ mod tests {
     use crate::cas::LocalCas;
     use crate::catalog::db::CatalogDb;
     use crate::chunker::ChunkParams;
-    use crate::intake::{read_tar, IntakeLimits};
+    use crate::intake::{read_tar, read_tar_streamed, IntakeLimits, Streamed};
     use crate::object::Compression;
+    use crate::pipeline::Pipeline;
     use std::sync::Arc;
 
     fn params() -> EncodeParams {
@@ -2008,5 +2249,219 @@ mod tests {
         assert_eq!(dump(&moved, ""), dump(&plain, ""));
         let nested = dump(&moved, "").1;
         assert!(nested.contains(&"/sw/1.0/bin".to_string()), "{nested:?}");
+    }
+
+    fn publish_with(
+        f: &Fixture,
+        target: &str,
+        cs: &ChangeSet,
+        params: &EncodeParams,
+        now: i64,
+    ) -> Published {
+        let p = publish(&f.cas, &f.keys, &[], now, |t| {
+            apply_changeset(t, &f.cas, cs, target, ApplyMode::Replace, params, now)
+        })
+        .unwrap();
+        let report = crate::check::check(&f.cas, Some(&f.keys.master_pub), now + 100);
+        assert!(report.ok(), "check findings: {:#?}", report.findings);
+        p
+    }
+
+    /// A release whose order makes the streamed build correct itself: files before the
+    /// directory entry that holds them, a marker after the rows it moves, hard links (one
+    /// group, one copy across directories), a symlink, a chunked file, the `.` entry last.
+    fn awkward_release(v: &str) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut put = |path: &str, kind: tar::EntryType, mode: u32, body: &[u8], link: &str| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_mtime(1_700_000_000);
+            h.set_size(body.len() as u64);
+            if link.is_empty() {
+                h.set_path(path).unwrap();
+                h.set_cksum();
+                b.append(&h, body).unwrap();
+            } else {
+                b.append_link(&mut h, path, link).unwrap();
+            }
+        };
+        use tar::EntryType::{Directory as D, Link as H, Regular as F, Symlink as S};
+        let big: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        put(".cvmfscatalog", F, 0o644, b"", "");
+        put("bin/tool", F, 0o755, format!("tool {v}").as_bytes(), "");
+        put("bin", D, 0o750, b"", "");
+        put("bin/tool2", H, 0o755, b"", "bin/tool");
+        put("bin/latest", S, 0o777, b"", "tool");
+        put("lib/a.so", F, 0o644, &big, "");
+        put("lib/sub/b.so", F, 0o644, b"same", "");
+        put("lib/c.so", F, 0o644, b"same", "");
+        put("lib/.cvmfscatalog", F, 0o644, b"", "");
+        put("share", D, 0o755, b"", "");
+        put("share/tool3", H, 0o755, b"", "bin/tool");
+        put("share/doc/README", F, 0o644, v.as_bytes(), "");
+        put("bin/x", F, 0o755, format!("x {v}").as_bytes(), "");
+        put("bin/y", H, 0o755, b"", "bin/x");
+        put(".", D, 0o700, b"", "");
+        b.into_inner().unwrap()
+    }
+
+    /// Every catalog below `id` (by mount point, from `at`), with its rows.
+    fn catalogs(f: &Fixture, at: &str, id: &ObjectId, out: &mut Vec<(String, Vec<String>)>) {
+        out.push((at.to_string(), rows_of(f, id)));
+        for (path, hash) in nested_of(f, id) {
+            catalogs(f, &path, &hash.unwrap(), out);
+        }
+    }
+
+    fn streamed(
+        f: &Fixture,
+        tar: &[u8],
+        target: &str,
+        params: &EncodeParams,
+        now: i64,
+        before: &[Streamed],
+    ) -> (ChangeSet, Option<Prebuilt>) {
+        let cas: Arc<dyn Cas> = Arc::new(LocalCas::open(f._dir.path()).unwrap());
+        let stream = PrebuildStream::start(cas.clone(), target, *params, now).unwrap();
+        let tell = stream.sender().unwrap();
+        for ev in before {
+            tell.send(ev.clone()).unwrap();
+        }
+        let pipeline = Pipeline::new(2, 2, 64 << 20);
+        let cs = read_tar_streamed(
+            tar,
+            false,
+            params,
+            &IntakeLimits::default(),
+            cas,
+            &pipeline,
+            now,
+            Some(tell),
+        )
+        .unwrap();
+        stream.finish(cs)
+    }
+
+    #[test]
+    fn a_streamed_prebuild_has_the_rows_of_one_built_from_nothing() {
+        let now = 1_700_000_100;
+        let params = EncodeParams::small_chunks();
+        let f = fixture();
+        // A dirtab rule makes `share` a nested catalog (with an empty marker) as well.
+        let dirtab = tar_of(&[(".cvmfsdirtab", Some(b"/sw/*/share\n"))]);
+        let d = read_tar(
+            &dirtab[..],
+            true,
+            &params,
+            &IntakeLimits::default(),
+            &f.cas,
+            1,
+        )
+        .unwrap();
+        publish(&f.cas, &f.keys, &[], now, |t| {
+            apply_changeset(t, &f.cas, &d, "", ApplyMode::Merge, &params, now)
+        })
+        .unwrap();
+        let tar = awkward_release("1");
+
+        let (cs, pre) = streamed(&f, &tar, "/sw/1.0", &params, now, &[]);
+        let pre = pre.expect("a new release with a marker is prebuilt");
+        let want = prebuild(&f.cas, &cs, "/sw/1.0", &params, now)
+            .unwrap()
+            .unwrap();
+        let (mut got_rows, mut want_rows) = (Vec::new(), Vec::new());
+        catalogs(&f, "/sw/1.0", pre.catalog(), &mut got_rows);
+        catalogs(&f, "/sw/1.0", want.catalog(), &mut want_rows);
+        let mounts: Vec<&str> = want_rows.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            mounts,
+            ["/sw/1.0", "/sw/1.0/lib", "/sw/1.0/share"],
+            "the release has its three catalogs"
+        );
+        assert_eq!(got_rows, want_rows);
+        // Built as told (the same rows written in another order), not from nothing.
+        assert_ne!(pre.catalog(), want.catalog());
+        // What the stream could not know was corrected: the group, the moved rows, the root.
+        let all = format!("{got_rows:?}");
+        assert!(all.contains("hardlink_group: 1,"), "{all}");
+        assert!(pre.fits(&cs, "/sw/1.0", &pre.dirtab));
+
+        // Grafted by the commit: the same tree as a commit that builds it.
+        let plain = fixture();
+        let d = read_tar(
+            &dirtab[..],
+            true,
+            &params,
+            &IntakeLimits::default(),
+            &plain.cas,
+            1,
+        )
+        .unwrap();
+        publish(&plain.cas, &plain.keys, &[], now, |t| {
+            apply_changeset(t, &plain.cas, &d, "", ApplyMode::Merge, &params, now)
+        })
+        .unwrap();
+        let mut cs = cs;
+        let built = *pre.catalog();
+        cs.prebuilt = Some(Arc::new(pre));
+        let got = publish_with(&f, "/sw/1.0", &cs, &params, now);
+        let cs_plain = read_tar(
+            &tar[..],
+            false,
+            &params,
+            &IntakeLimits::default(),
+            &plain.cas,
+            now,
+        )
+        .unwrap();
+        publish_with(&plain, "/sw/1.0", &cs_plain, &params, now);
+        assert_eq!(dump(&f, ""), dump(&plain, ""));
+        assert!(got.commit.written.contains(&built));
+    }
+
+    #[test]
+    fn a_stream_that_goes_wrong_falls_back_and_one_that_does_not_qualify_builds_nothing() {
+        let now = 1_700_000_100;
+        let params = EncodeParams::small_chunks();
+        let f = fixture();
+        let tar = awkward_release("2");
+        // A row the tree cannot take (no parent): the stream is given up, the prebuild made
+        // from the change set.
+        let bogus = Streamed::Leaf {
+            rel: "nowhere/x".into(),
+            entry: Entry::directory("x", 0o755, 0, 0, now),
+        };
+        let (cs, pre) = streamed(&f, &tar, "/sw/2.0", &params, now, &[bogus]);
+        let want = prebuild(&f.cas, &cs, "/sw/2.0", &params, now)
+            .unwrap()
+            .unwrap();
+        // Built from nothing both times, at the same time: the same bytes.
+        assert_eq!(pre.unwrap().catalog(), want.catalog());
+
+        // No marker and no dirtab rule: not nested, so not prebuilt.
+        let flat = tar_of(&[("a", Some(b"a")), ("d", None), ("d/b", Some(b"b"))]);
+        assert!(streamed(&f, &flat, "/sw/3.0", &params, now, &[])
+            .1
+            .is_none());
+        // A target the current revision has already: not prebuilt.
+        let cs = read_tar(
+            &tar[..],
+            false,
+            &params,
+            &IntakeLimits::default(),
+            &f.cas,
+            now,
+        )
+        .unwrap();
+        publish_with(&f, "/sw/4.0", &cs, &params, now);
+        let (cs2, pre) = streamed(&f, &tar, "/sw/4.0", &params, now, &[]);
+        assert!(pre.is_none());
+        assert_eq!(cs2.nodes.len(), cs.nodes.len());
+        // And the root is never prebuilt.
+        let cas: Arc<dyn Cas> = Arc::new(LocalCas::open(f._dir.path()).unwrap());
+        assert!(PrebuildStream::start(cas, "", params, now).is_none());
     }
 }
