@@ -279,7 +279,7 @@ pub fn read_tar_streamed<R: Read>(
     cas: impl Into<IndexedCas>,
     pipeline: &Pipeline,
     now: i64,
-    stream: Option<crossbeam_channel::Sender<Streamed>>,
+    stream: Option<crossbeam_channel::Sender<Vec<Streamed>>>,
 ) -> Result<ChangeSet, IntakeError> {
     let (tx, rx) = crossbeam_channel::unbounded();
     let IndexedCas { cas, index } = cas.into();
@@ -298,6 +298,7 @@ pub fn read_tar_streamed<R: Read>(
         received: 0,
         failed: None,
         stream,
+        batch: Vec::new(),
         last_pending: false,
     };
     let cs = read_tar_with(input, top_level, limits, &mut sink, now);
@@ -678,11 +679,16 @@ struct ParallelSink<'a> {
     owner: Vec<usize>,
     received: usize,
     failed: Option<(usize, CasError)>,
-    /// Where finished entries are told (see [`Streamed`]).
-    stream: Option<crossbeam_channel::Sender<Streamed>>,
+    /// Where finished entries are told (see [`Streamed`]), in batches of [`STREAM_BATCH`]
+    /// (one wake-up of the receiving thread per entry cost more than its row).
+    stream: Option<crossbeam_channel::Sender<Vec<Streamed>>>,
+    batch: Vec<Streamed>,
     /// The last [`FileSink::file`] left its entry pending.
     last_pending: bool,
 }
+
+/// Entries told to the stream at a time.
+const STREAM_BATCH: usize = 256;
 
 /// Files up to this size are read whole and encoded as one task when not chunked.
 const WHOLE_FILE_MAX: u64 = 16 << 20;
@@ -781,8 +787,17 @@ impl ParallelSink<'_> {
     }
 
     fn tell(&mut self, ev: Streamed) {
+        if self.stream.is_some() {
+            self.batch.push(ev);
+            if self.batch.len() >= STREAM_BATCH {
+                self.flush_stream();
+            }
+        }
+    }
+
+    fn flush_stream(&mut self) {
         if let Some(s) = &self.stream {
-            if s.send(ev).is_err() {
+            if !self.batch.is_empty() && s.send(std::mem::take(&mut self.batch)).is_err() {
                 self.stream = None;
             }
         }
@@ -931,6 +946,7 @@ impl FileSink for ParallelSink<'_> {
     fn finish(&mut self, cs: &mut ChangeSet) -> Result<(), IntakeError> {
         self.tx = None;
         self.collect(true);
+        self.flush_stream();
         let results = std::mem::take(&mut self.results);
         for r in results.iter().flatten() {
             match r.2 {

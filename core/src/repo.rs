@@ -978,7 +978,7 @@ pub fn prebuild_in(
 /// from nothing. Any trouble while streaming falls back to that prebuild; a change set that
 /// does not qualify (see [`prebuild`]) gets none.
 pub struct PrebuildStream {
-    events: Option<crossbeam_channel::Sender<crate::intake::Streamed>>,
+    events: Option<crossbeam_channel::Sender<Vec<crate::intake::Streamed>>>,
     end: crossbeam_channel::Sender<std::sync::Arc<ChangeSet>>,
     thread: std::thread::JoinHandle<Option<Prebuilt>>,
 }
@@ -1017,7 +1017,7 @@ impl PrebuildStream {
     }
 
     /// Where the intake tells what it reads.
-    pub fn sender(&self) -> Option<crossbeam_channel::Sender<crate::intake::Streamed>> {
+    pub fn sender(&self) -> Option<crossbeam_channel::Sender<Vec<crate::intake::Streamed>>> {
         self.events.clone()
     }
 
@@ -1043,7 +1043,7 @@ fn stream_build(
     target: &str,
     params: &EncodeParams,
     now: i64,
-    events: crossbeam_channel::Receiver<crate::intake::Streamed>,
+    events: crossbeam_channel::Receiver<Vec<crate::intake::Streamed>>,
     end: crossbeam_channel::Receiver<std::sync::Arc<ChangeSet>>,
 ) -> Option<Prebuilt> {
     use crate::intake::Streamed;
@@ -1093,7 +1093,7 @@ fn stream_build(
     // What has its row already, by path relative to the target.
     let mut told: HashSet<String> = HashSet::new();
     let orphan = |path: &str| TreeError::NoParent { path: path.into() };
-    for ev in events {
+    for ev in events.iter().flatten() {
         let Some(t) = tree.as_mut() else { continue };
         let done = match ev {
             Streamed::Root(e) => {
@@ -2327,9 +2327,7 @@ mod tests {
         let cas: Arc<dyn Cas> = Arc::new(LocalCas::open(f._dir.path()).unwrap());
         let stream = PrebuildStream::start(cas.clone(), target, *params, now).unwrap();
         let tell = stream.sender().unwrap();
-        for ev in before {
-            tell.send(ev.clone()).unwrap();
-        }
+        tell.send(before.to_vec()).unwrap();
         let pipeline = Pipeline::new(2, 2, 64 << 20);
         let cs = read_tar_streamed(
             tar,
