@@ -15,9 +15,10 @@
 //! catches up (measured: a re-published tree of 649 MB read 800 MB back while it uploaded,
 //! and took twice as long). So the writer paces itself to a reader more than [`WINDOW`]
 //! behind — [`Growing::received`] waits for it — within a budget ([`PACE_FLOOR`] plus a third
-//! of the time since the first piece): a reader that is much slower (compressing everything)
-//! exhausts it, is let behind for good and reads from the file, so its upload is accepted
-//! about as early as without pacing.
+//! of the time since the first piece, and [`PACE_STALL_MAX`] at a time): a reader that is much
+//! slower (compressing everything) or stuck exhausts it within a second, is let behind for
+//! good and reads from the file, so its upload is accepted about as early as without pacing;
+//! one a little slower than the upload keeps it paced, so it takes up to 1.5 times as long.
 //! Nothing here is durable: whether the bytes become a job is decided by the spool once the
 //! upload is accepted. [`FinishGuard`] makes sure a writer that stops for any reason (error,
 //! panic, request dropped) wakes its reader.
@@ -38,6 +39,11 @@ pub const WINDOW: usize = 8 << 20;
 /// The writer waits for a reader more than [`WINDOW`] behind for at most this long in all,
 /// plus a third of the time since the first piece.
 pub const PACE_FLOOR: Duration = Duration::from_millis(250);
+
+/// The longest the writer waits for the reader at one time: a reader stuck that long (its
+/// job queued, its storage slow) is let behind for good, so that the client's connection
+/// (and a proxy's send timeout) never sees the upload stop for longer.
+pub const PACE_STALL_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct State {
@@ -119,8 +125,8 @@ impl State {
 pub struct Growing {
     state: Mutex<State>,
     changed: Condvar,
-    /// [`PACE_FLOOR`], or another for tests.
-    pace_floor: Option<Duration>,
+    /// [`PACE_FLOOR`] and [`PACE_STALL_MAX`], or others for tests.
+    pacing: Option<(Duration, Duration)>,
 }
 
 impl Growing {
@@ -129,9 +135,9 @@ impl Growing {
     }
 
     #[cfg(test)]
-    fn with_pace_floor(floor: Duration) -> Arc<Growing> {
+    fn with_pacing(floor: Duration, stall_max: Duration) -> Arc<Growing> {
         Arc::new(Growing {
-            pace_floor: Some(floor),
+            pacing: Some((floor, stall_max)),
             ..Growing::default()
         })
     }
@@ -150,12 +156,17 @@ impl Growing {
         s.trim();
         s.held_peak = s.held_peak.max(s.window_bytes);
         self.changed.notify_all();
+        let (floor, stall_max) = self.pacing.unwrap_or((PACE_FLOOR, PACE_STALL_MAX));
+        let waiting = Instant::now();
         while !s.unpaced && !s.reader_gone && s.received - s.read > WINDOW as u64 {
-            let budget = self.pace_floor.unwrap_or(PACE_FLOOR) + started.elapsed() / 3;
-            let Some(left) = budget.checked_sub(s.stalled).filter(|d| !d.is_zero()) else {
+            let budget = floor + started.elapsed() / 3;
+            let left = budget
+                .saturating_sub(s.stalled)
+                .min(stall_max.saturating_sub(waiting.elapsed()));
+            if left.is_zero() {
                 s.unpaced = true;
                 break;
-            };
+            }
             let since = Instant::now();
             s.writer_waits = true;
             s = self
@@ -442,7 +453,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("upload.tar");
         let mut w = File::create(&p).unwrap();
-        let g = Growing::with_pace_floor(Duration::from_secs(3600));
+        let g = Growing::with_pacing(Duration::from_secs(3600), Duration::from_secs(3600));
         let mut r = g.reader(File::open(&p).unwrap());
         let g2 = g.clone();
         let piece = 1 << 20;
@@ -476,11 +487,39 @@ mod tests {
     }
 
     #[test]
+    fn a_stuck_reader_holds_the_writer_up_only_so_long_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("upload.tar");
+        let w = File::create(&p).unwrap();
+        let g = Growing::with_pacing(Duration::from_secs(3600), Duration::from_millis(50));
+        let mut r = g.reader(File::open(&p).unwrap());
+        let pieces: Vec<Vec<u8>> = (0..3 * WINDOW / (1 << 20))
+            .map(|i| vec![i as u8; 1 << 20])
+            .collect();
+        let want = pieces.concat();
+        // The reader reads nothing until the upload is complete: an hour of budget, but a
+        // wait of 50 ms at most at a time, after which the writer goes on for good.
+        write_handing_over(w, g.clone(), pieces, 1);
+        {
+            let s = g.state.lock().unwrap();
+            assert!(s.unpaced);
+            assert!(
+                s.stalled < Duration::from_secs(60),
+                "waited {:?}",
+                s.stalled
+            );
+        }
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        assert!(got == want);
+    }
+
+    #[test]
     fn a_dropped_reader_is_not_waited_for() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("upload.tar");
         let w = File::create(&p).unwrap();
-        let g = Growing::with_pace_floor(Duration::from_secs(3600));
+        let g = Growing::with_pacing(Duration::from_secs(3600), Duration::from_secs(3600));
         drop(g.reader(File::open(&p).unwrap()));
         let pieces: Vec<Vec<u8>> = (0..3 * WINDOW / (1 << 20))
             .map(|i| vec![i as u8; 1 << 20])

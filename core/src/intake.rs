@@ -795,10 +795,13 @@ impl ParallelSink<'_> {
         }
     }
 
+    /// Hands the batch over; a receiver gone or behind by a full queue is told no more (what
+    /// it was not told, it takes from the finished change set).
     fn flush_stream(&mut self) {
         if let Some(s) = &self.stream {
-            if !self.batch.is_empty() && s.send(std::mem::take(&mut self.batch)).is_err() {
+            if !self.batch.is_empty() && s.try_send(std::mem::take(&mut self.batch)).is_err() {
                 self.stream = None;
+                self.batch = Vec::new();
             }
         }
     }

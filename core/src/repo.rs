@@ -996,7 +996,7 @@ impl PrebuildStream {
         if target.is_empty() {
             return None;
         }
-        let (events, events_rx) = crossbeam_channel::unbounded();
+        let (events, events_rx) = crossbeam_channel::bounded(STREAM_QUEUE);
         let (end, end_rx) = crossbeam_channel::bounded(1);
         let target = target.to_string();
         let thread = std::thread::Builder::new()
@@ -1036,6 +1036,12 @@ impl PrebuildStream {
         (cs, built)
     }
 }
+
+/// Batches of entries a [`PrebuildStream`] holds for its builder; an intake that finds the
+/// queue full stops telling (what it did not tell is added at the end), so a builder slow to
+/// start (opening the current revision from S3) neither holds the change set twice nor slows
+/// the intake down.
+pub const STREAM_QUEUE: usize = 256;
 
 /// The builder thread of a [`PrebuildStream`].
 fn stream_build(
