@@ -2353,22 +2353,26 @@ mod tests {
     fn a_streamed_prebuild_has_the_rows_of_one_built_from_nothing() {
         let now = 1_700_000_100;
         let params = EncodeParams::small_chunks();
-        let f = fixture();
         // A dirtab rule makes `share` a nested catalog (with an empty marker) as well.
-        let dirtab = tar_of(&[(".cvmfsdirtab", Some(b"/sw/*/share\n"))]);
-        let d = read_tar(
-            &dirtab[..],
-            true,
-            &params,
-            &IntakeLimits::default(),
-            &f.cas,
-            1,
-        )
-        .unwrap();
-        publish(&f.cas, &f.keys, &[], now, |t| {
-            apply_changeset(t, &f.cas, &d, "", ApplyMode::Merge, &params, now)
-        })
-        .unwrap();
+        let with_dirtab = || {
+            let f = fixture();
+            let dirtab = tar_of(&[(".cvmfsdirtab", Some(b"/sw/*/share\n"))]);
+            let d = read_tar(
+                &dirtab[..],
+                true,
+                &params,
+                &IntakeLimits::default(),
+                &f.cas,
+                1,
+            )
+            .unwrap();
+            publish(&f.cas, &f.keys, &[], now, |t| {
+                apply_changeset(t, &f.cas, &d, "", ApplyMode::Merge, &params, now)
+            })
+            .unwrap();
+            f
+        };
+        let f = with_dirtab();
         let tar = awkward_release("1");
 
         let (cs, pre) = streamed(&f, &tar, "/sw/1.0", &params, now, &[]);
@@ -2394,20 +2398,7 @@ mod tests {
         assert!(pre.fits(&cs, "/sw/1.0", &pre.dirtab));
 
         // Grafted by the commit: the same tree as a commit that builds it.
-        let plain = fixture();
-        let d = read_tar(
-            &dirtab[..],
-            true,
-            &params,
-            &IntakeLimits::default(),
-            &plain.cas,
-            1,
-        )
-        .unwrap();
-        publish(&plain.cas, &plain.keys, &[], now, |t| {
-            apply_changeset(t, &plain.cas, &d, "", ApplyMode::Merge, &params, now)
-        })
-        .unwrap();
+        let plain = with_dirtab();
         let mut cs = cs;
         let built = *pre.catalog();
         cs.prebuilt = Some(Arc::new(pre));
