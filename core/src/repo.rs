@@ -12,7 +12,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::cas::{get_all, Cas, CasError};
-use crate::catalog::tree::{BuiltSubtree, CatalogTree, CommitResult, TreeError};
+use crate::catalog::tree::{BuiltSubtree, CatalogTree, CommitResult, Mounted, TreeError};
 use crate::catalog::{split_path, Entry, Kind};
 use crate::hash::{Digest20, ObjectId, Suffix};
 use crate::history::{valid_tag_name, History, HistoryError, RefType, Reflog, Tag};
@@ -607,11 +607,24 @@ pub fn apply_changeset_with(
         tree.lookup(target)?
     };
     let fresh = !target.is_empty() && !matches!(&existing, Some(e) if e.is_dir());
-    // Built already while the job was processed, and still what this commit would build.
-    if let (None, Some(pre)) = (&existing, prebuilt) {
-        if mode == ApplyMode::Replace && pre.fits(cs, target, &dirtab) && pre.stored(cas) {
-            tree.graft(&pre.sub)?;
-            return Ok(());
+    // Built already while the job was processed, and still what this commit would build: for
+    // a new path, or in place of the very catalog it was built to replace.
+    if let Some(pre) = prebuilt.filter(|pre| {
+        mode == ApplyMode::Replace && pre.fits(cs, target, &dirtab) && pre.stored(cas)
+    }) {
+        match (&existing, pre.replaces) {
+            (None, None) => {
+                tree.graft(&pre.sub)?;
+                return Ok(());
+            }
+            (Some(e), Some(old))
+                if e.is_dir() && tree.mounted(target)?.is_some_and(|m| m.catalog == old) =>
+            {
+                tree.remove(target)?;
+                tree.graft(&pre.sub)?;
+                return Ok(());
+            }
+            _ => {}
         }
     }
     fill(tree, cas, cs, target, mode, params, now, &dirtab, fresh)
@@ -879,12 +892,20 @@ pub struct Prebuilt {
     dirtab: Dirtab,
     /// Entries of the change set it was built from (a guard against one edited since).
     nodes: usize,
+    /// The catalog mounted at the path when it was built, which it replaces (`None`: built
+    /// for a new path).
+    replaces: Option<ObjectId>,
 }
 
 impl Prebuilt {
     /// The catalog built for the target (for reports and tests).
     pub fn catalog(&self) -> &ObjectId {
         &self.sub.catalog
+    }
+
+    /// The catalog it was built to replace, if any.
+    pub fn replaces(&self) -> Option<&ObjectId> {
+        self.replaces.as_ref()
     }
 
     /// Whether a commit of `cs` at `target` under `dirtab` would build exactly this.
@@ -903,11 +924,15 @@ impl Prebuilt {
 }
 
 /// Builds and stores, ahead of the commit, the catalogs that `cs` makes of `target` when that
-/// is a new directory (the current revision has nothing there) holding a nested catalog (a
-/// `.cvmfscatalog` at the top of the change set, or the repository's dirtab says so) — the
-/// usual shape of a release. The stored catalogs are unreferenced until a commit grafts them;
-/// `None` when the change set does not qualify. A commit that finds the repository changed in
-/// a way that matters (the path exists by then, the dirtab differs) builds the catalogs itself.
+/// holds a nested catalog (a `.cvmfscatalog` at the top of the change set, or the repository's
+/// dirtab says so) — the usual shape of a release — and is either a new directory (the
+/// current revision has nothing there) or the root of a nested catalog with none below it (a
+/// release published again: its catalog is built anew, as the next revision of the stored one,
+/// unless it would have the same rows, when the commit keeps the stored one). The stored
+/// catalogs are unreferenced until a commit grafts them; `None` when the change set does not
+/// qualify. A commit that finds the repository changed in a way that matters (the path
+/// appeared, or its catalog is no longer the one replaced, or the dirtab differs) builds the
+/// catalogs itself.
 pub fn prebuild(
     cas: &dyn Cas,
     cs: &ChangeSet,
@@ -935,9 +960,12 @@ pub fn prebuild_in(
     params: &EncodeParams,
     now: i64,
 ) -> Result<Option<Prebuilt>, RepoError> {
-    if target.is_empty() || !cs.removals.is_empty() || tree.exists(target)? {
+    if target.is_empty() || !cs.removals.is_empty() {
         return Ok(None);
     }
+    let Some(replaces) = prebuild_base(tree, target)? else {
+        return Ok(None);
+    };
     let dirtab = dirtab_for(tree, cas, cs, target, ApplyMode::Replace)?;
     let nested = cs.markers.contains("") || (!dirtab.is_empty() && dirtab.matches(target));
     if !nested {
@@ -948,9 +976,9 @@ pub fn prebuild_in(
     let tmp = scratch()?;
     let parent = split_path(target).0;
     let top = Entry::directory(split_path(parent).1, 0o755, 0, 0, now);
-    let mut tree = CatalogTree::create_at(cas, tmp.path(), parent, &top)?;
+    let mut built = CatalogTree::create_at(cas, tmp.path(), parent, &top)?;
     fill(
-        &mut tree,
+        &mut built,
         cas,
         cs,
         target,
@@ -960,20 +988,56 @@ pub fn prebuild_in(
         &dirtab,
         true,
     )?;
-    let sub = tree.commit_nested(target, now)?;
+    if !succeeds(&mut built, target, replaces.as_ref(), tree)? {
+        return Ok(None);
+    }
+    let sub = built.commit_nested(target, now)?;
     Ok(Some(Prebuilt {
         sub,
         dirtab,
         nodes: cs.nodes.len(),
+        replaces: replaces.map(|m| m.catalog),
     }))
+}
+
+/// Where a prebuild of `target` stands in the revision `tree` holds: `Some(None)` for a new
+/// path, `Some(Some(m))` for the root of a nested catalog `m` with none below it (which the
+/// prebuilt catalog replaces), `None` for anything else (not prebuilt: an edit of a catalog
+/// with nested ones keeps those it does not change, a build from nothing would not).
+fn prebuild_base(
+    tree: &mut CatalogTree<'_>,
+    target: &str,
+) -> Result<Option<Option<Mounted>>, RepoError> {
+    if !tree.exists(target)? {
+        return Ok(Some(None));
+    }
+    Ok(tree.mounted(target)?.filter(|m| m.nested == 0).map(Some))
+}
+
+/// For a catalog built at `target` in `built` to replace `old` (mounted there in `base`):
+/// makes it `old`'s next revision, and answers whether it differs from `old` at all (one
+/// with the same rows is not worth a new catalog: the commit leaves `old` as it is). A new
+/// path (no `old`) always succeeds.
+fn succeeds(
+    built: &mut CatalogTree<'_>,
+    target: &str,
+    old: Option<&Mounted>,
+    base: &mut CatalogTree<'_>,
+) -> Result<bool, RepoError> {
+    let Some(old) = old else {
+        return Ok(true);
+    };
+    built.follow(target, old)?;
+    // A comparison that fails counts as a difference: the new catalog is correct either way.
+    Ok(!built.same_rows(target, base).unwrap_or(false))
 }
 
 /// A [`prebuild`] that builds while the tar is still read: a thread adds the rows of what the
 /// intake tells it ([`crate::intake::Streamed`]) to a scratch tree of the target's catalogs,
-/// nested from the start; once the change set is complete, [`PrebuildStream::finish`] applies
-/// it to that tree as a replacement — which keeps every row already right, adds what was not
-/// told (hard links, sole chunks) and corrects anything else, so the result has the rows a
-/// prebuild from nothing would have, with most of the work done while the upload arrived.
+/// nested from the start; once the change set is complete, [`PrebuildStream::finish`] merges
+/// into that tree what it was not told (hard links, sole chunks, the directories a marker or
+/// the dirtab nests), so the result has the rows a prebuild from nothing would have, with
+/// most of the work done while the upload arrived.
 /// Its catalog files hold the same rows in another order (so another hash) than a prebuild
 /// from nothing. Any trouble while streaming falls back to that prebuild; a change set that
 /// does not qualify (see [`prebuild`]) gets none.
@@ -1053,27 +1117,23 @@ fn stream_build(
     end: crossbeam_channel::Receiver<std::sync::Arc<ChangeSet>>,
 ) -> Option<Prebuilt> {
     use crate::intake::Streamed;
-    // As `prebuild`: only a target new in the current revision, built under its dirtab.
-    let base = (|| -> Result<Option<Dirtab>, RepoError> {
-        let Some((m, _)) = current_manifest(cas)? else {
+    // As `prebuild`: a target new in the current revision, or a catalog of its own that the
+    // build replaces (kept open to compare the result with), built under its dirtab.
+    let base_dir = scratch().ok();
+    let base = (|| -> Result<Option<_>, RepoError> {
+        let (Some(dir), Some((m, _))) = (&base_dir, current_manifest(cas)?) else {
             return Ok(None);
         };
-        let tmp = scratch()?;
-        let mut tree = CatalogTree::open(cas, tmp.path(), &m.root_catalog)?;
-        if tree.exists(target)? {
+        let mut tree = CatalogTree::open(cas, dir.path(), &m.root_catalog)?;
+        let Some(replaces) = prebuild_base(&mut tree, target)? else {
             return Ok(None);
-        }
+        };
         let none = ChangeSet::default();
-        Ok(Some(dirtab_for(
-            &mut tree,
-            cas,
-            &none,
-            target,
-            ApplyMode::Replace,
-        )?))
+        let dirtab = dirtab_for(&mut tree, cas, &none, target, ApplyMode::Replace)?;
+        Ok(Some((tree, replaces, dirtab)))
     })();
-    let dirtab = match base {
-        Ok(Some(d)) => d,
+    let (mut base, replaces, dirtab) = match base {
+        Ok(Some(b)) => b,
         _ => {
             drop(events);
             let _ = end.recv();
@@ -1201,16 +1261,24 @@ fn stream_build(
                 false,
             )
             .ok()?;
-            tree.commit_nested(target, now).ok()
+            if !succeeds(&mut tree, target, replaces.as_ref(), &mut base).ok()? {
+                return Some(None); // the same rows as the catalog there: none to graft
+            }
+            tree.commit_nested(target, now).ok().map(Some)
         });
     drop(tmp);
     match streamed {
-        Some(sub) => Some(Prebuilt {
+        Some(Some(sub)) => Some(Prebuilt {
             sub,
             dirtab,
             nodes: cs.nodes.len(),
+            replaces: replaces.map(|m| m.catalog),
         }),
-        None => prebuild(cas, &cs, target, params, now).ok().flatten(),
+        Some(None) => None,
+        None => {
+            drop(base);
+            prebuild(cas, &cs, target, params, now).ok().flatten()
+        }
     }
 }
 
@@ -2458,5 +2526,175 @@ mod tests {
         // And the root is never prebuilt.
         let cas: Arc<dyn Cas> = Arc::new(LocalCas::open(f._dir.path()).unwrap());
         assert!(PrebuildStream::start(cas, "", params, now).is_none());
+    }
+
+    /// A release with a catalog of its own and none below it (the shape of the harness's
+    /// tree), with its `.` entry: `v` changes a file, `newer` adds one and drops another.
+    fn own_catalog_release(v: &str, newer: bool) -> Vec<u8> {
+        let tool = format!("tool {v}");
+        let mut items: Vec<(&str, Option<&[u8]>)> = vec![
+            (".", None),
+            (".cvmfscatalog", Some(b"")),
+            ("bin", None),
+            ("bin/tool", Some(tool.as_bytes())),
+            ("lib", None),
+            ("lib/libz.so", Some(b"zlib")),
+            ("share", None),
+        ];
+        items.push(if newer {
+            ("share/NEWS", Some(b"news"))
+        } else {
+            ("share/OLD", Some(b"old"))
+        });
+        tar_of(&items)
+    }
+
+    /// The catalog mounted at `path` in the root catalog of the current revision.
+    fn mounted_at(f: &Fixture, path: &str) -> Option<ObjectId> {
+        let (m, _) = current_manifest(&f.cas).unwrap().unwrap();
+        nested_of(f, &m.root_catalog)
+            .into_iter()
+            .find(|(p, _)| p == path)
+            .and_then(|(_, h)| h)
+    }
+
+    #[test]
+    fn a_release_published_again_is_prebuilt_as_the_next_revision_of_its_catalog() {
+        let now = 1_700_000_100;
+        let (plain, early) = (fixture(), fixture());
+        for f in [&plain, &early] {
+            let cs = changeset_of(f, &own_catalog_release("1", false));
+            publish_cs(f, "/sw/a", &cs, now);
+        }
+        let old = mounted_at(&early, "/sw/a").unwrap();
+        let tar = own_catalog_release("2", true);
+        let want = publish_cs(&plain, "/sw/a", &changeset_of(&plain, &tar), now + 10);
+
+        // Built while the tar is read (as the daemon does) and from nothing: the same rows,
+        // both to replace the catalog there.
+        let (mut cs, pre) = streamed(&early, &tar, "/sw/a", &params(), now + 10, &[]);
+        let pre = pre.expect("a release published again over its own catalog is prebuilt");
+        assert_eq!(pre.replaces(), Some(&old));
+        let from_nothing = prebuild(&early.cas, &cs, "/sw/a", &params(), now + 10)
+            .unwrap()
+            .unwrap();
+        assert_eq!(from_nothing.replaces(), Some(&old));
+        assert_eq!(
+            rows_of(&early, pre.catalog()),
+            rows_of(&early, from_nothing.catalog())
+        );
+
+        // The commit mounts it in place of the old one: the rows, revision, previous revision
+        // and counters that a commit editing the old catalog gives, and the same tree.
+        let built = *pre.catalog();
+        cs.prebuilt = Some(Arc::new(pre));
+        let got = publish_cs(&early, "/sw/a", &cs, now + 10);
+        assert_eq!(mounted_at(&early, "/sw/a"), Some(built));
+        assert!(got.commit.written.contains(&built));
+        let edited = mounted_at(&plain, "/sw/a").unwrap();
+        let rows = rows_of(&early, &built);
+        assert_eq!(rows, rows_of(&plain, &edited));
+        assert!(
+            rows.contains(&format!("previous_revision=Some(\"{}\")", old.digest.hex())),
+            "{rows:#?}"
+        );
+        assert_eq!(
+            rows_of(&early, &got.commit.root),
+            rows_of(&plain, &want.commit.root)
+        );
+        assert_eq!(
+            stats_of(&early, &got.commit.root),
+            stats_of(&plain, &want.commit.root)
+        );
+        assert_eq!(dump(&early, ""), dump(&plain, ""));
+        assert!(dump(&early, "/sw/a")
+            .0
+            .iter()
+            .any(|r| r.starts_with("/sw/a/share/NEWS ")));
+        assert!(!dump(&early, "/sw/a").0.iter().any(|r| r.contains("OLD")));
+    }
+
+    #[test]
+    fn a_prebuilt_replacement_is_mounted_only_over_the_catalog_it_replaces() {
+        let now = 1_700_000_100;
+        let (plain, raced) = (fixture(), fixture());
+        for f in [&plain, &raced] {
+            let cs = changeset_of(f, &own_catalog_release("1", false));
+            publish_cs(f, "/sw/a", &cs, now);
+        }
+        let tar = own_catalog_release("2", true);
+        let mut cs = changeset_of(&raced, &tar);
+        cs.prebuilt = prebuild(&raced.cas, &cs, "/sw/a", &params(), now)
+            .unwrap()
+            .map(Arc::new);
+        let pre = *cs.prebuilt.as_ref().unwrap().catalog();
+        // Another publish of the path before this commit: the commit edits that revision's
+        // catalog instead, so the history of revisions stays a chain.
+        for f in [&plain, &raced] {
+            let cs = changeset_of(f, &own_catalog_release("3", false));
+            publish_cs(f, "/sw/a", &cs, now + 5);
+        }
+        let meanwhile = mounted_at(&raced, "/sw/a").unwrap();
+        let want = publish_cs(&plain, "/sw/a", &changeset_of(&plain, &tar), now + 10);
+        let got = publish_cs(&raced, "/sw/a", &cs, now + 10);
+        let mounted = mounted_at(&raced, "/sw/a").unwrap();
+        assert_ne!(mounted, pre);
+        assert!(!got.commit.written.contains(&pre));
+        let rows = rows_of(&raced, &mounted);
+        assert_eq!(rows, rows_of(&plain, &mounted_at(&plain, "/sw/a").unwrap()));
+        assert!(rows.contains(&format!(
+            "previous_revision=Some(\"{}\")",
+            meanwhile.digest.hex()
+        )));
+        assert_eq!(
+            rows_of(&raced, &got.commit.root),
+            rows_of(&plain, &want.commit.root)
+        );
+        assert_eq!(dump(&raced, ""), dump(&plain, ""));
+    }
+
+    #[test]
+    fn a_release_published_again_unchanged_or_with_catalogs_below_it_is_not_prebuilt() {
+        let now = 1_700_000_100;
+        let f = fixture();
+        let tar = own_catalog_release("1", false);
+        publish_cs(&f, "/sw/a", &changeset_of(&f, &tar), now);
+        let old = mounted_at(&f, "/sw/a").unwrap();
+        // The same release again: a new catalog would have the rows of the one there.
+        let (cs, pre) = streamed(&f, &tar, "/sw/a", &params(), now + 10, &[]);
+        assert!(pre.is_none());
+        assert!(prebuild(&f.cas, &cs, "/sw/a", &params(), now + 10)
+            .unwrap()
+            .is_none());
+        // And its commit keeps that catalog.
+        publish_cs(&f, "/sw/a", &cs, now + 10);
+        assert_eq!(mounted_at(&f, "/sw/a"), Some(old));
+        // Changed, it is.
+        let (_, pre) = streamed(
+            &f,
+            &own_catalog_release("2", false),
+            "/sw/a",
+            &params(),
+            now,
+            &[],
+        );
+        assert_eq!(pre.unwrap().replaces(), Some(&old));
+
+        // A release with a catalog below its own: an edit keeps the catalogs it does not
+        // change, a build from nothing would not, so the commit edits.
+        publish_cs(&f, "/sw/b", &changeset_of(&f, &release_tar("1")), now);
+        let (cs, pre) = streamed(&f, &release_tar("2"), "/sw/b", &params(), now, &[]);
+        assert!(pre.is_none());
+        assert!(prebuild(&f.cas, &cs, "/sw/b", &params(), now)
+            .unwrap()
+            .is_none());
+        // A directory that is not a catalog's root is not replaced by one built apart either.
+        publish_cs(
+            &f,
+            "/sw/c",
+            &changeset_of(&f, &tar_of(&[("x", Some(b"x"))])),
+            now,
+        );
+        assert!(streamed(&f, &tar, "/sw/c", &params(), now, &[]).1.is_none());
     }
 }

@@ -760,6 +760,42 @@ impl CatalogDb {
             .map_err(|e| self.err(e))
     }
 
+    /// Whether the catalog file `other` holds exactly these rows — entries, chunks and nested
+    /// catalogs, column for column, in any order (properties and statistics are not compared).
+    /// An edit's open transaction is committed first and a new one begun after (a database
+    /// can only be attached outside one).
+    pub fn same_rows_as(&self, other: &Path) -> Result<bool, CatalogError> {
+        let in_tx = !self.conn.is_autocommit();
+        self.commit()?;
+        let other = other.to_str().ok_or_else(|| CatalogError::Invalid {
+            file: other.display().to_string(),
+            msg: "path is not UTF-8".into(),
+        })?;
+        let compared = self
+            .conn
+            .execute("ATTACH DATABASE ?1 AS other", [other])
+            .and_then(|_| {
+                self.conn.query_row(
+                    "SELECT (SELECT COUNT(*) FROM main.catalog) = (SELECT COUNT(*) FROM other.catalog)
+                       AND (SELECT COUNT(*) FROM main.chunks) = (SELECT COUNT(*) FROM other.chunks)
+                       AND (SELECT COUNT(*) FROM main.nested_catalogs)
+                           = (SELECT COUNT(*) FROM other.nested_catalogs)
+                       AND NOT EXISTS (SELECT * FROM main.catalog EXCEPT SELECT * FROM other.catalog)
+                       AND NOT EXISTS (SELECT * FROM main.chunks EXCEPT SELECT * FROM other.chunks)
+                       AND NOT EXISTS (SELECT * FROM main.nested_catalogs
+                                       EXCEPT SELECT * FROM other.nested_catalogs)",
+                    [],
+                    |r| r.get::<_, bool>(0),
+                )
+            });
+        let detached = self.conn.execute_batch("DETACH DATABASE other");
+        let restarted = if in_tx { self.begin() } else { Ok(()) };
+        let same = compared.map_err(|e| self.err(e))?;
+        detached.map_err(|e| self.err(e))?;
+        restarted?;
+        Ok(same)
+    }
+
     /// Makes the file compact before it is published: clients give every catalog `MAX(rowid)`
     /// inodes, so sparse rowids after many deletes waste inode space (§3.12). Like upstream, the
     /// table is rebuilt when more than 25 % of rowids are unused, then the file is vacuumed when

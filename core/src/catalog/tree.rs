@@ -60,6 +60,18 @@ struct Loaded {
     new_total: Option<Counters>,
     dirty: bool,
     removed: bool,
+    /// For a catalog built anew to replace a stored one (see [`CatalogTree::follow`]): that
+    /// one, its `previous_revision`.
+    previous: Option<ObjectId>,
+}
+
+/// A stored catalog mounted in a tree, as loaded (see [`CatalogTree::mounted`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mounted {
+    pub catalog: ObjectId,
+    pub revision: u64,
+    /// How many nested catalogs it lists.
+    pub nested: usize,
 }
 
 /// What a commit produced.
@@ -153,6 +165,7 @@ impl<'a> CatalogTree<'a> {
             new_total: None,
             dirty: true,
             removed: false,
+            previous: None,
         });
         Ok(t)
     }
@@ -188,6 +201,7 @@ impl<'a> CatalogTree<'a> {
             new_total: None,
             dirty: false,
             removed: false,
+            previous: None,
         });
         Ok(t)
     }
@@ -277,6 +291,7 @@ impl<'a> CatalogTree<'a> {
             new_total: None,
             dirty: false,
             removed: false,
+            previous: None,
         };
         Ok(self.push(l))
     }
@@ -537,6 +552,7 @@ impl<'a> CatalogTree<'a> {
             new_total: None,
             dirty: true,
             removed: false,
+            previous: None,
         });
         let mut stack = vec![path.to_string()];
         while let Some(p) = stack.pop() {
@@ -565,6 +581,64 @@ impl<'a> CatalogTree<'a> {
         self.db(c)?.set_nested(path, None, 0)?;
         self.cats[c].dirty = true;
         Ok(())
+    }
+
+    /// The stored catalog mounted at `path`, unless `path` is not the root of a nested
+    /// catalog or this edit has changed that catalog (or built it).
+    pub fn mounted(&mut self, path: &str) -> Result<Option<Mounted>, TreeError> {
+        if path.is_empty() {
+            return Ok(None);
+        }
+        let c = self.catalog_for(path)?;
+        let l = &self.cats[c];
+        let Some(catalog) = l.orig_hash.filter(|_| l.mountpoint == path && !l.dirty) else {
+            return Ok(None);
+        };
+        let revision = l.orig_revision;
+        Ok(Some(Mounted {
+            catalog,
+            revision,
+            nested: self.db(c)?.nested()?.len(),
+        }))
+    }
+
+    /// Makes the catalog rooted at `path`, built in this edit, the next revision of the stored
+    /// catalog `previous` (revision `revision`): it is written with the revision after that one
+    /// and `previous` as its `previous_revision`, as an edit of `previous` would be.
+    pub fn follow(&mut self, path: &str, previous: &Mounted) -> Result<(), TreeError> {
+        match self.by_mount.get(path) {
+            Some(&i) if self.cats[i].orig_hash.is_none() && !self.cats[i].removed => {
+                self.cats[i].previous = Some(previous.catalog);
+                self.cats[i].orig_revision = previous.revision;
+                Ok(())
+            }
+            _ => Err(TreeError::Invalid {
+                path: path.to_string(),
+                msg: "not the root of a catalog built in this edit".into(),
+            }),
+        }
+    }
+
+    /// Whether the catalog rooted at `path` here has the rows of the one rooted there in
+    /// `other` (see [`CatalogDb::same_rows_as`]); both must be loaded roots of nested catalogs.
+    pub fn same_rows(
+        &mut self,
+        path: &str,
+        other: &mut CatalogTree<'_>,
+    ) -> Result<bool, TreeError> {
+        let root = |t: &mut CatalogTree<'_>| -> Result<usize, TreeError> {
+            let c = t.catalog_for(path)?;
+            if t.cats[c].mountpoint != path {
+                return Err(TreeError::Invalid {
+                    path: path.to_string(),
+                    msg: "not the root of a nested catalog".into(),
+                });
+            }
+            Ok(c)
+        };
+        let (a, b) = (root(self)?, root(other)?);
+        let file = other.db(b)?.file().to_path_buf();
+        Ok(self.db(a)?.same_rows_as(&file)?)
     }
 
     /// Merges the nested catalog rooted at `path` back into its parent catalog.
@@ -637,6 +711,7 @@ impl<'a> CatalogTree<'a> {
             new_total: None,
             dirty: false,
             removed: false,
+            previous: None,
         });
         self.grafted.extend(sub.written.iter().copied());
         Ok(())
@@ -744,7 +819,7 @@ impl<'a> CatalogTree<'a> {
             let revision = self.cats[i].orig_revision + 1;
             db.set_property("revision", &revision.to_string())?;
             db.set_property("last_modified", &now.to_string())?;
-            match self.cats[i].orig_hash {
+            match self.cats[i].orig_hash.or(self.cats[i].previous) {
                 Some(h) => db.set_property("previous_revision", &h.digest.hex())?,
                 None => db.remove_property("previous_revision")?,
             }
