@@ -600,6 +600,24 @@ pub fn apply_changeset_with(
 
     let dirtab = dirtab_for(tree, cas, cs, target, mode)?;
 
+    // Built already while the job was processed, and still what this commit would build: for
+    // a new path, or in place of the very catalog it was built to replace (which is not even
+    // opened).
+    if let Some(pre) = prebuilt.filter(|pre| {
+        mode == ApplyMode::Replace && pre.fits(cs, target, &dirtab) && pre.stored(cas)
+    }) {
+        let mounted = match &pre.replaces {
+            None if !tree.exists(target)? => {
+                tree.graft(&pre.sub)?;
+                true
+            }
+            None => false,
+            Some(old) => tree.replace_mounted(&pre.sub, old)?,
+        };
+        if mounted {
+            return Ok(());
+        }
+    }
     // A target that is not a directory yet is built from nothing: its entries need no lookups.
     let existing = if target.is_empty() {
         None
@@ -607,26 +625,6 @@ pub fn apply_changeset_with(
         tree.lookup(target)?
     };
     let fresh = !target.is_empty() && !matches!(&existing, Some(e) if e.is_dir());
-    // Built already while the job was processed, and still what this commit would build: for
-    // a new path, or in place of the very catalog it was built to replace.
-    if let Some(pre) = prebuilt.filter(|pre| {
-        mode == ApplyMode::Replace && pre.fits(cs, target, &dirtab) && pre.stored(cas)
-    }) {
-        match (&existing, pre.replaces) {
-            (None, None) => {
-                tree.graft(&pre.sub)?;
-                return Ok(());
-            }
-            (Some(e), Some(old))
-                if e.is_dir() && tree.mounted(target)?.is_some_and(|m| m.catalog == old) =>
-            {
-                tree.remove(target)?;
-                tree.graft(&pre.sub)?;
-                return Ok(());
-            }
-            _ => {}
-        }
-    }
     fill(tree, cas, cs, target, mode, params, now, &dirtab, fresh)
 }
 
@@ -894,7 +892,7 @@ pub struct Prebuilt {
     nodes: usize,
     /// The catalog mounted at the path when it was built, which it replaces (`None`: built
     /// for a new path).
-    replaces: Option<ObjectId>,
+    replaces: Option<Mounted>,
 }
 
 impl Prebuilt {
@@ -905,7 +903,7 @@ impl Prebuilt {
 
     /// The catalog it was built to replace, if any.
     pub fn replaces(&self) -> Option<&ObjectId> {
-        self.replaces.as_ref()
+        self.replaces.as_ref().map(|m| &m.catalog)
     }
 
     /// Whether a commit of `cs` at `target` under `dirtab` would build exactly this.
@@ -996,7 +994,7 @@ pub fn prebuild_in(
         sub,
         dirtab,
         nodes: cs.nodes.len(),
-        replaces: replaces.map(|m| m.catalog),
+        replaces,
     }))
 }
 
@@ -1272,7 +1270,7 @@ fn stream_build(
             sub,
             dirtab,
             nodes: cs.nodes.len(),
-            replaces: replaces.map(|m| m.catalog),
+            replaces,
         }),
         Some(None) => None,
         None => {
@@ -2696,5 +2694,43 @@ mod tests {
             now,
         );
         assert!(streamed(&f, &tar, "/sw/c", &params(), now, &[]).1.is_none());
+    }
+
+    #[test]
+    fn a_replacement_is_mounted_over_its_catalog_read_in_the_commit_not_over_one_changed_there() {
+        let now = 1_700_000_100;
+        let tar = own_catalog_release("2", true);
+        let (plain, read, changed) = (fixture(), fixture(), fixture());
+        for f in [&plain, &read, &changed] {
+            let cs = changeset_of(f, &own_catalog_release("1", false));
+            publish_cs(f, "/sw/a", &cs, now);
+        }
+        let want = publish_cs(&plain, "/sw/a", &changeset_of(&plain, &tar), now);
+        for (f, edit) in [(&read, false), (&changed, true)] {
+            let mut cs = changeset_of(f, &tar);
+            cs.prebuilt = prebuild(&f.cas, &cs, "/sw/a", &params(), now)
+                .unwrap()
+                .map(Arc::new);
+            let pre = *cs.prebuilt.as_ref().unwrap().catalog();
+            // The commit opens the old catalog (and edits it) before the change set comes.
+            let got = publish(&f.cas, &f.keys, &[], now, |t| {
+                assert!(t.lookup("/sw/a/bin/tool")?.is_some());
+                if edit {
+                    t.add("/sw/a/x", &Entry::directory("x", 0o755, 0, 0, now))?;
+                }
+                apply_changeset(t, &f.cas, &cs, "/sw/a", ApplyMode::Replace, &params(), now)
+            })
+            .unwrap();
+            assert_eq!(mounted_at(f, "/sw/a") == Some(pre), !edit);
+            assert_eq!(
+                stats_of(f, &got.commit.root),
+                stats_of(&plain, &want.commit.root)
+            );
+            assert_eq!(
+                rows_of(f, &mounted_at(f, "/sw/a").unwrap()),
+                rows_of(&plain, &mounted_at(&plain, "/sw/a").unwrap())
+            );
+            assert_eq!(dump(f, ""), dump(&plain, ""));
+        }
     }
 }

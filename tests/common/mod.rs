@@ -484,6 +484,18 @@ impl Daemon {
         );
     }
 
+    /// Polls until the job has been in `state` (its `state_times` has it), for a state it
+    /// may pass through faster than a poll sees.
+    pub fn wait_reached(&self, id: &str, state: &str, secs: u64) {
+        for _ in 0..secs * 50 {
+            if !self.job(id)["state_times"][state].is_null() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("job {id} never reached {state}: {}", self.job(id));
+    }
+
     /// Polls until the job is in `state`.
     pub fn wait_state(&self, id: &str, state: &str, secs: u64) {
         for _ in 0..secs * 50 {

@@ -70,6 +70,7 @@ struct Loaded {
 pub struct Mounted {
     pub catalog: ObjectId,
     pub revision: u64,
+    pub stats: Statistics,
     /// How many nested catalogs it lists.
     pub nested: usize,
 }
@@ -594,10 +595,11 @@ impl<'a> CatalogTree<'a> {
         let Some(catalog) = l.orig_hash.filter(|_| l.mountpoint == path && !l.dirty) else {
             return Ok(None);
         };
-        let revision = l.orig_revision;
+        let (revision, stats) = (l.orig_revision, l.orig_stats);
         Ok(Some(Mounted {
             catalog,
             revision,
+            stats,
             nested: self.db(c)?.nested()?.len(),
         }))
     }
@@ -715,6 +717,60 @@ impl<'a> CatalogTree<'a> {
         });
         self.grafted.extend(sub.written.iter().copied());
         Ok(())
+    }
+
+    /// Mounts `sub` (as [`CatalogTree::graft`] does) in place of the stored catalog `old`, if
+    /// that is what the parent catalog lists at `sub.path` (and, if this edit opened it, it is
+    /// unchanged); returns whether it was. `old` need not be opened: its statistics, which
+    /// leave the parent's subtree counters, are `old.stats`.
+    pub fn replace_mounted(
+        &mut self,
+        sub: &BuiltSubtree,
+        old: &Mounted,
+    ) -> Result<bool, TreeError> {
+        let path = sub.path.as_str();
+        if path.is_empty() {
+            return Ok(false);
+        }
+        let c = self.catalog_for(split_path(path).0)?;
+        let listed = self
+            .db(c)?
+            .nested()?
+            .into_iter()
+            .any(|n| n.path == path && n.hash == Some(old.catalog));
+        if !listed {
+            return Ok(false);
+        }
+        match self.by_mount.get(path) {
+            Some(&i) if !self.cats[i].removed => {
+                if self.cats[i].dirty || self.cats[i].orig_hash != Some(old.catalog) {
+                    return Ok(false);
+                }
+                self.remove(path)?;
+            }
+            _ => {
+                // As `remove` takes a nested catalog's root, with the catalog left unopened.
+                self.db(c)?.delete(path)?;
+                self.db(c)?.remove_nested(path)?;
+                self.cats[c].dirty = true;
+                self.adjust_dir_links(split_path(path).0, -1)?;
+                self.push(Loaded {
+                    mountpoint: path.to_string(),
+                    db: None,
+                    orig_hash: Some(old.catalog),
+                    orig_stats: old.stats,
+                    orig_revision: old.revision,
+                    orig_parent: Some(c),
+                    parent: Some(c),
+                    new_total: None,
+                    dirty: false,
+                    removed: true,
+                    previous: None,
+                });
+            }
+        }
+        self.graft(sub)?;
+        Ok(true)
     }
 
     /// Writes every changed catalog bottom-up and returns the new root. The root catalog is
