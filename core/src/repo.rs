@@ -2151,6 +2151,20 @@ mod tests {
         p
     }
 
+    /// Two repositories with the same tree, root catalog rows and counters after publishes
+    /// `a.1` and `b.1`.
+    fn assert_same_repository(a: (&Fixture, &Published), b: (&Fixture, &Published)) {
+        assert_eq!(
+            rows_of(a.0, &a.1.commit.root),
+            rows_of(b.0, &b.1.commit.root)
+        );
+        assert_eq!(
+            stats_of(a.0, &a.1.commit.root),
+            stats_of(b.0, &b.1.commit.root)
+        );
+        assert_eq!(dump(a.0, ""), dump(b.0, ""));
+    }
+
     #[test]
     fn a_prebuilt_release_is_grafted_and_gives_the_catalogs_a_full_commit_writes() {
         let (plain, early) = (fixture(), fixture());
@@ -2179,15 +2193,7 @@ mod tests {
             nested_of(&early, &got.commit.root),
             nested_of(&plain, &want.commit.root)
         );
-        assert_eq!(
-            rows_of(&early, &got.commit.root),
-            rows_of(&plain, &want.commit.root)
-        );
-        assert_eq!(
-            stats_of(&early, &got.commit.root),
-            stats_of(&plain, &want.commit.root)
-        );
-        assert_eq!(dump(&early, ""), dump(&plain, ""));
+        assert_same_repository((&early, &got), (&plain, &want));
         assert_eq!(got.commit.written.len(), want.commit.written.len());
         assert!(got.commit.written.contains(&built));
 
@@ -2596,15 +2602,7 @@ mod tests {
             rows.contains(&format!("previous_revision=Some(\"{}\")", old.digest.hex())),
             "{rows:#?}"
         );
-        assert_eq!(
-            rows_of(&early, &got.commit.root),
-            rows_of(&plain, &want.commit.root)
-        );
-        assert_eq!(
-            stats_of(&early, &got.commit.root),
-            stats_of(&plain, &want.commit.root)
-        );
-        assert_eq!(dump(&early, ""), dump(&plain, ""));
+        assert_same_repository((&early, &got), (&plain, &want));
         assert!(dump(&early, "/sw/a")
             .0
             .iter()
