@@ -543,10 +543,10 @@ const READING: &str = "## Reading the table
   and the spool fsync (or the processing, when that ends first), \"processing\" the part of the
   job's processing left once it was accepted (job states `processing` to `uploading`),
   \"commit\" from `committing` to `published`. \"daemon CPU\" is the daemon's user + system
-  time during the publish (two cores give two CPU-seconds per second). A release going to a
-  new path (cold, warm, tiny files) has its catalogs built at the end of its processing, so
-  its commit only mounts them; the 5% publish replaces an existing path and writes its
-  catalogs in the commit.
+  time during the publish (two cores give two CPU-seconds per second). Every release here has
+  its catalog built while its tar is read (completed at the end of its processing), so its
+  commit only mounts it — in place of the stored one for the 5% publish, which replaces the
+  first path's release.
 - Run to run, on this virtual machine, the same stage's times vary by up to a fifth. The VM
   hands freed memory back to its host (virtio-balloon free page reporting), so a page touched
   for the first time since costs a fault on the host: `dd` of 1 GiB with `conv=fsync` ran at
