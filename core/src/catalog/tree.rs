@@ -486,10 +486,7 @@ impl<'a> CatalogTree<'a> {
                     msg: "nested catalog without parent".into(),
                 });
             };
-            self.db(p)?.delete(path)?;
-            self.db(p)?.remove_nested(path)?;
-            self.cats[p].dirty = true;
-            self.adjust_dir_links(split_path(path).0, -1)?;
+            self.unmount(p, path)?;
             return Ok(true);
         }
         if e.is_dir() {
@@ -507,6 +504,14 @@ impl<'a> CatalogTree<'a> {
             self.adjust_dir_links(split_path(path).0, -1)?;
         }
         Ok(true)
+    }
+
+    /// Takes the mountpoint of the nested catalog at `path` out of catalog `p`, which lists it.
+    fn unmount(&mut self, p: usize, path: &str) -> Result<(), TreeError> {
+        self.db(p)?.delete(path)?;
+        self.db(p)?.remove_nested(path)?;
+        self.cats[p].dirty = true;
+        self.adjust_dir_links(split_path(path).0, -1)
     }
 
     /// Whether `path` is the root of a nested catalog.
@@ -750,10 +755,7 @@ impl<'a> CatalogTree<'a> {
             }
             _ => {
                 // As `remove` takes a nested catalog's root, with the catalog left unopened.
-                self.db(c)?.delete(path)?;
-                self.db(c)?.remove_nested(path)?;
-                self.cats[c].dirty = true;
-                self.adjust_dir_links(split_path(path).0, -1)?;
+                self.unmount(c, path)?;
                 self.push(Loaded {
                     mountpoint: path.to_string(),
                     db: None,
