@@ -206,7 +206,8 @@ impl JobManager {
             .pipeline_bytes_total
             .with_label_values(&[&job.path])
             .inc_by(cs.stats.bytes_in);
-        if cs.prebuilt.is_some() {
+        // A release found unchanged keeps its catalog: none was built for it.
+        if cs.prebuilt.as_ref().is_some_and(|p| !p.unchanged()) {
             self.metrics.catalogs_prebuilt_total.inc();
         }
     }

@@ -606,13 +606,22 @@ pub fn apply_changeset_with(
     if let Some(pre) = prebuilt.filter(|pre| {
         mode == ApplyMode::Replace && pre.fits(cs, target, &dirtab) && pre.stored(cas)
     }) {
-        let mounted = match &pre.replaces {
-            None if !tree.exists(target)? => {
-                tree.graft(&pre.sub)?;
+        let mounted = match &pre.built {
+            Built::Catalogs {
+                sub,
+                replaces: None,
+            } if !tree.exists(target)? => {
+                tree.graft(sub)?;
                 true
             }
-            None => false,
-            Some(old) => tree.replace_mounted(&pre.sub, old)?,
+            Built::Catalogs { replaces: None, .. } => false,
+            Built::Catalogs {
+                sub,
+                replaces: Some(old),
+            } => tree.replace_mounted(sub, old)?,
+            // The release has the rows of the catalog there: if that is still the one there,
+            // the commit keeps it as it is (as an edit changing nothing would), unopened.
+            Built::Same(old) => tree.still_mounted(target, old)?,
         };
         if mounted {
             return Ok(());
@@ -885,30 +894,56 @@ fn fill(
 /// them instead of writing every row.
 #[derive(Debug)]
 pub struct Prebuilt {
-    sub: BuiltSubtree,
+    built: Built,
+    /// The path they were built for.
+    path: String,
     /// The dirtab it followed.
     dirtab: Dirtab,
     /// Entries of the change set it was built from (a guard against one edited since).
     nodes: usize,
-    /// The catalog mounted at the path when it was built, which it replaces (`None`: built
-    /// for a new path).
-    replaces: Option<Mounted>,
+}
+
+/// What a [`Prebuilt`] gives the commit.
+#[derive(Debug)]
+enum Built {
+    /// Catalogs to mount in place of the one mounted at the path when they were built
+    /// (`replaces`; `None`: built for a new path).
+    Catalogs {
+        sub: Box<BuiltSubtree>,
+        replaces: Option<Mounted>,
+    },
+    /// The very rows of the catalog mounted at the path (a release published again
+    /// unchanged): the commit keeps that catalog.
+    Same(Mounted),
 }
 
 impl Prebuilt {
-    /// The catalog built for the target (for reports and tests).
+    /// The catalog the commit leaves at the target: the one built, or the stored one it
+    /// replaces when that has the same rows (for reports and tests).
     pub fn catalog(&self) -> &ObjectId {
-        &self.sub.catalog
+        match &self.built {
+            Built::Catalogs { sub, .. } => &sub.catalog,
+            Built::Same(old) => &old.catalog,
+        }
+    }
+
+    /// Whether the release has the rows of the catalog it replaces (nothing to mount: the
+    /// commit keeps that catalog).
+    pub fn unchanged(&self) -> bool {
+        matches!(self.built, Built::Same(_))
     }
 
     /// The catalog it was built to replace, if any.
     pub fn replaces(&self) -> Option<&ObjectId> {
-        self.replaces.as_ref().map(|m| &m.catalog)
+        match &self.built {
+            Built::Catalogs { replaces, .. } => replaces.as_ref().map(|m| &m.catalog),
+            Built::Same(old) => Some(&old.catalog),
+        }
     }
 
     /// Whether a commit of `cs` at `target` under `dirtab` would build exactly this.
     fn fits(&self, cs: &ChangeSet, target: &str, dirtab: &Dirtab) -> bool {
-        self.sub.path == target
+        self.path == target
             && self.dirtab == *dirtab
             && self.nodes == cs.nodes.len()
             && cs.removals.is_empty()
@@ -917,7 +952,10 @@ impl Prebuilt {
     /// Whether every catalog object it wrote is still stored (garbage collection runs only
     /// while no job is in flight, but a store can be edited behind our back).
     fn stored(&self, cas: &dyn Cas) -> bool {
-        self.sub.written.iter().all(|id| cas.size(id).is_ok())
+        match &self.built {
+            Built::Catalogs { sub, .. } => sub.written.iter().all(|id| cas.size(id).is_ok()),
+            Built::Same(_) => true,
+        }
     }
 }
 
@@ -986,15 +1024,18 @@ pub fn prebuild_in(
         &dirtab,
         true,
     )?;
-    if !succeeds(&mut built, target, replaces.as_ref(), tree)? {
-        return Ok(None);
-    }
-    let sub = built.commit_nested(target, now)?;
+    let built = match succeeds(&mut built, target, replaces, tree)? {
+        Ok(replaces) => Built::Catalogs {
+            sub: Box::new(built.commit_nested(target, now)?),
+            replaces,
+        },
+        Err(same) => Built::Same(same),
+    };
     Ok(Some(Prebuilt {
-        sub,
+        built,
+        path: target.to_string(),
         dirtab,
         nodes: cs.nodes.len(),
-        replaces,
     }))
 }
 
@@ -1012,22 +1053,26 @@ fn prebuild_base(
     Ok(tree.mounted(target)?.filter(|m| m.nested == 0).map(Some))
 }
 
-/// For a catalog built at `target` in `built` to replace `old` (mounted there in `base`):
-/// makes it `old`'s next revision, and answers whether it differs from `old` at all (one
-/// with the same rows is not worth a new catalog: the commit leaves `old` as it is). A new
-/// path (no `old`) always succeeds.
+/// What a catalog built at `target` in `built` is to the catalog `old` mounted there in
+/// `base` (`None`: a new path): `Ok(old)` when it replaces `old`, as `old`'s next revision
+/// (made so here); `Err(old)` when it has the very rows of `old` (not worth a new catalog: the
+/// commit keeps `old`).
 fn succeeds(
     built: &mut CatalogTree<'_>,
     target: &str,
-    old: Option<&Mounted>,
+    old: Option<Mounted>,
     base: &mut CatalogTree<'_>,
-) -> Result<bool, RepoError> {
+) -> Result<Result<Option<Mounted>, Mounted>, RepoError> {
     let Some(old) = old else {
-        return Ok(true);
+        return Ok(Ok(None));
     };
-    built.follow(target, old)?;
+    built.follow(target, &old)?;
     // A comparison that fails counts as a difference: the new catalog is correct either way.
-    Ok(!built.same_rows(target, base).unwrap_or(false))
+    Ok(if built.same_rows(target, base).unwrap_or(false) {
+        Err(old)
+    } else {
+        Ok(Some(old))
+    })
 }
 
 /// A [`prebuild`] that builds while the tar is still read: a thread adds the rows of what the
@@ -1259,20 +1304,25 @@ fn stream_build(
                 false,
             )
             .ok()?;
-            if !succeeds(&mut tree, target, replaces.as_ref(), &mut base).ok()? {
-                return Some(None); // the same rows as the catalog there: none to graft
-            }
-            tree.commit_nested(target, now).ok().map(Some)
+            Some(
+                match succeeds(&mut tree, target, replaces, &mut base).ok()? {
+                    Ok(replaces) => Built::Catalogs {
+                        sub: Box::new(tree.commit_nested(target, now).ok()?),
+                        replaces,
+                    },
+                    // The same rows as the catalog there: none to graft.
+                    Err(same) => Built::Same(same),
+                },
+            )
         });
     drop(tmp);
     match streamed {
-        Some(Some(sub)) => Some(Prebuilt {
-            sub,
+        Some(built) => Some(Prebuilt {
+            built,
+            path: target.to_string(),
             dirtab,
             nodes: cs.nodes.len(),
-            replaces,
         }),
-        Some(None) => None,
         None => {
             drop(base);
             prebuild(cas, &cs, target, params, now).ok().flatten()
@@ -2650,21 +2700,77 @@ mod tests {
     }
 
     #[test]
-    fn a_release_published_again_unchanged_or_with_catalogs_below_it_is_not_prebuilt() {
+    fn a_release_published_again_unchanged_keeps_its_catalog_unopened_unless_it_changed_since() {
+        let now = 1_700_000_100;
+        let (f, raced, plain) = (fixture(), fixture(), fixture());
+        let tar = own_catalog_release("1", false);
+        for x in [&f, &raced, &plain] {
+            publish_cs(x, "/sw/a", &changeset_of(x, &tar), now);
+        }
+        let old = mounted_at(&f, "/sw/a").unwrap();
+        // The same release again: a new catalog would have the rows of the one there, which
+        // the commit keeps, streamed or from nothing.
+        let (mut cs, pre) = streamed(&f, &tar, "/sw/a", &params(), now + 10, &[]);
+        let pre = pre.expect("an unchanged release is recognised while it is read");
+        assert!(pre.unchanged());
+        assert_eq!((pre.catalog(), pre.replaces()), (&old, Some(&old)));
+        let again = prebuild(&f.cas, &cs, "/sw/a", &params(), now + 10)
+            .unwrap()
+            .unwrap();
+        assert!(again.unchanged());
+        assert_eq!(again.catalog(), &old);
+
+        // Its commit does not even open that catalog (here: cannot, it is away meanwhile).
+        cs.prebuilt = Some(Arc::new(pre));
+        let file = f._dir.path().join(old.path());
+        let kept = std::fs::read(&file).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        let got = publish(&f.cas, &f.keys, &[], now + 10, |t| {
+            apply_changeset(
+                t,
+                &f.cas,
+                &cs,
+                "/sw/a",
+                ApplyMode::Replace,
+                &params(),
+                now + 10,
+            )
+        })
+        .unwrap();
+        std::fs::write(&file, kept).unwrap();
+        assert!(crate::check::check(&f.cas, Some(&f.keys.master_pub), now + 100).ok());
+        assert_eq!(mounted_at(&f, "/sw/a"), Some(old));
+        assert!(!got.commit.written.contains(&old));
+        let want = publish_cs(&plain, "/sw/a", &changeset_of(&plain, &tar), now + 10);
+        assert_eq!(mounted_at(&plain, "/sw/a"), Some(old));
+        assert_same_repository((&f, &got), (&plain, &want));
+
+        // Another release published there between the prebuild and the commit: the commit
+        // puts this one back by editing, as without the prebuild.
+        let plain = fixture();
+        publish_cs(&plain, "/sw/a", &changeset_of(&plain, &tar), now);
+        let mut cs = changeset_of(&raced, &tar);
+        cs.prebuilt = prebuild(&raced.cas, &cs, "/sw/a", &params(), now + 10)
+            .unwrap()
+            .map(Arc::new);
+        assert!(cs.prebuilt.as_ref().unwrap().unchanged());
+        let other = own_catalog_release("3", false);
+        for x in [&raced, &plain] {
+            publish_cs(x, "/sw/a", &changeset_of(x, &other), now + 20);
+        }
+        let got = publish_cs(&raced, "/sw/a", &cs, now + 30);
+        let want = publish_cs(&plain, "/sw/a", &changeset_of(&plain, &tar), now + 30);
+        assert_same_repository((&raced, &got), (&plain, &want));
+        assert_eq!(dump(&raced, "/sw/a"), dump(&f, "/sw/a"));
+    }
+
+    #[test]
+    fn a_release_with_catalogs_below_its_own_is_not_prebuilt() {
         let now = 1_700_000_100;
         let f = fixture();
         let tar = own_catalog_release("1", false);
         publish_cs(&f, "/sw/a", &changeset_of(&f, &tar), now);
         let old = mounted_at(&f, "/sw/a").unwrap();
-        // The same release again: a new catalog would have the rows of the one there.
-        let (cs, pre) = streamed(&f, &tar, "/sw/a", &params(), now + 10, &[]);
-        assert!(pre.is_none());
-        assert!(prebuild(&f.cas, &cs, "/sw/a", &params(), now + 10)
-            .unwrap()
-            .is_none());
-        // And its commit keeps that catalog.
-        publish_cs(&f, "/sw/a", &cs, now + 10);
-        assert_eq!(mounted_at(&f, "/sw/a"), Some(old));
         // Changed, it is.
         let (_, pre) = streamed(
             &f,

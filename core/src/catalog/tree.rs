@@ -724,16 +724,9 @@ impl<'a> CatalogTree<'a> {
         Ok(())
     }
 
-    /// Mounts `sub` (as [`CatalogTree::graft`] does) in place of the stored catalog `old`, if
-    /// that is what the parent catalog lists at `sub.path` (and, if this edit opened it, it is
-    /// unchanged); returns whether it was. `old` need not be opened: its statistics, which
-    /// leave the parent's subtree counters, are `old.stats`.
-    pub fn replace_mounted(
-        &mut self,
-        sub: &BuiltSubtree,
-        old: &Mounted,
-    ) -> Result<bool, TreeError> {
-        let path = sub.path.as_str();
+    /// Whether the catalog mounted at `path` is still the stored catalog `old`: the parent
+    /// catalog lists exactly that catalog there and, if this edit opened it, left it unchanged.
+    pub fn still_mounted(&mut self, path: &str, old: &Mounted) -> Result<bool, TreeError> {
         if path.is_empty() {
             return Ok(false);
         }
@@ -743,18 +736,35 @@ impl<'a> CatalogTree<'a> {
             .nested()?
             .into_iter()
             .any(|n| n.path == path && n.hash == Some(old.catalog));
-        if !listed {
+        Ok(listed
+            && match self.by_mount.get(path) {
+                Some(&i) if !self.cats[i].removed => {
+                    !self.cats[i].dirty && self.cats[i].orig_hash == Some(old.catalog)
+                }
+                _ => true,
+            })
+    }
+
+    /// Mounts `sub` (as [`CatalogTree::graft`] does) in place of the stored catalog `old`, if
+    /// that is still the one there ([`CatalogTree::still_mounted`]); returns whether it was.
+    /// `old` need not be opened: its statistics, which leave the parent's subtree counters,
+    /// are `old.stats`.
+    pub fn replace_mounted(
+        &mut self,
+        sub: &BuiltSubtree,
+        old: &Mounted,
+    ) -> Result<bool, TreeError> {
+        let path = sub.path.as_str();
+        if !self.still_mounted(path, old)? {
             return Ok(false);
         }
         match self.by_mount.get(path) {
             Some(&i) if !self.cats[i].removed => {
-                if self.cats[i].dirty || self.cats[i].orig_hash != Some(old.catalog) {
-                    return Ok(false);
-                }
                 self.remove(path)?;
             }
             _ => {
                 // As `remove` takes a nested catalog's root, with the catalog left unopened.
+                let c = self.catalog_for(split_path(path).0)?;
                 self.unmount(c, path)?;
                 self.push(Loaded {
                     mountpoint: path.to_string(),
