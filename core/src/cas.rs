@@ -6,7 +6,9 @@
 //! Objects come in either whole (`put_bytes`) or streamed ([`Cas::begin`], name known only at the
 //! end). Nobody can ever observe a partial object: bytes go to a temporary file, are fsynced, and
 //! are renamed into place; the directory is fsynced so the rename survives a crash. Putting an
-//! object that exists is a no-op that reports [`PutOutcome::AlreadyPresent`] (dedup).
+//! object that exists is a no-op that reports [`PutOutcome::AlreadyPresent`] (dedup). Batches of
+//! objects ([`Cas::put_many`]) are made durable by filesystem syncs that the batches written at
+//! the same time share, before any of them is named.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -147,6 +149,101 @@ pub struct LocalCas {
     /// [`Cas::flush`] (fsynced there, once each, instead of once per object).
     pending_dirs: Option<std::sync::Mutex<std::collections::HashSet<PathBuf>>>,
     shards: Shards,
+    /// The filesystem syncs that make batches of new objects durable, shared by concurrent
+    /// batches.
+    syncs: SyncGroup,
+}
+
+/// Filesystem syncs shared by the batches written concurrently (group commit): a batch whose
+/// objects are written waits for the next `syncfs` to start after that — run by one of the
+/// batches waiting for it, for all of them — instead of running one of its own. One sync
+/// runs at a time; store threads that each synced their own batch of a few objects made a
+/// cold publish of the benchmark tree issue some ten thousand syncs and fsyncs (each a flush
+/// of the disk's cache), most of them overlapping and flushing the same data.
+#[derive(Debug, Default)]
+struct SyncGroup {
+    /// A descriptor of the storage's root, opened by the first batch: `syncfs` on it reports
+    /// each writeback error of the filesystem from then on, once.
+    fs: std::sync::OnceLock<Option<File>>,
+    state: std::sync::Mutex<SyncState>,
+    finished: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SyncState {
+    /// Syncs started and finished so far, numbered from 1 (one runs at a time).
+    started: u64,
+    done: u64,
+    running: bool,
+    /// Batches waiting for a sync to finish.
+    waiting: usize,
+    /// The newest syncs that reported an error, by number (a batch older than an error
+    /// forgotten is older than these too).
+    failed: std::collections::BTreeMap<u64, String>,
+}
+
+/// Sync errors remembered.
+const SYNC_ERRORS_KEPT: usize = 64;
+
+impl SyncGroup {
+    /// Taken by a batch before its writes: a sync error reported after this may concern them.
+    fn ticket(&self, root: &Path) -> io::Result<u64> {
+        if self.fs.get_or_init(|| File::open(root).ok()).is_none() {
+            return Err(File::open(root).err().unwrap_or_else(|| {
+                io::Error::other("the storage root cannot be opened for syncing")
+            }));
+        }
+        Ok(self.lock().done)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes everything written before this call durable: waits for a sync that starts after
+    /// it, running it unless another batch does. Fails if any sync that finished since
+    /// `ticket` reported an error (a writeback error is reported once, to whichever sync comes
+    /// next, so it may concern this batch's writes even if another batch's sync saw it).
+    fn sync(&self, ticket: u64) -> io::Result<()> {
+        let Some(Some(fs)) = self.fs.get() else {
+            return Err(io::Error::other("no ticket taken before the writes"));
+        };
+        self.sync_by(ticket, &|| sync_filesystem(fs))
+    }
+
+    /// [`SyncGroup::sync`] with `run` as the sync.
+    fn sync_by(&self, ticket: u64, run: &dyn Fn() -> io::Result<()>) -> io::Result<()> {
+        let mut s = self.lock();
+        // The running sync (if any) may have started before our writes ended: the next one.
+        let need = s.started + 1;
+        while s.done < need {
+            if s.running {
+                s.waiting += 1;
+                s = self.finished.wait(s).unwrap_or_else(|e| e.into_inner());
+                s.waiting -= 1;
+                continue;
+            }
+            s.running = true;
+            s.started += 1;
+            let n = s.started;
+            drop(s);
+            let r = run();
+            s = self.lock();
+            s.running = false;
+            s.done = n;
+            if let Err(e) = r {
+                s.failed.insert(n, e.to_string());
+                while s.failed.len() > SYNC_ERRORS_KEPT {
+                    s.failed.pop_first();
+                }
+            }
+            self.finished.notify_all();
+        }
+        match s.failed.range(ticket + 1..=need).next() {
+            Some((_, msg)) => Err(io::Error::other(msg.clone())),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Open descriptors of the shard directories `data/00`…`data/ff`, each opened on first use
@@ -250,6 +347,7 @@ impl LocalCas {
             durable: true,
             pending_dirs: None,
             shards: Shards::default(),
+            syncs: SyncGroup::default(),
         })
     }
 
@@ -271,6 +369,7 @@ impl LocalCas {
             durable: true,
             pending_dirs: None,
             shards: Shards::default(),
+            syncs: SyncGroup::default(),
         })
     }
 
@@ -566,6 +665,7 @@ impl PendingObject for LocalPending {
             durable: self.durable,
             pending_dirs: None,
             shards: Shards::default(),
+            syncs: SyncGroup::default(),
         };
         let dest = cas.object_path(id);
         if dest.exists() {
@@ -600,19 +700,19 @@ impl Cas for LocalCas {
         self.place(&tmp, &dest, true)
     }
 
-    /// A batch costs one filesystem sync instead of one fsync per object: every object is
-    /// written to a temporary name first, then the filesystem is synced once (`syncfs`), and
-    /// only then are the objects renamed into place — so a name still never points at unwritten
-    /// data, whatever the crash. The renames are made durable like single puts (at once, or by
+    /// A batch costs a share of one filesystem sync instead of one fsync per object: every
+    /// object is written to an unnamed (or temporary) file first, then the filesystem is synced
+    /// (`syncfs`, shared with the batches written meanwhile: see [`SyncGroup`]), and only then
+    /// are the objects named — so a name still never points at unwritten data, whatever the
+    /// crash. The names are made durable like single puts (by another shared sync, or by
     /// [`Cas::flush`] with deferred directory sync).
     fn put_many(&self, items: &[(ObjectId, &[u8])]) -> Vec<Result<PutOutcome, CasError>> {
-        if !self.durable || items.len() < 2 || !cfg!(target_os = "linux") {
+        if !self.durable || items.is_empty() || !cfg!(target_os = "linux") {
             return items.iter().map(|(id, d)| self.put_bytes(id, d)).collect();
         }
-        // Opened before the writes: syncfs reports writeback errors seen since its descriptor
-        // was opened.
-        let root = match File::open(&self.root) {
-            Ok(f) => f,
+        // Taken before the writes: a sync error reported from now on may concern them.
+        let ticket = match self.syncs.ticket(&self.root) {
+            Ok(t) => t,
             Err(e) => {
                 let msg = e.to_string();
                 return items
@@ -652,7 +752,7 @@ impl Cas for LocalCas {
         if written.is_empty() {
             return out;
         }
-        if let Err(e) = sync_filesystem(&root) {
+        if let Err(e) = self.syncs.sync(ticket) {
             let msg = e.to_string();
             for (i, u, _, _) in written {
                 u.discard();
@@ -680,7 +780,7 @@ impl Cas for LocalCas {
         match &self.pending_dirs {
             Some(set) => set.lock().unwrap_or_else(|e| e.into_inner()).extend(dirs),
             None => {
-                if let Err(e) = sync_filesystem(&root) {
+                if let Err(e) = self.syncs.sync(ticket) {
                     let msg = e.to_string();
                     for r in out
                         .iter_mut()
@@ -891,6 +991,149 @@ impl Cas for OverlayCas {
 mod tests {
     use super::*;
     use crate::hash::{Digest20, Suffix};
+
+    /// A sync run by a test: counts its runs, and blocks each until told to end (`Ok` or an
+    /// error) through `end`.
+    struct Gate {
+        runs: std::sync::atomic::AtomicUsize,
+        end: std::sync::Mutex<crossbeam_channel::Receiver<io::Result<()>>>,
+    }
+
+    impl Gate {
+        fn new() -> (Gate, crossbeam_channel::Sender<io::Result<()>>) {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let g = Gate {
+                runs: Default::default(),
+                end: std::sync::Mutex::new(rx),
+            };
+            (g, tx)
+        }
+
+        fn run(&self) -> io::Result<()> {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            self.end.lock().unwrap().recv().unwrap()
+        }
+    }
+
+    /// Waits until `n` batches wait for the sync running in `g`.
+    fn until_waiting(g: &SyncGroup, n: usize) {
+        let start = std::time::Instant::now();
+        while {
+            let s = g.lock();
+            s.waiting < n || !s.running
+        } {
+            assert!(start.elapsed().as_secs() < 10, "batches never came to wait");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn batches_written_while_a_sync_runs_share_the_next_one() {
+        let group = SyncGroup::default();
+        let (gate, end) = Gate::new();
+        std::thread::scope(|sc| {
+            let first = sc.spawn(|| group.sync_by(0, &|| gate.run()));
+            until_waiting(&group, 0);
+            // Three batches done writing while the first one's sync runs: that sync may have
+            // started before their writes, so they wait for the next, which one of them runs.
+            let late: Vec<_> = (0..3)
+                .map(|_| sc.spawn(|| group.sync_by(0, &|| gate.run())))
+                .collect();
+            until_waiting(&group, 3);
+            end.send(Ok(())).unwrap();
+            first.join().unwrap().unwrap();
+            end.send(Ok(())).unwrap();
+            for h in late {
+                h.join().unwrap().unwrap();
+            }
+        });
+        assert_eq!(gate.runs.load(Ordering::SeqCst), 2);
+        let s = group.lock();
+        assert_eq!((s.started, s.done), (2, 2));
+    }
+
+    #[test]
+    fn a_sync_error_fails_every_batch_written_before_it_was_reported() {
+        let group = SyncGroup::default();
+        let (gate, end) = Gate::new();
+        // Batch a began (its ticket) before the failing sync 1, which batch b ran; a's own
+        // sync (2) succeeds, but the error may have concerned a's writes.
+        let a_ticket = group.lock().done;
+        std::thread::scope(|sc| {
+            let b_ticket = group.lock().done;
+            let (group, gate) = (&group, &gate);
+            let b = sc.spawn(move || group.sync_by(b_ticket, &|| gate.run()));
+            until_waiting(group, 0);
+            let a = sc.spawn(|| group.sync_by(a_ticket, &|| gate.run()));
+            until_waiting(group, 1);
+            end.send(Err(io::Error::other("EIO on writeback"))).unwrap();
+            assert!(b.join().unwrap().unwrap_err().to_string().contains("EIO"));
+            end.send(Ok(())).unwrap();
+            assert!(a.join().unwrap().unwrap_err().to_string().contains("EIO"));
+        });
+        // A batch that began after the error was reported is not failed by it.
+        let c_ticket = group.lock().done;
+        end.send(Ok(())).unwrap();
+        group.sync_by(c_ticket, &|| gate.run()).unwrap();
+        assert_eq!(gate.runs.load(Ordering::SeqCst), 3);
+        // Errors beyond the ones remembered still fail a batch older than them, and the
+        // newest are remembered.
+        let (old, mut mid) = (group.lock().done, 0);
+        for _ in 0..SYNC_ERRORS_KEPT + 1 {
+            end.send(Err(io::Error::other("EIO"))).unwrap();
+            mid = group.lock().done;
+            assert!(group.sync_by(mid, &|| gate.run()).is_err());
+        }
+        let recent = group.lock().done;
+        end.send(Ok(())).unwrap();
+        assert!(group.sync_by(mid, &|| gate.run()).is_err());
+        end.send(Ok(())).unwrap();
+        assert!(group.sync_by(old, &|| gate.run()).is_err());
+        end.send(Ok(())).unwrap();
+        group.sync_by(recent, &|| gate.run()).unwrap();
+    }
+
+    #[test]
+    fn batches_from_many_threads_are_stored_whole_and_a_single_object_shares_the_syncs() {
+        let dir = tempfile::tempdir().unwrap();
+        let cas = LocalCas::create(dir.path()).unwrap();
+        let batches: Vec<Vec<(ObjectId, Vec<u8>)>> = (0..64)
+            .map(|b| {
+                (0..3)
+                    .map(|i| {
+                        let data = format!("batch {b} object {i}").into_bytes();
+                        (ObjectId::new(Digest20::of(&data), Suffix::None), data)
+                    })
+                    .collect()
+            })
+            .collect();
+        std::thread::scope(|sc| {
+            for chunk in batches.chunks(16) {
+                let cas = &cas;
+                sc.spawn(move || {
+                    for batch in chunk {
+                        let items: Vec<(ObjectId, &[u8])> =
+                            batch.iter().map(|(id, d)| (*id, &d[..])).collect();
+                        for r in cas.put_many(&items) {
+                            assert_eq!(r.unwrap(), PutOutcome::Stored);
+                        }
+                    }
+                });
+            }
+        });
+        for (id, data) in batches.iter().flatten() {
+            assert_eq!(&get_all(&cas, id).unwrap(), data);
+        }
+        let syncs = cas.syncs.lock().done;
+        assert!(syncs > 0);
+        // A single object goes through a shared sync as well.
+        let id = ObjectId::new(Digest20::of(b"alone"), Suffix::None);
+        assert_eq!(
+            cas.put_many(&[(id, &b"alone"[..])])[0].as_ref().unwrap(),
+            &PutOutcome::Stored
+        );
+        assert_eq!(cas.syncs.lock().done, syncs + 2);
+    }
 
     #[test]
     fn put_get_exists_list_and_dedup() {
