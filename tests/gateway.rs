@@ -699,3 +699,91 @@ fn a_scoped_token_moves_only_its_own_tags_through_the_gateway() {
         j["revision"].as_u64().unwrap()
     );
 }
+
+/// A second daemon publishing through the same gateway (its own spool, the same storage).
+fn second_publisher(dir: &Path, other: &Path) -> Daemon {
+    let text = std::fs::read_to_string(dir.join("config.yaml")).unwrap();
+    let text = text.replace(
+        &format!("spool_root: {}", dir.join("spool").display()),
+        &format!("spool_root: {}", other.join("spool").display()),
+    );
+    assert!(text.contains(&other.display().to_string()));
+    std::fs::write(other.join("config.yaml"), text).unwrap();
+    Daemon::start(other, &[("CVMFS_GATEWAY_SECRET", SECRET)])
+}
+
+/// A gateway commit whose answer the daemon never saw (it stopped right after the request)
+/// landed, and its named tag was then moved by another publisher's release of the same path:
+/// the job's marker is gone with the tag's description, so the resumed job cannot tell that it
+/// was published. It fails `commit-uncertain` instead of publishing its release again over the
+/// newer one (and taking the tag back). A job stopped after journaling its request but before
+/// sending it resumes and publishes once: the repository is still at the request's base.
+#[test]
+fn a_commit_that_landed_unseen_is_not_repeated_over_a_newer_release() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let gw = Double::start(dir.path(), &[], None);
+    let crash = [("CVMFS_PREPUB_TEST_CRASH", "manifest-written")];
+    let mut d = gateway_daemon(dir.path(), &gw, "", &crash);
+    let tar_a = tar_bytes(&tree("a"));
+    let a = d.submit_id(ADMIN, "/sw/a", &tar_a, Some("nightly"));
+    assert!(d.wait_exit(60), "no crash:\n{}", d.log_text());
+    drop(d);
+
+    let other = tempfile::tempdir().unwrap();
+    let d2 = second_publisher(dir.path(), other.path());
+    let b = d2.submit_id(ADMIN, "/sw/a", &tar_bytes(&tree("b")), Some("nightly"));
+    let jb = d2.wait_terminal(&b, 60);
+    assert_eq!(jb["state"], "published", "{jb}\n{}", d2.log_text());
+    assert_eq!(jb["revision"], 3, "{jb}");
+    drop(d2);
+
+    let d = Daemon::start(dir.path(), &[("CVMFS_GATEWAY_SECRET", SECRET)]);
+    let ja = d.wait_terminal(&a, 60);
+    assert_eq!(ja["state"], "failed", "{ja}\n{}", d.log_text());
+    assert_eq!(ja["error"]["code"], "commit-uncertain", "{ja}");
+    let msg = ja["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("'nightly'") && msg.contains("may have landed"),
+        "{msg}"
+    );
+    // The newer release and its tag stand.
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    verify(&repo, "/sw/a", &tree("b"));
+    drop(repo);
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    let nightly = history_tag(&cas, "nightly");
+    assert_eq!(nightly.revision, 3);
+    assert!(nightly
+        .description
+        .ends_with(&format!("[cvmfs-prepub job {b}]")));
+    assert_eq!(
+        prepub_core::repo::current_manifest(&cas)
+            .unwrap()
+            .unwrap()
+            .0
+            .revision,
+        3
+    );
+    drop(d);
+
+    // Stopped between journaling the request and sending it: nothing landed, so it resumes.
+    let crash = [
+        ("CVMFS_GATEWAY_SECRET", SECRET),
+        ("CVMFS_PREPUB_TEST_CRASH", "commit-requested"),
+    ];
+    let mut d = Daemon::start(dir.path(), &crash);
+    let c = d.submit_id(ADMIN, "/sw/a", &tar_a, Some("nightly"));
+    assert!(d.wait_exit(60), "no crash:\n{}", d.log_text());
+    drop(d);
+    let d = Daemon::start(dir.path(), &[("CVMFS_GATEWAY_SECRET", SECRET)]);
+    let jc = d.wait_terminal(&c, 60);
+    assert_eq!(jc["state"], "published", "{jc}\n{}", d.log_text());
+    assert_eq!(jc["revision"], 4, "{jc}");
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache2"));
+    verify(&repo, "/sw/a", &tree("a"));
+    drop(repo);
+    check(&d.storage);
+}

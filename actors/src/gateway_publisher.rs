@@ -404,6 +404,43 @@ fn already_committed(tags: &[prepub_core::history::Tag], job: &JobRecord) -> Opt
         })
 }
 
+/// Whether a commit request this job sent before (journaled in `sent_file`: its base root
+/// catalog) may have landed unseen, which a retry must not repeat blindly. A job without a tag
+/// of its own is recognised by its marker tag (`prepub-<job id>`, which nobody else gives or
+/// moves), so its commit did not land if `already_committed` found none. A job whose marker is
+/// in the description of a named tag cannot be told apart once another publish moved that tag:
+/// if the repository is no longer at the base of that request, the request may have been
+/// applied (and a second commit would publish the release again over whatever came since, and
+/// take the tag back), so the job fails `commit-uncertain` and leaves the decision to the
+/// operator. If the repository is still at that base, the request was not applied.
+fn sent_before(
+    sent_file: &std::path::Path,
+    current: &ObjectId,
+    job: &JobRecord,
+) -> Result<(), CommitError> {
+    let Ok(base) = std::fs::read_to_string(sent_file) else {
+        return Ok(());
+    };
+    let base = base.trim();
+    if let Some(tag) = job
+        .tag_name
+        .as_deref()
+        .filter(|_| base != current.to_string())
+    {
+        return Err(err(
+            "commit-uncertain",
+            format!(
+                "this job's earlier commit request (on root catalog {base}) went unanswered and may have landed: \
+                 the repository has changed since (root catalog {current}) and tag '{tag}' no longer marks this job's \
+                 revision; check the repository's history (cvmfs_server tag -l) and submit the release again if it is missing"
+            ),
+            false,
+        ));
+    }
+    let _ = std::fs::remove_file(sent_file);
+    Ok(())
+}
+
 /// Fails a scoped token's job whose tag the history holds as someone else's (checked again
 /// at every attempt: the tag may have been taken since the job was accepted).
 fn check_tag_owner(tags: &[prepub_core::history::Tag], job: &JobRecord) -> Result<(), CommitError> {
@@ -523,6 +560,8 @@ fn commit(
     // A lease this job held when the daemon stopped is journaled next to its change set:
     // give it back first, or the path stays busy until the gateway expires it.
     let lease_file = job.changeset.with_file_name("lease.token");
+    // The base of a commit request sent whose outcome this job has not seen (see `sent_before`).
+    let sent_file = job.changeset.with_file_name("commit.sent");
     if let Ok(old) = std::fs::read_to_string(&lease_file) {
         // Unreachable: kept, to be given back by the next attempt (a new lease on the path
         // waits for it meanwhile).
@@ -550,6 +589,7 @@ fn commit(
         if let Some(done) = already_committed(&tags, &job.job) {
             return Ok(done);
         }
+        sent_before(&sent_file, &m.root_catalog, &job.job)?;
         check_tag_owner(&tags, &job.job)?;
         let base = m.root_catalog;
         if !handshake_done {
@@ -704,6 +744,13 @@ fn commit(
             continue;
         }
         let (tag, desc) = tag_for(&job.job);
+        // Journaled before the request: if its answer is never seen (the daemon stops, the
+        // connection breaks), the next attempt knows that this commit may have landed.
+        if let Err(e) = prepub_core::spool::write_atomic(&sent_file, base.to_string().as_bytes()) {
+            release(true);
+            return Err(err("spool-write", e, true));
+        }
+        crate::testhook::point("commit-requested");
         match client.commit(
             &token,
             &format!("{base}"),
@@ -730,10 +777,12 @@ fn commit(
             }
             Err(GwError::Refused(r)) if r == "invalid lease" => {
                 release(false);
+                let _ = std::fs::remove_file(&sent_file); // refused: nothing landed
                 continue;
             }
             Err(GwError::Refused(r)) if r == "merge_error" => {
-                // Built on a manifest that lags behind the head: wait for it to advance and redo.
+                let _ = std::fs::remove_file(&sent_file); // refused: nothing landed
+                                                          // Built on a manifest that lags behind the head: wait for it to advance and redo.
                 release(true);
                 wait_manifest_change(
                     remote.as_ref(),
