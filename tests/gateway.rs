@@ -787,3 +787,51 @@ fn a_commit_that_landed_unseen_is_not_repeated_over_a_newer_release() {
     drop(repo);
     check(&d.storage);
 }
+
+/// A scoped token's tag that another publisher makes while this job's commit holds its lease
+/// (checked free before the lease) is seen by the check made again right before the commit
+/// request: the job fails `tag-taken`, the other publisher's tag stays where it was put, and
+/// the lease is given back.
+#[test]
+fn a_tag_made_by_another_publisher_during_the_lease_is_not_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let gw = Double::start(dir.path(), &[], None);
+    let hold = [("CVMFS_PREPUB_TEST_HOLD", "lease-acquired=6000")];
+    let d = gateway_daemon(dir.path(), &gw, "", &hold);
+    let t = tar_bytes(&tree("scoped"));
+    let id = d.submit_id(SCOPED, "/allowed/x", &t, Some("rel"));
+    let lease_file = dir.path().join("spool/jobs").join(&id).join("lease.token");
+    assert!(
+        eventually(30, || lease_file.exists()),
+        "no lease taken:\n{}",
+        d.log_text()
+    );
+    let other = tempfile::tempdir().unwrap();
+    let d2 = second_publisher(dir.path(), other.path());
+    let b = d2.submit_id(ADMIN, "/other", &tar_bytes(&tree("other")), Some("rel"));
+    let jb = d2.wait_terminal(&b, 60);
+    assert_eq!(jb["state"], "published", "{jb}\n{}", d2.log_text());
+    assert_eq!(d.job(&id)["state"], "committing", "held too briefly");
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    let rel = history_tag(&cas, "rel");
+
+    let j = d.wait_terminal(&id, 60);
+    assert_eq!(j["state"], "failed", "{j}\n{}", d.log_text());
+    assert_eq!(j["error"]["code"], "tag-taken", "{j}");
+    assert_eq!(history_tag(&cas, "rel"), rel);
+    assert_eq!(
+        prepub_core::repo::current_manifest(&cas)
+            .unwrap()
+            .unwrap()
+            .0
+            .revision,
+        jb["revision"].as_u64().unwrap()
+    );
+    assert!(!lease_file.exists());
+    // The lease went back: the same path publishes at once (with a tag of its own).
+    drop(d);
+    let d = Daemon::start(dir.path(), &[("CVMFS_GATEWAY_SECRET", SECRET)]);
+    let j = d.wait_terminal(&d.submit_id(SCOPED, "/allowed/x", &t, Some("mine")), 20);
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+}

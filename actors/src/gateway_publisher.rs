@@ -743,6 +743,28 @@ fn commit(
             release(true);
             continue;
         }
+        // A scoped token's tag, checked before the lease, may have been made by another
+        // publisher since (the gateway applies the commit's tag unconditionally): checked
+        // again as late as possible, right before the request.
+        if let (Some(_), Some(_)) = (&job.job.owner, &job.job.tag_name) {
+            let late = repo::current_manifest(remote.as_ref())
+                .map_err(|e| err("stratum0-unreadable", format!("{url}: {e}"), true))
+                .and_then(|m| {
+                    m.ok_or_else(|| {
+                        err(
+                            "stratum0-unreadable",
+                            format!("{url} has no .cvmfspublished"),
+                            true,
+                        )
+                    })
+                })
+                .and_then(|(m, _)| remote_tags(remote.as_ref(), &m))
+                .and_then(|tags| check_tag_owner(&tags, &job.job));
+            if let Err(e) = late {
+                release(true);
+                return Err(e);
+            }
+        }
         let (tag, desc) = tag_for(&job.job);
         // Journaled before the request: if its answer is never seen (the daemon stops, the
         // connection breaks), the next attempt knows that this commit may have landed.
