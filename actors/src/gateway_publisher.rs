@@ -799,12 +799,14 @@ fn commit(
             }
             Err(GwError::Refused(r)) if r == "invalid lease" => {
                 release(false);
-                let _ = std::fs::remove_file(&sent_file); // refused: nothing landed
+                // Refused: nothing landed.
+                let _ = std::fs::remove_file(&sent_file);
                 continue;
             }
             Err(GwError::Refused(r)) if r == "merge_error" => {
-                let _ = std::fs::remove_file(&sent_file); // refused: nothing landed
-                                                          // Built on a manifest that lags behind the head: wait for it to advance and redo.
+                // Refused: nothing landed. Built on a manifest that lags behind the head: wait
+                // for it to advance and redo.
+                let _ = std::fs::remove_file(&sent_file);
                 release(true);
                 wait_manifest_change(
                     remote.as_ref(),
