@@ -412,7 +412,9 @@ fn already_committed(tags: &[prepub_core::history::Tag], job: &JobRecord) -> Opt
 /// if the repository is no longer at the base of that request, the request may have been
 /// applied (and a second commit would publish the release again over whatever came since, and
 /// take the tag back), so the job fails `commit-uncertain` and leaves the decision to the
-/// operator. If the repository is still at that base, the request was not applied.
+/// operator. If the repository is still at that base, the request has not landed (yet): the
+/// job commits again, journaling its new request over the old one (a request that lands late
+/// makes the new one fail `merge_error`, and the next round finds the marker).
 fn sent_before(
     sent_file: &std::path::Path,
     current: &ObjectId,
@@ -437,7 +439,6 @@ fn sent_before(
             false,
         ));
     }
-    let _ = std::fs::remove_file(sent_file);
     Ok(())
 }
 
@@ -816,6 +817,11 @@ fn commit(
                 continue;
             }
             Err(e) => {
+                // A refusal is an answer (nothing landed); after a transport error the outcome
+                // is unknown, and the journaled request stays for the next attempt to weigh.
+                if !matches!(e, GwError::Transport(_)) {
+                    let _ = std::fs::remove_file(&sent_file);
+                }
                 // A failed commit cannot be retried on the same lease.
                 release(true);
                 return Err(gw_err(e));

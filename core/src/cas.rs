@@ -162,9 +162,10 @@ pub struct LocalCas {
 /// of the disk's cache), most of them overlapping and flushing the same data.
 #[derive(Debug, Default)]
 struct SyncGroup {
-    /// A descriptor of the storage's root, opened by the first batch: `syncfs` on it reports
-    /// each writeback error of the filesystem from then on, once.
-    fs: std::sync::OnceLock<Option<File>>,
+    /// A descriptor of the storage's root, opened by the first batch (a failed open is tried
+    /// again by the next): `syncfs` on it reports each writeback error of the filesystem from
+    /// then on, once.
+    fs: std::sync::OnceLock<File>,
     state: std::sync::Mutex<SyncState>,
     finished: std::sync::Condvar,
 }
@@ -188,12 +189,17 @@ const SYNC_ERRORS_KEPT: usize = 64;
 impl SyncGroup {
     /// Taken by a batch before its writes: a sync error reported after this may concern them.
     fn ticket(&self, root: &Path) -> io::Result<u64> {
-        if self.fs.get_or_init(|| File::open(root).ok()).is_none() {
-            return Err(File::open(root).err().unwrap_or_else(|| {
-                io::Error::other("the storage root cannot be opened for syncing")
-            }));
+        if self.fs.get().is_none() {
+            let _ = self.fs.set(File::open(root)?);
         }
         Ok(self.lock().done)
+    }
+
+    /// Whether a sync runs or batches wait for one: a batch of one object then shares it
+    /// (else it is cheaper to fsync that one file than to sync the whole filesystem).
+    fn busy(&self) -> bool {
+        let s = self.lock();
+        s.running || s.waiting > 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SyncState> {
@@ -205,7 +211,7 @@ impl SyncGroup {
     /// `ticket` reported an error (a writeback error is reported once, to whichever sync comes
     /// next, so it may concern this batch's writes even if another batch's sync saw it).
     fn sync(&self, ticket: u64) -> io::Result<()> {
-        let Some(Some(fs)) = self.fs.get() else {
+        let Some(fs) = self.fs.get() else {
             return Err(io::Error::other("no ticket taken before the writes"));
         };
         self.sync_by(ticket, &|| sync_filesystem(fs))
@@ -700,14 +706,19 @@ impl Cas for LocalCas {
         self.place(&tmp, &dest, true)
     }
 
-    /// A batch costs a share of one filesystem sync instead of one fsync per object: every
+    /// A batch costs a share of one filesystem sync instead of one fsync per object (a single
+    /// object joins only a sync that others wait for or run already): every
     /// object is written to an unnamed (or temporary) file first, then the filesystem is synced
     /// (`syncfs`, shared with the batches written meanwhile: see [`SyncGroup`]), and only then
     /// are the objects named — so a name still never points at unwritten data, whatever the
     /// crash. The names are made durable like single puts (by another shared sync, or by
     /// [`Cas::flush`] with deferred directory sync).
     fn put_many(&self, items: &[(ObjectId, &[u8])]) -> Vec<Result<PutOutcome, CasError>> {
-        if !self.durable || items.is_empty() || !cfg!(target_os = "linux") {
+        if !self.durable
+            || items.is_empty()
+            || (items.len() == 1 && !self.syncs.busy())
+            || !cfg!(target_os = "linux")
+        {
             return items.iter().map(|(id, d)| self.put_bytes(id, d)).collect();
         }
         // Taken before the writes: a sync error reported from now on may concern them.
@@ -1094,7 +1105,7 @@ mod tests {
     }
 
     #[test]
-    fn batches_from_many_threads_are_stored_whole_and_a_single_object_shares_the_syncs() {
+    fn batches_from_many_threads_are_stored_whole_and_a_single_object_joins_only_a_busy_sync() {
         let dir = tempfile::tempdir().unwrap();
         let cas = LocalCas::create(dir.path()).unwrap();
         let batches: Vec<Vec<(ObjectId, Vec<u8>)>> = (0..64)
@@ -1126,13 +1137,22 @@ mod tests {
         }
         let syncs = cas.syncs.lock().done;
         assert!(syncs > 0);
-        // A single object goes through a shared sync as well.
+        // A single object alone is fsynced by itself (no filesystem sync); one that comes
+        // while a sync runs or is waited for joins the next one.
         let id = ObjectId::new(Digest20::of(b"alone"), Suffix::None);
         assert_eq!(
             cas.put_many(&[(id, &b"alone"[..])])[0].as_ref().unwrap(),
             &PutOutcome::Stored
         );
-        assert_eq!(cas.syncs.lock().done, syncs + 2);
+        assert_eq!(get_all(&cas, &id).unwrap(), b"alone");
+        assert_eq!(cas.syncs.lock().done, syncs);
+        assert!(!cas.syncs.busy());
+        cas.syncs.lock().running = true;
+        assert!(cas.syncs.busy());
+        let mut s = cas.syncs.lock();
+        (s.running, s.waiting) = (false, 1);
+        drop(s);
+        assert!(cas.syncs.busy());
     }
 
     #[test]
