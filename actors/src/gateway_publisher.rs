@@ -392,6 +392,22 @@ fn remote_tags(
     hist.tags().map_err(|e| err("stratum0-unreadable", e, true))
 }
 
+/// The Stratum 0's current manifest and certificate (at `url`, for messages).
+fn stratum0_manifest(
+    remote: &dyn Cas,
+    url: &str,
+) -> Result<(prepub_core::manifest::Manifest, String), CommitError> {
+    repo::current_manifest(remote)
+        .map_err(|e| err("stratum0-unreadable", format!("{url}: {e}"), true))?
+        .ok_or_else(|| {
+            err(
+                "stratum0-unreadable",
+                format!("{url} has no .cvmfspublished"),
+                true,
+            )
+        })
+}
+
 /// The job's revision if its commit is already in the repository's history (`tags`).
 fn already_committed(tags: &[prepub_core::history::Tag], job: &JobRecord) -> Option<JobResult> {
     let mark = marker(job);
@@ -576,15 +592,7 @@ fn commit(
     }
     let mut handshake_done = false;
     for _round in 0..5 {
-        let (m, cert_pem) = repo::current_manifest(remote.as_ref())
-            .map_err(|e| err("stratum0-unreadable", format!("{url}: {e}"), true))?
-            .ok_or_else(|| {
-                err(
-                    "stratum0-unreadable",
-                    format!("{url} has no .cvmfspublished"),
-                    true,
-                )
-            })?;
+        let (m, cert_pem) = stratum0_manifest(remote.as_ref(), &url)?;
         verify_whitelist(s, repo_name, remote.as_ref(), &cert_pem)?;
         let tags = remote_tags(remote.as_ref(), &m)?;
         if let Some(done) = already_committed(&tags, &job.job) {
@@ -748,17 +756,7 @@ fn commit(
         // publisher since (the gateway applies the commit's tag unconditionally): checked
         // again as late as possible, right before the request.
         if let (Some(_), Some(_)) = (&job.job.owner, &job.job.tag_name) {
-            let late = repo::current_manifest(remote.as_ref())
-                .map_err(|e| err("stratum0-unreadable", format!("{url}: {e}"), true))
-                .and_then(|m| {
-                    m.ok_or_else(|| {
-                        err(
-                            "stratum0-unreadable",
-                            format!("{url} has no .cvmfspublished"),
-                            true,
-                        )
-                    })
-                })
+            let late = stratum0_manifest(remote.as_ref(), &url)
                 .and_then(|(m, _)| remote_tags(remote.as_ref(), &m))
                 .and_then(|tags| check_tag_owner(&tags, &job.job));
             if let Err(e) = late {
