@@ -300,6 +300,8 @@ pub fn read_tar_streamed<R: Read>(
         stream,
         batch: Vec::new(),
         last_pending: false,
+        queued: Vec::new(),
+        queued_bytes: 0,
     };
     let cs = read_tar_with(input, top_level, limits, &mut sink, now);
     // What this job taught the index is written while the job goes on (lookups find it held
@@ -685,7 +687,16 @@ struct ParallelSink<'a> {
     batch: Vec<Streamed>,
     /// The last [`FileSink::file`] left its entry pending.
     last_pending: bool,
+    /// Small tasks not handed to the pipeline yet (see [`TASK_BATCH`]), and their bytes.
+    queued: Vec<Task>,
+    queued_bytes: usize,
 }
+
+/// Small files go to the encode pipeline in batches of up to this many tasks or
+/// [`TASK_BATCH_BYTES`]: one hand-over and one wake-up of an encoder thread for many files
+/// instead of one each (a tree of small files spent more on those than on hashing them).
+const TASK_BATCH: usize = 32;
+const TASK_BATCH_BYTES: usize = 256 << 10;
 
 /// Entries told to the stream at a time.
 const STREAM_BATCH: usize = 256;
@@ -700,7 +711,8 @@ impl ParallelSink<'_> {
         self.owner.push(self.files.len());
         self.results.push(None);
         if let Some(tx) = &self.tx {
-            self.pipeline.submit(Task {
+            self.queued_bytes += data.len();
+            self.queued.push(Task {
                 tag,
                 data,
                 suffix,
@@ -709,8 +721,19 @@ impl ParallelSink<'_> {
                 index: self.index.clone(),
                 reply: tx.clone(),
             });
+            if self.queued.len() >= TASK_BATCH || self.queued_bytes >= TASK_BATCH_BYTES {
+                self.hand_over();
+            }
         }
         tag
+    }
+
+    /// Hands the queued tasks to the pipeline.
+    fn hand_over(&mut self) {
+        if !self.queued.is_empty() {
+            self.queued_bytes = 0;
+            self.pipeline.submit_batch(std::mem::take(&mut self.queued));
+        }
     }
 }
 
@@ -947,6 +970,7 @@ impl FileSink for ParallelSink<'_> {
     }
 
     fn finish(&mut self, cs: &mut ChangeSet) -> Result<(), IntakeError> {
+        self.hand_over();
         self.tx = None;
         self.collect(true);
         self.flush_stream();

@@ -113,26 +113,38 @@ const BATCH_BYTES: usize = 64 << 20;
 
 /// Bytes in flight between submit and store.
 struct Budget {
-    used: Mutex<usize>,
+    used: Mutex<Used>,
     freed: Condvar,
     limit: usize,
+}
+
+#[derive(Default)]
+struct Used {
+    bytes: usize,
+    /// Submitters waiting for bytes to be freed: a release wakes them only when there are
+    /// some (a wake-up is a system call, and there is a release per object).
+    waiting: usize,
 }
 
 impl Budget {
     fn acquire(&self, n: usize) {
         let n = n.min(self.limit);
         let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        while *u + n > self.limit && *u > 0 {
+        while u.bytes + n > self.limit && u.bytes > 0 {
+            u.waiting += 1;
             u = self.freed.wait(u).unwrap_or_else(|e| e.into_inner());
+            u.waiting -= 1;
         }
-        *u += n;
+        u.bytes += n;
     }
 
     fn release(&self, n: usize) {
         let n = n.min(self.limit);
         let mut u = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        *u = u.saturating_sub(n);
-        self.freed.notify_all();
+        u.bytes = u.bytes.saturating_sub(n);
+        if u.waiting > 0 {
+            self.freed.notify_all();
+        }
     }
 }
 
@@ -162,7 +174,7 @@ impl StorePool {
     pub fn new(io_workers: usize, budget_bytes: usize) -> StorePool {
         let io_workers = io_workers.max(1);
         let budget = Arc::new(Budget {
-            used: Mutex::new(0),
+            used: Mutex::new(Used::default()),
             freed: Condvar::new(),
             limit: budget_bytes.max(32 << 20),
         });
@@ -284,10 +296,61 @@ fn store_batch(batch: Vec<Put>, stats: &StoreStats, budget: &Budget, inflight: &
 /// write of a new entry later), so the index only grows and slows a tree of tiny files.
 pub const INDEX_MIN: usize = 512;
 
+/// Encodes one task and hands its object to the store threads (or answers it at once: content
+/// the raw-content index knows, content encoded right now by another task, an encoder panic).
+/// False when the store threads are gone.
+fn encode_task(mut t: Task, budget: &Budget, inflight: &Inflight, io_tx: &Sender<Put>) -> bool {
+    let key = RawKey::of(&t.data, t.compression, t.suffix);
+    if t.data.len() < INDEX_MIN {
+        t.index = None;
+    }
+    // Content encoded before, still stored: one SHA-1 pass, no zlib, no put.
+    if let Some(ix) = &t.index {
+        if let Some((id, stored)) = ix.lookup(&key, t.cas.as_ref()) {
+            budget.release(t.data.len());
+            let _ = t.reply.send(Encoded {
+                tag: t.tag,
+                result: Ok((id, stored, PutOutcome::AlreadyPresent)),
+            });
+            return true;
+        }
+    }
+    // The same content is being encoded right now: its outcome answers.
+    let claim = (store_addr(&t.cas), key);
+    if !inflight.claim(claim, t.tag, &t.reply) {
+        budget.release(t.data.len());
+        return true;
+    }
+    // A panic must not swallow the reply: the submitter would wait forever.
+    let Ok(bytes) = std::panic::catch_unwind(|| encode(&t.data, t.compression)) else {
+        let result = Err(CasError::Io {
+            op: "encode",
+            path: String::new(),
+            source: std::io::Error::other("encoder panicked"),
+        });
+        budget.release(t.data.len());
+        inflight.settle(&claim, &result);
+        let _ = t.reply.send(Encoded { tag: t.tag, result });
+        return true;
+    };
+    let id = ObjectId::new(Digest20(Sha1::digest(&bytes).into()), t.suffix);
+    let put = Put {
+        tag: t.tag,
+        id,
+        bytes,
+        raw_len: t.data.len(),
+        cas: t.cas,
+        index: t.index.map(|ix| (ix, key)),
+        inflight: claim,
+        reply: t.reply,
+    };
+    io_tx.send(put).is_ok()
+}
+
 /// The CPU side: threads that compress and hash, feeding a [`StorePool`].
 #[derive(Clone)]
 pub struct Pipeline {
-    cpu: Sender<Task>,
+    cpu: Sender<Vec<Task>>,
     budget: Arc<Budget>,
     cpu_workers: usize,
 }
@@ -315,63 +378,20 @@ impl Pipeline {
         } else {
             cpu_workers
         };
-        let (cpu_tx, cpu_rx) = bounded::<Task>(cpu_workers * 2);
+        let (cpu_tx, cpu_rx) = bounded::<Vec<Task>>(cpu_workers * 2);
         for i in 0..cpu_workers {
-            let rx: Receiver<Task> = cpu_rx.clone();
+            let rx: Receiver<Vec<Task>> = cpu_rx.clone();
             let io_tx = store.tx.clone();
             let budget = store.budget.clone();
             let inflight = store.inflight.clone();
             let _ = thread::Builder::new()
                 .name(format!("cpu-{i}"))
                 .spawn(move || {
-                    while let Ok(mut t) = rx.recv() {
-                        let key = RawKey::of(&t.data, t.compression, t.suffix);
-                        if t.data.len() < INDEX_MIN {
-                            t.index = None;
-                        }
-                        // Content encoded before, still stored: one SHA-1 pass, no zlib, no put.
-                        if let Some(ix) = &t.index {
-                            if let Some((id, stored)) = ix.lookup(&key, t.cas.as_ref()) {
-                                budget.release(t.data.len());
-                                let _ = t.reply.send(Encoded {
-                                    tag: t.tag,
-                                    result: Ok((id, stored, PutOutcome::AlreadyPresent)),
-                                });
-                                continue;
+                    while let Ok(tasks) = rx.recv() {
+                        for t in tasks {
+                            if !encode_task(t, &budget, &inflight, &io_tx) {
+                                return;
                             }
-                        }
-                        // The same content is being encoded right now: its outcome answers.
-                        let claim = (store_addr(&t.cas), key);
-                        if !inflight.claim(claim, t.tag, &t.reply) {
-                            budget.release(t.data.len());
-                            continue;
-                        }
-                        // A panic must not swallow the reply: the submitter would wait forever.
-                        let Ok(bytes) = std::panic::catch_unwind(|| encode(&t.data, t.compression))
-                        else {
-                            let result = Err(CasError::Io {
-                                op: "encode",
-                                path: String::new(),
-                                source: std::io::Error::other("encoder panicked"),
-                            });
-                            budget.release(t.data.len());
-                            inflight.settle(&claim, &result);
-                            let _ = t.reply.send(Encoded { tag: t.tag, result });
-                            continue;
-                        };
-                        let id = ObjectId::new(Digest20(Sha1::digest(&bytes).into()), t.suffix);
-                        let put = Put {
-                            tag: t.tag,
-                            id,
-                            bytes,
-                            raw_len: t.data.len(),
-                            cas: t.cas,
-                            index: t.index.map(|ix| (ix, key)),
-                            inflight: claim,
-                            reply: t.reply,
-                        };
-                        if io_tx.send(put).is_err() {
-                            return;
                         }
                     }
                 });
@@ -389,20 +409,36 @@ impl Pipeline {
 
     /// Hands a task to the pool; blocks while the byte budget or the queue is full.
     pub fn submit(&self, t: Task) {
-        self.budget.acquire(t.data.len());
-        let n = t.data.len();
-        if let Err(e) = self.cpu.send(t) {
-            // The pool is gone (process shutting down): report the task as failed.
-            self.budget.release(n);
-            let t = e.into_inner();
-            let _ = t.reply.send(Encoded {
-                tag: t.tag,
-                result: Err(CasError::Io {
-                    op: "encode",
-                    path: String::new(),
-                    source: std::io::Error::other("encoder pool stopped"),
-                }),
-            });
+        self.submit_batch(vec![t]);
+    }
+
+    /// Hands several tasks to the pool at once, to be encoded one after the other by one
+    /// thread (small files: one hand-over and one wake-up for many); blocks while the byte
+    /// budget or the queue is full.
+    pub fn submit_batch(&self, tasks: Vec<Task>) {
+        let total: usize = tasks.iter().map(|t| t.data.len()).sum();
+        if tasks.len() > 1 && total > self.budget.limit {
+            // More than the budget: one at a time, so that the bytes taken are the bytes
+            // released (a batch takes its bytes before it is handed over).
+            for t in tasks {
+                self.submit_batch(vec![t]);
+            }
+            return;
+        }
+        self.budget.acquire(total);
+        if let Err(e) = self.cpu.send(tasks) {
+            // The pool is gone (process shutting down): report the tasks as failed.
+            for t in e.into_inner() {
+                self.budget.release(t.data.len());
+                let _ = t.reply.send(Encoded {
+                    tag: t.tag,
+                    result: Err(CasError::Io {
+                        op: "encode",
+                        path: String::new(),
+                        source: std::io::Error::other("encoder pool stopped"),
+                    }),
+                });
+            }
         }
     }
 }
@@ -445,6 +481,46 @@ mod tests {
         assert_eq!(st.stored.load(Relaxed), 3);
         assert_eq!(st.errors.load(Relaxed), 0);
         assert_eq!(cas.list().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn a_batch_is_encoded_whole_and_one_larger_than_the_budget_goes_one_task_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(dir.path()).unwrap());
+        // The smallest budget a pool takes (32 MiB).
+        let store = StorePool::new(2, 0);
+        let p = Pipeline::with_store(2, &store);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let task = |tag: usize, data: Vec<u8>| Task {
+            tag,
+            data,
+            suffix: Suffix::None,
+            compression: Compression::Zlib(6),
+            cas: cas.clone(),
+            index: None,
+            reply: tx.clone(),
+        };
+        // Small files, duplicates among them, in two batches.
+        let small = |i: usize| format!("file {}", i % 7).repeat(40).into_bytes();
+        p.submit_batch((0..20).map(|i| task(i, small(i))).collect());
+        p.submit_batch((20..40).map(|i| task(i, small(i))).collect());
+        // Three tasks of 20 MiB: more than the budget at once (had the batch's tasks taken
+        // their bytes one by one before it was handed over, it would wait for its own bytes
+        // forever).
+        let big = |i: usize| vec![i as u8; 20 << 20];
+        p.submit_batch((40..43).map(|i| task(i, big(i))).collect());
+        let mut answered = std::collections::BTreeSet::new();
+        for _ in 0..43 {
+            let e = rx
+                .recv_timeout(std::time::Duration::from_secs(120))
+                .expect("every task is answered");
+            let (id, _, _) = e.result.unwrap();
+            let raw = if e.tag < 40 { small(e.tag) } else { big(e.tag) };
+            assert_eq!(id.digest, Digest20::of(&zlib_compress(&raw, 6)));
+            answered.insert(e.tag);
+        }
+        assert_eq!(answered.len(), 43);
+        assert_eq!(cas.list().unwrap().len(), 7 + 3);
     }
 
     #[test]
