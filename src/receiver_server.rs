@@ -424,19 +424,24 @@ async fn authorized_body(
     req: &HttpRequest,
     repo: &str,
     mut payload: web::Payload,
+    limit: BodyLimit,
 ) -> Result<web::Bytes, HttpResponse> {
     use actix_web::http::StatusCode;
     use futures_util::StreamExt;
     let creds = credentials(st, req, repo).map_err(|r| *r)?;
+    let (max_body, what) = match limit {
+        BodyLimit::Configured => (st.max_body, "server.max_body_size"),
+        BodyLimit::Inventory => (
+            st.max_body.min(prepub_core::receiver::INVENTORY_BODY_MAX),
+            "the limit of an inventory request",
+        ),
+    };
     let too_large = || {
         st.metrics.rejected.with_label_values(&["too-large"]).inc();
         err(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too-large",
-            format!(
-                "the body exceeds server.max_body_size ({} bytes)",
-                st.max_body
-            ),
+            format!("the body exceeds {what} ({max_body} bytes)"),
         )
     };
     let declared = req
@@ -444,7 +449,7 @@ async fn authorized_body(
         .get(actix_web::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|n| n > st.max_body) {
+    if declared.is_some_and(|n| n > max_body) {
         return Err(too_large());
     }
     let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
@@ -454,7 +459,7 @@ async fn authorized_body(
     };
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|e| err(StatusCode::BAD_REQUEST, "bad-request", e))?;
-        if body.len() + chunk.len() > st.max_body {
+        if body.len() + chunk.len() > max_body {
             return Err(too_large());
         }
         if let Some((h, _)) = hasher.as_mut() {
@@ -476,6 +481,15 @@ async fn authorized_body(
         }
     }
     Ok(body.freeze())
+}
+
+/// How large a signed request's body may be.
+#[derive(Clone, Copy)]
+enum BodyLimit {
+    /// `server.max_body_size`.
+    Configured,
+    /// An inventory's: at most [`prepub_core::receiver::INVENTORY_BODY_MAX`].
+    Inventory,
 }
 
 fn receive_error(st: &State, e: ReceiveError) -> HttpResponse {
@@ -645,7 +659,7 @@ async fn announce(
     payload: web::Payload,
     st: Shared,
 ) -> HttpResponse {
-    let body = match authorized_body(&st, &req, &repo, payload).await {
+    let body = match authorized_body(&st, &req, &repo, payload, BodyLimit::Configured).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -674,7 +688,7 @@ async fn inventory(
     payload: web::Payload,
     st: Shared,
 ) -> HttpResponse {
-    let body = match authorized_body(&st, &req, &repo, payload).await {
+    let body = match authorized_body(&st, &req, &repo, payload, BodyLimit::Inventory).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -702,7 +716,7 @@ async fn put_object(
     payload: web::Payload,
     st: Shared,
 ) -> HttpResponse {
-    let body = match authorized_body(&st, &req, &path.0, payload).await {
+    let body = match authorized_body(&st, &req, &path.0, payload, BodyLimit::Configured).await {
         Ok(b) => b,
         Err(r) => return r,
     };
@@ -752,7 +766,7 @@ async fn put_batch(
     payload: web::Payload,
     st: Shared,
 ) -> HttpResponse {
-    let body = match authorized_body(&st, &req, &repo, payload).await {
+    let body = match authorized_body(&st, &req, &repo, payload, BodyLimit::Configured).await {
         Ok(b) => b,
         Err(r) => return r,
     };

@@ -536,3 +536,49 @@ fn a_body_that_is_not_the_signed_one_is_refused() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text());
 }
+
+#[test]
+fn an_inventory_of_more_names_than_a_request_may_hold_is_refused_before_it_is_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = start(dir.path());
+    let path = format!("/api/v1/repos/{REPO}/inventory");
+    let name = |i: usize| {
+        let mut d = [0u8; 20];
+        d[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        ObjectId::new(Digest20(d), Suffix::None).to_string()
+    };
+    let body = |n: usize| {
+        serde_json::to_vec(&serde_json::json!({"objects": (0..n).map(name).collect::<Vec<_>>()}))
+            .unwrap()
+    };
+    // The most a request may ask about is answered.
+    let most = prepub_core::receiver::INVENTORY_MAX;
+    let v: serde_json::Value = signed("POST", &r.url, &path, body(most), RSECRET, now())
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(v["missing"].as_array().unwrap().len(), most);
+    // One name more: refused, naming the limit.
+    let resp = signed("POST", &r.url, &path, body(most + 1), RSECRET, now())
+        .send()
+        .unwrap();
+    let (status, c) = code(resp);
+    assert_eq!((status, c.as_str()), (400, "bad-request"));
+    // A body larger than any such request (padded with spaces, still valid JSON): refused
+    // as too large, though far below server.max_body_size (1 GiB by default).
+    let mut padded = body(10);
+    padded.extend(std::iter::repeat_n(
+        b' ',
+        prepub_core::receiver::INVENTORY_BODY_MAX,
+    ));
+    let resp = signed("POST", &r.url, &path, padded, RSECRET, now())
+        .send()
+        .unwrap();
+    assert_eq!(code(resp), (413, "too-large".to_string()));
+    // The receiver still answers.
+    assert_eq!(
+        inventory(&r, &[ObjectId::new(Digest20([7; 20]), Suffix::None)]).len(),
+        1
+    );
+}

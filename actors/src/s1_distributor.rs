@@ -19,6 +19,11 @@ use prepub_core::hash::{ObjectId, Suffix};
 use prepub_core::intake::ChangeSet;
 use prepub_core::spool::AckLog;
 
+/// Object names per inventory request (a receiver takes at most
+/// [`prepub_core::receiver::INVENTORY_MAX`]).
+const INVENTORY_BATCH: usize = 5000;
+const _: () = assert!(INVENTORY_BATCH <= prepub_core::receiver::INVENTORY_MAX);
+
 /// Settings shared by all distributors.
 #[derive(Debug, Clone)]
 pub struct DistributionSettings {
@@ -386,7 +391,7 @@ pub fn push_objects(
         }
         missing = lacking;
     }
-    for batch in objects.chunks(5000).filter(|_| told.is_none()) {
+    for batch in objects.chunks(INVENTORY_BATCH).filter(|_| told.is_none()) {
         let body = serde_json::to_vec(&serde_json::json!({"objects": batch.iter().map(|i| i.to_string()).collect::<Vec<_>>()})).unwrap_or_default();
         let v = p.ok_retrying("POST", &format!("/api/v1/repos/{repo}/inventory"), &body)?;
         let lacks = missing_in(&v)?;

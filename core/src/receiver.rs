@@ -151,6 +151,12 @@ impl Receiver {
     }
 }
 
+/// Most object names one inventory request may ask about (a publisher asks in batches of
+/// 5,000), and the most bytes its body may have: a receiver holds the request whole while it
+/// answers, so this, not `server.max_body_size`, bounds what one request costs it.
+pub const INVENTORY_MAX: usize = 50_000;
+pub const INVENTORY_BODY_MAX: usize = INVENTORY_MAX * 64;
+
 /// The body of an inventory request (`{"objects": ["<hash>[suffix]", …]}`): the object names,
 /// or why the body is refused.
 pub fn parse_inventory(body: &[u8]) -> Result<Vec<ObjectId>, String> {
@@ -159,6 +165,12 @@ pub fn parse_inventory(body: &[u8]) -> Result<Vec<ObjectId>, String> {
         objects: Vec<String>,
     }
     let inv: Inventory = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    if inv.objects.len() > INVENTORY_MAX {
+        return Err(format!(
+            "{} object names in one inventory; at most {INVENTORY_MAX}",
+            inv.objects.len()
+        ));
+    }
     inv.objects
         .iter()
         .map(|s| ObjectId::parse(s).map_err(|_| "an object name is not a hash".to_string()))
