@@ -65,6 +65,9 @@ struct State {
     unpaced: bool,
     /// The writer is waiting for the reader to read.
     writer_waits: bool,
+    /// The reader is waiting for bytes: only then does the writer wake it (a wake-up is a
+    /// system call, and there are two per received piece).
+    reader_waits: bool,
     /// The reader was dropped: nobody to wait for.
     reader_gone: bool,
     /// The most bytes the window held.
@@ -155,7 +158,9 @@ impl Growing {
         s.window.push_back(piece);
         s.trim();
         s.held_peak = s.held_peak.max(s.window_bytes);
-        self.changed.notify_all();
+        if s.reader_waits {
+            self.changed.notify_all();
+        }
         let (floor, stall_max) = self.pacing.unwrap_or((PACE_FLOOR, PACE_STALL_MAX));
         let waiting = Instant::now();
         while !s.unpaced && !s.reader_gone && s.received - s.read > WINDOW as u64 {
@@ -190,7 +195,9 @@ impl Growing {
             s.window_bytes = 0;
         }
         s.trim();
-        self.changed.notify_all();
+        if s.reader_waits {
+            self.changed.notify_all();
+        }
     }
 
     /// The writer is done: `complete` when every byte is written, false when the upload was cut
@@ -294,12 +301,14 @@ impl Read for FollowReader {
                             // Not `Interrupted`: readers retry that.
                             return Err(io::Error::other("stopped while waiting for the upload"));
                         }
+                        s.reader_waits = true;
                         s = self
                             .growing
                             .changed
                             .wait_timeout(s, STOP_CHECK)
                             .unwrap_or_else(PoisonError::into_inner)
-                            .0
+                            .0;
+                        s.reader_waits = false;
                     }
                 }
             }

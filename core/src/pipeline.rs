@@ -389,8 +389,25 @@ impl Pipeline {
                 .spawn(move || {
                     while let Ok(tasks) = rx.recv() {
                         for t in tasks {
-                            if !encode_task(t, &budget, &inflight, &io_tx) {
-                                return;
+                            let (tag, n, reply) = (t.tag, t.data.len(), t.reply.clone());
+                            let run = || encode_task(t, &budget, &inflight, &io_tx);
+                            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                                Ok(true) => {}
+                                Ok(false) => return,
+                                // Before its content was claimed (the encoding has its own
+                                // guard): answered, so neither the submitter nor the rest
+                                // of the batch is lost with it.
+                                Err(_) => {
+                                    budget.release(n);
+                                    let _ = reply.send(Encoded {
+                                        tag,
+                                        result: Err(CasError::Io {
+                                            op: "encode",
+                                            path: String::new(),
+                                            source: std::io::Error::other("encoder panicked"),
+                                        }),
+                                    });
+                                }
                             }
                         }
                     }
@@ -414,17 +431,12 @@ impl Pipeline {
 
     /// Hands several tasks to the pool at once, to be encoded one after the other by one
     /// thread (small files: one hand-over and one wake-up for many); blocks while the byte
-    /// budget or the queue is full.
+    /// budget or the queue is full. A batch should be much smaller than the budget: one
+    /// larger takes the whole budget and gives back more, for a while letting more in.
     pub fn submit_batch(&self, tasks: Vec<Task>) {
+        // Taken at once (task by task, a batch larger than the budget would wait for its own
+        // bytes): a batch counts as at most the whole budget.
         let total: usize = tasks.iter().map(|t| t.data.len()).sum();
-        if tasks.len() > 1 && total > self.budget.limit {
-            // More than the budget: one at a time, so that the bytes taken are the bytes
-            // released (a batch takes its bytes before it is handed over).
-            for t in tasks {
-                self.submit_batch(vec![t]);
-            }
-            return;
-        }
         self.budget.acquire(total);
         if let Err(e) = self.cpu.send(tasks) {
             // The pool is gone (process shutting down): report the tasks as failed.
@@ -484,7 +496,7 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_is_encoded_whole_and_one_larger_than_the_budget_goes_one_task_at_a_time() {
+    fn a_batch_is_encoded_whole_even_one_larger_than_the_budget() {
         let dir = tempfile::tempdir().unwrap();
         let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(dir.path()).unwrap());
         // The smallest budget a pool takes (32 MiB).
@@ -506,7 +518,7 @@ mod tests {
         p.submit_batch((20..40).map(|i| task(i, small(i))).collect());
         // Three tasks of 20 MiB: more than the budget at once (had the batch's tasks taken
         // their bytes one by one before it was handed over, it would wait for its own bytes
-        // forever).
+        // forever). Afterwards the budget is free again.
         let big = |i: usize| vec![i as u8; 20 << 20];
         p.submit_batch((40..43).map(|i| task(i, big(i))).collect());
         let mut answered = std::collections::BTreeSet::new();
@@ -521,6 +533,92 @@ mod tests {
         }
         assert_eq!(answered.len(), 43);
         assert_eq!(cas.list().unwrap().len(), 7 + 3);
+        assert_eq!(p.budget.used.lock().unwrap().bytes, 0);
+    }
+
+    /// A store whose size lookups panic (the raw-content index verifies what it finds with
+    /// them); everything else is the local store's.
+    struct PanickingSize(LocalCas);
+
+    impl Cas for PanickingSize {
+        fn exists(&self, id: &ObjectId) -> Result<bool, CasError> {
+            self.0.exists(id)
+        }
+        fn put_bytes(&self, id: &ObjectId, data: &[u8]) -> Result<PutOutcome, CasError> {
+            self.0.put_bytes(id, data)
+        }
+        fn begin(&self) -> Result<Box<dyn crate::cas::PendingObject>, CasError> {
+            self.0.begin()
+        }
+        fn get(&self, id: &ObjectId) -> Result<Box<dyn std::io::Read + Send>, CasError> {
+            self.0.get(id)
+        }
+        fn size(&self, _: &ObjectId) -> Result<u64, CasError> {
+            panic!("size lookup failed")
+        }
+        fn list(&self) -> Result<Vec<ObjectId>, CasError> {
+            self.0.list()
+        }
+        fn put_root_file(&self, name: &str, data: &[u8]) -> Result<(), CasError> {
+            self.0.put_root_file(name, data)
+        }
+        fn get_root_file(&self, name: &str) -> Result<Option<Vec<u8>>, CasError> {
+            self.0.get_root_file(name)
+        }
+        fn describe(&self) -> String {
+            self.0.describe()
+        }
+    }
+
+    #[test]
+    fn a_task_that_panics_is_answered_and_the_rest_of_its_batch_encoded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cas: Arc<dyn Cas> = Arc::new(PanickingSize(
+            LocalCas::create(&dir.path().join("cas")).unwrap(),
+        ));
+        let ix = Arc::new(RawIndex::open(&dir.path().join("raw.db")).unwrap());
+        let known = vec![b'k'; 4096];
+        let key = RawKey::of(&known, Compression::Zlib(6), Suffix::None);
+        ix.record(&key, &ObjectId::new(Digest20([1; 20]), Suffix::None), 10);
+        // One encoder: the whole batch is its.
+        let store = StorePool::new(1, 64 << 20);
+        let p = Pipeline::with_store(1, &store);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let task = |tag: usize, data: Vec<u8>, index: Option<Arc<RawIndex>>| Task {
+            tag,
+            data,
+            suffix: Suffix::None,
+            compression: Compression::Zlib(6),
+            cas: cas.clone(),
+            index,
+            reply: tx.clone(),
+        };
+        p.submit_batch(vec![
+            task(0, known.clone(), Some(ix.clone())),
+            task(1, vec![b'a'; 1000], None),
+            task(2, vec![b'b'; 1000], None),
+        ]);
+        let mut got = std::collections::BTreeMap::new();
+        for _ in 0..3 {
+            let e = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("every task of the batch is answered");
+            got.insert(e.tag, e.result);
+        }
+        assert!(matches!(&got[&0], Err(CasError::Io { op: "encode", .. })));
+        for (tag, byte) in [(1, b'a'), (2, b'b')] {
+            let (id, _, outcome) = got[&tag].as_ref().unwrap();
+            assert_eq!(*outcome, PutOutcome::Stored);
+            assert_eq!(id.digest, Digest20::of(&zlib_compress(&[byte; 1000], 6)));
+        }
+        // The encoder lives on.
+        p.submit(task(3, vec![b'c'; 1000], None));
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap()
+            .result
+            .is_ok());
+        assert_eq!(p.budget.used.lock().unwrap().bytes, 0);
     }
 
     #[test]
