@@ -687,13 +687,14 @@ struct ParallelSink<'a> {
     batch: Vec<Streamed>,
     /// The last [`FileSink::file`] left its entry pending.
     last_pending: bool,
-    /// Small tasks not handed to the pipeline yet (see [`TASK_BATCH`]), and their bytes.
+    /// Tasks not handed to the pipeline yet (see [`TASK_BATCH`]), and their bytes.
     queued: Vec<Task>,
     queued_bytes: usize,
 }
 
-/// Small files go to the encode pipeline in batches of up to this many tasks or
-/// [`TASK_BATCH_BYTES`]: one hand-over and one wake-up of an encoder thread for many files
+/// Tasks go to the encode pipeline in batches, handed over once this many or
+/// [`TASK_BATCH_BYTES`] are queued (a large file or chunk at once, with what was queued
+/// before it): one hand-over and one wake-up of an encoder thread for many small files
 /// instead of one each (a tree of small files spent more on those than on hashing them).
 const TASK_BATCH: usize = 32;
 const TASK_BATCH_BYTES: usize = 256 << 10;
