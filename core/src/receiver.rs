@@ -162,19 +162,45 @@ pub const INVENTORY_BODY_MAX: usize = INVENTORY_MAX * 64;
 pub fn parse_inventory(body: &[u8]) -> Result<Vec<ObjectId>, String> {
     #[derive(serde::Deserialize)]
     struct Inventory {
-        objects: Vec<String>,
+        objects: Names,
     }
     let inv: Inventory = serde_json::from_slice(body).map_err(|e| e.to_string())?;
-    if inv.objects.len() > INVENTORY_MAX {
-        return Err(format!(
-            "{} object names in one inventory; at most {INVENTORY_MAX}",
-            inv.objects.len()
-        ));
+    Ok(inv.objects.0)
+}
+
+/// The names of an inventory, parsed one by one: a list longer than [`INVENTORY_MAX`] is
+/// refused at the name past it, before more is held.
+struct Names(Vec<ObjectId>);
+
+impl<'de> serde::Deserialize<'de> for Names {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Names, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Names;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "a list of at most {INVENTORY_MAX} object names")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Names, A::Error> {
+                use serde::de::Error;
+                let mut out = Vec::new();
+                while let Some(name) = seq.next_element::<String>()? {
+                    if out.len() == INVENTORY_MAX {
+                        return Err(A::Error::custom(format!(
+                            "more than {INVENTORY_MAX} object names in one inventory"
+                        )));
+                    }
+                    let id = ObjectId::parse(&name)
+                        .map_err(|_| A::Error::custom("an object name is not a hash"))?;
+                    out.push(id);
+                }
+                Ok(Names(out))
+            }
+        }
+        d.deserialize_seq(Visit)
     }
-    inv.objects
-        .iter()
-        .map(|s| ObjectId::parse(s).map_err(|_| "an object name is not a hash".to_string()))
-        .collect()
 }
 
 /// The string a receiver request signature covers: method, path, SHA-256 of the body (hex), the
@@ -305,6 +331,32 @@ mod tests {
     use super::*;
     use crate::cas::LocalCas;
     use crate::hash::Suffix;
+
+    #[test]
+    fn an_inventory_is_refused_at_the_name_past_the_most_it_may_hold() {
+        let names = |n: usize, bad: Option<usize>| {
+            let list: Vec<String> = (0..n)
+                .map(|i| match bad {
+                    Some(b) if b == i => "not-a-hash".to_string(),
+                    _ => {
+                        let mut d = [0u8; 20];
+                        d[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                        ObjectId::new(Digest20(d), Suffix::Partial).to_string()
+                    }
+                })
+                .collect();
+            serde_json::to_vec(&serde_json::json!({ "objects": list })).unwrap()
+        };
+        let ids = parse_inventory(&names(INVENTORY_MAX, None)).unwrap();
+        assert_eq!(ids.len(), INVENTORY_MAX);
+        assert_eq!(ids[5].suffix, Suffix::Partial);
+        let e = parse_inventory(&names(INVENTORY_MAX + 1, None)).unwrap_err();
+        assert!(e.contains("more than 50000 object names"), "{e}");
+        let e = parse_inventory(&names(3, Some(1))).unwrap_err();
+        assert!(e.contains("not a hash"), "{e}");
+        assert!(parse_inventory(b"{}").is_err());
+        assert!(parse_inventory(br#"{"objects": "x"}"#).is_err());
+    }
 
     #[test]
     fn bloom_has_no_false_negatives() {
