@@ -25,7 +25,7 @@ use prepub_core::growing::FollowReader;
 use prepub_core::intake::{read_tar_streamed, ChangeSet, IntakeError, IntakeLimits};
 use prepub_core::jobs::Progress;
 use prepub_core::object::EncodeParams;
-use prepub_core::pipeline::{Pipeline, StorePool};
+use prepub_core::pipeline::{Batcher, Pipeline, StorePool};
 use prepub_core::repo::PrebuildStream;
 
 /// What finished processing reports.
@@ -193,13 +193,19 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
             .target
             .cas(true)
             .map_err(|e| io_err("cas-unavailable", e.to_string()))?;
+        let batcher = Batcher::new(pipeline);
         let input: Box<dyn Read> = match t.tar {
             // Read around the page cache, in blocks, like the upload it was written as.
             TarSource::Spool(ref p) => Box::new(DirectReader::new(
                 std::fs::File::open(p).map_err(|e| io_err("spool-read", e.to_string()))?,
                 true,
             )),
-            TarSource::Upload(r) => Box::new(r),
+            TarSource::Upload(mut r) => {
+                // Nothing held back while the reader waits for the client's bytes.
+                let b = batcher.clone();
+                r.before_wait(Box::new(move || b.hand_over()));
+                Box::new(r)
+            }
         };
         let watched = Watched {
             inner: input,
@@ -225,7 +231,7 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
             None
         };
         let tell = stream.as_ref().and_then(|s| s.sender());
-        let cs = read_tar_streamed(watched, top_level, &t.params, &t.limits, cas, pipeline, now, tell).map_err(|e| {
+        let cs = read_tar_streamed(watched, top_level, &t.params, &t.limits, cas, &batcher, now, tell).map_err(|e| {
             if t.abort.load(Ordering::Relaxed) {
                 return ProcessError {
                     code: "aborted",

@@ -216,6 +216,7 @@ impl Growing {
             file: DirectReader::new(file, true),
             growing: self.clone(),
             stop: None,
+            before_wait: None,
         }
     }
 }
@@ -260,12 +261,19 @@ pub struct FollowReader {
     file: DirectReader,
     growing: Arc<Growing>,
     stop: Option<Arc<AtomicBool>>,
+    before_wait: Option<Box<dyn FnMut() + Send>>,
 }
 
 impl FollowReader {
     /// A reader waiting for bytes gives up (with an error) once `flag` is set.
     pub fn stop_when(&mut self, flag: Arc<AtomicBool>) {
         self.stop = Some(flag);
+    }
+
+    /// `f` runs (on the reading thread) whenever a read is about to wait for the upload:
+    /// work the reader holds back for later is handed on before it sits idle.
+    pub fn before_wait(&mut self, f: Box<dyn FnMut() + Send>) {
+        self.before_wait = Some(f);
     }
 }
 
@@ -284,6 +292,7 @@ impl Read for FollowReader {
                 .state
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
+            let mut told = false;
             loop {
                 if s.received > pos {
                     break;
@@ -300,6 +309,17 @@ impl Read for FollowReader {
                         if self.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
                             // Not `Interrupted`: readers retry that.
                             return Err(io::Error::other("stopped while waiting for the upload"));
+                        }
+                        if let Some(f) = self.before_wait.as_mut().filter(|_| !told) {
+                            told = true;
+                            drop(s);
+                            f();
+                            s = self
+                                .growing
+                                .state
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner);
+                            continue;
                         }
                         s.reader_waits = true;
                         s = self
@@ -552,6 +572,35 @@ mod tests {
         r.read_to_end(&mut got).unwrap();
         writer.join().unwrap();
         assert!(got == want);
+    }
+
+    #[test]
+    fn the_reader_runs_its_hook_only_before_it_waits() {
+        let (_d, mut w, g, mut r) = pair();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = calls.clone();
+        r.before_wait(Box::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        }));
+        w.write_all(b"0123456789").unwrap();
+        g.grew(10);
+        let mut buf = [0u8; 4];
+        assert_eq!(r.read(&mut buf).unwrap(), 4);
+        assert_eq!(calls.load(Ordering::SeqCst), 0, "bytes were there: no wait");
+        let mut rest = [0u8; 16];
+        assert_eq!(r.read(&mut rest).unwrap(), 6);
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            w.write_all(b"abc").unwrap();
+            g.grew(13);
+            g.finish(true);
+        });
+        // Caught up: the hook runs once, then the read waits for the writer's bytes.
+        assert_eq!(r.read(&mut rest).unwrap(), 3);
+        assert_eq!(&rest[..3], b"abc");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        writer.join().unwrap();
+        assert_eq!(r.read(&mut rest).unwrap(), 0);
     }
 
     #[test]

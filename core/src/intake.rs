@@ -21,7 +21,7 @@ use crate::chunker::Xor32Detector;
 use crate::hash::{ObjectId, Suffix};
 use crate::object::FileChunk;
 use crate::object::{encode_file, EncodeError, EncodeParams, FileContent};
-use crate::pipeline::{Pipeline, Task};
+use crate::pipeline::{Batcher, Pipeline, Task};
 
 /// Limits enforced while reading a tar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,7 +247,8 @@ pub fn read_tar_parallel<R: Read>(
     pipeline: &Pipeline,
     now: i64,
 ) -> Result<ChangeSet, IntakeError> {
-    read_tar_streamed(input, top_level, params, limits, cas, pipeline, now, None)
+    let batcher = Batcher::new(pipeline);
+    read_tar_streamed(input, top_level, params, limits, cas, &batcher, now, None)
 }
 
 /// What the change set being read holds so far, told while the tar is read (in an order where
@@ -277,7 +278,7 @@ pub fn read_tar_streamed<R: Read>(
     params: &EncodeParams,
     limits: &IntakeLimits,
     cas: impl Into<IndexedCas>,
-    pipeline: &Pipeline,
+    batcher: &Arc<Batcher>,
     now: i64,
     stream: Option<crossbeam_channel::Sender<Vec<Streamed>>>,
 ) -> Result<ChangeSet, IntakeError> {
@@ -288,7 +289,7 @@ pub fn read_tar_streamed<R: Read>(
         cas,
         index,
         params: *params,
-        pipeline,
+        batcher: batcher.clone(),
         tx: Some(tx),
         rx,
         next_tag: 0,
@@ -300,8 +301,6 @@ pub fn read_tar_streamed<R: Read>(
         stream,
         batch: Vec::new(),
         last_pending: false,
-        queued: Vec::new(),
-        queued_bytes: 0,
     };
     let cs = read_tar_with(input, top_level, limits, &mut sink, now);
     // What this job taught the index is written while the job goes on (lookups find it held
@@ -666,11 +665,11 @@ struct PendingFile {
 
 /// Hands file bodies to the encode pipeline: small files whole, large ones as content-defined
 /// chunks cut here (cheap) and compressed there (expensive).
-struct ParallelSink<'a> {
+struct ParallelSink {
     cas: Arc<dyn Cas>,
     index: Option<Arc<crate::rawindex::RawIndex>>,
     params: EncodeParams,
-    pipeline: &'a Pipeline,
+    batcher: Arc<Batcher>,
     /// Dropped in `finish`, so a task whose reply was lost ends the wait instead of hanging it.
     tx: Option<crossbeam_channel::Sender<crate::pipeline::Encoded>>,
     rx: crossbeam_channel::Receiver<crate::pipeline::Encoded>,
@@ -687,17 +686,7 @@ struct ParallelSink<'a> {
     batch: Vec<Streamed>,
     /// The last [`FileSink::file`] left its entry pending.
     last_pending: bool,
-    /// Tasks not handed to the pipeline yet (see [`TASK_BATCH`]), and their bytes.
-    queued: Vec<Task>,
-    queued_bytes: usize,
 }
-
-/// Tasks go to the encode pipeline in batches, handed over once this many or
-/// [`TASK_BATCH_BYTES`] are queued (a large file or chunk at once, with what was queued
-/// before it): one hand-over and one wake-up of an encoder thread for many small files
-/// instead of one each (a tree of small files spent more on those than on hashing them).
-const TASK_BATCH: usize = 32;
-const TASK_BATCH_BYTES: usize = 256 << 10;
 
 /// Entries told to the stream at a time.
 const STREAM_BATCH: usize = 256;
@@ -705,15 +694,14 @@ const STREAM_BATCH: usize = 256;
 /// Files up to this size are read whole and encoded as one task when not chunked.
 const WHOLE_FILE_MAX: u64 = 16 << 20;
 
-impl ParallelSink<'_> {
+impl ParallelSink {
     fn submit(&mut self, data: Vec<u8>, suffix: Suffix) -> usize {
         let tag = self.next_tag;
         self.next_tag += 1;
         self.owner.push(self.files.len());
         self.results.push(None);
         if let Some(tx) = &self.tx {
-            self.queued_bytes += data.len();
-            self.queued.push(Task {
+            self.batcher.push(Task {
                 tag,
                 data,
                 suffix,
@@ -722,23 +710,12 @@ impl ParallelSink<'_> {
                 index: self.index.clone(),
                 reply: tx.clone(),
             });
-            if self.queued.len() >= TASK_BATCH || self.queued_bytes >= TASK_BATCH_BYTES {
-                self.hand_over();
-            }
         }
         tag
     }
-
-    /// Hands the queued tasks to the pipeline.
-    fn hand_over(&mut self) {
-        if !self.queued.is_empty() {
-            self.queued_bytes = 0;
-            self.pipeline.submit_batch(std::mem::take(&mut self.queued));
-        }
-    }
 }
 
-impl ParallelSink<'_> {
+impl ParallelSink {
     /// Takes the answers that arrived (waiting for all of them when `all`), and tells the
     /// stream each file they complete.
     fn collect(&mut self, all: bool) {
@@ -840,7 +817,7 @@ fn read_full(body: &mut dyn Read, buf: &mut [u8]) -> Result<usize, io::Error> {
     }
 }
 
-impl FileSink for ParallelSink<'_> {
+impl FileSink for ParallelSink {
     fn file(
         &mut self,
         rel: &str,
@@ -971,7 +948,7 @@ impl FileSink for ParallelSink<'_> {
     }
 
     fn finish(&mut self, cs: &mut ChangeSet) -> Result<(), IntakeError> {
-        self.hand_over();
+        self.batcher.hand_over();
         self.tx = None;
         self.collect(true);
         self.flush_stream();

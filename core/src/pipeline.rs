@@ -347,6 +347,56 @@ fn encode_task(mut t: Task, budget: &Budget, inflight: &Inflight, io_tx: &Sender
     io_tx.send(put).is_ok()
 }
 
+/// Tasks go to the encoder threads in batches, handed over once this many or
+/// [`TASK_BATCH_BYTES`] are queued (a large file or chunk at once, with what was queued before
+/// it): one hand-over and one wake-up of an encoder for many small files instead of one each
+/// (a tree of small files spent more on those than on hashing them).
+pub const TASK_BATCH: usize = 32;
+pub const TASK_BATCH_BYTES: usize = 256 << 10;
+
+/// Tasks one submitter (a tar's reader) holds back to hand to a [`Pipeline`] together: at
+/// [`TASK_BATCH`] tasks or [`TASK_BATCH_BYTES`], and whenever [`Batcher::hand_over`] is called —
+/// at the tar's end, and before the reader waits for its input (an upload still arriving), so
+/// that nothing sits queued while the reader is idle.
+pub struct Batcher {
+    pipeline: Pipeline,
+    queued: Mutex<(Vec<Task>, usize)>,
+}
+
+impl Batcher {
+    pub fn new(pipeline: &Pipeline) -> Arc<Batcher> {
+        Arc::new(Batcher {
+            pipeline: pipeline.clone(),
+            queued: Mutex::new((Vec::new(), 0)),
+        })
+    }
+
+    /// Queues `t`, handing the batch over once it is full.
+    pub fn push(&self, t: Task) {
+        let full = {
+            let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+            q.1 += t.data.len();
+            q.0.push(t);
+            q.0.len() >= TASK_BATCH || q.1 >= TASK_BATCH_BYTES
+        };
+        if full {
+            self.hand_over();
+        }
+    }
+
+    /// Hands whatever is queued to the pipeline (blocking while its budget or queue is full).
+    pub fn hand_over(&self) {
+        let tasks = {
+            let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
+            q.1 = 0;
+            std::mem::take(&mut q.0)
+        };
+        if !tasks.is_empty() {
+            self.pipeline.submit_batch(tasks);
+        }
+    }
+}
+
 /// The CPU side: threads that compress and hash, feeding a [`StorePool`].
 #[derive(Clone)]
 pub struct Pipeline {

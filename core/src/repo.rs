@@ -2463,7 +2463,7 @@ mod tests {
             params,
             &IntakeLimits::default(),
             cas,
-            &pipeline,
+            &crate::pipeline::Batcher::new(&pipeline),
             now,
             Some(tell),
         )
