@@ -270,7 +270,9 @@ pub enum Streamed {
     Leaf { rel: String, entry: Entry },
 }
 
-/// [`read_tar_parallel`] that also tells `stream` what it reads, as it reads it.
+/// [`read_tar_parallel`] that also tells `stream` what it reads, as it reads it, handing its
+/// tasks to the pipeline through `batcher` (whose [`Batcher::hand_over`] the input may call
+/// before it waits: see [`crate::growing::FollowReader::before_wait`]).
 #[allow(clippy::too_many_arguments)]
 pub fn read_tar_streamed<R: Read>(
     input: R,
