@@ -296,6 +296,15 @@ fn store_batch(batch: Vec<Put>, stats: &StoreStats, budget: &Budget, inflight: &
 /// write of a new entry later), so the index only grows and slows a tree of tiny files.
 pub const INDEX_MIN: usize = 512;
 
+/// A task that could not be encoded: `why` (the encoder panicked, the pool stopped).
+fn not_encoded(why: &str) -> CasError {
+    CasError::Io {
+        op: "encode",
+        path: String::new(),
+        source: std::io::Error::other(why.to_string()),
+    }
+}
+
 /// Encodes one task and hands its object to the store threads (or answers it at once: content
 /// the raw-content index knows, content encoded right now by another task, an encoder panic).
 /// False when the store threads are gone.
@@ -323,11 +332,7 @@ fn encode_task(mut t: Task, budget: &Budget, inflight: &Inflight, io_tx: &Sender
     }
     // A panic must not swallow the reply: the submitter would wait forever.
     let Ok(bytes) = std::panic::catch_unwind(|| encode(&t.data, t.compression)) else {
-        let result = Err(CasError::Io {
-            op: "encode",
-            path: String::new(),
-            source: std::io::Error::other("encoder panicked"),
-        });
+        let result = Err(not_encoded("encoder panicked"));
         budget.release(t.data.len());
         inflight.settle(&claim, &result);
         let _ = t.reply.send(Encoded { tag: t.tag, result });
@@ -360,14 +365,14 @@ pub const TASK_BATCH_BYTES: usize = 256 << 10;
 /// that nothing sits queued while the reader is idle.
 pub struct Batcher {
     pipeline: Pipeline,
-    queued: Mutex<(Vec<Task>, usize)>,
+    queued: Mutex<Vec<Task>>,
 }
 
 impl Batcher {
     pub fn new(pipeline: &Pipeline) -> Arc<Batcher> {
         Arc::new(Batcher {
             pipeline: pipeline.clone(),
-            queued: Mutex::new((Vec::new(), 0)),
+            queued: Mutex::new(Vec::new()),
         })
     }
 
@@ -375,9 +380,9 @@ impl Batcher {
     pub fn push(&self, t: Task) {
         let full = {
             let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
-            q.1 += t.data.len();
-            q.0.push(t);
-            q.0.len() >= TASK_BATCH || q.1 >= TASK_BATCH_BYTES
+            q.push(t);
+            q.len() >= TASK_BATCH
+                || q.iter().map(|t| t.data.len()).sum::<usize>() >= TASK_BATCH_BYTES
         };
         if full {
             self.hand_over();
@@ -386,11 +391,7 @@ impl Batcher {
 
     /// Hands whatever is queued to the pipeline (blocking while its budget or queue is full).
     pub fn hand_over(&self) {
-        let tasks = {
-            let mut q = self.queued.lock().unwrap_or_else(|e| e.into_inner());
-            q.1 = 0;
-            std::mem::take(&mut q.0)
-        };
+        let tasks = std::mem::take(&mut *self.queued.lock().unwrap_or_else(|e| e.into_inner()));
         if !tasks.is_empty() {
             self.pipeline.submit_batch(tasks);
         }
@@ -451,11 +452,7 @@ impl Pipeline {
                                     budget.release(n);
                                     let _ = reply.send(Encoded {
                                         tag,
-                                        result: Err(CasError::Io {
-                                            op: "encode",
-                                            path: String::new(),
-                                            source: std::io::Error::other("encoder panicked"),
-                                        }),
+                                        result: Err(not_encoded("encoder panicked")),
                                     });
                                 }
                             }
@@ -494,11 +491,7 @@ impl Pipeline {
                 self.budget.release(t.data.len());
                 let _ = t.reply.send(Encoded {
                     tag: t.tag,
-                    result: Err(CasError::Io {
-                        op: "encode",
-                        path: String::new(),
-                        source: std::io::Error::other("encoder pool stopped"),
-                    }),
+                    result: Err(not_encoded("encoder pool stopped")),
                 });
             }
         }
