@@ -166,26 +166,30 @@ impl<R: Read> Read for Budget<R> {
 
 /// Normalises a tar member name into a relative path (`""` for the archive root).
 pub fn normalize(raw: &[u8]) -> Result<String, IntakeError> {
-    let shown = String::from_utf8_lossy(raw).into_owned();
+    let shown = || String::from_utf8_lossy(raw).into_owned();
     if raw.contains(&0) {
-        return Err(IntakeError::Nul(shown));
+        return Err(IntakeError::Nul(shown()));
     }
-    let s = std::str::from_utf8(raw).map_err(|_| IntakeError::NotUtf8(shown.clone()))?;
+    let s = std::str::from_utf8(raw).map_err(|_| IntakeError::NotUtf8(shown()))?;
     if s.starts_with('/') {
-        return Err(IntakeError::Absolute(shown));
+        return Err(IntakeError::Absolute(shown()));
     }
-    let mut parts = Vec::new();
+    let mut p = String::with_capacity(s.len());
     for c in s.split('/') {
         match c {
             "" | "." => continue,
-            ".." => return Err(IntakeError::DotDot(shown)),
-            c if c.len() > 255 => return Err(IntakeError::TooLong(shown)),
-            c => parts.push(c),
+            ".." => return Err(IntakeError::DotDot(shown())),
+            c if c.len() > 255 => return Err(IntakeError::TooLong(shown())),
+            c => {
+                if !p.is_empty() {
+                    p.push('/');
+                }
+                p.push_str(c);
+            }
         }
     }
-    let p = parts.join("/");
     if p.len() > 4096 {
-        return Err(IntakeError::TooLong(shown));
+        return Err(IntakeError::TooLong(shown()));
     }
     Ok(p)
 }
@@ -332,7 +336,11 @@ fn read_tar_with<R: Read>(
     };
     let mut archive = tar::Archive::new(budget);
     let mut cs = ChangeSet::default();
-    let mut seen: BTreeSet<String> = BTreeSet::new();
+    // A directory whose ancestors (and itself) are all in `cs.nodes` as directories: the
+    // parent of the entry before, or that entry if it was a directory. A node stays a
+    // directory once it is one (an entry that would replace it with anything else is refused),
+    // so an entry below it needs neither the walk through its ancestors nor their synthesis.
+    let mut known_dir = String::new();
     let entries = archive.entries().map_err(IntakeError::Read)?;
     for item in entries {
         let mut ent = item.map_err(|e| map_read_error(e, limits))?;
@@ -368,12 +376,24 @@ fn read_tar_with<R: Read>(
         if top_level && (rel == ".cvmfs" || rel.starts_with(".cvmfs/")) {
             return Err(IntakeError::Reserved(shown));
         }
-        if !seen.insert(rel.clone()) {
-            return Err(IntakeError::Duplicate(shown));
-        }
+        // What the entry's path holds so far: nothing, a directory synthesised for entries
+        // below it (which a real entry replaces), or an entry of the tar (a duplicate).
+        let placeholder = if rel.is_empty() {
+            if cs.root.is_some() {
+                return Err(IntakeError::Duplicate(shown));
+            }
+            false
+        } else {
+            match cs.nodes.get(&rel) {
+                Some(n) if !n.synthesized => return Err(IntakeError::Duplicate(shown)),
+                Some(_) => true,
+                None => false,
+            }
+        };
+        let parent_known = parent_of(&rel) == known_dir;
         // Never place anything through a non-directory (a symlink must not be followed).
         let mut anc = parent_of(&rel);
-        while !anc.is_empty() {
+        while !parent_known && !anc.is_empty() {
             if let Some(n) = cs.nodes.get(anc) {
                 if !n.entry.is_dir() {
                     return Err(IntakeError::ThroughNonDir {
@@ -513,7 +533,6 @@ fn read_tar_with<R: Read>(
                 };
                 if limits.skip_special {
                     cs.stats.skipped_special += 1;
-                    seen.remove(&rel);
                     continue;
                 }
                 return Err(IntakeError::Special { entry: shown, kind });
@@ -543,7 +562,8 @@ fn read_tar_with<R: Read>(
             cs.root = Some(entry);
             continue;
         }
-        if !entry.is_dir() {
+        // Only a placeholder has entries below it (every entry has its parents synthesised).
+        if placeholder && !entry.is_dir() {
             let prefix = format!("{rel}/");
             if cs
                 .nodes
@@ -555,11 +575,11 @@ fn read_tar_with<R: Read>(
             }
         }
         // A real directory entry replaces a synthesised placeholder.
-        let replaces = cs.nodes.remove(&rel).is_some();
+        let replaces = placeholder && cs.nodes.remove(&rel).is_some();
         // Synthesise missing parents now, so later checks see them as directories.
         let mut anc = parent_of(&rel).to_string();
         let mut made = Vec::new();
-        while !anc.is_empty() && !cs.nodes.contains_key(&anc) {
+        while !parent_known && !anc.is_empty() && !cs.nodes.contains_key(&anc) {
             let mut d = Entry::directory(name_of(&anc), 0o755, uid, gid, now);
             d.size = 4096;
             let node = Node {
@@ -580,6 +600,14 @@ fn read_tar_with<R: Read>(
             synthesized: false,
         };
         sink.node(&rel, &node, replaces);
+        // The entry's parent and ancestors are directories in `cs.nodes` now; so is the entry
+        // itself if it is one.
+        if node.entry.is_dir() {
+            known_dir.clone_from(&rel);
+        } else if !parent_known {
+            known_dir.clear();
+            known_dir.push_str(parent_of(&rel));
+        }
         cs.nodes.insert(rel, node);
     }
     sink.finish(&mut cs)?;
@@ -1204,6 +1232,55 @@ mod tests {
             .file("lnk/passwd", b"x")
             .done();
         assert_eq!(err(&t), "entry 'lnk/passwd': would be placed through 'lnk', which is a symlink or file, not a directory");
+    }
+
+    #[test]
+    fn entries_right_after_their_directory_are_checked_like_any_other() {
+        // Each second entry lies in the directory of the entry before it (the intake skips the
+        // walk through its ancestors then): what it would pass through or replace still counts.
+        let through_file = T::new()
+            .dir("d")
+            .file("d/f", b"x")
+            .file("d/f/g", b"y")
+            .done();
+        assert_eq!(
+            err(&through_file),
+            "entry 'd/f/g': would be placed through 'd/f', which is a symlink or file, not a directory"
+        );
+        let over_parent = T::new().file("a/b/c", b"x").file("a/b", b"y").done();
+        assert_eq!(
+            err(&over_parent),
+            "entry 'a/b': is not a directory but earlier entries lie inside it"
+        );
+        let twice = T::new().dir("d").file("d/f", b"x").file("d/f", b"y").done();
+        assert_eq!(
+            err(&twice),
+            "entry 'd/f': appears more than once in the archive"
+        );
+        let root_twice = T::new().dir(".").file("f", b"x").dir("./").done();
+        assert_eq!(
+            err(&root_twice),
+            "entry './': appears more than once in the archive"
+        );
+        // A directory named after its synthesised placeholder replaces it, once.
+        let cs = run(
+            &T::new()
+                .file("a/b/c", b"x")
+                .dir("a/b")
+                .file("a/b/d", b"y")
+                .done(),
+            IntakeLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            cs.nodes.keys().collect::<Vec<_>>(),
+            ["a", "a/b", "a/b/c", "a/b/d"]
+        );
+        assert!(cs.nodes["a"].synthesized && !cs.nodes["a/b"].synthesized);
+        assert_eq!(
+            err(&T::new().file("a/b/c", b"x").dir("a/b").dir("a/b").done()),
+            "entry 'a/b': appears more than once in the archive"
+        );
     }
 
     #[test]

@@ -1198,9 +1198,9 @@ fn stream_build(
     let nests = |path: &str| !dirtab.is_empty() && dirtab.matches(path);
     // Directories added so far: a row goes in only below one of them (rows are added without
     // looking their parents up).
-    let mut dirs: HashSet<String> = HashSet::from([target.to_string()]);
+    let mut dirs: foldhash::HashSet<String> = [target.to_string()].into_iter().collect();
     // What has its row already, by path relative to the target.
-    let mut told: HashSet<String> = HashSet::new();
+    let mut told: foldhash::HashSet<String> = foldhash::HashSet::default();
     let orphan = |path: &str| TreeError::NoParent { path: path.into() };
     for ev in events.iter().flatten() {
         let Some(t) = tree.as_mut() else { continue };
@@ -1269,7 +1269,7 @@ fn stream_build(
     let streamed = tree
         .filter(|_| told.iter().all(|rel| cs.nodes.contains_key(rel)))
         .and_then(|mut tree| {
-            let mut grouped: HashSet<&str> = HashSet::new();
+            let mut grouped: foldhash::HashSet<&str> = foldhash::HashSet::default();
             for (rel, n) in &cs.nodes {
                 if let Some(root) = &n.hardlink_of {
                     grouped.insert(root);

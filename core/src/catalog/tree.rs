@@ -302,26 +302,24 @@ impl<'a> CatalogTree<'a> {
     fn catalog_for(&mut self, path: &str) -> Result<usize, TreeError> {
         let mut cur = 0usize;
         loop {
-            let base = self.cats[cur].mountpoint.clone();
-            // Candidate mountpoints are the ancestors of `path` below `base`, nearest first.
+            let base = self.cats[cur].mountpoint.as_str();
+            let db = self.db(cur)?;
+            // Candidate mountpoints are the ancestors of `path` below `base`, nearest first
+            // (none in a catalog without nested catalogs).
             let mut found = None;
-            let mut probe = path.to_string();
-            while probe.len() > base.len() && is_under(&probe, &base) {
-                if self.has_nested(cur, &probe)? {
-                    found = Some(probe.clone());
+            let mut probe = path;
+            while probe.len() > base.len() && is_under(probe, base) && db.any_nested()? {
+                if db.has_nested(probe)? {
+                    found = Some(probe);
                 }
-                probe = split_path(&probe).0.to_string();
+                probe = split_path(probe).0;
             }
             match found {
                 // `found` is the shallowest registered mountpoint on the way down.
-                Some(mp) => cur = self.load_child(cur, &mp)?,
+                Some(mp) => cur = self.load_child(cur, mp)?,
                 None => return Ok(cur),
             }
         }
-    }
-
-    fn has_nested(&self, cat: usize, path: &str) -> Result<bool, TreeError> {
-        Ok(self.db(cat)?.has_nested(path)?)
     }
 
     /// The entry at `path`, if any.
