@@ -1266,55 +1266,60 @@ fn stream_build(
     // nests (their catalogs exist; a dirtab one may lack its empty marker). Merged into the
     // tree as `fill` merges, they give the rows a build from nothing has. A told path the
     // change set lacks would be a row too many: then the tree is built from nothing.
-    let streamed = tree
-        .filter(|_| told.iter().all(|rel| cs.nodes.contains_key(rel)))
-        .and_then(|mut tree| {
-            let mut grouped: foldhash::HashSet<&str> = foldhash::HashSet::default();
-            for (rel, n) in &cs.nodes {
-                if let Some(root) = &n.hardlink_of {
-                    grouped.insert(root);
-                    grouped.insert(rel);
-                }
+    let streamed = tree.and_then(|mut tree| {
+        let mut grouped: foldhash::HashSet<&str> = foldhash::HashSet::default();
+        for (rel, n) in &cs.nodes {
+            if let Some(root) = &n.hardlink_of {
+                grouped.insert(root);
+                grouped.insert(rel);
             }
-            let rest = ChangeSet {
-                root: cs.root.clone(),
-                markers: cs.markers.clone(),
-                nodes: cs
-                    .nodes
-                    .iter()
-                    .filter(|(rel, n)| {
-                        !told.contains(rel.as_str())
-                            || grouped.contains(rel.as_str())
-                            || (n.entry.is_dir()
-                                && (cs.markers.contains(rel.as_str()) || nests(&join(target, rel))))
-                    })
-                    .map(|(rel, n)| (rel.clone(), n.clone()))
-                    .collect(),
-                ..ChangeSet::default()
-            };
-            fill(
-                &mut tree,
-                cas,
-                &rest,
-                target,
-                ApplyMode::Merge,
-                params,
-                now,
-                &dirtab,
-                false,
-            )
-            .ok()?;
-            Some(
-                match succeeds(&mut tree, target, replaces, &mut base).ok()? {
-                    Ok(replaces) => Built::Catalogs {
-                        sub: Box::new(tree.commit_nested(target, now).ok()?),
-                        replaces,
-                    },
-                    // The same rows as the catalog there: none to graft.
-                    Err(same) => Built::Same(same),
+        }
+        // The told paths found in the change set (one pass, by hash).
+        let mut found = 0;
+        let rest = ChangeSet {
+            root: cs.root.clone(),
+            markers: cs.markers.clone(),
+            nodes: cs
+                .nodes
+                .iter()
+                .filter(|(rel, n)| {
+                    let was_told = told.contains(rel.as_str());
+                    found += usize::from(was_told);
+                    !was_told
+                        || grouped.contains(rel.as_str())
+                        || (n.entry.is_dir()
+                            && (cs.markers.contains(rel.as_str()) || nests(&join(target, rel))))
+                })
+                .map(|(rel, n)| (rel.clone(), n.clone()))
+                .collect(),
+            ..ChangeSet::default()
+        };
+        if found != told.len() {
+            return None;
+        }
+        fill(
+            &mut tree,
+            cas,
+            &rest,
+            target,
+            ApplyMode::Merge,
+            params,
+            now,
+            &dirtab,
+            false,
+        )
+        .ok()?;
+        Some(
+            match succeeds(&mut tree, target, replaces, &mut base).ok()? {
+                Ok(replaces) => Built::Catalogs {
+                    sub: Box::new(tree.commit_nested(target, now).ok()?),
+                    replaces,
                 },
-            )
-        });
+                // The same rows as the catalog there: none to graft.
+                Err(same) => Built::Same(same),
+            },
+        )
+    });
     drop(tmp);
     match streamed {
         Some(built) => Some(Prebuilt {
