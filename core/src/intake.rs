@@ -392,8 +392,8 @@ fn read_tar_with<R: Read>(
         };
         let parent_known = parent_of(&rel) == known_dir;
         // Never place anything through a non-directory (a symlink must not be followed).
-        let mut anc = parent_of(&rel);
-        while !parent_known && !anc.is_empty() {
+        let mut anc = if parent_known { "" } else { parent_of(&rel) };
+        while !anc.is_empty() {
             if let Some(n) = cs.nodes.get(anc) {
                 if !n.entry.is_dir() {
                     return Err(IntakeError::ThroughNonDir {
@@ -577,19 +577,19 @@ fn read_tar_with<R: Read>(
         // A real directory entry replaces a synthesised placeholder.
         let replaces = placeholder && cs.nodes.remove(&rel).is_some();
         // Synthesise missing parents now, so later checks see them as directories.
-        let mut anc = parent_of(&rel).to_string();
+        let mut anc = if parent_known { "" } else { parent_of(&rel) };
         let mut made = Vec::new();
-        while !parent_known && !anc.is_empty() && !cs.nodes.contains_key(&anc) {
-            let mut d = Entry::directory(name_of(&anc), 0o755, uid, gid, now);
+        while !anc.is_empty() && !cs.nodes.contains_key(anc) {
+            let mut d = Entry::directory(name_of(anc), 0o755, uid, gid, now);
             d.size = 4096;
             let node = Node {
                 entry: d,
                 hardlink_of: None,
                 synthesized: true,
             };
-            cs.nodes.insert(anc.clone(), node.clone());
-            made.push((anc.clone(), node));
-            anc = parent_of(&anc).to_string();
+            cs.nodes.insert(anc.to_string(), node.clone());
+            made.push((anc.to_string(), node));
+            anc = parent_of(anc);
         }
         for (anc, node) in made.iter().rev() {
             sink.node(anc, node, false);

@@ -307,8 +307,8 @@ impl<'a> CatalogTree<'a> {
             // Candidate mountpoints are the ancestors of `path` below `base`, nearest first
             // (none in a catalog without nested catalogs).
             let mut found = None;
-            let mut probe = path;
-            while probe.len() > base.len() && is_under(probe, base) && db.any_nested()? {
+            let mut probe = if db.any_nested()? { path } else { "" };
+            while probe.len() > base.len() && is_under(probe, base) {
                 if db.has_nested(probe)? {
                     found = Some(probe);
                 }
