@@ -712,78 +712,138 @@ fn second_publisher(dir: &Path, other: &Path) -> Daemon {
     Daemon::start(other, &[("CVMFS_GATEWAY_SECRET", SECRET)])
 }
 
+/// The history object the current one was made from (its `previous_revision`).
+fn previous_history(cas: &dyn prepub_core::cas::Cas) -> prepub_core::hash::ObjectId {
+    let (m, _) = prepub_core::repo::current_manifest(cas).unwrap().unwrap();
+    let h = m.history.unwrap();
+    let bytes = prepub_core::cas::get_all(cas, &h).unwrap();
+    let db = prepub_core::object::decode_to_vec(&h, &bytes, true).unwrap();
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(tmp.path(), db).unwrap();
+    prepub_core::history::History::open(tmp.path())
+        .unwrap()
+        .previous_revision()
+        .unwrap()
+        .expect("the history names the one before it")
+}
+
 /// A gateway commit whose answer the daemon never saw (it stopped right after the request)
-/// landed, and its named tag was then moved by another publisher's release of the same path:
-/// the job's marker is gone with the tag's description, so the resumed job cannot tell that it
-/// was published. It fails `commit-uncertain` instead of publishing its release again over the
-/// newer one (and taking the tag back). A job stopped after journaling its request but before
-/// sending it resumes and publishes once: the repository is still at the request's base.
+/// landed, and its named tag was then moved by another publisher's release of the same path,
+/// taking the job's marker out of the current history. The resumed job finds its marker in the
+/// history its commit made (following the histories' `previous_revision` chain back) and is
+/// published at that revision, without publishing its release again over the newer one. Where
+/// that history is gone (collected), it cannot tell and fails `commit-uncertain`. A job stopped
+/// after journaling its request but before sending it resumes and publishes once, whether the
+/// repository is still at the request's base or has moved on.
 #[test]
-fn a_commit_that_landed_unseen_is_not_repeated_over_a_newer_release() {
+fn a_commit_whose_answer_was_lost_is_looked_for_in_the_history_not_repeated() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
     let gw = Double::start(dir.path(), &[], None);
-    let crash = [("CVMFS_PREPUB_TEST_CRASH", "manifest-written")];
-    let mut d = gateway_daemon(dir.path(), &gw, "", &crash);
-    let tar_a = tar_bytes(&tree("a"));
-    let a = d.submit_id(ADMIN, "/sw/a", &tar_a, Some("nightly"));
-    assert!(d.wait_exit(60), "no crash:\n{}", d.log_text());
-    drop(d);
-
+    // Writes the gateway configuration the starts below use.
+    drop(gateway_daemon(dir.path(), &gw, "", &[]));
     let other = tempfile::tempdir().unwrap();
-    let d2 = second_publisher(dir.path(), other.path());
-    let b = d2.submit_id(ADMIN, "/sw/a", &tar_bytes(&tree("b")), Some("nightly"));
-    let jb = d2.wait_terminal(&b, 60);
-    assert_eq!(jb["state"], "published", "{jb}\n{}", d2.log_text());
-    assert_eq!(jb["revision"], 3, "{jb}");
-    drop(d2);
+    let tar_a = tar_bytes(&tree("a"));
+    let tar_b = tar_bytes(&tree("b"));
+    let landed = [
+        ("CVMFS_GATEWAY_SECRET", SECRET),
+        ("CVMFS_PREPUB_TEST_CRASH", "manifest-written"),
+    ];
+    let unsent = [
+        ("CVMFS_GATEWAY_SECRET", SECRET),
+        ("CVMFS_PREPUB_TEST_CRASH", "commit-requested"),
+    ];
+    // A job publishing tree a at /sw/a with tag nightly is stopped at a crash point, then
+    // another publisher releases tree b at `at` with the same tag (published at `other_rev`),
+    // then the daemon resumes the job.
+    let interrupted =
+        |crash: &[(&str, &str)], at: &str, other_rev: u64, between: &dyn Fn(&Path)| {
+            let mut d = Daemon::start(dir.path(), crash);
+            let id = d.submit_id(ADMIN, "/sw/a", &tar_a, Some("nightly"));
+            assert!(d.wait_exit(60), "no crash:\n{}", d.log_text());
+            let storage = d.storage.clone();
+            drop(d);
+            let d2 = second_publisher(dir.path(), other.path());
+            let b = d2.submit_id(ADMIN, at, &tar_b, Some("nightly"));
+            let jb = d2.wait_terminal(&b, 60);
+            assert_eq!(jb["state"], "published", "{jb}\n{}", d2.log_text());
+            assert_eq!(jb["revision"], other_rev, "{jb}");
+            drop(d2);
+            between(&storage);
+            let d = Daemon::start(dir.path(), &[("CVMFS_GATEWAY_SECRET", SECRET)]);
+            let j = d.wait_terminal(&id, 60);
+            (d, j, b)
+        };
+    let head = |storage: &Path| {
+        let cas = prepub_core::cas::LocalCas::open(storage).unwrap();
+        let rev = prepub_core::repo::current_manifest(&cas)
+            .unwrap()
+            .unwrap()
+            .0
+            .revision;
+        (rev, history_tag(&cas, "nightly"))
+    };
 
-    let d = Daemon::start(dir.path(), &[("CVMFS_GATEWAY_SECRET", SECRET)]);
-    let ja = d.wait_terminal(&a, 60);
-    assert_eq!(ja["state"], "failed", "{ja}\n{}", d.log_text());
-    assert_eq!(ja["error"]["code"], "commit-uncertain", "{ja}");
-    let msg = ja["error"]["message"].as_str().unwrap();
-    assert!(
-        msg.contains("'nightly'") && msg.contains("may have landed"),
-        "{msg}"
-    );
-    // The newer release and its tag stand.
-    let url = serve(d.storage.clone());
-    let repo = open_reader(&url, &dir.path().join("cache"));
-    verify(&repo, "/sw/a", &tree("b"));
-    drop(repo);
-    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
-    let nightly = history_tag(&cas, "nightly");
+    // Landed at revision 2, then b at 3: found in revision 2's history.
+    let (d, ja, b) = interrupted(&landed, "/sw/a", 3, &|_| {});
+    assert_eq!(ja["state"], "published", "{ja}\n{}", d.log_text());
+    assert_eq!(ja["revision"], 2, "{ja}");
+    assert_eq!(ja["tag"], "nightly", "{ja}");
+    // Nothing was published again: the newer release and its tag stand.
+    let (rev, nightly) = head(&d.storage);
+    assert_eq!(rev, 3);
     assert_eq!(nightly.revision, 3);
     assert!(nightly
         .description
         .ends_with(&format!("[cvmfs-prepub job {b}]")));
-    assert_eq!(
-        prepub_core::repo::current_manifest(&cas)
-            .unwrap()
-            .unwrap()
-            .0
-            .revision,
-        3
-    );
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    verify(&repo, "/sw/a", &tree("b"));
+    drop(repo);
     drop(d);
 
-    // Stopped between journaling the request and sending it: nothing landed, so it resumes.
-    let crash = [
-        ("CVMFS_GATEWAY_SECRET", SECRET),
-        ("CVMFS_PREPUB_TEST_CRASH", "commit-requested"),
-    ];
-    let mut d = Daemon::start(dir.path(), &crash);
-    let c = d.submit_id(ADMIN, "/sw/a", &tar_a, Some("nightly"));
-    assert!(d.wait_exit(60), "no crash:\n{}", d.log_text());
+    // Landed at revision 4, then b at 5, and revision 4's history collected: unknown.
+    let (d, jc, _) = interrupted(&landed, "/sw/a", 5, &|storage: &Path| {
+        let cas = prepub_core::cas::LocalCas::open(storage).unwrap();
+        std::fs::remove_file(storage.join(previous_history(&cas).path())).unwrap();
+    });
+    assert_eq!(jc["state"], "failed", "{jc}\n{}", d.log_text());
+    assert_eq!(jc["error"]["code"], "commit-uncertain", "{jc}");
+    let msg = jc["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("'nightly'")
+            && msg.contains("may have landed")
+            && msg.contains("no longer on the Stratum 0"),
+        "{msg}"
+    );
+    assert_eq!(head(&d.storage).0, 5);
     drop(d);
-    let d = Daemon::start(dir.path(), &[("CVMFS_GATEWAY_SECRET", SECRET)]);
-    let jc = d.wait_terminal(&c, 60);
-    assert_eq!(jc["state"], "published", "{jc}\n{}", d.log_text());
-    assert_eq!(jc["revision"], 4, "{jc}");
+
+    // Stopped before sending (its lease still held), then b at 6 elsewhere in the repository:
+    // the histories since the base lack the marker, so it publishes (once) on top of b.
+    let (d, je, _) = interrupted(&unsent, "/sw/b", 6, &|_| {});
+    assert_eq!(je["state"], "published", "{je}\n{}", d.log_text());
+    assert_eq!(je["revision"], 7, "{je}");
+    let (rev, nightly) = head(&d.storage);
+    assert_eq!((rev, nightly.revision), (7, 7));
     let url = serve(d.storage.clone());
     let repo = open_reader(&url, &dir.path().join("cache2"));
     verify(&repo, "/sw/a", &tree("a"));
+    drop(repo);
+    drop(d);
+
+    // Stopped before sending, the repository still at the request's base: it publishes.
+    let mut d = Daemon::start(dir.path(), &unsent);
+    let g = d.submit_id(ADMIN, "/sw/a", &tar_b, Some("nightly"));
+    assert!(d.wait_exit(60), "no crash:\n{}", d.log_text());
+    drop(d);
+    let d = Daemon::start(dir.path(), &[("CVMFS_GATEWAY_SECRET", SECRET)]);
+    let jg = d.wait_terminal(&g, 60);
+    assert_eq!(jg["state"], "published", "{jg}\n{}", d.log_text());
+    assert_eq!(jg["revision"], 8, "{jg}");
+    let url = serve(d.storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache3"));
+    verify(&repo, "/sw/a", &tree("b"));
     drop(repo);
     check(&d.storage);
 }

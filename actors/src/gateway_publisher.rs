@@ -378,18 +378,100 @@ fn remote_tags(
     remote: &dyn Cas,
     m: &prepub_core::manifest::Manifest,
 ) -> Result<Vec<prepub_core::history::Tag>, CommitError> {
-    let Some(h) = m.history else {
-        return Ok(Vec::new());
+    match m.history {
+        Some(h) => Ok(remote_history(remote, &h)?
+            .ok_or_else(|| {
+                err(
+                    "stratum0-unreadable",
+                    format!("history {h} not found"),
+                    true,
+                )
+            })?
+            .0),
+        None => Ok(Vec::new()),
+    }
+}
+
+/// The tags of the Stratum 0's history object `h` and the history it was made from; `None`
+/// if the Stratum 0 does not have that object.
+#[allow(clippy::type_complexity)]
+fn remote_history(
+    remote: &dyn Cas,
+    h: &ObjectId,
+) -> Result<Option<(Vec<prepub_core::history::Tag>, Option<ObjectId>)>, CommitError> {
+    let bytes = match get_all(remote, h) {
+        Ok(b) => b,
+        Err(prepub_core::cas::CasError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(err("stratum0-unreadable", e, true)),
     };
-    let bytes = get_all(remote, &h)
-        .map_err(|e| err("stratum0-unreadable", e, true))
-        .and_then(|b| {
-            decode_to_vec(&h, &b, true).map_err(|e| err("stratum0-unreadable", e, true))
-        })?;
+    let bytes = decode_to_vec(h, &bytes, true).map_err(|e| err("stratum0-unreadable", e, true))?;
     let tmp = tempfile::NamedTempFile::new().map_err(|e| err("scratch", e, true))?;
     std::fs::write(tmp.path(), bytes).map_err(|e| err("scratch", e, true))?;
     let hist = History::open(tmp.path()).map_err(|e| err("stratum0-unreadable", e, true))?;
-    hist.tags().map_err(|e| err("stratum0-unreadable", e, true))
+    let tags = hist
+        .tags()
+        .map_err(|e| err("stratum0-unreadable", e, true))?;
+    let previous = hist
+        .previous_revision()
+        .map_err(|e| err("stratum0-unreadable", e, true))?;
+    Ok(Some((tags, previous)))
+}
+
+/// How many histories back `landed_since` looks before it gives up.
+const HISTORY_WALK_LIMIT: usize = 1000;
+
+/// What the repository's histories say of a commit request a job sent on root catalog `base`
+/// without seeing the answer.
+#[derive(Debug)]
+enum SinceBase {
+    /// A history made since holds the job's marker: its commit landed.
+    Landed(JobResult),
+    /// The histories made since `base` do not: the request never landed.
+    NotLanded,
+    /// The chain of histories breaks before reaching `base` (why).
+    Unknown(String),
+}
+
+/// Looks for this job's marker in the histories made since `base`, newest first along their
+/// `previous_revision` chain (upstream's history walk): a named tag another publish moved on
+/// has lost the marker from the current history, but keeps it in the history the job's commit
+/// made. Reaching the history whose `trunk` is `base` without finding it means the request did
+/// not land. A history that does not name the one before it (written by a tool that does not
+/// record it) or that the Stratum 0 no longer stores (collected) leaves the answer unknown.
+fn landed_since(
+    remote: &dyn Cas,
+    m: &prepub_core::manifest::Manifest,
+    base: &str,
+    job: &JobRecord,
+) -> Result<SinceBase, CommitError> {
+    let Ok(base_hex) = ObjectId::parse(base).map(|id| id.digest.hex()) else {
+        return Ok(SinceBase::Unknown(
+            "its journaled base is unreadable".into(),
+        ));
+    };
+    let mut next = m.history;
+    for _ in 0..HISTORY_WALK_LIMIT {
+        let Some(h) = next else {
+            return Ok(SinceBase::Unknown(
+                "a history on the way does not name the one before it".into(),
+            ));
+        };
+        let Some((tags, previous)) = remote_history(remote, &h)? else {
+            return Ok(SinceBase::Unknown(format!(
+                "history {h} is no longer on the Stratum 0"
+            )));
+        };
+        if let Some(done) = already_committed(&tags, job) {
+            return Ok(SinceBase::Landed(done));
+        }
+        if tags.iter().any(|t| t.name == "trunk" && t.hash == base_hex) {
+            return Ok(SinceBase::NotLanded);
+        }
+        next = previous;
+    }
+    Ok(SinceBase::Unknown(format!(
+        "the request's base is more than {HISTORY_WALK_LIMIT} histories back"
+    )))
 }
 
 /// The Stratum 0's current manifest and certificate (at `url`, for messages).
@@ -421,41 +503,50 @@ fn already_committed(tags: &[prepub_core::history::Tag], job: &JobRecord) -> Opt
 }
 
 /// Whether a commit request this job sent before (journaled in `sent_file`: its base root
-/// catalog) may have landed unseen, which a retry must not repeat blindly. A job without a tag
-/// of its own is recognised by its marker tag (`prepub-<job id>`, which nobody else gives or
-/// moves), so its commit did not land if `already_committed` found none. A job whose marker is
-/// in the description of a named tag cannot be told apart once another publish moved that tag:
-/// if the repository is no longer at the base of that request, the request may have been
-/// applied (and a second commit would publish the release again over whatever came since, and
-/// take the tag back), so the job fails `commit-uncertain` and leaves the decision to the
-/// operator. If the repository is still at that base, the request has not landed (yet): the
-/// job commits again, journaling its new request over the old one (a request that lands late
-/// makes the new one fail `merge_error`, and the next round finds the marker).
+/// catalog) landed unseen, which a retry must not repeat. Called once the job's marker was
+/// looked for in the current history (`already_committed`) and not found, and once the lease
+/// the request used was given back (so it lands now or never). A job without a tag of its own
+/// is recognised by its marker tag (`prepub-<job id>`, which nobody else gives or moves), so
+/// its commit did not land. A job whose marker is in the description of a named tag loses it
+/// from the current history when another publish moves that tag: if the repository has moved
+/// since the request's base, the histories made since are searched for the marker
+/// (`landed_since`); found, the job is published at the revision its commit made. Where that
+/// search cannot answer, the request may have landed (and a second commit would publish the
+/// release again over whatever came since, and take the tag back), so the job fails
+/// `commit-uncertain` and leaves the decision to the operator. Otherwise the job commits
+/// again, journaling its new request over the old one.
 fn sent_before(
+    remote: &dyn Cas,
     sent_file: &std::path::Path,
-    current: &ObjectId,
+    m: &prepub_core::manifest::Manifest,
     job: &JobRecord,
-) -> Result<(), CommitError> {
+) -> Result<Option<JobResult>, CommitError> {
     let Ok(base) = std::fs::read_to_string(sent_file) else {
-        return Ok(());
+        return Ok(None);
     };
     let base = base.trim();
-    if let Some(tag) = job
+    let current = &m.root_catalog;
+    let Some(tag) = job
         .tag_name
         .as_deref()
         .filter(|_| base != current.to_string())
-    {
-        return Err(err(
+    else {
+        return Ok(None);
+    };
+    match landed_since(remote, m, base, job)? {
+        SinceBase::Landed(done) => Ok(Some(done)),
+        SinceBase::NotLanded => Ok(None),
+        SinceBase::Unknown(why) => Err(err(
             "commit-uncertain",
             format!(
                 "this job's earlier commit request (on root catalog {base}) went unanswered and may have landed: \
-                 the repository has changed since (root catalog {current}) and tag '{tag}' no longer marks this job's \
-                 revision; check the repository's history (cvmfs_server tag -l) and submit the release again if it is missing"
+                 the repository has changed since (root catalog {current}), tag '{tag}' no longer marks this job's \
+                 revision, and its history cannot be followed back to that request ({why}); check the repository's \
+                 history (cvmfs_server tag -l) and submit the release again if it is missing"
             ),
             false,
-        ));
+        )),
     }
-    Ok(())
 }
 
 /// Fails a scoped token's job whose tag the history holds as someone else's (checked again
@@ -598,7 +689,9 @@ fn commit(
         if let Some(done) = already_committed(&tags, &job.job) {
             return Ok(done);
         }
-        sent_before(&sent_file, &m.root_catalog, &job.job)?;
+        if let Some(done) = sent_before(remote.as_ref(), &sent_file, &m, &job.job)? {
+            return Ok(done);
+        }
         check_tag_owner(&tags, &job.job)?;
         let base = m.root_catalog;
         if !handshake_done {

@@ -9,9 +9,9 @@
 
 use std::path::Path;
 
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::hash::ObjectId;
+use crate::hash::{Digest20, ObjectId, Suffix};
 
 /// One tag.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +140,32 @@ impl History {
             self.put_tag(n)?;
         }
         Ok(())
+    }
+
+    /// Points this history at the one it was made from (`previous_revision`, the hex digest
+    /// of the earlier history object, as upstream's `SetPreviousRevision` stores it), so the
+    /// histories of a repository form a chain back to its first publish.
+    pub fn set_previous_revision(&self, h: &ObjectId) -> Result<(), HistoryError> {
+        self.conn.execute(
+            "INSERT OR REPLACE INTO properties (key, value) VALUES ('previous_revision', ?1)",
+            params![h.digest.hex()],
+        )?;
+        Ok(())
+    }
+
+    /// The history object this one was made from, if it says (none for a repository's first
+    /// history, or one written by a tool that does not record it).
+    pub fn previous_revision(&self) -> Result<Option<ObjectId>, HistoryError> {
+        let v: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT value FROM properties WHERE key = 'previous_revision'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.and_then(|v| Digest20::from_hex(v.trim()).ok())
+            .map(|d| ObjectId::new(d, Suffix::History)))
     }
 
     pub fn close(self) -> Result<(), HistoryError> {

@@ -345,7 +345,13 @@ fn finish_publish(
     // History: previous database or a fresh one.
     let hist_file = scratch.join("history.db");
     let history = match old.and_then(|m| m.history) {
-        Some(h) => open_history(cas, &h, &hist_file)?,
+        Some(h) => {
+            let history = open_history(cas, &h, &hist_file)?;
+            // The chain back through the repository's histories (upstream's GC walks it; a
+            // gateway job whose commit answer was lost looks for its tag along it).
+            history.set_previous_revision(&h)?;
+            history
+        }
         None => History::create(&hist_file, &keys.name)?,
     };
     let mut expired_tags = Vec::new();
@@ -1633,6 +1639,27 @@ mod tests {
                 "{refused:?}"
             );
             assert!(may_take_tag(&want(None), Some(&had(&other))).is_ok());
+        }
+    }
+
+    #[test]
+    fn each_history_names_the_one_it_was_made_from() {
+        let f = fixture();
+        let history_of = |m: &Manifest| {
+            let (tmp, file) = scratch_copy(&f, &m.history.unwrap());
+            let prev = History::open(&file).unwrap().previous_revision().unwrap();
+            drop(tmp);
+            prev
+        };
+        let first = current_manifest(&f.cas).unwrap().unwrap().0;
+        assert_eq!(history_of(&first), None);
+        let mut before = first;
+        for now in [1_700_000_100, 1_700_000_200] {
+            publish(&f.cas, &f.keys, &[], now, |_| Ok(())).unwrap();
+            let m = current_manifest(&f.cas).unwrap().unwrap().0;
+            assert_ne!(m.history, before.history);
+            assert_eq!(history_of(&m), before.history);
+            before = m;
         }
     }
 
