@@ -714,7 +714,7 @@ fn main() {
                 phases(&warm),
                 warm.compressed
             ),
-            format!("{x:.1}x faster than cold"),
+            format!("{x:.2}x faster than cold"),
             &format!(">= 10x: {}", met(x >= 10.0)),
         ));
         let five = publish(&local, &changed_tar, "/python/stdlib");
@@ -727,7 +727,7 @@ fn main() {
                 phases(&five),
                 five.compressed
             ),
-            format!("{x:.1}x faster than cold"),
+            format!("{x:.2}x faster than cold"),
             &format!(">= 6x: {}", met(x >= 6.0)),
         ));
 

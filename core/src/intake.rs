@@ -1011,8 +1011,21 @@ impl FileSink for ParallelSink {
                 source: EncodeError::Cas(err),
             });
         }
-        for f in std::mem::take(&mut self.files) {
-            let Some(node) = cs.nodes.get_mut(&f.rel) else {
+        // One pass over the change set: each node finds its file by hash (a lookup by path in
+        // the ordered map compares long shared prefixes, level after level), and the hard
+        // links are noted for afterwards.
+        let files = std::mem::take(&mut self.files);
+        let mut by_rel: foldhash::HashMap<&str, usize> =
+            foldhash::HashMap::with_capacity_and_hasher(files.len(), Default::default());
+        for (i, f) in files.iter().enumerate() {
+            by_rel.insert(f.rel.as_str(), i);
+        }
+        let mut links: Vec<(String, String)> = Vec::new();
+        for (rel, node) in cs.nodes.iter_mut() {
+            if let Some(orig) = &node.hardlink_of {
+                links.push((rel.clone(), orig.clone()));
+            }
+            let Some(f) = by_rel.get(rel.as_str()).map(|&i| &files[i]) else {
                 continue;
             };
             let get = |tag: usize| results.get(tag).copied().flatten();
@@ -1051,11 +1064,6 @@ impl FileSink for ParallelSink {
             }
         }
         // Hard links were copied from entries that were still pending.
-        let links: Vec<(String, String)> = cs
-            .nodes
-            .iter()
-            .filter_map(|(rel, n)| n.hardlink_of.clone().map(|o| (rel.clone(), o)))
-            .collect();
         for (rel, orig) in links {
             let Some(src) = cs
                 .nodes
