@@ -714,16 +714,7 @@ fn second_publisher(dir: &Path, other: &Path) -> Daemon {
 
 /// The history object the current one was made from (its `previous_revision`).
 fn previous_history(cas: &dyn prepub_core::cas::Cas) -> prepub_core::hash::ObjectId {
-    let (m, _) = prepub_core::repo::current_manifest(cas).unwrap().unwrap();
-    let h = m.history.unwrap();
-    let bytes = prepub_core::cas::get_all(cas, &h).unwrap();
-    let db = prepub_core::object::decode_to_vec(&h, &bytes, true).unwrap();
-    let tmp = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(tmp.path(), db).unwrap();
-    prepub_core::history::History::open(tmp.path())
-        .unwrap()
-        .previous_revision()
-        .unwrap()
+    with_current_history(cas, |h| h.previous_revision().unwrap())
         .expect("the history names the one before it")
 }
 

@@ -877,18 +877,23 @@ pub fn crash_on_resume(dir: &Path, env: &[(&str, &str)], times: usize) {
     }
 }
 
-/// The tags of the repository's current history.
-pub fn history_tags(cas: &dyn prepub_core::cas::Cas) -> Vec<prepub_core::history::Tag> {
+/// `f` of the repository's current history database.
+pub fn with_current_history<T>(
+    cas: &dyn prepub_core::cas::Cas,
+    f: impl FnOnce(&prepub_core::history::History) -> T,
+) -> T {
     let (m, _) = prepub_core::repo::current_manifest(cas).unwrap().unwrap();
     let h = m.history.unwrap();
     let bytes = prepub_core::cas::get_all(cas, &h).unwrap();
     let db = prepub_core::object::decode_to_vec(&h, &bytes, true).unwrap();
     let tmp = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(tmp.path(), db).unwrap();
-    prepub_core::history::History::open(tmp.path())
-        .unwrap()
-        .tags()
-        .unwrap()
+    f(&prepub_core::history::History::open(tmp.path()).unwrap())
+}
+
+/// The tags of the repository's current history.
+pub fn history_tags(cas: &dyn prepub_core::cas::Cas) -> Vec<prepub_core::history::Tag> {
+    with_current_history(cas, |h| h.tags().unwrap())
 }
 
 /// The tag `name` of the repository's current history (it must be there).
