@@ -820,6 +820,7 @@ fn a_commit_whose_answer_was_lost_is_looked_for_in_the_history_not_repeated() {
     let url = serve(d.storage.clone());
     let repo = open_reader(&url, &dir.path().join("cache2"));
     verify(&repo, "/sw/a", &tree("a"));
+    verify(&repo, "/sw/b", &tree("b"));
     drop(repo);
     drop(d);
 

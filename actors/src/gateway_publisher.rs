@@ -505,7 +505,8 @@ fn already_committed(tags: &[prepub_core::history::Tag], job: &JobRecord) -> Opt
 /// Whether a commit request this job sent before (journaled in `sent_file`: its base root
 /// catalog) landed unseen, which a retry must not repeat. Called once the job's marker was
 /// looked for in the current history (`already_committed`) and not found, and once the lease
-/// the request used was given back (so it lands now or never). A job without a tag of its own
+/// the request used was given back (a request the gateway is still applying then makes the
+/// next one fail `merge_error`, and the next round finds its marker). A job without a tag of its own
 /// is recognised by its marker tag (`prepub-<job id>`, which nobody else gives or moves), so
 /// its commit did not land. A job whose marker is in the description of a named tag loses it
 /// from the current history when another publish moves that tag: if the repository has moved
