@@ -926,3 +926,131 @@ fn commit(
         true,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prepub_core::hash::{Digest20, Suffix};
+    use prepub_core::history::Tag;
+    use prepub_core::manifest::Manifest;
+
+    /// Root catalog `n` of the test repository.
+    fn root(n: u8) -> ObjectId {
+        ObjectId::new(Digest20([n; 20]), Suffix::Catalog)
+    }
+
+    fn tag(name: &str, revision: u8, description: &str) -> Tag {
+        Tag {
+            name: name.into(),
+            hash: root(revision).digest.hex(),
+            revision: u64::from(revision),
+            timestamp: 1_700_000_000 + i64::from(revision),
+            description: description.into(),
+            size: 4096,
+        }
+    }
+
+    /// Stores in `cas` a history with `tags` that names `previous`; its object name.
+    fn history(cas: &LocalCas, tags: &[Tag], previous: Option<&ObjectId>) -> ObjectId {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("history.db");
+        let h = History::create(&file, "test.example.org").unwrap();
+        for t in tags {
+            h.put_tag(t).unwrap();
+        }
+        if let Some(p) = previous {
+            h.set_previous_revision(p).unwrap();
+        }
+        h.close().unwrap();
+        let (id, bytes) =
+            prepub_core::object::compress_metadata(&std::fs::read(&file).unwrap(), Suffix::History);
+        cas.put_bytes(&id, &bytes).unwrap();
+        id
+    }
+
+    fn manifest(history: ObjectId, revision: u8) -> Manifest {
+        Manifest {
+            root_catalog: root(revision),
+            root_size: 4096,
+            ttl: 240,
+            revision: u64::from(revision),
+            garbage_collectable: false,
+            alt_paths: false,
+            name: "test.example.org".into(),
+            certificate: None,
+            history: Some(history),
+            timestamp: 1_700_000_000,
+            metainfo: None,
+            reflog: None,
+        }
+    }
+
+    /// A job's request on revision 1's root went unanswered; revision 3 (another publisher's)
+    /// moved its tag `nightly`. `landed` says whether revision 2 is the job's commit.
+    fn walk(landed: bool, cut: bool) -> SinceBase {
+        let dir = tempfile::tempdir().unwrap();
+        let cas = LocalCas::create(dir.path()).unwrap().without_fsync();
+        let mut job = JobRecord::new("job-1".into(), "test.example.org".into(), "/sw".into(), 0);
+        job.tag_name = Some("nightly".into());
+        let ours = format!("release {}", marker(&job));
+        let h1 = history(&cas, &[tag("trunk", 1, "")], None);
+        let rev2 = if landed {
+            ours.as_str()
+        } else {
+            "someone else's [cvmfs-prepub job job-0]"
+        };
+        let h2 = history(
+            &cas,
+            &[
+                tag("trunk", 2, ""),
+                tag("trunk-previous", 1, ""),
+                tag("nightly", 2, rev2),
+            ],
+            (!cut).then_some(&h1),
+        );
+        let h3 = history(
+            &cas,
+            &[
+                tag("trunk", 3, ""),
+                tag("trunk-previous", 2, ""),
+                tag("nightly", 3, "newer [cvmfs-prepub job job-2]"),
+            ],
+            Some(&h2),
+        );
+        landed_since(&cas, &manifest(h3, 3), &root(1).to_string(), &job).unwrap()
+    }
+
+    #[test]
+    fn the_history_walk_finds_a_lost_commit_or_the_request_base() {
+        match walk(true, false) {
+            SinceBase::Landed(r) => {
+                assert_eq!(r.revision, 2);
+                assert_eq!(r.tag, "nightly");
+                assert_eq!(r.root_hash, root(2).to_string());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(walk(false, false), SinceBase::NotLanded));
+        // The history before revision 2 is not named: neither the marker nor the base is found.
+        match walk(false, true) {
+            SinceBase::Unknown(why) => assert!(why.contains("does not name"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Found before the chain breaks: the break does not matter.
+        assert!(matches!(walk(true, true), SinceBase::Landed(_)));
+    }
+
+    #[test]
+    fn a_history_no_longer_stored_leaves_the_walk_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let cas = LocalCas::create(dir.path()).unwrap().without_fsync();
+        let mut job = JobRecord::new("job-1".into(), "test.example.org".into(), "/sw".into(), 0);
+        job.tag_name = Some("nightly".into());
+        let gone = ObjectId::new(Digest20([7; 20]), Suffix::History);
+        let h3 = history(&cas, &[tag("trunk", 3, "")], Some(&gone));
+        match landed_since(&cas, &manifest(h3, 3), &root(1).to_string(), &job).unwrap() {
+            SinceBase::Unknown(why) => assert!(why.contains("no longer on the Stratum 0"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
