@@ -378,17 +378,24 @@ fn remote_tags(
     remote: &dyn Cas,
     m: &prepub_core::manifest::Manifest,
 ) -> Result<Vec<prepub_core::history::Tag>, CommitError> {
+    Ok(current_history(remote, m)?.0)
+}
+
+/// The tags of the Stratum 0's current history and the history it was made from.
+#[allow(clippy::type_complexity)]
+fn current_history(
+    remote: &dyn Cas,
+    m: &prepub_core::manifest::Manifest,
+) -> Result<(Vec<prepub_core::history::Tag>, Option<ObjectId>), CommitError> {
     match m.history {
-        Some(h) => Ok(remote_history(remote, &h)?
-            .ok_or_else(|| {
-                err(
-                    "stratum0-unreadable",
-                    format!("history {h} not found"),
-                    true,
-                )
-            })?
-            .0),
-        None => Ok(Vec::new()),
+        Some(h) => remote_history(remote, &h)?.ok_or_else(|| {
+            err(
+                "stratum0-unreadable",
+                format!("history {h} not found"),
+                true,
+            )
+        }),
+        None => Ok((Vec::new(), None)),
     }
 }
 
@@ -432,15 +439,15 @@ enum SinceBase {
     Unknown(String),
 }
 
-/// Looks for this job's marker in the histories made since `base`, newest first along their
-/// `previous_revision` chain (upstream's history walk): a named tag another publish moved on
+/// Looks for this job's marker in the histories made since `base`, newest first from `start`
+/// along their `previous_revision` chain (upstream's history walk): a named tag another publish moved on
 /// has lost the marker from the current history, but keeps it in the history the job's commit
 /// made. Reaching the history whose `trunk` is `base` without finding it means the request did
 /// not land. A history that does not name the one before it (written by a tool that does not
 /// record it) or that the Stratum 0 no longer stores (collected) leaves the answer unknown.
 fn landed_since(
     remote: &dyn Cas,
-    m: &prepub_core::manifest::Manifest,
+    start: Option<ObjectId>,
     base: &str,
     job: &JobRecord,
 ) -> Result<SinceBase, CommitError> {
@@ -449,7 +456,7 @@ fn landed_since(
             "its journaled base is unreadable".into(),
         ));
     };
-    let mut next = m.history;
+    let mut next = start;
     for _ in 0..HISTORY_WALK_LIMIT {
         let Some(h) = next else {
             return Ok(SinceBase::Unknown(
@@ -516,17 +523,19 @@ fn already_committed(tags: &[prepub_core::history::Tag], job: &JobRecord) -> Opt
 /// release again over whatever came since, and take the tag back), so the job fails
 /// `commit-uncertain` and leaves the decision to the operator. Otherwise the job commits
 /// again, journaling its new request over the old one.
+/// `previous` is the history the current one was made from (the current one, read by the
+/// caller, neither holds the marker nor has `base` as its trunk).
 fn sent_before(
     remote: &dyn Cas,
     sent_file: &std::path::Path,
-    m: &prepub_core::manifest::Manifest,
+    current: &ObjectId,
+    previous: Option<ObjectId>,
     job: &JobRecord,
 ) -> Result<Option<JobResult>, CommitError> {
     let Ok(base) = std::fs::read_to_string(sent_file) else {
         return Ok(None);
     };
     let base = base.trim();
-    let current = &m.root_catalog;
     let Some(tag) = job
         .tag_name
         .as_deref()
@@ -534,7 +543,7 @@ fn sent_before(
     else {
         return Ok(None);
     };
-    match landed_since(remote, m, base, job)? {
+    match landed_since(remote, previous, base, job)? {
         SinceBase::Landed(done) => Ok(Some(done)),
         SinceBase::NotLanded => Ok(None),
         SinceBase::Unknown(why) => Err(err(
@@ -686,11 +695,17 @@ fn commit(
     for _round in 0..5 {
         let (m, cert_pem) = stratum0_manifest(remote.as_ref(), &url)?;
         verify_whitelist(s, repo_name, remote.as_ref(), &cert_pem)?;
-        let tags = remote_tags(remote.as_ref(), &m)?;
+        let (tags, previous) = current_history(remote.as_ref(), &m)?;
         if let Some(done) = already_committed(&tags, &job.job) {
             return Ok(done);
         }
-        if let Some(done) = sent_before(remote.as_ref(), &sent_file, &m, &job.job)? {
+        if let Some(done) = sent_before(
+            remote.as_ref(),
+            &sent_file,
+            &m.root_catalog,
+            previous,
+            &job.job,
+        )? {
             return Ok(done);
         }
         check_tag_owner(&tags, &job.job)?;
@@ -932,7 +947,6 @@ mod tests {
     use super::*;
     use prepub_core::hash::{Digest20, Suffix};
     use prepub_core::history::Tag;
-    use prepub_core::manifest::Manifest;
 
     /// Root catalog `n` of the test repository.
     fn root(n: u8) -> ObjectId {
@@ -968,23 +982,6 @@ mod tests {
         id
     }
 
-    fn manifest(history: ObjectId, revision: u8) -> Manifest {
-        Manifest {
-            root_catalog: root(revision),
-            root_size: 4096,
-            ttl: 240,
-            revision: u64::from(revision),
-            garbage_collectable: false,
-            alt_paths: false,
-            name: "test.example.org".into(),
-            certificate: None,
-            history: Some(history),
-            timestamp: 1_700_000_000,
-            metainfo: None,
-            reflog: None,
-        }
-    }
-
     /// A job's request on revision 1's root went unanswered; revision 3 (another publisher's)
     /// moved its tag `nightly`. `landed` says whether revision 2 is the job's commit.
     fn walk(landed: bool, cut: bool) -> SinceBase {
@@ -1017,7 +1014,7 @@ mod tests {
             ],
             Some(&h2),
         );
-        landed_since(&cas, &manifest(h3, 3), &root(1).to_string(), &job).unwrap()
+        landed_since(&cas, Some(h3), &root(1).to_string(), &job).unwrap()
     }
 
     #[test]
@@ -1048,7 +1045,7 @@ mod tests {
         job.tag_name = Some("nightly".into());
         let gone = ObjectId::new(Digest20([7; 20]), Suffix::History);
         let h3 = history(&cas, &[tag("trunk", 3, "")], Some(&gone));
-        match landed_since(&cas, &manifest(h3, 3), &root(1).to_string(), &job).unwrap() {
+        match landed_since(&cas, Some(h3), &root(1).to_string(), &job).unwrap() {
             SinceBase::Unknown(why) => assert!(why.contains("no longer on the Stratum 0"), "{why}"),
             other => panic!("{other:?}"),
         }
