@@ -378,15 +378,22 @@ fn remote_tags(
     remote: &dyn Cas,
     m: &prepub_core::manifest::Manifest,
 ) -> Result<Vec<prepub_core::history::Tag>, CommitError> {
-    Ok(current_history(remote, m)?.0)
+    Ok(current_history(remote, m)?.tags)
 }
 
-/// The tags of the Stratum 0's current history and the history it was made from.
-#[allow(clippy::type_complexity)]
+/// What a Stratum 0 history holds that a commit looks at.
+#[derive(Default)]
+struct RemoteHistory {
+    tags: Vec<prepub_core::history::Tag>,
+    /// The history it was made from (its `previous_revision`).
+    previous: Option<ObjectId>,
+}
+
+/// The Stratum 0's current history (empty if the manifest names none).
 fn current_history(
     remote: &dyn Cas,
     m: &prepub_core::manifest::Manifest,
-) -> Result<(Vec<prepub_core::history::Tag>, Option<ObjectId>), CommitError> {
+) -> Result<RemoteHistory, CommitError> {
     match m.history {
         Some(h) => remote_history(remote, &h)?.ok_or_else(|| {
             err(
@@ -395,17 +402,12 @@ fn current_history(
                 true,
             )
         }),
-        None => Ok((Vec::new(), None)),
+        None => Ok(RemoteHistory::default()),
     }
 }
 
-/// The tags of the Stratum 0's history object `h` and the history it was made from; `None`
-/// if the Stratum 0 does not have that object.
-#[allow(clippy::type_complexity)]
-fn remote_history(
-    remote: &dyn Cas,
-    h: &ObjectId,
-) -> Result<Option<(Vec<prepub_core::history::Tag>, Option<ObjectId>)>, CommitError> {
+/// The Stratum 0's history object `h`; `None` if the Stratum 0 does not have it.
+fn remote_history(remote: &dyn Cas, h: &ObjectId) -> Result<Option<RemoteHistory>, CommitError> {
     let bytes = match get_all(remote, h) {
         Ok(b) => b,
         Err(prepub_core::cas::CasError::NotFound(_)) => return Ok(None),
@@ -421,7 +423,7 @@ fn remote_history(
     let previous = hist
         .previous_revision()
         .map_err(|e| err("stratum0-unreadable", e, true))?;
-    Ok(Some((tags, previous)))
+    Ok(Some(RemoteHistory { tags, previous }))
 }
 
 /// How many histories back `landed_since` looks before it gives up.
@@ -463,7 +465,7 @@ fn landed_since(
                 "a history on the way does not name the one before it".into(),
             ));
         };
-        let Some((tags, previous)) = remote_history(remote, &h)? else {
+        let Some(RemoteHistory { tags, previous }) = remote_history(remote, &h)? else {
             return Ok(SinceBase::Unknown(format!(
                 "history {h} is no longer on the Stratum 0"
             )));
@@ -695,7 +697,7 @@ fn commit(
     for _round in 0..5 {
         let (m, cert_pem) = stratum0_manifest(remote.as_ref(), &url)?;
         verify_whitelist(s, repo_name, remote.as_ref(), &cert_pem)?;
-        let (tags, previous) = current_history(remote.as_ref(), &m)?;
+        let RemoteHistory { tags, previous } = current_history(remote.as_ref(), &m)?;
         if let Some(done) = already_committed(&tags, &job.job) {
             return Ok(done);
         }
