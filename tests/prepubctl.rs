@@ -321,7 +321,7 @@ fn a_spool_from_a_newer_version_is_refused_at_start() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("has format 7, newer than this binary's 2"),
+        err.contains("has format 7, newer than this binary's 3"),
         "{err}"
     );
 }

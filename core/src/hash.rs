@@ -78,7 +78,18 @@ impl Digest20 {
 
     /// Lowercase hex text (40 chars).
     pub fn hex(&self) -> String {
-        hex::encode(self.0)
+        self.hex_str(&mut [0; 2 * DIGEST_LEN]).to_string()
+    }
+
+    /// Lowercase hex text in `buf`, without an allocation (a change set writes one per file).
+    pub fn hex_str<'a>(&self, buf: &'a mut [u8; 2 * DIGEST_LEN]) -> &'a str {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for (pair, b) in buf.chunks_exact_mut(2).zip(self.0) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0xf)];
+        }
+        // Only ASCII digits were written: never the empty default.
+        std::str::from_utf8(buf).unwrap_or_default()
     }
 
     /// Parses 40 hex characters (either case).
@@ -100,13 +111,13 @@ impl Digest20 {
 
 impl fmt::Debug for Digest20 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.hex())
+        f.write_str(self.hex_str(&mut [0; 2 * DIGEST_LEN]))
     }
 }
 
 impl fmt::Display for Digest20 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.hex())
+        f.write_str(self.hex_str(&mut [0; 2 * DIGEST_LEN]))
     }
 }
 
@@ -188,7 +199,7 @@ impl ObjectId {
 
 impl fmt::Display for ObjectId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.digest.hex())?;
+        f.write_str(self.digest.hex_str(&mut [0; 2 * DIGEST_LEN]))?;
         if let Some(c) = self.suffix.as_char() {
             write!(f, "{c}")?;
         }
@@ -234,14 +245,24 @@ pub fn path_key(path: &str) -> (i64, i64) {
 
 impl serde::Serialize for Digest20 {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.hex())
+        s.serialize_str(self.hex_str(&mut [0; 2 * DIGEST_LEN]))
     }
 }
 
 impl<'de> serde::Deserialize<'de> for Digest20 {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Digest20::from_hex(&s).map_err(serde::de::Error::custom)
+        /// Parses the text where the deserializer holds it, without a `String` of its own.
+        struct Hex;
+        impl serde::de::Visitor<'_> for Hex {
+            type Value = Digest20;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("40 hex characters")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Digest20, E> {
+                Digest20::from_hex(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Hex)
     }
 }
 
@@ -270,6 +291,24 @@ mod tests {
             path_key("/foo"),
             (5745132282796244766, -5819618580357280866)
         );
+    }
+
+    #[test]
+    fn hex_text_is_lowercase_and_round_trips_for_every_byte() {
+        for b in 0..=255u8 {
+            let mut raw = [b; DIGEST_LEN];
+            raw[0] = b.wrapping_mul(7);
+            let d = Digest20(raw);
+            assert_eq!(d.hex(), hex::encode(raw));
+            assert_eq!(d.to_string(), d.hex());
+            assert_eq!(format!("{d:?}"), d.hex());
+            assert_eq!(Digest20::from_hex(&d.hex()).unwrap(), d);
+            let json = serde_json::to_string(&d).unwrap();
+            assert_eq!(json, format!("\"{}\"", d.hex()));
+            assert_eq!(serde_json::from_str::<Digest20>(&json).unwrap(), d);
+        }
+        assert!(serde_json::from_str::<Digest20>("\"zz\"").is_err());
+        assert!(serde_json::from_str::<Digest20>("7").is_err());
     }
 
     #[test]

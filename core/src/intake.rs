@@ -107,8 +107,10 @@ pub enum IntakeError {
 pub struct Node {
     pub entry: Entry,
     /// For hard links: the relative path of the first entry of the link group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hardlink_of: Option<String>,
     /// Whether the directory was synthesised because the tar had no entry for it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub synthesized: bool,
 }
 

@@ -46,8 +46,10 @@ pub enum SpoolError {
 /// 1 — spools written before the file existed (journal, `jobs/<id>/{job.json,payload.tar,
 ///     changeset.json}`, `incoming/`);
 /// 2 — adds `FORMAT` and the per-endpoint acknowledgement logs `jobs/<id>/acks-*.log`.
+/// 3 — change sets leave out the entry fields that hold their usual value (see
+///     [`crate::catalog::Entry`]); a binary of format 2 cannot read them, format 2's still read.
 /// Older formats are migrated on open; a newer one is refused (no silent downgrade).
-pub const SPOOL_FORMAT: u32 = 2;
+pub const SPOOL_FORMAT: u32 = 3;
 
 /// Reads the spool's format, migrating older ones to [`SPOOL_FORMAT`]; returns the format found.
 fn migrate(root: &Path) -> Result<u32, SpoolError> {
@@ -73,7 +75,8 @@ fn migrate(root: &Path) -> Result<u32, SpoolError> {
             supported: SPOOL_FORMAT,
         });
     }
-    // 1 -> 2: the layout is a subset of 2's; only the stamp is new.
+    // 1 -> 2 -> 3: each layout is a subset of the next's, and the change sets of 1 and 2 read
+    // as 3's; only the stamp is new.
     if found < SPOOL_FORMAT || !p.exists() {
         write_atomic(&p, format!("{SPOOL_FORMAT}\n").as_bytes())?;
     }
@@ -578,8 +581,9 @@ mod tests {
         fs::write(dir.path().join("FORMAT"), "99\n").unwrap();
         let e = Spool::open(dir.path()).err().unwrap();
         assert!(
-            e.to_string()
-                .contains("format 99, newer than this binary's 2"),
+            e.to_string().contains(&format!(
+                "format 99, newer than this binary's {SPOOL_FORMAT}"
+            )),
             "{e}"
         );
         assert_eq!(
@@ -689,5 +693,90 @@ mod tests {
         assert_eq!(jobs.keys().collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(jobs["a"].state, JobState::Queued);
         assert!(dir.path().join("jobs/b").is_dir());
+    }
+
+    #[test]
+    fn change_sets_leave_out_usual_values_and_read_back_whole() {
+        use crate::catalog::{Entry, Xattrs};
+        use crate::hash::{Digest20, ObjectId, Suffix};
+        use crate::intake::Node;
+        use crate::object::FileChunk;
+        let plain = Entry {
+            name: "a.py".into(),
+            mode: 0o100644,
+            size: 5,
+            mtime: 1700000000,
+            mtimens: None,
+            uid: 0,
+            gid: 0,
+            linkcount: 1,
+            hardlink_group: 0,
+            hash: Some(Digest20([0xab; 20])),
+            flags: 0,
+            symlink: String::new(),
+            xattrs: None,
+            chunks: Vec::new(),
+        };
+        let mut attrs = BTreeMap::new();
+        attrs.insert(b"user.k".to_vec(), b"v".to_vec());
+        let every = Entry {
+            name: "b".into(),
+            mtimens: Some(7),
+            uid: 1000,
+            gid: 100,
+            linkcount: 2,
+            hardlink_group: 3,
+            hash: None,
+            flags: 4,
+            symlink: "t".into(),
+            xattrs: Some(Xattrs(attrs)),
+            chunks: vec![FileChunk {
+                offset: 0,
+                size: 5,
+                id: ObjectId::new(Digest20([1; 20]), Suffix::Partial),
+            }],
+            ..plain.clone()
+        };
+        let node = |entry: &Entry, hardlink_of: Option<&str>, synthesized| Node {
+            entry: entry.clone(),
+            hardlink_of: hardlink_of.map(String::from),
+            synthesized,
+        };
+        let mut cs = ChangeSet::default();
+        cs.nodes.insert("a.py".into(), node(&plain, None, false));
+        cs.nodes
+            .insert("b".into(), node(&every, Some("a.py"), true));
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _) = Spool::open(dir.path()).unwrap();
+        fs::create_dir_all(dir.path().join("jobs/j")).unwrap();
+        spool.save_changeset("j", &cs).unwrap();
+        let text = fs::read_to_string(spool.changeset_path("j")).unwrap();
+        // The plain file is its name, mode, size, mtime and hash; nothing else.
+        let hex = "ab".repeat(20);
+        assert!(
+            text.contains(&format!(
+                r#""a.py":{{"entry":{{"name":"a.py","mode":33188,"size":5,"mtime":1700000000,"hash":"{hex}"}}}}"#
+            )),
+            "{text}"
+        );
+        // Every field that differs from its usual value is kept, and both read back whole.
+        let back = spool.load_changeset("j").unwrap().unwrap();
+        assert_eq!(back.nodes, cs.nodes);
+        // A change set written by format 2 (every field spelt out) reads as the same.
+        let full = format!(
+            r#"{{"root":null,"nodes":{{"a.py":{{"entry":{{"name":"a.py","mode":33188,"size":5,"mtime":1700000000,"mtimens":null,"uid":0,"gid":0,"linkcount":1,"hardlink_group":0,"hash":"{hex}","flags":0,"symlink":"","xattrs":null,"chunks":[]}},"hardlink_of":null,"synthesized":false}}}},"markers":[],"removals":[],"stats":{{"entries":1,"files":1,"bytes_in":5,"new_objects":0,"new_bytes":0,"dedup_hits":1,"skipped_special":0}}}}"#
+        );
+        fs::write(spool.changeset_path("j"), full).unwrap();
+        let old = spool.load_changeset("j").unwrap().unwrap();
+        assert_eq!(old.nodes["a.py"], cs.nodes["a.py"]);
+        assert_eq!(old.stats.dedup_hits, 1);
+        // A hash that is not 40 hex digits is refused, not guessed at.
+        fs::write(
+            spool.changeset_path("j"),
+            r#"{"root":null,"nodes":{"a":{"entry":{"name":"a","mode":33188,"size":0,"mtime":0,"hash":"abc"}}},"markers":[],"removals":[],"stats":{"entries":0,"files":0,"bytes_in":0,"new_objects":0,"new_bytes":0,"dedup_hits":0,"skipped_special":0}}"#,
+        )
+        .unwrap();
+        let e = spool.load_changeset("j").err().unwrap().to_string();
+        assert!(e.contains("abc"), "{e}");
     }
 }

@@ -51,7 +51,10 @@ pub enum Kind {
     Special,
 }
 
-/// One catalog row, decoded.
+/// One catalog row, decoded. Serialized (in change sets) without the fields that hold their
+/// usual value (no mtime nanoseconds, owner 0, one link, no hard-link group, no hash, no flags,
+/// no symlink target, xattrs or chunks), which a change set of a release's files is mostly
+/// made of; a missing field reads back as that value.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Entry {
     /// Last path component; `""` for the repository root.
@@ -61,19 +64,41 @@ pub struct Entry {
     /// Regular file: uncompressed size. Symlink: target length. Device: `dev_t`. Dir: any.
     pub size: u64,
     pub mtime: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtimens: Option<i64>,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub uid: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub gid: u64,
+    #[serde(default = "one_link", skip_serializing_if = "is_one_link")]
     pub linkcount: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub hardlink_group: u32,
     /// Content hash of whole-file objects; `None` for everything else (incl. chunked files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hash: Option<Digest20>,
     /// Full flag word as stored (type bits are recomputed from `mode` on write).
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub flags: i64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub symlink: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub xattrs: Option<Xattrs>,
     /// Chunk list of chunked files (filled by lookups that ask for it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chunks: Vec<FileChunk>,
+}
+
+fn is_zero<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+fn one_link() -> u32 {
+    1
+}
+
+fn is_one_link(n: &u32) -> bool {
+    *n == 1
 }
 
 impl Entry {
