@@ -11,7 +11,7 @@
 //! A tar still being uploaded ([`TarSource::Upload`]) gets a reader thread of its own: it waits
 //! for the client's bytes, and must not hold up the shared readers of accepted jobs while it does.
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -160,12 +160,15 @@ struct Watched<R> {
     progress: Recipient<ProgressMade>,
 }
 
-impl<R: Read> Read for Watched<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+impl<R> Watched<R> {
+    fn check(&self) -> std::io::Result<()> {
         if self.abort.load(Ordering::Relaxed) {
             return Err(std::io::Error::other("job aborted"));
         }
-        let n = self.inner.read(buf)?;
+        Ok(())
+    }
+
+    fn count(&mut self, n: usize) {
         self.read += n as u64;
         if self.read - self.last_report >= 32 << 20 {
             self.last_report = self.read;
@@ -177,7 +180,28 @@ impl<R: Read> Read for Watched<R> {
                 },
             });
         }
+    }
+}
+
+impl<R: BufRead> Read for Watched<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.check()?;
+        let n = self.inner.read(buf)?;
+        self.count(n);
         Ok(n)
+    }
+}
+
+/// Passes the input's own buffer through (the tar's bytes are copied once, out of it).
+impl<R: BufRead> BufRead for Watched<R> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        self.check()?;
+        self.inner.fill_buf()
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.inner.consume(n);
+        self.count(n);
     }
 }
 
@@ -194,7 +218,7 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
             .cas(true)
             .map_err(|e| io_err("cas-unavailable", e.to_string()))?;
         let batcher = Batcher::new(pipeline);
-        let input: Box<dyn Read> = match t.tar {
+        let input: Box<dyn BufRead> = match t.tar {
             // Read around the page cache, in blocks, like the upload it was written as.
             TarSource::Spool(ref p) => Box::new(DirectReader::new(
                 std::fs::File::open(p).map_err(|e| io_err("spool-read", e.to_string()))?,

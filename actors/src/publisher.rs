@@ -427,9 +427,13 @@ fn commit(t: &RepoTarget, job: CommitJob) -> Result<JobResult, CommitError> {
             err(if r { "commit-io" } else { "commit-rejected" }, e, r)
         }
     })?;
-    Ok(JobResult {
+    let done = JobResult {
         root_hash: p.commit.root.to_string(),
         revision: p.manifest.revision,
         tag: tags.last().map(|t| t.name.clone()).unwrap_or_default(),
-    })
+    };
+    // The change set the job manager handed over (the last reference to it, mostly) is freed
+    // while the job walks on.
+    prepub_core::drop_aside(job);
+    Ok(done)
 }

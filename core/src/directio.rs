@@ -259,8 +259,23 @@ impl DirectReader {
     /// Reads into `buf` from the current position, not past offset `limit`; `Ok(0)` only
     /// when the position has reached `limit` or the file's end.
     pub fn read_upto(&mut self, buf: &mut [u8], limit: u64) -> io::Result<usize> {
-        if buf.is_empty() || self.pos >= limit {
+        if buf.is_empty() {
             return Ok(0);
+        }
+        let held = self.fill_upto(limit)?;
+        let n = held.len().min(buf.len());
+        buf[..n].copy_from_slice(&held[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+
+    /// The bytes from the current position on that the block read there holds, not past
+    /// offset `limit` (the next block is waited for when the position is past this one's);
+    /// empty only when the position has reached `limit` or the file's end. The position
+    /// moves past them with [`DirectReader::consume`].
+    pub fn fill_upto(&mut self, limit: u64) -> io::Result<&[u8]> {
+        if self.pos >= limit {
+            return Ok(&[]);
         }
         let pos = self.pos;
         if !self
@@ -274,21 +289,22 @@ impl DirectReader {
                         self.shared.lock().free.push(old.block);
                     }
                 }
-                None => return Ok(0),
+                None => return Ok(&[]),
             }
         }
         let Some(c) = &self.current else {
-            return Ok(0);
+            return Ok(&[]);
         };
         let from = (pos - c.at) as usize;
         let end = c
             .valid
-            .min(from + buf.len())
             .min(usize::try_from(limit - c.at).unwrap_or(usize::MAX));
-        let n = end - from;
-        buf[..n].copy_from_slice(&c.block.get()[from..end]);
+        Ok(&c.block.get()[from..end])
+    }
+
+    /// Moves the position past `n` bytes [`DirectReader::fill_upto`] returned.
+    pub fn consume(&mut self, n: usize) {
         self.pos += n as u64;
-        Ok(n)
     }
 
     /// The read-ahead block holding the position (waiting for it); None at the file's end.
@@ -450,6 +466,18 @@ impl Read for DirectReader {
     }
 }
 
+/// Buffered in its own blocks: a reader that wants small pieces (a tar's headers) takes them
+/// from there, without a buffer (and a copy) of its own.
+impl io::BufRead for DirectReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        self.fill_upto(u64::MAX)
+    }
+
+    fn consume(&mut self, n: usize) {
+        DirectReader::consume(self, n);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -557,6 +585,35 @@ mod tests {
             assert!(got == data);
             assert_eq!(r.read(&mut buf).unwrap(), 0, "end of file");
         }
+    }
+
+    #[test]
+    fn buffered_reads_come_from_the_blocks_and_end_at_the_limit() {
+        let (_d, p, data) = file_of(2 * BLOCK + 5000);
+        let mut r = DirectReader::new(File::open(&p).unwrap(), true);
+        // At most one block at a time, never past the limit.
+        let held = r.fill_upto(7000).unwrap();
+        assert_eq!(held, &data[..7000]);
+        r.consume(100);
+        assert_eq!(r.fill_upto(7000).unwrap(), &data[100..7000]);
+        r.consume(6900);
+        assert!(r.fill_upto(7000).unwrap().is_empty());
+        // Past the old limit: what the block read then holds, or the next.
+        let held = r.fill_upto(u64::MAX).unwrap();
+        assert!(!held.is_empty() && held.len() <= BLOCK);
+        assert_eq!(held, &data[7000..7000 + held.len()]);
+        // The rest through `BufRead`, as a tar reader's input.
+        let mut rest = Vec::new();
+        loop {
+            let held = io::BufRead::fill_buf(&mut r).unwrap();
+            if held.is_empty() {
+                break;
+            }
+            let n = held.len().min(3333);
+            rest.extend_from_slice(&held[..n]);
+            io::BufRead::consume(&mut r, n);
+        }
+        assert!(rest == data[7000..]);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::directio::DirectReader;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, BufRead, Read};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -103,8 +103,9 @@ impl State {
         }
     }
 
-    /// Copies bytes at `pos` from the window into `buf`; None when `pos` is not in it.
-    fn copy_from_window(&mut self, pos: u64, buf: &mut [u8]) -> Option<usize> {
+    /// The window's bytes from `pos` to the end of the piece holding it (shared with the
+    /// window, not copied); None when `pos` is not in it.
+    fn piece_at(&self, pos: u64) -> Option<Bytes> {
         if pos < self.window_at {
             return None;
         }
@@ -112,10 +113,7 @@ impl State {
         for piece in &self.window {
             let end = at + piece.len() as u64;
             if pos < end {
-                let from = (pos - at) as usize;
-                let n = buf.len().min(piece.len() - from);
-                buf[..n].copy_from_slice(&piece[from..from + n]);
-                return Some(n);
+                return Some(piece.slice((pos - at) as usize..));
             }
             at = end;
         }
@@ -217,6 +215,9 @@ impl Growing {
             growing: self.clone(),
             stop: None,
             before_wait: None,
+            piece: Bytes::new(),
+            used: 0,
+            file_limit: None,
         }
     }
 }
@@ -256,12 +257,26 @@ impl Drop for FinishGuard {
     }
 }
 
-/// Reads a [`Growing`] file as it is written.
+/// Reads a [`Growing`] file as it is written. Buffered in the window's pieces and the file's
+/// blocks: read through [`BufRead`], nothing is copied before the reader's own copy.
 pub struct FollowReader {
+    /// Its position is the end of `piece` (while that is read), else the reader's.
     file: DirectReader,
     growing: Arc<Growing>,
     stop: Option<Arc<AtomicBool>>,
     before_wait: Option<Box<dyn FnMut() + Send>>,
+    /// The window's bytes at the reader's position, `used` of them read.
+    piece: Bytes,
+    used: usize,
+    /// Reading the file instead: where the bytes it returned last end.
+    file_limit: Option<u64>,
+}
+
+/// Where a [`FollowReader`] finds the bytes at its position.
+enum Source {
+    Window(Bytes),
+    /// The file, which holds this many bytes.
+    File(u64),
 }
 
 impl FollowReader {
@@ -280,81 +295,122 @@ impl FollowReader {
 /// How often a waiting reader looks at its stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(100);
 
-impl Read for FollowReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        let pos = self.file.position();
-        let on_disk = {
-            let mut s = self
-                .growing
-                .state
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            let mut told = false;
-            loop {
-                if s.received > pos {
-                    break;
-                }
-                match s.end {
-                    Some(true) => return Ok(0),
-                    Some(false) => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the upload was cut off",
-                        ))
-                    }
-                    None => {
-                        if self.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
-                            // Not `Interrupted`: readers retry that.
-                            return Err(io::Error::other("stopped while waiting for the upload"));
-                        }
-                        if let Some(f) = self.before_wait.as_mut().filter(|_| !told) {
-                            told = true;
-                            drop(s);
-                            f();
-                            s = self
-                                .growing
-                                .state
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner);
-                            continue;
-                        }
-                        s.reader_waits = true;
-                        s = self
-                            .growing
-                            .changed
-                            .wait_timeout(s, STOP_CHECK)
-                            .unwrap_or_else(PoisonError::into_inner)
-                            .0;
-                        s.reader_waits = false;
-                    }
-                }
-            }
-            if let Some(n) = s.copy_from_window(pos, buf) {
-                s.advanced(pos + n as u64, &self.growing.changed);
-                drop(s);
-                self.file.skip_to(pos + n as u64);
-                return Ok(n);
-            }
-            s.on_disk
-        };
-        // Behind the window: the file holds everything before it.
-        let n = self.file.read_upto(buf, on_disk)?;
-        if n == 0 {
-            // The writer reported bytes the file does not hold: not the same file.
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the upload file is shorter than written",
-            ));
-        }
+impl FollowReader {
+    /// Where the bytes at `pos` (everything before it read) are, waiting for them; None at the
+    /// end of a complete upload.
+    fn next_source(&mut self, pos: u64) -> io::Result<Option<Source>> {
         let mut s = self
             .growing
             .state
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        s.advanced(pos + n as u64, &self.growing.changed);
+        s.advanced(pos, &self.growing.changed);
+        let mut told = false;
+        loop {
+            if s.received > pos {
+                break;
+            }
+            match s.end {
+                Some(true) => return Ok(None),
+                Some(false) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upload was cut off",
+                    ))
+                }
+                None => {
+                    if self.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst)) {
+                        // Not `Interrupted`: readers retry that.
+                        return Err(io::Error::other("stopped while waiting for the upload"));
+                    }
+                    if let Some(f) = self.before_wait.as_mut().filter(|_| !told) {
+                        told = true;
+                        drop(s);
+                        f();
+                        s = self
+                            .growing
+                            .state
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner);
+                        continue;
+                    }
+                    s.reader_waits = true;
+                    s = self
+                        .growing
+                        .changed
+                        .wait_timeout(s, STOP_CHECK)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                    s.reader_waits = false;
+                }
+            }
+        }
+        match s.piece_at(pos) {
+            Some(p) => {
+                // Held here now: the window need not keep it.
+                s.advanced(pos + p.len() as u64, &self.growing.changed);
+                Ok(Some(Source::Window(p)))
+            }
+            // Behind the window: the file holds everything before it.
+            None => Ok(Some(Source::File(s.on_disk))),
+        }
+    }
+}
+
+impl BufRead for FollowReader {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.used < self.piece.len() {
+            return Ok(&self.piece[self.used..]);
+        }
+        let pos = self.file.position();
+        if let Some(end) = self.file_limit.filter(|&end| pos < end) {
+            // The rest of the file's bytes returned last time (of the block read then).
+            return self.file.fill_upto(end);
+        }
+        // The next piece or block: the window is looked at (and the reader's position told)
+        // once per piece or block.
+        self.file_limit = None;
+        match self.next_source(pos)? {
+            None => Ok(&[]),
+            Some(Source::Window(p)) => {
+                self.file.skip_to(pos + p.len() as u64);
+                self.piece = p;
+                self.used = 0;
+                Ok(&self.piece)
+            }
+            Some(Source::File(on_disk)) => {
+                let held = self.file.fill_upto(on_disk)?;
+                if held.is_empty() {
+                    // The writer reported bytes the file does not hold: not the same file.
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upload file is shorter than written",
+                    ));
+                }
+                self.file_limit = Some(pos + held.len() as u64);
+                Ok(held)
+            }
+        }
+    }
+
+    fn consume(&mut self, n: usize) {
+        if self.used < self.piece.len() {
+            self.used = (self.used + n).min(self.piece.len());
+        } else if self.file_limit.is_some() {
+            self.file.consume(n);
+        }
+    }
+}
+
+impl Read for FollowReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let held = self.fill_buf()?;
+        let n = held.len().min(buf.len());
+        buf[..n].copy_from_slice(&held[..n]);
+        self.consume(n);
         Ok(n)
     }
 }
@@ -451,6 +507,63 @@ mod tests {
         assert!(got == want);
         // The file was never written: the bytes can only have come from the pieces.
         assert_eq!(w.metadata().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn a_buffered_reader_is_handed_the_pieces_themselves_not_copies() {
+        let (_d, _w, g, mut r) = pair();
+        let guard = FinishGuard::new(g.clone());
+        let a = Bytes::from(vec![1u8; 5000]);
+        let b = Bytes::from(vec![2u8; 3000]);
+        guard.received(a.clone());
+        guard.received(b.clone());
+        // The first piece, where the window holds it; then its rest after a partial read.
+        let held = r.fill_buf().unwrap();
+        assert_eq!((held.as_ptr(), held.len()), (a.as_ptr(), 5000));
+        r.consume(512);
+        let held = r.fill_buf().unwrap();
+        assert_eq!((held.as_ptr(), held.len()), (a[512..].as_ptr(), 4488));
+        let mut buf = [0u8; 4488];
+        r.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, [1u8; 4488]);
+        // The next piece, and the window keeps neither once they are the reader's.
+        assert_eq!(r.fill_buf().unwrap().as_ptr(), b.as_ptr());
+        assert_eq!(g.state.lock().unwrap().window_bytes, 0);
+        r.consume(3000);
+        guard.complete();
+        assert!(r.fill_buf().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_buffered_reader_behind_the_window_reads_the_file_in_small_steps() {
+        let (_d, w, g, mut r) = pair();
+        let piece = 1 << 20;
+        let pieces: Vec<Vec<u8>> = (0..3 * WINDOW / piece)
+            .map(|i| (0..piece).map(|j| (i * 17 + j / 5) as u8).collect())
+            .collect();
+        let want: Vec<u8> = pieces.concat();
+        write_handing_over(w, g.clone(), pieces, 1);
+        assert!(
+            g.state.lock().unwrap().window_at > 0,
+            "the start is in the file only"
+        );
+        // As a tar is read: 512-byte headers and bodies of any length, through the buffer.
+        let mut got = Vec::new();
+        let mut step = 512;
+        loop {
+            let held = r.fill_buf().unwrap();
+            if held.is_empty() {
+                break;
+            }
+            let n = held.len().min(step);
+            got.extend_from_slice(&held[..n]);
+            r.consume(n);
+            step = if step == 512 { 70_001 } else { 512 };
+            // The writer hears how far the reader is, block by block.
+            let told = g.state.lock().unwrap().read;
+            assert!(told + (1 << 20) as u64 >= got.len() as u64, "told {told}");
+        }
+        assert!(got == want);
     }
 
     #[test]

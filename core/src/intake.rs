@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufRead, BufReader, Read};
 
-use flate2::read::GzDecoder;
+use flate2::bufread::GzDecoder;
 use tar::EntryType;
 
 use std::sync::Arc;
@@ -206,12 +206,22 @@ fn name_of(rel: &str) -> &str {
 
 /// Wraps `input` in a gzip decoder if it starts with the gzip magic.
 pub fn detect_compression<'a, R: Read + 'a>(input: R) -> Result<Box<dyn Read + 'a>, IntakeError> {
-    let mut br = BufReader::with_capacity(256 * 1024, input);
-    let head = br.fill_buf().map_err(IntakeError::Read)?;
+    detect_compression_buffered(BufReader::with_capacity(READ_BUFFER, input))
+}
+
+/// How much of an unbuffered input is read at a time.
+const READ_BUFFER: usize = 256 * 1024;
+
+/// [`detect_compression`] of an input that buffers itself (a spool's or an upload's reader:
+/// the tar is then copied once, from their buffers to where its contents go).
+pub fn detect_compression_buffered<'a, R: BufRead + 'a>(
+    mut input: R,
+) -> Result<Box<dyn Read + 'a>, IntakeError> {
+    let head = input.fill_buf().map_err(IntakeError::Read)?;
     if head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b {
-        Ok(Box::new(GzDecoder::new(br)))
+        Ok(Box::new(GzDecoder::new(input)))
     } else {
-        Ok(Box::new(br))
+        Ok(Box::new(input))
     }
 }
 
@@ -227,6 +237,7 @@ pub fn read_tar<R: Read>(
     now: i64,
 ) -> Result<ChangeSet, IntakeError> {
     let mut sink = InlineSink { cas, params };
+    let input = BufReader::with_capacity(READ_BUFFER, input);
     read_tar_with(input, top_level, limits, &mut sink, now)
 }
 
@@ -254,6 +265,7 @@ pub fn read_tar_parallel<R: Read>(
     now: i64,
 ) -> Result<ChangeSet, IntakeError> {
     let batcher = Batcher::new(pipeline);
+    let input = BufReader::with_capacity(READ_BUFFER, input);
     read_tar_streamed(input, top_level, params, limits, cas, &batcher, now, None)
 }
 
@@ -278,9 +290,10 @@ pub enum Streamed {
 
 /// [`read_tar_parallel`] that also tells `stream` what it reads, as it reads it, handing its
 /// tasks to the pipeline through `batcher` (whose [`Batcher::hand_over`] the input may call
-/// before it waits: see [`crate::growing::FollowReader::before_wait`]).
+/// before it waits: see [`crate::growing::FollowReader::before_wait`]). `input` buffers itself
+/// (a plain reader goes in a `BufReader`).
 #[allow(clippy::too_many_arguments)]
-pub fn read_tar_streamed<R: Read>(
+pub fn read_tar_streamed<R: BufRead>(
     input: R,
     top_level: bool,
     params: &EncodeParams,
@@ -319,14 +332,14 @@ pub fn read_tar_streamed<R: Read>(
     cs
 }
 
-fn read_tar_with<R: Read>(
+fn read_tar_with<R: BufRead>(
     input: R,
     top_level: bool,
     limits: &IntakeLimits,
     sink: &mut dyn FileSink,
     now: i64,
 ) -> Result<ChangeSet, IntakeError> {
-    let stream = detect_compression(input)?;
+    let stream = detect_compression_buffered(input)?;
     // Headers and padding add at most 1.5 KiB per entry on top of the bodies.
     let budget = Budget {
         inner: stream,

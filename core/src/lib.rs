@@ -34,3 +34,30 @@ pub mod receiver;
 pub mod repo;
 pub mod spool;
 pub mod timefmt;
+
+/// Drops `v` on a thread of its own: freeing a large structure (the tens of thousands of
+/// strings of a change set or of a catalog build's path sets) takes milliseconds that need
+/// not delay whoever waits for the result. If no thread can be started, `v` is dropped here.
+pub fn drop_aside<T: Send + 'static>(v: T) {
+    let _ = std::thread::Builder::new()
+        .name("drop".into())
+        .spawn(move || drop(v));
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn drop_aside_drops_on_another_thread() {
+        struct Tell(std::sync::mpsc::Sender<Option<String>>);
+        impl Drop for Tell {
+            fn drop(&mut self) {
+                let name = std::thread::current().name().map(String::from);
+                let _ = self.0.send(name);
+            }
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        super::drop_aside(Tell(tx));
+        let by = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert_eq!(by.as_deref(), Some("drop"));
+    }
+}

@@ -1327,6 +1327,8 @@ fn stream_build(
         )
     });
     drop(tmp);
+    // Tens of thousands of paths: freed while the commit goes on.
+    crate::drop_aside((told, dirs));
     match streamed {
         Some(built) => Some(Prebuilt {
             built,
