@@ -83,12 +83,8 @@ impl Digest20 {
 
     /// Lowercase hex text in `buf`, without an allocation (a change set writes one per file).
     pub fn hex_str<'a>(&self, buf: &'a mut [u8; 2 * DIGEST_LEN]) -> &'a str {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        for (pair, b) in buf.chunks_exact_mut(2).zip(self.0) {
-            pair[0] = DIGITS[usize::from(b >> 4)];
-            pair[1] = DIGITS[usize::from(b & 0xf)];
-        }
-        // Only ASCII digits were written: never the empty default.
+        // The buffer's length is twice the digest's, so neither step can fail.
+        let _ = hex::encode_to_slice(self.0, buf);
         std::str::from_utf8(buf).unwrap_or_default()
     }
 
