@@ -226,6 +226,76 @@ mod tests {
         }
     }
 
+    /// Upstream's rule as cvmfs-formats.md §2.2 words it, one position at a time: per chunk
+    /// from `last`, feed `[last+min-32, last+min)` untested, then test each position up to
+    /// `last+max-1`; no match is a hard cut at `last+max`.
+    fn reference_cuts(data: &[u8], p: ChunkParams) -> Vec<usize> {
+        let t = (u32::MAX as u64 / p.avg) as i32;
+        let (min, max) = (p.min as usize, p.max as usize);
+        let mut cuts = Vec::new();
+        let mut last = 0usize;
+        while last + min < data.len() {
+            let mut x = 0u32;
+            for &b in &data[last + min - 32..last + min] {
+                x = (x << 1) ^ u32::from(b);
+            }
+            let mut cut = None;
+            for (p, &b) in data.iter().enumerate().take(last + max).skip(last + min) {
+                x = (x << 1) ^ u32::from(b);
+                if (x as i32).wrapping_sub(0x7FFF_FFFF).wrapping_abs() < t {
+                    cut = Some(p);
+                    break;
+                }
+            }
+            match cut {
+                Some(c) => last = c,
+                None if last + max < data.len() => last += max,
+                None => break,
+            }
+            cuts.push(last);
+        }
+        cuts
+    }
+
+    #[test]
+    fn cuts_are_upstreams_position_for_position() {
+        // Content cuts, hard cuts (runs of one byte never match), and data ending inside a
+        // chunk's untested head, at two sizes; fed whole and in odd pieces.
+        let mut data = pseudo_random(400_000, 11);
+        data[150_000..170_000].fill(0x55);
+        let tiny = ChunkParams {
+            enabled: true,
+            min: 64,
+            avg: 256,
+            max: 1024,
+        };
+        for p in [small(), tiny] {
+            for len in [data.len(), 170_500, 1100] {
+                let data = &data[..len];
+                let want = reference_cuts(data, p);
+                assert!(want.len() > 3 || len == 1100, "{want:?}");
+                let whole: Vec<usize> = cut_all(data, p)
+                    .iter()
+                    .skip(1)
+                    .map(|c| c.0 as usize)
+                    .collect();
+                assert_eq!(whole, want, "whole, {p:?}, {len} bytes");
+                let mut det = Xor32Detector::new(p);
+                let mut cuts = Vec::new();
+                for (n, piece) in data.chunks(977).enumerate() {
+                    let (mut rest, mut base) = (piece, n * 977);
+                    while let Some(i) = det.find_cut(rest) {
+                        cuts.push(base + i);
+                        (rest, base) = (&rest[i..], base + i);
+                    }
+                }
+                // A cut at the very end of the data starts no chunk.
+                cuts.retain(|&c| c < len);
+                assert_eq!(cuts, want, "pieces, {p:?}, {len} bytes");
+            }
+        }
+    }
+
     #[test]
     fn content_defined_cuts_survive_an_insertion() {
         let data = pseudo_random(300_000, 3);
