@@ -212,11 +212,17 @@ pub fn compress(
         return Err(io::Error::other("nothing to compress"));
     }
     let threads = threads.clamp(1, blocks);
-    // Each worker takes every `threads`-th block: its output and the Adler-32 of its input.
-    let work = |first: usize| -> io::Result<Vec<Part>> {
+    // Each worker takes the next block not taken (a worker slowed by other work takes fewer):
+    // its output and the Adler-32 of its input.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || -> io::Result<Vec<Part>> {
         let mut done = Vec::new();
         let mut buf = vec![0u8; WINDOW + BLOCK];
-        for i in (first..blocks).step_by(threads) {
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= blocks {
+                break;
+            }
             let start = i as u64 * BLOCK as u64;
             let n = (len - start).min(BLOCK as u64) as usize;
             let d = if i == 0 { 0 } else { WINDOW };
@@ -235,13 +241,8 @@ pub fn compress(
         Ok(done)
     };
     let mut parts = std::thread::scope(|s| -> io::Result<Vec<Part>> {
-        let workers: Vec<_> = (1..threads)
-            .map(|t| {
-                let work = &work;
-                s.spawn(move || work(t))
-            })
-            .collect();
-        let mut all = work(0)?;
+        let workers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mut all = work()?;
         for w in workers {
             // A panic in a worker is a bug; let it reach the caller like the one-pass path.
             all.extend(w.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?);
@@ -328,6 +329,34 @@ mod tests {
             Ok(())
         })
         .unwrap()
+    }
+
+    #[test]
+    fn a_worker_held_up_leaves_the_other_blocks_to_the_rest() {
+        // The worker reading block 0 goes on only once every other block was read: with blocks
+        // dealt out in advance it would hold blocks of its own and never see that (the wait
+        // would time out); taken one by one, the other worker reads them all.
+        let data = sample(6 * BLOCK);
+        let others = std::sync::Mutex::new(0usize);
+        let all_read = std::sync::Condvar::new();
+        let timed_out = std::sync::atomic::AtomicBool::new(false);
+        let out = compress(data.len() as u64, 6, 2, &|off, buf: &mut [u8]| {
+            if off == 0 {
+                let n = others.lock().unwrap();
+                let (_n, wait) = all_read
+                    .wait_timeout_while(n, std::time::Duration::from_secs(60), |n| *n < 5)
+                    .unwrap();
+                timed_out.store(wait.timed_out(), std::sync::atomic::Ordering::SeqCst);
+            } else {
+                *others.lock().unwrap() += 1;
+                all_read.notify_all();
+            }
+            buf.copy_from_slice(&data[off as usize..off as usize + buf.len()]);
+            Ok(())
+        })
+        .unwrap();
+        assert!(!timed_out.load(std::sync::atomic::Ordering::SeqCst));
+        assert_eq!(out, compress_mem(&data, 1));
     }
 
     #[test]
