@@ -976,7 +976,13 @@ fn a_final_record_that_failed_to_journal_is_journaled_again() {
 fn a_job_that_stops_the_daemon_each_time_fails_after_max_attempts() {
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
-    let crash = [("CVMFS_PREPUB_TEST_CRASH", "processing-journaled")];
+    // The upload's processing is held so that it cannot end (and save the job's change set)
+    // before the job is accepted and its `processing` record journaled: a resume would then
+    // take the change set, and not process (and stop) again.
+    let crash = [
+        ("CVMFS_PREPUB_TEST_CRASH", "processing-journaled"),
+        ("CVMFS_PREPUB_TEST_HOLD", "processing=20000"),
+    ];
     let mut d = Daemon::start(dir.path(), &crash);
     let _ = d.post_job(ADMIN, "/p/poison", &tar_bytes(&small_tree("poison")), None);
     assert!(d.wait_exit(30), "no crash:\n{}", d.log_text());
