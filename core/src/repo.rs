@@ -2519,6 +2519,26 @@ mod tests {
         }
     }
 
+    /// Each catalog's mount point and rows.
+    type Rows = Vec<(String, Vec<String>)>;
+
+    /// Rows of every catalog of the streamed prebuild `pre` and of one built from nothing for
+    /// `cs`, and the latter's build.
+    fn against_nothing(
+        f: &Fixture,
+        pre: &Prebuilt,
+        cs: &ChangeSet,
+        target: &str,
+        params: &EncodeParams,
+        now: i64,
+    ) -> (Rows, Rows, Prebuilt) {
+        let want = prebuild(&f.cas, cs, target, params, now).unwrap().unwrap();
+        let (mut got_rows, mut want_rows) = (Vec::new(), Vec::new());
+        catalogs(f, target, pre.catalog(), &mut got_rows);
+        catalogs(f, target, want.catalog(), &mut want_rows);
+        (got_rows, want_rows, want)
+    }
+
     fn streamed(
         f: &Fixture,
         tar: &[u8],
@@ -2574,12 +2594,7 @@ mod tests {
 
         let (cs, pre) = streamed(&f, &tar, "/sw/1.0", &params, now, &[]);
         let pre = pre.expect("a new release with a marker is prebuilt");
-        let want = prebuild(&f.cas, &cs, "/sw/1.0", &params, now)
-            .unwrap()
-            .unwrap();
-        let (mut got_rows, mut want_rows) = (Vec::new(), Vec::new());
-        catalogs(&f, "/sw/1.0", pre.catalog(), &mut got_rows);
-        catalogs(&f, "/sw/1.0", want.catalog(), &mut want_rows);
+        let (got_rows, want_rows, want) = against_nothing(&f, &pre, &cs, "/sw/1.0", &params, now);
         let mounts: Vec<&str> = want_rows.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(
             mounts,
@@ -2626,12 +2641,7 @@ mod tests {
         let mid = cs.nodes.keys().nth(cs.nodes.len() / 2).unwrap();
         assert!(mid.starts_with("m/"), "{mid}");
         let pre = pre.expect("prebuilt");
-        let want = prebuild(&f.cas, &cs, "/sw/5.0", &params, now)
-            .unwrap()
-            .unwrap();
-        let (mut got_rows, mut want_rows) = (Vec::new(), Vec::new());
-        catalogs(&f, "/sw/5.0", pre.catalog(), &mut got_rows);
-        catalogs(&f, "/sw/5.0", want.catalog(), &mut want_rows);
+        let (got_rows, want_rows, want) = against_nothing(&f, &pre, &cs, "/sw/5.0", &params, now);
         let mounts: Vec<&str> = want_rows.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(mounts, ["/sw/5.0", "/sw/5.0/lib", "/sw/5.0/zz"]);
         assert_eq!(got_rows, want_rows);
