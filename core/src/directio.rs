@@ -187,8 +187,8 @@ thread_local! {
 /// last partial page through the page cache, where a direct write is refused (a filesystem
 /// without direct I/O) the rest too. Leaves `O_DIRECT` off; returns how many bytes went
 /// direct. For large new objects: the copy into fresh page-cache pages and their writeback
-/// cost more than the direct write (see the module's note), and nothing reads an object
-/// right after it is written.
+/// cost more than the direct write (see the module's note); a later read of the object (a
+/// push to Stratum 1s) comes from the disk instead of the page cache.
 pub fn write_new_direct(file: &File, data: &[u8]) -> io::Result<usize> {
     let whole_pages = data.len() / ALIGN * ALIGN;
     let mut done = 0;

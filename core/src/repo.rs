@@ -1305,8 +1305,11 @@ fn stream_build(
             }
             (found, merged)
         };
-        let ((found_a, a), (found_b, b)) = match cs.nodes.keys().nth(cs.nodes.len() / 2) {
-            Some(mid) if cs.nodes.len() >= SPLIT_PASS_MIN => std::thread::scope(|sc| {
+        let mid = (cs.nodes.len() >= SPLIT_PASS_MIN)
+            .then(|| cs.nodes.keys().nth(cs.nodes.len() / 2))
+            .flatten();
+        let ((found_a, a), (found_b, b)) = match mid {
+            Some(mid) => std::thread::scope(|sc| {
                 let upper = sc.spawn(|| pass(&mut cs.nodes.range::<String, _>(mid..)));
                 let lower = pass(&mut cs.nodes.range::<String, _>(..mid));
                 // A half lost (its thread panicked): built from nothing.
