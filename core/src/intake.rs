@@ -8,7 +8,7 @@
 //! escaping its target or exhausting the host (see the tests at the bottom).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, BufRead, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 
 use flate2::bufread::GzDecoder;
 use tar::EntryType;
@@ -163,6 +163,41 @@ impl<R: Read> Read for Budget<R> {
             )));
         }
         Ok(n)
+    }
+}
+
+/// Forward skips only — all the tar reader asks for when it is given a seekable input: the
+/// padding after each body, and a body nobody read. Served by reading into a small buffer;
+/// without a seekable input the tar reader zeroes a 32 KiB buffer for every entry to skip
+/// through (3 GB of writes for 100,000 tiny files). Returns the position, as the bytes read.
+impl<R: Read> Seek for Budget<R> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let left = match pos {
+            SeekFrom::Current(n) => u64::try_from(n).ok(),
+            _ => None,
+        };
+        let Some(mut left) = left else {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "an archive stream only skips forward",
+            ));
+        };
+        let mut scratch = [0u8; 1024];
+        while left > 0 {
+            let want = left.min(scratch.len() as u64) as usize;
+            let n = match self.read(&mut scratch[..want]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => r?,
+            };
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "unexpected end of the archive stream while skipping",
+                ));
+            }
+            left -= n as u64;
+        }
+        Ok(self.read)
     }
 }
 
@@ -356,7 +391,8 @@ fn read_tar_with<R: BufRead>(
     // directory once it is one (an entry that would replace it with anything else is refused),
     // so an entry below it needs neither the walk through its ancestors nor their synthesis.
     let mut known_dir = String::new();
-    let entries = archive.entries().map_err(IntakeError::Read)?;
+    // Skips (padding, unread bodies) go through `Budget`'s forward seek.
+    let entries = archive.entries_with_seek().map_err(IntakeError::Read)?;
     for item in entries {
         let mut ent = item.map_err(|e| map_read_error(e, limits))?;
         cs.stats.entries += 1;
@@ -1120,6 +1156,41 @@ mod tests {
             chunking: ChunkParams::disabled(),
             compression: Compression::Zlib(6),
         }
+    }
+
+    #[test]
+    fn the_archive_stream_skips_forward_only_and_within_its_budget() {
+        let data: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+        let mut b = Budget {
+            inner: &data[..],
+            read: 0,
+            limit: 2500,
+        };
+        let mut one = [0u8; 1];
+        b.read_exact(&mut one).unwrap();
+        assert_eq!(b.stream_position().unwrap(), 1);
+        // Longer than the skip's buffer: read through in pieces.
+        assert_eq!(b.seek(SeekFrom::Current(1500)).unwrap(), 1501);
+        b.read_exact(&mut one).unwrap();
+        assert_eq!(one[0], (1501 % 251) as u8);
+        for back in [SeekFrom::Current(-1), SeekFrom::Start(0), SeekFrom::End(0)] {
+            assert_eq!(
+                b.seek(back).unwrap_err().kind(),
+                io::ErrorKind::Unsupported,
+                "{back:?}"
+            );
+        }
+        assert_eq!(b.stream_position().unwrap(), 1502);
+        // A skip counts against the budget like a read.
+        let e = b.seek(SeekFrom::Current(1000)).unwrap_err();
+        assert!(e.to_string().contains("exceeds 2500 bytes"), "{e}");
+        let mut c = Budget {
+            inner: &data[..],
+            read: 0,
+            limit: 10_000,
+        };
+        let e = c.seek(SeekFrom::Current(3001)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     /// Builds a tar with raw header names so hostile names can be expressed.
