@@ -739,9 +739,11 @@ struct PendingFile {
     /// `(offset, size, tag)` of each chunk; a single whole-file object has one part at 0.
     parts: Vec<(u64, u64, usize)>,
     whole: bool,
-    /// Parts not answered yet, and the entry to tell once they are (when streaming).
+    /// Parts not answered yet, and the entry to tell once they are (when streaming). Boxed:
+    /// every file of the tar keeps its `PendingFile` until the end, and an entry held inline
+    /// made each 300 bytes instead of 90 (30 MB more at the peak for 100,000 files).
     left: usize,
-    entry: Option<Entry>,
+    entry: Option<Box<Entry>>,
 }
 
 /// Hands file bodies to the encode pipeline: small files whole, large ones as content-defined
@@ -843,7 +845,7 @@ impl ParallelSink {
         let Some(f) = self.files.get_mut(i) else {
             return;
         };
-        let Some(mut entry) = f.entry.take() else {
+        let Some(mut entry) = f.entry.take().map(|e| *e) else {
             return;
         };
         let get = |tag: usize| self.results.get(tag).copied().flatten();
@@ -1011,7 +1013,7 @@ impl FileSink for ParallelSink {
                 // Told once its parts are answered (they may be already).
                 let i = self.files.len().wrapping_sub(1);
                 if let Some(f) = self.files.get_mut(i).filter(|f| f.rel == rel) {
-                    f.entry = Some(entry);
+                    f.entry = Some(Box::new(entry));
                     if f.left == 0 {
                         self.tell_done(i);
                     }
@@ -1156,6 +1158,16 @@ mod tests {
             chunking: ChunkParams::disabled(),
             compression: Compression::Zlib(6),
         }
+    }
+
+    #[test]
+    fn a_pending_file_stays_small() {
+        // One is kept for every file of a tar until its end: 100,000 tiny files hold 100,000.
+        assert!(
+            std::mem::size_of::<PendingFile>() <= 96,
+            "{} bytes",
+            std::mem::size_of::<PendingFile>()
+        );
     }
 
     #[test]
