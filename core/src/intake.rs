@@ -169,7 +169,7 @@ impl<R: Read> Read for Budget<R> {
 /// Forward skips only — all the tar reader asks for when it is given a seekable input: the
 /// padding after each body, and a body nobody read. Served by reading into a small buffer;
 /// without a seekable input the tar reader zeroes a 32 KiB buffer for every entry to skip
-/// through (3 GB of writes for 100,000 tiny files). Returns the position, as the bytes read.
+/// through (3.3 GB of writes for 100,000 tiny files). Returns the position, as the bytes read.
 impl<R: Read> Seek for Budget<R> {
     fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
         let left = match pos {
