@@ -301,6 +301,18 @@ fn corpus(token: &str, big: bool) -> Vec<Case> {
             Fails("reading archive"),
         ),
         c(
+            "truncated in a body's padding",
+            "/h/a",
+            {
+                // One byte of body, then 100 of its 511 padding bytes: the end comes while the
+                // reader skips to the next header.
+                let mut v = file("first", b"1");
+                v.truncate(512 + 1 + 100);
+                v
+            },
+            Fails("end of the archive stream while skipping"),
+        ),
+        c(
             "truncated gzip",
             "/h/a",
             {
