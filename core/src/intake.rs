@@ -185,10 +185,7 @@ impl<R: Read> Seek for Budget<R> {
         let mut scratch = [0u8; 1024];
         while left > 0 {
             let want = left.min(scratch.len() as u64) as usize;
-            let n = match self.read(&mut scratch[..want]) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => r?,
-            };
+            let n = read_full(self, &mut scratch[..want])?;
             if n == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
