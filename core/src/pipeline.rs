@@ -111,6 +111,31 @@ fn store_addr(cas: &Arc<dyn Cas>) -> usize {
 /// At most this many object bytes go into one store batch.
 const BATCH_BYTES: usize = 64 << 20;
 
+/// The most objects one of `io_workers` store threads hands its store at once, whatever the
+/// store would take: a local store holds each new object of a batch open until the batch is
+/// named, so the batches of all threads together stay within a quarter of the process's
+/// `open_files` limit (the rest is for connections, spool files and databases).
+fn batch_cap(open_files: u64, io_workers: usize) -> usize {
+    let share = open_files / 4 / io_workers.max(1) as u64;
+    usize::try_from(share).unwrap_or(usize::MAX).max(1)
+}
+
+/// The process's limit of open files (soft), unlimited where there is none.
+fn open_file_limit() -> u64 {
+    #[cfg(unix)]
+    {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills a local struct.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0 {
+            return l.rlim_cur;
+        }
+    }
+    u64::MAX
+}
+
 /// Bytes in flight between submit and store.
 struct Budget {
     used: Mutex<Used>,
@@ -172,6 +197,12 @@ impl StorePool {
     /// Starts `io_workers` store threads; at most `budget_bytes` of object data may be in
     /// flight between submission and storage.
     pub fn new(io_workers: usize, budget_bytes: usize) -> StorePool {
+        let cap = batch_cap(open_file_limit(), io_workers.max(1));
+        StorePool::with_batch_cap(io_workers, budget_bytes, cap)
+    }
+
+    /// [`StorePool::new`] with at most `cap` objects in one store batch.
+    fn with_batch_cap(io_workers: usize, budget_bytes: usize, cap: usize) -> StorePool {
         let io_workers = io_workers.max(1);
         let budget = Arc::new(Budget {
             used: Mutex::new(Used::default()),
@@ -181,7 +212,7 @@ impl StorePool {
         let stats = Arc::new(StoreStats::default());
         let inflight = Arc::new(Inflight::default());
         // Deep enough for whole batches; memory stays bounded by the byte budget.
-        let (io_tx, io_rx) = bounded::<Put>((io_workers * 2).max(1024));
+        let (io_tx, io_rx) = bounded::<Put>((io_workers * 2).max(4096));
         for i in 0..io_workers {
             let rx: Receiver<Put> = io_rx.clone();
             let budget = budget.clone();
@@ -200,7 +231,7 @@ impl StorePool {
                             },
                         };
                         // Whatever else is queued for the same store joins the batch.
-                        let hint = first.cas.batch_hint().max(1);
+                        let hint = first.cas.batch_hint().clamp(1, cap);
                         let mut bytes = first.bytes.len();
                         let mut batch = vec![first];
                         while batch.len() < hint && bytes < BATCH_BYTES {
@@ -585,46 +616,146 @@ mod tests {
         assert_eq!(p.budget.used.lock().unwrap().bytes, 0);
     }
 
-    /// A store whose size lookups panic (the raw-content index verifies what it finds with
-    /// them); everything else is the local store's.
-    struct PanickingSize(LocalCas);
+    /// The local store, with size lookups that panic (the raw-content index verifies what it
+    /// finds with them) or batches that are counted, the first held until the gate opens.
+    struct TestStore {
+        local: LocalCas,
+        size_panics: bool,
+        batch_hint: usize,
+        gate: Mutex<Option<crossbeam_channel::Receiver<()>>>,
+        batches: Mutex<Vec<usize>>,
+    }
 
-    impl Cas for PanickingSize {
+    impl TestStore {
+        fn new(local: LocalCas) -> TestStore {
+            TestStore {
+                local,
+                size_panics: false,
+                batch_hint: 1,
+                gate: Mutex::new(None),
+                batches: Mutex::new(Vec::new()),
+            }
+        }
+    }
+
+    impl Cas for TestStore {
         fn exists(&self, id: &ObjectId) -> Result<bool, CasError> {
-            self.0.exists(id)
+            self.local.exists(id)
         }
         fn put_bytes(&self, id: &ObjectId, data: &[u8]) -> Result<PutOutcome, CasError> {
-            self.0.put_bytes(id, data)
+            self.local.put_bytes(id, data)
+        }
+        fn put_many(&self, items: &[(ObjectId, &[u8])]) -> Vec<Result<PutOutcome, CasError>> {
+            self.batches.lock().unwrap().push(items.len());
+            if let Some(gate) = self.gate.lock().unwrap().take() {
+                let _ = gate.recv();
+            }
+            self.local.put_many(items)
+        }
+        fn batch_hint(&self) -> usize {
+            self.batch_hint
         }
         fn begin(&self) -> Result<Box<dyn crate::cas::PendingObject>, CasError> {
-            self.0.begin()
+            self.local.begin()
         }
         fn get(&self, id: &ObjectId) -> Result<Box<dyn std::io::Read + Send>, CasError> {
-            self.0.get(id)
+            self.local.get(id)
         }
-        fn size(&self, _: &ObjectId) -> Result<u64, CasError> {
-            panic!("size lookup failed")
+        fn size(&self, id: &ObjectId) -> Result<u64, CasError> {
+            assert!(!self.size_panics, "size lookup failed");
+            self.local.size(id)
         }
         fn list(&self) -> Result<Vec<ObjectId>, CasError> {
-            self.0.list()
+            self.local.list()
         }
         fn put_root_file(&self, name: &str, data: &[u8]) -> Result<(), CasError> {
-            self.0.put_root_file(name, data)
+            self.local.put_root_file(name, data)
         }
         fn get_root_file(&self, name: &str) -> Result<Option<Vec<u8>>, CasError> {
-            self.0.get_root_file(name)
+            self.local.get_root_file(name)
         }
         fn describe(&self) -> String {
-            self.0.describe()
+            self.local.describe()
         }
+    }
+
+    #[test]
+    fn store_batches_take_what_is_queued_up_to_their_share_of_open_files() {
+        // A quarter of the open-file limit, shared by the threads; never nothing.
+        assert_eq!(batch_cap(1024, 4), 64);
+        assert_eq!(batch_cap(524_288, 4), 32_768);
+        assert_eq!(batch_cap(20_000, 64), 78);
+        assert_eq!(batch_cap(3, 8), 1);
+        // No limit (RLIM_INFINITY).
+        assert!(batch_cap(u64::MAX, 2) > 1 << 30);
+
+        let dir = tempfile::tempdir().unwrap();
+        let (open, gate) = crossbeam_channel::bounded(1);
+        let store = Arc::new(TestStore {
+            batch_hint: 1024,
+            gate: Mutex::new(Some(gate)),
+            ..TestStore::new(LocalCas::create(dir.path()).unwrap())
+        });
+        let cas: Arc<dyn Cas> = store.clone();
+        // One store thread, batches of at most 300 objects.
+        let pool = StorePool::with_batch_cap(1, 64 << 20, 300);
+        let p = Pipeline::with_store(2, &pool);
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let content = |i: usize| format!("object {i}").into_bytes();
+        for i in 0..1001 {
+            p.submit(Task {
+                tag: i,
+                data: content(i),
+                suffix: Suffix::None,
+                compression: Compression::Zlib(6),
+                cas: cas.clone(),
+                index: None,
+                reply: tx.clone(),
+            });
+        }
+        // The first batch (what was queued when the thread woke) is held; the rest queue
+        // behind it.
+        let start = std::time::Instant::now();
+        let first = loop {
+            let first = store.batches.lock().unwrap().first().copied();
+            if let Some(n) = first.filter(|n| pool.tx.len() == 1001 - n) {
+                break n;
+            }
+            assert!(
+                start.elapsed().as_secs() < 60,
+                "objects queued: {}",
+                pool.tx.len()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert!((1..=300).contains(&first), "{first}");
+        open.send(()).unwrap();
+        for _ in 0..1001 {
+            let e = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("every object is stored");
+            let (id, _, outcome) = e.result.unwrap();
+            assert_eq!(outcome, PutOutcome::Stored);
+            assert_eq!(id.digest, Digest20::of(&zlib_compress(&content(e.tag), 6)));
+        }
+        // Then whole batches of 300 while enough are queued.
+        let mut want = vec![first];
+        let mut left = 1001 - first;
+        while left > 0 {
+            want.push(left.min(300));
+            left -= left.min(300);
+        }
+        assert_eq!(*store.batches.lock().unwrap(), want);
+        assert_eq!(cas.list().unwrap().len(), 1001);
     }
 
     #[test]
     fn a_task_that_panics_is_answered_and_the_rest_of_its_batch_encoded() {
         let dir = tempfile::tempdir().unwrap();
-        let cas: Arc<dyn Cas> = Arc::new(PanickingSize(
-            LocalCas::create(&dir.path().join("cas")).unwrap(),
-        ));
+        let cas: Arc<dyn Cas> = Arc::new(TestStore {
+            size_panics: true,
+            ..TestStore::new(LocalCas::create(&dir.path().join("cas")).unwrap())
+        });
         let ix = Arc::new(RawIndex::open(&dir.path().join("raw.db")).unwrap());
         let known = vec![b'k'; 4096];
         let key = RawKey::of(&known, Compression::Zlib(6), Suffix::None);
