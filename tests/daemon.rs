@@ -133,6 +133,37 @@ fn publishes_plain_and_gzip_tars_and_the_reader_agrees() {
     assert_eq!(l["jobs"].as_array().unwrap().len(), 2);
 }
 
+#[test]
+fn a_daemon_allowed_few_open_files_stores_objects_in_every_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    // 256 open files: a local store's 256 shard directories, held open, would take them all.
+    let d = Daemon::start_limited(dir.path(), &[], Some(256));
+    let content = |i: usize| format!("small file {i}\n").into_bytes();
+    let mut specs = vec![Spec::Dir("many", 0o755)];
+    specs.extend((0..3000).map(|i| Spec::File {
+        path: Box::leak(format!("many/{i}").into_boxed_str()),
+        mode: 0o644,
+        data: content(i),
+        xattrs: vec![],
+    }));
+    let id = job_id(d.submit_raw(ADMIN, "/many", &tar_bytes(&specs), None));
+    let j = d.wait_terminal(&id, 120);
+    assert_eq!(j["state"], "published", "{j}");
+    assert_eq!(j["progress"]["objects_new"].as_u64(), Some(3000), "{j}");
+    // Every file's object is stored, in all 256 shards.
+    let mut shards = std::collections::BTreeSet::new();
+    for i in 0..3000 {
+        let id = object_of_small_file(&content(i));
+        let p = d.storage.join(id.path());
+        let stored = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(stored, zlib6(&content(i)));
+        shards.insert(id.digest.0[0]);
+    }
+    assert_eq!(shards.len(), 256);
+    check_repo(&d.storage);
+}
+
 fn big_tree() -> Vec<Spec> {
     vec![
         Spec::Dir("pkg", 0o755),

@@ -255,9 +255,61 @@ impl SyncGroup {
 /// Open descriptors of the shard directories `data/00`…`data/ff`, each opened on first use
 /// (Linux): an object is then found, created and named inside its shard by one path component
 /// instead of a walk of the whole storage path for every stat, create and link. A shard that
-/// cannot be opened is used by path.
+/// cannot be opened is used by path, and so is one beyond the descriptors all local stores of
+/// the process may hold together ([`SHARDS_OPEN`]).
 #[derive(Debug)]
 struct Shards(#[cfg(target_os = "linux")] Box<[std::sync::OnceLock<Option<File>>]>);
+
+/// Shard directories held open by all local stores of the process: at most a quarter of its
+/// open-file limit (256 a store, and a daemon may have many stores; store batches may hold
+/// another quarter, see `pipeline::batch_cap`).
+#[cfg(target_os = "linux")]
+static SHARDS_OPEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[cfg(target_os = "linux")]
+impl Shards {
+    /// Opens the shard directory `dir` if the process may hold one more open.
+    fn open(dir: &Path) -> Option<File> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let cap = open_file_limit() / 4;
+        SHARDS_OPEN
+            .fetch_update(Relaxed, Relaxed, |n| (n < cap).then_some(n + 1))
+            .ok()?;
+        let f = File::open(dir).ok();
+        if f.is_none() {
+            SHARDS_OPEN.fetch_sub(1, Relaxed);
+        }
+        f
+    }
+}
+
+#[cfg(target_os = "linux")]
+impl Drop for Shards {
+    fn drop(&mut self) {
+        let open = self
+            .0
+            .iter()
+            .filter(|s| matches!(s.get(), Some(Some(_))))
+            .count();
+        SHARDS_OPEN.fetch_sub(open as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// The process's limit of open files (soft), unlimited where there is none.
+pub(crate) fn open_file_limit() -> u64 {
+    #[cfg(unix)]
+    {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit fills a local struct.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0 {
+            return l.rlim_cur;
+        }
+    }
+    u64::MAX
+}
 
 impl Default for Shards {
     fn default() -> Self {
@@ -485,7 +537,7 @@ impl LocalCas {
         let path = id.path(); // data/xx/name
         let shard = usize::from(id.digest.0[0]);
         let dir = self.shards.0[shard]
-            .get_or_init(|| File::open(self.root.join(&path[..7])).ok())
+            .get_or_init(|| Shards::open(&self.root.join(&path[..7])))
             .as_ref()?;
         let name = std::ffi::CString::new(&path[8..]).ok()?;
         Some(InShard { dir, name })

@@ -114,26 +114,11 @@ const BATCH_BYTES: usize = 64 << 20;
 /// The most objects one of `io_workers` store threads hands its store at once, whatever the
 /// store would take: a local store holds each new object of a batch open until the batch is
 /// named, so the batches of all threads together stay within a quarter of the process's
-/// `open_files` limit (the rest is for connections, spool files and databases).
+/// `open_files` limit (another quarter may hold local stores' shard directories, see
+/// `cas::Shards`; the rest is for connections, spool files and databases).
 fn batch_cap(open_files: u64, io_workers: usize) -> usize {
     let share = open_files / 4 / io_workers.max(1) as u64;
     usize::try_from(share).unwrap_or(usize::MAX).max(1)
-}
-
-/// The process's limit of open files (soft), unlimited where there is none.
-fn open_file_limit() -> u64 {
-    #[cfg(unix)]
-    {
-        let mut l = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit fills a local struct.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0 {
-            return l.rlim_cur;
-        }
-    }
-    u64::MAX
 }
 
 /// Bytes in flight between submit and store.
@@ -197,7 +182,7 @@ impl StorePool {
     /// Starts `io_workers` store threads; at most `budget_bytes` of object data may be in
     /// flight between submission and storage.
     pub fn new(io_workers: usize, budget_bytes: usize) -> StorePool {
-        let cap = batch_cap(open_file_limit(), io_workers.max(1));
+        let cap = batch_cap(crate::cas::open_file_limit(), io_workers.max(1));
         StorePool::with_batch_cap(io_workers, budget_bytes, cap)
     }
 

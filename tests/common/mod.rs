@@ -327,6 +327,11 @@ pub fn prepare_daemon_dir(dir: &Path, extra_pipeline: &str, extra_server: &str) 
 impl Daemon {
     /// Starts the daemon on a free port with `env` (test hooks) and waits for its health check.
     pub fn start(dir: &Path, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_limited(dir, env, None)
+    }
+
+    /// [`Daemon::start`], with at most `open_files` open files (soft and hard limit) if given.
+    pub fn start_limited(dir: &Path, env: &[(&str, &str)], open_files: Option<u64>) -> Daemon {
         let storage = dir.join("storage").join(REPO);
         let port = free_port();
         let log = dir.join(format!("daemon-{port}.log"));
@@ -345,6 +350,22 @@ impl Daemon {
         .stderr(logf);
         for (k, v) in env {
             cmd.env(k, v);
+        }
+        if let Some(n) = open_files {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: only setrlimit (async-signal-safe) runs in the child before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let l = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let child = cmd.spawn().unwrap();
         let d = Daemon {
