@@ -229,7 +229,6 @@ fn main() {
         None => daemon(cli),
     };
     if let Err(e) = res {
-        // One line, the whole cause chain.
         // The whole cause chain on one line, without repeating causes already quoted.
         let mut msg: Vec<String> = Vec::new();
         for c in e.chain() {

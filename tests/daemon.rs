@@ -162,6 +162,12 @@ fn a_daemon_allowed_few_open_files_stores_objects_in_every_shard() {
     }
     assert_eq!(shards.len(), 256);
     check_repo(&d.storage);
+    // The operator was told at start.
+    let log = d.log_text();
+    assert!(
+        log.contains("the open-file limit is low") && log.contains("open_files=256"),
+        "{log}"
+    );
 }
 
 fn big_tree() -> Vec<Spec> {

@@ -296,7 +296,7 @@ impl Drop for Shards {
 }
 
 /// The process's limit of open files (soft), unlimited where there is none.
-pub(crate) fn open_file_limit() -> u64 {
+pub fn open_file_limit() -> u64 {
     #[cfg(unix)]
     {
         let mut l = libc::rlimit {

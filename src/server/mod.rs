@@ -300,7 +300,11 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
         let cas_writer = CasWriter::new(store_threads);
         let store = cas_writer.store();
         let cas_writer = cas_writer.start();
-        info!(log, "CAS writer started"; "actor" => "CasWriter", "upload_concurrency" => cfg.upload_concurrency, "store_threads" => store_threads);
+        let open_files = prepub_core::cas::open_file_limit();
+        info!(log, "CAS writer started"; "actor" => "CasWriter", "upload_concurrency" => cfg.upload_concurrency, "store_threads" => store_threads, "open_files" => open_files);
+        if open_files < LOW_OPEN_FILES {
+            warn!(log, "the open-file limit is low: local stores get smaller batches and fewer open shard directories (raise LimitNOFILE)"; "open_files" => open_files);
+        }
         let pool = CompressorPool::new(cfg.workers, &store);
         info!(log, "compressor pool started"; "actor" => "CompressorPool", "workers" => pool.workers());
         let pool = pool.start();
@@ -559,6 +563,11 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+/// An open-file limit under which the daemon warns at start: local stores take at most a
+/// quarter of it for the new objects of their batches and another for shard directories (256
+/// a repository), so below this they write smaller batches and name more objects by path.
+const LOW_OPEN_FILES: u64 = 4096;
 
 /// Store threads: `upload_concurrency` puts in flight when objects go to S3 (each waits on the
 /// network); with local storage only, at most two per core — creating files and syncing the
