@@ -179,22 +179,6 @@ fn daemon(cli: Cli) -> anyhow::Result<()> {
     server::run(cfg, log)
 }
 
-/// Raises the soft limit of open files to the hard one: a store batch holds its new objects
-/// open until they are named (systemd's default soft limit is 1024).
-fn raise_open_file_limit() {
-    // SAFETY: getrlimit/setrlimit on a local struct.
-    unsafe {
-        let mut l = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
-            l.rlim_cur = l.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &l);
-        }
-    }
-}
-
 /// Malloc settings for a daemon that moves large buffers between threads: two arenas instead
 /// of eight per core (per-thread arenas kept the pages of buffers freed by other threads), and
 /// buffers of 4 MiB and more (chunks of big files) always mapped, so they go back to the system
@@ -221,7 +205,7 @@ fn tune_malloc() {
 
 fn main() {
     tune_malloc();
-    raise_open_file_limit();
+    prepub_core::cas::raise_open_file_limit();
     let mut cli = Cli::parse();
     let res = match cli.cmd.take() {
         Some(Cmd::Repo(c)) => repo_cmd::run(c),

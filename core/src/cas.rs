@@ -297,18 +297,29 @@ impl Drop for Shards {
 
 /// The process's limit of open files (soft), unlimited where there is none.
 pub fn open_file_limit() -> u64 {
-    #[cfg(unix)]
-    {
-        let mut l = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        // SAFETY: getrlimit fills a local struct.
-        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0 {
-            return l.rlim_cur;
-        }
+    nofile().map_or(u64::MAX, |l| l.rlim_cur)
+}
+
+/// Raises the process's soft limit of open files to its hard one (a store batch holds its new
+/// objects open until they are named, and systemd's default soft limit is 1024); returns the
+/// limit then in force.
+pub fn raise_open_file_limit() -> u64 {
+    if let Some(mut l) = nofile().filter(|l| l.rlim_cur < l.rlim_max) {
+        l.rlim_cur = l.rlim_max;
+        // SAFETY: setrlimit reads a local struct.
+        let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) };
     }
-    u64::MAX
+    open_file_limit()
+}
+
+/// The process's open-file limits, if it has any.
+fn nofile() -> Option<libc::rlimit> {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills a local struct.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) } == 0).then_some(l)
 }
 
 impl Default for Shards {
