@@ -16,7 +16,7 @@ use prepub_actors::job_manager::{
     SubmitJob, UploadAbandoned,
 };
 use prepub_actors::metrics::Metrics;
-use prepub_core::directio::{DirectAppender, DirectReader};
+use prepub_core::directio::{DirectAppender, DirectReader, Gatherer};
 use prepub_core::growing::{FinishGuard, Growing};
 use prepub_core::jobs::{now_ms, valid_client_tag, JobRecord, JobState};
 use sha2::{Digest, Sha256};
@@ -336,14 +336,37 @@ where
     E: std::fmt::Display,
 {
     let out = file.try_clone().map_err(spool_write_failed)?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Upload>(32);
+    // Pieces of up to a block (1 MiB) each: a few MiB on their way to the writer.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Upload>(4);
     let writer = std::thread::Builder::new()
         .name("upload-writer".into())
         .spawn(move || write_upload(out, rx, growing.map(FinishGuard::new), hash))
         .map_err(spool_write_failed)?;
     let mut n = 0u64;
     let mut refused = None;
-    while let Some(chunk) = body.next().await {
+    // The chunks are copied into blocks of our own and dropped at once (see `Gatherer`); a
+    // partial block waits at most GATHER_WAIT for more (a slow upload is still processed as
+    // it arrives).
+    let mut gather = Gatherer::new();
+    let mut pieces = Vec::new();
+    'upload: loop {
+        let next = if gather.holding() {
+            match tokio::time::timeout(GATHER_WAIT, body.next()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    pieces.extend(gather.cut());
+                    for p in pieces.drain(..) {
+                        if tx.send(Upload::Piece(p)).await.is_err() {
+                            break 'upload; // The writer stopped on an error, reported below.
+                        }
+                    }
+                    continue;
+                }
+            }
+        } else {
+            body.next().await
+        };
+        let Some(chunk) = next else { break };
         let chunk = match chunk {
             Ok(c) => c,
             Err(e) => {
@@ -356,11 +379,18 @@ where
             refused = Some(ApiError::TooLarge(limit));
             break;
         }
-        if tx.send(Upload::Piece(chunk)).await.is_err() {
-            break; // The writer stopped on an error, reported below.
+        gather.push(&chunk, &mut pieces);
+        drop(chunk);
+        for p in pieces.drain(..) {
+            if tx.send(Upload::Piece(p)).await.is_err() {
+                break 'upload; // The writer stopped on an error, reported below.
+            }
         }
     }
     if refused.is_none() {
+        if let Some(last) = gather.cut() {
+            let _ = tx.send(Upload::Piece(last)).await;
+        }
         let _ = tx.send(Upload::End).await;
     }
     drop(tx);
@@ -374,6 +404,9 @@ where
     let digest = written.map_err(spool_write_failed)?;
     Ok((n, digest))
 }
+
+/// How long a partly gathered block of an upload waits for more before it is handed on.
+const GATHER_WAIT: Duration = Duration::from_millis(20);
 
 /// What the upload writer is given.
 enum Upload {
