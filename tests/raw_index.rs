@@ -8,6 +8,8 @@ mod common;
 use common::*;
 use prepub_core::cas::Cas;
 
+const SMALL: &[u8] = b"from .a import f0\n";
+
 fn tree() -> Vec<Spec> {
     let mut v = vec![Spec::Dir("lib", 0o755)];
     let names: Vec<&'static str> = vec!["lib/a.py", "lib/b.py", "lib/c.py", "lib/d.py"];
@@ -21,6 +23,13 @@ fn tree() -> Vec<Spec> {
             xattrs: vec![],
         });
     }
+    // Under 512 bytes: remembered in memory only, never written to the index.
+    v.push(Spec::File {
+        path: "lib/__init__.py",
+        mode: 0o644,
+        data: SMALL.to_vec(),
+        xattrs: vec![],
+    });
     v.push(Spec::File {
         path: "lib/big.bin",
         mode: 0o644,
@@ -58,9 +67,24 @@ fn repeated_content_skips_compression_and_missing_objects_are_stored_again() {
         "{second}"
     );
 
+    // The index written (in the background, as each job ends) has a row for every content
+    // but the small one's.
+    let rows = |cond: &str| -> i64 {
+        let c = rusqlite::Connection::open(&index).unwrap();
+        c.query_row(&format!("SELECT COUNT(*) FROM raw WHERE {cond}"), [], |r| {
+            r.get(0)
+        })
+        .unwrap()
+    };
+    // The four .py files and the big file's chunks.
+    let large = first["progress"]["objects_new"].as_u64().unwrap() as i64 - 1;
+    assert!(eventually(30, || rows("1") == large), "{}", rows("1"));
+    assert_eq!(rows(&format!("len = {}", SMALL.len())), 0);
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    assert!(cas.exists(&object_of_small_file(SMALL)).unwrap());
+
     // An object disappears behind the index's back (as garbage collection would delete it):
     // the next publish of that content stores it again.
-    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
     let mut enc = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(6));
     std::io::Write::write_all(&mut enc, "def f0():\n    return 0\n".repeat(200).as_bytes())
         .unwrap();

@@ -306,18 +306,6 @@ fn store_batch(batch: Vec<Put>, stats: &StoreStats, budget: &Budget, inflight: &
     }
 }
 
-/// Contents shorter than this are neither looked up in nor recorded to the raw-content index:
-/// compressing them costs about as much as the lookup (measured here: zlib-6 of 512 bytes of
-/// text about 2.1–2.4 µs with a reused state, an index miss 3.8 µs in a 200,000-entry index,
-/// plus the write of a new entry later), so the index would grow and slow a tree of tiny
-/// files. Measured later on the Python tree's 12,442 files under 512 bytes (190 on average):
-/// 10–11 µs each (zlib builds its Huffman trees for every one); a daemon with no minimum
-/// compressed none of them on a warm re-publish (≈ 9,700 compressions, ≈ 0.1 CPU-s), but in
-/// seven alternating warm re-publishes neither its wall time nor its CPU time differed beyond
-/// the run-to-run noise, so the minimum stays (a cold tree of tiny files would pay a lookup
-/// and a new index entry for each).
-pub const INDEX_MIN: usize = 512;
-
 /// A task that could not be encoded: `why` (the encoder panicked, the pool stopped).
 fn not_encoded(why: &str) -> CasError {
     CasError::Io {
@@ -330,11 +318,8 @@ fn not_encoded(why: &str) -> CasError {
 /// Encodes one task and hands its object to the store threads (or answers it at once: content
 /// the raw-content index knows, content encoded right now by another task, an encoder panic).
 /// False when the store threads are gone.
-fn encode_task(mut t: Task, budget: &Budget, inflight: &Inflight, io_tx: &Sender<Put>) -> bool {
+fn encode_task(t: Task, budget: &Budget, inflight: &Inflight, io_tx: &Sender<Put>) -> bool {
     let key = RawKey::of(&t.data, t.compression, t.suffix);
-    if t.data.len() < INDEX_MIN {
-        t.index = None;
-    }
     // Content encoded before, still stored: one SHA-1 pass, no zlib, no put.
     if let Some(ix) = &t.index {
         if let Some((id, stored)) = ix.lookup(&key, t.cas.as_ref()) {
@@ -787,14 +772,16 @@ mod tests {
     }
 
     #[test]
-    fn contents_under_the_index_minimum_bypass_the_raw_index() {
+    fn small_contents_are_answered_from_memory_and_never_written_to_the_index() {
+        use crate::rawindex::MEMORY_ONLY_BELOW;
         let dir = tempfile::tempdir().unwrap();
         let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(&dir.path().join("cas")).unwrap());
-        let ix = Arc::new(RawIndex::open(&dir.path().join("raw.db")).unwrap());
+        let path = dir.path().join("raw.db");
+        let ix = Arc::new(RawIndex::open(&path).unwrap());
         let store = StorePool::new(2, 64 << 20);
         let p = Pipeline::with_store(2, &store);
-        let small = b"x".repeat(INDEX_MIN - 1);
-        let large = b"y".repeat(INDEX_MIN);
+        let small = b"x".repeat(MEMORY_ONLY_BELOW as usize - 1);
+        let large = b"y".repeat(MEMORY_ONLY_BELOW as usize);
         let run = |data: &[u8]| {
             let (tx, rx) = crossbeam_channel::unbounded();
             p.submit(Task {
@@ -812,16 +799,28 @@ mod tests {
             let (id, _, first) = run(data);
             assert_eq!(first, PutOutcome::Stored);
             assert_eq!(id.digest, Digest20::of(&zlib_compress(data, 6)));
-            // Stored either way; the second time both are already present.
-            assert_eq!(run(data).2, PutOutcome::AlreadyPresent);
+            assert_eq!(
+                run(data),
+                (id, first_len(&id, &cas), PutOutcome::AlreadyPresent)
+            );
         }
-        let key = |d: &[u8]| RawKey::of(d, Compression::Zlib(6), Suffix::None);
-        // Only the large content was recorded (and its repeat answered from the index).
-        assert!(ix.lookup(&key(&small), cas.as_ref()).is_none());
-        assert!(ix.lookup(&key(&large), cas.as_ref()).is_some());
         use std::sync::atomic::Ordering::Relaxed;
-        // The small repeat went to the store (found there), the large one did not.
-        assert_eq!(store.stats().already_present.load(Relaxed), 1);
+        // Both repeats were answered by the index: the store saw neither.
+        assert_eq!(store.stats().already_present.load(Relaxed), 0);
+        assert_eq!(store.stats().stored.load(Relaxed), 2);
+        // Only the large content's entry was written: a new index knows it alone.
+        assert_eq!(ix.len(), 1);
+        drop(p);
+        drop(ix);
+        let key = |d: &[u8]| RawKey::of(d, Compression::Zlib(6), Suffix::None);
+        let reopened = RawIndex::open(&path).unwrap();
+        assert!(reopened.lookup(&key(&small), cas.as_ref()).is_none());
+        assert!(reopened.lookup(&key(&large), cas.as_ref()).is_some());
+    }
+
+    /// The stored size of `id` in `cas`.
+    fn first_len(id: &ObjectId, cas: &Arc<dyn Cas>) -> u64 {
+        cas.size(id).unwrap()
     }
 
     #[test]
