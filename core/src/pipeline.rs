@@ -799,10 +799,8 @@ mod tests {
             let (id, _, first) = run(data);
             assert_eq!(first, PutOutcome::Stored);
             assert_eq!(id.digest, Digest20::of(&zlib_compress(data, 6)));
-            assert_eq!(
-                run(data),
-                (id, first_len(&id, &cas), PutOutcome::AlreadyPresent)
-            );
+            let stored = cas.size(&id).unwrap();
+            assert_eq!(run(data), (id, stored, PutOutcome::AlreadyPresent));
         }
         use std::sync::atomic::Ordering::Relaxed;
         // Both repeats were answered by the index: the store saw neither.
@@ -816,11 +814,6 @@ mod tests {
         let reopened = RawIndex::open(&path).unwrap();
         assert!(reopened.lookup(&key(&small), cas.as_ref()).is_none());
         assert!(reopened.lookup(&key(&large), cas.as_ref()).is_some());
-    }
-
-    /// The stored size of `id` in `cas`.
-    fn first_len(id: &ObjectId, cas: &Arc<dyn Cas>) -> u64 {
-        cas.size(id).unwrap()
     }
 
     #[test]

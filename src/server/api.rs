@@ -350,37 +350,29 @@ where
     let mut gather = Gatherer::new();
     let mut pieces = Vec::new();
     'upload: loop {
+        // `None`: nothing came for GATHER_WAIT, what is held goes on as it is.
         let next = if gather.holding() {
-            match tokio::time::timeout(GATHER_WAIT, body.next()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    pieces.extend(gather.cut());
-                    for p in pieces.drain(..) {
-                        if tx.send(Upload::Piece(p)).await.is_err() {
-                            break 'upload; // The writer stopped on an error, reported below.
-                        }
-                    }
-                    continue;
-                }
-            }
+            tokio::time::timeout(GATHER_WAIT, body.next()).await.ok()
         } else {
-            body.next().await
+            Some(body.next().await)
         };
-        let Some(chunk) = next else { break };
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
+        match next {
+            None => pieces.extend(gather.cut()),
+            Some(None) => break,
+            Some(Some(Err(e))) => {
                 refused = Some(bad("bad-upload", format!("reading the upload: {e}")));
                 break;
             }
-        };
-        n += chunk.len() as u64;
-        if n > limit {
-            refused = Some(ApiError::TooLarge(limit));
-            break;
+            Some(Some(Ok(chunk))) => {
+                n += chunk.len() as u64;
+                if n > limit {
+                    refused = Some(ApiError::TooLarge(limit));
+                    break;
+                }
+                gather.push(&chunk, &mut pieces);
+                drop(chunk);
+            }
         }
-        gather.push(&chunk, &mut pieces);
-        drop(chunk);
         for p in pieces.drain(..) {
             if tx.send(Upload::Piece(p)).await.is_err() {
                 break 'upload; // The writer stopped on an error, reported below.
