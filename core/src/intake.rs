@@ -1128,6 +1128,10 @@ impl FileSink for ParallelSink {
                 n.entry.size = src.2;
             }
         }
+        // A file's worth of names and results each (about 25 ms for the Python tree's 46,000,
+        // on the way to the commit): freed aside.
+        drop(by_rel);
+        crate::drop_aside((results, files));
         Ok(())
     }
 }
