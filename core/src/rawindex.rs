@@ -77,7 +77,7 @@ pub const FLUSH_AT: usize = 32_768;
 /// Entries written or found lately that are also kept in memory (in two generations of half
 /// this each; about 90 bytes an entry), so a repeat publish in the same daemon's lifetime —
 /// the nightly release that is mostly yesterday's — asks the table only for what it has not
-/// seen lately.
+/// seen lately. The entries of small contents ([`MEMORY_ONLY_BELOW`]) live here alone.
 pub const RECENT: usize = 262_144;
 
 /// Two generations of recently seen entries: when the young one is full it becomes the old one.
@@ -111,9 +111,10 @@ pub struct RawIndex {
     /// Recorded, not written yet: kept until written, so a lookup finds an entry here or, once
     /// it is gone from here, in the table. Lock order: `conn` before `pending`.
     pending: Mutex<HashMap<RawKey, (ObjectId, u64)>>,
-    /// Written or found lately (a copy of table rows; see [`RECENT`]). Taken after `conn` when
-    /// both are held, never together with `pending`; a stale copy (its row forgotten meanwhile) fails the store check
-    /// of the next lookup like any stale entry, and goes.
+    /// Written or found lately (a copy of table rows; see [`RECENT`]), and the small contents'
+    /// entries (only here). Taken after `conn` when both are held, never together with
+    /// `pending`; a stale copy (its row forgotten meanwhile) fails the store check of the next
+    /// lookup like any stale entry, and goes.
     recent: Mutex<Recent>,
     path: PathBuf,
 }
