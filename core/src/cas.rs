@@ -641,7 +641,9 @@ impl Unnamed {
         #[cfg(target_os = "linux")] shard: Option<&File>,
         data: &[u8],
     ) -> io::Result<Unnamed> {
-        // Naming an anonymous file goes through /proc/self/fd (linkat without privileges).
+        // An anonymous file is named through /proc/self/fd wherever `linkat(AT_EMPTY_PATH)`
+        // is refused (before Linux 6.10, without CAP_DAC_READ_SEARCH): without procfs, a
+        // temporary name instead.
         #[cfg(target_os = "linux")]
         static PROC_FD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         #[cfg(target_os = "linux")]
