@@ -22,7 +22,7 @@ use crossbeam_channel::{unbounded, Receiver, Sender};
 use prepub_core::cas::Cas;
 use prepub_core::directio::DirectReader;
 use prepub_core::growing::FollowReader;
-use prepub_core::intake::{read_tar_streamed, ChangeSet, IntakeError, IntakeLimits};
+use prepub_core::intake::{read_tar_streamed, ChangeSet, Input, IntakeError, IntakeLimits};
 use prepub_core::jobs::Progress;
 use prepub_core::object::EncodeParams;
 use prepub_core::pipeline::{Batcher, Pipeline, StorePool};
@@ -205,6 +205,17 @@ impl<R: BufRead> BufRead for Watched<R> {
     }
 }
 
+impl<R: Input> Input for Watched<R> {
+    fn take_shared(&mut self, n: usize) -> std::io::Result<Option<bytes::Bytes>> {
+        self.check()?;
+        let taken = self.inner.take_shared(n)?;
+        if taken.is_some() {
+            self.count(n);
+        }
+        Ok(taken)
+    }
+}
+
 fn run_task(t: ProcessJob, pipeline: &Pipeline) {
     crate::testhook::point("processing");
     let outcome = (|| -> Result<ChangeSet, ProcessError> {
@@ -218,7 +229,7 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
             .cas(true)
             .map_err(|e| io_err("cas-unavailable", e.to_string()))?;
         let batcher = Batcher::new(pipeline);
-        let input: Box<dyn BufRead> = match t.tar {
+        let input: Box<dyn Input> = match t.tar {
             // Read around the page cache, in blocks, like the upload it was written as.
             TarSource::Spool(ref p) => Box::new(DirectReader::new(
                 std::fs::File::open(p).map_err(|e| io_err("spool-read", e.to_string()))?,

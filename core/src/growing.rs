@@ -8,7 +8,9 @@
 //! has not read yet), and from its own descriptor of the file once it falls further behind;
 //! it waits when it has caught up, returns end-of-file only once the upload is complete, and an
 //! error if it was cut off. So a tar processed as fast as it arrives is never read back from
-//! the file (which the writer fills around the page cache, see [`crate::directio`]).
+//! the file (which the writer fills around the page cache, see [`crate::directio`]); and a file
+//! body that one piece holds whole is not even copied out of it
+//! ([`crate::intake::Input::take_shared`]).
 //!
 //! A reader about as fast as the upload falls behind the window now and then; read back from
 //! the file, it then competes with the writer for the disk, both slow down, and it never
@@ -402,6 +404,23 @@ impl BufRead for FollowReader {
     }
 }
 
+/// A body inside one received piece is shared with it, not copied (the piece's block returns to
+/// the upload's pool once every such body is dropped).
+impl crate::intake::Input for FollowReader {
+    fn take_shared(&mut self, n: usize) -> io::Result<Option<Bytes>> {
+        if self.used == self.piece.len() {
+            // The next piece, or (far behind) the file's next block.
+            self.fill_buf()?;
+        }
+        if self.piece.len() - self.used < n {
+            return Ok(None);
+        }
+        let body = self.piece.slice(self.used..self.used + n);
+        self.used += n;
+        Ok(Some(body))
+    }
+}
+
 impl Read for FollowReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
@@ -540,6 +559,51 @@ mod tests {
         r.consume(3000);
         guard.complete();
         assert!(r.fill_buf().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_body_inside_a_piece_is_taken_shared_and_one_across_pieces_is_left_to_read() {
+        use crate::intake::Input;
+        let (_d, _w, g, mut r) = pair();
+        let guard = FinishGuard::new(g.clone());
+        let a = Bytes::from((0..5000u32).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+        let b = Bytes::from(vec![2u8; 3000]);
+        guard.received(a.clone());
+        guard.received(b.clone());
+        let mut head = [0u8; 512];
+        r.read_exact(&mut head).unwrap();
+        // Inside the first piece: the piece's own bytes, and the reader is past them.
+        let body = r.take_shared(4000).unwrap().unwrap();
+        assert_eq!((body.as_ptr(), body.len()), (a[512..].as_ptr(), 4000));
+        // 488 left in this piece: a body of 600 crosses into the next, nothing is taken.
+        assert!(r.take_shared(600).unwrap().is_none());
+        let mut rest = vec![0u8; 600];
+        r.read_exact(&mut rest).unwrap();
+        assert_eq!(&rest[..488], &a[4512..]);
+        assert_eq!(&rest[488..], &[2u8; 112][..]);
+        // At a piece's end the next piece is fetched for it.
+        let tail = r.take_shared(2888).unwrap().unwrap();
+        assert_eq!(tail.as_ptr(), b[112..].as_ptr());
+        guard.complete();
+        assert!(r.take_shared(1).unwrap().is_none());
+        assert_eq!(r.read(&mut [0u8; 8]).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_body_read_back_from_the_file_is_never_taken_shared() {
+        use crate::intake::Input;
+        let (_d, w, g, mut r) = pair();
+        let pieces = three_windows(17, 5);
+        let want: Vec<u8> = pieces.concat();
+        write_handing_over(w, g.clone(), pieces, 1);
+        assert!(
+            g.state.lock().unwrap().window_at > 0,
+            "the start is in the file only"
+        );
+        assert!(r.take_shared(100).unwrap().is_none());
+        let mut first = vec![0u8; 100];
+        r.read_exact(&mut first).unwrap();
+        assert_eq!(first, want[..100]);
     }
 
     #[test]

@@ -7,8 +7,12 @@
 //! body goes straight into the object encoder. The rules below are what keeps a hostile tar from
 //! escaping its target or exhausting the host (see the tests at the bottom).
 
+use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
+use std::rc::Rc;
+
+use bytes::Bytes;
 
 use flate2::bufread::GzDecoder;
 use tar::EntryType;
@@ -145,16 +149,58 @@ pub struct ChangeSet {
     pub prebuilt: Option<Arc<crate::repo::Prebuilt>>,
 }
 
+/// A buffered input of a tar that may also hand over its next bytes without copying them.
+pub trait Input: BufRead {
+    /// The next `n` bytes, shared rather than copied, when the input holds them together in
+    /// memory (an upload's received piece, see [`crate::growing::FollowReader`]); `Ok(None)`,
+    /// with nothing consumed, otherwise.
+    fn take_shared(&mut self, n: usize) -> io::Result<Option<Bytes>> {
+        let _ = n;
+        Ok(None)
+    }
+}
+
+impl<R: Read> Input for BufReader<R> {}
+impl Input for &[u8] {}
+impl Input for crate::directio::DirectReader {}
+impl<T: Input + ?Sized> Input for Box<T> {
+    fn take_shared(&mut self, n: usize) -> io::Result<Option<Bytes>> {
+        (**self).take_shared(n)
+    }
+}
+impl<T: Input + ?Sized> Input for &mut T {
+    fn take_shared(&mut self, n: usize) -> io::Result<Option<Bytes>> {
+        (**self).take_shared(n)
+    }
+}
+
+/// The tar's bytes: the input itself, or what it inflates to.
+enum Stream<R: BufRead> {
+    Plain(R),
+    Gzip(Box<GzDecoder<R>>),
+}
+
+impl<R: BufRead> Read for Stream<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(r) => r.read(buf),
+            Stream::Gzip(r) => r.read(buf),
+        }
+    }
+}
+
 /// Counts bytes read and fails once more than `limit` have passed (gzip-bomb guard).
 struct Budget<R> {
     inner: R,
     read: u64,
     limit: u64,
+    /// Bytes a file body was taken ahead of the tar reader ([`Budget::take_body`]): its next skip
+    /// passes over them.
+    ahead: u64,
 }
 
-impl<R: Read> Read for Budget<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
+impl<R> Budget<R> {
+    fn counted(&mut self, n: usize) -> io::Result<()> {
         self.read += n as u64;
         if self.read > self.limit {
             return Err(io::Error::other(format!(
@@ -162,14 +208,50 @@ impl<R: Read> Read for Budget<R> {
                 self.limit
             )));
         }
+        Ok(())
+    }
+}
+
+impl<R: Input> Budget<Stream<R>> {
+    /// The body of `n` bytes that starts here, shared with the input (not copied) when it
+    /// holds them together; the tar reader, which still counts them as unread, skips them next.
+    /// Only for a body stored as it is (not a sparse file's).
+    fn take_body(&mut self, n: usize) -> io::Result<Option<Bytes>> {
+        let Stream::Plain(input) = &mut self.inner else {
+            return Ok(None);
+        };
+        if n == 0 || self.ahead != 0 {
+            return Ok(None);
+        }
+        let Some(body) = input.take_shared(n)? else {
+            return Ok(None);
+        };
+        self.ahead = n as u64;
+        self.counted(n)?;
+        Ok(Some(body))
+    }
+}
+
+impl<R: Read> Read for Budget<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.ahead != 0 {
+            // The tar reader skips a taken body before it reads on; anything else would read
+            // the wrong bytes.
+            return Err(io::Error::other(
+                "the archive was read past a body taken ahead of it",
+            ));
+        }
+        let n = self.inner.read(buf)?;
+        self.counted(n)?;
         Ok(n)
     }
 }
 
 /// Forward skips only — all the tar reader asks for when it is given a seekable input: the
-/// padding after each body, and a body nobody read. Served by reading into a small buffer;
-/// without a seekable input the tar reader zeroes a 32 KiB buffer for every entry to skip
-/// through (3.3 GB of writes for 100,000 tiny files). Returns the position, as the bytes read.
+/// padding after each body, and a body nobody read (or one taken ahead of it, passed over
+/// without reading). Served by reading into a small buffer; without a seekable input the tar
+/// reader zeroes a 32 KiB buffer for every entry to skip through (3.3 GB of writes for 100,000
+/// tiny files). Returns the position, as the bytes read.
 impl<R: Read> Seek for Budget<R> {
     fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
         let left = match pos {
@@ -182,6 +264,14 @@ impl<R: Read> Seek for Budget<R> {
                 "an archive stream only skips forward",
             ));
         };
+        let passed = left.min(self.ahead);
+        self.ahead -= passed;
+        left -= passed;
+        if self.ahead != 0 {
+            return Err(io::Error::other(
+                "the archive skipped only part of a body taken ahead of it",
+            ));
+        }
         let mut scratch = [0u8; 1024];
         while left > 0 {
             let want = left.min(scratch.len() as u64) as usize;
@@ -195,6 +285,23 @@ impl<R: Read> Seek for Budget<R> {
             left -= n as u64;
         }
         Ok(self.read)
+    }
+}
+
+/// The archive's [`Budget`], shared by the tar reader (which reads headers and skips through
+/// it) and the intake (which takes file bodies from it, see [`Budget::take_body`]); both on the
+/// reading thread, never at once.
+struct Shared<R: BufRead>(Rc<RefCell<Budget<Stream<R>>>>);
+
+impl<R: BufRead> Read for Shared<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.borrow_mut().read(buf)
+    }
+}
+
+impl<R: BufRead> Seek for Shared<R> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        self.0.borrow_mut().seek(pos)
     }
 }
 
@@ -325,7 +432,7 @@ pub enum Streamed {
 /// before it waits: see [`crate::growing::FollowReader::before_wait`]). `input` buffers itself
 /// (a plain reader goes in a `BufReader`).
 #[allow(clippy::too_many_arguments)]
-pub fn read_tar_streamed<R: BufRead>(
+pub fn read_tar_streamed<R: Input>(
     input: R,
     top_level: bool,
     params: &EncodeParams,
@@ -364,24 +471,31 @@ pub fn read_tar_streamed<R: BufRead>(
     cs
 }
 
-fn read_tar_with<R: BufRead>(
+fn read_tar_with<R: Input>(
     input: R,
     top_level: bool,
     limits: &IntakeLimits,
     sink: &mut dyn FileSink,
     now: i64,
 ) -> Result<ChangeSet, IntakeError> {
-    let stream = detect_compression_buffered(input)?;
+    let mut input = input;
+    let head = input.fill_buf().map_err(IntakeError::Read)?;
+    let stream = if head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b {
+        Stream::Gzip(Box::new(GzDecoder::new(input)))
+    } else {
+        Stream::Plain(input)
+    };
     // Headers and padding add at most 1.5 KiB per entry on top of the bodies.
-    let budget = Budget {
+    let budget = Rc::new(RefCell::new(Budget {
         inner: stream,
         read: 0,
         limit: limits
             .max_total_size
             .saturating_add(limits.max_entries.saturating_mul(1536))
             .saturating_add(1 << 20),
-    };
-    let mut archive = tar::Archive::new(budget);
+        ahead: 0,
+    }));
+    let mut archive = tar::Archive::new(Shared(budget.clone()));
     let mut cs = ChangeSet::default();
     // A directory whose ancestors (and itself) are all in `cs.nodes` as directories: the
     // parent of the entry before, or that entry if it was a directory. A node stays a
@@ -524,7 +638,17 @@ fn read_tar_with<R: BufRead>(
                 entry.mode = mode::S_IFREG | perm;
                 entry.linkcount = 1;
                 cs.stats.files += 1;
-                sink.file(&rel, &shown, size, &mut ent, &mut entry, &mut cs.stats)?;
+                // A sparse file's content is not its stored bytes: read through the tar reader.
+                let shareable = et != EntryType::GNUSparse;
+                let mut take = |n: usize| match shareable {
+                    true => budget.borrow_mut().take_body(n),
+                    false => Ok(None),
+                };
+                let body = Body {
+                    read: &mut ent,
+                    take: &mut take,
+                };
+                sink.file(&rel, &shown, size, body, &mut entry, &mut cs.stats)?;
             }
             EntryType::Symlink => {
                 let target = ent
@@ -662,6 +786,13 @@ fn read_tar_with<R: BufRead>(
     Ok(cs)
 }
 
+/// A regular file's body: read through the tar reader, or (all of it at once) taken from the
+/// input without a copy where the input holds it together.
+struct Body<'a> {
+    read: &'a mut dyn Read,
+    take: &'a mut dyn FnMut(usize) -> io::Result<Option<Bytes>>,
+}
+
 /// Where regular-file bodies go while the archive is read.
 trait FileSink {
     /// Encodes the body of the file `rel` (declared `size` bytes) read from `body`, filling the
@@ -671,7 +802,7 @@ trait FileSink {
         rel: &str,
         shown: &str,
         size: u64,
-        body: &mut dyn Read,
+        body: Body<'_>,
         entry: &mut Entry,
         stats: &mut IntakeStats,
     ) -> Result<(), IntakeError>;
@@ -712,14 +843,15 @@ impl FileSink for InlineSink<'_> {
         _rel: &str,
         shown: &str,
         _size: u64,
-        body: &mut dyn Read,
+        body: Body<'_>,
         entry: &mut Entry,
         stats: &mut IntakeStats,
     ) -> Result<(), IntakeError> {
-        let enc = encode_file(body, self.params, self.cas).map_err(|e| IntakeError::Encode {
-            entry: shown.to_string(),
-            source: e,
-        })?;
+        let enc =
+            encode_file(body.read, self.params, self.cas).map_err(|e| IntakeError::Encode {
+                entry: shown.to_string(),
+                source: e,
+            })?;
         set_content(entry, enc, stats);
         Ok(())
     }
@@ -775,7 +907,7 @@ const STREAM_BATCH: usize = 256;
 const WHOLE_FILE_MAX: u64 = 16 << 20;
 
 impl ParallelSink {
-    fn submit(&mut self, data: Vec<u8>, suffix: Suffix) -> usize {
+    fn submit(&mut self, data: Bytes, suffix: Suffix) -> usize {
         let tag = self.next_tag;
         self.next_tag += 1;
         self.owner.push(self.files.len());
@@ -903,10 +1035,11 @@ impl FileSink for ParallelSink {
         rel: &str,
         shown: &str,
         size: u64,
-        body: &mut dyn Read,
+        body: Body<'_>,
         entry: &mut Entry,
         stats: &mut IntakeStats,
     ) -> Result<(), IntakeError> {
+        let Body { read: body, take } = body;
         let chunking = self.params.chunking;
         entry.flags =
             self.params.compression.flag_value() << crate::catalog::flags::COMPRESSION_SHIFT;
@@ -927,8 +1060,14 @@ impl FileSink for ParallelSink {
                 self.last_pending = false;
                 return Ok(());
             }
-            let mut data = Vec::with_capacity(size as usize);
-            body.read_to_end(&mut data).map_err(read_err)?;
+            let data = match take(size as usize).map_err(read_err)? {
+                Some(shared) => shared,
+                None => {
+                    let mut data = Vec::with_capacity(size as usize);
+                    body.read_to_end(&mut data).map_err(read_err)?;
+                    Bytes::from(data)
+                }
+            };
             stats.bytes_in += data.len() as u64;
             entry.size = data.len() as u64;
             let n = data.len() as u64;
@@ -965,7 +1104,7 @@ impl FileSink for ParallelSink {
                     let len = cur.len() as u64;
                     let data =
                         std::mem::replace(&mut cur, Vec::with_capacity(chunking.avg as usize));
-                    let tag = self.submit(data, Suffix::Partial);
+                    let tag = self.submit(Bytes::from(data), Suffix::Partial);
                     parts.push((offset, len, tag));
                     offset += len;
                 }
@@ -974,7 +1113,10 @@ impl FileSink for ParallelSink {
         let whole = parts.is_empty();
         if !cur.is_empty() || whole {
             let len = cur.len() as u64;
-            let tag = self.submit(cur, if whole { Suffix::None } else { Suffix::Partial });
+            let tag = self.submit(
+                Bytes::from(cur),
+                if whole { Suffix::None } else { Suffix::Partial },
+            );
             parts.push((offset, len, tag));
             offset += len;
         }
@@ -1178,6 +1320,7 @@ mod tests {
             inner: &data[..],
             read: 0,
             limit: 2500,
+            ahead: 0,
         };
         let mut one = [0u8; 1];
         b.read_exact(&mut one).unwrap();
@@ -1201,6 +1344,7 @@ mod tests {
             inner: &data[..],
             read: 0,
             limit: 10_000,
+            ahead: 0,
         };
         let e = c.seek(SeekFrom::Current(3001)).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
@@ -1553,6 +1697,183 @@ mod tests {
         la.sort();
         lb.sort();
         assert_eq!(la, lb);
+    }
+
+    /// An input holding its bytes in pieces (like an upload's), sharing a body that one piece
+    /// holds whole; counts what it shared.
+    struct Pieces {
+        pieces: std::collections::VecDeque<Bytes>,
+        shared: Vec<usize>,
+    }
+
+    impl Read for Pieces {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let held = self.fill_buf()?;
+            let n = held.len().min(buf.len());
+            buf[..n].copy_from_slice(&held[..n]);
+            self.consume(n);
+            Ok(n)
+        }
+    }
+
+    impl BufRead for Pieces {
+        fn fill_buf(&mut self) -> io::Result<&[u8]> {
+            while self.pieces.front().is_some_and(|p| p.is_empty()) {
+                self.pieces.pop_front();
+            }
+            Ok(self.pieces.front().map_or(&[][..], |p| &p[..]))
+        }
+        fn consume(&mut self, n: usize) {
+            if let Some(p) = self.pieces.front_mut() {
+                let _ = p.split_to(n);
+            }
+        }
+    }
+
+    impl Input for Pieces {
+        fn take_shared(&mut self, n: usize) -> io::Result<Option<Bytes>> {
+            self.fill_buf()?;
+            match self.pieces.front_mut() {
+                Some(p) if p.len() >= n => {
+                    self.shared.push(n);
+                    Ok(Some(p.split_to(n)))
+                }
+                _ => Ok(None),
+            }
+        }
+    }
+
+    #[test]
+    fn bodies_held_together_are_shared_and_the_archive_reads_on_as_if_copied() {
+        let body = |i: usize, n: usize| -> Vec<u8> {
+            (0..n).map(|k| ((k * 31 + i * 7) % 251) as u8).collect()
+        };
+        let mut b = tar::Builder::new(Vec::new());
+        let sizes = [0usize, 1, 511, 512, 513, 3000, 4096, 70_000, 9, 200_000, 17];
+        for (i, &n) in sizes.iter().enumerate() {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(n as u64);
+            h.set_mode(0o644);
+            h.set_mtime(1_700_000_000);
+            // Every third name is too long for the header: a GNU long-name entry precedes it.
+            let name = match i % 3 {
+                0 => format!("d/{}/f{i}", "long-directory-name".repeat(8)),
+                _ => format!("d/f{i}"),
+            };
+            b.append_data(&mut h, name, &body(i, n)[..]).unwrap();
+        }
+        // A PAX record makes this body 3000 bytes though its header says 0.
+        let rec = b"13 size=3000\n";
+        let mut px = tar::Header::new_ustar();
+        px.set_path("PaxHeader").unwrap();
+        px.set_entry_type(EntryType::XHeader);
+        px.set_size(rec.len() as u64);
+        px.set_mode(0o644);
+        px.set_cksum();
+        let mut h = tar::Header::new_ustar();
+        h.set_path("d/pax").unwrap();
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let raw = b.get_mut();
+        raw.extend_from_slice(px.as_bytes());
+        raw.extend_from_slice(rec);
+        raw.resize(raw.len() + 512 - rec.len(), 0);
+        raw.extend_from_slice(h.as_bytes());
+        raw.extend(body(99, 3000));
+        raw.resize(raw.len() + (512 - 3000 % 512), 0);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(5);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "d/last", &b"after"[..]).unwrap();
+        let tar = b.into_inner().unwrap();
+
+        let limits = IntakeLimits::default();
+        let d1 = tempfile::tempdir().unwrap();
+        let copied_cas: Arc<dyn Cas> =
+            Arc::new(LocalCas::create(d1.path()).unwrap().without_fsync());
+        let pipe = Pipeline::new(2, 2, 1 << 20);
+        let copied = read_tar_parallel(
+            &tar[..],
+            false,
+            &params(),
+            &limits,
+            copied_cas.clone(),
+            &pipe,
+            0,
+        )
+        .unwrap();
+        assert_eq!(copied.nodes["d/pax"].entry.size, 3000);
+        assert_eq!(copied.nodes["d/last"].entry.size, 5);
+        // Pieces of 64 KiB and a little: most bodies lie inside one, some cross into the next.
+        for piece in [4096 + 100, 65_536 + 7] {
+            let d2 = tempfile::tempdir().unwrap();
+            let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(d2.path()).unwrap().without_fsync());
+            let mut input = Pieces {
+                pieces: tar.chunks(piece).map(Bytes::copy_from_slice).collect(),
+                shared: Vec::new(),
+            };
+            let batcher = Batcher::new(&pipe);
+            let got = read_tar_streamed(
+                &mut input,
+                false,
+                &params(),
+                &limits,
+                cas.clone(),
+                &batcher,
+                0,
+                None,
+            )
+            .unwrap();
+            assert_eq!(got.nodes, copied.nodes, "pieces of {piece}");
+            assert_eq!(got.stats, copied.stats);
+            let (mut a, mut b) = (copied_cas.list().unwrap(), cas.list().unwrap());
+            a.sort();
+            b.sort();
+            assert_eq!(a, b);
+            // Shared: exactly the bodies read whole that one piece holds.
+            let chunking = params().chunking;
+            let mut want: Vec<usize> = tar::Archive::new(&tar[..])
+                .entries()
+                .unwrap()
+                .map(|e| e.unwrap())
+                .filter(|e| e.header().entry_type() == EntryType::Regular)
+                .map(|e| (e.raw_file_position() as usize, e.size() as usize))
+                .filter(|&(at, n)| {
+                    n > 0
+                        && (!chunking.enabled || n as u64 <= chunking.min)
+                        && at / piece == (at + n - 1) / piece
+                })
+                .map(|(_, n)| n)
+                .collect();
+            want.sort_unstable();
+            input.shared.sort_unstable();
+            assert_eq!(input.shared, want, "pieces of {piece}");
+            assert!(want.len() >= 5 && want.len() < sizes.len(), "{want:?}");
+        }
+        // A gzip'd tar is inflated, never shared.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar).unwrap();
+        let gz = gz.finish().unwrap();
+        let d3 = tempfile::tempdir().unwrap();
+        let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(d3.path()).unwrap().without_fsync());
+        let mut input = Pieces {
+            pieces: gz.chunks(1 << 20).map(Bytes::copy_from_slice).collect(),
+            shared: Vec::new(),
+        };
+        let got = read_tar_streamed(
+            &mut input,
+            false,
+            &params(),
+            &limits,
+            cas,
+            &Batcher::new(&pipe),
+            0,
+            None,
+        )
+        .unwrap();
+        assert_eq!(got.nodes, copied.nodes);
+        assert!(input.shared.is_empty());
     }
 
     #[test]

@@ -24,7 +24,9 @@ use crate::rawindex::{RawIndex, RawKey};
 /// One object's bytes to encode and store.
 pub struct Task {
     pub tag: usize,
-    pub data: Vec<u8>,
+    /// The content: its own bytes, or shared with the upload it came in (see
+    /// [`crate::intake::Input::take_shared`]).
+    pub data: bytes::Bytes,
     pub suffix: Suffix,
     pub compression: Compression,
     pub cas: Arc<dyn Cas>,
@@ -521,7 +523,7 @@ mod tests {
         for i in 0..60usize {
             p.submit(Task {
                 tag: i,
-                data: vec![(i % 3) as u8; 200_000],
+                data: vec![(i % 3) as u8; 200_000].into(),
                 suffix: Suffix::None,
                 compression: Compression::Zlib(6),
                 cas: cas.clone(),
@@ -555,7 +557,7 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         let task = |tag: usize, data: Vec<u8>| Task {
             tag,
-            data,
+            data: data.into(),
             suffix: Suffix::None,
             compression: Compression::Zlib(6),
             cas: cas.clone(),
@@ -675,7 +677,7 @@ mod tests {
         for i in 0..1001 {
             p.submit(Task {
                 tag: i,
-                data: content(i),
+                data: content(i).into(),
                 suffix: Suffix::None,
                 compression: Compression::Zlib(6),
                 cas: cas.clone(),
@@ -736,7 +738,7 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         let task = |tag: usize, data: Vec<u8>, index: Option<Arc<RawIndex>>| Task {
             tag,
-            data,
+            data: data.into(),
             suffix: Suffix::None,
             compression: Compression::Zlib(6),
             cas: cas.clone(),
@@ -786,7 +788,7 @@ mod tests {
             let (tx, rx) = crossbeam_channel::unbounded();
             p.submit(Task {
                 tag: 0,
-                data: data.to_vec(),
+                data: bytes::Bytes::copy_from_slice(data),
                 suffix: Suffix::None,
                 compression: Compression::Zlib(6),
                 cas: cas.clone(),
@@ -861,7 +863,7 @@ mod tests {
         for i in 0..50usize {
             p.submit(Task {
                 tag: i,
-                data: vec![i as u8; 100_000 + i],
+                data: vec![i as u8; 100_000 + i].into(),
                 suffix: Suffix::None,
                 compression: Compression::Zlib(6),
                 cas: cas.clone(),
