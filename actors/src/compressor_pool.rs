@@ -192,7 +192,8 @@ impl<R: BufRead> Read for Watched<R> {
     }
 }
 
-/// Passes the input's own buffer through (the tar's bytes are copied once, out of it).
+/// Passes the input's own buffer through (the tar's bytes are copied once, out of it, or not at
+/// all: see [`Input::take_shared`]).
 impl<R: BufRead> BufRead for Watched<R> {
     fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
         self.check()?;

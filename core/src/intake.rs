@@ -351,8 +351,8 @@ pub fn detect_compression<'a, R: Read + 'a>(input: R) -> Result<Box<dyn Read + '
 /// How much of an unbuffered input is read at a time.
 const READ_BUFFER: usize = 256 * 1024;
 
-/// [`detect_compression`] of an input that buffers itself (a spool's or an upload's reader:
-/// the tar is then copied once, from their buffers to where its contents go).
+/// [`detect_compression`] of an input that buffers itself (a spool's reader: the tar is then
+/// copied once, from its buffer to where its contents go).
 pub fn detect_compression_buffered<'a, R: BufRead + 'a>(
     mut input: R,
 ) -> Result<Box<dyn Read + 'a>, IntakeError> {
@@ -430,7 +430,8 @@ pub enum Streamed {
 /// [`read_tar_parallel`] that also tells `stream` what it reads, as it reads it, handing its
 /// tasks to the pipeline through `batcher` (whose [`Batcher::hand_over`] the input may call
 /// before it waits: see [`crate::growing::FollowReader::before_wait`]). `input` buffers itself
-/// (a plain reader goes in a `BufReader`).
+/// (a plain reader goes in a `BufReader`); a file body it holds together in memory is taken
+/// from it without a copy ([`Input::take_shared`]).
 #[allow(clippy::too_many_arguments)]
 pub fn read_tar_streamed<R: Input>(
     input: R,
