@@ -581,9 +581,13 @@ mod tests {
         r.read_exact(&mut rest).unwrap();
         assert_eq!(&rest[..488], &a[4512..]);
         assert_eq!(&rest[488..], &[2u8; 112][..]);
-        // At a piece's end the next piece is fetched for it.
+        // The rest of the second piece; then, at its end, the next piece is fetched for it.
         let tail = r.take_shared(2888).unwrap().unwrap();
         assert_eq!(tail.as_ptr(), b[112..].as_ptr());
+        let c = Bytes::from(vec![3u8; 1000]);
+        guard.received(c.clone());
+        let next = r.take_shared(1000).unwrap().unwrap();
+        assert_eq!((next.as_ptr(), next.len()), (c.as_ptr(), 1000));
         guard.complete();
         assert!(r.take_shared(1).unwrap().is_none());
         assert_eq!(r.read(&mut [0u8; 8]).unwrap(), 0);

@@ -348,6 +348,11 @@ pub fn detect_compression<'a, R: Read + 'a>(input: R) -> Result<Box<dyn Read + '
     detect_compression_buffered(BufReader::with_capacity(READ_BUFFER, input))
 }
 
+/// Whether a stream starting with `head` is gzip (its magic bytes).
+fn is_gzip(head: &[u8]) -> bool {
+    head.starts_with(&[0x1f, 0x8b])
+}
+
 /// How much of an unbuffered input is read at a time.
 const READ_BUFFER: usize = 256 * 1024;
 
@@ -357,7 +362,7 @@ pub fn detect_compression_buffered<'a, R: BufRead + 'a>(
     mut input: R,
 ) -> Result<Box<dyn Read + 'a>, IntakeError> {
     let head = input.fill_buf().map_err(IntakeError::Read)?;
-    if head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b {
+    if is_gzip(head) {
         Ok(Box::new(GzDecoder::new(input)))
     } else {
         Ok(Box::new(input))
@@ -481,7 +486,7 @@ fn read_tar_with<R: Input>(
 ) -> Result<ChangeSet, IntakeError> {
     let mut input = input;
     let head = input.fill_buf().map_err(IntakeError::Read)?;
-    let stream = if head.len() >= 2 && head[0] == 0x1f && head[1] == 0x8b {
+    let stream = if is_gzip(head) {
         Stream::Gzip(Box::new(GzDecoder::new(input)))
     } else {
         Stream::Plain(input)
