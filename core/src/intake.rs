@@ -213,9 +213,11 @@ impl<R> Budget<R> {
 }
 
 impl<R: Input> Budget<Stream<R>> {
-    /// The body of `n` bytes that starts here, shared with the input (not copied) when it
-    /// holds them together; the tar reader, which still counts them as unread, skips them next.
-    /// Only for a body stored as it is (not a sparse file's).
+    /// The body of `n` bytes that starts here, taken ahead of the tar reader (which still counts
+    /// it as unread and skips it next): shared with the input when the input holds it together,
+    /// else copied straight out of the input's buffer (a buffer read into through `Read` is
+    /// zeroed first). `None` for a gzip stream, and for an empty body. Only for a body stored
+    /// as it is (not a sparse file's).
     fn take_body(&mut self, n: usize) -> io::Result<Option<Bytes>> {
         let Stream::Plain(input) = &mut self.inner else {
             return Ok(None);
@@ -223,8 +225,24 @@ impl<R: Input> Budget<Stream<R>> {
         if n == 0 || self.ahead != 0 {
             return Ok(None);
         }
-        let Some(body) = input.take_shared(n)? else {
-            return Ok(None);
+        let body = match input.take_shared(n)? {
+            Some(shared) => shared,
+            None => {
+                let mut body = Vec::with_capacity(n);
+                while body.len() < n {
+                    let held = input.fill_buf()?;
+                    if held.is_empty() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "unexpected end of the archive stream in a file's body",
+                        ));
+                    }
+                    let k = held.len().min(n - body.len());
+                    body.extend_from_slice(&held[..k]);
+                    input.consume(k);
+                }
+                Bytes::from(body)
+            }
         };
         self.ahead = n as u64;
         self.counted(n)?;
@@ -793,7 +811,7 @@ fn read_tar_with<R: Input>(
 }
 
 /// A regular file's body: read through the tar reader, or (all of it at once) taken from the
-/// input without a copy where the input holds it together.
+/// input ahead of it — without a copy where the input holds it together.
 struct Body<'a> {
     read: &'a mut dyn Read,
     take: &'a mut dyn FnMut(usize) -> io::Result<Option<Bytes>>,
@@ -1067,7 +1085,7 @@ impl FileSink for ParallelSink {
                 return Ok(());
             }
             let data = match take(size as usize).map_err(read_err)? {
-                Some(shared) => shared,
+                Some(taken) => taken,
                 None => {
                     let mut data = Vec::with_capacity(size as usize);
                     body.read_to_end(&mut data).map_err(read_err)?;
@@ -1857,6 +1875,45 @@ mod tests {
             assert_eq!(input.shared, want, "pieces of {piece}");
             assert!(want.len() >= 5 && want.len() < sizes.len(), "{want:?}");
         }
+        // Cut off inside a body: refused both ways.
+        let cut = tar::Archive::new(&tar[..])
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap())
+            .find(|e| e.size() == 70_000)
+            .map(|e| e.raw_file_position() as usize + 30_000)
+            .unwrap();
+        let d4 = tempfile::tempdir().unwrap();
+        let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(d4.path()).unwrap().without_fsync());
+        assert!(read_tar_parallel(
+            &tar[..cut],
+            false,
+            &params(),
+            &limits,
+            cas.clone(),
+            &pipe,
+            0
+        )
+        .is_err());
+        let input = Pieces {
+            pieces: tar[..cut]
+                .chunks(4096)
+                .map(Bytes::copy_from_slice)
+                .collect(),
+            shared: Vec::new(),
+        };
+        let e = read_tar_streamed(
+            input,
+            false,
+            &params(),
+            &limits,
+            cas,
+            &Batcher::new(&pipe),
+            0,
+            None,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("end of the archive stream"), "{e}");
         // A gzip'd tar is inflated, never shared.
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &tar).unwrap();
