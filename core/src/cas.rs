@@ -397,6 +397,30 @@ fn link_anonymous(f: &File, dir: libc::c_int, to: &std::ffi::CStr) -> io::Result
     link_by(Link::ProcFd, f, dir, to)
 }
 
+/// Whether an anonymous file made in `dir` can be named there with `linkat(AT_EMPTY_PATH)`:
+/// tried with one (named with a temporary name, then removed at once).
+#[cfg(target_os = "linux")]
+fn empty_path_allowed(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(f) = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+    else {
+        return false;
+    };
+    let probe = dir.join(temp_name());
+    let Ok(to) = std::ffi::CString::new(probe.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let named = matches!(link_by(Link::EmptyPath, &f, libc::AT_FDCWD, &to), Ok(true));
+    if named {
+        let _ = fs::remove_file(&probe);
+    }
+    named
+}
+
 #[cfg(target_os = "linux")]
 fn link_by(how: Link, f: &File, dir: libc::c_int, to: &std::ffi::CStr) -> io::Result<bool> {
     use std::os::fd::AsRawFd;
@@ -642,12 +666,13 @@ impl Unnamed {
         data: &[u8],
     ) -> io::Result<Unnamed> {
         // An anonymous file is named through /proc/self/fd wherever `linkat(AT_EMPTY_PATH)`
-        // is refused (before Linux 6.10, without CAP_DAC_READ_SEARCH): without procfs, a
-        // temporary name instead.
+        // is refused (before Linux 6.10, without CAP_DAC_READ_SEARCH): without procfs, only
+        // where that is allowed (tried once), else a temporary name instead.
         #[cfg(target_os = "linux")]
-        static PROC_FD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        static NAMEABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         #[cfg(target_os = "linux")]
-        if *PROC_FD.get_or_init(|| Path::new("/proc/self/fd").is_dir()) {
+        if *NAMEABLE.get_or_init(|| Path::new("/proc/self/fd").is_dir() || empty_path_allowed(dir))
+        {
             use std::os::fd::{AsRawFd, FromRawFd};
             use std::os::unix::fs::OpenOptionsExt;
             let opened = match shard {
@@ -1140,6 +1165,33 @@ impl Cas for OverlayCas {
 mod tests {
     use super::*;
     use crate::hash::{Digest20, Suffix};
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_empty_path_probe_answers_as_linkat_does_and_leaves_nothing() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let allowed = empty_path_allowed(d.path());
+        let f = OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .open(d.path())
+            .unwrap();
+        // What naming another anonymous file that way does here.
+        let to =
+            std::ffi::CString::new(d.path().join("named").into_os_string().into_encoded_bytes())
+                .unwrap();
+        let named = matches!(link_by(Link::EmptyPath, &f, libc::AT_FDCWD, &to), Ok(true));
+        assert_eq!(allowed, named);
+        let left: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        let want: Vec<std::ffi::OsString> = if named { vec!["named".into()] } else { vec![] };
+        assert_eq!(left, want, "the probe's file is gone");
+        // No directory to make an anonymous file in: not allowed.
+        assert!(!empty_path_allowed(&d.path().join("missing")));
+    }
 
     #[cfg(target_os = "linux")]
     #[test]
