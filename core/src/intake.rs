@@ -1084,7 +1084,14 @@ impl FileSink for ParallelSink {
                 self.last_pending = false;
                 return Ok(());
             }
-            let data = match take(size as usize).map_err(read_err)? {
+            // Taking a body reads the archive (a cut-off body is a broken archive).
+            let broken = |e: io::Error| {
+                IntakeError::Read(io::Error::new(
+                    e.kind(),
+                    format!("{e} (in the body of '{shown}')"),
+                ))
+            };
+            let data = match take(size as usize).map_err(broken)? {
                 Some(taken) => taken,
                 None => {
                     let mut data = Vec::with_capacity(size as usize);
@@ -1829,12 +1836,13 @@ mod tests {
         .unwrap();
         assert_eq!(copied.nodes["d/pax"].entry.size, 3000);
         assert_eq!(copied.nodes["d/last"].entry.size, 5);
-        // Pieces of 64 KiB and a little: most bodies lie inside one, some cross into the next.
-        for piece in [4096 + 100, 65_536 + 7] {
-            let d2 = tempfile::tempdir().unwrap();
-            let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(d2.path()).unwrap().without_fsync());
+        // `bytes` read in pieces of `piece` bytes into a CAS of its own: the outcome, the
+        // lengths of the bodies shared, and the CAS (with its directory).
+        let streamed = |bytes: &[u8], piece: usize| {
+            let d = tempfile::tempdir().unwrap();
+            let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(d.path()).unwrap().without_fsync());
             let mut input = Pieces {
-                pieces: tar.chunks(piece).map(Bytes::copy_from_slice).collect(),
+                pieces: bytes.chunks(piece).map(Bytes::copy_from_slice).collect(),
                 shared: Vec::new(),
             };
             let batcher = Batcher::new(&pipe);
@@ -1847,8 +1855,13 @@ mod tests {
                 &batcher,
                 0,
                 None,
-            )
-            .unwrap();
+            );
+            (got, input.shared, cas, d)
+        };
+        // Pieces of 64 KiB and a little: most bodies lie inside one, some cross into the next.
+        for piece in [4096 + 100, 65_536 + 7] {
+            let (got, mut shared, cas, _d) = streamed(&tar, piece);
+            let got = got.unwrap();
             assert_eq!(got.nodes, copied.nodes, "pieces of {piece}");
             assert_eq!(got.stats, copied.stats);
             let (mut a, mut b) = (copied_cas.list().unwrap(), cas.list().unwrap());
@@ -1871,11 +1884,11 @@ mod tests {
                 .map(|(_, n)| n)
                 .collect();
             want.sort_unstable();
-            input.shared.sort_unstable();
-            assert_eq!(input.shared, want, "pieces of {piece}");
+            shared.sort_unstable();
+            assert_eq!(shared, want, "pieces of {piece}");
             assert!(want.len() >= 5 && want.len() < sizes.len(), "{want:?}");
         }
-        // Cut off inside a body: refused both ways.
+        // Cut off inside a body (copied out of its pieces): refused both ways.
         let cut = tar::Archive::new(&tar[..])
             .entries()
             .unwrap()
@@ -1885,58 +1898,16 @@ mod tests {
             .unwrap();
         let d4 = tempfile::tempdir().unwrap();
         let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(d4.path()).unwrap().without_fsync());
-        assert!(read_tar_parallel(
-            &tar[..cut],
-            false,
-            &params(),
-            &limits,
-            cas.clone(),
-            &pipe,
-            0
-        )
-        .is_err());
-        let input = Pieces {
-            pieces: tar[..cut]
-                .chunks(4096)
-                .map(Bytes::copy_from_slice)
-                .collect(),
-            shared: Vec::new(),
-        };
-        let e = read_tar_streamed(
-            input,
-            false,
-            &params(),
-            &limits,
-            cas,
-            &Batcher::new(&pipe),
-            0,
-            None,
-        )
-        .unwrap_err();
+        assert!(read_tar_parallel(&tar[..cut], false, &params(), &limits, cas, &pipe, 0).is_err());
+        let e = streamed(&tar[..cut], 4096).0.unwrap_err();
         assert!(e.to_string().contains("end of the archive stream"), "{e}");
         // A gzip'd tar is inflated, never shared.
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &tar).unwrap();
         let gz = gz.finish().unwrap();
-        let d3 = tempfile::tempdir().unwrap();
-        let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(d3.path()).unwrap().without_fsync());
-        let mut input = Pieces {
-            pieces: gz.chunks(1 << 20).map(Bytes::copy_from_slice).collect(),
-            shared: Vec::new(),
-        };
-        let got = read_tar_streamed(
-            &mut input,
-            false,
-            &params(),
-            &limits,
-            cas,
-            &Batcher::new(&pipe),
-            0,
-            None,
-        )
-        .unwrap();
-        assert_eq!(got.nodes, copied.nodes);
-        assert!(input.shared.is_empty());
+        let (got, shared, _, _d) = streamed(&gz, 1 << 20);
+        assert_eq!(got.unwrap().nodes, copied.nodes);
+        assert!(shared.is_empty());
     }
 
     #[test]
