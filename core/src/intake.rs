@@ -234,7 +234,7 @@ impl<R: Input> Budget<Stream<R>> {
                     if held.is_empty() {
                         return Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
-                            "unexpected end of the archive stream in a file's body",
+                            "unexpected end of the archive stream",
                         ));
                     }
                     let k = held.len().min(n - body.len());
@@ -1088,7 +1088,7 @@ impl FileSink for ParallelSink {
             let broken = |e: io::Error| {
                 IntakeError::Read(io::Error::new(
                     e.kind(),
-                    format!("{e} (in the body of '{shown}')"),
+                    format!("{e} in the body of '{shown}'"),
                 ))
             };
             let data = match take(size as usize).map_err(broken)? {
@@ -1899,8 +1899,12 @@ mod tests {
         let d4 = tempfile::tempdir().unwrap();
         let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(d4.path()).unwrap().without_fsync());
         assert!(read_tar_parallel(&tar[..cut], false, &params(), &limits, cas, &pipe, 0).is_err());
-        let e = streamed(&tar[..cut], 4096).0.unwrap_err();
-        assert!(e.to_string().contains("end of the archive stream"), "{e}");
+        let e = streamed(&tar[..cut], 4096).0.unwrap_err().to_string();
+        assert!(
+            e.starts_with("reading archive: unexpected end of the archive stream")
+                && e.ends_with("in the body of 'd/f7'"),
+            "{e}"
+        );
         // A gzip'd tar is inflated, never shared.
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &tar).unwrap();
