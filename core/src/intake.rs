@@ -1730,6 +1730,32 @@ mod tests {
         assert_eq!(la, lb);
     }
 
+    /// A PAX extended header saying the next entry's body is 3000 bytes, then that entry's
+    /// ustar header (`name`, a regular file of 0 bytes by its header): 1,536 bytes, its body to
+    /// follow.
+    fn pax_sized_3000(name: &str) -> Vec<u8> {
+        let rec = b"13 size=3000\n";
+        let header = |path: &str, kind: EntryType, size: usize| {
+            let mut h = tar::Header::new_ustar();
+            h.set_path(path).unwrap();
+            h.set_entry_type(kind);
+            h.set_size(size as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_cksum();
+            h
+        };
+        let mut out = header("PaxHeader", EntryType::XHeader, rec.len())
+            .as_bytes()
+            .to_vec();
+        out.extend_from_slice(rec);
+        out.resize(1024, 0);
+        out.extend_from_slice(header(name, EntryType::Regular, 0).as_bytes());
+        out
+    }
+
     /// An input holding its bytes in pieces (like an upload's), sharing a body that one piece
     /// holds whole; counts what it shared.
     struct Pieces {
@@ -1794,23 +1820,8 @@ mod tests {
             b.append_data(&mut h, name, &body(i, n)[..]).unwrap();
         }
         // A PAX record makes this body 3000 bytes though its header says 0.
-        let rec = b"13 size=3000\n";
-        let mut px = tar::Header::new_ustar();
-        px.set_path("PaxHeader").unwrap();
-        px.set_entry_type(EntryType::XHeader);
-        px.set_size(rec.len() as u64);
-        px.set_mode(0o644);
-        px.set_cksum();
-        let mut h = tar::Header::new_ustar();
-        h.set_path("d/pax").unwrap();
-        h.set_size(0);
-        h.set_mode(0o644);
-        h.set_cksum();
         let raw = b.get_mut();
-        raw.extend_from_slice(px.as_bytes());
-        raw.extend_from_slice(rec);
-        raw.resize(raw.len() + 512 - rec.len(), 0);
-        raw.extend_from_slice(h.as_bytes());
+        raw.extend(pax_sized_3000("d/pax"));
         raw.extend(body(99, 3000));
         raw.resize(raw.len() + (512 - 3000 % 512), 0);
         let mut h = tar::Header::new_gnu();
@@ -1917,30 +1928,7 @@ mod tests {
     #[test]
     fn pax_size_cannot_bypass_the_limits() {
         // Header says 0 bytes, a PAX record says 3000: the limit applies to 3000.
-        let block = |h: &tar::Header| h.as_bytes().to_vec();
-        let rec = b"13 size=3000\n";
-        let mut px = tar::Header::new_ustar();
-        px.set_path("PaxHeader").unwrap();
-        px.set_entry_type(EntryType::XHeader);
-        px.set_size(rec.len() as u64);
-        px.set_mode(0o644);
-        px.set_uid(0);
-        px.set_gid(0);
-        px.set_mtime(0);
-        px.set_cksum();
-        let mut h = tar::Header::new_ustar();
-        h.set_path("sneaky").unwrap();
-        h.set_entry_type(EntryType::Regular);
-        h.set_size(0);
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_cksum();
-        let mut bytes = block(&px);
-        bytes.extend_from_slice(rec);
-        bytes.resize(1024, 0);
-        bytes.extend(block(&h));
+        let mut bytes = pax_sized_3000("sneaky");
         bytes.extend(std::iter::repeat_n(7u8, 3000));
         bytes.resize(1536 + 3072 + 1024, 0);
         let lim = IntakeLimits {
