@@ -1,17 +1,20 @@
 //! Tar intake (plain or gzip) with every hostile-input rule: any input either gives a change
 //! set or an `IntakeError`, never a panic, and stays within the limits. The same input read as
-//! an upload is (in pieces, file bodies that one piece holds taken without a copy, encoded on
-//! a pipeline) must give the same outcome: the same change set, or an error too.
+//! an upload is (in pieces through the upload's reader, file bodies that one piece holds taken
+//! without a copy, encoded on a pipeline) must give the same outcome: the same change set, or an
+//! error too.
 #![no_main]
 
-use std::collections::VecDeque;
-use std::io::{self, BufRead, Read};
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use prepub_core::cas::{Cas, LocalCas};
-use prepub_core::intake::{read_tar, read_tar_streamed, Input, IntakeLimits};
+use prepub_core::growing::{FinishGuard, FollowReader, Growing};
+use prepub_core::intake::{read_tar, read_tar_streamed, IntakeLimits};
 use prepub_core::object::EncodeParams;
 use prepub_core::pipeline::{Batcher, Pipeline};
 
@@ -31,42 +34,21 @@ fn pipeline() -> &'static Pipeline {
     P.get_or_init(|| Pipeline::new(2, 1, 8 << 20))
 }
 
-/// The input in pieces, like an upload's; a body one piece holds whole is handed over shared.
-struct Pieces(VecDeque<Bytes>);
-
-impl Read for Pieces {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let held = self.fill_buf()?;
-        let n = held.len().min(buf.len());
-        buf[..n].copy_from_slice(&held[..n]);
-        self.consume(n);
-        Ok(n)
+/// `data` as an upload arrives: in pieces of `piece` bytes, handed to a reader of the growing
+/// spool file (which takes a body that one piece holds whole without a copy), then complete.
+fn as_upload(dir: &Path, data: &[u8], piece: usize) -> FollowReader {
+    let path = dir.join("upload.tar");
+    let mut file = File::create(&path).unwrap();
+    let growing = Growing::new();
+    let reader = growing.reader(File::open(&path).unwrap());
+    let writer = FinishGuard::new(growing);
+    for p in data.chunks(piece) {
+        writer.received(Bytes::copy_from_slice(p));
+        file.write_all(p).unwrap();
     }
-}
-
-impl BufRead for Pieces {
-    fn fill_buf(&mut self) -> io::Result<&[u8]> {
-        while self.0.front().is_some_and(|p| p.is_empty()) {
-            self.0.pop_front();
-        }
-        Ok(self.0.front().map_or(&[][..], |p| &p[..]))
-    }
-    fn consume(&mut self, n: usize) {
-        if let Some(p) = self.0.front_mut() {
-            let _ = p.split_to(n);
-        }
-    }
-}
-
-impl Input for Pieces {
-    fn take_shared(&mut self, n: usize) -> io::Result<Option<Bytes>> {
-        self.fill_buf()?;
-        Ok(self
-            .0
-            .front_mut()
-            .filter(|p| p.len() >= n)
-            .map(|p| p.split_to(n)))
-    }
+    writer.grew(data.len() as u64);
+    writer.complete();
+    reader
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -78,14 +60,14 @@ fuzz_target!(|data: &[u8]| {
     };
     let top = data.first().is_some_and(|b| b & 2 == 2);
     let params = EncodeParams::default();
-    let (_, store) = cas();
+    let store = &cas().1;
     let copied = read_tar(data, top, &params, &limits, store.as_ref(), 0);
     if let Ok(cs) = &copied {
         assert!(cs.stats.entries <= limits.max_entries);
     }
     // Pieces of 512 bytes to 64 KiB and a little, from the input's second byte.
     let piece = 512 * (1 + usize::from(data.get(1).copied().unwrap_or(0) % 128)) + 3;
-    let input = Pieces(data.chunks(piece).map(Bytes::copy_from_slice).collect());
+    let input = as_upload(cas().0.path(), data, piece);
     let shared: Arc<dyn Cas> = store.clone();
     let streamed = read_tar_streamed(
         input,
