@@ -27,6 +27,7 @@ use prepub_core::jobs::Progress;
 use prepub_core::object::EncodeParams;
 use prepub_core::pipeline::{Batcher, Pipeline, StorePool};
 use prepub_core::repo::PrebuildStream;
+use prepub_core::spool::SerializedChangeset;
 
 /// What finished processing reports.
 #[derive(Message, Debug)]
@@ -36,6 +37,9 @@ pub struct Processed {
     /// The [`ProcessJob::run`] this answers.
     pub run: u64,
     pub outcome: Result<ChangeSet, ProcessError>,
+    /// The change set serialized while its catalogs were compressed (see `run_task`), for the
+    /// spool to store as it is.
+    pub serialized: Option<SerializedChangeset>,
 }
 
 /// A progress report while processing.
@@ -141,6 +145,7 @@ impl Handler<ProcessJob> for CompressorPool {
                         message: format!("no thread to read the upload: {e}"),
                         retryable: true,
                     }),
+                    serialized: None,
                 });
             }
             return;
@@ -219,6 +224,7 @@ impl<R: Input> Input for Watched<R> {
 
 fn run_task(t: ProcessJob, pipeline: &Pipeline) {
     crate::testhook::point("processing");
+    let mut serialized = None;
     let outcome = (|| -> Result<ChangeSet, ProcessError> {
         let io_err = |code: &'static str, e: String| ProcessError {
             code,
@@ -284,8 +290,11 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
         })?;
         let cs = match stream {
             Some(s) if !t.abort.load(Ordering::Relaxed) => {
-                let (mut cs, built) = s.finish(cs);
+                // The builder compresses the catalogs on one core; this one serializes the
+                // change set for the spool meanwhile (it is saved before the commit).
+                let (mut cs, built, ahead) = s.finish_with(cs, SerializedChangeset::of);
                 cs.prebuilt = built.map(Arc::new);
+                serialized = ahead;
                 cs
             }
             _ => cs,
@@ -297,5 +306,6 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
         job_id: t.job_id,
         run: t.run,
         outcome,
+        serialized,
     });
 }

@@ -27,7 +27,7 @@ use actix::prelude::*;
 use prepub_core::intake::{ChangeSet, IntakeLimits};
 use prepub_core::jobs::{now_ms, JobRecord, JobState, Progress};
 use prepub_core::object::EncodeParams;
-use prepub_core::spool::SpoolError;
+use prepub_core::spool::{SerializedChangeset, SpoolError};
 
 use crate::compressor_pool::{
     CompressorPool, ProcessError, ProcessJob, Processed, ProgressMade, TarSource,
@@ -133,6 +133,14 @@ const MAX_UPLOAD_RUNS: usize = 2;
 const FRESH: usize = 2;
 
 /// A tar processed while it uploads.
+/// What [`JobManager::take_processed_upload`] takes.
+struct ProcessedUpload {
+    run: u64,
+    started: Instant,
+    cs: ChangeSet,
+    serialized: Option<SerializedChangeset>,
+}
+
 struct UploadRun {
     repo: String,
     path: String,
@@ -141,6 +149,8 @@ struct UploadRun {
     started: Instant,
     /// The outcome, once the run answered.
     outcome: Option<Result<ChangeSet, ProcessError>>,
+    /// Its change set serialized ahead, if it was.
+    serialized: Option<SerializedChangeset>,
     /// Given up (upload failed, garbage collection began): only waits for its thread to answer.
     cancelled: bool,
     /// [`AwaitUploadRun`] callers: told whether the run ended with a change set.
@@ -224,14 +234,19 @@ impl JobManager {
 
     /// The change set of the finished run of upload `id`, taken for its acceptance, when the
     /// run may stand for the job (see [`adopt_upload_run`](Self::adopt_upload_run)).
-    fn take_processed_upload(&mut self, rec: &JobRecord) -> Option<(u64, Instant, ChangeSet)> {
+    fn take_processed_upload(&mut self, rec: &JobRecord) -> Option<ProcessedUpload> {
         let done = self.uploads.get(&rec.id).is_some_and(|u| u.produced());
         if !done || !self.upload_run_fits(rec) {
             return None;
         }
         let u = self.uploads.remove(&rec.id)?;
         match u.outcome {
-            Some(Ok(cs)) => Some((u.run, u.started, cs)),
+            Some(Ok(cs)) => Some(ProcessedUpload {
+                run: u.run,
+                started: u.started,
+                cs,
+                serialized: u.serialized,
+            }),
             _ => None,
         }
     }
@@ -290,6 +305,7 @@ impl JobManager {
                 job_id: id,
                 run: u.run,
                 outcome,
+                serialized: u.serialized,
             });
         }
         true
@@ -474,6 +490,7 @@ impl JobManager {
                         job_id: id,
                         run,
                         outcome: Ok(cs),
+                        serialized: None,
                     });
                 } else {
                     act.journal_retry(id, ctx);
@@ -929,11 +946,18 @@ impl Handler<SubmitJob> for JobManager {
         let mut rec = m.record;
         // A tar not known to be on disk is accepted with the change set processed from it (the
         // spool makes that durable before the record), and walks on as after any processing.
-        let (mut changeset, mut run) = (None, None);
+        let (mut changeset, mut run, mut serialized) = (None, None, None);
         if !m.tar_synced {
-            let Some((r, started, cs)) = self.take_processed_upload(&rec) else {
+            let Some(ProcessedUpload {
+                run: r,
+                started,
+                cs,
+                serialized: ahead,
+            }) = self.take_processed_upload(&rec)
+            else {
                 return Box::pin(fut::ready(Err(SubmitError::NotProcessed)));
             };
+            serialized = ahead;
             rec.attempts = 1;
             rec.transition(JobState::Processing, now_ms());
             self.count_processed(&mut rec, &cs);
@@ -948,6 +972,7 @@ impl Handler<SubmitJob> for JobManager {
                     record: rec.clone(),
                     upload: m.upload,
                     changeset,
+                    serialized,
                 })
                 .into_actor(self)
                 .map(move |res, act, ctx| {
@@ -1100,6 +1125,7 @@ impl Handler<Processed> for JobManager {
                 self.uploads.remove(&m.job_id);
             } else {
                 u.outcome = Some(m.outcome); // until the upload is accepted
+                u.serialized = m.serialized;
                 u.tell_waiters();
             }
             return;
@@ -1131,6 +1157,7 @@ impl Handler<Processed> for JobManager {
                         .send(SaveChangeset {
                             id: id.clone(),
                             changeset: cs,
+                            serialized: m.serialized,
                         })
                         .into_actor(self)
                         .map(move |res, act, ctx| match res {
@@ -1601,6 +1628,7 @@ impl Handler<ProcessUpload> for JobManager {
                 abort: abort.clone(),
                 started: Instant::now(),
                 outcome: None,
+                serialized: None,
                 cancelled: false,
                 waiters: Vec::new(),
             },

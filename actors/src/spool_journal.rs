@@ -12,7 +12,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use prepub_core::intake::ChangeSet;
 use prepub_core::jobs::JobRecord;
-use prepub_core::spool::{Spool, SpoolError};
+use prepub_core::spool::{SerializedChangeset, Spool, SpoolError};
 
 pub struct SpoolJournal {
     spool: Spool,
@@ -37,6 +37,8 @@ pub struct AcceptJob {
     pub upload: PathBuf,
     /// The change set, when the upload was processed before it was accepted.
     pub changeset: Option<Arc<ChangeSet>>,
+    /// That change set serialized ahead, if it was.
+    pub serialized: Option<SerializedChangeset>,
 }
 
 impl Handler<AcceptJob> for SpoolJournal {
@@ -44,7 +46,10 @@ impl Handler<AcceptJob> for SpoolJournal {
     fn handle(&mut self, m: AcceptJob, _: &mut SyncContext<Self>) -> Self::Result {
         crate::testhook::point("accepting");
         match &m.changeset {
-            Some(cs) => self.spool.accept_processed(&m.record, &m.upload, cs)?,
+            Some(cs) => {
+                self.spool
+                    .accept_processed(&m.record, &m.upload, cs, m.serialized.as_ref())?
+            }
             None => self.spool.accept(&m.record, &m.upload)?,
         }
         self.latest.insert(m.record.id.clone(), m.record);
@@ -83,12 +88,17 @@ impl Handler<RecordJob> for SpoolJournal {
 pub struct SaveChangeset {
     pub id: String,
     pub changeset: Arc<ChangeSet>,
+    /// The change set serialized ahead, if it was (then it is not serialized again).
+    pub serialized: Option<SerializedChangeset>,
 }
 
 impl Handler<SaveChangeset> for SpoolJournal {
     type Result = Result<(), SpoolError>;
     fn handle(&mut self, m: SaveChangeset, _: &mut SyncContext<Self>) -> Self::Result {
-        self.spool.save_changeset(&m.id, &m.changeset)
+        match &m.serialized {
+            Some(s) => self.spool.save_serialized_changeset(&m.id, s),
+            None => self.spool.save_changeset(&m.id, &m.changeset),
+        }
     }
 }
 

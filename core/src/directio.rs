@@ -169,6 +169,19 @@ impl DirectAppender {
     }
 }
 
+/// [`DirectAppender::append`] for writers (`flush` does nothing: the file holds everything
+/// once [`DirectAppender::finish`]ed).
+impl Write for DirectAppender {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.append(data)?;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Writes all of `data` at `file`'s position; a direct write refused (a filesystem without
 /// direct I/O, or a short write that left the rest unaligned) turns `direct` off, and the
 /// rest of the file goes through the page cache.

@@ -314,17 +314,53 @@ pub fn encode_file<R: Read>(
     })
 }
 
-/// Compresses an in-memory metadata object (catalog, history, certificate) with zlib level 6
-/// and returns its stored bytes and name. Metadata objects are always zlib (§1.2); a large one
-/// (a catalog of many entries, compressed while the repository is locked) is compressed on
-/// every core as one stream ([`crate::pzlib`]), with the same bytes whatever the core count.
+/// Compresses an in-memory metadata object (catalog, history, certificate, meta-info) and
+/// returns its stored bytes and name. Metadata objects are always zlib (§1.2). A catalog or
+/// history database is compressed by libdeflate ([`deflate_database`]); the others with stock
+/// zlib level 6, byte for byte what a Stratum 1 makes of them (one that lacks the certificate
+/// or meta-info compresses it again with its own zlib and stores it under our name, §1.4), a
+/// large one on every core as one stream ([`crate::pzlib`]).
 pub fn compress_metadata(data: &[u8], suffix: Suffix) -> (ObjectId, Vec<u8>) {
+    let bytes = metadata_bytes(data, suffix, DATABASE_WHOLE);
+    (ObjectId::new(Digest20::of(&bytes), suffix), bytes)
+}
+
+/// [`compress_metadata`]'s bytes, with databases of up to `whole` bytes compressed whole.
+fn metadata_bytes(data: &[u8], suffix: Suffix, whole: usize) -> Vec<u8> {
+    if is_database(suffix) && data.len() <= whole {
+        return deflate_database(data);
+    }
     let parallel = parallel_metadata(data.len() as u64, &|at, buf| {
         buf.copy_from_slice(&data[at as usize..at as usize + buf.len()]);
         Ok(())
     });
-    let bytes = parallel.unwrap_or_else(|| zlib_compress(data, 6));
-    (ObjectId::new(Digest20::of(&bytes), suffix), bytes)
+    parallel.unwrap_or_else(|| zlib_compress(data, 6))
+}
+
+/// Catalogs and history databases: a Stratum 1 copies them as they are (it compresses only the
+/// certificate and meta-info again), clients inflate whatever zlib stream they are, and no
+/// data object is ever deduplicated against them — so they need not be stock zlib's bytes.
+fn is_database(suffix: Suffix) -> bool {
+    matches!(suffix, Suffix::Catalog | Suffix::History)
+}
+
+/// The largest database compressed whole by libdeflate (which takes its input and output in
+/// memory at once); a larger one is read and compressed block by block ([`crate::pzlib`]).
+/// A catalog of 100,000 entries is about 15 MB.
+const DATABASE_WHOLE: usize = 64 << 20;
+
+/// zlib format (RFC 1950) by libdeflate at level 6, on the calling thread. Measured on this
+/// project's catalogs (the Python standard library's 46,000 entries, 8.8 MB; 100,000 tiny
+/// files, 14.9 MB): 0.09 s and 0.15 s against stock zlib-6's 0.26 s and 0.39 s, and 0.2–0.7 %
+/// smaller — a publish's catalogs are compressed while its commit waits for them.
+fn deflate_database(data: &[u8]) -> Vec<u8> {
+    let mut c = libdeflater::Compressor::new(libdeflater::CompressionLvl::default());
+    // Fresh zeroed memory of this size comes from the kernel untouched (no zeroing pass).
+    let mut out = vec![0u8; c.zlib_compress_bound(data.len())];
+    // Cannot fail: the output has room for the worst case.
+    let n = c.zlib_compress(data, &mut out).unwrap_or(0);
+    out.truncate(n);
+    out
 }
 
 /// The block-parallel compression of `len` bytes of metadata that `read_at` fills, when it is
@@ -342,7 +378,8 @@ fn parallel_metadata(
 }
 
 /// Like [`compress_metadata`], reading the metadata from `file` (a catalog of many entries is
-/// tens of MB, read a block at a time): the same bytes and name, and the uncompressed size.
+/// tens of MB: one over [`DATABASE_WHOLE`] is read a block at a time): the same bytes and name,
+/// and the uncompressed size.
 pub fn compress_metadata_file(
     file: &std::path::Path,
     suffix: Suffix,
@@ -350,6 +387,11 @@ pub fn compress_metadata_file(
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(file)?;
     let len = f.metadata()?.len();
+    if is_database(suffix) && len <= DATABASE_WHOLE as u64 {
+        let data = std::fs::read(file)?;
+        let (id, bytes) = compress_metadata(&data, suffix);
+        return Ok((id, bytes, data.len() as u64));
+    }
     let bytes = match parallel_metadata(len, &|at, buf| f.read_exact_at(buf, at)) {
         Some(b) => b,
         None => zlib_compress(&std::fs::read(file)?, 6),
@@ -513,6 +555,47 @@ impl Write for CountingWriter<'_> {
 mod tests {
 
     #[test]
+    fn databases_are_any_zlib_stream_and_the_rest_stock_zlib_byte_for_byte() {
+        let mut data = Vec::new();
+        let mut x = 3u32;
+        while data.len() < 2 * crate::pzlib::BLOCK + 777 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            data.extend_from_slice(format!("row {} {:08x}\n", x % 5000, x).as_bytes());
+        }
+        let inflate = |b: &[u8]| {
+            let mut out = Vec::new();
+            flate2::read::ZlibDecoder::new(b)
+                .read_to_end(&mut out)
+                .unwrap();
+            out
+        };
+        let stock_small = zlib_compress(&data[..5000], 6);
+        for suffix in [Suffix::Catalog, Suffix::History] {
+            // libdeflate's stream: zlib's header for level 6, its own (different) deflate
+            // blocks, readable by any inflater.
+            let (id, bytes) = compress_metadata(&data, suffix);
+            assert_eq!(&bytes[..2], &[0x78, 0x9c]);
+            assert_eq!(inflate(&bytes), data);
+            assert_eq!(id, ObjectId::new(Digest20::of(&bytes), suffix));
+            let small = compress_metadata(&data[..5000], suffix).1;
+            assert_ne!(small, stock_small);
+            assert_eq!(inflate(&small), &data[..5000]);
+            // Over the whole-database limit: block by block, stock zlib's blocks.
+            let blocks = metadata_bytes(&data, suffix, data.len() - 1);
+            assert_eq!(inflate(&blocks), data);
+            assert_eq!(
+                blocks,
+                metadata_bytes(&data, Suffix::Certificate, usize::MAX)
+            );
+            assert_ne!(blocks, bytes);
+        }
+        // What a Stratum 1 compresses again itself: stock zlib-6, byte for byte.
+        for suffix in [Suffix::Certificate, Suffix::Metainfo] {
+            assert_eq!(compress_metadata(&data[..5000], suffix).1, stock_small);
+        }
+    }
+
+    #[test]
     fn metadata_from_a_file_is_the_same_object_as_from_memory() {
         let d = tempfile::tempdir().unwrap();
         let mut data = Vec::new();
@@ -523,17 +606,19 @@ mod tests {
             data.extend_from_slice(format!("entry {} {}\n", x % 1000, x).as_bytes());
             data.push((x >> 24) as u8);
         }
-        for n in [0, 1, 5000, data.len()] {
-            let p = d.path().join(format!("m{n}"));
-            std::fs::write(&p, &data[..n]).unwrap();
-            let (id, bytes, raw) = compress_metadata_file(&p, Suffix::Catalog).unwrap();
-            assert_eq!(
-                (id, bytes.clone()),
-                compress_metadata(&data[..n], Suffix::Catalog),
-                "{n}"
-            );
-            assert_eq!(raw, n as u64);
-            assert_eq!(decode_to_vec(&id, &bytes, true).unwrap(), &data[..n]);
+        for suffix in [Suffix::Catalog, Suffix::Certificate] {
+            for n in [0, 1, 5000, data.len()] {
+                let p = d.path().join(format!("m{n}"));
+                std::fs::write(&p, &data[..n]).unwrap();
+                let (id, bytes, raw) = compress_metadata_file(&p, suffix).unwrap();
+                assert_eq!(
+                    (id, bytes.clone()),
+                    compress_metadata(&data[..n], suffix),
+                    "{n}"
+                );
+                assert_eq!(raw, n as u64);
+                assert_eq!(decode_to_vec(&id, &bytes, true).unwrap(), &data[..n]);
+            }
         }
         assert!(compress_metadata_file(&d.path().join("missing"), Suffix::Catalog).is_err());
         // The thread's state still serves one-shot compression afterwards.

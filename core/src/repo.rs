@@ -1135,10 +1135,23 @@ impl PrebuildStream {
     }
 
     /// Builds the catalogs of the complete change set `cs` (after everything told was told).
-    pub fn finish(mut self, cs: ChangeSet) -> (ChangeSet, Option<Prebuilt>) {
+    pub fn finish(self, cs: ChangeSet) -> (ChangeSet, Option<Prebuilt>) {
+        let (cs, built, ()) = self.finish_with(cs, |_| ());
+        (cs, built)
+    }
+
+    /// [`finish`](Self::finish), running `meanwhile` on the change set on this thread while
+    /// the builder completes and compresses the catalogs (on one core: see
+    /// [`crate::object::compress_metadata_file`]); returns what it returned too.
+    pub fn finish_with<T>(
+        mut self,
+        cs: ChangeSet,
+        meanwhile: impl FnOnce(&ChangeSet) -> T,
+    ) -> (ChangeSet, Option<Prebuilt>, T) {
         self.events = None;
         let cs = std::sync::Arc::new(cs);
         let sent = self.end.send(cs.clone()).is_ok();
+        let done = meanwhile(&cs);
         let built = if sent {
             self.thread.join().ok().flatten()
         } else {
@@ -1146,7 +1159,7 @@ impl PrebuildStream {
         };
         // The builder has dropped its reference (it returned, or it unwound).
         let cs = std::sync::Arc::try_unwrap(cs).unwrap_or_else(|cs| (*cs).clone());
-        (cs, built)
+        (cs, built, done)
     }
 }
 

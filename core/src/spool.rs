@@ -20,6 +20,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
+use crate::directio::DirectAppender;
 use crate::intake::ChangeSet;
 use crate::jobs::JobRecord;
 
@@ -125,6 +126,37 @@ fn write_atomic_with(
         .and_then(|d| d.sync_all())
         .map_err(ioe(dir))?;
     Ok(())
+}
+
+/// Writes the new, empty file `f` with what `fill` writes, around the page cache where the
+/// filesystem lets it ([`DirectAppender`]): a change set is read again only after a restart,
+/// and copying it into fresh page-cache pages costs more than its direct write and the fsync
+/// together (11 MB, the Python tree's 46,000 entries, here: 40–47 ms buffered plus 7–8 ms
+/// fsync, against 10–13 ms direct) — time a publish waits for before its commit.
+fn write_around_cache(
+    f: &mut File,
+    fill: impl FnOnce(&mut DirectAppender) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut out = DirectAppender::new(f.try_clone()?, true);
+    fill(&mut out)?;
+    out.finish().map(drop)
+}
+
+/// A change set serialized as [`Spool::save_changeset`] stores it, ahead of its save, by a
+/// thread that has a core to spare meanwhile (one waiting for the change set's catalogs to be
+/// compressed): a change set of 46,000 entries takes about 45 ms to serialize.
+pub struct SerializedChangeset(Vec<u8>);
+
+impl SerializedChangeset {
+    pub fn of(cs: &ChangeSet) -> Option<SerializedChangeset> {
+        serde_json::to_vec(cs).ok().map(SerializedChangeset)
+    }
+}
+
+impl std::fmt::Debug for SerializedChangeset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SerializedChangeset({} bytes)", self.0.len())
+    }
 }
 
 /// The spool directory and its journal.
@@ -306,16 +338,21 @@ impl Spool {
     /// Accepts an upload that was processed while it arrived: its change set is made durable
     /// before the record, so the job never needs its tar again and the tar's own fsync need not
     /// be waited for (it is moved into the job directory for inspection, like any tar). `rec`
-    /// is in `processing`: a restart continues from the change set.
+    /// is in `processing`: a restart continues from the change set (`serialized`, when it was
+    /// serialized ahead).
     pub fn accept_processed(
         &mut self,
         rec: &JobRecord,
         upload: &Path,
         cs: &ChangeSet,
+        serialized: Option<&SerializedChangeset>,
     ) -> Result<(), SpoolError> {
         let dir = self.job_dir(&rec.id);
         fs::create_dir_all(&dir).map_err(ioe(&dir))?;
-        self.save_changeset(&rec.id, cs)?;
+        match serialized {
+            Some(s) => self.save_serialized_changeset(&rec.id, s)?,
+            None => self.save_changeset(&rec.id, cs)?,
+        }
         self.file_and_record(rec, upload)
     }
 
@@ -371,9 +408,23 @@ impl Spool {
         let p = self.changeset_path(id);
         // Streamed to the file: a change set of many entries is not held twice in memory.
         write_atomic_with(&p, |f| {
-            let mut w = io::BufWriter::with_capacity(1 << 20, f);
-            serde_json::to_writer(&mut w, cs).map_err(io::Error::other)?;
-            w.flush()
+            write_around_cache(f, |out| {
+                let mut w = io::BufWriter::with_capacity(64 << 10, out);
+                serde_json::to_writer(&mut w, cs).map_err(io::Error::other)?;
+                w.flush()
+            })
+        })
+    }
+
+    /// [`save_changeset`](Self::save_changeset) of a change set serialized ahead: the same
+    /// file, without the serializing.
+    pub fn save_serialized_changeset(
+        &self,
+        id: &str,
+        cs: &SerializedChangeset,
+    ) -> Result<(), SpoolError> {
+        write_atomic_with(&self.changeset_path(id), |f| {
+            write_around_cache(f, |out| out.write_all(&cs.0))
         })
     }
 
@@ -749,8 +800,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _) = Spool::open(dir.path()).unwrap();
         fs::create_dir_all(dir.path().join("jobs/j")).unwrap();
+        fs::create_dir_all(dir.path().join("jobs/k")).unwrap();
         spool.save_changeset("j", &cs).unwrap();
         let text = fs::read_to_string(spool.changeset_path("j")).unwrap();
+        // Serialized ahead, it is saved as the same file; so is one of many direct blocks.
+        let mut big = cs.clone();
+        for i in 0..30_000 {
+            big.nodes
+                .insert(format!("d/{i}.py"), node(&plain, None, false));
+        }
+        for c in [&cs, &big] {
+            spool.save_changeset("k", c).unwrap();
+            let streamed = fs::read(spool.changeset_path("k")).unwrap();
+            fs::remove_file(spool.changeset_path("k")).unwrap();
+            let ahead = SerializedChangeset::of(c).unwrap();
+            spool.save_serialized_changeset("k", &ahead).unwrap();
+            assert_eq!(fs::read(spool.changeset_path("k")).unwrap(), streamed);
+            assert_eq!(spool.load_changeset("k").unwrap().unwrap().nodes, c.nodes);
+        }
+        assert!(fs::metadata(spool.changeset_path("k")).unwrap().len() > 2 << 20);
         // The plain file is its name, mode, size, mtime and hash; nothing else.
         let hex = "ab".repeat(20);
         assert!(
