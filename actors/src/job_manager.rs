@@ -132,7 +132,6 @@ const MAX_UPLOAD_RUNS: usize = 2;
 /// Change sets held for their commits (see [`JobManager::keep_fresh`]).
 const FRESH: usize = 2;
 
-/// A tar processed while it uploads.
 /// What [`JobManager::take_processed_upload`] takes.
 struct ProcessedUpload {
     run: u64,
@@ -141,6 +140,7 @@ struct ProcessedUpload {
     serialized: Option<SerializedChangeset>,
 }
 
+/// A tar processed while it uploads.
 struct UploadRun {
     repo: String,
     path: String,
