@@ -35,6 +35,11 @@ pub mod repo;
 pub mod spool;
 pub mod timefmt;
 
+/// The cores this process may run on (1 when that cannot be told).
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Drops `v` on a thread of its own: freeing a large structure (the tens of thousands of
 /// strings of a change set or of a catalog build's path sets) takes milliseconds that need
 /// not delay whoever waits for the result. If no thread can be started, `v` is dropped here.

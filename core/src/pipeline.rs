@@ -432,9 +432,7 @@ impl Pipeline {
     /// Starts `cpu_workers` (0 = one per core) CPU threads feeding `store`.
     pub fn with_store(cpu_workers: usize, store: &StorePool) -> Pipeline {
         let cpu_workers = if cpu_workers == 0 {
-            thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
+            crate::cores()
         } else {
             cpu_workers
         };

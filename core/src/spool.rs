@@ -128,18 +128,20 @@ fn write_atomic_with(
     Ok(())
 }
 
-/// Writes the new, empty file `f` with what `fill` writes, around the page cache where the
-/// filesystem lets it ([`DirectAppender`]): a change set is read again only after a restart,
+/// [`write_atomic`] of what `fill` writes, around the page cache where the filesystem lets it
+/// ([`DirectAppender`]): a change set is read again only after a restart,
 /// and copying it into fresh page-cache pages costs more than its direct write and the fsync
 /// together (11 MB, the Python tree's 46,000 entries, here: 40–47 ms buffered plus 7–8 ms
 /// fsync, against 10–13 ms direct) — time a publish waits for before its commit.
 fn write_around_cache(
-    f: &mut File,
+    path: &Path,
     fill: impl FnOnce(&mut DirectAppender) -> io::Result<()>,
-) -> io::Result<()> {
-    let mut out = DirectAppender::new(f.try_clone()?, true);
-    fill(&mut out)?;
-    out.finish().map(drop)
+) -> Result<(), SpoolError> {
+    write_atomic_with(path, |f| {
+        let mut out = DirectAppender::new(f.try_clone()?, true);
+        fill(&mut out)?;
+        out.finish().map(drop)
+    })
 }
 
 /// A change set serialized as [`Spool::save_changeset`] stores it, ahead of its save, by a
@@ -407,12 +409,10 @@ impl Spool {
     pub fn save_changeset(&self, id: &str, cs: &ChangeSet) -> Result<(), SpoolError> {
         let p = self.changeset_path(id);
         // Streamed to the file: a change set of many entries is not held twice in memory.
-        write_atomic_with(&p, |f| {
-            write_around_cache(f, |out| {
-                let mut w = io::BufWriter::with_capacity(64 << 10, out);
-                serde_json::to_writer(&mut w, cs).map_err(io::Error::other)?;
-                w.flush()
-            })
+        write_around_cache(&p, |out| {
+            let mut w = io::BufWriter::with_capacity(64 << 10, out);
+            serde_json::to_writer(&mut w, cs).map_err(io::Error::other)?;
+            w.flush()
         })
     }
 
@@ -423,9 +423,7 @@ impl Spool {
         id: &str,
         cs: &SerializedChangeset,
     ) -> Result<(), SpoolError> {
-        write_atomic_with(&self.changeset_path(id), |f| {
-            write_around_cache(f, |out| out.write_all(&cs.0))
-        })
+        write_around_cache(&self.changeset_path(id), |out| out.write_all(&cs.0))
     }
 
     /// Loads a job's change set, if it was saved.

@@ -1344,7 +1344,7 @@ pub async fn status(req: HttpRequest, st: web::Data<AppState>) -> Result<HttpRes
     actors.push(ActorView {
         name: "CompressorPool".into(),
         instances: if st.cfg.workers == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            prepub_core::cores()
         } else {
             st.cfg.workers
         },

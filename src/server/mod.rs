@@ -577,8 +577,5 @@ fn store_threads(cfg: &Config) -> usize {
     if cfg.repos.values().any(|r| r.s3.is_some()) {
         return cfg.upload_concurrency;
     }
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    cfg.upload_concurrency.min(2 * cores).max(1)
+    cfg.upload_concurrency.min(2 * prepub_core::cores()).max(1)
 }
