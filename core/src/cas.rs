@@ -649,6 +649,13 @@ fn name_temp(tmp: &Path, dest: &Path, no_clobber: bool) -> io::Result<bool> {
 /// into fresh page-cache pages cost the store threads about 2.2 CPU-seconds per GiB.
 pub const DIRECT_OBJECT_MIN: usize = 256 << 10;
 
+/// Objects from this size on are looked up before a batch writes them, so one that exists
+/// is not written again; smaller ones are written and then fail to be named (`linkat` of an
+/// existing name), which costs less than looking up every new one: a lookup of a name that
+/// does not exist took some 14 % of the store's kernel time for 100,000 new tiny files, and
+/// its directory search is done again by the naming anyway.
+pub const LOOKUP_BEFORE_WRITE: usize = 16 << 10;
+
 /// A new object's bytes written but not yet named: an anonymous file (`O_TMPFILE`) that a
 /// crash simply frees, or, where the filesystem has no anonymous files, a temporary name beside
 /// the destination.
@@ -902,10 +909,13 @@ impl Cas for LocalCas {
         for (i, (id, data)) in items.iter().enumerate() {
             let dest = self.object_path(id);
             let at = self.in_shard(id);
-            let present = match &at {
-                Some(s) => matches!(s.stat(), Ok(Some(_))),
-                None => dest.exists(),
-            };
+            // A small object is not looked up first: naming it fails if it exists (and the
+            // copy is dropped), which costs less than a lookup of every new one.
+            let present = data.len() >= LOOKUP_BEFORE_WRITE
+                && match &at {
+                    Some(s) => matches!(s.stat(), Ok(Some(_))),
+                    None => dest.exists(),
+                };
             if present {
                 out.push(Ok(PutOutcome::AlreadyPresent));
                 continue;
@@ -1472,6 +1482,50 @@ mod tests {
                 .iter()
                 .all(|r| *r.as_ref().unwrap() == PutOutcome::AlreadyPresent));
         }
+    }
+
+    #[test]
+    fn a_batch_keeps_existing_objects_whether_looked_up_or_not() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cas = LocalCas::create(dir.path()).unwrap();
+        // Below the lookup size (written, then the naming yields) and from it on (looked up,
+        // not written).
+        let small = b"small object".to_vec();
+        let large: Vec<u8> = (0..LOOKUP_BEFORE_WRITE).map(|i| (i % 7) as u8).collect();
+        let ids: Vec<ObjectId> = [&small, &large]
+            .iter()
+            .map(|b| ObjectId::new(Digest20::of(b), Suffix::None))
+            .collect();
+        for (id, b) in ids.iter().zip([&small, &large]) {
+            cas.put_bytes(id, b).unwrap();
+        }
+        let inode = |id: &ObjectId| fs::metadata(dir.path().join(id.path())).unwrap().ino();
+        let before: Vec<u64> = ids.iter().map(inode).collect();
+        // Each existing object twice, and a new small one twice in the same batch.
+        let fresh = b"fresh".to_vec();
+        let fresh_id = ObjectId::new(Digest20::of(&fresh), Suffix::None);
+        let items: Vec<(ObjectId, &[u8])> = vec![
+            (ids[0], &small),
+            (ids[1], &large),
+            (fresh_id, &fresh),
+            (ids[0], &small),
+            (ids[1], &large),
+            (fresh_id, &fresh),
+        ];
+        let out: Vec<PutOutcome> = cas
+            .put_many(&items)
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect();
+        use PutOutcome::{AlreadyPresent as Had, Stored};
+        assert_eq!(out, [Had, Had, Stored, Had, Had, Had]);
+        // The existing files are the same files, with the same bytes.
+        assert_eq!(ids.iter().map(inode).collect::<Vec<_>>(), before);
+        assert_eq!(get_all(&cas, &ids[0]).unwrap(), small);
+        assert_eq!(get_all(&cas, &ids[1]).unwrap(), large);
+        assert_eq!(get_all(&cas, &fresh_id).unwrap(), fresh);
+        assert_eq!(cas.list().unwrap().len(), 3);
     }
 
     #[test]
