@@ -16,6 +16,8 @@
 //! the daemon's peak RSS), and the cold publish into S3 (`moto_server` on loopback) at
 //! `upload_concurrency` 1, 16 and 64. BENCH_SKIP=s3,big,receivers,tiny,tree leaves stages out
 //! (without the tree stages, the receivers and S3 stages, which need them, are left out too).
+//! Before its first measurement the run syncs and waits 61 s for files deleted just before it
+//! to age (see [`settle_deletions`]; BENCH_SETTLE=0 skips that).
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -360,6 +362,19 @@ fn settle() {
     let _ = Command::new("sync").status();
 }
 
+/// Waits out the files deleted just before the run (the build's temporaries, an earlier run's
+/// scratch directory): ext4 without a journal skips each inode freed in the last 60 s when it
+/// allocates a new one (once synced; 300 s while its table block is dirty), which slowed file
+/// creation here by up to three times — the limits and the publishes alike. Called after a
+/// `sync`; BENCH_SETTLE=0 skips the wait.
+fn settle_deletions() {
+    if std::env::var("BENCH_SETTLE").is_ok_and(|v| v == "0") {
+        return;
+    }
+    println!("waiting 61 s for inodes freed before the run to age (BENCH_SETTLE=0 skips)");
+    std::thread::sleep(Duration::from_secs(61));
+}
+
 fn spawn(root: &Path) -> (Child, String) {
     let port = free_port();
     let child = Command::new(exe())
@@ -596,8 +611,10 @@ const READING: &str = "## Reading the table
   and big-file stages; the tree stages share one process).
 - On ext4 without a journal the kernel skips inodes freed in the last 60 s (300 s while their
   table block is dirty) one by one when it allocates new ones, so a run right after deleting
-  many files (a test suite's temporary directories, say) creates objects far more slowly. Run
-  the harness on a quiet filesystem, or point BENCH_DIR at another one.";
+  many files (a test suite's temporary directories, the build's own temporaries, the
+  previous run's scratch directory) creates objects far more slowly — up to three times
+  here, limits and publishes alike. The harness therefore syncs and waits 61 s before its
+  first measurement (BENCH_SETTLE=0 skips that), and deletes nothing itself until its end.";
 
 /// One line of the results table.
 struct Row {
@@ -693,6 +710,7 @@ fn main() {
     let changed_tar = d.join("tree-5pc.tar");
     let changed = tree_tar(&list, &changed_tar, Some(20));
     settle();
+    settle_deletions();
     let tar_mib = std::fs::metadata(&tar).unwrap().len() as f64 / (1 << 20) as f64;
     println!(
         "input: {} ({} files, {mib:.0} MiB of contents, tar {tar_mib:.0} MiB); scratch {}",
