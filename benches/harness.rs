@@ -16,8 +16,9 @@
 //! the daemon's peak RSS), and the cold publish into S3 (`moto_server` on loopback) at
 //! `upload_concurrency` 1, 16 and 64. BENCH_SKIP=s3,big,receivers,tiny,tree leaves stages out
 //! (without the tree stages, the receivers and S3 stages, which need them, are left out too).
-//! Before its first measurement the run syncs and waits 61 s for files deleted just before it
-//! to age (see [`settle_deletions`]; BENCH_SETTLE=0 skips that).
+//! On ext4 without a journal the run syncs and waits 361 s before its first measurement, for
+//! files deleted just before it to age (see [`settle_deletions`]; BENCH_SETTLE=<seconds>
+//! overrides that).
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
@@ -363,16 +364,44 @@ fn settle() {
 }
 
 /// Waits out the files deleted just before the run (the build's temporaries, an earlier run's
-/// scratch directory): ext4 without a journal skips each inode freed in the last 60 s when it
-/// allocates a new one (once synced; 300 s while its table block is dirty), which slowed file
-/// creation here by up to three times — the limits and the publishes alike. Called after a
-/// `sync`; BENCH_SETTLE=0 skips the wait.
-fn settle_deletions() {
-    if std::env::var("BENCH_SETTLE").is_ok_and(|v| v == "0") {
-        return;
+/// scratch directory), on ext4 without a journal only: there the kernel skips each inode freed
+/// in the last 60 s when it allocates a new one, and in the last 360 s while that inode's
+/// table block is dirty — which a run's own new files in the same block make it — so for six
+/// minutes after deleting many files, creating files ran up to three times slower here (the
+/// limits and the publishes alike). Called after a `sync`; BENCH_SETTLE=<seconds> overrides the
+/// wait (0 skips it).
+fn settle_deletions(scratch: &Path) {
+    let secs = match std::env::var("BENCH_SETTLE") {
+        Ok(v) => v.parse().expect("BENCH_SETTLE: seconds"),
+        Err(_) if ext4_without_journal(scratch) => 361,
+        Err(_) => 0,
+    };
+    if secs > 0 {
+        println!("waiting {secs} s for inodes freed before the run to age: ext4 without a journal skips them for up to 360 s (BENCH_SETTLE=0 skips the wait)");
+        std::thread::sleep(Duration::from_secs(secs));
     }
-    println!("waiting 61 s for inodes freed before the run to age (BENCH_SETTLE=0 skips)");
-    std::thread::sleep(Duration::from_secs(61));
+}
+
+/// Whether `p` is on ext4 mounted without a journal (a journaled one is listed in
+/// /proc/fs/jbd2 as `<device>-8`).
+fn ext4_without_journal(p: &Path) -> bool {
+    let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let Some((_, dev, fstype)) = mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && p.starts_with(f[1])).then(|| (f[1].len(), f[0], f[2]))
+        })
+        .max()
+    else {
+        return false;
+    };
+    let dev = Path::new(dev).canonicalize().unwrap_or_else(|_| dev.into());
+    let Some(name) = dev.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    fstype == "ext4" && !Path::new(&format!("/proc/fs/jbd2/{name}-8")).exists()
 }
 
 fn spawn(root: &Path) -> (Child, String) {
@@ -613,8 +642,10 @@ const READING: &str = "## Reading the table
   table block is dirty) one by one when it allocates new ones, so a run right after deleting
   many files (a test suite's temporary directories, the build's own temporaries, the
   previous run's scratch directory) creates objects far more slowly — up to three times
-  here, limits and publishes alike. The harness therefore syncs and waits 61 s before its
-  first measurement (BENCH_SETTLE=0 skips that), and deletes nothing itself until its end.";
+  here, limits and publishes alike; and a freed inode counts as recent for 360 s while its
+  table block is dirty, which the run's own new files make it. On such a filesystem the
+  harness therefore syncs and waits 361 s before its first measurement (BENCH_SETTLE=<seconds>
+  overrides that), and deletes nothing itself until its end.";
 
 /// One line of the results table.
 struct Row {
@@ -710,7 +741,7 @@ fn main() {
     let changed_tar = d.join("tree-5pc.tar");
     let changed = tree_tar(&list, &changed_tar, Some(20));
     settle();
-    settle_deletions();
+    settle_deletions(d);
     let tar_mib = std::fs::metadata(&tar).unwrap().len() as f64 / (1 << 20) as f64;
     println!(
         "input: {} ({} files, {mib:.0} MiB of contents, tar {tar_mib:.0} MiB); scratch {}",
