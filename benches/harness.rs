@@ -385,23 +385,15 @@ fn settle_deletions(scratch: &Path) {
 /// Whether `p` is on ext4 mounted without a journal (a journaled one is listed in
 /// /proc/fs/jbd2 as `<device>-8`).
 fn ext4_without_journal(p: &Path) -> bool {
-    let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    let Some((_, dev, fstype)) = mounts
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 3 && p.starts_with(f[1])).then(|| (f[1].len(), f[0], f[2]))
-        })
-        .max()
-    else {
+    let Some(m) = mount_of(p).filter(|m| m.fstype == "ext4") else {
         return false;
     };
-    let dev = Path::new(dev).canonicalize().unwrap_or_else(|_| dev.into());
-    let Some(name) = dev.file_name().and_then(|n| n.to_str()) else {
-        return false;
-    };
-    fstype == "ext4" && !Path::new(&format!("/proc/fs/jbd2/{name}-8")).exists()
+    let dev = Path::new(&m.device)
+        .canonicalize()
+        .unwrap_or_else(|_| m.device.clone().into());
+    dev.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|name| !Path::new(&format!("/proc/fs/jbd2/{name}-8")).exists())
 }
 
 fn spawn(root: &Path) -> (Child, String) {
@@ -638,12 +630,12 @@ const READING: &str = "## Reading the table
   same cores, so it cannot reach this rate.
 - Peak RSS is the daemon's VmHWM for that stage (the daemon is restarted before the tiny-file
   and big-file stages; the tree stages share one process).
-- On ext4 without a journal the kernel skips inodes freed in the last 60 s (300 s while their
+- On ext4 without a journal the kernel skips inodes freed in the last 60 s (360 s while their
   table block is dirty) one by one when it allocates new ones, so a run right after deleting
   many files (a test suite's temporary directories, the build's own temporaries, the
   previous run's scratch directory) creates objects far more slowly — up to three times
-  here, limits and publishes alike; and a freed inode counts as recent for 360 s while its
-  table block is dirty, which the run's own new files make it. On such a filesystem the
+  here, limits and publishes alike, and a run's own new files dirty the table blocks of the
+  inodes freed before it. On such a filesystem the
   harness therefore syncs and waits 361 s before its first measurement (BENCH_SETTLE=<seconds>
   overrides that), and deletes nothing itself until its end.";
 
@@ -703,17 +695,39 @@ fn machine() -> String {
 
 /// The filesystem holding `p` (type and mount options), from /proc/mounts.
 fn filesystem(p: &Path) -> String {
+    mount_of(p).map_or_else(
+        || "unknown".into(),
+        |m| format!("{} on {} ({})", m.fstype, m.dir, m.options),
+    )
+}
+
+/// The mount (from /proc/mounts) that holds `p`.
+struct Mount {
+    device: String,
+    dir: String,
+    fstype: String,
+    options: String,
+}
+
+fn mount_of(p: &Path) -> Option<Mount> {
     let p = p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
     let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
     mounts
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 4 && p.starts_with(f[1]))
-                .then(|| (f[1].len(), format!("{} on {} ({})", f[2], f[1], f[3])))
+            (f.len() >= 4 && p.starts_with(f[1])).then(|| {
+                let m = Mount {
+                    device: f[0].into(),
+                    dir: f[1].into(),
+                    fstype: f[2].into(),
+                    options: f[3].into(),
+                };
+                (f[1].len(), m)
+            })
         })
-        .max()
-        .map_or_else(|| "unknown".into(), |(_, s)| s)
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, m)| m)
 }
 
 fn main() {
