@@ -95,10 +95,8 @@ pub struct SaveChangeset {
 impl Handler<SaveChangeset> for SpoolJournal {
     type Result = Result<(), SpoolError>;
     fn handle(&mut self, m: SaveChangeset, _: &mut SyncContext<Self>) -> Self::Result {
-        match &m.serialized {
-            Some(s) => self.spool.save_serialized_changeset(&m.id, s),
-            None => self.spool.save_changeset(&m.id, &m.changeset),
-        }
+        self.spool
+            .save_changeset_ahead(&m.id, &m.changeset, m.serialized.as_ref())
     }
 }
 

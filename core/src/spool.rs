@@ -351,10 +351,7 @@ impl Spool {
     ) -> Result<(), SpoolError> {
         let dir = self.job_dir(&rec.id);
         fs::create_dir_all(&dir).map_err(ioe(&dir))?;
-        match serialized {
-            Some(s) => self.save_serialized_changeset(&rec.id, s)?,
-            None => self.save_changeset(&rec.id, cs)?,
-        }
+        self.save_changeset_ahead(&rec.id, cs, serialized)?;
         self.file_and_record(rec, upload)
     }
 
@@ -416,14 +413,18 @@ impl Spool {
         })
     }
 
-    /// [`save_changeset`](Self::save_changeset) of a change set serialized ahead: the same
-    /// file, without the serializing.
-    pub fn save_serialized_changeset(
+    /// [`save_changeset`](Self::save_changeset), from `ahead` when the change set was
+    /// serialized ahead: the same file, without the serializing.
+    pub fn save_changeset_ahead(
         &self,
         id: &str,
-        cs: &SerializedChangeset,
+        cs: &ChangeSet,
+        ahead: Option<&SerializedChangeset>,
     ) -> Result<(), SpoolError> {
-        write_around_cache(&self.changeset_path(id), |out| out.write_all(&cs.0))
+        match ahead {
+            Some(a) => write_around_cache(&self.changeset_path(id), |out| out.write_all(&a.0)),
+            None => self.save_changeset(id, cs),
+        }
     }
 
     /// Loads a job's change set, if it was saved.
@@ -812,7 +813,7 @@ mod tests {
             let streamed = fs::read(spool.changeset_path("k")).unwrap();
             fs::remove_file(spool.changeset_path("k")).unwrap();
             let ahead = SerializedChangeset::of(c).unwrap();
-            spool.save_serialized_changeset("k", &ahead).unwrap();
+            spool.save_changeset_ahead("k", c, Some(&ahead)).unwrap();
             assert_eq!(fs::read(spool.changeset_path("k")).unwrap(), streamed);
             assert_eq!(spool.load_changeset("k").unwrap().unwrap().nodes, c.nodes);
         }
