@@ -7,6 +7,8 @@ mod common;
 use common::*;
 use cvmfs::fetcher::Fetcher;
 use cvmfs::repository::Repository;
+use prepub_core::cas::Cas;
+use std::io::Read;
 
 fn tree_v1() -> Vec<Spec> {
     vec![
@@ -205,4 +207,87 @@ fn independent_reader_reads_both_revisions() {
     repo.set_current_tag(2).unwrap();
     assert_eq!(repo.get_revision_number().unwrap(), 2);
     verify(&repo, "/sw/1.0", &v1);
+}
+
+/// A catalog of more than one libdeflate part (16,000 entries, over 2 MiB uncompressed): the
+/// parts, compressed at once and joined into one zlib stream, are read by the independent
+/// reader's own inflate — every directory listed whole, every 97th file read back.
+#[test]
+fn independent_reader_reads_a_catalog_compressed_in_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let storage = dir.path().join("storage");
+    let st = storage.to_str().unwrap();
+    ok(&[
+        "repo",
+        "init",
+        "--repo-dir",
+        st,
+        "--name",
+        "test.example.org",
+    ]);
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    let mut specs = vec![Spec::Dir("./", 0o755)];
+    for d in 0..40 {
+        specs.push(Spec::Dir(leak(format!("d{d:02}")), 0o755));
+        for f in 0..400 {
+            specs.push(Spec::File {
+                path: leak(format!("d{d:02}/file-with-a-longer-name-{f:04}.py")),
+                mode: 0o644,
+                data: format!("# {d} {f}\n").into_bytes(),
+                xattrs: vec![],
+            });
+        }
+    }
+    let tar = dir.path().join("many.tar");
+    write_tar(&specs, &tar);
+    ok(&[
+        "repo",
+        "ingest",
+        tar.to_str().unwrap(),
+        "--repo-dir",
+        st,
+        "--path",
+        "/many",
+    ]);
+    ok(&["repo", "check", "--repo-dir", st]);
+    // The catalog holding the files is over one part.
+    let cas = prepub_core::cas::LocalCas::open(&storage).unwrap();
+    let largest = cas
+        .list()
+        .unwrap()
+        .into_iter()
+        .filter(|o| o.suffix == prepub_core::hash::Suffix::Catalog)
+        .map(|o| {
+            let mut raw = Vec::new();
+            let f = cas.get(&o).unwrap();
+            flate2::read::ZlibDecoder::new(f)
+                .read_to_end(&mut raw)
+                .unwrap();
+            raw.len()
+        })
+        .max()
+        .unwrap();
+    assert!(largest > prepub_core::pzlib::PART, "{largest}");
+
+    let url = serve(storage.clone());
+    let repo = open_reader(&url, &dir.path().join("cache"));
+    for d in 0..40 {
+        let names = repo.list_directory(&format!("/many/d{d:02}")).unwrap();
+        assert_eq!(names.len(), 400, "d{d:02}");
+    }
+    let files: Vec<Spec> = specs
+        .into_iter()
+        .filter(|s| !matches!(s, Spec::File { .. }))
+        .chain((0..16_000).step_by(97).map(|i| Spec::File {
+            path: leak(format!(
+                "d{:02}/file-with-a-longer-name-{:04}.py",
+                i / 400,
+                i % 400
+            )),
+            mode: 0o644,
+            data: format!("# {} {}\n", i / 400, i % 400).into_bytes(),
+            xattrs: vec![],
+        }))
+        .collect();
+    verify(&repo, "/many", &files);
 }

@@ -250,6 +250,151 @@ pub fn compress(
         Ok(all)
     })?;
     parts.sort_unstable_by_key(|p| p.index);
+    Ok(frame(level, &parts))
+}
+
+/// Input bytes per part of [`compress_parts`].
+pub const PART: usize = 2 << 20;
+
+/// zlib (level 6) of `data` by libdeflate, in [`PART`]-sized parts compressed on up to
+/// `threads` threads at once: one zlib stream whose bytes depend only on `data`. libdeflate
+/// compresses about three times as fast as stock zlib but cannot flush, so each part but the
+/// last is compressed whole save its final byte and its stream is then joined in place: the
+/// last block's BFINAL bit is cleared and the final byte follows in a one-byte stored block
+/// (byte-aligned, so the next part's stream follows as it is, like [`compress`]'s joints).
+/// Where the last block starts and ends is found by inflating the part's stream with
+/// `Z_BLOCK` (a quarter of the cost of compressing it). Each part starts without the 32 KiB
+/// before it as a dictionary (libdeflate takes none): a few hundred bytes more per joint.
+pub fn compress_parts(data: &[u8], threads: usize) -> io::Result<Vec<u8>> {
+    compress_in_parts(data, PART, threads)
+}
+
+/// [`compress_parts`] with parts of `part` bytes.
+pub fn compress_in_parts(data: &[u8], part: usize, threads: usize) -> io::Result<Vec<u8>> {
+    if data.is_empty() || part < 2 {
+        return Err(io::Error::other("nothing to compress"));
+    }
+    let parts = data.len().div_ceil(part);
+    let threads = threads.clamp(1, parts);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || -> io::Result<Vec<Part>> {
+        let mut c = libdeflater::Compressor::new(libdeflater::CompressionLvl::default());
+        let mut done = Vec::new();
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if i >= parts {
+                break;
+            }
+            let piece = &data[i * part..((i + 1) * part).min(data.len())];
+            let last = i + 1 == parts;
+            let body = if last {
+                piece
+            } else {
+                &piece[..piece.len() - 1]
+            };
+            let mut out = vec![0u8; c.deflate_compress_bound(body.len())];
+            let n = c
+                .deflate_compress(body, &mut out)
+                .map_err(|e| io::Error::other(format!("libdeflate: {e:?}")))?;
+            out.truncate(n);
+            if !last {
+                join_in_place(&mut out, piece[piece.len() - 1])?;
+            }
+            // SAFETY: adler32 reads `piece.len()` bytes of `piece`.
+            let adler = unsafe { z::adler32(1, piece.as_ptr(), piece.len() as z::uInt) } as u32;
+            done.push(Part {
+                index: i,
+                bytes: out,
+                adler,
+                len: piece.len(),
+            });
+        }
+        Ok(done)
+    };
+    let mut done = std::thread::scope(|s| -> io::Result<Vec<Part>> {
+        let workers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+        let mut all = work()?;
+        for w in workers {
+            all.extend(w.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?);
+        }
+        Ok(all)
+    })?;
+    done.sort_unstable_by_key(|p| p.index);
+    Ok(frame(6, &done))
+}
+
+/// Makes the raw deflate stream `out` (ending in its final block) continue: clears the last
+/// block's BFINAL bit and appends a stored block holding `byte`, which ends on a byte boundary.
+fn join_in_place(out: &mut Vec<u8>, byte: u8) -> io::Result<()> {
+    let (start, end) = last_block_bits(out)?;
+    out[(start / 8) as usize] &= !(1u8 << (start % 8));
+    // The stored block's header (BFINAL 0, BTYPE 00) in the three bits from `end`, then zero
+    // bits to the byte boundary.
+    let keep = (end / 8) as usize;
+    let bits = (end % 8) as u32;
+    out.truncate(keep + usize::from(bits > 0));
+    if bits > 0 {
+        out[keep] &= (1u8 << bits) - 1;
+    }
+    out.resize(((end + 3).div_ceil(8)) as usize, 0);
+    // LEN 1, NLEN !1 (little-endian), the byte.
+    out.extend_from_slice(&[0x01, 0x00, 0xfe, 0xff, byte]);
+    Ok(())
+}
+
+/// Where the last block of the raw deflate stream `stream` starts and where its end-of-block
+/// code ends, in bits from the stream's start: stock inflate with `Z_BLOCK` stops at each
+/// block boundary and tells, in `data_type`, the bits of its last input byte it has not used
+/// (bits 0–2), whether the block just ended was the last (64), and that it stopped at a
+/// boundary (128).
+fn last_block_bits(stream: &[u8]) -> io::Result<(u64, u64)> {
+    let mut s = blank_stream();
+    // SAFETY: a zeroed stream with allocators; the version and size are zlib's own.
+    let rc = unsafe {
+        z::inflateInit2_(
+            &mut *s,
+            -15,
+            z::zlibVersion(),
+            std::mem::size_of::<z::z_stream>() as c_int,
+        )
+    };
+    check(rc, "inflateInit2")?;
+    let mut out = vec![0u8; 64 << 10];
+    s.next_in = stream.as_ptr() as *mut u8;
+    s.avail_in = stream.len() as c_uint;
+    let mut start = 0u64;
+    let found = loop {
+        s.next_out = out.as_mut_ptr();
+        s.avail_out = out.len() as c_uint;
+        // SAFETY: input and output pointers cover live buffers for the call.
+        let rc = unsafe { z::inflate(&mut *s, z::Z_BLOCK) };
+        if rc != z::Z_OK && rc != z::Z_STREAM_END {
+            break Err(io::Error::other(format!("inflate of a part: {rc}")));
+        }
+        let dt = s.data_type;
+        if dt & 128 != 0 {
+            let at = s.total_in * 8 - (dt & 7) as u64;
+            if dt & 64 != 0 {
+                break Ok((start, at));
+            }
+            start = at;
+        }
+        if rc == z::Z_STREAM_END || (s.avail_in == 0 && s.avail_out > 0) {
+            break Err(io::Error::other(
+                "a part's stream ended before its last block",
+            ));
+        }
+    };
+    s.next_in = std::ptr::null_mut();
+    s.next_out = std::ptr::null_mut();
+    // SAFETY: initialised above, ended once.
+    unsafe { z::inflateEnd(&mut *s) };
+    found
+}
+
+/// The zlib stream of `parts` (in order): header for `level`, the parts' deflate bytes, and
+/// the Adler-32 of their inputs combined.
+fn frame(level: u32, parts: &[Part]) -> Vec<u8> {
     // Header: deflate with a 32 KiB window, FLEVEL from the level, no dictionary, FCHECK.
     let flevel: u8 = match level {
         0 | 1 => 0,
@@ -263,12 +408,12 @@ pub fn compress(
     let mut out = Vec::with_capacity(parts.iter().map(|p| p.bytes.len()).sum::<usize>() + 6);
     out.extend_from_slice(&[cmf, flg]);
     let mut adler = 1u32;
-    for p in &parts {
+    for p in parts {
         out.extend_from_slice(&p.bytes);
         adler = adler32_combine(adler, p.adler, p.len as u64);
     }
     out.extend_from_slice(&adler.to_be_bytes());
-    Ok(out)
+    out
 }
 
 /// The Adler-32 of A followed by B from those of A and of B (`len2` bytes): with s1, s2 the
@@ -418,6 +563,76 @@ mod tests {
         .unwrap();
         assert!(!no_empty_block(&synced));
         assert!(no_empty_block(&crate::object::zlib_compress(&data, 6)));
+    }
+
+    #[test]
+    fn libdeflate_parts_join_into_one_stream_whatever_the_threads() {
+        let data = sample(5 * PART + 4321);
+        let mut noise = vec![0u8; 2 * PART + 3];
+        let mut x = 9u32;
+        for b in noise.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        let zeros = vec![0u8; 3 * PART];
+        let mut c = libdeflater::Compressor::new(libdeflater::CompressionLvl::default());
+        for input in [
+            &data[..1],
+            &data[..PART],
+            &data[..PART + 1],
+            &data[..2 * PART + 2],
+            &data[..],
+            // libdeflate stores incompressible input: joints after stored blocks.
+            &noise[..],
+            // One long match per block: joints right after a short last block.
+            &zeros[..],
+        ] {
+            let one = compress_parts(input, 1).unwrap();
+            for threads in [2, 3, 8] {
+                assert_eq!(
+                    compress_parts(input, threads).unwrap(),
+                    one,
+                    "len {}",
+                    input.len()
+                );
+            }
+            let mut back = Vec::new();
+            flate2::read::ZlibDecoder::new(&one[..])
+                .read_to_end(&mut back)
+                .unwrap();
+            assert_eq!(back, input, "len {}", input.len());
+            assert!(no_empty_block(&one), "len {}", input.len());
+            let mut whole = vec![0u8; c.zlib_compress_bound(input.len())];
+            let n = c.zlib_compress(input, &mut whole).unwrap();
+            if input.len() <= PART {
+                // One part: libdeflate's own zlib stream.
+                assert_eq!(one, whole[..n], "len {}", input.len());
+            } else {
+                // A joint costs the part after it the window before it, and five bytes.
+                let parts = input.len().div_ceil(PART);
+                assert!(
+                    one.len() <= n + 2048 * parts,
+                    "len {}: {} vs {n}",
+                    input.len(),
+                    one.len()
+                );
+            }
+        }
+        assert!(compress_parts(&[], 2).is_err());
+    }
+
+    #[test]
+    fn a_part_cut_short_is_refused_not_joined() {
+        let data = sample(PART);
+        let mut c = libdeflater::Compressor::new(libdeflater::CompressionLvl::default());
+        let mut out = vec![0u8; c.deflate_compress_bound(data.len())];
+        let n = c.deflate_compress(&data, &mut out).unwrap();
+        let (start, end) = last_block_bits(&out[..n]).unwrap();
+        assert!(start < end && end <= n as u64 * 8 && end + 8 > n as u64 * 8);
+        assert!(last_block_bits(&out[..n / 2]).is_err());
+        assert!(last_block_bits(&[0xff; 64]).is_err());
     }
 
     /// Inflates `zlib` one deflate block at a time (`Z_BLOCK`); false if a non-final block
