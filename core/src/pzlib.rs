@@ -1,5 +1,6 @@
 //! Block-parallel zlib for large metadata objects (catalogs compressed while the repository is
-//! locked): one standard zlib stream, written by several threads.
+//! locked): one standard zlib stream, written by several threads — by stock zlib in blocks
+//! ([`compress`]), or by libdeflate in parts ([`compress_parts`], for databases held in memory).
 //!
 //! The input is cut into [`BLOCK`]-sized blocks. Each is compressed as raw deflate with the
 //! 32 KiB before it as its dictionary; every block but the last ends with its final byte in a
