@@ -290,7 +290,7 @@ fn run_task(t: ProcessJob, pipeline: &Pipeline) {
         })?;
         let cs = match stream {
             Some(s) if !t.abort.load(Ordering::Relaxed) => {
-                // The builder compresses the catalogs on one core; this one serializes the
+                // The builder completes and compresses the catalogs; this one serializes the
                 // change set for the spool meanwhile (it is saved before the commit).
                 let (mut cs, built, ahead) = s.finish_with(cs, SerializedChangeset::of);
                 cs.prebuilt = built.map(Arc::new);

@@ -1146,7 +1146,7 @@ impl PrebuildStream {
     }
 
     /// [`finish`](Self::finish), running `meanwhile` on the change set on this thread while
-    /// the builder completes and compresses the catalogs (on one core: see
+    /// the builder completes and compresses the catalogs (see
     /// [`crate::object::compress_metadata_file`]); returns what it returned too.
     pub fn finish_with<T>(
         mut self,
