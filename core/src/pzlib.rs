@@ -271,7 +271,7 @@ pub fn compress_parts(data: &[u8], threads: usize) -> io::Result<Vec<u8>> {
 }
 
 /// [`compress_parts`] with parts of `part` bytes.
-pub fn compress_in_parts(data: &[u8], part: usize, threads: usize) -> io::Result<Vec<u8>> {
+fn compress_in_parts(data: &[u8], part: usize, threads: usize) -> io::Result<Vec<u8>> {
     if data.is_empty() || part < 2 {
         return Err(io::Error::other("nothing to compress"));
     }
