@@ -22,14 +22,7 @@ fn good_repo() -> Repo {
     let dir = tempfile::tempdir().unwrap();
     let storage = dir.path().join("storage");
     let st = storage.to_str().unwrap();
-    ok(&[
-        "repo",
-        "init",
-        "--repo-dir",
-        st,
-        "--name",
-        "check.example.org",
-    ]);
+    repo_init(st, "check.example.org");
     let specs = vec![
         Spec::Dir("tool", 0o755),
         Spec::File {
@@ -47,16 +40,7 @@ fn good_repo() -> Repo {
     ];
     let tar = dir.path().join("t.tar");
     write_tar(&specs, &tar);
-    ok(&[
-        "repo",
-        "ingest",
-        tar.to_str().unwrap(),
-        "--repo-dir",
-        st,
-        "--path",
-        "/x",
-    ]);
-    ok(&["repo", "check", "--repo-dir", st]);
+    ingest_checked(&tar, st, "/x");
     let keys = RepoKeys::load(&dir.path().join("storage.keys"), "check.example.org").unwrap();
     Repo {
         _dir: dir,

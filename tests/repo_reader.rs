@@ -75,14 +75,7 @@ fn independent_reader_reads_both_revisions() {
     let dir = tempfile::tempdir().unwrap();
     let storage = dir.path().join("storage");
     let st = storage.to_str().unwrap();
-    ok(&[
-        "repo",
-        "init",
-        "--repo-dir",
-        st,
-        "--name",
-        "test.example.org",
-    ]);
+    repo_init(st, "test.example.org");
     assert!(dir
         .path()
         .join("storage.keys/test.example.org.masterkey")
@@ -157,16 +150,7 @@ fn independent_reader_reads_both_revisions() {
     let v2 = tree_v2_bin();
     let tar2 = dir.path().join("v2.tar");
     write_tar(&v2, &tar2);
-    ok(&[
-        "repo",
-        "ingest",
-        tar2.to_str().unwrap(),
-        "--repo-dir",
-        st,
-        "--path",
-        "/sw/1.0/pkg/bin",
-    ]);
-    ok(&["repo", "check", "--repo-dir", st]);
+    ingest_checked(&tar2, st, "/sw/1.0/pkg/bin");
     ok(&[
         "repo",
         "check",
@@ -217,14 +201,7 @@ fn independent_reader_reads_a_catalog_compressed_in_parts() {
     let dir = tempfile::tempdir().unwrap();
     let storage = dir.path().join("storage");
     let st = storage.to_str().unwrap();
-    ok(&[
-        "repo",
-        "init",
-        "--repo-dir",
-        st,
-        "--name",
-        "test.example.org",
-    ]);
+    repo_init(st, "test.example.org");
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
     let mut specs = vec![Spec::Dir("./", 0o755)];
     for d in 0..40 {
@@ -240,16 +217,7 @@ fn independent_reader_reads_a_catalog_compressed_in_parts() {
     }
     let tar = dir.path().join("many.tar");
     write_tar(&specs, &tar);
-    ok(&[
-        "repo",
-        "ingest",
-        tar.to_str().unwrap(),
-        "--repo-dir",
-        st,
-        "--path",
-        "/many",
-    ]);
-    ok(&["repo", "check", "--repo-dir", st]);
+    ingest_checked(&tar, st, "/many");
     // The catalog holding the files is over one part.
     let cas = prepub_core::cas::LocalCas::open(&storage).unwrap();
     let largest = cas

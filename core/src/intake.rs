@@ -1764,6 +1764,30 @@ mod tests {
         );
     }
 
+    /// `t` read inline and by the parallel intake (`io` store threads), chunked small, each
+    /// into a store of its own: both change sets, both stores, and the directories they are in.
+    fn both_ways(
+        t: &[u8],
+        io: usize,
+    ) -> (
+        ChangeSet,
+        ChangeSet,
+        LocalCas,
+        Arc<dyn Cas>,
+        [tempfile::TempDir; 2],
+    ) {
+        let chunked = EncodeParams::small_chunks();
+        let d1 = tempfile::tempdir().unwrap();
+        let inline_cas = LocalCas::create(d1.path()).unwrap().without_fsync();
+        let limits = IntakeLimits::default();
+        let a = read_tar(t, false, &chunked, &limits, &inline_cas, 0).unwrap();
+        let d2 = tempfile::tempdir().unwrap();
+        let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(d2.path()).unwrap().without_fsync());
+        let pipe = Pipeline::new(2, io, 1 << 20);
+        let b = read_tar_parallel(t, false, &chunked, &limits, cas.clone(), &pipe, 0).unwrap();
+        (a, b, inline_cas, cas, [d1, d2])
+    }
+
     #[test]
     fn parallel_intake_matches_inline_intake() {
         let mut big = Vec::new();
@@ -1782,31 +1806,7 @@ mod tests {
             .raw(b"d/link", EntryType::Link, b"", b"d/big")
             .raw(b"e/link2", EntryType::Link, b"", b"d/small")
             .done();
-        let chunked = EncodeParams::small_chunks();
-        let d1 = tempfile::tempdir().unwrap();
-        let inline_cas = LocalCas::create(d1.path()).unwrap().without_fsync();
-        let a = read_tar(
-            &t[..],
-            false,
-            &chunked,
-            &IntakeLimits::default(),
-            &inline_cas,
-            0,
-        )
-        .unwrap();
-        let d2 = tempfile::tempdir().unwrap();
-        let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(d2.path()).unwrap().without_fsync());
-        let pipe = Pipeline::new(2, 3, 1 << 20);
-        let b = read_tar_parallel(
-            &t[..],
-            false,
-            &chunked,
-            &IntakeLimits::default(),
-            cas.clone(),
-            &pipe,
-            0,
-        )
-        .unwrap();
+        let (a, b, inline_cas, cas, _dirs) = both_ways(&t, 3);
         assert_eq!(a.nodes, b.nodes);
         assert!(b.nodes["d/big"].entry.chunks.len() > 3);
         assert_eq!(
@@ -1874,31 +1874,7 @@ mod tests {
             .file("d/second", &second)
             .file("d/just-over", &just_over)
             .done();
-        let chunked = EncodeParams::small_chunks();
-        let d1 = tempfile::tempdir().unwrap();
-        let inline_cas = LocalCas::create(d1.path()).unwrap().without_fsync();
-        let a = read_tar(
-            &t[..],
-            false,
-            &chunked,
-            &IntakeLimits::default(),
-            &inline_cas,
-            0,
-        )
-        .unwrap();
-        let d2 = tempfile::tempdir().unwrap();
-        let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(d2.path()).unwrap().without_fsync());
-        let pipe = Pipeline::new(2, 2, 1 << 20);
-        let b = read_tar_parallel(
-            &t[..],
-            false,
-            &chunked,
-            &IntakeLimits::default(),
-            cas.clone(),
-            &pipe,
-            0,
-        )
-        .unwrap();
+        let (a, b, inline_cas, cas, _dirs) = both_ways(&t, 2);
         assert_eq!(a.nodes, b.nodes);
         let zero_chunks: Vec<u64> = b.nodes["d/zeros"]
             .entry

@@ -241,8 +241,17 @@ pub fn compress(
         }
         Ok(done)
     };
-    let mut parts = std::thread::scope(|s| -> io::Result<Vec<Part>> {
-        let workers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
+    Ok(frame(level, &gather(threads, work)?))
+}
+
+/// Runs `work` on `threads` threads (this one among them), each taking parts until none is
+/// left, and returns every part, in order.
+fn gather(
+    threads: usize,
+    work: impl Fn() -> io::Result<Vec<Part>> + Sync,
+) -> io::Result<Vec<Part>> {
+    let mut all = std::thread::scope(|s| -> io::Result<Vec<Part>> {
+        let workers: Vec<_> = (1..threads).map(|_| s.spawn(&work)).collect();
         let mut all = work()?;
         for w in workers {
             // A panic in a worker is a bug; let it reach the caller like the one-pass path.
@@ -250,8 +259,8 @@ pub fn compress(
         }
         Ok(all)
     })?;
-    parts.sort_unstable_by_key(|p| p.index);
-    Ok(frame(level, &parts))
+    all.sort_unstable_by_key(|p| p.index);
+    Ok(all)
 }
 
 /// Input bytes per part of [`compress_parts`].
@@ -312,16 +321,7 @@ fn compress_in_parts(data: &[u8], part: usize, threads: usize) -> io::Result<Vec
         }
         Ok(done)
     };
-    let mut done = std::thread::scope(|s| -> io::Result<Vec<Part>> {
-        let workers: Vec<_> = (1..threads).map(|_| s.spawn(work)).collect();
-        let mut all = work()?;
-        for w in workers {
-            all.extend(w.join().unwrap_or_else(|e| std::panic::resume_unwind(e))?);
-        }
-        Ok(all)
-    })?;
-    done.sort_unstable_by_key(|p| p.index);
-    Ok(frame(6, &done))
+    Ok(frame(6, &gather(threads, work)?))
 }
 
 /// Makes the raw deflate stream `out` (ending in its final block) continue: clears the last

@@ -166,6 +166,25 @@ pub fn ok(args: &[&str]) -> String {
     out
 }
 
+/// `repo init` of a repository named `name` at the storage `st` (keys beside it).
+pub fn repo_init(st: &str, name: &str) {
+    ok(&["repo", "init", "--repo-dir", st, "--name", name]);
+}
+
+/// `repo ingest` of `tar` at `path` into the storage `st`, then a `repo check` of it.
+pub fn ingest_checked(tar: &Path, st: &str, path: &str) {
+    ok(&[
+        "repo",
+        "ingest",
+        tar.to_str().unwrap(),
+        "--repo-dir",
+        st,
+        "--path",
+        path,
+    ]);
+    ok(&["repo", "check", "--repo-dir", st]);
+}
+
 use cvmfs::repository::Repository;
 
 const S_IFMT: u32 = 0o170000;
