@@ -1764,6 +1764,20 @@ mod tests {
         );
     }
 
+    /// `n` xorshift bytes from `seed` (incompressible, with content-defined cuts).
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut v = Vec::with_capacity(n + 8);
+        let mut x = seed;
+        while v.len() < n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            v.extend_from_slice(&x.to_le_bytes());
+        }
+        v.truncate(n);
+        v
+    }
+
     /// `t` read inline and by the parallel intake (`io` store threads), chunked small, each
     /// into a store of its own: both change sets, both stores, and the directories they are in.
     fn both_ways(
@@ -1790,14 +1804,7 @@ mod tests {
 
     #[test]
     fn parallel_intake_matches_inline_intake() {
-        let mut big = Vec::new();
-        let mut x: u64 = 99;
-        while big.len() < 3 << 20 {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            big.extend_from_slice(&x.to_le_bytes());
-        }
+        let big = noise(3 << 20, 99);
         let t = T::new()
             .dir("d")
             .file("d/small", b"hello world")
@@ -1848,18 +1855,6 @@ mod tests {
 
     #[test]
     fn chunks_cut_in_reused_buffers_are_the_chunks_of_a_streaming_encode() {
-        let noise = |n: usize, seed: u64| {
-            let mut v = Vec::with_capacity(n + 8);
-            let mut x = seed;
-            while v.len() < n {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                v.extend_from_slice(&x.to_le_bytes());
-            }
-            v.truncate(n);
-            v
-        };
         // Several cuts per read, cuts at the maximum (zeros never match), a file just over the
         // chunking minimum (one part: a whole object), and later files smaller than earlier
         // ones, so reused buffers hold stale bytes past what a chunk has.
