@@ -176,6 +176,7 @@ struct Metrics {
     registry: Registry,
     objects: IntCounter,
     bytes: IntCounter,
+    packs: IntCounter,
     rejected: IntCounterVec,
     inventory: IntCounter,
     mqtt_announces: IntCounter,
@@ -190,6 +191,11 @@ impl Metrics {
             "cvmfs_receiver_bytes_received_total",
             "Bytes of objects stored",
         )?;
+        let packs = IntCounter::new(
+            "cvmfs_receiver_packs_received_total",
+            "Packs of objects stored (POST …/objects)",
+        )?;
+        registry.register(Box::new(packs.clone()))?;
         let rejected = IntCounterVec::new(
             Opts::new(
                 "cvmfs_receiver_rejected_total",
@@ -223,6 +229,7 @@ impl Metrics {
             mqtt_ignored,
             registry,
             objects,
+            packs,
             bytes,
             rejected,
             inventory,
@@ -821,6 +828,7 @@ async fn put_batch(
         .await
     {
         Ok(Ok((n, b))) => {
+            st.metrics.packs.inc();
             st.metrics.objects.inc_by(n);
             st.metrics.bytes.inc_by(b);
             st.reserved

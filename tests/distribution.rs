@@ -208,6 +208,48 @@ fn three_receivers_quorum_and_incremental_pushes() {
     }
 }
 
+/// Small objects travel together: a payload of some 300 of them reaches the receiver in a few
+/// packs (of at most 128 objects each, one pack being built per pusher thread at a time),
+/// every object stored and counted once; the big file's chunks go one request each.
+#[test]
+fn small_objects_are_pushed_in_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let r = receiver(dir.path(), "s1");
+    with_distribution(dir.path(), &[&r], 1.0, false, "60s");
+    let d = Daemon::start(dir.path(), &[("PREPUB_RECEIVER_SECRET", RSECRET)]);
+    let j = submit(&d, "/sw/packs", &tree("packs", 300));
+    assert_eq!(j["state"], "published", "{j}\n{}", d.log_text());
+    assert_prewarmed(&d.storage, &r);
+    let cas = prepub_core::cas::LocalCas::open(&d.storage).unwrap();
+    let data: Vec<_> = prepub_core::cas::Cas::list(&cas)
+        .unwrap()
+        .into_iter()
+        .filter(|i| i.suffix.is_data())
+        .collect();
+    let small = data
+        .iter()
+        .filter(|i| prepub_core::cas::Cas::size(&cas, i).unwrap() < 1 << 20)
+        .count();
+    assert!(small > 300, "{small} small objects");
+    let m = r.metrics_text();
+    let counter = |name: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {m}"))
+    };
+    assert_eq!(
+        counter("cvmfs_receiver_objects_received_total "),
+        data.len() as u64
+    );
+    // At most one partly filled pack per pusher thread (8) beyond the full ones.
+    let packs = counter("cvmfs_receiver_packs_received_total ");
+    assert!(
+        packs >= small.div_ceil(128) as u64 && packs <= (small.div_ceil(128) + 8) as u64,
+        "{packs} packs for {small} small objects"
+    );
+}
+
 #[test]
 fn a_slow_receiver_runs_into_the_timeout() {
     let dir = tempfile::tempdir().unwrap();

@@ -60,11 +60,19 @@ impl Handler<Put> for ReceiverAgent {
     type Result = Result<(u64, u64), ReceiveError>;
     fn handle(&mut self, m: Put, _: &mut SyncContext<Self>) -> Self::Result {
         crate::testhook::point("receiver-put");
+        let objects: Vec<(ObjectId, &[u8])> = m
+            .objects
+            .iter()
+            .map(|(id, range)| (*id, &m.body[range.clone()]))
+            .collect();
         let (mut stored, mut bytes) = (0, 0);
-        for (id, range) in &m.objects {
-            if self.receiver.put(&m.repo, id, &m.body[range.clone()])? == PutOutcome::Stored {
+        for ((_, b), o) in objects
+            .iter()
+            .zip(self.receiver.put_all(&m.repo, &objects)?)
+        {
+            if o == PutOutcome::Stored {
                 stored += 1;
-                bytes += range.len() as u64;
+                bytes += b.len() as u64;
             }
         }
         Ok((stored, bytes))

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use crossbeam_channel::unbounded;
 use prepub_core::cas::{get_all, Cas};
+use prepub_core::gateway::PackBuilder;
 use prepub_core::hash::{ObjectId, Suffix};
 use prepub_core::intake::ChangeSet;
 use prepub_core::spool::AckLog;
@@ -22,6 +23,14 @@ use prepub_core::spool::AckLog;
 /// Object names per inventory request (a receiver takes at most
 /// [`prepub_core::receiver::INVENTORY_MAX`]).
 const INVENTORY_BATCH: usize = 5000;
+
+/// Objects smaller than this are pushed together, in packs (`POST …/objects`, the gateway's
+/// `V2` format) of at most [`PACK_OBJECTS`] objects and about [`PACK_BYTES`]; the receiver
+/// verifies and stores a pack's objects as one batch. Pushed one request each, every object
+/// cost a signed request and, on the receiver, an fsync of the object and of its directory.
+const PACK_OBJECT_MAX: usize = 1 << 20;
+const PACK_OBJECTS: usize = 128;
+const PACK_BYTES: usize = 4 << 20;
 const _: () = assert!(INVENTORY_BATCH <= prepub_core::receiver::INVENTORY_MAX);
 
 /// Settings shared by all distributors.
@@ -174,6 +183,7 @@ impl Pusher {
         method: &str,
         path: &str,
         body: Vec<u8>,
+        headers: &[(&str, String)],
     ) -> Result<reqwest::blocking::Response, String> {
         let m = reqwest::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
         let url = format!("{}{path}", self.base);
@@ -183,6 +193,9 @@ impl Pusher {
             .map(|u| u.path().to_string())
             .unwrap_or_else(|_| path.to_string());
         let mut r = self.http.request(m, url);
+        for (name, value) in headers {
+            r = r.header(*name, value);
+        }
         if let Some(t) = &self.token {
             r = r.bearer_auth(t);
         } else if let Some(secret) = &self.secret {
@@ -218,9 +231,20 @@ impl Pusher {
         path: &str,
         body: &[u8],
     ) -> Result<serde_json::Value, String> {
+        self.ok_retrying_with(method, path, body, &[])
+    }
+
+    /// [`ok_retrying`](Self::ok_retrying) with `headers` added to the request.
+    fn ok_retrying_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        headers: &[(&str, String)],
+    ) -> Result<serde_json::Value, String> {
         let mut last = String::new();
         for attempt in 0..6u32 {
-            match self.answer(method, path, body.to_vec()) {
+            match self.answer(method, path, body.to_vec(), headers) {
                 Ok(v) => return Ok(v),
                 Err((status, e)) => {
                     if status.is_some_and(|s| s < 500 && s != 429) {
@@ -235,7 +259,7 @@ impl Pusher {
     }
 
     fn ok(&self, method: &str, path: &str, body: Vec<u8>) -> Result<serde_json::Value, String> {
-        self.answer(method, path, body).map_err(|(_, e)| e)
+        self.answer(method, path, body, &[]).map_err(|(_, e)| e)
     }
 
     /// The JSON of a 2xx answer; otherwise the status (none when there was no answer) and why.
@@ -244,8 +268,11 @@ impl Pusher {
         method: &str,
         path: &str,
         body: Vec<u8>,
+        headers: &[(&str, String)],
     ) -> Result<serde_json::Value, (Option<u16>, String)> {
-        let r = self.send(method, path, body).map_err(|e| (None, e))?;
+        let r = self
+            .send(method, path, body, headers)
+            .map_err(|e| (None, e))?;
         let status = r.status().as_u16();
         let v: serde_json::Value = r.json().unwrap_or_default();
         if !(200..300).contains(&status) {
@@ -434,23 +461,77 @@ pub fn push_objects(
                 let (acks, held, sent_bytes, report) = (&acks, &held, &sent_bytes, &report);
                 s.spawn(move || -> Result<(u64, u64), String> {
                     let (mut n, mut bytes) = (0u64, 0u64);
-                    while let Ok(id) = rx.recv() {
+                    // Read ahead of a pack it did not fit (a large object, sent on its own).
+                    let mut next: Option<(ObjectId, Vec<u8>)> = None;
+                    loop {
+                        let first = match next.take() {
+                            Some(o) => o,
+                            None => match rx.recv() {
+                                Ok(id) => {
+                                    let body =
+                                        get_all(cas.as_ref(), &id).map_err(|e| e.to_string())?;
+                                    (id, body)
+                                }
+                                Err(_) => break,
+                            },
+                        };
                         if Instant::now() > deadline {
                             return Err("timed out".into());
                         }
-                        let body = get_all(cas.as_ref(), &id).map_err(|e| e.to_string())?;
-                        let len = body.len() as u64;
-                        let path = format!("/api/v1/repos/{repo}/objects/{id}");
-                        p.ok_retrying("PUT", &path, &body)
-                            .map_err(|e| format!("object {id}: {e}"))?;
+                        // Small objects go together, as one pack, while more are queued.
+                        let mut batch = vec![first];
+                        let mut size = batch[0].1.len();
+                        while batch[0].1.len() < PACK_OBJECT_MAX
+                            && batch.len() < PACK_OBJECTS
+                            && size < PACK_BYTES
+                        {
+                            let Ok(id) = rx.try_recv() else { break };
+                            let body = get_all(cas.as_ref(), &id).map_err(|e| e.to_string())?;
+                            if body.len() >= PACK_OBJECT_MAX {
+                                next = Some((id, body));
+                                break;
+                            }
+                            size += body.len();
+                            batch.push((id, body));
+                        }
+                        let ids: Vec<ObjectId> = batch.iter().map(|(id, _)| *id).collect();
+                        if let [(id, body)] = &batch[..] {
+                            let path = format!("/api/v1/repos/{repo}/objects/{id}");
+                            p.ok_retrying("PUT", &path, body)
+                                .map_err(|e| format!("object {id}: {e}"))?;
+                        } else {
+                            let mut pack = PackBuilder::new();
+                            for (id, body) in &batch {
+                                pack.add(*id, body.len());
+                            }
+                            let h = pack.header();
+                            let mut body = h.header;
+                            body.reserve(size);
+                            for (_, b) in &batch {
+                                body.extend_from_slice(b);
+                            }
+                            let headers = [
+                                ("X-Pack-Header-Size", (body.len() - size).to_string()),
+                                ("X-Pack-Digest", h.digest),
+                            ];
+                            p.ok_retrying_with(
+                                "POST",
+                                &format!("/api/v1/repos/{repo}/objects"),
+                                &body,
+                                &headers,
+                            )
+                            .map_err(|e| {
+                                format!("a pack of {} objects from {}: {e}", ids.len(), ids[0])
+                            })?;
+                        }
                         if let Some(log) = acks {
-                            log.append(&[id]).map_err(|e| e.to_string())?;
+                            log.append(&ids).map_err(|e| e.to_string())?;
                         }
                         crate::testhook::point("distribution-ack");
-                        n += 1;
-                        bytes += len;
-                        held.fetch_add(1, Ordering::Relaxed);
-                        sent_bytes.fetch_add(len, Ordering::Relaxed);
+                        n += ids.len() as u64;
+                        bytes += size as u64;
+                        held.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                        sent_bytes.fetch_add(size as u64, Ordering::Relaxed);
                         report(false);
                     }
                     Ok((n, bytes))
