@@ -157,14 +157,25 @@ impl Receiver {
             }
         }
         let stored = s.cas.put_many(objects);
+        // The filter learns every object stored, also when another one failed.
         let mut filter = s.filter.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::with_capacity(stored.len());
+        let mut failed = None;
         for ((id, _), r) in objects.iter().zip(stored) {
-            let o = r?;
-            filter.insert(&id.digest);
-            out.push(o);
+            match r {
+                Ok(o) => {
+                    filter.insert(&id.digest);
+                    out.push(o);
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        Ok(out)
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(out),
+        }
     }
 }
 
@@ -459,6 +470,67 @@ mod tests {
             assert_eq!(std::fs::read(dir.path().join(id.path())).unwrap(), bytes);
         }
         assert!(r.missing("r.org", &[a.0, b.0, c.0]).unwrap().is_empty());
+    }
+
+    /// A local store that refuses to store one object.
+    struct Refusing {
+        inner: LocalCas,
+        refused: ObjectId,
+    }
+
+    impl Cas for Refusing {
+        fn exists(&self, id: &ObjectId) -> Result<bool, CasError> {
+            self.inner.exists(id)
+        }
+        fn put_bytes(&self, id: &ObjectId, data: &[u8]) -> Result<PutOutcome, CasError> {
+            if *id == self.refused {
+                return Err(CasError::Unsupported("this object"));
+            }
+            self.inner.put_bytes(id, data)
+        }
+        fn begin(&self) -> Result<Box<dyn crate::cas::PendingObject>, CasError> {
+            self.inner.begin()
+        }
+        fn get(&self, id: &ObjectId) -> Result<Box<dyn std::io::Read + Send>, CasError> {
+            self.inner.get(id)
+        }
+        fn size(&self, id: &ObjectId) -> Result<u64, CasError> {
+            self.inner.size(id)
+        }
+        fn list(&self) -> Result<Vec<ObjectId>, CasError> {
+            self.inner.list()
+        }
+        fn put_root_file(&self, name: &str, data: &[u8]) -> Result<(), CasError> {
+            self.inner.put_root_file(name, data)
+        }
+        fn get_root_file(&self, name: &str) -> Result<Option<Vec<u8>>, CasError> {
+            self.inner.get_root_file(name)
+        }
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+    }
+
+    #[test]
+    fn a_store_failure_fails_the_batch_but_the_objects_stored_are_known_present() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = |b: &[u8]| ObjectId::new(Digest20::of(b), Suffix::None);
+        let cas: Arc<dyn Cas> = Arc::new(Refusing {
+            inner: LocalCas::create(dir.path()).unwrap().without_fsync(),
+            refused: id(b"b"),
+        });
+        let r = Receiver::new(vec![("r.org".into(), cas)]).unwrap();
+        let batch = [(id(b"a"), &b"a"[..]), (id(b"b"), b"b"), (id(b"c"), b"c")];
+        assert!(matches!(
+            r.put_all("r.org", &batch),
+            Err(ReceiveError::Cas(CasError::Unsupported(_)))
+        ));
+        // The inventory asks for the refused one only: the filter learned the others, also
+        // the one after the failure.
+        assert_eq!(
+            r.missing("r.org", &[id(b"a"), id(b"b"), id(b"c")]).unwrap(),
+            vec![id(b"b")]
+        );
     }
 
     #[test]
