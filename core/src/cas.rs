@@ -181,11 +181,11 @@ struct SyncGroup {
 /// The shortest time between the starts of two filesystem syncs of one store (see
 /// [`SyncGroup`]). Measured on the cold publish of the benchmark tree (42,000 objects) on this
 /// 2-core machine, interval against back-to-back syncs: in one series of alternating runs the
-/// store threads used 2.9–3.3 CPU-seconds instead of 4.3–4.6 and the publish took 13.6 s
-/// instead of 15.4 s (10 ms saved less, 50 or 100 ms little more and made the end of a
-/// publish wait longer); in another, three pairs, 3.1–3.6 instead of 3.7–4.1 CPU-seconds and
-/// 12.4–14.6 s (mean 13.4) instead of 13.3–14.9 s (mean 14.1). A batch waits at most this much
-/// more for its sync, and only right after another one.
+/// store threads used 2.9–3.3 CPU-seconds instead of 4.3–4.6 and the publish took 13.6, 13.7
+/// and 15.4 s instead of 15.4–15.7 s (10 ms saved less, 50 or 100 ms little more and made the
+/// end of a publish wait longer); in another, three pairs, 3.1–3.6 instead of 3.7–4.1
+/// CPU-seconds and 12.4–14.6 s (mean 13.4) instead of 13.3–14.9 s (mean 14.1). A batch waits
+/// at most this much more for its sync, and only right after another one.
 const SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_millis(25);
 
 impl Default for SyncGroup {
