@@ -215,8 +215,8 @@ impl<R: Input> Input for Watched<R> {
     fn take_shared(&mut self, n: usize) -> std::io::Result<Option<bytes::Bytes>> {
         self.check()?;
         let taken = self.inner.take_shared(n)?;
-        if taken.is_some() {
-            self.count(n);
+        if let Some(t) = &taken {
+            self.count(t.len());
         }
         Ok(taken)
     }

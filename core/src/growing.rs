@@ -404,19 +404,24 @@ impl BufRead for FollowReader {
     }
 }
 
-/// A body inside one received piece is shared with it, not copied (the piece's block returns to
-/// the upload's pool once every such body is dropped).
+/// A body is shared with the received pieces it lies in, not copied (each piece's block returns
+/// to the upload's pool once every body sharing it is dropped); read back from the file, it is
+/// not shared.
 impl crate::intake::Input for FollowReader {
     fn take_shared(&mut self, n: usize) -> io::Result<Option<Bytes>> {
-        if self.used == self.piece.len() {
-            // The next piece, or (far behind) the file's next block.
-            self.fill_buf()?;
-        }
-        if self.piece.len() - self.used < n {
+        if n == 0 {
             return Ok(None);
         }
-        let body = self.piece.slice(self.used..self.used + n);
-        self.used += n;
+        if self.used == self.piece.len() {
+            // The next piece, or (far behind) the file's next block, or the end.
+            self.fill_buf()?;
+        }
+        let k = n.min(self.piece.len() - self.used);
+        if k == 0 {
+            return Ok(None);
+        }
+        let body = self.piece.slice(self.used..self.used + k);
+        self.used += k;
         Ok(Some(body))
     }
 }
@@ -562,7 +567,7 @@ mod tests {
     }
 
     #[test]
-    fn a_body_inside_a_piece_is_taken_shared_and_one_across_pieces_is_left_to_read() {
+    fn a_body_is_taken_shared_with_the_pieces_it_lies_in() {
         use crate::intake::Input;
         let (_d, _w, g, mut r) = pair();
         let guard = FinishGuard::new(g.clone());
@@ -575,12 +580,11 @@ mod tests {
         // Inside the first piece: the piece's own bytes, and the reader is past them.
         let body = r.take_shared(4000).unwrap().unwrap();
         assert_eq!((body.as_ptr(), body.len()), (a[512..].as_ptr(), 4000));
-        // 488 left in this piece: a body of 600 crosses into the next, nothing is taken.
-        assert!(r.take_shared(600).unwrap().is_none());
-        let mut rest = vec![0u8; 600];
-        r.read_exact(&mut rest).unwrap();
-        assert_eq!(&rest[..488], &a[4512..]);
-        assert_eq!(&rest[488..], &[2u8; 112][..]);
+        // 488 left in this piece: a body of 600 is taken as those, then 112 of the next piece.
+        let first = r.take_shared(600).unwrap().unwrap();
+        assert_eq!((first.as_ptr(), first.len()), (a[4512..].as_ptr(), 488));
+        let second = r.take_shared(112).unwrap().unwrap();
+        assert_eq!((second.as_ptr(), second.len()), (b.as_ptr(), 112));
         // The rest of the second piece; then, at its end, the next piece is fetched for it.
         let tail = r.take_shared(2888).unwrap().unwrap();
         assert_eq!(tail.as_ptr(), b[112..].as_ptr());

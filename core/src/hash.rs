@@ -71,8 +71,15 @@ pub struct Digest20(pub [u8; DIGEST_LEN]);
 impl Digest20 {
     /// SHA-1 of `data`.
     pub fn of(data: &[u8]) -> Self {
+        Digest20::of_parts([data])
+    }
+
+    /// The SHA-1 of `parts` one after the other.
+    pub fn of_parts<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Self {
         let mut h = Sha1::new();
-        h.update(data);
+        for p in parts {
+            h.update(p);
+        }
         Digest20(h.finalize().into())
     }
 

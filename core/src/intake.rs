@@ -22,6 +22,7 @@ use std::sync::Arc;
 use crate::cas::{Cas, CasError, PutOutcome};
 use crate::catalog::{mode, Entry, Xattrs};
 use crate::chunker::Xor32Detector;
+use crate::content::Content;
 use crate::hash::{ObjectId, Suffix};
 use crate::object::FileChunk;
 use crate::object::{encode_file, EncodeError, EncodeParams, FileContent};
@@ -151,9 +152,10 @@ pub struct ChangeSet {
 
 /// A buffered input of a tar that may also hand over its next bytes without copying them.
 pub trait Input: BufRead {
-    /// The next `n` bytes, shared rather than copied, when the input holds them together in
-    /// memory (an upload's received piece, see [`crate::growing::FollowReader`]); `Ok(None)`,
-    /// with nothing consumed, otherwise.
+    /// Up to `n` (at least one) of the next bytes, shared rather than copied, when the input
+    /// holds them in memory (the rest of an upload's received piece, or the next piece, see
+    /// [`crate::growing::FollowReader`]); `Ok(None)`, with nothing consumed, when it does not
+    /// (and at the end of the input).
     fn take_shared(&mut self, n: usize) -> io::Result<Option<Bytes>> {
         let _ = n;
         Ok(None)
@@ -214,39 +216,48 @@ impl<R> Budget<R> {
 
 impl<R: Input> Budget<Stream<R>> {
     /// The body of `n` bytes that starts here, taken ahead of the tar reader (which still counts
-    /// it as unread and skips it next): shared with the input when the input holds it together,
-    /// else copied straight out of the input's buffer (a buffer read into through `Read` is
-    /// zeroed first). `None` for a gzip stream, and for an empty body. Only for a body stored
-    /// as it is (not a sparse file's).
-    fn take_body(&mut self, n: usize) -> io::Result<Option<Bytes>> {
+    /// it as unread and skips it next): shared with the input in the pieces it lies in where the
+    /// input holds them, and what it does not hold (read back from a file) copied straight out
+    /// of the input's buffer (a buffer read into through `Read` is zeroed first). `None` for a
+    /// gzip stream, and for an empty body. Only for a body stored as it is (not a sparse
+    /// file's).
+    fn take_body(&mut self, n: usize) -> io::Result<Option<Content>> {
         let Stream::Plain(input) = &mut self.inner else {
             return Ok(None);
         };
         if n == 0 || self.ahead != 0 {
             return Ok(None);
         }
-        let body = match input.take_shared(n)? {
-            Some(shared) => shared,
-            None => {
-                let mut body = Vec::with_capacity(n);
-                while body.len() < n {
-                    let held = input.fill_buf()?;
-                    if held.is_empty() {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "unexpected end of the archive stream",
-                        ));
-                    }
-                    let k = held.len().min(n - body.len());
-                    body.extend_from_slice(&held[..k]);
-                    input.consume(k);
+        let mut parts = Vec::new();
+        let mut left = n;
+        while left > 0 {
+            match input.take_shared(left)? {
+                Some(shared) => {
+                    left -= shared.len();
+                    parts.push(shared);
                 }
-                Bytes::from(body)
+                None => {
+                    let mut copy = Vec::with_capacity(left);
+                    while copy.len() < left {
+                        let held = input.fill_buf()?;
+                        if held.is_empty() {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "unexpected end of the archive stream",
+                            ));
+                        }
+                        let k = held.len().min(left - copy.len());
+                        copy.extend_from_slice(&held[..k]);
+                        input.consume(k);
+                    }
+                    parts.push(Bytes::from(copy));
+                    left = 0;
+                }
             }
-        };
+        }
         self.ahead = n as u64;
         self.counted(n)?;
-        Ok(Some(body))
+        Ok(Some(Content::from_parts(parts)))
     }
 }
 
@@ -815,7 +826,7 @@ fn read_tar_with<R: Input>(
 /// input ahead of it — without a copy where the input holds it together.
 struct Body<'a> {
     read: &'a mut dyn Read,
-    take: &'a mut dyn FnMut(usize) -> io::Result<Option<Bytes>>,
+    take: &'a mut dyn FnMut(usize) -> io::Result<Option<Content>>,
 }
 
 /// Where regular-file bodies go while the archive is read.
@@ -1021,7 +1032,7 @@ const STREAM_BATCH: usize = 256;
 const WHOLE_FILE_MAX: u64 = 16 << 20;
 
 impl ParallelSink {
-    fn submit(&mut self, data: Bytes, suffix: Suffix) -> usize {
+    fn submit(&mut self, data: Content, suffix: Suffix) -> usize {
         let tag = self.next_tag;
         self.next_tag += 1;
         self.owner.push(self.files.len());
@@ -1186,7 +1197,7 @@ impl FileSink for ParallelSink {
                 None => {
                     let mut data = Vec::with_capacity(size as usize);
                     body.read_to_end(&mut data).map_err(read_err)?;
-                    Bytes::from(data)
+                    Content::from(data)
                 }
             };
             stats.bytes_in += data.len() as u64;
@@ -1230,7 +1241,7 @@ impl FileSink for ParallelSink {
                 let mut next = self.chunk_pool.get(cap);
                 next[..used - at].copy_from_slice(&cur[at..used]);
                 let full = std::mem::replace(&mut cur, next);
-                let tag = self.submit(self.chunk_pool.share(full, at), Suffix::Partial);
+                let tag = self.submit(self.chunk_pool.share(full, at).into(), Suffix::Partial);
                 parts.push((offset, at as u64, tag));
                 offset += at as u64;
                 used -= at;
@@ -1240,7 +1251,7 @@ impl FileSink for ParallelSink {
         let whole = parts.is_empty();
         if used > 0 || whole {
             let tag = self.submit(
-                self.chunk_pool.share(cur, used),
+                self.chunk_pool.share(cur, used).into(),
                 if whole { Suffix::None } else { Suffix::Partial },
             );
             parts.push((offset, used as u64, tag));
@@ -1933,8 +1944,8 @@ mod tests {
         out
     }
 
-    /// An input holding its bytes in pieces (like an upload's), sharing a body that one piece
-    /// holds whole; counts what it shared.
+    /// An input holding its bytes in pieces (like an upload's), sharing up to the rest of its
+    /// front piece at a time; notes the length of each share.
     struct Pieces {
         pieces: std::collections::VecDeque<Bytes>,
         shared: Vec<usize>,
@@ -1968,9 +1979,10 @@ mod tests {
         fn take_shared(&mut self, n: usize) -> io::Result<Option<Bytes>> {
             self.fill_buf()?;
             match self.pieces.front_mut() {
-                Some(p) if p.len() >= n => {
-                    self.shared.push(n);
-                    Ok(Some(p.split_to(n)))
+                Some(p) if n > 0 && !p.is_empty() => {
+                    let k = n.min(p.len());
+                    self.shared.push(k);
+                    Ok(Some(p.split_to(k)))
                 }
                 _ => Ok(None),
             }
@@ -1978,7 +1990,7 @@ mod tests {
     }
 
     #[test]
-    fn bodies_held_together_are_shared_and_the_archive_reads_on_as_if_copied() {
+    fn bodies_are_shared_in_the_pieces_they_lie_in_and_the_archive_reads_on_as_if_copied() {
         let body = |i: usize, n: usize| -> Vec<u8> {
             (0..n).map(|k| ((k * 31 + i * 7) % 251) as u8).collect()
         };
@@ -2046,7 +2058,8 @@ mod tests {
             );
             (got, input.shared, cas, d)
         };
-        // Pieces of 64 KiB and a little: most bodies lie inside one, some cross into the next.
+        // Pieces of 4 KiB or 64 KiB and a little: some bodies lie inside one, others cross into
+        // the next ones.
         for piece in [4096 + 100, 65_536 + 7] {
             let (got, mut shared, cas, _d) = streamed(&tar, piece);
             let got = got.unwrap();
@@ -2056,25 +2069,34 @@ mod tests {
             a.sort();
             b.sort();
             assert_eq!(a, b);
-            // Shared: exactly the bodies read whole that one piece holds.
+            // Shared: every body read whole, in the parts of it that each piece holds.
             let chunking = params().chunking;
-            let mut want: Vec<usize> = tar::Archive::new(&tar[..])
+            let bodies: Vec<(usize, usize)> = tar::Archive::new(&tar[..])
                 .entries()
                 .unwrap()
                 .map(|e| e.unwrap())
                 .filter(|e| e.header().entry_type() == EntryType::Regular)
                 .map(|e| (e.raw_file_position() as usize, e.size() as usize))
-                .filter(|&(at, n)| {
-                    n > 0
-                        && (!chunking.enabled || n as u64 <= chunking.min)
-                        && at / piece == (at + n - 1) / piece
+                .filter(|&(_, n)| n > 0 && (!chunking.enabled || n as u64 <= chunking.min))
+                .collect();
+            let mut want: Vec<usize> = bodies
+                .iter()
+                .flat_map(|&(at, n)| {
+                    let cuts = (at / piece + 1..=(at + n - 1) / piece).map(|k| k * piece);
+                    let edges: Vec<usize> = std::iter::once(at)
+                        .chain(cuts)
+                        .chain(std::iter::once(at + n))
+                        .collect();
+                    edges.windows(2).map(|w| w[1] - w[0]).collect::<Vec<_>>()
                 })
-                .map(|(_, n)| n)
                 .collect();
             want.sort_unstable();
             shared.sort_unstable();
             assert_eq!(shared, want, "pieces of {piece}");
-            assert!(want.len() >= 5 && want.len() < sizes.len(), "{want:?}");
+            assert!(
+                want.len() > bodies.len() && bodies.len() == sizes.len() + 1,
+                "some bodies cross pieces: {want:?}"
+            );
         }
         // Cut off inside a body (copied out of its pieces): refused both ways.
         let cut = tar::Archive::new(&tar[..])

@@ -11,6 +11,7 @@ pub mod cas;
 pub mod catalog;
 pub mod check;
 pub mod chunker;
+pub mod content;
 pub mod control;
 pub mod cron;
 pub mod directio;

@@ -17,6 +17,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use sha1::{Digest, Sha1};
 
 use crate::cas::{Cas, CasError, PutOutcome};
+use crate::content::Content;
 use crate::hash::{Digest20, ObjectId, Suffix};
 use crate::object::{zlib_compress, Compression};
 use crate::rawindex::{RawIndex, RawKey};
@@ -24,9 +25,9 @@ use crate::rawindex::{RawIndex, RawKey};
 /// One object's bytes to encode and store.
 pub struct Task {
     pub tag: usize,
-    /// The content: its own bytes, or shared with the upload it came in (see
-    /// [`crate::intake::Input::take_shared`]).
-    pub data: bytes::Bytes,
+    /// The content: its own bytes, or shared with the upload it came in, in the pieces it
+    /// lies in there (see [`crate::intake::Input::take_shared`]).
+    pub data: Content,
     pub suffix: Suffix,
     pub compression: Compression,
     pub cas: Arc<dyn Cas>,
@@ -321,7 +322,7 @@ fn not_encoded(why: &str) -> CasError {
 /// the raw-content index knows, content encoded right now by another task, an encoder panic).
 /// False when the store threads are gone.
 fn encode_task(t: Task, budget: &Budget, inflight: &Inflight, io_tx: &Sender<Put>) -> bool {
-    let key = RawKey::of(&t.data, t.compression, t.suffix);
+    let key = RawKey::of_content(&t.data, t.compression, t.suffix);
     // Content encoded before, still stored: one SHA-1 pass, no zlib, no put.
     if let Some(ix) = &t.index {
         if let Some((id, stored)) = ix.lookup(&key, t.cas.as_ref()) {
@@ -340,7 +341,7 @@ fn encode_task(t: Task, budget: &Budget, inflight: &Inflight, io_tx: &Sender<Put
         return true;
     }
     // A panic must not swallow the reply: the submitter would wait forever.
-    let Ok(bytes) = std::panic::catch_unwind(|| encode(&t.data, t.compression)) else {
+    let Ok(bytes) = std::panic::catch_unwind(|| encode(&t.data.contiguous(), t.compression)) else {
         let result = Err(not_encoded("encoder panicked"));
         budget.release(t.data.len());
         inflight.settle(&claim, &result);
@@ -772,6 +773,55 @@ mod tests {
     }
 
     #[test]
+    fn content_in_parts_is_the_object_of_its_bytes_and_found_again_in_other_parts() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let cas: Arc<dyn Cas> = Arc::new(LocalCas::create(&dir.path().join("cas")).unwrap());
+        let ix = Arc::new(RawIndex::open(&dir.path().join("raw.db")).unwrap());
+        let store = StorePool::new(1, 64 << 20);
+        let p = Pipeline::with_store(1, &store);
+        let raw: Vec<u8> = (0..300_000u32).map(|i| (i * 31 % 253) as u8).collect();
+        let whole = bytes::Bytes::from(raw.clone());
+        let run = |content: Content| {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            p.submit(Task {
+                tag: 0,
+                data: content,
+                suffix: Suffix::None,
+                compression: Compression::Zlib(6),
+                cas: cas.clone(),
+                index: Some(ix.clone()),
+                reply: tx,
+            });
+            rx.recv().unwrap().result.unwrap()
+        };
+        let three = Content::from_parts([
+            whole.slice(..5),
+            whole.slice(5..70_000),
+            whole.slice(70_000..),
+        ]);
+        let (id, stored, first) = run(three);
+        assert_eq!(first, PutOutcome::Stored);
+        assert_eq!(id.digest, Digest20::of(&zlib_compress(&raw, 6)));
+        let mut stored_bytes = Vec::new();
+        cas.get(&id)
+            .unwrap()
+            .read_to_end(&mut stored_bytes)
+            .unwrap();
+        assert_eq!(stored_bytes, zlib_compress(&raw, 6));
+        // The same bytes cut elsewhere are the same content: answered by the index.
+        let two = Content::from_parts([whole.slice(..150_001), whole.slice(150_001..)]);
+        assert_eq!(run(two), (id, stored, PutOutcome::AlreadyPresent));
+        assert_eq!(
+            store
+                .stats()
+                .stored
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
     fn small_contents_are_answered_from_memory_and_never_written_to_the_index() {
         use crate::rawindex::MEMORY_ONLY_BELOW;
         let dir = tempfile::tempdir().unwrap();
@@ -786,7 +836,7 @@ mod tests {
             let (tx, rx) = crossbeam_channel::unbounded();
             p.submit(Task {
                 tag: 0,
-                data: bytes::Bytes::copy_from_slice(data),
+                data: bytes::Bytes::copy_from_slice(data).into(),
                 suffix: Suffix::None,
                 compression: Compression::Zlib(6),
                 cas: cas.clone(),

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::cas::Cas;
+use crate::content::Content;
 use crate::hash::{Digest20, ObjectId, Suffix};
 use crate::object::Compression;
 
@@ -46,6 +47,16 @@ impl RawKey {
         RawKey {
             raw: Digest20::of(data),
             len: data.len() as u64,
+            compression,
+            suffix,
+        }
+    }
+
+    /// [`RawKey::of`] the bytes of `content`, hashed part after part.
+    pub fn of_content(content: &Content, compression: Compression, suffix: Suffix) -> RawKey {
+        RawKey {
+            raw: content.sha1(),
+            len: content.len() as u64,
             compression,
             suffix,
         }
