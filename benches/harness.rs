@@ -16,7 +16,7 @@
 //! the daemon's peak RSS), and the cold publish into S3 (`moto_server` on loopback) at
 //! `upload_concurrency` 1, 16 and 64. BENCH_SKIP=s3,big,receivers,tiny,tree leaves stages out
 //! (without the tree stages, the receivers and S3 stages, which need them, are left out too).
-//! The tree stages (with their zlib-6 limits) run BENCH_ROUNDS (3) rounds, each on a fresh
+//! The tree stages (with their zlib-6 limits) run BENCH_ROUNDS (5) rounds, each on a fresh
 //! daemon and storage; the table gives medians and lists every round under it.
 //! On ext4 without a journal the run syncs and waits 361 s before its first measurement, for
 //! files deleted just before it to age (see [`settle_deletions`]; BENCH_SETTLE=<seconds>
@@ -822,12 +822,12 @@ fn main() {
     if skipped("tree") {
         limit_rows(&mut rows, s(zlib_limit()));
     } else {
-        // BENCH_ROUNDS rounds (3), each on a fresh daemon and storage (the first round's is
+        // BENCH_ROUNDS rounds (5), each on a fresh daemon and storage (the first round's is
         // kept for the later stages): the zlib-6 limit, zlib-6 and files, the cold publish,
         // the warm one and the 5% one. This virtual machine's speed drifts by up to a fifth
         // from minute to minute: the table gives each figure's median over the rounds and each
         // ratio's median over the rounds' own ratios (each round against its own limits).
-        let n_rounds = env_or("BENCH_ROUNDS", 3).max(1);
+        let n_rounds = env_or("BENCH_ROUNDS", 5).max(1);
         let mut rounds: Vec<Round> = Vec::new();
         for r in 0..n_rounds {
             let zlib = zlib_limit();
