@@ -9,7 +9,7 @@
 //! it waits when it has caught up, returns end-of-file only once the upload is complete, and an
 //! error if it was cut off. So a tar processed as fast as it arrives is never read back from
 //! the file (which the writer fills around the page cache, see [`crate::directio`]); and a file
-//! body that one piece holds whole is not even copied out of it
+//! body is not even copied out of the pieces it lies in
 //! ([`crate::intake::Input::take_shared`]).
 //!
 //! A reader about as fast as the upload falls behind the window now and then; read back from
