@@ -772,6 +772,26 @@ mod tests {
         assert_eq!(p.budget.used.lock().unwrap().bytes, 0);
     }
 
+    /// Encodes `data` (zlib-6, under `ix`) through `p` into `cas` and waits for its answer.
+    fn encode_one(
+        p: &Pipeline,
+        cas: &Arc<dyn Cas>,
+        ix: &Arc<RawIndex>,
+        data: Content,
+    ) -> (ObjectId, u64, PutOutcome) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        p.submit(Task {
+            tag: 0,
+            data,
+            suffix: Suffix::None,
+            compression: Compression::Zlib(6),
+            cas: cas.clone(),
+            index: Some(ix.clone()),
+            reply: tx,
+        });
+        rx.recv().unwrap().result.unwrap()
+    }
+
     #[test]
     fn content_in_parts_is_the_object_of_its_bytes_and_found_again_in_other_parts() {
         use std::io::Read;
@@ -782,19 +802,7 @@ mod tests {
         let p = Pipeline::with_store(1, &store);
         let raw: Vec<u8> = (0..300_000u32).map(|i| (i * 31 % 253) as u8).collect();
         let whole = bytes::Bytes::from(raw.clone());
-        let run = |content: Content| {
-            let (tx, rx) = crossbeam_channel::unbounded();
-            p.submit(Task {
-                tag: 0,
-                data: content,
-                suffix: Suffix::None,
-                compression: Compression::Zlib(6),
-                cas: cas.clone(),
-                index: Some(ix.clone()),
-                reply: tx,
-            });
-            rx.recv().unwrap().result.unwrap()
-        };
+        let run = |content: Content| encode_one(&p, &cas, &ix, content);
         let three = Content::from_parts([
             whole.slice(..5),
             whole.slice(5..70_000),
@@ -832,19 +840,7 @@ mod tests {
         let p = Pipeline::with_store(2, &store);
         let small = b"x".repeat(MEMORY_ONLY_BELOW as usize - 1);
         let large = b"y".repeat(MEMORY_ONLY_BELOW as usize);
-        let run = |data: &[u8]| {
-            let (tx, rx) = crossbeam_channel::unbounded();
-            p.submit(Task {
-                tag: 0,
-                data: bytes::Bytes::copy_from_slice(data).into(),
-                suffix: Suffix::None,
-                compression: Compression::Zlib(6),
-                cas: cas.clone(),
-                index: Some(ix.clone()),
-                reply: tx,
-            });
-            rx.recv().unwrap().result.unwrap()
-        };
+        let run = |data: &[u8]| encode_one(&p, &cas, &ix, data.to_vec().into());
         for data in [&small[..], &large[..]] {
             let (id, _, first) = run(data);
             assert_eq!(first, PutOutcome::Stored);
