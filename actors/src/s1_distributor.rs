@@ -505,15 +505,15 @@ pub fn push_objects(
                                 pack.add(*id, body.len());
                             }
                             let h = pack.header();
+                            let headers = [
+                                ("X-Pack-Header-Size", h.header.len().to_string()),
+                                ("X-Pack-Digest", h.digest),
+                            ];
                             let mut body = h.header;
                             body.reserve(size);
                             for (_, b) in &batch {
                                 body.extend_from_slice(b);
                             }
-                            let headers = [
-                                ("X-Pack-Header-Size", (body.len() - size).to_string()),
-                                ("X-Pack-Digest", h.digest),
-                            ];
                             p.ok_retrying_with(
                                 "POST",
                                 &format!("/api/v1/repos/{repo}/objects"),
