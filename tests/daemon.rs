@@ -762,6 +762,47 @@ fn job_events_stream_snapshot_then_changes_then_closes() {
     assert_eq!(unauth.status().as_u16(), 401);
 }
 
+#[test]
+fn job_events_are_sent_when_the_state_changes_not_at_the_next_look() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    // The stream's own look for changes comes every ten minutes here: only the job manager's
+    // word that a record was saved can bring the later states within the client's minute.
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            ("CVMFS_PREPUB_TEST_HOLD", "processing=500"),
+            ("CVMFS_PREPUB_TEST_EVENT_TICK_MS", "600000"),
+        ],
+    );
+    let id = job_id(d.submit_raw(ADMIN, "/ev", &tar_bytes(&small_tree("ev")), None));
+    let r = client()
+        .get(format!("{}/api/v1/jobs/{id}/events", d.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut states = Vec::new();
+    for line in std::io::BufReader::new(r).lines() {
+        let line = line.expect("the stream ends by itself, well within the client's timeout");
+        if let Some(data) = line.strip_prefix("data: ") {
+            let v: serde_json::Value = serde_json::from_str(data).unwrap();
+            states.push(v["state"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(
+        matches!(states[0].as_str(), "queued" | "processing"),
+        "{states:?}"
+    );
+    assert_eq!(
+        states.last().map(String::as_str),
+        Some("published"),
+        "{states:?}"
+    );
+    assert_eq!(d.job(&id)["state"], "published");
+}
+
 fn data_file(path: &'static str, data: Vec<u8>) -> Spec {
     Spec::File {
         path,

@@ -125,6 +125,8 @@ pub struct JobManager {
     /// The processing run each processing job waits for.
     runs: HashMap<String, u64>,
     next_run: u64,
+    /// Counts the records saved, so that event streams wake at once ([`JobManager::changes`]).
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// At most this many uploads are processed while they arrive; later ones wait for acceptance.
@@ -198,6 +200,7 @@ impl JobManager {
             accepting: HashMap::new(),
             runs: HashMap::new(),
             next_run: 0,
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
         }
     }
 
@@ -339,6 +342,13 @@ impl JobManager {
             .set(count(JobState::Committing));
     }
 
+    /// Tells `changes` of every record saved from now on (one sender shared by the managers
+    /// a supervisor starts one after the other, so its receivers outlive a restart).
+    pub fn with_changes(mut self, changes: Arc<tokio::sync::watch::Sender<u64>>) -> JobManager {
+        self.changes = changes;
+        self
+    }
+
     /// Journals `rec`, makes it the current record, then runs `then(ok)`.
     fn save<F>(&mut self, rec: JobRecord, ctx: &mut Context<Self>, then: F)
     where
@@ -353,6 +363,7 @@ impl JobManager {
         }
         self.jobs.insert(rec.id.clone(), rec.clone());
         self.update_gauges();
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
         let terminal = rec.state.is_terminal().then(|| rec.clone());
         ctx.spawn(
             self.journal

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::Addr;
 use actix_web::http::header::{self, HeaderMap};
@@ -30,6 +30,8 @@ pub struct AppState {
     pub cfg: Arc<Config>,
     pub tokens: Tokens,
     pub jobs: Addr<JobManager>,
+    /// Changes whenever the job manager saves a record (job event streams wait on it).
+    pub job_changes: tokio::sync::watch::Receiver<u64>,
     pub cas_writer: Addr<prepub_actors::cas_writer::CasWriter>,
     /// Local mode: repositories whose `cvmfs_server` publish is running.
     pub busy: prepub_actors::local_publisher::Busy,
@@ -1004,15 +1006,21 @@ pub async fn job_events(
     let first = visible_job(&st, &who, &id).await?;
     let jobs = st.jobs.clone();
     let id = id.into_inner();
+    // Woken by every record the job manager saves (a state change is sent at once), and
+    // every `event_tick()` for what changes without one (progress).
+    let mut changes = st.job_changes.clone();
+    changes.mark_unchanged();
     struct S {
         last: Option<JobRecord>,
-        since_keepalive: Duration,
+        last_sent: Instant,
         done: bool,
+        changes: tokio::sync::watch::Receiver<u64>,
     }
     let init = S {
         last: None,
-        since_keepalive: Duration::ZERO,
+        last_sent: Instant::now(),
         done: false,
+        changes,
     };
     let first_clone = first.clone();
     let stream =
@@ -1027,12 +1035,23 @@ pub async fn job_events(
                     let ev = event(&j);
                     s.done = j.state.is_terminal();
                     s.last = Some(j);
+                    s.last_sent = Instant::now();
                     return Some((Ok::<_, actix_web::Error>(ev), (s, None)));
                 }
-                let tick = Duration::from_millis(200);
                 loop {
-                    actix_rt::time::sleep(tick).await;
-                    s.since_keepalive += tick;
+                    {
+                        let tick = actix_rt::time::sleep(event_tick());
+                        let changed = s.changes.changed();
+                        futures_util::pin_mut!(tick, changed);
+                        // A sender gone (never, while the server runs) leaves the tick alone.
+                        if let futures_util::future::Either::Right((Err(_), _)) =
+                            futures_util::future::select(tick, changed).await
+                        {
+                            actix_rt::time::sleep(event_tick()).await;
+                        }
+                    }
+                    // Saves from here on wake the next wait.
+                    s.changes.mark_unchanged();
                     let cur = jobs.send(GetJob(id.clone())).await.ok().flatten();
                     match cur {
                         None => return None,
@@ -1040,11 +1059,11 @@ pub async fn job_events(
                             let ev = event(&j);
                             s.done = j.state.is_terminal();
                             s.last = Some(j);
-                            s.since_keepalive = Duration::ZERO;
+                            s.last_sent = Instant::now();
                             return Some((Ok(ev), (s, None)));
                         }
-                        Some(_) if s.since_keepalive >= Duration::from_secs(15) => {
-                            s.since_keepalive = Duration::ZERO;
+                        Some(_) if s.last_sent.elapsed() >= EVENT_KEEPALIVE => {
+                            s.last_sent = Instant::now();
                             return Some((
                                 Ok(web::Bytes::from_static(b": keep-alive\n\n")),
                                 (s, None),
@@ -1060,6 +1079,21 @@ pub async fn job_events(
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .streaming(stream))
 }
+
+/// How often a job's event stream looks for changes no saved record announced (its progress).
+/// Tests stretch it (`CVMFS_PREPUB_TEST_EVENT_TICK_MS`, never set in production) to show that
+/// state changes do not wait for it.
+fn event_tick() -> Duration {
+    static TICK: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *TICK.get_or_init(|| {
+        std::env::var("CVMFS_PREPUB_TEST_EVENT_TICK_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(Duration::from_millis(200), Duration::from_millis)
+    })
+}
+/// A comment line goes out when nothing else did for this long (proxies keep the stream open).
+const EVENT_KEEPALIVE: Duration = Duration::from_secs(15);
 
 fn event(j: &JobRecord) -> web::Bytes {
     let data = serde_json::to_string(&JobView::from(j)).unwrap_or_default();

@@ -436,7 +436,12 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
             }),
         });
         let m2 = metrics.clone();
-        let jobs = Supervisor::start(move |_| JobManager::new(settings.clone(), journal.clone(), pool.clone(), publisher.clone(), m2.clone()));
+        let job_changes = Arc::new(tokio::sync::watch::channel(0u64).0);
+        let changes = job_changes.clone();
+        let jobs = Supervisor::start(move |_| {
+            JobManager::new(settings.clone(), journal.clone(), pool.clone(), publisher.clone(), m2.clone())
+                .with_changes(changes.clone())
+        });
         info!(log, "job manager started"; "actor" => "JobManager");
 
         // SIGHUP (`systemctl reload`): read the admin token file again.
@@ -461,6 +466,7 @@ pub fn run(cfg: Config, log: Logger) -> anyhow::Result<()> {
             cfg: cfg.clone(),
             tokens,
             jobs,
+            job_changes: job_changes.subscribe(),
             cas_writer,
             busy,
             s3: s3_stores.clone(),
