@@ -76,14 +76,22 @@ fn refused_direct(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EINVAL)
 }
 
-/// Appends to a new, empty file in aligned direct writes of [`BLOCK`] bytes.
+/// Appends to a new, empty file in aligned direct writes of [`BLOCK`] bytes (whole aligned
+/// pieces given with [`DirectAppender::append_piece`]: [`HELD_PIECES`] at a time).
 pub struct DirectAppender {
     file: File,
     block: AlignedBlock,
     filled: usize,
     on_disk: u64,
     direct: bool,
+    /// Whole aligned blocks given by [`DirectAppender::append_piece`], not written yet.
+    held: Vec<bytes::Bytes>,
 }
+
+/// Whole blocks an appender holds to write them with one system call: on the benchmark VM a
+/// direct write costs the kernel about as much per call as per MiB (644 MiB in 1 MiB writes
+/// took 0.08 CPU-s, in 4 MiB writes 0.04).
+pub const HELD_PIECES: usize = 4;
 
 impl DirectAppender {
     /// Writes `file` (empty, positioned at 0) directly when `direct` and the filesystem lets
@@ -97,6 +105,7 @@ impl DirectAppender {
             filled: 0,
             on_disk: 0,
             direct,
+            held: Vec::new(),
         }
     }
 
@@ -112,7 +121,57 @@ impl DirectAppender {
 
     /// How many bytes were appended (the file holds them once [`DirectAppender::finish`]ed).
     pub fn appended(&self) -> u64 {
-        self.on_disk + self.filled as u64
+        self.on_disk + self.held_bytes() as u64 + self.filled as u64
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.held.iter().map(|b| b.len()).sum()
+    }
+
+    /// Appends `piece`. A whole block at an aligned address (a [`Gatherer`]'s) that starts a
+    /// block of the file is kept, and written with the next ones in one vectored write once
+    /// [`HELD_PIECES`] are kept (or before anything else is appended); other bytes as
+    /// [`DirectAppender::append`] takes them.
+    pub fn append_piece(&mut self, piece: &bytes::Bytes) -> io::Result<()> {
+        let whole = piece.len() == BLOCK && piece.as_ptr().align_offset(ALIGN) == 0;
+        if self.direct && self.filled == 0 && whole {
+            self.held.push(piece.clone());
+            if self.held.len() >= HELD_PIECES {
+                self.write_held()?;
+            }
+            return Ok(());
+        }
+        self.write_held()?;
+        self.append(piece)
+    }
+
+    /// Writes the kept blocks: one vectored direct write, the rest of a short or refused one
+    /// as [`write_out`] writes it.
+    fn write_held(&mut self) -> io::Result<()> {
+        if self.held.is_empty() {
+            return Ok(());
+        }
+        let total = self.held_bytes();
+        let mut done = 0;
+        if self.direct {
+            let parts: Vec<io::IoSlice<'_>> =
+                self.held.iter().map(|b| io::IoSlice::new(b)).collect();
+            match (&self.file).write_vectored(&parts) {
+                Ok(n) => done = n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted || refused_direct(&e) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for piece in std::mem::take(&mut self.held) {
+            if done >= piece.len() {
+                done -= piece.len();
+                continue;
+            }
+            write_out(&self.file, &mut self.direct, &piece[done..])?;
+            done = 0;
+        }
+        self.on_disk += total as u64;
+        Ok(())
     }
 
     pub fn file(&self) -> &File {
@@ -122,6 +181,7 @@ impl DirectAppender {
     /// Appends `data`; whole blocks reach the file as they fill. A whole block at an aligned
     /// address (a [`Gatherer`]'s) that starts a block of the file is written as it is.
     pub fn append(&mut self, mut data: &[u8]) -> io::Result<()> {
+        self.write_held()?;
         if !self.direct && self.filled == 0 {
             self.file.write_all(data)?;
             self.on_disk += data.len() as u64;
@@ -147,6 +207,7 @@ impl DirectAppender {
     /// Writes the gathered bytes (the last, partial block through the page cache, as direct
     /// writes must be whole aligned blocks), leaves `O_DIRECT` off, and returns the file.
     pub fn finish(mut self) -> io::Result<File> {
+        self.write_held()?;
         if self.direct {
             self.direct = false;
             if !set_direct(&self.file, false) {
@@ -861,6 +922,46 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn whole_pieces_are_written_four_blocks_at_a_time_and_in_order() {
+        // Nine whole blocks, a block in two pieces, two more whole blocks and the tail.
+        let data = pattern(12 * BLOCK + 999);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("upload.tar");
+        let mut a = DirectAppender::new(File::create(&p).unwrap(), true);
+        let pieces = gather_all(&data, 65536, &[9 * 16 + 3]);
+        assert_eq!(pieces.len(), 14);
+        let mut offset = 0;
+        for (i, piece) in pieces.iter().enumerate() {
+            a.append_piece(piece).unwrap();
+            offset += piece.len();
+            assert_eq!(a.appended(), offset as u64);
+            let expected = match i + 1 {
+                // Whole blocks are held until four are, then written in one call.
+                k @ 1..=9 => k / HELD_PIECES * HELD_PIECES * BLOCK,
+                // The partial piece: the ninth block goes first, the piece waits for its block.
+                10 => 9 * BLOCK,
+                // Its block completed by the next piece, which is not a whole one.
+                11 => 10 * BLOCK,
+                // Whole blocks again: held.
+                12 | 13 => 10 * BLOCK,
+                // The tail: the held blocks go first.
+                _ => 12 * BLOCK,
+            };
+            assert_eq!(a.on_disk() as usize, expected, "after piece {}", i + 1);
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), a.on_disk());
+        }
+        assert!(a.is_direct());
+        a.finish().unwrap().sync_all().unwrap();
+        assert!(std::fs::read(&p).unwrap() == data);
+        // Without direct I/O nothing is held: the file has every piece as it comes.
+        let mut b = DirectAppender::new(File::create(&p).unwrap(), false);
+        for piece in &pieces[..3] {
+            b.append_piece(piece).unwrap();
+        }
+        assert_eq!(b.on_disk(), 3 * BLOCK as u64);
     }
 
     #[test]

@@ -151,7 +151,11 @@ pub struct SerializedChangeset(Vec<u8>);
 
 impl SerializedChangeset {
     pub fn of(cs: &ChangeSet) -> Option<SerializedChangeset> {
-        serde_json::to_vec(cs).ok().map(SerializedChangeset)
+        // About 240 bytes a node (the Python tree's 46,000: 11 MB): one buffer of about the
+        // right size instead of a doubling one's copies and page faults (32 MB touched).
+        let mut out = Vec::with_capacity(cs.nodes.len().saturating_mul(256).saturating_add(4096));
+        serde_json::to_writer(&mut out, cs).ok()?;
+        Some(SerializedChangeset(out))
     }
 }
 

@@ -438,7 +438,7 @@ fn write_upload(
                 if let Some(g) = &follow {
                     g.received(b.clone());
                 }
-                out.append(&b)?;
+                out.append_piece(&b)?;
                 let written = out.on_disk();
                 if let Some(g) = &follow {
                     g.grew(written);

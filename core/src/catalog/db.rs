@@ -55,6 +55,9 @@ pub struct CatalogDb {
     /// tenth of a second on the tail of a publish of a large release). `None` for an opened
     /// file, or once a write failed: the rows are counted by a scan.
     tally: std::cell::Cell<Option<Counters>>,
+    /// The parent of the last path inserted and its key: entries come directory by
+    /// directory, and the MD5 of the parent's path was half of the hashing per row.
+    parent_key: std::cell::RefCell<Option<(String, (i64, i64))>>,
 }
 
 /// What one `catalog` row adds to the self counters (the `nested_catalogs` and `chunks`
@@ -137,6 +140,7 @@ impl CatalogDb {
             revision_schema: SCHEMA_REVISION,
             nested: Default::default(),
             tally: std::cell::Cell::new(Some(Counters::default())),
+            parent_key: Default::default(),
         };
         // A new catalog is a scratch file until it is compressed into the store (which makes
         // that durable): its creation is one transaction without fsync. (Statement by
@@ -207,6 +211,7 @@ impl CatalogDb {
             revision_schema: 0,
             nested: Default::default(),
             tally: std::cell::Cell::new(None),
+            parent_key: Default::default(),
         };
         let schema = db.property("schema")?.unwrap_or_default();
         let rev: i64 = db
@@ -556,7 +561,19 @@ impl CatalogDb {
         if e.kind() == super::Kind::Regular && e.hash.is_none() && e.chunks.is_empty() {
             return Err(self.invalid(format!("regular file {path} has neither hash nor chunks")));
         }
-        self.insert_row(path_key(path), path_key(super::split_path(path).0), e)
+        let parent = {
+            let dir = super::split_path(path).0;
+            let mut last = self.parent_key.borrow_mut();
+            match &*last {
+                Some((d, key)) if d == dir => *key,
+                _ => {
+                    let key = path_key(dir);
+                    *last = Some((dir.to_string(), key));
+                    key
+                }
+            }
+        };
+        self.insert_row(path_key(path), parent, e)
     }
 
     /// Rewrites the row at `path` with `e` (chunks replaced too).
@@ -1051,6 +1068,51 @@ mod tests {
             })
             .unwrap();
         assert_eq!(parent, (0, 0));
+    }
+
+    #[test]
+    fn each_row_names_its_own_parent_whatever_order_the_directories_come_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = CatalogDb::create(
+            &dir.path().join("c.db"),
+            "",
+            &Entry::directory("", 0o755, 0, 0, 1),
+        )
+        .unwrap();
+        let file = |name: &str| {
+            let mut e = Entry::directory(name, 0o644, 0, 0, 1);
+            e.mode = mode::S_IFREG | 0o644;
+            e.hash = Some(crate::hash::Digest20::of(name.as_bytes()));
+            e
+        };
+        db.insert("/a", &Entry::directory("a", 0o755, 0, 0, 1))
+            .unwrap();
+        db.insert("/b", &Entry::directory("b", 0o755, 0, 0, 1))
+            .unwrap();
+        // Parents alternate, and the root comes back after a subdirectory.
+        for (path, name) in [("/a/x", "x"), ("/b/y", "y"), ("/a/z", "z"), ("/c", "c")] {
+            db.insert(path, &file(name)).unwrap();
+        }
+        let names = |d: &str| -> Vec<String> {
+            let mut v: Vec<String> = db.list(d).unwrap().into_iter().map(|e| e.name).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names("/a"), ["x", "z"]);
+        assert_eq!(names("/b"), ["y"]);
+        assert_eq!(names(""), ["a", "b", "c"]);
+        let parent_of = |path: &str| -> (i64, i64) {
+            let k = path_key(path);
+            db.conn
+                .query_row(
+                    "SELECT parent_1, parent_2 FROM catalog WHERE md5path_1 = ?1 AND md5path_2 = ?2",
+                    [k.0, k.1],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap()
+        };
+        assert_eq!(parent_of("/a/z"), path_key("/a"));
+        assert_eq!(parent_of("/c"), path_key(""));
     }
 
     #[test]
