@@ -718,13 +718,10 @@ fn serves_the_api_over_tls() {
     );
 }
 
-#[test]
-fn job_events_stream_snapshot_then_changes_then_closes() {
+/// The states of job `id`'s event stream, read until it ends (each event checked to be the
+/// job's, the stream checked to be one).
+fn job_event_states(d: &Daemon, id: &str) -> Vec<String> {
     use std::io::BufRead;
-    let dir = tempfile::tempdir().unwrap();
-    prepare_daemon_dir(dir.path(), "", "");
-    let d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_HOLD", "processing=800")]);
-    let id = job_id(d.submit_raw(ADMIN, "/ev", &tar_bytes(&small_tree("ev")), None));
     let r = client()
         .get(format!("{}/api/v1/jobs/{id}/events", d.url))
         .bearer_auth(ADMIN)
@@ -740,10 +737,20 @@ fn job_events_stream_snapshot_then_changes_then_closes() {
         let line = line.unwrap();
         if let Some(data) = line.strip_prefix("data: ") {
             let v: serde_json::Value = serde_json::from_str(data).unwrap();
-            assert_eq!(v["job_id"], id.as_str());
+            assert_eq!(v["job_id"], id);
             states.push(v["state"].as_str().unwrap().to_string());
         }
     }
+    states
+}
+
+#[test]
+fn job_events_stream_snapshot_then_changes_then_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare_daemon_dir(dir.path(), "", "");
+    let d = Daemon::start(dir.path(), &[("CVMFS_PREPUB_TEST_HOLD", "processing=800")]);
+    let id = job_id(d.submit_raw(ADMIN, "/ev", &tar_bytes(&small_tree("ev")), None));
+    let states = job_event_states(&d, &id);
     // The stream ended by itself after the terminal state.
     assert_eq!(
         states.last().map(String::as_str),
@@ -764,7 +771,6 @@ fn job_events_stream_snapshot_then_changes_then_closes() {
 
 #[test]
 fn job_events_are_sent_when_the_state_changes_not_at_the_next_look() {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
     prepare_daemon_dir(dir.path(), "", "");
     // The stream's own look for changes comes every ten minutes here: only the job manager's
@@ -777,20 +783,8 @@ fn job_events_are_sent_when_the_state_changes_not_at_the_next_look() {
         ],
     );
     let id = job_id(d.submit_raw(ADMIN, "/ev", &tar_bytes(&small_tree("ev")), None));
-    let r = client()
-        .get(format!("{}/api/v1/jobs/{id}/events", d.url))
-        .bearer_auth(ADMIN)
-        .send()
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let mut states = Vec::new();
-    for line in std::io::BufReader::new(r).lines() {
-        let line = line.expect("the stream ends by itself, well within the client's timeout");
-        if let Some(data) = line.strip_prefix("data: ") {
-            let v: serde_json::Value = serde_json::from_str(data).unwrap();
-            states.push(v["state"].as_str().unwrap().to_string());
-        }
-    }
+    // Read until the stream ends by itself, well within the client's timeout.
+    let states = job_event_states(&d, &id);
     assert!(
         matches!(states[0].as_str(), "queued" | "processing"),
         "{states:?}"

@@ -125,7 +125,8 @@ pub struct JobManager {
     /// The processing run each processing job waits for.
     runs: HashMap<String, u64>,
     next_run: u64,
-    /// Counts the records saved, so that event streams wake at once ([`JobManager::changes`]).
+    /// Counts the records saved, so that event streams wake at once
+    /// ([`JobManager::with_changes`]).
     changes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 

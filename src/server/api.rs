@@ -1003,13 +1003,14 @@ pub async fn job_events(
     st: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let who = auth(&req, &st)?;
+    // Woken by every record the job manager saves (a state change is sent at once), and
+    // every `event_tick()` for what changes without one (progress). Marked seen before the
+    // first look: a record saved after it wakes the first wait.
+    let mut changes = st.job_changes.clone();
+    changes.mark_unchanged();
     let first = visible_job(&st, &who, &id).await?;
     let jobs = st.jobs.clone();
     let id = id.into_inner();
-    // Woken by every record the job manager saves (a state change is sent at once), and
-    // every `event_tick()` for what changes without one (progress).
-    let mut changes = st.job_changes.clone();
-    changes.mark_unchanged();
     struct S {
         last: Option<JobRecord>,
         last_sent: Instant,
@@ -1092,6 +1093,7 @@ fn event_tick() -> Duration {
             .map_or(Duration::from_millis(200), Duration::from_millis)
     })
 }
+
 /// A comment line goes out when nothing else did for this long (proxies keep the stream open).
 const EVENT_KEEPALIVE: Duration = Duration::from_secs(15);
 

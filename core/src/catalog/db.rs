@@ -1039,6 +1039,16 @@ mod tests {
     use super::*;
     use crate::catalog::mode;
 
+    /// A new root catalog (`c.db` in `dir`) holding only its root entry.
+    fn root_catalog(dir: &tempfile::TempDir) -> CatalogDb {
+        CatalogDb::create(
+            &dir.path().join("c.db"),
+            "",
+            &Entry::directory("", 0o755, 0, 0, 1),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn new_catalog_has_full_schema_and_counters() {
         let dir = tempfile::tempdir().unwrap();
@@ -1073,12 +1083,7 @@ mod tests {
     #[test]
     fn each_row_names_its_own_parent_whatever_order_the_directories_come_in() {
         let dir = tempfile::tempdir().unwrap();
-        let db = CatalogDb::create(
-            &dir.path().join("c.db"),
-            "",
-            &Entry::directory("", 0o755, 0, 0, 1),
-        )
-        .unwrap();
+        let db = root_catalog(&dir);
         let file = |name: &str| {
             let mut e = Entry::directory(name, 0o644, 0, 0, 1);
             e.mode = mode::S_IFREG | 0o644;
@@ -1118,12 +1123,7 @@ mod tests {
     #[test]
     fn self_counters_count_every_kind_of_row() {
         let dir = tempfile::tempdir().unwrap();
-        let db = CatalogDb::create(
-            &dir.path().join("c.db"),
-            "",
-            &Entry::directory("", 0o755, 0, 0, 1),
-        )
-        .unwrap();
+        let db = root_catalog(&dir);
         let file = |name: &str, size: u64, extra: i64| {
             let mut e = Entry::directory(name, 0o644, 0, 0, 1);
             e.mode = mode::S_IFREG | 0o644;
@@ -1265,12 +1265,7 @@ mod tests {
     #[test]
     fn compaction_keeps_chunked_files_and_their_chunks() {
         let dir = tempfile::tempdir().unwrap();
-        let db = CatalogDb::create(
-            &dir.path().join("c.db"),
-            "",
-            &Entry::directory("", 0o755, 0, 0, 1),
-        )
-        .unwrap();
+        let db = root_catalog(&dir);
         let chunk = |i: u8| FileChunk {
             offset: u64::from(i) * 10,
             size: 10,
