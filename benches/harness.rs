@@ -568,7 +568,6 @@ fn phases(p: &Published) -> String {
 
 /// Submits `tar` to `path` and waits for `published`: wall time from the first byte sent.
 fn publish(d: &Daemon, tar: &Path, path: &str) -> Published {
-    let c = http();
     reset_peak_rss(d.child.id());
     let cpu_before = cpu_seconds(d.child.id());
     let start = Instant::now();
@@ -578,35 +577,16 @@ fn publish(d: &Daemon, tar: &Path, path: &str) -> Published {
         .as_str()
         .unwrap_or_else(|| panic!("submission refused: {r}"))
         .to_string();
-    // The job's event stream: the daemon sends each state as it is saved, so the wait ends
-    // when `published` is reached, without a poll's delay or its requests competing for the
-    // daemon's cores.
-    let job = {
-        use std::io::BufRead;
-        let r = c
-            .get(format!("{}/api/v1/jobs/{id}/events", d.base))
-            .bearer_auth(TOKEN)
-            .send()
-            .unwrap();
-        assert!(r.status().is_success(), "events: {}", r.status());
-        let mut last = serde_json::Value::Null;
-        for line in std::io::BufReader::new(r).lines() {
-            let line = line.unwrap();
-            if let Some(data) = line.strip_prefix("data: ") {
-                last = serde_json::from_str(data).unwrap();
-                if matches!(
-                    last["state"].as_str(),
-                    Some("published" | "failed" | "aborted")
-                ) {
-                    break;
-                }
-            }
-        }
-        last
-    };
+    // The job's event stream (as `prepubctl watch` follows it): the daemon sends each state as
+    // it is saved, so the wait ends when `published` is reached, without a poll's delay or its
+    // requests competing for the daemon's cores.
+    let job = cvmfs_prepub::client::Client::new(&d.base, Some(TOKEN.into()), false)
+        .unwrap()
+        .watch(&id, Duration::from_secs(24 * 3600), |_| {})
+        .unwrap();
     let took = start.elapsed();
-    assert_eq!(job["state"], "published", "{job}");
-    let st = |s: &str| job["state_times"][s].as_i64().unwrap_or(0) as f64 / 1000.0;
+    assert_eq!(job.state, "published", "{job:?}");
+    let st = |s: &str| job.state_times.get(s).copied().unwrap_or(0) as f64 / 1000.0;
     Published {
         took,
         accepted,
@@ -614,7 +594,7 @@ fn publish(d: &Daemon, tar: &Path, path: &str) -> Published {
         commit: st("published") - st("committing"),
         rss_mib: peak_rss(d.child.id()),
         cpu: cpu_seconds(d.child.id()) - cpu_before,
-        compressed: job["progress"]["objects_new"].as_i64().unwrap_or(-1),
+        compressed: job.progress.objects_new as i64,
     }
 }
 

@@ -141,7 +141,7 @@ impl DirectAppender {
             }
             return Ok(());
         }
-        self.write_held()?;
+        // `append` writes the held blocks first.
         self.append(piece)
     }
 
