@@ -35,6 +35,18 @@ pub enum HistoryError {
     BadName(String),
 }
 
+/// Opens the scratch copy `file` of a history or reflog database. Every such file is a
+/// temporary copy that a publish (or a check) reads and changes, then stores as an object or a
+/// root file, which is what is made durable: syncing the copy's own transactions (SQLite's
+/// default, `synchronous = FULL` with a rollback journal on disk) bought nothing and cost a
+/// publish's commit five `fsync`s a transaction — some 20 ms of a 30–50 ms commit here, held
+/// under the gateway lease in gateway mode. Its journal is kept in memory instead.
+fn scratch_connection(file: &Path) -> Result<Connection, HistoryError> {
+    let conn = Connection::open(file)?;
+    conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA journal_mode = MEMORY;")?;
+    Ok(conn)
+}
+
 /// Whether a tag name is acceptable (upstream forbids spaces).
 pub fn valid_tag_name(name: &str) -> bool {
     !name.is_empty()
@@ -53,7 +65,7 @@ impl History {
     /// Creates an empty history for repository `fqrn` at `file`.
     pub fn create(file: &Path, fqrn: &str) -> Result<History, HistoryError> {
         let _ = std::fs::remove_file(file);
-        let conn = Connection::open(file)?;
+        let conn = scratch_connection(file)?;
         conn.execute_batch(
             "CREATE TABLE properties (key TEXT, value TEXT, CONSTRAINT pk_properties PRIMARY KEY (key));
              CREATE TABLE branches (branch TEXT, parent TEXT, initial_revision INTEGER,
@@ -82,7 +94,7 @@ impl History {
     /// Opens an existing history file.
     pub fn open(file: &Path) -> Result<History, HistoryError> {
         Ok(History {
-            conn: Connection::open(file)?,
+            conn: scratch_connection(file)?,
         })
     }
 
@@ -191,7 +203,7 @@ impl Reflog {
     /// Opens `file`, creating an empty reflog for `fqrn` if it does not exist.
     pub fn open_or_create(file: &Path, fqrn: &str) -> Result<Reflog, HistoryError> {
         let exists = file.exists();
-        let conn = Connection::open(file)?;
+        let conn = scratch_connection(file)?;
         if !exists {
             conn.execute_batch(
                 "CREATE TABLE properties (key TEXT, value TEXT, CONSTRAINT pk_properties PRIMARY KEY (key));
@@ -240,5 +252,56 @@ impl Reflog {
 
     pub fn close(self) -> Result<(), HistoryError> {
         self.conn.close().map_err(|(_, e)| HistoryError::Sql(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pragmas(conn: &Connection) -> (i64, String) {
+        let sync = conn
+            .query_row("PRAGMA synchronous", [], |r| r.get(0))
+            .unwrap();
+        let journal = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        (sync, journal)
+    }
+
+    #[test]
+    fn scratch_copies_are_changed_without_syncing_and_keep_their_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("history.db");
+        let tag = Tag {
+            name: "nightly".into(),
+            hash: "a".repeat(40),
+            revision: 7,
+            timestamp: 1_700_000_000,
+            description: "d".into(),
+            size: 4096,
+        };
+        let h = History::create(&file, "test.example.org").unwrap();
+        assert_eq!(pragmas(&h.conn), (0, "memory".to_string()));
+        h.put_tag(&tag).unwrap();
+        // No rollback journal on disk while the copy is changed.
+        assert!(!dir.path().join("history.db-journal").exists());
+        h.close().unwrap();
+
+        let h = History::open(&file).unwrap();
+        assert_eq!(pragmas(&h.conn), (0, "memory".to_string()));
+        assert_eq!(h.tag("nightly").unwrap(), Some(tag));
+        h.close().unwrap();
+
+        let file = dir.path().join("reflog.db");
+        let id = ObjectId::new(Digest20([7; 20]), Suffix::Catalog);
+        let r = Reflog::open_or_create(&file, "test.example.org").unwrap();
+        assert_eq!(pragmas(&r.conn), (0, "memory".to_string()));
+        r.add(&id, RefType::Catalog, 5).unwrap();
+        assert!(!dir.path().join("reflog.db-journal").exists());
+        r.close().unwrap();
+        let r = Reflog::open_or_create(&file, "test.example.org").unwrap();
+        assert!(r.contains(&id, RefType::Catalog).unwrap());
+        assert!(!r.contains(&id, RefType::Certificate).unwrap());
     }
 }

@@ -107,6 +107,23 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
     write_atomic_with(path, |f| f.write_all(data))
 }
 
+/// Refreshes `job.json` in the job directory `dir` (if it exists) to show `rec`: written under a
+/// temporary name and renamed over the old one, but not synced. The file is the operator's
+/// view of the journal, never read back to recover a job; a crash may leave it older than the
+/// journal (or empty), and [`Spool::open`] rewrites every job's from the replayed journal
+/// before anything reads it. Syncing it (file and directory) cost every state change of a job
+/// one to seven milliseconds here, on the path of each publish.
+fn show_record(dir: &Path, rec: &JobRecord) -> Result<(), SpoolError> {
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let path = dir.join("job.json");
+    let tmp = dir.join(".job.json.tmp");
+    let pretty = serde_json::to_vec_pretty(rec).unwrap_or_default();
+    fs::write(&tmp, &pretty).map_err(ioe(&tmp))?;
+    fs::rename(&tmp, &path).map_err(ioe(&path))
+}
+
 /// [`write_atomic`] with the content written by `fill`.
 fn write_atomic_with(
     path: &Path,
@@ -272,6 +289,10 @@ impl Spool {
             }
         }
         let (wal, size, synced) = compact(&wal_path, &jobs)?;
+        // `job.json` is not synced as jobs change: after a crash it may be behind the journal.
+        for (id, rec) in &jobs {
+            show_record(&root.join("jobs").join(id), rec)?;
+        }
         if !synced {
             File::open(root)
                 .and_then(|d| d.sync_all())
@@ -398,12 +419,7 @@ impl Spool {
             self.unsynced_rename = false;
         }
         self.maybe_compact();
-        let dir = self.job_dir(&rec.id);
-        if dir.is_dir() {
-            let pretty = serde_json::to_vec_pretty(rec).unwrap_or_default();
-            write_atomic(&dir.join("job.json"), &pretty)?;
-        }
-        Ok(())
+        show_record(&self.job_dir(&rec.id), rec)
     }
 
     /// Stores a job's processed change set durably.
@@ -680,6 +696,47 @@ mod tests {
         let (_, seen) = AckLog::open(&p).unwrap();
         assert_eq!(seen.len(), 5);
         assert!(ids.iter().all(|i| seen.contains(i)));
+    }
+
+    #[test]
+    fn job_json_behind_the_journal_after_a_crash_is_rewritten_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut sp, _) = Spool::open(dir.path()).unwrap();
+        let mut recs = Vec::new();
+        for id in ["j1", "j2"] {
+            let up = sp.incoming_path(id);
+            fs::write(&up, b"tar").unwrap();
+            let mut rec = JobRecord::new(id.into(), "r".into(), "/p".into(), 1);
+            sp.accept(&rec, &up).unwrap();
+            rec.transition(JobState::Processing, 2);
+            sp.record(&rec).unwrap();
+            recs.push(rec);
+        }
+        recs[0].transition(JobState::Published, 3);
+        sp.record(&recs[0]).unwrap();
+        let shown = |id: &str| -> Option<JobRecord> {
+            serde_json::from_slice(
+                &fs::read(dir.path().join("jobs").join(id).join("job.json")).ok()?,
+            )
+            .ok()
+        };
+        assert_eq!(shown("j1").unwrap().state, JobState::Published);
+        drop(sp);
+        // What an unsynced rewrite may leave after a crash: an older record, an empty file.
+        let older =
+            serde_json::to_vec_pretty(&JobRecord::new("j1".into(), "r".into(), "/p".into(), 1))
+                .unwrap();
+        fs::write(dir.path().join("jobs/j1/job.json"), older).unwrap();
+        fs::write(dir.path().join("jobs/j2/job.json"), b"").unwrap();
+        assert_eq!(shown("j1").unwrap().state, JobState::Queued);
+        assert!(shown("j2").is_none());
+
+        let (_sp, jobs) = Spool::open(dir.path()).unwrap();
+        assert_eq!(jobs["j1"].state, JobState::Published);
+        assert_eq!(shown("j1").unwrap(), jobs["j1"]);
+        assert_eq!(shown("j2").unwrap(), jobs["j2"]);
+        assert_eq!(shown("j2").unwrap().state, JobState::Processing);
+        assert!(!dir.path().join("jobs/j1/.job.json.tmp").exists());
     }
 
     #[test]
