@@ -490,10 +490,6 @@ struct Published {
     cpu: f64,
 }
 
-/// `POST /api/v1/jobs` of `tar` to `path` as a raw tar body, the bytes sent from the file by
-/// the kernel ([`send_file`]). The client shares the machine with the daemon, so it should cost
-/// as little as a CI runner's curl would on its own machine: reqwest's blocking body hands the
-/// socket 8 KiB at a time across a channel and took a third of a core per 300 MB/s here.
 /// Reads `file` through, so that the client sends it from the page cache, before the clock
 /// starts. This VM's host pages out page-cache pages left idle for about a minute (DAMON
 /// `pageout`, `/sys/kernel/mm/damon/admin`): the tars made before the start-up wait were
@@ -505,6 +501,10 @@ fn into_page_cache(file: &Path) {
     while f.read(&mut buf).unwrap() > 0 {}
 }
 
+/// `POST /api/v1/jobs` of `tar` to `path` as a raw tar body, the bytes sent from the file by
+/// the kernel ([`send_file`]). The client shares the machine with the daemon, so it should cost
+/// as little as a CI runner's curl would on its own machine: reqwest's blocking body hands the
+/// socket 8 KiB at a time across a channel and took a third of a core per 300 MB/s here.
 fn post_tar(base: &str, tar: &Path, path: &str) -> serde_json::Value {
     let addr = base.strip_prefix("http://").expect("an http:// base");
     let file = std::fs::File::open(tar).unwrap();

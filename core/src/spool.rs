@@ -118,10 +118,22 @@ fn show_record(dir: &Path, rec: &JobRecord) -> Result<(), SpoolError> {
         return Ok(());
     }
     let path = dir.join("job.json");
-    let tmp = dir.join(".job.json.tmp");
+    let tmp = temp_beside(&path);
     let pretty = serde_json::to_vec_pretty(rec).unwrap_or_default();
     fs::write(&tmp, &pretty).map_err(ioe(&tmp))?;
     fs::rename(&tmp, &path).map_err(ioe(&path))
+}
+
+/// The temporary name `path`'s new content is written under before it is renamed into place:
+/// `.<name>.tmp` in the same directory.
+fn temp_beside(path: &Path) -> PathBuf {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    ))
 }
 
 /// [`write_atomic`] with the content written by `fill`.
@@ -130,12 +142,7 @@ fn write_atomic_with(
     fill: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> Result<(), SpoolError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    ));
+    let tmp = temp_beside(path);
     let mut f = File::create(&tmp).map_err(ioe(&tmp))?;
     fill(&mut f).and_then(|_| f.sync_all()).map_err(ioe(&tmp))?;
     fs::rename(&tmp, path).map_err(ioe(path))?;
@@ -247,7 +254,7 @@ fn compact(
         compacted.push(b'\n');
     }
     let dir = wal_path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(".journal.wal.tmp");
+    let tmp = temp_beside(wal_path);
     let mut f = File::create(&tmp).map_err(ioe(&tmp))?;
     f.write_all(&compacted)
         .and_then(|_| f.sync_all())
